@@ -1,0 +1,212 @@
+"""Pure shard maths: which heads, intermediate columns and vocab rows each rank owns.
+
+Rounding rule (used for heads, the intermediate dim and the vocabulary alike):
+the dimension is cut into whole *units* (one head-unit, or `align` columns/rows); rank i
+is owed `ratio_i * units`. Each rank first gets the floor of what it is owed, the units
+left over go one each to the ranks with the largest fractional remainders (ties: lower
+rank first), and finally any rank left with zero units is raised to one, taking the unit
+from the rank whose count most exceeds what it is owed. Ranges are contiguous and in rank
+order, so rank 0 holds the first heads / columns / rows.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from tpi.config import ModelConfig
+from tpi.errors import ShapeError
+
+QUANT_GROUP = 32  # int4 group size along K: every reduced-dim boundary is a multiple of it
+
+
+@dataclass(frozen=True)
+class RankShard:
+    """One rank's slice of every layer and of the output layer."""
+
+    rank: int
+    head_dim: int
+    group_size: int  # query heads per KV head
+    q_heads: range  # contiguous global query-head indices
+    kv_heads: tuple[int, ...]  # global KV heads this rank needs (replicated across ranks when shared)
+    inter: range  # intermediate columns: rows of w_gate/w_up, columns of w_down
+    vocab: range  # lm_head rows
+
+    @property
+    def q_rows(self) -> range:
+        """Rows of wq (and entries of bq) this rank takes."""
+        return range(self.q_heads.start * self.head_dim, self.q_heads.stop * self.head_dim)
+
+    @property
+    def kv_rows(self) -> range:
+        """Rows of wk and wv (and bk, bv); contiguous because q_heads is contiguous."""
+        return range(self.kv_heads[0] * self.head_dim, (self.kv_heads[-1] + 1) * self.head_dim)
+
+    @property
+    def wo_cols(self) -> range:
+        """Columns of wo (its reduced dim, q_dim) that pair with this rank's attention output."""
+        return self.q_rows
+
+    @property
+    def q_to_local_kv(self) -> tuple[int, ...]:
+        """For each local query head, the index of its KV head within `kv_heads`."""
+        first_kv = self.kv_heads[0]
+        return tuple(h // self.group_size - first_kv for h in self.q_heads)
+
+    @property
+    def n_q_heads(self) -> int:
+        return len(self.q_heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return len(self.kv_heads)
+
+
+def normalize_ratios(ratios: Sequence[float]) -> tuple[float, ...]:
+    """Check ratios are positive and finite and scale them to sum to exactly 1."""
+    if len(ratios) == 0:
+        raise ShapeError("split ratios are empty; give one ratio per device (e.g. [1.0] for one device)")
+    for i, r in enumerate(ratios):
+        if not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+            raise ShapeError(
+                f"split ratio {r!r} for rank {i} must be a positive finite number; "
+                "leave a device out of the group instead of giving it ratio 0"
+            )
+    total = float(sum(ratios))
+    if abs(total - 1.0) > 1e-3:
+        raise ShapeError(f"split ratios sum to {total:.6f}, not 1; normalise them (ratio / sum) before splitting")
+    return tuple(float(r) / total for r in ratios)
+
+
+def largest_remainder(units: int, ratios: Sequence[float]) -> tuple[int, ...]:
+    """Whole-unit counts per rank, each >= 1, summing to `units`, as close to ratios as possible."""
+    weights = normalize_ratios(ratios)
+    n = len(weights)
+    if units < n:
+        raise ShapeError(f"cannot give {n} ranks at least one of only {units} units; use at most {units} devices")
+    owed = [w * units for w in weights]
+    counts = [math.floor(o) for o in owed]
+    leftover = units - sum(counts)
+    # Largest fractional remainder first; ties go to the lower rank.
+    by_remainder = sorted(range(n), key=lambda i: (-(owed[i] - counts[i]), i))
+    for i in by_remainder[:leftover]:
+        counts[i] += 1
+    for i in range(n):
+        if counts[i] == 0:
+            donor = max((j for j in range(n) if counts[j] > 1), key=lambda j: (counts[j] - owed[j], -j))
+            counts[donor] -= 1
+            counts[i] = 1
+    assert sum(counts) == units and min(counts) >= 1
+    return tuple(counts)
+
+
+def _ranges(counts: Sequence[int], unit: int, total: int | None = None) -> tuple[range, ...]:
+    """Contiguous ranges of `count * unit` each; the last one ends at `total` when given."""
+    out = []
+    start = 0
+    for i, c in enumerate(counts):
+        stop = start + c * unit
+        if total is not None and i == len(counts) - 1:
+            stop = total
+        out.append(range(start, stop))
+        start = stop
+    return tuple(out)
+
+
+def split_aligned(total: int, ratios: Sequence[float], align: int = QUANT_GROUP,
+                  tail_to_last: bool = False) -> tuple[range, ...]:
+    """Split [0, total) into contiguous ranges whose boundaries are multiples of `align`.
+
+    With tail_to_last=False, `total` must itself be a multiple of `align` (a reduced dim).
+    With tail_to_last=True, the last rank also takes the `total % align` tail (the vocab).
+    """
+    if align < 1:
+        raise ShapeError(f"alignment {align} must be >= 1")
+    if total % align and not tail_to_last:
+        raise ShapeError(
+            f"dimension {total} is not a multiple of {align}, so it cannot be split on {align}-aligned "
+            "boundaries; this model needs padding or a converter that pads the intermediate dim"
+        )
+    units = total // align
+    if units < len(ratios):
+        raise ShapeError(
+            f"dimension {total} has only {units} blocks of {align}, fewer than the {len(ratios)} devices; "
+            f"use at most {units} devices"
+        )
+    return _ranges(largest_remainder(units, ratios), align, total)
+
+
+def head_unit(head_dim: int, align: int = QUANT_GROUP) -> int:
+    """Smallest number of whole heads whose width (heads * head_dim) is a multiple of `align`."""
+    return align // math.gcd(head_dim, align)
+
+
+def split_heads(n_heads: int, head_dim: int, ratios: Sequence[float], align: int = QUANT_GROUP) -> tuple[range, ...]:
+    """Contiguous whole-head ranges whose wo column boundaries (heads * head_dim) are multiples of `align`."""
+    unit = head_unit(head_dim, align)
+    n = len(ratios)
+    if n > n_heads:
+        raise ShapeError(
+            f"{n} devices but the model has only {n_heads} query heads; every device needs a head, "
+            f"so use at most {n_heads} devices"
+        )
+    if n_heads % unit:
+        raise ShapeError(
+            f"head_dim {head_dim} is not a multiple of {align}, and {n_heads} heads cannot be grouped in "
+            f"blocks of {unit} heads to align wo columns to {align}; this model cannot be split on "
+            f"{align}-aligned head boundaries (run it on one device)"
+        )
+    units = n_heads // unit
+    if units < n:
+        raise ShapeError(
+            f"head_dim {head_dim} forces head blocks of {unit} (to keep wo columns {align}-aligned), "
+            f"leaving {units} blocks for {n} devices; use at most {units} devices"
+        )
+    return _ranges(largest_remainder(units, ratios), unit)
+
+
+def kv_heads_for(q_heads: range, group_size: int) -> tuple[int, ...]:
+    """The KV heads serving a contiguous run of query heads (GQA groups are contiguous)."""
+    return tuple(range(q_heads.start // group_size, (q_heads.stop - 1) // group_size + 1))
+
+
+def plan_shards(cfg: ModelConfig, ratios: Sequence[float], align: int = QUANT_GROUP) -> tuple[RankShard, ...]:
+    """Every rank's heads, KV heads, intermediate and vocab slices for the given split ratios."""
+    if cfg.n_kv_heads < 1 or cfg.n_heads % cfg.n_kv_heads:
+        raise ShapeError(f"{cfg.n_heads} query heads are not a multiple of {cfg.n_kv_heads} KV heads")
+    heads = split_heads(cfg.n_heads, cfg.head_dim, ratios, align)
+    inter = split_aligned(cfg.intermediate, ratios, align)
+    vocab = split_aligned(cfg.vocab, ratios, align, tail_to_last=True)
+    group = cfg.group_size
+    shards = tuple(
+        RankShard(rank=r, head_dim=cfg.head_dim, group_size=group, q_heads=heads[r],
+                  kv_heads=kv_heads_for(heads[r], group), inter=inter[r], vocab=vocab[r])
+        for r in range(len(ratios))
+    )
+    check_partition(cfg, shards, align)
+    return shards
+
+
+def check_partition(cfg: ModelConfig, shards: Sequence[RankShard], align: int = QUANT_GROUP) -> None:
+    """Raise ShapeError unless the shards cover every head/column/row exactly once, aligned."""
+    def covers(parts: Sequence[range], total: int, what: str) -> None:
+        pos = 0
+        for s in parts:
+            if s.start != pos or len(s) == 0:
+                raise ShapeError(f"{what} slices do not tile [0, {total}): got {list(parts)}")
+            pos = s.stop
+        if pos != total:
+            raise ShapeError(f"{what} slices end at {pos}, not {total}")
+
+    covers([s.q_heads for s in shards], cfg.n_heads, "query-head")
+    covers([s.inter for s in shards], cfg.intermediate, "intermediate")
+    covers([s.vocab for s in shards], cfg.vocab, "vocab")
+    for s in shards:
+        if s.q_rows.start % align or s.q_rows.stop % align:
+            raise ShapeError(f"rank {s.rank}: wo columns {s.q_rows} are not {align}-aligned")
+        if s.inter.start % align or s.inter.stop % align:
+            raise ShapeError(f"rank {s.rank}: intermediate slice {s.inter} is not {align}-aligned")
+        if s.vocab.start % align:
+            raise ShapeError(f"rank {s.rank}: vocab slice {s.vocab} does not start on a multiple of {align}")
+        if s.kv_heads != kv_heads_for(s.q_heads, cfg.group_size):
+            raise ShapeError(f"rank {s.rank}: KV heads {s.kv_heads} do not match query heads {s.q_heads}")
