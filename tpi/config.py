@@ -31,6 +31,7 @@ class ModelConfig:
     rms_eps: float
     rope_theta: float
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    rope_freq_factors: tuple[float, ...] | None = None  # per-frequency divisors (GGUF rope_freqs)
     qkv_bias: bool = False
     tied_embeddings: bool = False
     name: str = "model"
@@ -61,8 +62,9 @@ class ModelConfig:
 
 
 # What differs per architecture. A new architecture is an entry here plus its loader names.
-# rope_neox: rotate-half RoPE on the (HF-ordered) q/k rows. GGUF llama files store q/k rows
-# permuted for adjacent-pair RoPE; the GGUF loader undoes that so the model has one RoPE.
+# The model has one RoPE: adjacent pairs (x[2j], x[2j+1]) rotate together, as in GGUF llama
+# files. Loaders permute q/k rows (and biases) of rotate-half sources (HF folders, GGUF qwen2)
+# into that order; q.k is unchanged because both sides get the same permutation.
 ARCHITECTURES: dict[str, dict] = {
     "llama": {"qkv_bias": False},
     "mistral": {"qkv_bias": False},
@@ -80,3 +82,37 @@ LAYER_TENSORS = (
 
 def layer_name(i: int, short: str) -> str:
     return f"layers.{i}.{short}"
+
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+    """JSON/msgpack-able form, sent to workers in their assignment."""
+    from dataclasses import asdict
+
+    d = asdict(cfg)
+    d["rope_freq_factors"] = list(cfg.rope_freq_factors) if cfg.rope_freq_factors else None
+    return d
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    """Inverse of config_to_dict; validates field names and types (it crosses the wire)."""
+    from dataclasses import fields
+
+    from tpi.errors import ProtocolError
+
+    if not isinstance(d, dict):
+        raise ProtocolError("model config must be a mapping")
+    names = {f.name: f for f in fields(ModelConfig)}
+    unknown = set(d) - set(names)
+    if unknown:
+        raise ProtocolError(f"model config has unknown fields {sorted(unknown)}; are master and worker the same tpi version?")
+    try:
+        kw = dict(d)
+        kw["rope_scaling"] = RopeScaling(**(d.get("rope_scaling") or {}))
+        ff = d.get("rope_freq_factors")
+        kw["rope_freq_factors"] = tuple(float(x) for x in ff) if ff else None
+        for k in ("hidden", "intermediate", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab", "context"):
+            if not isinstance(kw.get(k), int) or kw[k] <= 0:
+                raise ProtocolError(f"model config field {k} must be a positive integer")
+        return ModelConfig(**kw).validate()
+    except (TypeError, AssertionError) as e:
+        raise ProtocolError(f"invalid model config: {e}") from None

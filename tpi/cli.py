@@ -1,0 +1,172 @@
+"""The `tpi` command: thin typer commands that hand off to plain functions.
+
+This is the only module that reads environment variables (through typer's envvar=), and the
+only place a TpiError becomes an exit code.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tpi.errors import TpiError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tensor-parallel LLM inference across home devices.")
+
+ModelArg = Annotated[Optional[str], typer.Argument(help="GGUF file or Hugging Face folder (default: embedded SmolLM2-135M)", envvar="TPI_MODEL")]
+Threads = Annotated[Optional[int], typer.Option("--threads", "-t", help="compute threads (default: all cores)", envvar="TPI_THREADS")]
+Context = Annotated[Optional[int], typer.Option("--context", "-c", help="context length to plan for (default: min(model, 4096))")]
+Backend = Annotated[str, typer.Option("--backend", help="kernel backend: torch or numpy")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False, show_time=False)],
+    )
+
+
+def fail(e: TpiError) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(e.exit_code)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    _setup_logging(verbose)
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM of this process."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@app.command()
+def run(
+    model: ModelArg = None,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="the user message (or raw text with --raw)")] = "Hello!",
+    system: Annotated[Optional[str], typer.Option("--system", help="system prompt")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="send the prompt as is, without the chat template")] = False,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="tokens to generate at most")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy")] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k")] = 40,
+    top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
+    min_p: Annotated[float, typer.Option("--min-p")] = 0.05,
+    repeat_penalty: Annotated[float, typer.Option("--repeat-penalty")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="stop string (repeatable)")] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="keep generating past end-of-sequence")] = False,
+    threads: Threads = None,
+    context: Context = None,
+    backend: Backend = "torch",
+    stats: Annotated[bool, typer.Option("--stats", help="print timing stats to stderr")] = False,
+    stats_json: Annotated[Optional[Path], typer.Option("--stats-json", help="write stats as JSON to this file")] = None,
+) -> None:
+    """Run one chat turn (or raw completion) on this device, streaming the answer to stdout."""
+    from tpi.engine import EngineOptions, build_local_engine
+    from tpi.sampler import SamplingParams
+
+    try:
+        engine = build_local_engine(EngineOptions(model, context, threads, backend))
+        tok = engine.tokenizer
+        if raw:
+            ids = tok.encode(prompt, add_bos=True, special=True)
+        else:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            ids = tok.apply_chat_template(messages)
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
+
+        def write(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        gen = engine.generate(ids, params, max_tokens, stop=stop or (), ignore_eos=ignore_eos, on_text=write)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except TpiError as e:
+        fail(e)
+    report = gen.stats() | {"peak_rss_bytes": peak_rss_bytes()} | engine_stats(engine)
+    if stats:
+        print_stats(report)
+    if stats_json:
+        stats_json.write_text(json.dumps(report, indent=2))
+
+
+def engine_stats(engine) -> dict:
+    st = engine.model.stats
+    return {"compute_s": st.compute_s, "allreduce_s": st.allreduce_s, "forward_passes": st.passes} | st.extra
+
+
+def print_stats(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="tpi stats", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in report.items():
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    Console(stderr=True).print(table)
+
+
+@app.command()
+def perplexity(
+    model: ModelArg = None,
+    file: Annotated[Path, typer.Option("--file", "-f", help="text file to score")] = ...,
+    tokens: Annotated[int, typer.Option("--tokens", help="score the first N tokens (one window)")] = 512,
+    threads: Threads = None,
+    backend: Backend = "torch",
+) -> None:
+    """Perplexity over one window of a text file (llama.cpp's method); the last number printed is it."""
+    from tpi.engine import EngineOptions, build_local_engine
+
+    try:
+        if not file.is_file():
+            raise TpiError(f"text file not found: {file}")
+        engine = build_local_engine(EngineOptions(model, max(tokens, 8), threads, backend))
+        ids = engine.tokenizer.encode(file.read_text(errors="replace"), add_bos=True, special=False)[:tokens]
+        ppl = window_perplexity(engine, ids)
+    except TpiError as e:
+        fail(e)
+    typer.echo(f"tokens scored: {len(ids) - 1}", err=True)
+    typer.echo(f"perplexity: {ppl:.4f}")
+
+
+def window_perplexity(engine, ids: list[int]) -> float:
+    """exp(mean negative log-likelihood) of every token after the first."""
+    import numpy as np
+
+    from tpi.generate import PREFILL_CHUNK
+
+    if len(ids) < 2:
+        raise TpiError("the text has fewer than 2 tokens; give a longer file")
+    engine.reset()
+    nll = []
+    for i in range(0, len(ids) - 1, PREFILL_CHUNK):
+        chunk = ids[i : min(i + PREFILL_CHUNK, len(ids) - 1)]
+        logits = engine.forward(chunk, i, all_positions=True).astype(np.float64)  # (T, vocab)
+        logz = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+        targets = np.asarray(ids[i + 1 : i + 1 + len(chunk)])
+        nll.append(logz - logits[np.arange(len(chunk)), targets])
+    return float(math.exp(np.concatenate(nll).mean()))
+
+
+if __name__ == "__main__":
+    app()

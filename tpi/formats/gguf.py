@@ -1,0 +1,174 @@
+"""GGUF reader: metadata -> ModelConfig, tensors -> canonical names in native formats."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from tpi.config import ARCHITECTURES, ModelConfig, RopeScaling, layer_name
+from tpi.errors import ModelFormatError, UnsupportedArchitectureError
+
+log = logging.getLogger(__name__)
+
+# canonical short name -> GGUF name (per layer: "blk.{i}.<x>.weight" / ".bias")
+_LAYER_NAMES = {
+    "attn_norm": "attn_norm.weight",
+    "wq": "attn_q.weight", "wk": "attn_k.weight", "wv": "attn_v.weight",
+    "bq": "attn_q.bias", "bk": "attn_k.bias", "bv": "attn_v.bias",
+    "wo": "attn_output.weight",
+    "mlp_norm": "ffn_norm.weight",
+    "w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
+}
+ADJACENT_PAIR_ARCHS = ("llama", "mistral")  # GGUF archs whose q/k rows llama.cpp permuted
+_GLOBAL_NAMES = {"embed": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"}
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def read_config(reader, path: Path) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch is None:
+        raise ModelFormatError(f"{path}: no general.architecture in GGUF metadata; is this a model file?")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"{path}: unknown model architecture '{arch}'; tpi supports {', '.join(sorted(ARCHITECTURES))}"
+        )
+
+    def need(key: str):
+        v = _field(reader, f"{arch}.{key}")
+        if v is None:
+            raise ModelFormatError(f"{path}: GGUF metadata lacks {arch}.{key}; the file is incomplete")
+        return v
+
+    hidden = int(need("embedding_length"))
+    n_heads = int(need("attention.head_count"))
+    n_kv = int(_field(reader, f"{arch}.attention.head_count_kv", n_heads))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // n_heads))
+    names = {t.name for t in reader.tensors}
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise ModelFormatError(f"{path}: tensor token_embd.weight is missing")
+    vocab = int(_field(reader, f"{arch}.vocab_size", int(embd.shape[1])))
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    scaling = RopeScaling()
+    if kind == "linear":
+        scaling = RopeScaling(kind="linear", factor=float(_field(reader, f"{arch}.rope.scaling.factor", 1.0)))
+    freq_factors = None
+    if "rope_freqs.weight" in names:  # llama3-style scaling, precomputed per dimension by the converter
+        t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        freq_factors = tuple(float(x) for x in np.asarray(t.data, dtype=np.float32).reshape(-1))
+    return ModelConfig(
+        arch=arch,
+        hidden=hidden,
+        intermediate=int(need("feed_forward_length")),
+        n_layers=int(need("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        vocab=vocab,
+        context=int(_field(reader, f"{arch}.context_length", 2048)),
+        rms_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        rope_freq_factors=freq_factors,
+        qkv_bias=f"blk.0.attn_q.bias" in names,
+        tied_embeddings="output.weight" not in names,
+        name=str(_field(reader, "general.name", path.stem)),
+    ).validate()
+
+
+def adjacent_pair_index(n_heads: int, head_dim: int) -> np.ndarray:
+    """Row gather turning rotate-half (HF) q/k order into adjacent-pair order, tpi's RoPE layout.
+
+    Adjacent-pair row h*hd + 2j + s holds rotate-half row h*hd + s*hd/2 + j (s in {0, 1}).
+    """
+    g = np.arange(n_heads * head_dim)
+    h, rem = g // head_dim, g % head_dim
+    return h * head_dim + (rem % 2) * (head_dim // 2) + rem // 2
+
+
+class GGUFSource:
+    """A GGUF model file opened lazily; tensors are imported on demand."""
+
+    def __init__(self, path: Path):
+        import gguf
+
+        if not path.is_file():
+            raise ModelFormatError(f"model file not found: {path}; pass a .gguf file or a Hugging Face folder")
+        try:
+            self._reader = gguf.GGUFReader(str(path))
+        except (ValueError, OSError, IndexError, KeyError, struct_error()) as e:
+            raise ModelFormatError(
+                f"{path}: not a readable GGUF file ({e}); the file may be truncated or corrupt, download it again"
+            ) from None
+        self.path = path
+        self.config = read_config(self._reader, path)
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        self._check_sizes()
+        self.notes: dict[str, object] = {}
+
+    def _check_sizes(self) -> None:
+        size = self.path.stat().st_size
+        for t in self._reader.tensors:
+            end = int(t.data_offset) + int(t.n_bytes)
+            if end > size:
+                raise ModelFormatError(
+                    f"{self.path}: tensor {t.name} ends at byte {end} but the file has {size}; "
+                    "the file is truncated, download it again"
+                )
+
+    def metadata(self, key: str, default=None):
+        return _field(self._reader, key, default)
+
+    def metadata_keys(self) -> list[str]:
+        return list(self._reader.fields)
+
+    def gguf_name(self, name: str) -> str:
+        if name.startswith("layers."):
+            _, i, short = name.split(".", 2)
+            return f"blk.{i}.{_LAYER_NAMES[short]}"
+        return _GLOBAL_NAMES[name]
+
+    def has(self, name: str) -> bool:
+        return self.gguf_name(name) in self._tensors
+
+    def raw_type(self, name: str) -> str:
+        return self._tensors[self.gguf_name(name)].tensor_type.name
+
+    def load(self, name: str):
+        """Canonical tensor -> QTensor (matrices) or float32 array (vectors)."""
+        from tpi.quant.formats import take_rows
+        from tpi.quant.gguf_import import import_tensor
+
+        gname = self.gguf_name(name)
+        t = self._tensors.get(gname)
+        if t is None:
+            raise ModelFormatError(f"{self.path}: tensor {gname} is missing")
+        shape = tuple(int(d) for d in reversed(t.shape))
+        out, note = import_tensor(t.tensor_type, t.data, shape)
+        self.notes[name] = note
+        cfg = self.config
+        short = name.rsplit(".", 1)[-1]
+        # llama.cpp stores llama q/k already in adjacent-pair order; NEOX-rope archs are HF order.
+        if cfg.arch not in ADJACENT_PAIR_ARCHS and short in ("wq", "wk", "bq", "bk"):
+            heads = cfg.n_heads if short in ("wq", "bq") else cfg.n_kv_heads
+            idx = adjacent_pair_index(heads, cfg.head_dim)
+            out = out[idx] if isinstance(out, np.ndarray) else take_rows(out, idx)
+        return out
+
+    def tokenizer(self):
+        from tpi.tokenizer import LlamaCppTokenizer
+
+        return LlamaCppTokenizer(self.path, self.metadata)
+
+
+def struct_error():
+    import struct
+
+    return struct.error

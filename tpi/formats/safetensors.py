@@ -1,0 +1,162 @@
+"""Hugging Face folders: config.json plus *.safetensors (sharded index included), read by mmap."""
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from tpi.config import ARCHITECTURES, ModelConfig, RopeScaling
+from tpi.errors import ModelFormatError, UnsupportedArchitectureError
+from tpi.formats.gguf import adjacent_pair_index
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32}
+_LAYER = {
+    "attn_norm": "input_layernorm.weight",
+    "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
+    "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias",
+    "wo": "self_attn.o_proj.weight",
+    "mlp_norm": "post_attention_layernorm.weight",
+    "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
+}
+_GLOBAL = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
+
+
+def read_hf_config(folder: Path, names: set[str]) -> ModelConfig:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelFormatError(f"{folder}: config.json is missing; a Hugging Face model folder needs it")
+    c = json.loads(path.read_text())
+    arch = c.get("model_type")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"{folder}: unknown model architecture '{arch}'; tpi supports {', '.join(sorted(ARCHITECTURES))}"
+        )
+    try:
+        hidden, n_heads = int(c["hidden_size"]), int(c["num_attention_heads"])
+        rs = c.get("rope_scaling") or {}
+        kind = rs.get("rope_type", rs.get("type"))
+        scaling = RopeScaling()
+        if kind in ("llama3", "linear"):
+            scaling = RopeScaling(
+                kind=kind,
+                factor=float(rs.get("factor", 1.0)),
+                low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+                high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+                original_context=int(rs.get("original_max_position_embeddings", 8192)),
+            )
+        return ModelConfig(
+            arch=arch,
+            hidden=hidden,
+            intermediate=int(c["intermediate_size"]),
+            n_layers=int(c["num_hidden_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
+            head_dim=int(c.get("head_dim") or hidden // n_heads),
+            vocab=int(c["vocab_size"]),
+            context=int(c.get("max_position_embeddings", 2048)),
+            rms_eps=float(c.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(c.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            qkv_bias="model.layers.0.self_attn.q_proj.bias" in names,
+            tied_embeddings=bool(c.get("tie_word_embeddings", False)) or "lm_head.weight" not in names,
+            name=folder.name,
+        ).validate()
+    except KeyError as e:
+        raise ModelFormatError(f"{path}: missing field {e}; the config is incomplete") from None
+
+
+class _SafetensorsFile:
+    """One .safetensors file: JSON header, then raw little-endian tensor bytes."""
+
+    def __init__(self, path: Path):
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelFormatError(f"{path}: truncated safetensors file; download it again")
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                raise ModelFormatError(f"{path}: header runs past the end of the file; it is truncated")
+            header = json.loads(f.read(n))
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        header.pop("__metadata__", None)
+        self.base, self.path, self.entries = 8 + n, path, header
+        for name, e in header.items():
+            if self.base + e["data_offsets"][1] > size:
+                raise ModelFormatError(f"{path}: tensor {name} runs past the end of the file; it is truncated")
+
+    def array(self, name: str) -> np.ndarray:
+        e = self.entries[name]
+        dt = _DTYPES.get(e["dtype"])
+        if dt is None:
+            raise ModelFormatError(f"{self.path}: tensor {name} has unsupported dtype {e['dtype']}")
+        a, b = e["data_offsets"]
+        return np.frombuffer(self._mm, dtype=dt, count=(b - a) // np.dtype(dt).itemsize, offset=self.base + a).reshape(
+            e["shape"]
+        ), e["dtype"]
+
+
+class HFSource:
+    """A Hugging Face model folder; 2-D weights become bf16/f32 QTensors (or quantized on request)."""
+
+    def __init__(self, folder: Path, quant: str | None = None):
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ModelFormatError(f"{folder}: no *.safetensors files; tpi reads safetensors weights only")
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            wanted = set(json.loads(index.read_text())["weight_map"].values())
+            missing = wanted - {f.name for f in files}
+            if missing:
+                raise ModelFormatError(f"{folder}: shards {sorted(missing)} listed in the index are missing")
+        self._files = [_SafetensorsFile(f) for f in files]
+        self._where = {n: f for f in self._files for n in f.entries}
+        self.path = folder
+        self.quant = quant
+        self.config = read_hf_config(folder, set(self._where))
+        self.notes: dict[str, object] = {}
+
+    def hf_name(self, name: str) -> str:
+        if name.startswith("layers."):
+            _, i, short = name.split(".", 2)
+            return f"model.layers.{i}.{_LAYER[short]}"
+        return _GLOBAL[name]
+
+    def has(self, name: str) -> bool:
+        return self.hf_name(name) in self._where
+
+    def load(self, name: str):
+        from tpi.quant.formats import BF16, F32, QTensor, f32_to_bf16_bits, quantize
+
+        hname = self.hf_name(name)
+        f = self._where.get(hname)
+        if f is None:
+            raise ModelFormatError(f"{self.path}: tensor {hname} is missing")
+        a, dtype = f.array(hname)
+        short = name.rsplit(".", 1)[-1]
+        if short in ("wq", "wk", "bq", "bk"):  # rotate-half rows -> adjacent-pair rows
+            heads = self.config.n_heads if short in ("wq", "bq") else self.config.n_kv_heads
+            a = a[adjacent_pair_index(heads, self.config.head_dim)]
+        if a.ndim == 1:
+            return _to_f32(a, dtype)
+        if self.quant:
+            return quantize(_to_f32(a, dtype), self.quant)
+        if dtype == "BF16":
+            return QTensor(BF16, a.shape, {"weight": np.ascontiguousarray(a)})
+        if dtype == "F16":
+            return QTensor(BF16, a.shape, {"weight": f32_to_bf16_bits(a.astype(np.float32))})
+        return QTensor(F32, a.shape, {"weight": np.ascontiguousarray(a, dtype=np.float32)})
+
+    def tokenizer(self):
+        from tpi.tokenizer import HFTokenizer
+
+        return HFTokenizer(self.path)
+
+
+def _to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32)

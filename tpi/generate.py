@@ -1,0 +1,189 @@
+"""The master's generation loop: embed, forward through the group, sample, stream text."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tpi.errors import TpiError
+from tpi.sampler import SamplingParams, sample
+
+PREFILL_CHUNK = 512  # tokens per prefill pass; bounds activation memory on every rank
+
+
+class ContextOverflowError(TpiError):
+    """The prompt does not fit the context."""
+
+
+@dataclass
+class Generation:
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "stop" | "length" | "cancelled"
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens actually computed (the rest came from the KV cache)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    ttft_s: float = 0.0
+
+    @property
+    def decode_tokens(self) -> int:
+        return max(0, len(self.tokens) - 1)
+
+    def stats(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "prefill_tokens": self.prefill_tokens,
+            "prefill_s": self.prefill_s,
+            "prefill_tok_s": self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0,
+            "decode_tokens": self.decode_tokens,
+            "decode_s": self.decode_s,
+            "decode_tok_s": self.decode_tokens / self.decode_s if self.decode_s else 0.0,
+            "ttft_s": self.ttft_s,
+            "finish_reason": self.finish_reason,
+        }
+
+
+class StopStringFilter:
+    """Holds back streamed text that could be the start of a stop string."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.hit = False
+
+    def push(self, piece: str) -> str:
+        self.pending += piece
+        for s in self.stops:
+            i = self.pending.find(s)
+            if i >= 0:
+                out, self.pending, self.hit = self.pending[:i], "", True
+                return out
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out) :]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Engine:
+    """Runs sequences on a model (one device or a whole group), one at a time."""
+
+    def __init__(self, cfg, tokenizer, model, embed, context: int):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.model = model  # rank 0's Transformer; its communicator reaches the workers
+        self.embed_table = embed  # QTensor [vocab, hidden]
+        self.context = context
+        self.cached: list[int] = []  # tokens whose keys/values sit in every rank's cache
+        self.lock = threading.Lock()
+
+    @property
+    def comm(self):
+        return self.model.comm
+
+    def embed(self, ids: Sequence[int]) -> np.ndarray:
+        from tpi.quant.formats import dequantize, take_rows
+
+        return dequantize(take_rows(self.embed_table, np.asarray(ids, dtype=np.int64)))  # (T, hidden)
+
+    def forward(self, ids: Sequence[int], start: int, all_positions: bool = False) -> np.ndarray:
+        """Run tokens at positions start.. on every rank; returns (T or 1, vocab) float32 logits."""
+        if start + len(ids) > self.context:
+            raise ContextOverflowError(f"{start + len(ids)} tokens exceed the context of {self.context}")
+        h = self.embed(ids)
+        comm = self.comm
+        if comm.world > 1:
+            comm.broadcast_step({"start": start, "all": all_positions}, h)
+        local = self.model.forward(h, start, all_positions)
+        self.cached = self.cached[:start] + list(ids)
+        if comm.world == 1:
+            return local
+        return np.concatenate(comm.gather(local), axis=-1)
+
+    def reset(self) -> None:
+        self.cached = []
+
+    def prefill(self, ids: Sequence[int]) -> tuple[np.ndarray, int]:
+        """Compute the prompt, reusing the cached common prefix. Returns last logits and tokens computed."""
+        common = 0
+        for a, b in zip(self.cached, ids):
+            if a != b:
+                break
+            common += 1
+        start = min(common, len(ids) - 1)  # at least one token must run to get logits
+        logits = None
+        for i in range(start, len(ids), PREFILL_CHUNK):
+            logits = self.forward(ids[i : i + PREFILL_CHUNK], i)
+        return logits[-1], len(ids) - start
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        max_tokens: int,
+        *,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Generation:
+        if not prompt:
+            raise ContextOverflowError("the prompt is empty; give at least one token")
+        if len(prompt) >= self.context:
+            raise ContextOverflowError(
+                f"the prompt has {len(prompt)} tokens but the context holds {self.context}; "
+                "shorten the prompt or raise --context"
+            )
+        max_tokens = min(max_tokens, self.context - len(prompt))
+        rng = np.random.default_rng(params.seed)
+        stream, stops = self.tokenizer.stream(), StopStringFilter(stop)
+        out = Generation(prompt_tokens=len(prompt))
+        history = list(prompt)
+        emit = on_text or (lambda s: None)
+        with self.lock:
+            t0 = time.perf_counter()
+            logits, out.prefill_tokens = self.prefill(prompt)
+            out.prefill_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            pieces = []
+            for n in range(max_tokens):
+                tok = sample(logits, params, history, rng)
+                if n == 0:
+                    out.ttft_s = time.perf_counter() - t0
+                    t1 = time.perf_counter()
+                if tok in self.tokenizer.stop_ids and not ignore_eos:
+                    out.finish_reason = "stop"
+                    break
+                out.tokens.append(tok)
+                history.append(tok)
+                piece = stops.push(stream.push(tok))
+                if piece:
+                    pieces.append(piece)
+                    emit(piece)
+                if stops.hit:
+                    out.finish_reason = "stop"
+                    break
+                if cancel is not None and cancel.is_set():
+                    out.finish_reason = "cancelled"
+                    break
+                if n + 1 < max_tokens:
+                    logits = self.forward([tok], len(history) - 1)[-1]
+            out.decode_s = time.perf_counter() - t1
+            tail = "" if stops.hit else stops.push(stream.flush()) + stops.flush()
+            if tail:
+                pieces.append(tail)
+                emit(tail)
+            out.text = "".join(pieces)
+        return out

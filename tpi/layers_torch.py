@@ -1,0 +1,119 @@
+"""Per-rank transformer block maths on torch: bf16 activations, fp32 residual, norms and RoPE.
+
+The hot path: every op here runs once per layer per token, and a small torch op costs
+about a microsecond of Python overhead, so each block is kept to as few ops as possible.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tpi.config import ModelConfig
+from tpi.quant.kernels import get_backend
+
+ACT = torch.bfloat16
+
+
+def rope_table(cfg: ModelConfig, context: int) -> torch.Tensor:
+    """Complex rotations [context, head_dim/2] for adjacent-pair RoPE (llama3 scaling folded in)."""
+    from tpi.rope import inverse_frequencies
+
+    inv = torch.from_numpy(inverse_frequencies(cfg))  # [hd/2] float64
+    angles = torch.outer(torch.arange(context, dtype=torch.float64), inv)
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+
+
+class TorchLayers:
+    """Computes one rank's share of attention and MLP blocks, and its logits slice."""
+
+    name = "torch"
+
+    def __init__(self, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...], context: int, threads: int | None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.kernels = get_backend("torch")
+        self.nq, self.nkv, self.hd = n_q, max(q_to_kv) + 1, cfg.head_dim
+        self.q_dim, self.kv_dim = self.nq * self.hd, self.nkv * self.hd
+        g = self.nq // self.nkv
+        # GQA maps contiguously when every local KV head serves the same number of local q heads;
+        # otherwise (a group split across ranks) the KV heads are gathered per query head.
+        self.uniform = self.nq % self.nkv == 0 and q_to_kv == tuple(i // g for i in range(self.nq))
+        self.gqa = self.uniform and self.nq != self.nkv
+        self.kv_index = None if self.uniform else torch.tensor(q_to_kv)
+        self.context = context
+        self.freqs = rope_table(cfg, context)
+        self.k_cache = torch.zeros(cfg.n_layers, self.nkv, context, self.hd, dtype=ACT)  # (L, kv, S, hd)
+        self.v_cache = torch.zeros_like(self.k_cache)
+        self.eps = cfg.rms_eps
+
+    # ---- weights -------------------------------------------------------------------------
+    def to_runtime(self, block: dict) -> dict:
+        """Numpy block (QTensors + float32 vectors) -> prepared kernels and torch vectors."""
+        out = {}
+        for name, value in block.items():
+            if isinstance(value, np.ndarray) and value.ndim == 1:
+                t = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+                out[name] = t
+            elif name == "embed":
+                out[name] = value  # looked up by row on the host, never multiplied
+            else:
+                out[name] = self.kernels.prepare(value)
+        return out
+
+    # ---- tensors at the seam ---------------------------------------------------------------
+    @staticmethod
+    def hidden_from_numpy(h: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(h)
+
+    @staticmethod
+    def to_numpy(x: torch.Tensor) -> np.ndarray:
+        return x.float().numpy()
+
+    @staticmethod
+    def add_(h: torch.Tensor, partial) -> None:
+        h.add_(torch.from_numpy(partial) if isinstance(partial, np.ndarray) else partial)
+
+    def _norm(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(h, (h.shape[-1],), w, self.eps).to(ACT)
+
+    # ---- blocks ----------------------------------------------------------------------------
+    def attention(self, h: torch.Tensor, blk: dict, layer: int, start: int) -> torch.Tensor:
+        """h: (T, hidden) f32 -> this rank's partial attention output (T, hidden) bf16."""
+        T = h.shape[0]
+        nq, nkv, hd = self.nq, self.nkv, self.hd
+        end = start + T
+        qkv = blk["wqkv"](self._norm(h, blk["attn_norm"]))  # (T, q_dim + 2 kv_dim)
+        bias = blk.get("bqkv")
+        if bias is not None:
+            qkv = qkv.float() + bias
+        qk = qkv[:, : self.q_dim + self.kv_dim].float()  # (T, (nq + nkv) * hd) f32 copy
+        rot = torch.view_as_complex(qk.view(T, nq + nkv, hd // 2, 2)) * self.freqs[start:end, None, :]
+        qk = torch.view_as_real(rot).view(T, nq + nkv, hd)
+        q = qk[:, :nq].transpose(0, 1).to(ACT)  # (nq, T, hd)
+        kc, vc = self.k_cache[layer], self.v_cache[layer]  # (nkv, S, hd)
+        kc[:, start:end] = qk[:, nq:].transpose(0, 1)
+        vc[:, start:end] = qkv[:, self.q_dim + self.kv_dim :].view(T, nkv, hd).transpose(0, 1)
+        k, v = kc[:, :end], vc[:, :end]
+        if self.kv_index is not None:
+            k, v = k.index_select(0, self.kv_index), v.index_select(0, self.kv_index)
+        if T == 1:
+            o = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.gqa)
+        elif start == 0:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
+        else:  # prefill continuing a cached prefix: query i sees keys up to start + i
+            mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=start)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
+        return blk["wo"](o.transpose(0, 1).reshape(T, self.q_dim))  # (T, hidden)
+
+    def mlp(self, h: torch.Tensor, blk: dict) -> torch.Tensor:
+        """h: (T, hidden) f32 -> this rank's partial MLP output (T, hidden) bf16."""
+        gu = blk["wgu"](self._norm(h, blk["mlp_norm"]))  # (T, 2 * inter_local): gate | up
+        inter = gu.shape[1] // 2
+        return blk["wdown"](F.silu(gu[:, :inter]) * gu[:, inter:])
+
+    def logits(self, h: torch.Tensor, glob: dict, all_positions: bool) -> np.ndarray:
+        """Final norm and this rank's vocabulary slice: (T or 1, vocab_local) float32 numpy."""
+        x = h if all_positions else h[-1:]
+        return glob["lm_head"](self._norm(x, glob["norm"])).float().numpy()

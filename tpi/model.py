@@ -1,0 +1,105 @@
+"""One rank's forward pass. Plain maths over blocks; it knows a Communicator, never a socket.
+
+Every rank holds the full residual stream h (T, hidden) in fp32 and identical copies of the
+norms. After the attention output projection and after the MLP down projection the ranks'
+partial outputs are summed (allreduce), so h stays bit-identical on every rank.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tpi.config import ModelConfig
+
+
+class NullCommunicator:
+    """The communicator of a group of one."""
+
+    rank, world = 0, 1
+
+    def allreduce(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def gather(self, x: np.ndarray) -> list[np.ndarray]:
+        return [x]
+
+
+class ResidentWeights:
+    """Every block prepared and held in memory (the all-pinned case)."""
+
+    def __init__(self, blocks: dict[str, dict]):
+        self.blocks = blocks
+
+    def get(self, key: str) -> dict:
+        return self.blocks[key]
+
+    def release(self, key: str) -> None:
+        pass
+
+    def token_stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        self.blocks = {}
+
+
+@dataclass
+class ForwardStats:
+    """Time split of forward passes on one rank, accumulated until reset."""
+
+    compute_s: float = 0.0
+    allreduce_s: float = 0.0
+    passes: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def reset(self) -> "ForwardStats":
+        done = ForwardStats(self.compute_s, self.allreduce_s, self.passes, self.extra)
+        self.compute_s = self.allreduce_s = 0.0
+        self.passes = 0
+        self.extra = {}
+        return done
+
+
+class Transformer:
+    """A rank's share of the model: layers -> partial sums -> allreduce -> logits slice."""
+
+    def __init__(self, cfg: ModelConfig, layers, weights, comm=None):
+        self.cfg = cfg
+        self.layers = layers  # TorchLayers / NumpyLayers: the per-block maths
+        self.weights = weights  # get(key) -> prepared block; release(key)
+        self.comm = comm or NullCommunicator()
+        self.stats = ForwardStats()
+        self._keys = [(f"L{i}.attn", f"L{i}.mlp") for i in range(cfg.n_layers)]
+
+    def forward(self, h_np: np.ndarray, start: int, all_positions: bool = False) -> np.ndarray:
+        """h_np: (T, hidden) float32 embeddings at positions start.. -> (T or 1, vocab_local) logits."""
+        t0 = time.perf_counter()
+        ar = 0.0
+        L, W, comm = self.layers, self.weights, self.comm
+        h = L.hidden_from_numpy(h_np)
+        single = comm.world == 1
+        for i, (ka, km) in enumerate(self._keys):
+            blk = W.get(ka)
+            part = L.attention(h, blk, i, start)
+            W.release(ka)
+            if not single:
+                t = time.perf_counter()
+                part = comm.allreduce(L.to_numpy(part))
+                ar += time.perf_counter() - t
+            L.add_(h, part)
+            blk = W.get(km)
+            part = L.mlp(h, blk)
+            W.release(km)
+            if not single:
+                t = time.perf_counter()
+                part = comm.allreduce(L.to_numpy(part))
+                ar += time.perf_counter() - t
+            L.add_(h, part)
+        logits = L.logits(h, W.get("globals"), all_positions)
+        st = self.stats
+        st.allreduce_s += ar
+        st.compute_s += time.perf_counter() - t0 - ar
+        st.passes += 1
+        return logits

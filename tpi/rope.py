@@ -1,0 +1,33 @@
+"""RoPE frequencies, shared by every backend (numpy only)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from tpi.config import ModelConfig
+
+
+def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """Per-pair inverse frequencies [head_dim/2] (float64), with the model's scaling applied."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    if cfg.rope_freq_factors is not None:  # GGUF stores llama3 scaling as divisors per pair
+        factors = np.asarray(cfg.rope_freq_factors, dtype=np.float64)
+        assert factors.shape == inv.shape, "rope_freqs length must be head_dim/2"
+        return inv / factors
+    rs = cfg.rope_scaling
+    if rs.kind == "linear":
+        return inv / rs.factor
+    if rs.kind == "llama3":
+        return _llama3(inv, rs.factor, rs.low_freq_factor, rs.high_freq_factor, rs.original_context)
+    return inv
+
+
+def _llama3(inv: np.ndarray, factor: float, low: float, high: float, original: int) -> np.ndarray:
+    """Llama 3.1 scaling: long wavelengths slowed by `factor`, short kept, a smooth blend between."""
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = original / low, original / high
+    smooth = np.clip((original / wavelen - low) / (high - low), 0.0, 1.0)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    return np.where(wavelen < high_wavelen, inv, np.where(wavelen > low_wavelen, inv / factor, blended))
