@@ -1,0 +1,172 @@
+"""Session fixtures: the embedded SmolLM2, tiny random models, the numpy reference, llama.cpp logits."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers import as plain modules
+
+from model_factory import (  # noqa: E402
+    TINY_VARIANTS,
+    TokenizerData,
+    build_hf_tokenizer,
+    smollm2_path,
+    tokenizer_from_gguf,
+    write_tiny_gguf,
+    write_tiny_hf,
+)
+from reference import RefModel, load_gguf_reference, load_hf_reference  # noqa: E402
+
+# A ChatML prompt as SmolLM2's template renders it; ~40 tokens.
+SMOLLM2_CHAT_PROMPT = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+def _cache_key(name: str | None, kwargs: dict) -> tuple:
+    return (name, tuple(sorted(kwargs.items())))
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """Path to the SmolLM2-135M-Instruct Q4_1 GGUF."""
+    path = smollm2_path()
+    if not path.exists():
+        pytest.skip(f"embedded model missing at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2: Path) -> TokenizerData:
+    """SmolLM2's tokenizer metadata, read once (takes seconds)."""
+    return tokenizer_from_gguf(smollm2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2: Path) -> RefModel:
+    """SmolLM2 dequantized into the numpy reference (takes ~10 s)."""
+    return load_gguf_reference(smollm2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_chat_tokens(smollm2_tokenizer: TokenizerData) -> list[int]:
+    """Token ids of SMOLLM2_CHAT_PROMPT under a tokenizers BPE built from SmolLM2's GGUF vocabulary."""
+    return build_hf_tokenizer(smollm2_tokenizer, "smollm").encode(SMOLLM2_CHAT_PROMPT).ids
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Session directory holding every tiny model file."""
+    return tmp_path_factory.mktemp("tiny_models")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_dir: Path, request: pytest.FixtureRequest) -> Callable[..., Path]:
+    """make(name=None, *, smollm2_tokenizer=False, **write_tiny_gguf kwargs) -> Path, cached per session.
+
+    `name` picks a TINY_VARIANTS entry (kwargs override it); smollm2_tokenizer=True copies SmolLM2's tokenizer.
+    """
+    made: dict[tuple, Path] = {}
+
+    def make(name: str | None = None, *, smollm2_tokenizer: bool = False, **kwargs) -> Path:
+        options = {**(TINY_VARIANTS[name] if name else {}), **kwargs}
+        key = _cache_key(name, {**options, "smollm2_tokenizer": smollm2_tokenizer})
+        if key not in made:
+            if smollm2_tokenizer:
+                options["tokenizer_from"] = request.getfixturevalue("smollm2_tokenizer")
+            made[key] = write_tiny_gguf(tiny_dir / f"model{len(made)}.gguf", **options)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tiny_dir: Path, request: pytest.FixtureRequest) -> Callable[..., Path]:
+    """make(name=None, *, smollm2_tokenizer=False, **write_tiny_hf kwargs) -> folder Path, cached per session.
+
+    With a TINY_VARIANTS name the folder holds the same weights (same seed) as tiny_gguf(name); weight_type
+    is dropped (HF folders are f32 unless dtype="bf16").
+    """
+    made: dict[tuple, Path] = {}
+
+    def make(name: str | None = None, *, smollm2_tokenizer: bool = False, **kwargs) -> Path:
+        options = {k: v for k, v in (TINY_VARIANTS[name] if name else {}).items() if k != "weight_type"}
+        options.update(kwargs)
+        key = _cache_key(name, {**options, "smollm2_tokenizer": smollm2_tokenizer})
+        if key not in made:
+            if smollm2_tokenizer:
+                options["tokenizer_from"] = request.getfixturevalue("smollm2_tokenizer")
+            made[key] = write_tiny_hf(tiny_dir / f"hf{len(made)}", **options)
+        return made[key]
+
+    return make
+
+
+def _variant_fixture(name: str):
+    @pytest.fixture(scope="session")
+    def variant(tiny_gguf: Callable[..., Path]) -> Path:
+        return tiny_gguf(name)
+
+    variant.__doc__ = f"GGUF path of TINY_VARIANTS[{name!r}] = {TINY_VARIANTS[name]}."
+    return variant
+
+
+# One named session fixture per variant: tiny_llama_q4_0, tiny_llama_q4_1_tied, tiny_qwen2_q8_0, ...
+for _name in TINY_VARIANTS:
+    globals()[_name] = _variant_fixture(_name)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_smollm2_tok(tiny_gguf: Callable[..., Path]) -> Path:
+    """Tiny random llama (Q4_0) carrying SmolLM2's real tokenizer and chat template (vocab 49152)."""
+    return tiny_gguf("tiny_llama_q4_0", smollm2_tokenizer=True)
+
+
+@pytest.fixture(scope="session")
+def reference_of() -> Callable[[Path], RefModel]:
+    """load(path) -> RefModel for a GGUF file or an HF folder, cached per session."""
+    loaded: dict[Path, RefModel] = {}
+
+    def load(path: Path) -> RefModel:
+        path = Path(path)
+        if path not in loaded:
+            loaded[path] = load_hf_reference(path) if path.is_dir() else load_gguf_reference(path)
+        return loaded[path]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_logits() -> Callable[..., np.ndarray]:
+    """run(path, tokens, all_positions=False) -> llama.cpp logits, [vocab] for the last position or [T, vocab].
+
+    Runs llama-cpp-python on 2 threads with an F32 KV cache and no flash attention, so that F32 models
+    compare tightly with the reference; each model is loaded once per session.
+    """
+    llama_cpp = pytest.importorskip("llama_cpp")
+    loaded: dict[Path, object] = {}
+
+    def run(path: Path, tokens: list[int], all_positions: bool = False) -> np.ndarray:
+        path = Path(path)
+        assert 0 < len(tokens) <= 512, "llama_cpp_logits runs a 512-token context"
+        if path not in loaded:
+            loaded[path] = llama_cpp.Llama(
+                model_path=str(path), n_ctx=512, n_batch=512, n_threads=2, n_threads_batch=2,
+                logits_all=True, flash_attn=False, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+                verbose=False,
+            )
+        llm = loaded[path]
+        llm.reset()
+        llm.eval(list(tokens))
+        scores = np.array(llm.scores[: len(tokens)], dtype=np.float32)  # (T, vocab)
+        return scores if all_positions else scores[-1]
+
+    yield run
+    for llm in loaded.values():
+        llm.close()
