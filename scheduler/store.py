@@ -65,7 +65,7 @@ def _as_stored_array(a: np.ndarray, where: str) -> np.ndarray:
             f"{where} has dtype {a.dtype}, which a shard store cannot hold; store plain numeric "
             "arrays (bf16 as uint16 bits)"
         )
-    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    return np.asarray(a, dtype=a.dtype.newbyteorder("<"), order="C")  # keeps 0-d shapes
 
 
 def write_store(
