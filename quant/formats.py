@@ -139,9 +139,10 @@ def _quantize_q4g32(w: np.ndarray) -> QTensor:
 
 def _quantize_q8(w: np.ndarray) -> QTensor:
     scale = bf16_bits_to_f32(f32_to_bf16_bits(np.abs(w).max(axis=1) / 127.0))
-    safe = np.where(scale > 0, scale, 1.0)
-    q = np.clip(np.rint(w / safe[:, None]), -128, 127).astype(np.int8)
-    return QTensor(Q8, w.shape, {"qweight": q, "scale": f32_to_bf16_bits(scale)})
+    t = w / np.where(scale > 0, scale, 1.0)[:, None]
+    np.rint(t, out=t)
+    np.clip(t, -128, 127, out=t)
+    return QTensor(Q8, w.shape, {"qweight": t.astype(np.int8), "scale": f32_to_bf16_bits(scale)})
 
 
 def quantize(w: np.ndarray, fmt: str) -> QTensor:
@@ -178,13 +179,18 @@ def dequantize(qt: QTensor) -> np.ndarray:
 
 
 def quant_error(reference: np.ndarray, qt: QTensor) -> QuantError:
-    """Error of qt against its float reference."""
-    ref = np.asarray(reference, dtype=np.float64).reshape(qt.shape)
-    diff = dequantize(qt).astype(np.float64) - ref
-    rmse = float(np.sqrt(np.mean(diff * diff))) if diff.size else 0.0
-    rms = float(np.sqrt(np.mean(ref * ref))) if ref.size else 0.0
-    return QuantError(rmse=rmse, rel_rmse=rmse / rms if rms > 0 else (0.0 if rmse == 0 else float("inf")),
-                      max_abs=float(np.abs(diff).max()) if diff.size else 0.0)
+    """Error of qt against its float reference (float32 maths; a report, not a bit-exact check)."""
+    diff = dequantize(qt).reshape(-1)
+    ref = np.asarray(reference, dtype=np.float32).reshape(-1)
+    if diff.size != ref.size:
+        raise ShapeError(f"reference has {ref.size} elements but the tensor is {list(qt.shape)}")
+    if not diff.size:
+        return QuantError(0.0, 0.0, 0.0)
+    diff -= ref
+    rmse = float(np.sqrt(np.dot(diff, diff) / diff.size))
+    rms = float(np.sqrt(np.dot(ref, ref) / ref.size))
+    max_abs = float(np.abs(diff).max())
+    return QuantError(rmse=rmse, rel_rmse=rmse / rms if rms > 0 else (0.0 if rmse == 0 else float("inf")), max_abs=max_abs)
 
 
 # Which axis of each array runs over rows (N) and over columns (K), and K units per index.
