@@ -1,0 +1,273 @@
+"""Communicators: the star allreduce through the master, step broadcast, gather; ring for benchmarks.
+
+Star allreduce: each worker sends its partial (f32, or bf16 bits when the wire dtype is bf16);
+the master adds its own partial and the received ones in fp32, in rank order, and sends the
+sum back. With bf16 the master rounds the sum to bf16 once and uses that rounded value
+itself, so every rank holds bit-identical state.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import zmq
+
+from tpi.errors import GroupError, ProtocolError
+from tpi.transport.protocol import (REDUCE_DTYPES, Logits, Message, Partial, Ready, Reduced, Reset,
+                                    Step, Stop, decode, encode, from_bf16, to_bf16)
+
+log = logging.getLogger(__name__)
+
+_POLL_SLICE_MS = 100  # how often a waiting rank checks liveness and deadlines
+
+
+@dataclass
+class CommStats:
+    """Counters since creation (or the last reset_stats)."""
+
+    allreduce_count: int = 0
+    allreduce_seconds: float = 0.0
+    gather_count: int = 0
+    steps: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+def _nbytes(frames: list) -> int:
+    return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
+
+
+def _to_wire(x: np.ndarray, wire_dtype: str) -> np.ndarray:
+    return to_bf16(x) if wire_dtype == "bf16" else np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _from_wire(x: np.ndarray) -> np.ndarray:
+    return from_bf16(x) if x.dtype == np.uint16 else x
+
+
+class NullCommunicator:
+    """One device: allreduce is the identity and gather returns the only slice."""
+
+    rank, world = 0, 1
+
+    def __init__(self) -> None:
+        self.stats = CommStats()
+
+    def allreduce(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def gather(self, x: np.ndarray, wire_dtype: str | None = None) -> list[np.ndarray]:
+        return [x]
+
+
+class StarMaster:
+    """Rank 0: owns the data ROUTER; broadcasts steps, reduces partials, gathers slices."""
+
+    rank = 0
+
+    def __init__(self, sock: zmq.Socket, peer_ids: list[str], names: list[str], wire_dtype: str,
+                 lost: Callable[[], dict[str, str]], step_timeout_s: float, max_frame: int):
+        if wire_dtype not in REDUCE_DTYPES:
+            raise GroupError(f"wire dtype must be f32 or bf16, not {wire_dtype!r}")
+        self._sock = sock
+        self._ids = [p.encode() for p in peer_ids]  # index i -> rank i + 1
+        self._rank_of = {rid: i + 1 for i, rid in enumerate(self._ids)}
+        self._names = ["master", *names]
+        self.world = len(peer_ids) + 1
+        self.wire_dtype = wire_dtype
+        self._lost = lost
+        self._step_timeout_s = step_timeout_s
+        self._max_frame = max_frame
+        self._seq = 0
+        self._op = 0
+        self.stats = CommStats()
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until every worker announced Ready on the data channel."""
+        waiting = set(range(1, self.world))
+        deadline = time.monotonic() + timeout_s
+        while waiting:
+            rank, msg = self._recv(waiting, deadline, "the ready signal")
+            if isinstance(msg, Ready):
+                waiting.discard(rank)
+
+    # ---- hot path ----
+
+    def _recv(self, waiting: set[int], deadline: float, what: str) -> tuple[int, Message]:
+        """Next valid message from a rank in the group; raises GroupError on loss/timeout."""
+        while True:
+            if not self._sock.poll(_POLL_SLICE_MS):
+                self._check_alive(waiting, deadline, what)
+                continue
+            frames = self._sock.recv_multipart()
+            self.stats.bytes_received += _nbytes(frames)
+            rank = self._rank_of.get(frames[0])
+            if rank is None:
+                log.warning("dropped data message from unknown peer id %r", frames[0][:16])
+                continue
+            try:
+                return rank, decode(frames[1:], self._max_frame)
+            except ProtocolError as e:
+                log.warning("dropped malformed data message from %s: %s", self._names[rank], e)
+
+    def _check_alive(self, waiting: set[int], deadline: float, what: str) -> None:
+        lost = self._lost()
+        for rank in sorted(waiting):
+            reason = lost.get(self._ids[rank - 1].decode())
+            if reason:
+                raise GroupError(f"device {self._names[rank]} (rank {rank}) was lost while the master "
+                                 f"waited for {what}: {reason}")
+        if time.monotonic() > deadline:
+            names = ", ".join(self._names[r] for r in sorted(waiting))
+            raise GroupError(f"device(s) {names} sent no {what} within {self._step_timeout_s:.0f}s "
+                             "though still alive; they may be overloaded or stuck")
+
+    def _send_all(self, frames: list) -> None:
+        for rank, rid in enumerate(self._ids, start=1):
+            try:
+                self._sock.send(rid, zmq.SNDMORE)
+                self._sock.send_multipart(frames, copy=False)
+            except zmq.ZMQError as e:
+                reason = self._lost().get(rid.decode(), str(e))
+                raise GroupError(f"device {self._names[rank]} (rank {rank}) is unreachable: {reason}") from e
+        self.stats.bytes_sent += _nbytes(frames) * len(self._ids)
+
+    def _collect(self, op: int, kind: type, what: str) -> list[np.ndarray | None]:
+        parts: list[np.ndarray | None] = [None] * self.world
+        waiting = set(range(1, self.world))
+        deadline = time.monotonic() + self._step_timeout_s
+        while waiting:
+            rank, msg = self._recv(waiting, deadline, what)
+            if type(msg) is kind and msg.op == op and msg.seq == self._seq and rank in waiting:
+                parts[rank] = msg.x
+                waiting.discard(rank)
+            else:
+                log.debug("dropped stale %s from rank %d", type(msg).__name__, rank)
+        return parts
+
+    def allreduce(self, x: np.ndarray) -> np.ndarray:
+        """Sum x over all ranks (fp32); with bf16 wire the sum is bf16-rounded on every rank."""
+        t0 = time.perf_counter()
+        self._op += 1
+        parts = self._collect(self._op, Partial, f"partial for allreduce {self._op}")
+        acc = np.array(x, dtype=np.float32, copy=True)
+        for rank in range(1, self.world):
+            part = _from_wire(parts[rank])
+            if part.shape != acc.shape:
+                raise GroupError(f"device {self._names[rank]} sent a partial of shape {part.shape}, "
+                                 f"expected {acc.shape}: the group disagrees on the plan")
+            acc += part
+        wire = _to_wire(acc, self.wire_dtype)
+        self._send_all(encode(Reduced(self._op, wire, self._seq)))
+        out = from_bf16(wire) if self.wire_dtype == "bf16" else acc
+        self.stats.allreduce_count += 1
+        self.stats.allreduce_seconds += time.perf_counter() - t0
+        return out
+
+    def broadcast_step(self, header: dict, x: np.ndarray) -> None:
+        """Start a step on every worker: header has request_id, start_pos, n_tokens (+ extras)."""
+        extra = {k: v for k, v in header.items() if k not in ("request_id", "start_pos", "n_tokens")}
+        self._seq += 1
+        self._op = 0
+        self._send_all(encode(Step(header["request_id"], header["start_pos"], header["n_tokens"],
+                                   extra, np.ascontiguousarray(x), self._seq)))
+        self.stats.steps += 1
+
+    def broadcast_reset(self, request_id: int) -> None:
+        """Tell every worker to drop its KV cache."""
+        self._send_all(encode(Reset(request_id)))
+
+    def broadcast_stop(self, reason: str) -> None:
+        """Tell every worker to leave its step loop."""
+        self._send_all(encode(Stop(reason)))
+
+    def gather(self, x: np.ndarray, wire_dtype: str | None = None) -> list[np.ndarray]:
+        """All ranks' arrays in rank order; wire_dtype 'bf16' rounds every slice (own included)."""
+        self._op += 1
+        parts = self._collect(self._op, Logits, f"slice for gather {self._op}")
+        parts[0] = from_bf16(to_bf16(x)) if wire_dtype == "bf16" else x
+        self.stats.gather_count += 1
+        return [_from_wire(p) for p in parts]
+
+
+class StarWorker:
+    """Rank > 0: owns its data DEALER; receives steps, sends partials, receives sums."""
+
+    def __init__(self, sock: zmq.Socket, rank: int, world: int, wire_dtype: str,
+                 master_lost: Callable[[], str | None], step_timeout_s: float, max_frame: int):
+        self._sock = sock
+        self.rank, self.world, self.wire_dtype = rank, world, wire_dtype
+        self._master_lost = master_lost
+        self._step_timeout_s = step_timeout_s
+        self._max_frame = max_frame
+        self._seq = 0
+        self._op = 0
+        self.stats = CommStats()
+
+    def announce_ready(self) -> None:
+        """Tell the master this rank is connected and loaded."""
+        self._send(encode(Ready()))
+
+    def _send(self, frames: list) -> None:
+        self._sock.send_multipart(frames, copy=False)
+        self.stats.bytes_sent += _nbytes(frames)
+
+    def _recv(self, what: str, deadline: float | None) -> Message:
+        while True:
+            if not self._sock.poll(_POLL_SLICE_MS):
+                lost = self._master_lost()
+                if lost:
+                    raise GroupError(f"lost the master while waiting for {what}: {lost}")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise GroupError(f"the master sent no {what} within {self._step_timeout_s:.0f}s")
+                continue
+            frames = self._sock.recv_multipart()
+            self.stats.bytes_received += _nbytes(frames)
+            try:
+                return decode(frames, self._max_frame)
+            except ProtocolError as e:
+                log.warning("dropped malformed data message from the master: %s", e)
+
+    def allreduce(self, x: np.ndarray) -> np.ndarray:
+        """Send my partial, return the group's sum (identical bits on every rank)."""
+        t0 = time.perf_counter()
+        self._op += 1
+        self._send(encode(Partial(self._op, _to_wire(x, self.wire_dtype), self._seq)))
+        deadline = time.monotonic() + self._step_timeout_s
+        while True:
+            msg = self._recv(f"sum for allreduce {self._op}", deadline)
+            if isinstance(msg, Reduced) and msg.op == self._op and msg.seq == self._seq:
+                break
+            if isinstance(msg, Stop):
+                raise GroupError(f"master stopped the group during an allreduce: {msg.reason}")
+            log.debug("dropped stale %s during allreduce", type(msg).__name__)
+        out = from_bf16(msg.x) if msg.x.dtype == np.uint16 else msg.x.copy()
+        self.stats.allreduce_count += 1
+        self.stats.allreduce_seconds += time.perf_counter() - t0
+        return out
+
+    def gather(self, x: np.ndarray, wire_dtype: str | None = None) -> None:
+        """Send my slice to the master (bf16-rounded if asked); workers get None."""
+        self._op += 1
+        wire = to_bf16(x) if wire_dtype == "bf16" else np.ascontiguousarray(x)
+        self._send(encode(Logits(self._op, wire, self._seq)))
+        self.stats.gather_count += 1
+        return None
+
+    def recv_step(self) -> tuple[dict, np.ndarray | None]:
+        """Wait for the next control: ({'kind': 'step', ...}, x) or reset/stop with None."""
+        while True:
+            msg = self._recv("step", None)
+            if isinstance(msg, Step):
+                self._seq, self._op = msg.seq, 0
+                self.stats.steps += 1
+                return {"kind": "step", "request_id": msg.request_id, "start_pos": msg.start_pos,
+                        "n_tokens": msg.n_tokens, **msg.extra}, msg.x
+            if isinstance(msg, Reset):
+                return {"kind": "reset", "request_id": msg.request_id}, None
+            if isinstance(msg, Stop):
+                return {"kind": "stop", "reason": msg.reason}, None
+            log.debug("dropped stale %s while waiting for a step", type(msg).__name__)

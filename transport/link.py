@@ -1,0 +1,558 @@
+"""ZeroMQ links: the master's ROUTERs and a worker's DEALERs, CURVE, admission, heartbeats.
+
+Each device pair has two channels. The control channel (the port the user types) carries
+the join handshake, heartbeats and shard transfer; a background keeper thread owns it on
+both sides. The data channel (control port + 1) carries steps and allreduces only; the
+caller's thread owns it through a Communicator (allreduce.py), so shard streaming and
+heartbeats never sit in front of a step and the hot path takes no locks.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import zmq
+
+from tpi.errors import GroupError, ProtocolError
+from tpi.transport import security
+from tpi.transport.protocol import (DEFAULT_MAX_FRAME, Assign, Heartbeat, Hello, Message, Refuse,
+                                    ShardRequest, Stop, VersionMismatch, decode, encode)
+from tpi.transport.transfer import ShardServer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    """Timing and size limits of a link; the master's heartbeat/timeout are sent to workers."""
+
+    heartbeat_s: float = 1.0
+    timeout_s: float = 10.0        # a peer silent this long is lost
+    step_timeout_s: float = 300.0  # longest one allreduce/gather/step may wait for a live peer
+    join_timeout_s: float = 30.0
+    max_frame: int = DEFAULT_MAX_FRAME
+    chunk_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class JoinRequest:
+    """A device that proved it holds the token and now waits for admit() or refuse()."""
+
+    peer: bytes            # control-channel routing id
+    name: str
+    profile: dict
+    cached_hashes: tuple
+    address: str
+    device_key: bytes      # Z85 CURVE public key; b"" on insecure links
+
+
+@dataclass
+class _Peer:
+    """Keeper-owned record of one control-channel peer."""
+
+    name: str
+    address: str
+    device_key: bytes
+    state: str = "pending"  # pending | admitted | lost
+    last_seen: float = 0.0
+    peer_id: str = ""
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """'tcp://host:port' or 'host:port' -> (host, port); raises GroupError if malformed."""
+    body = text.removeprefix("tcp://")
+    host, sep, port = body.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise GroupError(f"address {text!r} is not HOST:PORT (for example 192.168.1.20:7700)")
+    return host.strip("[]"), int(port)
+
+
+def _tune(sock: zmq.Socket, settings: LinkSettings) -> None:
+    sock.linger = 0
+    sock.maxmsgsize = settings.max_frame + 65536  # libzmq drops a peer that sends more
+    # ZMTP pings let libzmq notice dead TCP connections; app heartbeats name the peer.
+    sock.heartbeat_ivl = int(settings.heartbeat_s * 1000)
+    sock.heartbeat_timeout = int(settings.timeout_s * 1000)
+
+
+def _frame_meta(frame: zmq.Frame, key: str) -> str:
+    try:
+        return frame.get(key)
+    except zmq.ZMQError:
+        return ""
+
+
+class _Keeper:
+    """A thread that owns one control socket; other threads hand it work through a queue."""
+
+    def __init__(self, ctx: zmq.Context, name: str):
+        self._ctx = ctx
+        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._wake_pull = ctx.socket(zmq.PULL)
+        self._wake_pull.bind(f"inproc://wake-{name}")
+        self._wake_push = ctx.socket(zmq.PUSH)
+        self._wake_push.connect(f"inproc://wake-{name}")
+        self._wake_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run_guarded, name=f"tpi-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run fn on the keeper thread (in submission order)."""
+        if self.failure is not None:
+            raise GroupError(f"link thread failed: {self.failure}; restart this process")
+        self._commands.put(fn)
+        with self._wake_lock:
+            self._wake_push.send(b"", zmq.NOBLOCK)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._wake_lock:
+            self._wake_push.send(b"", zmq.NOBLOCK)
+        self._thread.join(timeout=5)
+        self._wake_push.close(0)
+
+    def _run_guarded(self) -> None:
+        try:
+            self._run()
+        except Exception as e:  # a keeper bug must surface to the caller, not vanish
+            log.exception("link thread failed")
+            self.failure = e
+        finally:
+            self._wake_pull.close(0)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                self._wake_pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        while True:
+            try:
+                fn = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            fn()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class MasterLink(_Keeper):
+    """Master side: accepts joins on the control port, admits or refuses, serves shards."""
+
+    def __init__(self, bind: str, key_dir: Path, *, insecure: bool = False,
+                 settings: LinkSettings = LinkSettings()):
+        host, port = parse_endpoint(bind)
+        self.settings = settings
+        self.insecure = insecure
+        ctx = zmq.Context()
+        super().__init__(ctx, "master")
+        self._keys = security.load_or_create_keypair(key_dir, "master")
+        self._secret = security.load_or_create_join_secret(key_dir)
+        self._admitted_keys = security.AdmittedKeys(key_dir)
+        self.token = security.make_token(self._keys.public, self._secret)
+        self._zap = None
+        if insecure:
+            log.warning("INSECURE link: no encryption and no device keys; use only for benchmarks")
+        else:
+            self._zap = ctx.socket(zmq.REP)
+            self._zap.linger = 0
+            self._zap.bind(security.ZAP_ENDPOINT)
+        self._control = ctx.socket(zmq.ROUTER)
+        self.data = ctx.socket(zmq.ROUTER)  # handed to the master Communicator
+        self.data.router_mandatory = 1  # a send to a vanished worker raises instead of vanishing
+        for sock, domain in ((self._control, security.CONTROL_DOMAIN), (self.data, security.DATA_DOMAIN)):
+            _tune(sock, settings)
+            if not insecure:
+                security.configure_server(sock, self._keys, domain)
+        self.port = self._bind(self._control, host, port)
+        self.data_port = self._bind(self.data, host, port + 1 if port else 0)
+        self.host = host
+        self._peers: dict[bytes, _Peer] = {}
+        self._data_keys: set[bytes] = set()
+        self._lost: dict[str, str] = {}  # peer_id -> reason; read by communicators
+        self._joins: queue.Queue[JoinRequest] = queue.Queue()
+        self._shards = ShardServer()
+        self._ranks: dict[int, tuple[str, str, int]] = {}  # rank -> (peer_id, name, world)
+        self.start()
+
+    @staticmethod
+    def _bind(sock: zmq.Socket, host: str, port: int) -> int:
+        try:
+            sock.bind(f"tcp://{host}:{port or '*'}")
+        except zmq.ZMQError as e:
+            raise GroupError(f"cannot listen on {host}:{port or 'any'} ({e}); pick another --port") from e
+        return int(sock.last_endpoint.decode().rpartition(":")[2])
+
+    # ---- caller API (any thread) ----
+
+    def next_join(self, timeout: float | None = None) -> JoinRequest | None:
+        """The next device that presented a valid token, or None after timeout seconds."""
+        try:
+            return self._joins.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def admit(self, join: JoinRequest, assign: Assign, shard_path: Path | None = None) -> Assign:
+        """Admit a device: serve it shard_path (if given) and send it assign; returns what was sent."""
+        sent = replace(assign, peer_id=secrets.token_hex(8), data_port=self.data_port,
+                       heartbeat_s=self.settings.heartbeat_s, timeout_s=self.settings.timeout_s)
+
+        def run() -> None:
+            peer = self._peers.get(join.peer)
+            if peer is None:
+                return
+            if shard_path is not None:
+                self._shards.register(join.peer, shard_path, sent.shard_hash)
+            peer.state, peer.peer_id, peer.last_seen = "admitted", sent.peer_id, time.monotonic()
+            if peer.device_key:
+                self._admitted_keys.add(peer.device_key)
+                self._data_keys.add(peer.device_key)
+            self._send(join.peer, sent)
+            log.info("admitted %s (%s) as rank %d", peer.name, peer.address, sent.rank)
+
+        self._ranks[sent.rank] = (sent.peer_id, join.name, sent.world)
+        self.call(run)
+        return sent
+
+    def communicator(self, wire_dtype: str = "f32", ready_timeout_s: float | None = None):
+        """The rank-0 StarMaster over every admitted rank, once all announced Ready."""
+        from tpi.transport.allreduce import StarMaster
+
+        ranks = sorted(self._ranks)
+        worlds = {w for _, _, w in self._ranks.values()}
+        if ranks != list(range(1, len(ranks) + 1)) or worlds != {len(ranks) + 1}:
+            raise GroupError(f"admitted ranks {ranks} with world sizes {sorted(worlds)} do not form a "
+                             "group; admit ranks 1..N-1 with world N")
+        comm = StarMaster(self.data, [self._ranks[r][0] for r in ranks], [self._ranks[r][1] for r in ranks],
+                          wire_dtype, self.lost_peers, self.settings.step_timeout_s, self.settings.max_frame)
+        comm.wait_ready(ready_timeout_s if ready_timeout_s is not None else self.settings.step_timeout_s)
+        return comm
+
+    def refuse(self, join: JoinRequest, reason: str) -> None:
+        """Turn a device away with a reason it will show its user."""
+        def run() -> None:
+            self._peers.pop(join.peer, None)
+            log.warning("refused %s (%s): %s", join.name, join.address, reason)
+            self._send(join.peer, Refuse(reason))
+
+        self.call(run)
+
+    def serve_shard(self, join: JoinRequest, path: Path, expected_hash: str) -> None:
+        """(Re)register the shard file an admitted device may fetch."""
+        self.call(lambda: self._shards.register(join.peer, path, expected_hash))
+
+    def lost_peers(self) -> dict[str, str]:
+        """peer_id -> why it is lost (silent past the timeout, left, or misbehaved)."""
+        return dict(self._lost)
+
+    def transfer_progress(self) -> dict[str, tuple[int, int]]:
+        """Device name -> (shard bytes sent, shard size); a snapshot for a progress display."""
+        box: queue.Queue = queue.Queue()
+        self.call(lambda: box.put({self._peers[p].name: v for p, v in self._shards.progress().items()
+                                   if p in self._peers}))
+        return box.get(timeout=5)
+
+    def close(self) -> None:
+        def run() -> None:
+            for rid, peer in self._peers.items():
+                if peer.state == "admitted":
+                    self._send(rid, Stop("master is shutting down"))
+
+        try:
+            self.call(run)
+        except GroupError:
+            pass  # the keeper already died and said why in the log
+        self.stop()
+        self.data.close(0)
+        self._ctx.term()
+
+    # ---- keeper thread ----
+
+    def _send(self, rid: bytes, msg: Message) -> None:
+        self._control.send_multipart([rid, *encode(msg)], copy=False)
+
+    def _mark_lost(self, peer: _Peer, reason: str) -> None:
+        if peer.state == "admitted":
+            peer.state = "lost"
+            self._lost[peer.peer_id] = reason
+            self._data_keys.discard(peer.device_key)
+            log.warning("lost device %s (%s): %s", peer.name, peer.address, reason)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        for sock in (self._control, self._wake_pull, self._zap):
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
+        hb = self.settings.heartbeat_s
+        next_beat = time.monotonic() + hb
+        while not self._stopping.is_set():
+            events = dict(poller.poll(max(0.0, next_beat - time.monotonic()) * 1000))
+            if self._zap is not None and self._zap in events:
+                self._zap.send_multipart(security.zap_reply(self._zap.recv_multipart(), self._zap_allows))
+            if self._wake_pull in events:
+                self._drain_commands()
+            if self._control in events:
+                for _ in range(64):
+                    try:
+                        frames = self._control.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._on_control(frames)
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + hb
+                self._beat(now)
+        self._shards.close()
+        self._control.close(0)
+        if self._zap is not None:
+            self._zap.close(0)
+
+    def _zap_allows(self, domain: bytes, key: bytes) -> bool:
+        # Anyone may attempt the control handshake (the token decides); data needs admission.
+        return domain == security.CONTROL_DOMAIN or key in self._data_keys
+
+    def _beat(self, now: float) -> None:
+        for rid, peer in self._peers.items():
+            if peer.state != "admitted":
+                continue
+            if now - peer.last_seen > self.settings.timeout_s:
+                self._mark_lost(peer, f"silent for {now - peer.last_seen:.1f}s "
+                                      f"(timeout {self.settings.timeout_s}s)")
+            else:
+                self._send(rid, Heartbeat())
+
+    def _on_control(self, frames: list[zmq.Frame]) -> None:
+        rid = frames[0].bytes
+        address = _frame_meta(frames[-1], "Peer-Address") or "?"
+        peer = self._peers.get(rid)
+        who = f"{peer.name} ({address})" if peer else address
+        try:
+            msg = decode([f.buffer for f in frames[1:]], self.settings.max_frame)
+        except VersionMismatch as e:
+            log.warning("refused %s: %s", who, e)
+            if peer is None or peer.state != "admitted":
+                self._send(rid, Refuse(f"protocol version mismatch: {e}"))
+            return
+        except ProtocolError as e:
+            log.warning("dropped malformed message from %s: %s", who, e)
+            return
+        if peer is not None and peer.state == "admitted":
+            peer.last_seen = time.monotonic()
+            self._on_admitted(rid, peer, msg)
+        elif isinstance(msg, Hello):
+            key = _frame_meta(frames[-1], "User-Id").encode() if not self.insecure else b""
+            self._on_hello(rid, msg, address, key)
+        elif peer is None or not isinstance(msg, Heartbeat):
+            log.warning("refused %s: %s before admission", who, type(msg).__name__)
+            self._send(rid, Refuse("not admitted: join with a valid token first"))
+
+    def _on_hello(self, rid: bytes, hello: Hello, address: str, key: bytes) -> None:
+        known = bool(key) and key in self._admitted_keys
+        if not (known or security.proof_is_valid(hello.proof, self._secret, self._keys.public, key)):
+            log.warning("refused device %r from %s: wrong join token", hello.name, address)
+            self._send(rid, Refuse("wrong join token: use the token printed by the current tpi serve"))
+            return
+        self._peers[rid] = _Peer(hello.name, address, key, last_seen=time.monotonic())
+        self._joins.put(JoinRequest(rid, hello.name, hello.profile, tuple(hello.cached_hashes),
+                                    address, key))
+
+    def _on_admitted(self, rid: bytes, peer: _Peer, msg: Message) -> None:
+        if isinstance(msg, Heartbeat):
+            return
+        if isinstance(msg, ShardRequest):
+            self._send(rid, self._shards.answer(rid, msg))
+        elif isinstance(msg, Stop):
+            self._mark_lost(peer, f"left the group ({msg.reason})")
+            self._shards.unregister(rid)
+        else:
+            log.warning("dropped unexpected %s from %s (%s)", type(msg).__name__, peer.name, peer.address)
+
+
+class WorkerLink(_Keeper):
+    """Worker side: joins the master named by the token, fetches its shard, keeps heartbeats."""
+
+    def __init__(self, connect: str, token: str, key_dir: Path, *, insecure: bool = False,
+                 settings: LinkSettings = LinkSettings(), data_endpoint: str | None = None):
+        self.host, self.port = parse_endpoint(connect)
+        self.settings = settings
+        self.insecure = insecure
+        self._token = security.parse_token(token)
+        self._data_endpoint = data_endpoint
+        ctx = zmq.Context()
+        super().__init__(ctx, "worker")
+        self._keys = None if insecure else security.load_or_create_keypair(key_dir, "device")
+        self._control = self._socket(zmq.DEALER)
+        self._control.connect(f"tcp://{self.host}:{self.port}")
+        self._monitor = self._control.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self._replies: queue.Queue[Message] = queue.Queue()
+        self.assign: Assign | None = None
+        self._heartbeat_s, self._timeout_s = settings.heartbeat_s, settings.timeout_s
+        self._last_seen = time.monotonic()
+        self._lost_reason: str | None = None
+        self._handshake_error: str | None = None
+        self.data: zmq.Socket | None = None
+        if insecure:
+            log.warning("INSECURE link: no encryption; use only for benchmarks")
+        self.start()
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        sock = self._ctx.socket(kind)
+        _tune(sock, self.settings)
+        if self._keys is not None:
+            security.configure_client(sock, self._keys, self._token.master_public)
+        return sock
+
+    # ---- caller API ----
+
+    def join(self, name: str, profile: dict, cached_hashes: list[str]) -> Assign:
+        """Present the token; returns the master's Assign or raises GroupError with its reason."""
+        device_key = b"" if self._keys is None else self._keys.public
+        proof = security.join_proof(self._token.secret, self._token.master_public, device_key)
+        self.send(Hello(name, profile, list(cached_hashes), proof))
+        reply = self.reply(self.settings.join_timeout_s, "an answer to the join request")
+        if isinstance(reply, Refuse):
+            raise GroupError(f"master refused this device: {reply.reason}")
+        if not isinstance(reply, Assign):
+            raise GroupError(f"master answered the join with {type(reply).__name__}; versions differ?")
+        return reply
+
+    def send(self, msg: Message) -> None:
+        """Queue a control message to the master."""
+        frames = encode(msg)
+        self.call(lambda: self._control.send_multipart(frames, copy=False))
+
+    def reply(self, timeout: float, what: str) -> Message:
+        """Next control reply (Assign, Refuse, ShardChunk); GroupError on silence or loss."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._replies.get(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                pass
+            if self._handshake_error:
+                raise GroupError(self._handshake_error)
+            if self._lost_reason:
+                raise GroupError(f"lost the master while waiting for {what}: {self._lost_reason}")
+            if time.monotonic() >= deadline:
+                raise GroupError(
+                    f"no {what} from {self.host}:{self.port} within {timeout:.0f}s: check the address, "
+                    "that tpi serve is running there, and that the token is current")
+
+    def fetch_shard(self, dest: Path, expected_hash: str, size: int, progress: bool = False):
+        """Download (or resume, or find cached) this device's shard; returns TransferStats."""
+        from tpi.transport.transfer import fetch_shard
+
+        return fetch_shard(Path(dest), expected_hash, size, self.send,
+                           lambda: self.reply(self.settings.step_timeout_s, "a shard chunk"),
+                           self.settings.chunk_bytes, progress)
+
+    def master_lost(self) -> str | None:
+        """Why the master counts as lost (silent, stopped, refused), or None while it is alive."""
+        return self._lost_reason
+
+    def data_socket(self) -> zmq.Socket:
+        """The data-channel DEALER (connected once, owned by the caller's thread from then on)."""
+        if self.assign is None:
+            raise GroupError("join the group before opening the data channel")
+        if self.data is None:
+            self.data = self._socket(zmq.DEALER)
+            self.data.routing_id = self.assign.peer_id.encode()
+            self.data.connect(self._data_endpoint or f"tcp://{self.host}:{self.assign.data_port}")
+        return self.data
+
+    def communicator(self):
+        """This rank's StarWorker on the data channel; announces Ready to the master."""
+        from tpi.transport.allreduce import StarWorker
+
+        a = self.assign
+        if a is None:
+            raise GroupError("join the group before opening the data channel")
+        comm = StarWorker(self.data_socket(), a.rank, a.world, a.wire_dtype, self.master_lost,
+                          self.settings.step_timeout_s, self.settings.max_frame)
+        comm.announce_ready()
+        return comm
+
+    def close(self) -> None:
+        if self.assign is not None and self._lost_reason is None:
+            try:
+                self.send(Stop("device is leaving"))
+            except GroupError:
+                pass  # keeper already failed and logged why; nothing left to tell the master
+        time.sleep(0.05)  # let the keeper flush the goodbye
+        self.stop()
+        if self.data is not None:
+            self.data.close(0)
+        self._ctx.term()
+
+    # ---- keeper thread ----
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        for sock in (self._control, self._wake_pull, self._monitor):
+            poller.register(sock, zmq.POLLIN)
+        next_beat = time.monotonic() + self._heartbeat_s
+        while not self._stopping.is_set():
+            events = dict(poller.poll(max(0.0, next_beat - time.monotonic()) * 1000))
+            if self._wake_pull in events:
+                self._drain_commands()
+            if self._monitor in events:
+                self._on_monitor()
+            if self._control in events:
+                for _ in range(64):
+                    try:
+                        frames = self._control.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._on_control(frames)
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + self._heartbeat_s
+                if self.assign is not None and self._lost_reason is None:
+                    if now - self._last_seen > self._timeout_s:
+                        self._lost_reason = f"master silent for {now - self._last_seen:.1f}s"
+                        log.warning("lost the master at %s:%d: %s", self.host, self.port, self._lost_reason)
+                    else:
+                        self._control.send_multipart(encode(Heartbeat()))
+        self._control.disable_monitor()
+        self._monitor.close(0)
+        self._control.close(0)
+
+    def _on_monitor(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        event = recv_monitor_message(self._monitor)
+        self._handshake_error = (
+            f"encrypted handshake with {self.host}:{self.port} failed (event {event['event']}): "
+            "the token belongs to another master, or its key changed; get the current token")
+        log.warning(self._handshake_error)
+
+    def _on_control(self, frames: list[zmq.Frame]) -> None:
+        try:
+            msg = decode([f.buffer for f in frames], self.settings.max_frame)
+        except ProtocolError as e:
+            log.warning("dropped malformed message from master %s:%d: %s", self.host, self.port, e)
+            return
+        self._last_seen = time.monotonic()
+        if isinstance(msg, Heartbeat):
+            return
+        if isinstance(msg, Assign):
+            self.assign = msg
+            self._heartbeat_s, self._timeout_s = msg.heartbeat_s, msg.timeout_s
+        elif isinstance(msg, Stop):
+            self._lost_reason = f"master stopped the group: {msg.reason}"
+            log.warning(self._lost_reason)
+            return
+        self._replies.put(msg)
