@@ -1,0 +1,259 @@
+"""Predicted TTFT, token latency and peak memory of a sharded group; star vs ring allreduce.
+
+Pure functions over frozen dataclasses. Every number here is a model prediction built from
+device profiles and link measurements, not a measurement.
+
+Token latency (decode, one token):
+  comm   = broadcast(hidden) + 2 * n_layers * allreduce(hidden) + gather(logit slices)
+  rank_i = max(compute_i + comm, stream_i)   # the prefetcher overlaps disk with compute and comm
+  token  = max_i rank_i
+  compute_i = weight flops / measured GFLOP/s + attention over the KV cache / memory bandwidth
+              + a fixed per-layer overhead (Python and op dispatch; DESIGN §8 measured ~0.15 ms)
+  stream_i  = bytes the window plan streams per token / disk read speed
+Star allreduce of B bytes over N ranks: max worker RTT (two one-way hops) + the master's link
+carrying 2(N-1) messages of B bytes (or a slower worker's own 2 messages) + per-message overhead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+from tpi.config import ModelConfig
+from tpi.devices.profile import DeviceProfile
+from tpi.devices.slicing import RankShard
+from tpi.scheduler.window import WindowPlan, plan_window
+
+# Bytes per weight: q4g32 = 4-bit nibble + bf16 scale and zero per 32 weights.
+WEIGHT_BYTES = {"int4": 0.5 + 4 / 32, "bf16": 2.0}
+WIRE_BYTES = {"f32": 4, "bf16": 2}
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """A device's network link as seen from the master (for the master: its own uplink)."""
+
+    rtt_s: float
+    bandwidth_bytes_s: float  # each direction
+
+    @classmethod
+    def from_ms_mbit(cls, rtt_ms: float, mbit_s: float) -> "LinkProfile":
+        return cls(rtt_s=rtt_ms / 1e3, bandwidth_bytes_s=mbit_s * 1e6 / 8)
+
+
+@dataclass(frozen=True)
+class CostParams:
+    """Knobs of a prediction: formats, lengths and the fixed costs the model cannot measure."""
+
+    weight_format: str = "int4"  # "int4" | "bf16"
+    wire_dtype: str = "f32"  # "f32" | "bf16"
+    context: int = 2048  # KV cache preallocated per sequence, tokens
+    prompt_tokens: int = 128  # prompt length for TTFT
+    kv_position: int = 512  # position at which token latency is predicted
+    kv_bytes_per_elem: int = 2  # bf16 KV cache
+    logit_bytes_per_elem: int = 2  # ranks return bf16 logit slices
+    layer_overhead_s: float = 150e-6  # per layer per token, all ops of the layer
+    message_overhead_s: float = 30e-6  # software cost per message through the master
+    runtime_overhead_bytes: int = 400 << 20  # interpreter, torch, buffers (the runtime measures it)
+    window_blocks: int = 2  # streamed blocks resident: one computing, one loading
+
+    def __post_init__(self) -> None:
+        assert self.weight_format in WEIGHT_BYTES, f"weight_format must be one of {tuple(WEIGHT_BYTES)}"
+        assert self.wire_dtype in WIRE_BYTES, f"wire_dtype must be one of {tuple(WIRE_BYTES)}"
+        assert self.context >= 1 and self.prompt_tokens >= 1 and 0 <= self.kv_position <= self.context
+
+
+@dataclass(frozen=True)
+class RankLoad:
+    """What one rank's shard weighs: block sizes, flops per token, KV cache and activations."""
+
+    rank: int
+    attn_block_bytes: int  # one layer's q/k/v/o slice
+    mlp_block_bytes: int  # one layer's gate/up/down slice
+    head_bytes: int  # lm_head vocab slice
+    weight_params: int  # all weights this rank multiplies per token
+    kv_cache_bytes: int
+    activation_bytes: int
+    n_q_heads: int
+    n_kv_heads: int
+
+    def weight_bytes(self, n_layers: int) -> int:
+        """All of this rank's weight bytes (every layer plus the lm_head slice)."""
+        return n_layers * (self.attn_block_bytes + self.mlp_block_bytes) + self.head_bytes
+
+
+def rank_load(cfg: ModelConfig, shard: RankShard, params: CostParams) -> RankLoad:
+    """Sizes of one rank's blocks for the model and weight format."""
+    h, hd, L = cfg.hidden, cfg.head_dim, cfg.n_layers
+    q_rows, kv_rows, inter = len(shard.q_rows), len(shard.kv_rows), len(shard.inter)
+    attn_params = (q_rows + 2 * kv_rows) * h + h * q_rows
+    mlp_params = 3 * inter * h
+    head_params = len(shard.vocab) * h
+    wb = WEIGHT_BYTES[params.weight_format]
+    kv = 2 * L * kv_rows * params.context * params.kv_bytes_per_elem
+    # Prefill activations in fp32: residual + normed input + qkv + attention scores + gate/up.
+    p = params.prompt_tokens
+    act = 4 * p * (3 * h + q_rows + 2 * kv_rows + 2 * inter) + 4 * shard.n_q_heads * p * p + 4 * len(shard.vocab)
+    return RankLoad(
+        rank=shard.rank, attn_block_bytes=int(attn_params * wb), mlp_block_bytes=int(mlp_params * wb),
+        head_bytes=int(head_params * wb), weight_params=L * (attn_params + mlp_params) + head_params,
+        kv_cache_bytes=kv, activation_bytes=act, n_q_heads=shard.n_q_heads, n_kv_heads=shard.n_kv_heads,
+    )
+
+
+def block_sizes(cfg: ModelConfig, load: RankLoad) -> list[tuple[str, int]]:
+    """The rank's blocks in execution order, as the window planner wants them."""
+    blocks = []
+    for i in range(cfg.n_layers):
+        blocks += [(f"layers.{i}.attn", load.attn_block_bytes), (f"layers.{i}.mlp", load.mlp_block_bytes)]
+    blocks.append(("lm_head", load.head_bytes))
+    return blocks
+
+
+def window_for(cfg: ModelConfig, load: RankLoad, budget_bytes: int, params: CostParams) -> WindowPlan:
+    """The scheduler's pinned/streamed plan for this rank; BudgetError when even streaming cannot fit."""
+    return plan_window(
+        block_sizes(cfg, load), budget_bytes, kv_cache_bytes=load.kv_cache_bytes,
+        activation_bytes=load.activation_bytes, runtime_overhead_bytes=params.runtime_overhead_bytes,
+        preferred_window=params.window_blocks,
+    )
+
+
+def allreduce_star_s(nbytes: int, links: Sequence[LinkProfile], params: CostParams) -> float:
+    """One star allreduce of nbytes per rank; links[0] is the master's own uplink."""
+    n = len(links)
+    if n <= 1:
+        return 0.0
+    workers = links[1:]
+    latency = max(l.rtt_s for l in workers)  # worker -> master, master -> worker
+    master_bytes = 2 * (n - 1) * nbytes / links[0].bandwidth_bytes_s
+    worker_bytes = max(2 * nbytes / l.bandwidth_bytes_s for l in workers)
+    return latency + max(master_bytes, worker_bytes) + 2 * (n - 1) * params.message_overhead_s
+
+
+def allreduce_ring_s(nbytes: int, links: Sequence[LinkProfile], params: CostParams) -> float:
+    """One ring allreduce (reduce-scatter + all-gather): 2(N-1) sequential steps of nbytes/N."""
+    n = len(links)
+    if n <= 1:
+        return 0.0
+    step_latency = max(l.rtt_s for l in links[1:]) / 2 + params.message_overhead_s
+    step_bytes = nbytes / n / min(l.bandwidth_bytes_s for l in links)
+    return 2 * (n - 1) * (step_latency + step_bytes)
+
+
+@dataclass(frozen=True)
+class AllreduceComparison:
+    n_ranks: int
+    nbytes: int
+    star_s: float
+    ring_s: float
+
+    @property
+    def faster(self) -> str:
+        return "star" if self.star_s <= self.ring_s else "ring"
+
+
+def compare_allreduce(nbytes: int, links: Sequence[LinkProfile], params: CostParams = CostParams()) -> AllreduceComparison:
+    """Star vs ring for one allreduce of nbytes on these links."""
+    return AllreduceComparison(len(links), nbytes, allreduce_star_s(nbytes, links, params),
+                               allreduce_ring_s(nbytes, links, params))
+
+
+@dataclass(frozen=True)
+class RankPrediction:
+    rank: int
+    name: str
+    compute_s: float  # per token, excluding communication
+    stream_s: float  # per token disk reads for streamed blocks
+    prefill_s: float  # prompt compute, excluding communication
+    streamed_bytes: int
+    pinned_bytes: int
+    peak_memory_bytes: int
+    budget_bytes: int
+    window: WindowPlan
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted group performance; all times in seconds, memory in bytes."""
+
+    token_latency_s: float
+    ttft_s: float
+    comm_per_token_s: float
+    allreduce_s: float  # one decode allreduce
+    ranks: tuple[RankPrediction, ...]
+    params: CostParams
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1.0 / self.token_latency_s
+
+    @property
+    def bottleneck(self) -> str:
+        """Which term bounds the token latency: 'compute', 'disk' or 'network'."""
+        slowest = max(self.ranks, key=lambda r: max(r.compute_s + self.comm_per_token_s, r.stream_s))
+        if slowest.stream_s > slowest.compute_s + self.comm_per_token_s:
+            return f"disk ({slowest.name})"
+        return "network" if self.comm_per_token_s > slowest.compute_s else f"compute ({slowest.name})"
+
+
+def _step_comm_s(cfg: ModelConfig, shards: Sequence[RankShard], links: Sequence[LinkProfile],
+                 tokens: int, params: CostParams) -> tuple[float, float]:
+    """(communication seconds for one step of `tokens` tokens, one allreduce of that step)."""
+    n = len(links)
+    if n <= 1:
+        return 0.0, 0.0
+    wire = WIRE_BYTES[params.wire_dtype]
+    hidden_bytes = tokens * cfg.hidden * wire
+    master_bw = links[0].bandwidth_bytes_s
+    max_half_rtt = max(l.rtt_s for l in links[1:]) / 2
+    broadcast = max_half_rtt + (n - 1) * (hidden_bytes / master_bw + params.message_overhead_s)
+    one = allreduce_star_s(hidden_bytes, links, params)
+    logit_bytes = sum(len(s.vocab) for s in shards[1:]) * params.logit_bytes_per_elem
+    gather = max_half_rtt + logit_bytes / master_bw + (n - 1) * params.message_overhead_s
+    return broadcast + 2 * cfg.n_layers * one + gather, one
+
+
+def _gflops(profile: DeviceProfile, weight_format: str) -> float:
+    return profile.int4_gflops if weight_format == "int4" else profile.bf16_gflops
+
+
+def predict(cfg: ModelConfig, shards: Sequence[RankShard], profiles: Sequence[DeviceProfile],
+            links: Sequence[LinkProfile], budgets: Sequence[int], params: CostParams = CostParams(),
+            window_cache: dict | None = None) -> Prediction:
+    """Predict a group's TTFT, token latency and per-device memory; rank 0 is the master.
+
+    window_cache, when given, memoises window plans across calls (a planner scores many groups).
+    """
+    assert len(shards) == len(profiles) == len(links) == len(budgets), "one shard, profile, link, budget per rank"
+    comm_tok, one_ar = _step_comm_s(cfg, shards, links, 1, params)
+    comm_prefill, _ = _step_comm_s(cfg, shards, links, params.prompt_tokens, params)
+    ranks = []
+    for shard, prof, budget in zip(shards, profiles, budgets):
+        load = rank_load(cfg, shard, params)
+        key = (cfg, load, budget, replace(params, wire_dtype="f32"))  # the wire does not change memory
+        plan = window_cache.get(key) if window_cache is not None else None
+        if plan is None:
+            plan = window_for(cfg, load, budget, params)
+            if window_cache is not None:
+                window_cache[key] = plan
+        flops = 2.0 * load.weight_params
+        # Decode attention reads the KV cache up to kv_position: bandwidth-bound.
+        kv_read = 2 * cfg.n_layers * len(shard.kv_rows) * params.kv_position * params.kv_bytes_per_elem
+        overhead = cfg.n_layers * params.layer_overhead_s
+        compute = flops / (_gflops(prof, params.weight_format) * GB) + kv_read / (prof.memory_gbs * GB) + overhead
+        p = params.prompt_tokens
+        attn_flops = 4.0 * cfg.n_layers * shard.n_q_heads * cfg.head_dim * p * p / 2  # causal half
+        prefill = (flops * p + attn_flops) / (prof.prefill_gflops * GB) + overhead
+        stream = plan.streamed_bytes_per_token / (prof.disk_mb_s * 1e6)
+        b = plan.breakdown
+        ranks.append(RankPrediction(
+            rank=shard.rank, name=prof.name, compute_s=compute, stream_s=stream, prefill_s=prefill,
+            streamed_bytes=plan.streamed_bytes_per_token, pinned_bytes=b.pinned, peak_memory_bytes=b.used,
+            budget_bytes=budget, window=plan,
+        ))
+    token = max(max(r.compute_s + comm_tok, r.stream_s) for r in ranks)
+    # Prefill streams every streamed block once, overlapped with the prompt's compute.
+    ttft = max(max(r.prefill_s + comm_prefill, r.stream_s) for r in ranks)
+    return Prediction(token_latency_s=token, ttft_s=ttft, comm_per_token_s=comm_tok, allreduce_s=one_ar,
+                      ranks=tuple(ranks), params=params)

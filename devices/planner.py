@@ -1,0 +1,222 @@
+"""Plan a group: split ratios by speed and memory, window plans, wire dtype, and who sits out.
+
+Pure functions. The planner balances a continuous model of each device's per-token time
+(`device_time_s`) to get ratios, then scores the rounded shards with the full cost model
+(`tpi.devices.costmodel.predict`, which calls the scheduler's `plan_window` per rank).
+Rules:
+- ratios: the split that equalises max(compute, disk streaming) over devices; a device
+  streams only when giving its excess to others would be slower than reading it from disk.
+- wire dtype: bf16 when it predicts at least 3% lower token latency or TTFT than f32 (the
+  link's bytes matter), else f32, which sums exactly what the ranks computed.
+- leave-out: workers are dropped greedily while dropping one predicts >= 1% lower latency
+  (the master always stays: it holds the model file and the embedding).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+from tpi.config import ModelConfig
+from tpi.devices.costmodel import (
+    GB, WEIGHT_BYTES, CostParams, LinkProfile, Prediction, _gflops, predict,
+)
+from tpi.devices.profile import DeviceProfile
+from tpi.devices.shapes import parameter_count
+from tpi.devices.slicing import RankShard, head_unit, plan_shards
+from tpi.errors import BudgetError, ShapeError
+
+BF16_WIN = 0.97  # choose bf16 on the wire only if it predicts >= 3% lower latency
+LEAVE_OUT_WIN = 0.99  # drop a device only if the group without it predicts >= 1% lower latency
+
+
+@dataclass(frozen=True)
+class PlanDevice:
+    """A device offered to the group: its profile, its link to the master, its memory budget."""
+
+    profile: DeviceProfile
+    link: LinkProfile
+    budget_bytes: int | None = None  # None: the profile's free memory
+
+    @property
+    def name(self) -> str:
+        return self.profile.name
+
+    @property
+    def budget(self) -> int:
+        return self.profile.free_memory_bytes if self.budget_bytes is None else self.budget_bytes
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """The chosen group: rank order (rank 0 = master), shards, wire dtype and its prediction."""
+
+    model: str
+    devices: tuple[PlanDevice, ...]
+    ratios: tuple[float, ...]
+    shards: tuple[RankShard, ...]
+    wire_dtype: str
+    weight_format: str
+    prediction: Prediction
+    excluded: tuple[tuple[str, str], ...]  # (device name, why it sits out)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.devices)
+
+    @property
+    def windows(self):
+        return tuple(r.window for r in self.prediction.ranks)
+
+
+def _layer_bytes(cfg: ModelConfig, fmt: str) -> float:
+    """Bytes of all per-layer weights plus lm_head at the weight format (embedding excluded)."""
+    embed = cfg.vocab * cfg.hidden
+    lm_head = embed  # tied models still multiply by the (sliced) embedding
+    per_model = parameter_count(cfg) - embed * (1 if cfg.tied_embeddings else 2) + lm_head
+    return per_model * WEIGHT_BYTES[fmt]
+
+
+def _kv_bytes(cfg: ModelConfig, ratio: float, params: CostParams) -> float:
+    """KV cache for a share of the heads; at least one KV head (GQA heads are replicated)."""
+    full = 2 * cfg.n_layers * cfg.kv_dim * params.context * params.kv_bytes_per_elem
+    return max(ratio * full, full / cfg.n_kv_heads)
+
+
+def device_time_s(cfg: ModelConfig, dev: PlanDevice, ratio: float, params: CostParams) -> float:
+    """Continuous per-token time of a device holding `ratio` of the model: max(compute, disk)."""
+    weights = ratio * _layer_bytes(cfg, params.weight_format)
+    flops = 2.0 * ratio * parameter_count(cfg)
+    compute = flops / (_gflops(dev.profile, params.weight_format) * GB)
+    fixed = params.runtime_overhead_bytes + _kv_bytes(cfg, ratio, params)
+    window = params.window_blocks * weights / (2 * cfg.n_layers)  # ~ blocks resident while streaming
+    room = dev.budget - fixed - window
+    if room < 0:
+        return float("inf")
+    excess = max(0.0, weights - room)
+    return max(compute, excess / (dev.profile.disk_mb_s * 1e6))
+
+
+def _largest_share(alpha: float, kv_full: float, kv_min: float, beta: float) -> float:
+    """Largest r >= 0 with alpha*r + max(kv_full*r, kv_min) <= beta (0 when none fits)."""
+    kink = kv_min / kv_full
+    if alpha * kink + kv_min <= beta:
+        return beta / (alpha + kv_full)
+    return max(0.0, (beta - kv_min) / alpha) if alpha > 0 else 0.0
+
+
+def _ratio_within(cfg: ModelConfig, dev: PlanDevice, t: float, params: CostParams,
+                  allow_streaming: bool = True) -> float:
+    """Largest ratio in [0, 1] whose `device_time_s` stays within t; closed form of its three limits."""
+    weights = _layer_bytes(cfg, params.weight_format)
+    kv_full = _kv_bytes(cfg, 1.0, params)
+    kv_min = kv_full / cfg.n_kv_heads
+    free = dev.budget - params.runtime_overhead_bytes
+    by_compute = t / (2.0 * parameter_count(cfg) / (_gflops(dev.profile, params.weight_format) * GB))
+    if not allow_streaming:  # everything pinned: weights + KV within the budget
+        return min(1.0, by_compute, _largest_share(weights, kv_full, kv_min, free))
+    window = params.window_blocks / (2 * cfg.n_layers)  # window bytes per weight byte
+    by_room = _largest_share(window * weights, kv_full, kv_min, free)
+    by_disk = _largest_share((1 + window) * weights, kv_full, kv_min, free + t * dev.profile.disk_mb_s * 1e6)
+    return min(1.0, by_compute, by_room, by_disk)
+
+
+def balance_ratios(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostParams,
+                   allow_streaming: bool = True) -> tuple[float, ...]:
+    """Ratios (summing to 1) that equalise the devices' predicted per-token time."""
+    def total(t: float) -> float:
+        return sum(_ratio_within(cfg, d, t, params, allow_streaming) for d in devices)
+
+    hi = 1e-3
+    while total(hi) < 1.0:
+        hi *= 4
+        if hi > 1e7:  # not even a week per token fits: memory, not speed, is the limit
+            raise BudgetError(_shortfall_message(cfg, devices, params))
+    lo = 0.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if total(mid) >= 1.0 else (mid, hi)
+    raw = [max(_ratio_within(cfg, d, hi, params, allow_streaming), 1e-6) for d in devices]
+    return tuple(r / sum(raw) for r in raw)
+
+
+def _shortfall_message(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostParams) -> str:
+    """Say how much memory the group lacks to pin the whole model, and the smallest fixes."""
+    need = (_layer_bytes(cfg, params.weight_format) + _kv_bytes(cfg, 1.0, params)
+            + len(devices) * params.runtime_overhead_bytes)
+    have = sum(d.budget for d in devices)
+    short = max(need - have, 0) / GB
+    fixes = [f"add a device with >= {short + params.runtime_overhead_bytes / GB:.1f} GB free"]
+    if params.weight_format != "int4":
+        fixes.append("use int4 weights")
+    fixes += [f"plan a shorter context than {params.context}", "allow streaming weights from disk"]
+    return (f"{cfg.name} ({params.weight_format}) needs {need / GB:.1f} GB across the group "
+            f"but the {len(devices)} devices offer {have / GB:.1f} GB: needs {short:.1f} GB more across "
+            f"the group: {', or '.join(fixes)}")
+
+
+def _evaluate(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostParams, allow_streaming: bool,
+              wire_dtype: str | None, window_cache: dict | None = None) -> GroupPlan:
+    """Ratios, shards, wire dtype and prediction for exactly these devices; BudgetError if infeasible."""
+    ratios = balance_ratios(cfg, devices, params, allow_streaming)
+    shards = plan_shards(cfg, ratios)
+    profiles = [d.profile for d in devices]
+    links = [d.link for d in devices]
+    budgets = [d.budget for d in devices]
+    wires = [wire_dtype] if wire_dtype else (["f32", "bf16"] if len(devices) > 1 else ["f32"])
+    preds = {w: predict(cfg, shards, profiles, links, budgets, replace(params, wire_dtype=w), window_cache)
+             for w in wires}
+    wire = wires[0]
+    if "bf16" in preds and (preds["bf16"].token_latency_s < BF16_WIN * preds["f32"].token_latency_s
+                            or preds["bf16"].ttft_s < BF16_WIN * preds["f32"].ttft_s):
+        wire = "bf16"
+    pred = preds[wire]
+    streaming = [r.name for r in pred.ranks if r.streamed_bytes]
+    if streaming and not allow_streaming:
+        raise BudgetError(f"{', '.join(streaming)} would stream weights from disk after rounding shards to "
+                          f"whole heads; {_shortfall_message(cfg, devices, params)}")
+    return GroupPlan(model=cfg.name, devices=tuple(devices), ratios=ratios, shards=shards, wire_dtype=wire,
+                     weight_format=params.weight_format, prediction=pred, excluded=())
+
+
+def plan_group(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostParams = CostParams(),
+               allow_streaming: bool = True, wire_dtype: str | None = None) -> GroupPlan:
+    """Choose the group (devices[0] is the master), its ratios, windows and wire dtype."""
+    if not devices:
+        raise BudgetError("no devices to plan for; the master itself must be one of them")
+    excluded: list[tuple[str, str]] = []
+    window_cache: dict = {}  # window plans repeat across the groups tried below
+    max_ranks = cfg.n_heads // head_unit(cfg.head_dim)
+    current = list(devices)
+    if len(current) > max_ranks:
+        by_speed = sorted(current[1:], key=lambda d: -_gflops(d.profile, params.weight_format))
+        keep = by_speed[: max_ranks - 1]
+        for d in by_speed[max_ranks - 1:]:
+            excluded.append((d.name, f"{cfg.name} splits into at most {max_ranks} head blocks"))
+        current = [current[0]] + [d for d in current[1:] if d in keep]
+
+    def attempt(group: Sequence[PlanDevice]) -> GroupPlan | BudgetError:
+        try:
+            return _evaluate(cfg, group, params, allow_streaming, wire_dtype, window_cache)
+        except (BudgetError, ShapeError) as exc:
+            return exc if isinstance(exc, BudgetError) else BudgetError(str(exc))
+
+    best = attempt(current)
+    while len(current) > 1:
+        trials = [(d, attempt([x for x in current if x is not d])) for d in current[1:]]
+        feasible = [(d, p) for d, p in trials if isinstance(p, GroupPlan)]
+        if not feasible:
+            break
+        drop, plan = min(feasible, key=lambda dp: dp[1].prediction.token_latency_s)
+        if isinstance(best, GroupPlan):
+            if plan.prediction.token_latency_s >= LEAVE_OUT_WIN * best.prediction.token_latency_s:
+                break
+            reason = (f"leaving it out predicts {plan.prediction.token_latency_s * 1e3:.1f} ms/token instead of "
+                      f"{best.prediction.token_latency_s * 1e3:.1f} ms/token")
+        else:
+            reason = f"the group is infeasible with it ({best})"
+        excluded.append((drop.name, reason))
+        current = [x for x in current if x is not drop]
+        best = plan
+    if isinstance(best, BudgetError):
+        raise best
+    return replace(best, excluded=tuple(excluded))
