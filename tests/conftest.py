@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import gguf
 import numpy as np
 import pytest
 
@@ -43,15 +44,21 @@ def smollm2() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer(smollm2: Path) -> TokenizerData:
-    """SmolLM2's tokenizer metadata, read once (takes seconds)."""
-    return tokenizer_from_gguf(smollm2)
+def smollm2_reader(smollm2: Path) -> gguf.GGUFReader:
+    """One parsed GGUFReader of SmolLM2 (parsing its 49k-token vocabulary takes ~5 s)."""
+    return gguf.GGUFReader(smollm2)
 
 
 @pytest.fixture(scope="session")
-def smollm2_reference(smollm2: Path) -> RefModel:
-    """SmolLM2 dequantized into the numpy reference (takes ~10 s)."""
-    return load_gguf_reference(smollm2)
+def smollm2_tokenizer(smollm2_reader: gguf.GGUFReader) -> TokenizerData:
+    """SmolLM2's tokenizer metadata (tokens, merges, specials, chat template)."""
+    return tokenizer_from_gguf(smollm2_reader)
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_reader: gguf.GGUFReader) -> RefModel:
+    """SmolLM2 dequantized into the numpy reference (~3 s after the reader)."""
+    return load_gguf_reference(smollm2_reader)
 
 
 @pytest.fixture(scope="session")

@@ -160,9 +160,9 @@ def minimal_tokenizer(vocab: int) -> TokenizerData:
     return TokenizerData(tokens, types, merges, bos_id=1, eos_id=2, chat_template=CHATML_TEMPLATE, gguf_fields={})
 
 
-def tokenizer_from_gguf(path: Path) -> TokenizerData:
-    """All tokenizer.* metadata of an existing GGUF (SmolLM2's real tokenizer)."""
-    reader = gguf.GGUFReader(path)
+def tokenizer_from_gguf(path: Path | gguf.GGUFReader) -> TokenizerData:
+    """All tokenizer.* metadata of an existing GGUF (path or an open reader), e.g. SmolLM2's real tokenizer."""
+    reader = path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(path)
     fields = {}
     for key, field in reader.fields.items():
         if key.startswith("tokenizer."):

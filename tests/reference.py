@@ -145,9 +145,9 @@ def base_inv_freq(theta: float, head_dim: int) -> np.ndarray:
 # ---------------------------------------------------------------- GGUF
 
 
-def load_gguf_reference(path: Path | str) -> RefModel:
-    """Dequantize every tensor of a llama / qwen2 GGUF into a RefModel."""
-    reader = gguf.GGUFReader(path)
+def load_gguf_reference(path: Path | str | gguf.GGUFReader) -> RefModel:
+    """Dequantize every tensor of a llama / qwen2 GGUF (path or an open reader) into a RefModel."""
+    reader = path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(path)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     arch = meta["general.architecture"]
     if arch not in ("llama", "qwen2"):

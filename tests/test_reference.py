@@ -133,6 +133,7 @@ def test_tiny_gguf_runs_in_llama_cpp_and_matches_reference(name, tiny_gguf, refe
     assert np.array_equal(ours.argmax(axis=1), theirs.argmax(axis=1)) or weight_type != "F32"
 
 
+@pytest.mark.slow
 def test_tiny_model_with_smollm2_tokenizer_matches_llama_cpp(tiny_llama_smollm2_tok, reference_of,
                                                              llama_cpp_logits, smollm2_chat_tokens):
     ours = reference_of(tiny_llama_smollm2_tok).logits(smollm2_chat_tokens)[-1]
@@ -152,6 +153,7 @@ def test_smollm2_reference_matches_llama_cpp_on_chat_prompt(smollm2, smollm2_ref
     assert ours.argmax() == theirs.argmax()
 
 
+@pytest.mark.slow
 def test_hf_tokenizer_built_from_gguf_matches_llama_cpp_tokenizer(smollm2, smollm2_chat_tokens):
     llama_cpp = pytest.importorskip("llama_cpp")
     from conftest import SMOLLM2_CHAT_PROMPT
