@@ -126,6 +126,7 @@ class BlockScheduler:
                 slot.value = value
                 self._bytes += self._store.block_nbytes(key)
                 self._blocks += 1
+            del value  # else this frame keeps a released block alive past the window
             slot.ready.set()
             position += 1
 
