@@ -154,10 +154,16 @@ def _shortfall_message(cfg: ModelConfig, devices: Sequence[PlanDevice], params: 
             f"the group: {', or '.join(fixes)}")
 
 
-def _evaluate(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostParams, allow_streaming: bool,
-              wire_dtype: str | None, window_cache: dict | None = None) -> GroupPlan:
-    """Ratios, shards, wire dtype and prediction for exactly these devices; BudgetError if infeasible."""
-    ratios = balance_ratios(cfg, devices, params, allow_streaming)
+def _pinned_share(cfg: ModelConfig, dev: PlanDevice, params: CostParams) -> float:
+    """Largest ratio a device holds with every weight pinned (continuous model)."""
+    kv_full = _kv_bytes(cfg, 1.0, params)
+    free = dev.budget - params.runtime_overhead_bytes
+    return _largest_share(_layer_bytes(cfg, params.weight_format), kv_full, kv_full / cfg.n_kv_heads, free)
+
+
+def _score(cfg: ModelConfig, devices: Sequence[PlanDevice], ratios: tuple[float, ...], params: CostParams,
+           wire_dtype: str | None, window_cache: dict | None) -> GroupPlan:
+    """Shards, wire dtype and prediction for fixed ratios."""
     shards = plan_shards(cfg, ratios)
     profiles = [d.profile for d in devices]
     links = [d.link for d in devices]
@@ -166,16 +172,56 @@ def _evaluate(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostParam
     preds = {w: predict(cfg, shards, profiles, links, budgets, replace(params, wire_dtype=w), window_cache)
              for w in wires}
     wire = wires[0]
-    if "bf16" in preds and (preds["bf16"].token_latency_s < BF16_WIN * preds["f32"].token_latency_s
+    if len(preds) == 2 and (preds["bf16"].token_latency_s < BF16_WIN * preds["f32"].token_latency_s
                             or preds["bf16"].ttft_s < BF16_WIN * preds["f32"].ttft_s):
         wire = "bf16"
-    pred = preds[wire]
-    streaming = [r.name for r in pred.ranks if r.streamed_bytes]
-    if streaming and not allow_streaming:
-        raise BudgetError(f"{', '.join(streaming)} would stream weights from disk after rounding shards to "
-                          f"whole heads; {_shortfall_message(cfg, devices, params)}")
     return GroupPlan(model=cfg.name, devices=tuple(devices), ratios=ratios, shards=shards, wire_dtype=wire,
-                     weight_format=params.weight_format, prediction=pred, excluded=())
+                     weight_format=params.weight_format, prediction=preds[wire], excluded=())
+
+
+def _shift_away(ratios: Sequence[float], donors: Sequence[int], step: float) -> tuple[float, ...] | None:
+    """Move up to `step` of share from each donor to the other devices, in proportion to their shares."""
+    takers = [i for i in range(len(ratios)) if i not in donors]
+    if not takers:
+        return None
+    out = list(ratios)
+    moved = 0.0
+    for i in donors:
+        give = min(step, out[i] * 0.5)
+        out[i] -= give
+        moved += give
+    base = sum(out[i] for i in takers)
+    for i in takers:
+        out[i] += moved * out[i] / base
+    return tuple(out)
+
+
+def _evaluate(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostParams, allow_streaming: bool,
+              wire_dtype: str | None, window_cache: dict | None = None) -> GroupPlan:
+    """Ratios, shards, wire dtype and prediction for exactly these devices; BudgetError if infeasible."""
+    ratios = balance_ratios(cfg, devices, params, allow_streaming)
+    plan = _score(cfg, devices, ratios, params, wire_dtype, window_cache)
+    # Rounding to whole heads and 32-column blocks can push a device past its budget, so that
+    # it streams where the continuous split said it would not: move one head's share away.
+    by_design = [r > _pinned_share(cfg, d, params) for d, r in zip(devices, ratios)]
+    step = head_unit(cfg.head_dim) / cfg.n_heads
+    for _ in range(2 * len(devices)):
+        over = [i for i, r in enumerate(plan.prediction.ranks) if r.streamed_bytes and not by_design[i]]
+        shifted = _shift_away(plan.ratios, over, step) if over else None
+        if shifted is None:
+            break
+        candidate = _score(cfg, devices, shifted, params, wire_dtype, window_cache)
+        if allow_streaming and candidate.prediction.token_latency_s >= plan.prediction.token_latency_s:
+            break
+        plan = candidate
+    streaming = [r.name for r in plan.prediction.ranks if r.streamed_bytes]
+    if streaming and not allow_streaming:
+        raise BudgetError(
+            f"{', '.join(streaming)} cannot hold its share of {cfg.name} without streaming, because shards "
+            f"come in whole heads ({step:.1%} of attention each): give it a larger memory budget, add a "
+            "device, or allow streaming weights from disk"
+        )
+    return plan
 
 
 def plan_group(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostParams = CostParams(),

@@ -1,0 +1,142 @@
+"""Planner: ratios follow speed within memory, slow links sit out, wire dtype, infeasible plans."""
+from __future__ import annotations
+
+import pytest
+
+from tpi.devices.costmodel import CostParams, LinkProfile
+from tpi.devices.planner import (
+    PlanDevice, _ratio_within, balance_ratios, device_time_s, plan_group,
+)
+from tpi.devices.profile import DeviceProfile
+from tpi.devices.shapes import model_shape
+from tpi.errors import BudgetError
+
+GB = 1e9
+FAST_LINK = LinkProfile.from_ms_mbit(0.05, 100_000)  # effectively free: isolates compute
+QWEN7 = model_shape("qwen2.5-7b")
+LLAMA70 = model_shape("llama-2-70b")
+
+
+def device(name, gflops, mem_gb=64.0, link=FAST_LINK, disk=500.0):
+    prof = DeviceProfile(name=name, os="Linux", cores=8, total_memory_bytes=int(mem_gb * GB),
+                         free_memory_bytes=int(mem_gb * GB), backend="torch", int4_gflops=gflops,
+                         bf16_gflops=gflops / 2, prefill_gflops=gflops * 2, memory_gbs=20.0,
+                         disk_mb_s=disk, measured_at=0.0)
+    return PlanDevice(prof, link)
+
+
+def test_ratios_follow_speed_when_memory_is_plentiful():
+    devs = [device("a", 100), device("b", 200), device("c", 50)]
+    plan = plan_group(QWEN7, devs, CostParams(layer_overhead_s=0))
+    assert plan.names == ("a", "b", "c") and plan.excluded == ()
+    assert plan.ratios == pytest.approx((100 / 350, 200 / 350, 50 / 350), rel=1e-6)
+    inter = [len(s.inter) for s in plan.shards]
+    assert inter[1] > inter[0] > inter[2]
+    assert sum(inter) == QWEN7.intermediate
+    # rounded shards stay close to the ratios
+    for s, r in zip(plan.shards, plan.ratios):
+        assert abs(len(s.inter) / QWEN7.intermediate - r) < 32 / QWEN7.intermediate * len(devs)
+
+
+def test_fast_device_with_little_memory_gets_only_what_fits():
+    params = CostParams(layer_overhead_s=0)
+    small = device("fast-small", 400, mem_gb=2.0)
+    devs = [device("m", 100, mem_gb=16), small, device("c", 100, mem_gb=16)]
+    plan = plan_group(QWEN7, devs, params, allow_streaming=False)
+    assert plan.names == ("m", "fast-small", "c")
+    assert plan.ratios[1] < 400 / 600  # less than its speed share
+    for r in plan.prediction.ranks:
+        assert r.streamed_bytes == 0
+        assert r.peak_memory_bytes <= r.budget_bytes
+    # the two equal devices share the rest equally
+    assert plan.ratios[0] == pytest.approx(plan.ratios[2], rel=1e-6)
+
+
+def test_memory_short_device_streams_only_when_allowed_and_stays_in_budget():
+    devs = [device("m", 100, mem_gb=2.5), device("w", 100, mem_gb=2.5)]  # 4.8 GB of int4 weights
+    plan = plan_group(QWEN7, devs, CostParams(), allow_streaming=True)
+    assert plan.names == ("m", "w")
+    assert any(r.streamed_bytes > 0 for r in plan.prediction.ranks)
+    for r in plan.prediction.ranks:
+        assert r.peak_memory_bytes <= r.budget_bytes
+    with pytest.raises(BudgetError, match="GB more across the group"):
+        plan_group(QWEN7, devs, CostParams(), allow_streaming=False)
+
+
+def test_slow_link_device_is_left_out_with_a_reason():
+    slow = device("wifi-phone", 100, link=LinkProfile.from_ms_mbit(20, 5))
+    devs = [device("m", 100), device("b", 100), slow]
+    plan = plan_group(QWEN7, devs)
+    assert "wifi-phone" not in plan.names and plan.names == ("m", "b")
+    ((name, reason),) = plan.excluded
+    assert name == "wifi-phone" and "leaving it out predicts" in reason
+    with_it = plan_group(QWEN7, devs[:2] + [device("wifi-phone", 100)])
+    assert len(with_it.names) == 3  # the same device on a good link is kept
+
+
+def test_master_is_never_left_out():
+    devs = [device("slow-master", 10, link=LinkProfile.from_ms_mbit(5, 50)), device("fast", 1000)]
+    plan = plan_group(QWEN7, devs)
+    assert plan.names[0] == "slow-master"
+
+
+def test_wire_dtype_is_bf16_only_when_bytes_matter():
+    fast = plan_group(QWEN7, [device("a", 50), device("b", 50)])
+    assert fast.wire_dtype == "f32" and len(fast.names) == 2
+    lan = LinkProfile.from_ms_mbit(1, 1000)
+    slow = plan_group(QWEN7, [device("a", 50, link=lan), device("b", 50, link=lan)])
+    assert slow.wire_dtype == "bf16" and len(slow.names) == 2
+    forced = plan_group(QWEN7, [device("a", 50, link=lan), device("b", 50, link=lan)], wire_dtype="f32")
+    assert forced.wire_dtype == "f32"
+    assert forced.prediction.comm_per_token_s > slow.prediction.comm_per_token_s
+
+
+def test_single_device_plan_has_no_communication():
+    plan = plan_group(QWEN7, [device("solo", 100)])
+    assert plan.ratios == (1.0,) and plan.prediction.comm_per_token_s == 0.0
+    assert plan.shards[0].q_heads == range(QWEN7.n_heads)
+
+
+def test_infeasible_group_names_the_shortfall_and_the_fixes():
+    devs = [device(f"d{i}", 100, mem_gb=4.0) for i in range(4)]
+    with pytest.raises(BudgetError) as err:
+        plan_group(LLAMA70, devs, CostParams(weight_format="bf16"), allow_streaming=False)
+    msg = str(err.value)
+    assert "GB more across the group" in msg and "add a device with >=" in msg and "use int4" in msg
+    # need = weights + KV + overhead per device; the stated shortfall must match it
+    shortfall = float(msg.split("needs ")[2].split(" GB more")[0])
+    offered = 4 * 4.0
+    per_layer = 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672
+    weights = (80 * per_layer + 32000 * 8192) * 2 / GB
+    kv = 2 * 80 * 1024 * 2048 * 2 / GB
+    assert shortfall == pytest.approx(weights + kv + 4 * (400 << 20) / GB - offered, abs=0.06)
+
+
+def test_budget_too_small_for_even_streaming_is_refused():
+    with pytest.raises(BudgetError):
+        plan_group(QWEN7, [device("tiny", 100, mem_gb=0.3)])
+
+
+def test_device_that_cannot_hold_its_minimum_share_is_left_out():
+    devs = [device("m", 100, mem_gb=16), device("crumb", 100, mem_gb=0.3)]
+    plan = plan_group(QWEN7, devs)
+    assert plan.names == ("m",)
+
+
+def test_ratio_within_matches_a_bisection_of_device_time():
+    params = CostParams()
+    for dev in (device("a", 100, mem_gb=3), device("b", 40, mem_gb=1.5, disk=200), device("c", 300)):
+        for t in (0.01, 0.05, 0.2, 1.0, 5.0):
+            r = _ratio_within(QWEN7, dev, t, params)
+            assert device_time_s(QWEN7, dev, r, params) <= t * (1 + 1e-9)
+            if r < 1.0:
+                assert device_time_s(QWEN7, dev, min(1.0, r + 1e-4), params) > t
+
+
+def test_balanced_ratios_equalise_device_times():
+    params = CostParams()
+    devs = [device("a", 100, mem_gb=3), device("b", 60, mem_gb=8), device("c", 200, mem_gb=2)]
+    ratios = balance_ratios(QWEN7, devs, params)
+    assert sum(ratios) == pytest.approx(1.0)
+    times = [device_time_s(QWEN7, d, r, params) for d, r in zip(devs, ratios)]
+    assert max(times) == pytest.approx(min(times), rel=1e-3)
