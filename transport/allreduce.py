@@ -73,6 +73,7 @@ class StarMaster:
         if wire_dtype not in REDUCE_DTYPES:
             raise GroupError(f"wire dtype must be f32 or bf16, not {wire_dtype!r}")
         self._sock = sock
+        sock.rcvtimeo = _POLL_SLICE_MS
         self._ids = [p.encode() for p in peer_ids]  # index i -> rank i + 1
         self._rank_of = {rid: i + 1 for i, rid in enumerate(self._ids)}
         self._names = ["master", *names]
@@ -99,10 +100,11 @@ class StarMaster:
     def _recv(self, waiting: set[int], deadline: float, what: str) -> tuple[int, Message]:
         """Next valid message from a rank in the group; raises GroupError on loss/timeout."""
         while True:
-            if not self._sock.poll(_POLL_SLICE_MS):
+            try:
+                frames = self._sock.recv_multipart()
+            except zmq.Again:  # RCVTIMEO slice passed: is everyone we wait for still alive?
                 self._check_alive(waiting, deadline, what)
                 continue
-            frames = self._sock.recv_multipart()
             self.stats.bytes_received += _nbytes(frames)
             rank = self._rank_of.get(frames[0])
             if rank is None:
@@ -199,6 +201,7 @@ class StarWorker:
     def __init__(self, sock: zmq.Socket, rank: int, world: int, wire_dtype: str,
                  master_lost: Callable[[], str | None], step_timeout_s: float, max_frame: int):
         self._sock = sock
+        sock.rcvtimeo = _POLL_SLICE_MS
         self.rank, self.world, self.wire_dtype = rank, world, wire_dtype
         self._master_lost = master_lost
         self._step_timeout_s = step_timeout_s
@@ -217,14 +220,15 @@ class StarWorker:
 
     def _recv(self, what: str, deadline: float | None) -> Message:
         while True:
-            if not self._sock.poll(_POLL_SLICE_MS):
+            try:
+                frames = self._sock.recv_multipart()
+            except zmq.Again:  # RCVTIMEO slice passed: is the master still alive?
                 lost = self._master_lost()
                 if lost:
                     raise GroupError(f"lost the master while waiting for {what}: {lost}")
                 if deadline is not None and time.monotonic() > deadline:
                     raise GroupError(f"the master sent no {what} within {self._step_timeout_s:.0f}s")
                 continue
-            frames = self._sock.recv_multipart()
             self.stats.bytes_received += _nbytes(frames)
             try:
                 return decode(frames, self._max_frame)
@@ -271,3 +275,61 @@ class StarWorker:
             if isinstance(msg, Stop):
                 return {"kind": "stop", "reason": msg.reason}, None
             log.debug("dropped stale %s while waiting for a step", type(msg).__name__)
+
+
+class RingAllreduce:
+    """Ring allreduce (reduce-scatter + allgather) over DEALER->ROUTER links; benchmarks only.
+
+    Each rank binds endpoints[rank] and sends to its right neighbour. It needs 2(N-1)
+    sequential hops per call, against the star's 2, which is why tpi does not use it.
+    """
+
+    def __init__(self, rank: int, world: int, endpoints: list[str], wire_dtype: str = "f32",
+                 timeout_s: float = 30.0, max_frame: int = 256 << 20):
+        self.rank, self.world, self.wire_dtype = rank, world, wire_dtype
+        self._ctx = zmq.Context()
+        self._inbox = self._ctx.socket(zmq.ROUTER)
+        self._inbox.linger = 0
+        self._inbox.rcvtimeo = int(timeout_s * 1000)
+        self._inbox.bind(endpoints[rank])
+        self._right = self._ctx.socket(zmq.DEALER)
+        self._right.linger = 0
+        self._right.connect(endpoints[(rank + 1) % world])
+        self._timeout_s, self._max_frame = timeout_s, max_frame
+        self._op = 0
+        self.stats = CommStats()
+
+    def _hop(self, kind: type, step: int, send: np.ndarray) -> np.ndarray:
+        self._right.send_multipart(encode(kind(self._op, _to_wire(send, self.wire_dtype), step)), copy=False)
+        try:
+            frames = self._inbox.recv_multipart()
+        except zmq.Again as e:
+            left = (self.rank - 1) % self.world
+            raise GroupError(f"ring rank {left} sent nothing for {self._timeout_s:.0f}s") from e
+        msg = decode(frames[1:], self._max_frame)
+        if type(msg) is not kind or msg.op != self._op or msg.seq != step:
+            raise GroupError(f"ring out of step: got {type(msg).__name__} op {msg.op} hop {msg.seq}")
+        return _from_wire(msg.x)
+
+    def allreduce(self, x: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        self._op += 1
+        n, r = self.world, self.rank
+        flat = np.array(x, dtype=np.float32, copy=True).reshape(-1)
+        bounds = np.linspace(0, flat.size, n + 1).astype(int)
+        chunks = [flat[bounds[i]:bounds[i + 1]] for i in range(n)]  # views into flat
+        for step in range(n - 1):  # reduce-scatter: afterwards rank r owns chunk r+1
+            chunks[(r - step - 1) % n] += self._hop(Partial, step, chunks[(r - step) % n])
+        own = chunks[(r + 1) % n]
+        if self.wire_dtype == "bf16":
+            own[:] = from_bf16(to_bf16(own))  # round once at the owner so every rank agrees
+        for step in range(n - 1):  # allgather
+            chunks[(r - step) % n][:] = self._hop(Reduced, step, chunks[(r + 1 - step) % n])
+        self.stats.allreduce_count += 1
+        self.stats.allreduce_seconds += time.perf_counter() - t0
+        return flat.reshape(np.shape(x))
+
+    def close(self) -> None:
+        self._inbox.close(0)
+        self._right.close(0)
+        self._ctx.term()
