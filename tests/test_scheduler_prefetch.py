@@ -44,6 +44,9 @@ class RecordingStore:
     def block_nbytes(self, key: str) -> int:
         return self.store.block_nbytes(key)
 
+    def will_need(self, key: str) -> None:
+        self.store.will_need(key)
+
 
 class Runtime:
     """Stand-in runtime block that counts how many are alive at once."""
