@@ -217,7 +217,7 @@ class ShardStore:
         if size < expected:
             raise ModelFormatError(f"shard store {path} is truncated: {size} bytes of the "
                                    f"{expected} its header promises; {fix}")
-        if size > expected or align % mmap.ALLOCATIONGRANULARITY or index_offset % align:
+        if size > expected or not align or align % mmap.ALLOCATIONGRANULARITY or index_offset % align:
             raise ModelFormatError(f"shard store {path} is corrupted: header does not match the "
                                    f"file ({size} bytes, index at {index_offset}); {fix}")
         index_bytes = os.pread(fd, index_nbytes, index_offset)
