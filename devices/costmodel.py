@@ -11,7 +11,9 @@ Token latency (decode, one token):
               + a fixed per-layer overhead (Python and op dispatch; DESIGN §8 measured ~0.15 ms)
   stream_i  = bytes the window plan streams per token / disk read speed
 Star allreduce of B bytes over N ranks: max worker RTT (two one-way hops) + the master's link
-carrying 2(N-1) messages of B bytes (or a slower worker's own 2 messages) + per-message overhead.
+carrying 2(N-1) messages of B bytes (N-1 each way at once when `master_full_duplex`; the default
+is the half-duplex, shared-medium case of Wi-Fi), or a slower worker's own 2 messages, plus a
+per-message software overhead.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ class CostParams:
     message_overhead_s: float = 30e-6  # software cost per message through the master
     runtime_overhead_bytes: int = 400 << 20  # interpreter, torch, buffers (the runtime measures it)
     window_blocks: int = 2  # streamed blocks resident: one computing, one loading
+    master_full_duplex: bool = False  # wired switch: master sends and receives at once (Wi-Fi: no)
 
     def __post_init__(self) -> None:
         assert self.weight_format in WEIGHT_BYTES, f"weight_format must be one of {tuple(WEIGHT_BYTES)}"
@@ -126,7 +129,8 @@ def allreduce_star_s(nbytes: int, links: Sequence[LinkProfile], params: CostPara
         return 0.0
     workers = links[1:]
     latency = max(l.rtt_s for l in workers)  # worker -> master, master -> worker
-    master_bytes = 2 * (n - 1) * nbytes / links[0].bandwidth_bytes_s
+    messages = (n - 1) if params.master_full_duplex else 2 * (n - 1)
+    master_bytes = messages * nbytes / links[0].bandwidth_bytes_s
     worker_bytes = max(2 * nbytes / l.bandwidth_bytes_s for l in workers)
     return latency + max(master_bytes, worker_bytes) + 2 * (n - 1) * params.message_overhead_s
 

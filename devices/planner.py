@@ -50,7 +50,7 @@ class PlanDevice:
 class GroupPlan:
     """The chosen group: rank order (rank 0 = master), shards, wire dtype and its prediction."""
 
-    model: str
+    config: ModelConfig
     devices: tuple[PlanDevice, ...]
     ratios: tuple[float, ...]
     shards: tuple[RankShard, ...]
@@ -58,6 +58,10 @@ class GroupPlan:
     weight_format: str
     prediction: Prediction
     excluded: tuple[tuple[str, str], ...]  # (device name, why it sits out)
+
+    @property
+    def model(self) -> str:
+        return self.config.name
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -175,7 +179,7 @@ def _score(cfg: ModelConfig, devices: Sequence[PlanDevice], ratios: tuple[float,
     if len(preds) == 2 and (preds["bf16"].token_latency_s < BF16_WIN * preds["f32"].token_latency_s
                             or preds["bf16"].ttft_s < BF16_WIN * preds["f32"].ttft_s):
         wire = "bf16"
-    return GroupPlan(model=cfg.name, devices=tuple(devices), ratios=ratios, shards=shards, wire_dtype=wire,
+    return GroupPlan(config=cfg, devices=tuple(devices), ratios=ratios, shards=shards, wire_dtype=wire,
                      weight_format=params.weight_format, prediction=preds[wire], excluded=())
 
 

@@ -1,0 +1,170 @@
+"""`tpi plan`: read a devices file, plan the group, and show the prediction as Rich tables."""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from tpi.config import ModelConfig
+from tpi.devices.costmodel import WIRE_BYTES, CostParams, LinkProfile, Prediction, compare_allreduce
+from tpi.devices.planner import GroupPlan, PlanDevice, plan_group
+from tpi.devices.profile import DeviceProfile
+from tpi.devices.shapes import model_shape
+from tpi.errors import GroupError, ProtocolError
+
+GB = 1e9
+MAX_DEVICES = 1024
+
+# Fields of one [[device]] entry: name -> (required, default).
+_DEVICE_FIELDS: dict[str, tuple[bool, Any]] = {
+    "name": (True, None), "memory_gb": (True, None), "int4_gflops": (True, None), "bf16_gflops": (True, None),
+    "disk_mb_s": (True, None), "link_rtt_ms": (True, None), "link_mbit": (True, None),
+    "prefill_gflops": (False, None),  # default: 2 x bf16_gflops (prompt matmuls batch well)
+    "memory_gbs": (False, 20.0), "cores": (False, 4), "backend": (False, "torch"), "os": (False, "planned"),
+    "count": (False, 1),  # expand into name-1 .. name-N identical devices
+}
+
+EXAMPLE_DEVICES_TOML = """\
+# devices.toml: the first device is the master (rank 0); link_* is its link to the master
+# (for the master itself: its own network uplink).
+[[device]]
+name = "laptop"
+memory_gb = 8
+int4_gflops = 100
+bf16_gflops = 40
+disk_mb_s = 500
+link_rtt_ms = 1
+link_mbit = 300
+count = 8
+"""
+
+
+def _number(entry: dict, key: str, where: str, lo: float, hi: float) -> float:
+    value = entry[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise GroupError(f"{where}: '{key}' must be a number in [{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+def _device_from_entry(entry: Any, where: str) -> list[PlanDevice]:
+    if not isinstance(entry, dict):
+        raise GroupError(f"{where} must be a table with name, memory_gb, int4_gflops, ...")
+    unknown = sorted(set(entry) - set(_DEVICE_FIELDS))
+    missing = sorted(k for k, (req, _) in _DEVICE_FIELDS.items() if req and k not in entry)
+    if unknown or missing:
+        raise GroupError(f"{where}: missing fields {missing}, unknown fields {unknown}; "
+                         f"known fields: {', '.join(_DEVICE_FIELDS)}")
+    e = {k: entry.get(k, default) for k, (_, default) in _DEVICE_FIELDS.items()}
+    count = e["count"]
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_DEVICES:
+        raise GroupError(f"{where}: 'count' must be an integer in [1, {MAX_DEVICES}]")
+    memory = _number(e, "memory_gb", where, 0.01, 1e6) * GB
+    bf16 = _number(e, "bf16_gflops", where, 1e-3, 1e7)
+    prefill = bf16 * 2 if e["prefill_gflops"] is None else _number(e, "prefill_gflops", where, 1e-3, 1e7)
+    link = LinkProfile.from_ms_mbit(_number(e, "link_rtt_ms", where, 0.0, 1e5),
+                                    _number(e, "link_mbit", where, 1e-3, 1e7))
+    devices = []
+    for i in range(count):
+        fields = {
+            "name": e["name"] if count == 1 else f"{e['name']}-{i + 1}", "os": e["os"], "cores": e["cores"],
+            "total_memory_bytes": int(memory), "free_memory_bytes": int(memory), "backend": e["backend"],
+            "int4_gflops": e["int4_gflops"], "bf16_gflops": bf16, "prefill_gflops": prefill,
+            "memory_gbs": e["memory_gbs"], "disk_mb_s": e["disk_mb_s"], "measured_at": 0.0,
+        }
+        try:
+            profile = DeviceProfile.from_dict(fields)
+        except ProtocolError as exc:
+            raise GroupError(f"{where}: {exc}") from exc
+        devices.append(PlanDevice(profile, link))
+    return devices
+
+
+def load_devices_file(path: Path | str) -> tuple[PlanDevice, ...]:
+    """Devices from a TOML file of [[device]] tables; the first one is the master."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise GroupError(f"cannot read devices file {path}: {exc.strerror}; write one like:\n{EXAMPLE_DEVICES_TOML}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise GroupError(f"devices file {path} is not valid TOML ({exc})") from exc
+    entries = data.get("device")
+    if not isinstance(entries, list) or not entries:
+        raise GroupError(f"devices file {path} has no [[device]] tables; write one like:\n{EXAMPLE_DEVICES_TOML}")
+    devices: list[PlanDevice] = []
+    for i, entry in enumerate(entries):
+        devices += _device_from_entry(entry, f"{path} device #{i + 1}")
+    if len(devices) > MAX_DEVICES:
+        raise GroupError(f"devices file {path} describes {len(devices)} devices; at most {MAX_DEVICES}")
+    names = [d.name for d in devices]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise GroupError(f"devices file {path} repeats device names {dupes}; names must be unique")
+    return tuple(devices)
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / GB:.2f}"
+
+
+def render_plan(plan: GroupPlan, prediction: Prediction | None = None) -> Table:
+    """One row per rank: its slice, memory and predicted per-token times; summary in the caption."""
+    pred = prediction or plan.prediction
+    table = Table(title=f"{plan.model}: {len(plan.devices)} devices, {plan.weight_format} weights, "
+                        f"{plan.wire_dtype} on the wire (model prediction)")
+    for col, justify in (("rank", "right"), ("device", "left"), ("ratio", "right"), ("q heads", "right"),
+                         ("kv heads", "right"), ("inter cols", "right"), ("vocab rows", "right"),
+                         ("pinned GB", "right"), ("streamed GB/tok", "right"), ("peak / budget GB", "right"),
+                         ("compute ms", "right"), ("disk ms", "right")):
+        table.add_column(col, justify=justify)
+    for shard, ratio, r in zip(plan.shards, plan.ratios, pred.ranks):
+        table.add_row(
+            str(r.rank), r.name, f"{ratio:.3f}", f"{shard.q_heads.start}-{shard.q_heads.stop - 1}",
+            ",".join(map(str, shard.kv_heads)), str(len(shard.inter)), str(len(shard.vocab)),
+            _gb(r.pinned_bytes), _gb(r.streamed_bytes), f"{_gb(r.peak_memory_bytes)} / {_gb(r.budget_bytes)}",
+            f"{r.compute_s * 1e3:.1f}", f"{r.stream_s * 1e3:.1f}",
+        )
+    lines = [
+        f"token latency {pred.token_latency_s * 1e3:.1f} ms ({pred.tokens_per_s:.2f} tok/s), "
+        f"TTFT {pred.ttft_s:.2f} s for {pred.params.prompt_tokens} prompt tokens, "
+        f"communication {pred.comm_per_token_s * 1e3:.1f} ms/token, bound by {pred.bottleneck}",
+    ]
+    lines += [f"left out {name}: {why}" for name, why in plan.excluded]
+    table.caption = "\n".join(lines)
+    return table
+
+
+def render_allreduce(plan: GroupPlan) -> Table | None:
+    """Star vs ring for one decode allreduce of this group (None for a single device)."""
+    links = [d.link for d in plan.devices]
+    if len(links) < 2:
+        return None
+    params = plan.prediction.params
+    nbytes = plan.config.hidden * WIRE_BYTES[params.wire_dtype]
+    cmp = compare_allreduce(nbytes, links, params)
+    table = Table(title=f"one decode allreduce ({nbytes} bytes, {cmp.n_ranks} ranks, model prediction)")
+    table.add_column("algorithm")
+    table.add_column("ms", justify="right")
+    table.add_row("star (used)", f"{cmp.star_s * 1e3:.2f}")
+    table.add_row("ring", f"{cmp.ring_s * 1e3:.2f}")
+    return table
+
+
+def plan_command(model: str | ModelConfig, devices_path: Path | str, *, weight_format: str = "int4",
+                 context: int = 2048, prompt_tokens: int = 128, allow_streaming: bool = True,
+                 wire_dtype: str | None = None, console: Console | None = None) -> GroupPlan:
+    """Plan MODEL (a shape name or a ModelConfig) on the devices in a TOML file and print the prediction."""
+    cfg = model_shape(model) if isinstance(model, str) else model
+    devices = load_devices_file(devices_path)
+    params = CostParams(weight_format=weight_format, context=context, prompt_tokens=prompt_tokens,
+                        kv_position=min(context, 512))
+    plan = plan_group(cfg, devices, params, allow_streaming=allow_streaming, wire_dtype=wire_dtype)
+    out = console or Console()
+    out.print(render_plan(plan))
+    ar = render_allreduce(plan)
+    if ar is not None:
+        out.print(ar)
+    return plan
