@@ -302,9 +302,13 @@ def encode(msg: Message) -> list:
             bufs.append(a.data if a.size else b"")
         else:
             values.append(v)
-    header = msgpack.packb(
-        [PROTOCOL_VERSION, msg.TYPE, getattr(msg, "seq", 0), values, descs], use_bin_type=True
-    )
+    try:
+        header = msgpack.packb(
+            [PROTOCOL_VERSION, msg.TYPE, getattr(msg, "seq", 0), values, descs], use_bin_type=True
+        )
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ProtocolError(f"{type(msg).__name__} cannot be encoded: {e}; send plain numbers, "
+                            "strings, lists and dicts") from e
     return [header, *bufs]
 
 
@@ -324,7 +328,7 @@ def _decode_tensor(desc: object, frame: object, max_frame: int) -> np.ndarray:
     dt = WIRE_DTYPES.get(dt_name) if isinstance(dt_name, str) else None
     if dt is None:
         raise ProtocolError(f"dtype {dt_name!r} is not on the wire whitelist ({', '.join(WIRE_DTYPES)})")
-    if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_good_dim(d, max_frame) for d in shape)):
+    if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_good_dim(d, 1 << 40) for d in shape)):
         raise ProtocolError(f"shape {shape!r} must be a list of <= {MAX_NDIM} non-negative ints")
     n = _nbytes(frame)
     if n > max_frame:
