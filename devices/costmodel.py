@@ -218,7 +218,8 @@ def _step_comm_s(cfg: ModelConfig, shards: Sequence[RankShard], links: Sequence[
     return broadcast + 2 * cfg.n_layers * one + gather, one
 
 
-def _gflops(profile: DeviceProfile, weight_format: str) -> float:
+def matmul_gflops(profile: DeviceProfile, weight_format: str) -> float:
+    """The measured one-token matmul rate for this weight format."""
     return profile.int4_gflops if weight_format == "int4" else profile.bf16_gflops
 
 
@@ -245,7 +246,7 @@ def predict(cfg: ModelConfig, shards: Sequence[RankShard], profiles: Sequence[De
         # Decode attention reads the KV cache up to kv_position: bandwidth-bound.
         kv_read = 2 * cfg.n_layers * len(shard.kv_rows) * params.kv_position * params.kv_bytes_per_elem
         overhead = cfg.n_layers * params.layer_overhead_s
-        compute = flops / (_gflops(prof, params.weight_format) * GB) + kv_read / (prof.memory_gbs * GB) + overhead
+        compute = flops / (matmul_gflops(prof, params.weight_format) * GB) + kv_read / (prof.memory_gbs * GB) + overhead
         p = params.prompt_tokens
         attn_flops = 4.0 * cfg.n_layers * shard.n_q_heads * cfg.head_dim * p * p / 2  # causal half
         prefill = (flops * p + attn_flops) / (prof.prefill_gflops * GB) + overhead

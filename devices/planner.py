@@ -18,7 +18,7 @@ from typing import Sequence
 
 from tpi.config import ModelConfig
 from tpi.devices.costmodel import (
-    GB, WEIGHT_BYTES, CostParams, LinkProfile, Prediction, _gflops, predict,
+    GB, WEIGHT_BYTES, CostParams, LinkProfile, Prediction, matmul_gflops, predict,
 )
 from tpi.devices.profile import DeviceProfile
 from tpi.devices.shapes import parameter_count
@@ -90,7 +90,7 @@ def device_time_s(cfg: ModelConfig, dev: PlanDevice, ratio: float, params: CostP
     """Continuous per-token time of a device holding `ratio` of the model: max(compute, disk)."""
     weights = ratio * _layer_bytes(cfg, params.weight_format)
     flops = 2.0 * ratio * parameter_count(cfg)
-    compute = flops / (_gflops(dev.profile, params.weight_format) * GB)
+    compute = flops / (matmul_gflops(dev.profile, params.weight_format) * GB)
     fixed = params.runtime_overhead_bytes + _kv_bytes(cfg, ratio, params)
     window = params.window_blocks * weights / (2 * cfg.n_layers)  # ~ blocks resident while streaming
     room = dev.budget - fixed - window
@@ -115,7 +115,7 @@ def _ratio_within(cfg: ModelConfig, dev: PlanDevice, t: float, params: CostParam
     kv_full = _kv_bytes(cfg, 1.0, params)
     kv_min = kv_full / cfg.n_kv_heads
     free = dev.budget - params.runtime_overhead_bytes
-    by_compute = t / (2.0 * parameter_count(cfg) / (_gflops(dev.profile, params.weight_format) * GB))
+    by_compute = t / (2.0 * parameter_count(cfg) / (matmul_gflops(dev.profile, params.weight_format) * GB))
     if not allow_streaming:  # everything pinned: weights + KV within the budget
         return min(1.0, by_compute, _largest_share(weights, kv_full, kv_min, free))
     window = params.window_blocks / (2 * cfg.n_layers)  # window bytes per weight byte
@@ -238,7 +238,7 @@ def plan_group(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostPara
     max_ranks = cfg.n_heads // head_unit(cfg.head_dim)
     current = list(devices)
     if len(current) > max_ranks:
-        by_speed = sorted(current[1:], key=lambda d: -_gflops(d.profile, params.weight_format))
+        by_speed = sorted(current[1:], key=lambda d: -matmul_gflops(d.profile, params.weight_format))
         keep = by_speed[: max_ranks - 1]
         for d in by_speed[max_ranks - 1:]:
             excluded.append((d.name, f"{cfg.name} splits into at most {max_ranks} head blocks"))
