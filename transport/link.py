@@ -421,6 +421,7 @@ class WorkerLink(_Keeper):
         """Present the token; returns the master's Assign or raises GroupError with its reason."""
         device_key = b"" if self._keys is None else self._keys.public
         proof = security.join_proof(self._token.secret, self._token.master_public, device_key)
+        self._drop_stale_replies()
         self.send(Hello(name, profile, list(cached_hashes), proof))
         reply = self.reply(self.settings.join_timeout_s, "an answer to the join request")
         if isinstance(reply, Refuse):
@@ -433,6 +434,14 @@ class WorkerLink(_Keeper):
         """Queue a control message to the master."""
         frames = encode(msg)
         self.call(lambda: self._control.send_multipart(frames, copy=False))
+
+    def _drop_stale_replies(self) -> None:
+        """Forget answers to an earlier, abandoned exchange (e.g. chunks after a failure)."""
+        while True:
+            try:
+                log.debug("dropped stale reply %s", type(self._replies.get_nowait()).__name__)
+            except queue.Empty:
+                return
 
     def reply(self, timeout: float, what: str) -> Message:
         """Next control reply (Assign, Refuse, ShardChunk); GroupError on silence or loss."""
@@ -455,6 +464,7 @@ class WorkerLink(_Keeper):
         """Download (or resume, or find cached) this device's shard; returns TransferStats."""
         from tpi.transport.transfer import fetch_shard
 
+        self._drop_stale_replies()
         return fetch_shard(Path(dest), expected_hash, size, self.send,
                            lambda: self.reply(self.settings.step_timeout_s, "a shard chunk"),
                            self.settings.chunk_bytes, progress)

@@ -191,6 +191,15 @@ def fetch_shard(dest: Path, expected_hash: str, size: int, send: Send, recv: Rec
     part = dest.with_name(dest.name + ".part")
     if part.exists() and part.stat().st_size > size:
         part.unlink()
+    try:
+        return _fetch_into(dest, part, expected_hash, size, send, recv, chunk_bytes, progress, t0)
+    finally:
+        if part.exists() and part.stat().st_size == 0:
+            part.unlink()  # nothing arrived: leave no trace
+
+
+def _fetch_into(dest: Path, part: Path, expected_hash: str, size: int, send: Send, recv: Receive,
+                chunk_bytes: int, progress: bool, t0: float) -> TransferStats:
     resumed = _verified_prefix(part, expected_hash, send, recv) if part.exists() else 0
     moved, refetched = 0, False
     with _progress_bar(progress, dest.name, size, resumed) as on_bytes:
