@@ -1,0 +1,164 @@
+"""Star allreduce with real worker processes: exact sums, identical bits, loss detection; ring."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tpi.errors import GroupError
+from tpi.transport.allreduce import NullCommunicator, RingAllreduce
+from tpi.transport.link import LinkSettings, MasterLink, WorkerLink
+from tpi.transport.protocol import Assign
+
+FAST = LinkSettings(heartbeat_s=0.1, timeout_s=0.8, step_timeout_s=20, join_timeout_s=20)
+SHAPE = (2, 96)
+
+
+def partial_for(step: int, rank: int) -> np.ndarray:
+    """Every rank's partial for a step, reproducible in any process (wide range to stress rounding)."""
+    rng = np.random.default_rng(1000 * step + rank)
+    return (rng.standard_normal(SHAPE) * 10.0 ** rng.integers(-3, 4, SHAPE)).astype(np.float32)
+
+
+def worker_main(port: int, token: str, key_dir: str, name: str, results) -> None:
+    """A worker process: join, then per step allreduce its partial and gather its rank."""
+    link = WorkerLink(f"127.0.0.1:{port}", token, Path(key_dir), settings=FAST)
+    assign = link.join(name, {}, [])
+    comm = link.communicator()
+    sums = []
+    while True:
+        header, _ = comm.recv_step()
+        if header["kind"] == "stop":
+            break
+        if header.get("stall_rank") == assign.rank:
+            time.sleep(600)  # a hung device; the test kills it here
+        sums.append(comm.allreduce(partial_for(header["request_id"], assign.rank)).tobytes())
+        comm.gather(np.full(3, assign.rank, np.float32))
+    results.put((assign.rank, sums))
+    link.close()
+
+
+def start_group(tmp_path: Path, n_workers: int, wire: str):
+    """A master link plus n worker processes, admitted as ranks 1..n, and the master comm."""
+    master = MasterLink("127.0.0.1:0", tmp_path / "m", settings=FAST)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=worker_main, args=(master.port, master.token, str(tmp_path / f"w{i}"),
+                                                    f"w{i}", results), daemon=True)
+             for i in range(1, n_workers + 1)]
+    for p in procs:
+        p.start()
+    by_name = {}
+    for _ in procs:
+        join = master.next_join(timeout=30)
+        assert join is not None, "a worker process never joined"
+        by_name[join.name] = join
+    world = n_workers + 1
+    for rank in range(1, world):
+        master.admit(by_name[f"w{rank}"], Assign(rank=rank, world=world, shard_hash="", shard_size=0,
+                                                 wire_dtype=wire))
+    return master, master.communicator(wire, ready_timeout_s=30), procs, results
+
+
+def bf16_round(x: np.ndarray) -> np.ndarray:
+    torch = pytest.importorskip("torch")
+    return torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(torch.bfloat16).float().numpy()
+
+
+def reference_sum(step: int, world: int, wire: str) -> np.ndarray:
+    """Independent reference: fp32 sum in rank order; bf16 rounds each sent partial and the sum."""
+    acc = partial_for(step, 0).copy()
+    for rank in range(1, world):
+        part = partial_for(step, rank)
+        acc += bf16_round(part) if wire == "bf16" else part
+    return bf16_round(acc) if wire == "bf16" else acc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_workers,wire", [(1, "f32"), (2, "f32"), (1, "bf16"), (2, "bf16")])
+def test_star_allreduce_is_exact_and_identical_on_every_rank(tmp_path, n_workers, wire):
+    master, comm, procs, results = start_group(tmp_path, n_workers, wire)
+    world = n_workers + 1
+    mine = []
+    try:
+        for step in range(1, 6):
+            comm.broadcast_step({"request_id": step, "start_pos": step, "n_tokens": 1}, np.zeros((1, 4), np.float32))
+            out = comm.allreduce(partial_for(step, 0))
+            assert out.dtype == np.float32 and out.shape == SHAPE
+            assert np.array_equal(out, reference_sum(step, world, wire)), f"step {step} differs from reference"
+            mine.append(out.tobytes())
+            gathered = comm.gather(np.zeros(3, np.float32))
+            assert [int(g[0]) for g in gathered] == list(range(world))
+        comm.broadcast_stop("test done")
+        got = dict(results.get(timeout=30) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+        master.close()
+    assert sorted(got) == list(range(1, world))
+    for rank, sums in got.items():
+        assert sums == mine, f"rank {rank} holds different bits than the master"
+    assert comm.stats.allreduce_count == 5 and comm.stats.bytes_received > 0
+
+
+@pytest.mark.slow
+def test_killed_worker_makes_allreduce_fail_naming_it(tmp_path):
+    master, comm, procs, results = start_group(tmp_path, 2, "f32")
+    try:
+        comm.broadcast_step({"request_id": 1, "start_pos": 0, "n_tokens": 1}, np.zeros(1, np.float32))
+        comm.allreduce(partial_for(1, 0))
+        comm.gather(np.zeros(3, np.float32))
+        comm.broadcast_step({"request_id": 2, "start_pos": 1, "n_tokens": 1, "stall_rank": 2},
+                            np.zeros(1, np.float32))
+        procs[1].kill()  # rank 2, "w2", dies mid-step: its partial never comes
+        procs[1].join()
+        t0 = time.monotonic()
+        with pytest.raises(GroupError, match=r"device w2 \(rank 2\) was lost") as err:
+            comm.allreduce(partial_for(2, 0))
+        assert time.monotonic() - t0 < FAST.timeout_s + 3, err.value
+        assert len(master.lost_peers()) == 1
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()
+        master.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world,wire", [(2, "f32"), (3, "f32"), (3, "bf16")])
+def test_ring_allreduce_agrees_with_numpy_and_across_ranks(world, wire):
+    endpoints = [f"tcp://127.0.0.1:{_free_port()}" for _ in range(world)]
+    xs = [partial_for(7, r) for r in range(world)]
+    out: list = [None] * world
+
+    def run(rank: int) -> None:
+        ring = RingAllreduce(rank, world, endpoints, wire, timeout_s=10)
+        out[rank] = ring.allreduce(xs[rank])
+        ring.close()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    exact = np.sum(np.stack(xs).astype(np.float64), axis=0)
+    scale = np.abs(np.stack(xs)).sum(axis=0)
+    tol = 1e-6 if wire == "f32" else 2 ** -7 * world
+    assert np.all(np.abs(out[0] - exact) <= tol * scale + 1e-30)
+    assert all(o.tobytes() == out[0].tobytes() for o in out)
+
+
+def test_null_communicator_is_the_identity():
+    comm = NullCommunicator()
+    x = np.arange(4, dtype=np.float32)
+    assert comm.allreduce(x) is x and comm.gather(x) == [x] and (comm.rank, comm.world) == (0, 1)
