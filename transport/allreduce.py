@@ -154,14 +154,19 @@ class StarMaster:
         """Sum x over all ranks (fp32); with bf16 wire the sum is bf16-rounded on every rank."""
         t0 = time.perf_counter()
         self._op += 1
-        parts = self._collect(self._op, Partial, f"partial for allreduce {self._op}")
-        acc = np.array(x, dtype=np.float32, copy=True)
+        parts = self._collect(self._op, Partial, "partial")
+        acc = None
         for rank in range(1, self.world):
             part = _from_wire(parts[rank])
-            if part.shape != acc.shape:
+            if part.shape != x.shape:
                 raise GroupError(f"device {self._names[rank]} sent a partial of shape {part.shape}, "
-                                 f"expected {acc.shape}: the group disagrees on the plan")
-            acc += part
+                                 f"expected {x.shape}: the group disagrees on the plan")
+            if acc is None:  # fp32, rank order: ((x0 + x1) + x2) + ...
+                acc = np.add(x, part, dtype=np.float32)
+            else:
+                acc += part
+        if acc is None:
+            acc = np.array(x, dtype=np.float32)
         wire = _to_wire(acc, self.wire_dtype)
         self._send_all(encode(Reduced(self._op, wire, self._seq)))
         out = from_bf16(wire) if self.wire_dtype == "bf16" else acc
@@ -189,7 +194,7 @@ class StarMaster:
     def gather(self, x: np.ndarray, wire_dtype: str | None = None) -> list[np.ndarray]:
         """All ranks' arrays in rank order; wire_dtype 'bf16' rounds every slice (own included)."""
         self._op += 1
-        parts = self._collect(self._op, Logits, f"slice for gather {self._op}")
+        parts = self._collect(self._op, Logits, "gather slice")
         parts[0] = from_bf16(to_bf16(x)) if wire_dtype == "bf16" else x
         self.stats.gather_count += 1
         return [_from_wire(p) for p in parts]

@@ -363,7 +363,8 @@ def decode(frames: Sequence[object], max_frame: int = DEFAULT_MAX_FRAME) -> Mess
         _fail(f"unknown message type {type_code!r}")
     if version != PROTOCOL_VERSION and cls is not Refuse:
         raise VersionMismatch(version)
-    _check_kind("uint", "seq", seq)
+    if not (type(seq) is int and seq >= 0):
+        _fail(f"sequence number must be a non-negative int, got {seq!r}")
     if not (isinstance(values, list) and isinstance(descs, list)):
         _fail("header fields and buffers must be lists")
     scalars, tensors = _LAYOUT[cls]
@@ -374,7 +375,8 @@ def decode(frames: Sequence[object], max_frame: int = DEFAULT_MAX_FRAME) -> Mess
               f"got {len(frames) - 1} frames")
     kwargs = {}
     for (name, kind), v in zip(scalars, values):
-        _check_kind(kind, name, v)
+        if not _KIND_OK[kind](v):
+            _check_kind(kind, name, v)  # raises with the field named
         kwargs[name] = v
     for name, desc, frame in zip(tensors, descs, frames[1:]):
         if not isinstance(frame, (bytes, bytearray, memoryview)):
