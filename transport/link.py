@@ -544,6 +544,8 @@ class WorkerLink(_Keeper):
         from zmq.utils.monitor import recv_monitor_message
 
         event = recv_monitor_message(self._monitor)
+        if self._handshake_error is not None:
+            return  # libzmq retries the connection; one warning is enough
         self._handshake_error = (
             f"encrypted handshake with {self.host}:{self.port} failed (event {event['event']}): "
             "the token belongs to another master, or its key changed; get the current token")
