@@ -22,6 +22,30 @@ ModelArg = Annotated[Optional[str], typer.Argument(help="GGUF file or Hugging Fa
 Threads = Annotated[Optional[int], typer.Option("--threads", "-t", help="compute threads (default: all cores)", envvar="TPI_THREADS")]
 Context = Annotated[Optional[int], typer.Option("--context", "-c", help="context length to plan for (default: min(model, 4096))")]
 Backend = Annotated[str, typer.Option("--backend", help="kernel backend: torch or numpy")]
+Budget = Annotated[Optional[str], typer.Option("--memory-budget", help="memory budget for weights+cache, e.g. 600MB; the rest streams from disk", envvar="TPI_MEMORY_BUDGET")]
+LocalWorkers = Annotated[int, typer.Option("--local-workers", help="also start N worker processes on this machine (loopback group)")]
+ConfigDir = Annotated[Path, typer.Option("--config-dir", help="where keys and the join secret live", envvar="TPI_CONFIG_DIR")]
+CacheDir = Annotated[Path, typer.Option("--cache-dir", help="where shards are cached", envvar="TPI_CACHE_DIR")]
+Insecure = Annotated[bool, typer.Option("--insecure", help="no encryption or authentication (benchmarks only)")]
+DEFAULT_CONFIG_DIR = Path.home() / ".config" / "tpi"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "tpi"
+
+
+def parse_size(text: str | None) -> int | None:
+    """'600MB', '2GiB', '1.5G', '123456' -> bytes."""
+    if text is None:
+        return None
+    units = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
+             "g": 1e9, "gb": 1e9, "gib": 1 << 30, "t": 1e12, "tb": 1e12, "tib": 1 << 40}
+    t = text.strip().lower().replace(" ", "")
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    try:
+        value = float(num) * units[t[len(num):]]
+    except (ValueError, KeyError):
+        raise TpiError(f"cannot read size '{text}'; write it like 600MB or 2GiB") from None
+    if value <= 0:
+        raise TpiError(f"size '{text}' must be positive")
+    return int(value)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -76,15 +100,25 @@ def run(
     threads: Threads = None,
     context: Context = None,
     backend: Backend = "torch",
+    memory_budget: Budget = None,
+    local_workers: LocalWorkers = 0,
+    config_dir: ConfigDir = DEFAULT_CONFIG_DIR,
+    cache_dir: CacheDir = DEFAULT_CACHE_DIR,
+    insecure: Insecure = False,
     stats: Annotated[bool, typer.Option("--stats", help="print timing stats to stderr")] = False,
     stats_json: Annotated[Optional[Path], typer.Option("--stats-json", help="write stats as JSON to this file")] = None,
 ) -> None:
-    """Run one chat turn (or raw completion) on this device, streaming the answer to stdout."""
-    from tpi.engine import EngineOptions, build_local_engine
+    """Run one chat turn (or raw completion), streaming the answer to stdout."""
+    from tpi.group import GroupOptions, start_group
     from tpi.sampler import SamplingParams
 
+    group = None
     try:
-        engine = build_local_engine(EngineOptions(model, context, threads, backend))
+        group = start_group(GroupOptions(
+            model=model, local_workers=local_workers, host="127.0.0.1", context=context, threads=threads,
+            backend=backend, memory_budget=parse_size(memory_budget), insecure=insecure,
+            config_dir=config_dir, cache_dir=cache_dir), say=lambda m: typer.echo(m, err=True))
+        engine = group.engine
         tok = engine.tokenizer
         if raw:
             ids = tok.encode(prompt, add_bos=True, special=True)
@@ -100,9 +134,12 @@ def run(
         gen = engine.generate(ids, params, max_tokens, stop=stop or (), ignore_eos=ignore_eos, on_text=write)
         sys.stdout.write("\n")
         sys.stdout.flush()
+        report = gen.stats() | {"peak_rss_bytes": peak_rss_bytes()} | engine_stats(engine)
     except TpiError as e:
         fail(e)
-    report = gen.stats() | {"peak_rss_bytes": peak_rss_bytes()} | engine_stats(engine)
+    finally:
+        if group is not None:
+            group.close()
     if stats:
         print_stats(report)
     if stats_json:
@@ -110,8 +147,18 @@ def run(
 
 
 def engine_stats(engine) -> dict:
+    """Rank 0's time split, traffic and streaming figures since the engine started."""
     st = engine.model.stats
-    return {"compute_s": st.compute_s, "allreduce_s": st.allreduce_s, "forward_passes": st.passes} | st.extra
+    out = {"compute_s": st.compute_s, "allreduce_s": st.allreduce_s, "forward_passes": st.passes,
+           "world": engine.comm.world}
+    comm_stats = getattr(engine.comm, "stats", None)
+    if comm_stats is not None:
+        out |= {"bytes_sent": comm_stats.bytes_sent, "bytes_received": comm_stats.bytes_received}
+    plan = getattr(engine.model.weights, "plan", None)
+    if plan is not None:
+        out |= {"pinned_blocks": len(plan.pinned), "streamed_blocks": len(plan.streamed), "window": plan.window}
+        out |= engine.model.weights.token_stats()
+    return out
 
 
 def print_stats(report: dict) -> None:
@@ -167,6 +214,20 @@ def window_perplexity(engine, ids: list[int]) -> float:
         nll.append(logz - logits[np.arange(len(chunk)), targets])
     return float(math.exp(np.concatenate(nll).mean()))
 
+
+def _register_subcommands() -> None:
+    """Commands that live in their own modules (chat/API, group, devices) register themselves."""
+    import importlib
+
+    for module in ("tpi.cli_chat", "tpi.cli_group"):
+        try:
+            importlib.import_module(module).register(app)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+_register_subcommands()
 
 if __name__ == "__main__":
     app()

@@ -40,23 +40,9 @@ def make_layers(backend: str, cfg, shard, context: int, threads: int | None):
 
 
 def build_local_engine(opts: EngineOptions):
-    """A group of one: every block of the model on this device."""
-    from tpi.devices.slicing import plan_shards
-    from tpi.formats import open_model
-    from tpi.generate import Engine
-    from tpi.model import ResidentWeights, Transformer
-    from tpi.shard import iter_rank_blocks
+    """A group of one: every block of the model on this device (streamed under a budget)."""
+    from tpi.group import GroupOptions, start_group
 
-    source = open_model(opts.model)
-    cfg = source.config
-    context = resolve_context(cfg, opts.context)
-    (shard,) = plan_shards(cfg, [1.0])
-    layers = make_layers(opts.backend, cfg, shard, context, opts.threads)
-    tokenizer = source.tokenizer()
-    blocks, embed = {}, None
-    for key, (blk,) in iter_rank_blocks(source, cfg, [shard]):
-        if key == "globals":
-            embed = blk.pop("embed")
-        blocks[key] = layers.to_runtime(blk)
-    model = Transformer(cfg, layers, ResidentWeights(blocks))
-    return Engine(cfg, tokenizer, model, embed, context)
+    group = start_group(GroupOptions(model=opts.model, context=opts.context, threads=opts.threads,
+                                     backend=opts.backend, memory_budget=opts.memory_budget))
+    return group.engine

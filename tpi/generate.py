@@ -105,7 +105,7 @@ class Engine:
         h = self.embed(ids)
         comm = self.comm
         if comm.world > 1:
-            comm.broadcast_step({"start": start, "all": all_positions}, h)
+            comm.broadcast_step({"request_id": 0, "start_pos": start, "n_tokens": len(ids), "all": all_positions}, h)
         local = self.model.forward(h, start, all_positions)
         self.cached = self.cached[:start] + list(ids)
         if comm.world == 1:

@@ -54,8 +54,7 @@ class TorchLayers:
         out = {}
         for name, value in block.items():
             if isinstance(value, np.ndarray) and value.ndim == 1:
-                t = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
-                out[name] = t
+                out[name] = torch.tensor(value, dtype=torch.float32)  # small; copied off the mmap
             elif name == "embed":
                 out[name] = value  # looked up by row on the host, never multiplied
             else:
@@ -65,7 +64,8 @@ class TorchLayers:
     # ---- tensors at the seam ---------------------------------------------------------------
     @staticmethod
     def hidden_from_numpy(h: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(h)
+        # A copy: h may be a read-only network buffer, and the residual stream is updated in place.
+        return torch.from_numpy(np.array(h, dtype=np.float32))
 
     @staticmethod
     def to_numpy(x: torch.Tensor) -> np.ndarray:

@@ -98,6 +98,7 @@ class Transformer:
                 ar += time.perf_counter() - t
             L.add_(h, part)
         logits = L.logits(h, W.get("globals"), all_positions)
+        W.release("globals")
         st = self.stats
         st.allreduce_s += ar
         st.compute_s += time.perf_counter() - t0 - ar

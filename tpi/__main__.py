@@ -1,0 +1,4 @@
+"""`python -m tpi` is the `tpi` command (local workers are started this way)."""
+from tpi.cli import app
+
+app(prog_name="tpi")

@@ -1,0 +1,117 @@
+"""Chat and API commands: `tpi chat` and the hidden `tpi api-serve` (one device, API only)."""
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from tpi.cli import Backend, Context, ModelArg, Threads, fail
+from tpi.errors import TpiError
+
+LocalWorkersOpt = Annotated[int, typer.Option("--local-workers", help="also start N worker processes on this machine (loopback group)", envvar="TPI_LOCAL_WORKERS")]
+ApiKeyOpt = Annotated[Optional[str], typer.Option("--api-key", help="Bearer key: required by the API (serve) or sent to it (chat --url)", envvar="TPI_API_KEY")]
+QueueOpt = Annotated[int, typer.Option("--queue-size", help="requests that may wait while one runs; more get 429")]
+
+
+def start_master(model, local_workers: int, context, threads, backend: str, say):
+    """Rank 0's engine plus its status and closer: a loopback group when tpi.group exists, else one device."""
+    try:
+        from tpi.group import GroupOptions, start_group
+    except ImportError:
+        start_group = None
+    if start_group is not None:
+        group = start_group(GroupOptions(model=model, local_workers=local_workers, host="127.0.0.1", context=context,
+                                         threads=threads, backend=backend), say=say)
+        return group.engine, group.status, group.close
+    if local_workers:
+        raise TpiError("--local-workers needs the tensor-parallel group (tpi.group), which this install lacks")
+    import platform
+
+    from tpi.engine import EngineOptions, build_local_engine
+
+    engine = build_local_engine(EngineOptions(model, context, threads, backend))
+    name = platform.node() or "master"
+    return engine, (lambda: {"state": "serving", "world": 1, "devices": [{"rank": 0, "name": name, "state": "ready"}]}), (lambda: None)
+
+
+def chat(
+    model: ModelArg = None,
+    local_workers: LocalWorkersOpt = 0,
+    url: Annotated[Optional[str], typer.Option("--url", help="talk to a running OpenAI-compatible server, e.g. http://127.0.0.1:8000", envvar="TPI_URL")] = None,
+    api_key: ApiKeyOpt = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="system prompt")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="tokens per answer at most")] = 512,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy")] = 0.7,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="nucleus sampling threshold")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="sampling seed (same seed, same answer)")] = None,
+    plain: Annotated[bool, typer.Option("--plain", help="plain text lines even on a terminal")] = False,
+    threads: Threads = None,
+    context: Context = None,
+    backend: Backend = "torch",
+) -> None:
+    """Chat with the model: a TUI on a terminal, one prompt per line through a pipe."""
+    from tpi.chat_backends import ChatOptions, LocalChat, RemoteChat
+    from tpi.tui import ChatSession, run_plain, run_tui
+
+    opts = ChatOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    close, service, code = (lambda: None), None, 0
+    try:
+        if max_tokens < 1:
+            raise TpiError(f"--max-tokens {max_tokens} must be at least 1")
+        if url:
+            chat_backend = RemoteChat(url, api_key=api_key)
+        else:
+            from tpi.service import GenerationService
+
+            engine, status, close = start_master(model, local_workers, context, threads, backend,
+                                                 say=lambda m: typer.echo(m, err=True))
+            service = GenerationService(engine, status=status)
+            chat_backend = LocalChat(service)
+        session = ChatSession(chat_backend, opts, system=system)
+        interactive = not plain and sys.stdin.isatty() and sys.stdout.isatty()
+        code = run_tui(session) if interactive else run_plain(session)
+    except TpiError as e:
+        fail(e)
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        if service is not None:
+            service.close()
+        close()
+    raise typer.Exit(code)
+
+
+def api_serve(
+    model: ModelArg = None,
+    api_host: Annotated[str, typer.Option("--api-host", help="address of the OpenAI-compatible API")] = "127.0.0.1",
+    api_port: Annotated[int, typer.Option("--api-port", help="port of the API (0 = any free port, printed)")] = 8000,
+    api_key: ApiKeyOpt = None,
+    queue_size: QueueOpt = 8,
+    local_workers: LocalWorkersOpt = 0,
+    threads: Threads = None,
+    context: Context = None,
+    backend: Backend = "torch",
+) -> None:
+    """Serve the OpenAI-compatible API on this machine (until `tpi serve` hosts it)."""
+    from tpi.api import serve_api
+    from tpi.service import GenerationService
+
+    close, service = (lambda: None), None
+    try:
+        engine, status, close = start_master(model, local_workers, context, threads, backend,
+                                             say=lambda m: typer.echo(m, err=True))
+        service = GenerationService(engine, status=status, queue_size=queue_size)
+        serve_api(service, api_host, api_port, api_key=api_key,
+                  on_listening=lambda u: typer.echo(f"OpenAI-compatible API on {u}/v1", err=True))
+    except TpiError as e:
+        fail(e)
+    finally:
+        if service is not None:
+            service.close()
+        close()
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(chat)
+    app.command("api-serve", hidden=True)(api_serve)

@@ -1,0 +1,149 @@
+"""Per-rank transformer block maths on numpy alone: float32 activations, residual, norms and RoPE.
+
+The torch-free twin of tpi.layers_torch.TorchLayers (same interface, same semantics), for devices
+where torch cannot be installed. Nothing on this path imports torch: the linear kernels come from
+the numpy backend of tpi.quant.kernels, everything else is a handful of vectorised numpy ops.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tpi.config import ModelConfig
+from tpi.quant.kernels import get_backend
+from tpi.rope import inverse_frequencies
+
+ACT = np.float32
+
+
+def rope_cos_sin(cfg: ModelConfig, context: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [context, head_dim/2] float32 for adjacent-pair RoPE (angles computed in float64)."""
+    angles = np.outer(np.arange(context, dtype=np.float64), inverse_frequencies(cfg))
+    return np.cos(angles).astype(ACT), np.sin(angles).astype(ACT)
+
+
+def limit_blas_threads(threads: int | None) -> None:
+    """Cap numpy's BLAS threads when threadpoolctl is installed; numpy alone cannot change them."""
+    if not threads:
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: phones run with numpy's default (usually one thread per core)
+        return
+    threadpool_limits(limits=threads, user_api="blas")
+
+
+class NumpyLayers:
+    """Computes one rank's share of attention and MLP blocks, and its logits slice, in numpy."""
+
+    name = "numpy"
+
+    def __init__(self, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...], context: int, threads: int | None):
+        limit_blas_threads(threads)
+        self.cfg = cfg
+        self.kernels = get_backend("numpy")
+        self.nq, self.nkv, self.hd = n_q, max(q_to_kv) + 1, cfg.head_dim
+        self.q_dim, self.kv_dim = self.nq * self.hd, self.nkv * self.hd
+        g = self.nq // self.nkv
+        # Uniform GQA: local q head i uses local KV head i // g, so q reshapes to (nkv, g * T, hd)
+        # and each KV head meets its whole group in one batched matmul. A KV group split across
+        # ranks maps unevenly; then the KV heads are gathered per query head (group of one).
+        uniform = self.nq % self.nkv == 0 and tuple(q_to_kv) == tuple(i // g for i in range(self.nq))
+        self.kv_index = None if uniform else np.asarray(q_to_kv, dtype=np.intp)
+        self.group = g if uniform else 1
+        self.context = context
+        self.cos, self.sin = rope_cos_sin(cfg, context)
+        self.k_cache = np.zeros((cfg.n_layers, self.nkv, context, self.hd), dtype=ACT)  # (L, kv, S, hd)
+        self.v_cache = np.zeros_like(self.k_cache)  # zeros: pages are only touched once written
+        self.eps = cfg.rms_eps
+        self.scale = ACT(1.0 / np.sqrt(self.hd))
+
+    # ---- weights -------------------------------------------------------------------------
+    def to_runtime(self, block: dict) -> dict:
+        """Numpy block (QTensors + float32 vectors) -> prepared numpy kernels and float32 vectors."""
+        out = {}
+        for name, value in block.items():
+            if isinstance(value, np.ndarray) and value.ndim == 1:
+                out[name] = np.array(value, dtype=ACT)  # small; copied off the mmap
+            elif name == "embed":
+                out[name] = value  # looked up by row on the host, never multiplied
+            else:
+                out[name] = self.kernels.prepare(value)
+        return out
+
+    # ---- tensors at the seam ---------------------------------------------------------------
+    @staticmethod
+    def hidden_from_numpy(h: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(h, dtype=ACT)
+
+    @staticmethod
+    def to_numpy(x: np.ndarray) -> np.ndarray:
+        return x
+
+    @staticmethod
+    def add_(h: np.ndarray, partial: np.ndarray) -> None:
+        h += partial
+
+    def _norm(self, h: np.ndarray, w: np.ndarray) -> np.ndarray:
+        ms = np.einsum("ti,ti->t", h, h) / h.shape[-1]  # (T,) mean square without a squared copy
+        return h * (1.0 / np.sqrt(ms + self.eps)).astype(ACT)[:, None] * w
+
+    def _rope(self, x: np.ndarray, start: int) -> np.ndarray:
+        """x: (T, heads, hd) f32, pairs (x[2j], x[2j+1]) -> rotated copy, same shape."""
+        T, heads, hd = x.shape
+        pairs = x.reshape(T, heads, hd // 2, 2)
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        cos, sin = self.cos[start : start + T, None, :], self.sin[start : start + T, None, :]  # (T, 1, hd/2)
+        out = np.empty_like(pairs)
+        out[..., 0] = x0 * cos - x1 * sin
+        out[..., 1] = x0 * sin + x1 * cos
+        return out.reshape(T, heads, hd)
+
+    # ---- blocks ----------------------------------------------------------------------------
+    def attention(self, h: np.ndarray, blk: dict, layer: int, start: int) -> np.ndarray:
+        """h: (T, hidden) f32 -> this rank's partial attention output (T, hidden) f32."""
+        T = h.shape[0]
+        nq, nkv, hd, g = self.nq, self.nkv, self.hd, self.group
+        end = start + T
+        qkv = blk["wqkv"](self._norm(h, blk["attn_norm"]))  # (T, q_dim + 2 kv_dim)
+        bias = blk.get("bqkv")
+        if bias is not None:
+            qkv += bias
+        qk = self._rope(qkv[:, : self.q_dim + self.kv_dim].reshape(T, nq + nkv, hd), start)  # (T, nq + nkv, hd)
+        kc, vc = self.k_cache[layer], self.v_cache[layer]  # (nkv, S, hd)
+        kc[:, start:end] = qk[:, nq:].transpose(1, 0, 2)
+        vc[:, start:end] = qkv[:, self.q_dim + self.kv_dim :].reshape(T, nkv, hd).transpose(1, 0, 2)
+        k, v = kc[:, :end], vc[:, :end]  # (nkv, end, hd) views of the cache
+        if self.kv_index is not None:
+            k, v = k[self.kv_index], v[self.kv_index]  # (nq, end, hd)
+        heads = k.shape[0]
+        q = (qk[:, :nq].transpose(1, 0, 2) * self.scale).reshape(heads, g * T, hd)  # (kv, g*T, hd)
+        scores = np.matmul(q, k.transpose(0, 2, 1))  # (kv, g*T, end)
+        if T > 1:  # query i sits at position start + i and sees keys up to it
+            mask = np.triu(np.full((T, end), -np.inf, dtype=ACT), k=start + 1)
+            scores = scores.reshape(heads, g, T, end)
+            scores += mask
+            scores = scores.reshape(heads, g * T, end)
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        o = np.matmul(scores, v)  # (kv, g*T, hd)
+        o = o.reshape(nq, T, hd).transpose(1, 0, 2).reshape(T, self.q_dim)
+        return blk["wo"](o)  # (T, hidden)
+
+    def mlp(self, h: np.ndarray, blk: dict) -> np.ndarray:
+        """h: (T, hidden) f32 -> this rank's partial MLP output (T, hidden) f32."""
+        gu = blk["wgu"](self._norm(h, blk["mlp_norm"]))  # (T, 2 * inter_local): gate | up
+        inter = gu.shape[1] // 2
+        gate, up = gu[:, :inter], gu[:, inter:]
+        # silu(x) = x * sigmoid(x), sigmoid via tanh: no overflow warning for large negative x
+        act = np.tanh(gate * 0.5)
+        act += 1.0
+        act *= 0.5
+        act *= gate
+        act *= up
+        return blk["wdown"](act)
+
+    def logits(self, h: np.ndarray, glob: dict, all_positions: bool) -> np.ndarray:
+        """Final norm and this rank's vocabulary slice: (T or 1, vocab_local) float32 numpy."""
+        x = h if all_positions else h[-1:]
+        return np.asarray(glob["lm_head"](self._norm(x, glob["norm"])), dtype=ACT)

@@ -1,0 +1,293 @@
+"""The master's generation service: one sequence at a time, a bounded FIFO queue, cancellation, stats.
+
+The group runs one sequence at a time, so every front end (HTTP API, chat TUI) submits a
+`GenerationRequest` here and receives its text through a `Ticket`. A single worker thread owns
+`Engine.generate`; callers never block the engine and a cancelled ticket frees it at the next token.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tpi.errors import TpiError
+from tpi.generate import ContextOverflowError, Generation
+from tpi.sampler import SamplingParams
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE_SIZE = 8  # waiting requests (the running one is not counted)
+
+
+class QueueFullError(TpiError):
+    """Every queue slot is taken; the caller should retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestError(TpiError):
+    """A request the engine cannot run as given (bad limits, closed service)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class ServiceEvent:
+    """What a ticket receives: kind 'text' (a piece), then exactly one 'done' or 'error'."""
+
+    kind: str
+    text: str = ""
+    generation: Generation | None = None
+    error: TpiError | None = None
+
+
+class Ticket:
+    """One submitted request: its events arrive through `sink` (a queue by default)."""
+
+    def __init__(self, request: GenerationRequest, sink: Callable[[ServiceEvent], None] | None, on_cancel):
+        self.request = request
+        self.events: queue.Queue[ServiceEvent] = queue.Queue()
+        self.sink = sink or self.events.put
+        self.cancel_event = threading.Event()
+        self.finished = threading.Event()
+        self.submitted_at = time.monotonic()
+        self._on_cancel = on_cancel
+
+    def cancel(self) -> None:
+        """Stop this request: drop it from the queue, or end its generation at the next token."""
+        if not self.cancel_event.is_set():
+            self.cancel_event.set()
+            self._on_cancel(self)
+
+    def emit(self, event: ServiceEvent) -> None:
+        try:
+            self.sink(event)
+        except Exception:  # the receiver is gone (closed event loop): nobody reads this request
+            log.debug("dropping an event for a request whose receiver is gone", exc_info=True)
+            self.cancel_event.set()
+        if event.kind in ("done", "error"):
+            self.finished.set()
+
+    def result(self, on_text: Callable[[str], None] | None = None, timeout: float | None = None) -> Generation:
+        """Block until done (default sink only); text pieces go to on_text; errors are raised."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                ev = self.events.get(timeout=left)
+            except queue.Empty:
+                raise TpiError(f"no answer within {timeout} s; the group may be stuck, check `tpi` logs") from None
+            if ev.kind == "text" and on_text:
+                on_text(ev.text)
+            elif ev.kind == "done":
+                return ev.generation
+            elif ev.kind == "error":
+                raise ev.error
+
+
+@dataclass
+class ServiceStats:
+    submitted: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    rejected: int = 0  # queue full
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    last: dict = field(default_factory=dict)  # Generation.stats() of the last finished request
+    recent_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=16))
+
+
+class GenerationService:
+    """Serialises requests onto one engine through a bounded FIFO queue."""
+
+    def __init__(self, engine, status: Callable[[], dict] | None = None, queue_size: int = DEFAULT_QUEUE_SIZE):
+        if queue_size < 0:
+            raise RequestError(f"queue size {queue_size} is negative; use 0 or more")
+        self.engine = engine
+        self.status_fn = status or (lambda: {"devices": [{"rank": 0, "name": "local"}], "state": "ready"})
+        self.queue_size = queue_size
+        self.context = engine.context
+        self.model_name = engine.cfg.name
+        self.tokenizer = engine.tokenizer
+        self._waiting: collections.deque[Ticket] = collections.deque()
+        self._running: Ticket | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        self._stats = ServiceStats()
+        self._thread = threading.Thread(target=self._loop, name="tpi-generation", daemon=True)
+        self._thread.start()
+
+    # -- submitting -----------------------------------------------------------------------
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise ContextOverflowError or RequestError when the request cannot run on this context."""
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise ContextOverflowError("the prompt is empty; give at least one token")
+        if n >= self.context:
+            raise ContextOverflowError(
+                f"the prompt has {n} tokens but the context holds {self.context}; shorten the prompt or raise --context"
+            )
+        if request.max_tokens < 1:
+            raise RequestError(f"max_tokens is {request.max_tokens}; it must be at least 1")
+        if request.max_tokens > self.context:
+            raise RequestError(
+                f"max_tokens {request.max_tokens} exceeds the context of {self.context} tokens; lower max_tokens"
+            )
+
+    def submit(self, request: GenerationRequest, sink: Callable[[ServiceEvent], None] | None = None) -> Ticket:
+        """Queue a request; raises QueueFullError when every slot is taken."""
+        self.check(request)
+        ticket = Ticket(request, sink, self._cancelled)
+        with self._cond:
+            if self._closed:
+                raise RequestError("the generation service is shut down; restart tpi")
+            busy = self._running is not None or bool(self._waiting)
+            if busy and len(self._waiting) >= self.queue_size:
+                self._stats.rejected += 1
+                raise QueueFullError(
+                    f"the request queue is full ({self.queue_size} waiting); retry later", self._retry_after()
+                )
+            self._waiting.append(ticket)
+            self._stats.submitted += 1
+            self._cond.notify_all()
+        return ticket
+
+    def _retry_after(self) -> int:
+        recent = self._stats.recent_s
+        mean = sum(recent) / len(recent) if recent else 2.0
+        return int(min(60, max(1, math.ceil(mean * (len(self._waiting) + 1)))))
+
+    def _cancelled(self, ticket: Ticket) -> None:
+        with self._cond:
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+                self._stats.cancelled += 1
+                dropped = True
+            else:
+                dropped = False
+        if dropped:
+            ticket.emit(ServiceEvent("done", generation=Generation(finish_reason="cancelled",
+                                                                    prompt_tokens=len(ticket.request.prompt_ids))))
+
+    # -- the worker thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                ticket = self._running = self._waiting.popleft()
+            try:
+                self._run(ticket)
+            finally:
+                with self._cond:
+                    self._running = None
+                    self._cond.notify_all()
+
+    def _run(self, ticket: Ticket) -> None:
+        req = ticket.request
+        started = time.monotonic()
+        try:
+            gen = self.engine.generate(
+                list(req.prompt_ids), req.params, req.max_tokens, stop=req.stop, ignore_eos=req.ignore_eos,
+                on_text=lambda piece: ticket.emit(ServiceEvent("text", text=piece)), cancel=ticket.cancel_event,
+            )
+        except TpiError as e:
+            with self._cond:
+                self._stats.failed += 1
+            ticket.emit(ServiceEvent("error", error=e))
+            return
+        except Exception as e:  # a bug must fail this request, not the service thread
+            log.exception("generation failed")
+            with self._cond:
+                self._stats.failed += 1
+            ticket.emit(ServiceEvent("error", error=TpiError(f"internal error during generation: {e!r}; see the log")))
+            return
+        with self._cond:
+            st = self._stats
+            st.completed += gen.finish_reason != "cancelled"
+            st.cancelled += gen.finish_reason == "cancelled"
+            st.prompt_tokens += gen.prompt_tokens
+            st.completion_tokens += len(gen.tokens)
+            st.last = gen.stats()
+            st.recent_s.append(time.monotonic() - started)
+        ticket.emit(ServiceEvent("done", generation=gen))
+
+    # -- state ----------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """Queue and counters; cheap enough for /health."""
+        with self._cond:
+            st = self._stats
+            return {
+                "model": self.model_name,
+                "context": self.context,
+                "busy": self._running is not None,
+                "queued": len(self._waiting),
+                "queue_size": self.queue_size,
+                "submitted": st.submitted,
+                "completed": st.completed,
+                "cancelled": st.cancelled,
+                "rejected": st.rejected,
+                "failed": st.failed,
+                "prompt_tokens": st.prompt_tokens,
+                "completion_tokens": st.completion_tokens,
+                "last": dict(st.last),
+            }
+
+    def status(self) -> dict:
+        """The group's status (devices, state) as its owner reports it."""
+        return self.status_fn()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel everything and stop the worker thread (the engine itself is the caller's)."""
+        with self._cond:
+            self._closed = True
+            pending, self._waiting = list(self._waiting), collections.deque()
+            running = self._running
+            self._cond.notify_all()
+        for t in pending:
+            t.cancel_event.set()
+            t.emit(ServiceEvent("error", error=RequestError("the generation service shut down before this request ran")))
+        if running is not None:
+            running.cancel_event.set()
+        self._thread.join(timeout)
+
+
+def sampling_params(temperature: float | None, top_p: float | None, seed: int | None, *,
+                    top_k: int | None = None, min_p: float | None = None,
+                    repeat_penalty: float | None = None) -> SamplingParams:
+    """SamplingParams from optional request fields; unset ones keep `tpi run`'s defaults."""
+    base = SamplingParams()
+    return SamplingParams(
+        temperature=base.temperature if temperature is None else temperature,
+        top_k=base.top_k if top_k is None else top_k,
+        top_p=base.top_p if top_p is None else top_p,
+        min_p=base.min_p if min_p is None else min_p,
+        repeat_penalty=base.repeat_penalty if repeat_penalty is None else repeat_penalty,
+        seed=seed,
+    )
+
+
+def stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
