@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -179,3 +180,28 @@ def test_unknown_backend_is_a_clear_error():
     with pytest.raises(TpiError, match="numpy"):
         get_backend("cuda")
     assert isinstance(torch_available(), bool)
+
+
+@needs_torch
+@pytest.mark.parametrize("fmt", F.FORMATS)
+def test_torch_prepare_accepts_read_only_arrays_as_from_an_mmap(fmt):
+    rng = np.random.default_rng(7)
+    qt = F.quantize(rng.standard_normal((32, 64)).astype(np.float32), fmt)
+    for a in qt.arrays.values():
+        a.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, ref = _run("torch", qt, rng.standard_normal((2, 64)).astype(np.float32))
+    _assert_close(y, ref, "torch")
+
+
+@needs_torch
+def test_torch_scale_zero_and_bf16_weights_are_zero_copy():
+    import torch
+
+    backend = get_backend("torch")
+    q4 = F.quantize(np.ones((32, 64), np.float32), F.Q4G32)
+    assert backend.prepare(q4).scale_zero.data_ptr() == q4.arrays["scale_zero"].ctypes.data
+    bf = F.quantize(np.ones((32, 64), np.float32), F.BF16)
+    w = backend.prepare(bf).weight
+    assert w.dtype == torch.bfloat16 and w.data_ptr() == bf.arrays["weight"].ctypes.data
