@@ -157,8 +157,8 @@ class GenerationService:
         with self._cond:
             if self._closed:
                 raise RequestError("the generation service is shut down; restart tpi")
-            busy = self._running is not None or bool(self._waiting)
-            if busy and len(self._waiting) >= self.queue_size:
+            # one running plus queue_size waiting; a request not yet picked up counts as the running one
+            if len(self._waiting) + (self._running is not None) > self.queue_size:
                 self._stats.rejected += 1
                 raise QueueFullError(
                     f"the request queue is full ({self.queue_size} waiting); retry later", self._retry_after()
