@@ -10,7 +10,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Literal, Optional, Union
 
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from tpi.errors import TpiError
 from tpi.generate import ContextOverflowError, Generation
@@ -104,11 +108,6 @@ def api_error_from(e: TpiError) -> ApiError:
 
 def create_app(service: GenerationService, *, api_key: str | None = None, model_name: str | None = None):
     """The FastAPI app serving `service` under the OpenAI routes."""
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
-
     model_id = model_name or service.model_name
     created = int(time.time())
     app = FastAPI(title="tpi", docs_url=None, redoc_url=None, openapi_url=None)
