@@ -73,7 +73,8 @@ class NumpyLayers:
     # ---- tensors at the seam ---------------------------------------------------------------
     @staticmethod
     def hidden_from_numpy(h: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(h, dtype=ACT)
+        # A copy: h may be a read-only network buffer, and the residual stream is updated in place.
+        return np.array(h, dtype=ACT)
 
     @staticmethod
     def to_numpy(x: np.ndarray) -> np.ndarray:
