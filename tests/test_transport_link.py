@@ -291,3 +291,32 @@ def test_shard_that_never_matches_its_hash_is_an_error(shard, tmp_path):
     with pytest.raises(GroupError, match="sha256"):
         fetch_shard(tmp_path / "s.bin", "0" * 64, shard.stat().st_size, fake.send,
                     lambda: fake.recv(), chunk_bytes=100_000)
+
+
+def test_delay_proxy_delays_each_direction_and_stops_cleanly():
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def echo():
+        conn, _ = server.accept()
+        while data := conn.recv(1024):
+            conn.sendall(data)
+        conn.close()
+
+    t = threading.Thread(target=echo)
+    t.start()
+    record: list = []
+    proxy = DelayProxy(0, "127.0.0.1", server.getsockname()[1], 0.05, record).start()
+    client = socket.create_connection(("127.0.0.1", proxy.port))
+    t0 = time.monotonic()
+    client.sendall(b"ping")
+    assert client.recv(16) == b"ping"
+    assert time.monotonic() - t0 >= 0.1  # 50 ms each way is a floor, whatever the load
+    client.close()
+    proxy.stop()
+    t.join(timeout=5)
+    server.close()
+    assert proxy.recorded() == b"pingping" and not t.is_alive()

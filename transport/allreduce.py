@@ -130,8 +130,7 @@ class StarMaster:
     def _send_all(self, frames: list) -> None:
         for rank, rid in enumerate(self._ids, start=1):
             try:
-                self._sock.send(rid, zmq.SNDMORE)
-                self._sock.send_multipart(frames, copy=False)
+                self._sock.send_multipart([rid, *frames], copy=False)
             except zmq.ZMQError as e:
                 reason = self._lost().get(rid.decode(), str(e))
                 raise GroupError(f"device {self._names[rank]} (rank {rank}) is unreachable: {reason}") from e
