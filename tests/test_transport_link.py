@@ -211,6 +211,7 @@ def test_master_names_a_silent_worker_and_a_leaving_one(master, tmp_path):
         time.sleep(0.05)
     lost = master.lost_peers()
     assert "silent for" in lost[s_sent.peer_id] and "left" in lost[p_sent.peer_id]
+    silent.close()
 
 
 def test_worker_notices_a_silent_master(tmp_path):
@@ -225,6 +226,7 @@ def test_worker_notices_a_silent_master(tmp_path):
         time.sleep(0.05)
     assert "silent" in (worker.master_lost() or "")
     worker.close()
+    master.close()
 
 
 # ---- shard transfer logic without sockets ----

@@ -100,6 +100,7 @@ class _Keeper:
         self._wake_push.connect(f"inproc://wake-{name}")
         self._wake_lock = threading.Lock()
         self._stopping = threading.Event()
+        self._closed = False
         self.failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run_guarded, name=f"tpi-{name}", daemon=True)
 
@@ -115,6 +116,8 @@ class _Keeper:
             self._wake_push.send(b"", zmq.NOBLOCK)
 
     def stop(self) -> None:
+        if self._stopping.is_set():
+            return
         self._stopping.set()
         with self._wake_lock:
             self._wake_push.send(b"", zmq.NOBLOCK)
@@ -264,15 +267,21 @@ class MasterLink(_Keeper):
         return box.get(timeout=5)
 
     def close(self) -> None:
+        """Tell admitted devices the group is over, then release sockets and threads."""
+        if self._closed:
+            return
+        self._closed = True
+
         def run() -> None:
             for rid, peer in self._peers.items():
                 if peer.state == "admitted":
                     self._send(rid, Stop("master is shutting down"))
 
-        try:
-            self.call(run)
-        except GroupError:
-            pass  # the keeper already died and said why in the log
+        if not self._stopping.is_set():
+            try:
+                self.call(run)
+            except GroupError:
+                pass  # the keeper already died and said why in the log
         self.stop()
         self.data.close(0)
         self._ctx.term()
@@ -496,7 +505,11 @@ class WorkerLink(_Keeper):
         return comm
 
     def close(self) -> None:
-        if self.assign is not None and self._lost_reason is None:
+        """Say goodbye to the master (if admitted), then release sockets and threads."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.assign is not None and self._lost_reason is None and not self._stopping.is_set():
             try:
                 self.send(Stop("device is leaving"))
             except GroupError:
