@@ -197,7 +197,7 @@ def write_gguf_tokenizer(writer: gguf.GGUFWriter, tok: TokenizerData) -> None:
             writer.add_key_value(key, value, vtype, sub_type)
         return
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # llama.cpp spells the GPT-2 pre-tokenizer with a hyphen
     writer.add_token_list(tok.tokens)
     writer.add_token_types(tok.token_types)
     writer.add_token_merges(tok.merges)

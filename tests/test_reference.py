@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import gguf
@@ -14,11 +15,13 @@ from reference import ROPE_ADJACENT, ROPE_HALF, apply_rope, base_inv_freq, rope_
 # Tiny models: ids in the byte / merge range, no specials, 40 positions.
 TINY_TOKENS = [(7 * i + 3) % 380 + 3 for i in range(40)]
 
-# Max |llama.cpp - reference| over all positions, as a fraction of the reference logits' std.
-# llama.cpp quantizes activations to Q8 for Q4/Q8 weights and to F16 for F16 weights;
-# F32 weights with an F32 KV cache leave only summation-order noise.
-RELATIVE_TOLERANCE = {"F32": 1e-4, "F16": 2e-2, "Q8_0": 5e-2, "Q4_0": 5e-2, "Q4_1": 5e-2}
-MIN_CORRELATION = {"F32": 0.999999, "F16": 0.9999, "Q8_0": 0.999, "Q4_0": 0.999, "Q4_1": 0.999}
+# Max |llama.cpp - reference| over all 40 positions, as a fraction of the reference logits' std.
+# F32 weights with an F32 KV cache leave only summation-order noise (measured 4.5e-6).
+# llama.cpp rounds activations to F16 before F16 matmuls (measured 3.2e-3) and to Q8_0 / Q8_1
+# before Q4_0 / Q4_1 / Q8_0 matmuls (measured <= 0.114, correlation >= 0.99977); simulating that
+# Q8_0 rounding in the reference brings position 0 to 1e-6, so the gap is llama.cpp's, not ours.
+RELATIVE_TOLERANCE = {"F32": 1e-4, "F16": 2e-2, "Q8_0": 0.25, "Q4_0": 0.25, "Q4_1": 0.25}
+MIN_CORRELATION = {"F32": 0.999999, "F16": 0.99999, "Q8_0": 0.999, "Q4_0": 0.999, "Q4_1": 0.999}
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -130,7 +133,8 @@ def test_tiny_gguf_runs_in_llama_cpp_and_matches_reference(name, tiny_gguf, refe
     assert theirs.shape == ours.shape
     assert correlation(ours, theirs) >= MIN_CORRELATION[weight_type]
     assert np.abs(ours - theirs).max() <= RELATIVE_TOLERANCE[weight_type] * ours.std()
-    assert np.array_equal(ours.argmax(axis=1), theirs.argmax(axis=1)) or weight_type != "F32"
+    if weight_type == "F32":
+        assert np.array_equal(ours.argmax(axis=1), theirs.argmax(axis=1))
 
 
 @pytest.mark.slow
@@ -148,9 +152,11 @@ def test_smollm2_reference_matches_llama_cpp_on_chat_prompt(smollm2, smollm2_ref
     assert 30 <= len(smollm2_chat_tokens) <= 60
     ours = smollm2_reference.logits(smollm2_chat_tokens)[-1]
     theirs = llama_cpp_logits(smollm2, smollm2_chat_tokens)
+    # measured: correlation 0.9988, same top-5 set; the top two ("The", "L") are 0.1-0.3 apart,
+    # so llama.cpp's Q8_1 activation rounding may swap them and argmax equality is not asserted.
     assert correlation(ours, theirs) >= 0.995
     assert len(top_k(ours, 5) & top_k(theirs, 5)) >= 4
-    assert ours.argmax() == theirs.argmax()
+    assert theirs[ours.argmax()] >= theirs.max() - 0.5 and ours[theirs.argmax()] >= ours.max() - 0.5
 
 
 @pytest.mark.slow
@@ -160,3 +166,12 @@ def test_hf_tokenizer_built_from_gguf_matches_llama_cpp_tokenizer(smollm2, smoll
 
     llm = llama_cpp.Llama(model_path=str(smollm2), vocab_only=True, verbose=False)
     assert llm.tokenize(SMOLLM2_CHAT_PROMPT.encode(), add_bos=False, special=True) == smollm2_chat_tokens
+
+
+def test_comparison_detects_a_wrong_rope_layout(tiny_gguf, reference_of, llama_cpp_logits):
+    path = tiny_gguf("tiny_llama_f32")
+    wrong = dataclasses.replace(reference_of(path), rope_style=ROPE_HALF)  # llama GGUF needs adjacent pairs
+    ours = wrong.logits(TINY_TOKENS)
+    theirs = llama_cpp_logits(path, TINY_TOKENS, all_positions=True)
+    np.testing.assert_allclose(ours[0], theirs[0], atol=1e-3)  # position 0 has no rotation
+    assert np.abs(ours - theirs).max() > 100 * RELATIVE_TOLERANCE["F32"] * ours.std()
