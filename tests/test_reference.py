@@ -175,3 +175,17 @@ def test_comparison_detects_a_wrong_rope_layout(tiny_gguf, reference_of, llama_c
     theirs = llama_cpp_logits(path, TINY_TOKENS, all_positions=True)
     np.testing.assert_allclose(ours[0], theirs[0], atol=1e-3)  # position 0 has no rotation
     assert np.abs(ours - theirs).max() > 100 * RELATIVE_TOLERANCE["F32"] * ours.std()
+
+
+def test_bf16_shards_load_in_the_safetensors_torch_reader(tiny_hf):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    folder = tiny_hf("tiny_llama_q4_0", dtype="bf16", sharded=True)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    loaded = {}
+    for file_name in sorted(set(index["weight_map"].values())):
+        loaded.update(load_file(str(folder / file_name)))
+    assert set(loaded) == set(index["weight_map"])
+    assert all(t.dtype == torch.bfloat16 for t in loaded.values())
+    assert loaded["model.layers.1.self_attn.k_proj.weight"].shape == (64, 128)
