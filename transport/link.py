@@ -11,146 +11,26 @@ from __future__ import annotations
 import logging
 import queue
 import secrets
-import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import zmq
 
 from tpi.errors import GroupError, ProtocolError
 from tpi.transport import security
-from tpi.transport.protocol import (DEFAULT_MAX_FRAME, Assign, Heartbeat, Hello, Message, Refuse,
-                                    ShardRequest, Stop, VersionMismatch, decode, encode)
+from tpi.transport.keeper import (JoinRequest, Keeper, LinkSettings, PeerRecord, frame_meta, parse_endpoint,
+                                  tune_socket)
+from tpi.transport.protocol import (Assign, Heartbeat, Hello, Message, Refuse, ShardRequest, Stop,
+                                    VersionMismatch, decode, encode)
 from tpi.transport.transfer import ShardServer
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class LinkSettings:
-    """Timing and size limits of a link; the master's heartbeat/timeout are sent to workers."""
-
-    heartbeat_s: float = 1.0
-    timeout_s: float = 10.0        # a peer silent this long is lost
-    step_timeout_s: float = 300.0  # longest one allreduce/gather/step may wait for a live peer
-    join_timeout_s: float = 30.0
-    max_frame: int = DEFAULT_MAX_FRAME
-    chunk_bytes: int = 1 << 20
+__all__ = ["JoinRequest", "LinkSettings", "MasterLink", "WorkerLink", "parse_endpoint"]
 
 
-@dataclass(frozen=True)
-class JoinRequest:
-    """A device that proved it holds the token and now waits for admit() or refuse()."""
-
-    peer: bytes            # control-channel routing id
-    name: str
-    profile: dict
-    cached_hashes: tuple
-    address: str
-    device_key: bytes      # Z85 CURVE public key; b"" on insecure links
-
-
-@dataclass
-class _Peer:
-    """Keeper-owned record of one control-channel peer."""
-
-    name: str
-    address: str
-    device_key: bytes
-    state: str = "pending"  # pending | admitted | lost
-    last_seen: float = 0.0
-    peer_id: str = ""
-
-
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """'tcp://host:port' or 'host:port' -> (host, port); raises GroupError if malformed."""
-    body = text.removeprefix("tcp://")
-    host, sep, port = body.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise GroupError(f"address {text!r} is not HOST:PORT (for example 192.168.1.20:7700)")
-    return host.strip("[]"), int(port)
-
-
-def _tune(sock: zmq.Socket, settings: LinkSettings) -> None:
-    sock.linger = 0
-    sock.maxmsgsize = settings.max_frame + 65536  # libzmq drops a peer that sends more
-    # ZMTP pings let libzmq notice dead TCP connections; app heartbeats name the peer.
-    sock.heartbeat_ivl = int(settings.heartbeat_s * 1000)
-    sock.heartbeat_timeout = int(settings.timeout_s * 1000)
-
-
-def _frame_meta(frame: zmq.Frame, key: str) -> str:
-    try:
-        return frame.get(key)
-    except zmq.ZMQError:
-        return ""
-
-
-class _Keeper:
-    """A thread that owns one control socket; other threads hand it work through a queue."""
-
-    def __init__(self, ctx: zmq.Context, name: str):
-        self._ctx = ctx
-        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
-        self._wake_pull = ctx.socket(zmq.PULL)
-        self._wake_pull.bind(f"inproc://wake-{name}")
-        self._wake_push = ctx.socket(zmq.PUSH)
-        self._wake_push.connect(f"inproc://wake-{name}")
-        self._wake_lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._closed = False
-        self.failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._run_guarded, name=f"tpi-{name}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def call(self, fn: Callable[[], None]) -> None:
-        """Run fn on the keeper thread (in submission order)."""
-        if self.failure is not None:
-            raise GroupError(f"link thread failed: {self.failure}; restart this process")
-        self._commands.put(fn)
-        with self._wake_lock:
-            self._wake_push.send(b"", zmq.NOBLOCK)
-
-    def stop(self) -> None:
-        if self._stopping.is_set():
-            return
-        self._stopping.set()
-        with self._wake_lock:
-            self._wake_push.send(b"", zmq.NOBLOCK)
-        self._thread.join(timeout=5)
-        self._wake_push.close(0)
-
-    def _run_guarded(self) -> None:
-        try:
-            self._run()
-        except Exception as e:  # a keeper bug must surface to the caller, not vanish
-            log.exception("link thread failed")
-            self.failure = e
-        finally:
-            self._wake_pull.close(0)
-
-    def _drain_commands(self) -> None:
-        while True:
-            try:
-                self._wake_pull.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-        while True:
-            try:
-                fn = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            fn()
-
-    def _run(self) -> None:
-        raise NotImplementedError
-
-
-class MasterLink(_Keeper):
+class MasterLink(Keeper):
     """Master side: accepts joins on the control port, admits or refuses, serves shards."""
 
     def __init__(self, bind: str, key_dir: Path, *, insecure: bool = False,
@@ -175,13 +55,17 @@ class MasterLink(_Keeper):
         self.data = ctx.socket(zmq.ROUTER)  # handed to the master Communicator
         self.data.router_mandatory = 1  # a send to a vanished worker raises instead of vanishing
         for sock, domain in ((self._control, security.CONTROL_DOMAIN), (self.data, security.DATA_DOMAIN)):
-            _tune(sock, settings)
+            tune_socket(sock, settings)
             if not insecure:
                 security.configure_server(sock, self._keys, domain)
-        self.port = self._bind(self._control, host, port)
-        self.data_port = self._bind(self.data, host, port + 1 if port else 0)
+        try:
+            self.port = self._bind(self._control, host, port)
+            self.data_port = self._bind(self.data, host, port + 1 if port else 0)
+        except GroupError:
+            ctx.destroy(linger=0)  # nothing started yet: release every socket made above
+            raise
         self.host = host
-        self._peers: dict[bytes, _Peer] = {}
+        self._peers: dict[bytes, PeerRecord] = {}
         self._data_keys: set[bytes] = set()
         self._lost: dict[str, str] = {}  # peer_id -> reason; read by communicators
         self._joins: queue.Queue[JoinRequest] = queue.Queue()
@@ -291,7 +175,7 @@ class MasterLink(_Keeper):
     def _send(self, rid: bytes, msg: Message) -> None:
         self._control.send_multipart([rid, *encode(msg)], copy=False)
 
-    def _mark_lost(self, peer: _Peer, reason: str) -> None:
+    def _mark_lost(self, peer: PeerRecord, reason: str) -> None:
         if peer.state == "admitted":
             peer.state = "lost"
             self._lost[peer.peer_id] = reason
@@ -343,7 +227,7 @@ class MasterLink(_Keeper):
 
     def _on_control(self, frames: list[zmq.Frame]) -> None:
         rid = frames[0].bytes
-        address = _frame_meta(frames[-1], "Peer-Address") or "?"
+        address = frame_meta(frames[-1], "Peer-Address") or "?"
         peer = self._peers.get(rid)
         who = f"{peer.name} ({address})" if peer else address
         try:
@@ -360,7 +244,7 @@ class MasterLink(_Keeper):
             peer.last_seen = time.monotonic()
             self._on_admitted(rid, peer, msg)
         elif isinstance(msg, Hello):
-            key = _frame_meta(frames[-1], "User-Id").encode() if not self.insecure else b""
+            key = frame_meta(frames[-1], "User-Id").encode() if not self.insecure else b""
             self._on_hello(rid, msg, address, key)
         elif peer is None or not isinstance(msg, Heartbeat):
             log.warning("refused %s: %s before admission", who, type(msg).__name__)
@@ -372,11 +256,11 @@ class MasterLink(_Keeper):
             log.warning("refused device %r from %s: wrong join token", hello.name, address)
             self._send(rid, Refuse("wrong join token: use the token printed by the current tpi serve"))
             return
-        self._peers[rid] = _Peer(hello.name, address, key, last_seen=time.monotonic())
+        self._peers[rid] = PeerRecord(hello.name, address, key, last_seen=time.monotonic())
         self._joins.put(JoinRequest(rid, hello.name, hello.profile, tuple(hello.cached_hashes),
                                     address, key))
 
-    def _on_admitted(self, rid: bytes, peer: _Peer, msg: Message) -> None:
+    def _on_admitted(self, rid: bytes, peer: PeerRecord, msg: Message) -> None:
         if isinstance(msg, Heartbeat):
             return
         if isinstance(msg, ShardRequest):
@@ -388,7 +272,7 @@ class MasterLink(_Keeper):
             log.warning("dropped unexpected %s from %s (%s)", type(msg).__name__, peer.name, peer.address)
 
 
-class WorkerLink(_Keeper):
+class WorkerLink(Keeper):
     """Worker side: joins the master named by the token, fetches its shard, keeps heartbeats."""
 
     def __init__(self, connect: str, token: str, key_dir: Path, *, insecure: bool = False,
@@ -419,7 +303,7 @@ class WorkerLink(_Keeper):
 
     def _socket(self, kind: int) -> zmq.Socket:
         sock = self._ctx.socket(kind)
-        _tune(sock, self.settings)
+        tune_socket(sock, self.settings)
         if self._keys is not None:
             security.configure_client(sock, self._keys, self._token.master_public)
         return sock
