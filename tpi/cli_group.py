@@ -84,6 +84,9 @@ def join(
     threads: Threads = None,
     backend: Backend = "torch",
     insecure: Insecure = False,
+    data_endpoint: Annotated[Optional[str], typer.Option(
+        "--data-endpoint", help="HOST:PORT of the master's data channel when a proxy or NAT sits between "
+        "(default: the master's address, port+1)")] = None,
 ) -> None:
     """Join a group as a worker: fetch and cache the shard, then compute steps until stopped."""
     from tpi.worker import WorkerOptions, run_worker
@@ -93,7 +96,8 @@ def join(
             raise TpiError("no join token; copy the --token value that tpi serve printed")
         run_worker(WorkerOptions(master=master, token=token, name=name, cache_dir=cache_dir / "shards",
                                  key_dir=key_dir, backend=backend, threads=threads,
-                                 memory_budget=parse_size(memory_budget), insecure=insecure))
+                                 memory_budget=parse_size(memory_budget), insecure=insecure,
+                                 data_endpoint=data_endpoint))
     except TpiError as e:
         fail(e)
     except KeyboardInterrupt:

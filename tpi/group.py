@@ -67,6 +67,25 @@ class Group:
         self.token = token
         self.state = "serving"
         self._closed = False
+        self._closing = threading.Event()
+        self._refuser = None
+        if link is not None:  # the group is formed: anyone joining now is turned away, not left waiting
+            self._refuser = threading.Thread(target=self._refuse_late_joins, name="tpi-refuser", daemon=True)
+            self._refuser.start()
+
+    def _refuse_late_joins(self) -> None:
+        world = len(self.devices)
+        reason = (f"group already full: all {world} devices joined and it is serving; "
+                  f"restart tpi serve with --devices {world + 1} to include this device")
+        while not self._closing.is_set():
+            join = self.link.next_join(timeout=0.2)
+            if join is None:
+                continue
+            try:
+                self.link.refuse(join, reason)
+            except TpiError as e:  # the link is going down; nothing left to refuse with
+                log.debug("could not refuse %s: %s", join.name, e)
+                return
 
     def status(self) -> dict:
         return {
@@ -81,6 +100,9 @@ class Group:
         if self._closed:
             return
         self._closed = True
+        self._closing.set()
+        if self._refuser is not None:
+            self._refuser.join(timeout=2)
         comm = self.engine.comm
         if comm.world > 1:
             try:

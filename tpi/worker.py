@@ -26,6 +26,7 @@ class WorkerOptions:
     insecure: bool = False
     profile: dict = field(default_factory=dict)
     link_settings: object = None  # tpi.transport.link.LinkSettings; None = defaults
+    data_endpoint: str | None = None  # HOST:PORT of the master's data channel; None = master port + 1
 
 
 def cached_hashes(cache_dir: Path) -> list[str]:
@@ -34,16 +35,19 @@ def cached_hashes(cache_dir: Path) -> list[str]:
 
 def run_worker(opts: WorkerOptions) -> dict:
     """Join, fetch (or reuse) the shard, serve steps until the master stops us. Returns stats."""
-    from tpi.transport.link import LinkSettings, WorkerLink
+    from tpi.transport.link import LinkSettings, WorkerLink, parse_endpoint
 
     opts.cache_dir.mkdir(parents=True, exist_ok=True)
+    data = "tcp://{}:{}".format(*parse_endpoint(opts.data_endpoint)) if opts.data_endpoint else None
     link = WorkerLink(opts.master, opts.token, opts.key_dir, insecure=opts.insecure,
-                      settings=opts.link_settings or LinkSettings())
+                      settings=opts.link_settings or LinkSettings(), data_endpoint=data)
     try:
         assign = link.join(opts.name, opts.profile, cached_hashes(opts.cache_dir))
         log.info("joined as rank %d of %d", assign.rank, assign.world)
         dest = opts.cache_dir / f"{assign.shard_hash}{SHARD_SUFFIX}"
+        had_file = dest.exists()
         transfer = link.fetch_shard(dest, assign.shard_hash, assign.shard_size, progress=True)
+        _log_transfer(transfer, had_file)
         model, store = _load_model(dest, assign, opts)
         comm = link.communicator()
         model.comm = comm
@@ -52,6 +56,16 @@ def run_worker(opts: WorkerOptions) -> dict:
         return {"rank": assign.rank, "steps": steps, "transfer": transfer}
     finally:
         link.close()
+
+
+def _log_transfer(transfer, had_file: bool) -> None:
+    if transfer.cached:
+        log.info("shard: 0 bytes transferred (cached)")
+        return
+    if had_file:
+        log.warning("cached shard failed its content hash check; fetched it again")
+    log.info("shard: %d bytes transferred (%d resumed) in %.1fs", transfer.bytes_transferred,
+             transfer.bytes_resumed, transfer.seconds)
 
 
 def _load_model(path: Path, assign, opts: WorkerOptions):
