@@ -99,15 +99,20 @@ class Keeper:
         if self.failure is not None:
             raise GroupError(f"link thread failed: {self.failure}; restart this process")
         self._commands.put(fn)
+        self._wake()
+
+    def _wake(self) -> None:
         with self._wake_lock:
-            self._wake_push.send(b"", zmq.NOBLOCK)
+            try:
+                self._wake_push.send(b"", zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # wake-ups already queued: the keeper will drain every command anyway
 
     def stop(self) -> None:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        with self._wake_lock:
-            self._wake_push.send(b"", zmq.NOBLOCK)
+        self._wake()
         self._thread.join(timeout=5)
         self._wake_push.close(0)
 
