@@ -62,15 +62,14 @@ def to_bf16(x: np.ndarray) -> np.ndarray:
     """float32 -> bf16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     u = x.view(np.uint32)
-    r = u >> np.uint32(16)  # in-place steps: one temporary on the hot path
-    r &= np.uint32(1)
-    r += np.uint32(0x7FFF)
+    r = np.right_shift(u, 16)  # in-place steps after this: one temporary on the hot path
+    np.bitwise_and(r, 1, out=r)
+    r += 0x7FFF
     r += u
-    r >>= np.uint32(16)
-    out = r.astype(np.uint16)
+    out = np.right_shift(r, 16, out=r).astype(np.uint16)
     if np.isnan(x).any():  # rounding could carry a NaN payload into inf; keep it a quiet NaN
         nan = np.isnan(x)
-        out[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
+        out[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
     return out
 
 
@@ -316,8 +315,7 @@ def _nbytes(frame: object) -> int:
     return frame.nbytes if isinstance(frame, memoryview) else len(frame)
 
 
-def _good_dim(d: object, limit: int) -> bool:
-    return isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= limit
+_MAX_DIM = 1 << 40
 
 
 def _decode_tensor(desc: object, frame: object, max_frame: int) -> np.ndarray:
@@ -328,12 +326,17 @@ def _decode_tensor(desc: object, frame: object, max_frame: int) -> np.ndarray:
     dt = WIRE_DTYPES.get(dt_name) if isinstance(dt_name, str) else None
     if dt is None:
         raise ProtocolError(f"dtype {dt_name!r} is not on the wire whitelist ({', '.join(WIRE_DTYPES)})")
-    if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_good_dim(d, 1 << 40) for d in shape)):
+    if type(shape) is not list or len(shape) > MAX_NDIM:
         raise ProtocolError(f"shape {shape!r} must be a list of <= {MAX_NDIM} non-negative ints")
-    n = _nbytes(frame)
+    count = 1
+    for d in shape:  # type() is int also rules out bool
+        if type(d) is not int or d < 0 or d > _MAX_DIM:
+            raise ProtocolError(f"shape {shape!r} must be a list of <= {MAX_NDIM} non-negative ints")
+        count *= d
+    n = frame.nbytes if type(frame) is memoryview else len(frame)
     if n > max_frame:
         raise ProtocolError(f"buffer of {n} bytes exceeds the {max_frame}-byte frame limit")
-    if math.prod(shape) * dt.itemsize != n:
+    if count * dt.itemsize != n:
         raise ProtocolError(f"shape {shape} of {dt_name} needs {math.prod(shape) * dt.itemsize} bytes, frame has {n}")
     return np.frombuffer(frame, dtype=dt).reshape(shape)
 
