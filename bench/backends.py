@@ -1,0 +1,162 @@
+"""Single-device torch backend vs numpy backend: decode/prefill tokens/s and ms per kernel per layer.
+
+    python bench/backends.py            # SmolLM2-135M, all 30 layers
+    python bench/backends.py --smoke    # first 2 layers, a few tokens: checks the bench runs
+
+Kernels are timed at decode shape (T = 1) on layer 0 through the same seam the model uses;
+"attention rest" / "mlp rest" are a block's time minus its linears (norm, RoPE, attention over
+the cache, SiLU, Python overhead). Kernel times are the best of repeated calls: on a shared
+machine a woken thread pool sometimes waits a whole scheduler slice (~8 ms), which a median
+would report as the kernel's cost.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+BACKENDS = ("torch", "numpy")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str | None = None  # None = embedded SmolLM2
+    layers: int | None = None  # keep only the first N layers (None = all)
+    prompt: int = 64
+    decode: int = 32
+    reps: int = 50
+    threads: int | None = None
+
+
+def build(cfg_bench: BenchConfig, backend: str):
+    """A single-device engine (as tpi.group builds rank 0), optionally cut to the first layers."""
+    from tpi.devices.slicing import plan_shards
+    from tpi.engine import make_layers
+    from tpi.formats import open_model
+    from tpi.generate import Engine
+    from tpi.model import ResidentWeights, Transformer
+    from tpi.shard import iter_rank_blocks
+
+    source = open_model(cfg_bench.model)
+    cfg = source.config
+    if cfg_bench.layers:
+        cfg = replace(cfg, n_layers=min(cfg.n_layers, cfg_bench.layers))
+    context = cfg_bench.prompt + cfg_bench.decode + 8
+    (shard,) = plan_shards(cfg, [1.0])
+    layers = make_layers(backend, cfg, shard, context, cfg_bench.threads)
+    blocks, embed = {}, None
+    for key, (blk,) in iter_rank_blocks(source, cfg, [shard]):
+        if key == "globals":
+            embed = blk.pop("embed")
+        blocks[key] = layers.to_runtime(blk)
+    return Engine(cfg, None, Transformer(cfg, layers, ResidentWeights(blocks)), embed, context)
+
+
+def best_ms(fn, reps: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def generation_speed(engine, cfg_bench: BenchConfig) -> dict:
+    """Prefill a random prompt, then greedy-decode; tokens/s of each phase and the tokens."""
+    ids = np.random.default_rng(0).integers(0, engine.cfg.vocab, cfg_bench.prompt).tolist()
+    engine.forward(ids[:8], 0)  # warm-up (allocations, BLAS threads)
+    t = time.perf_counter()
+    logits = engine.forward(ids, 0)[-1]
+    prefill_s = time.perf_counter() - t
+    tokens = []
+    t = time.perf_counter()
+    for i in range(cfg_bench.decode):
+        tokens.append(int(np.argmax(logits)))
+        logits = engine.forward(tokens[-1:], len(ids) + i)[-1]
+    decode_s = time.perf_counter() - t
+    return {"prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": cfg_bench.decode / decode_s, "tokens": tokens}
+
+
+def kernel_times(engine, cfg_bench: BenchConfig) -> dict[str, float]:
+    """ms per call at T = 1 for layer 0's linears and blocks, plus the lm_head, on this backend."""
+    L, W = engine.model.layers, engine.model.weights
+    attn, mlp, glob = W.get("L0.attn"), W.get("L0.mlp"), W.get("globals")
+    reps = cfg_bench.reps
+    hidden = engine.cfg.hidden
+    rng = np.random.default_rng(1)
+
+    def act(k: int):
+        x = rng.standard_normal((1, k)).astype(np.float32)
+        return L.kernels.activations(x) if L.name == "torch" else x
+
+    def linear(w):
+        x = act(w.in_features)
+        return lambda: w(x)
+
+    out = {}
+    for name, w in (("wqkv", attn["wqkv"]), ("wo", attn["wo"]), ("wgu", mlp["wgu"]), ("wdown", mlp["wdown"])):
+        out[f"{name} [{w.in_features}x{w.out_features}] {w.kernel}"] = best_ms(linear(w), reps)
+    h = L.hidden_from_numpy(rng.standard_normal((1, hidden)).astype(np.float32))
+    pos = cfg_bench.prompt  # attention over a cache of `prompt` positions
+    attn_ms = best_ms(lambda: L.attention(h, attn, 0, pos), reps)
+    mlp_ms = best_ms(lambda: L.mlp(h, mlp), reps)
+    linears = list(out.values())
+    out["attention rest (norm, rope, sdpa)"] = attn_ms - linears[0] - linears[1]
+    out["mlp rest (norm, silu)"] = mlp_ms - linears[2] - linears[3]
+    out["attention block"] = attn_ms
+    out["mlp block"] = mlp_ms
+    head = glob["lm_head"]
+    out[f"lm_head [{head.in_features}x{head.out_features}] {head.kernel} (per token)"] = best_ms(
+        lambda: L.logits(h, glob, False), max(5, reps // 5))
+    return out
+
+
+def run(cfg_bench: BenchConfig) -> dict:
+    results = {}
+    for backend in BACKENDS:
+        engine = build(cfg_bench, backend)
+        results[backend] = {"kernels": kernel_times(engine, cfg_bench), **generation_speed(engine, cfg_bench)}
+        results["model"] = f"{engine.cfg.name}, {engine.cfg.n_layers} layers"
+        del engine
+    return results
+
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t, n = results["torch"], results["numpy"]
+    table = Table(title=f"torch vs numpy backend, single device: {results['model']}")
+    table.add_column("kernel (layer 0, T=1)")
+    table.add_column("torch ms", justify="right")
+    table.add_column("numpy ms", justify="right")
+    table.add_column("numpy slowdown", justify="right")  # numpy time / torch time
+    for (name, tm), (_, nm) in zip(t["kernels"].items(), n["kernels"].items()):
+        label = name.replace("int4pack", "q4").replace("int8pack", "q8")
+        table.add_row(label, f"{tm:.3f}", f"{nm:.3f}", f"{nm / tm:.1f}x" if tm > 0 else "-")
+    for key, label in (("decode_tok_s", "decode tokens/s"), ("prefill_tok_s", "prefill tokens/s")):
+        table.add_row(label, f"{t[key]:.1f}", f"{n[key]:.1f}", f"{t[key] / n[key]:.1f}x", style="bold")
+    Console().print(table)
+    same = t["tokens"] == n["tokens"]
+    print(f"greedy tokens identical: {same}" + ("" if same else f"\n torch {t['tokens']}\n numpy {n['tokens']}"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2)")
+    p.add_argument("--smoke", action="store_true", help="2 layers, few tokens and repetitions")
+    p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
+    p.add_argument("--decode", type=int, default=32, help="decoded tokens")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (torch; numpy if threadpoolctl)")
+    a = p.parse_args()
+    cfg = BenchConfig(model=a.model, prompt=a.prompt, decode=a.decode, threads=a.threads)
+    if a.smoke:
+        cfg = replace(cfg, layers=2, prompt=8, decode=4, reps=3)
+    print_table(run(cfg))
+
+
+if __name__ == "__main__":
+    main()
