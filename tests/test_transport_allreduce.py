@@ -162,3 +162,35 @@ def test_null_communicator_is_the_identity():
     comm = NullCommunicator()
     x = np.arange(4, dtype=np.float32)
     assert comm.allreduce(x) is x and comm.gather(x) == [x] and (comm.rank, comm.world) == (0, 1)
+
+
+def test_worker_follows_the_master_when_it_abandons_a_step(tmp_path):
+    master = MasterLink("127.0.0.1:0", tmp_path / "m", settings=FAST)
+    worker = WorkerLink(f"127.0.0.1:{master.port}", master.token, tmp_path / "w", settings=FAST)
+    box: dict = {}
+
+    def run_worker():
+        worker.join("w1", {}, [])
+        comm = worker.communicator()
+        comm.recv_step()
+        try:
+            comm.allreduce(np.ones(4, np.float32))
+        except GroupError as e:
+            box["error"] = str(e)
+        box["next"] = comm.recv_step()[0]
+        box["sum"] = comm.allreduce(np.ones(4, np.float32))
+
+    t = threading.Thread(target=run_worker)
+    t.start()
+    join = master.next_join(timeout=10)
+    master.admit(join, Assign(rank=1, world=2, shard_hash="", shard_size=0))
+    comm = master.communicator("f32", ready_timeout_s=10)
+    comm.broadcast_step({"request_id": 1, "start_pos": 0, "n_tokens": 1}, np.zeros(1, np.float32))
+    time.sleep(0.2)  # the worker is now waiting for a sum the master will never send
+    comm.broadcast_step({"request_id": 2, "start_pos": 0, "n_tokens": 1}, np.zeros(1, np.float32))
+    out = comm.allreduce(np.full(4, 2.0, np.float32))
+    t.join(timeout=10)
+    worker.close()
+    master.close()
+    assert "abandoned step 1" in box["error"] and box["next"]["request_id"] == 2
+    assert np.array_equal(out, np.full(4, 3.0, np.float32)) and np.array_equal(box["sum"], out)

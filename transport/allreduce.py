@@ -212,6 +212,7 @@ class StarWorker:
         self._max_frame = max_frame
         self._seq = 0
         self._op = 0
+        self._held: Message | None = None  # a control that arrived while a step was running
         self.stats = CommStats()
 
     def announce_ready(self) -> None:
@@ -249,8 +250,12 @@ class StarWorker:
             msg = self._recv(f"sum for allreduce {self._op}", deadline)
             if isinstance(msg, Reduced) and msg.op == self._op and msg.seq == self._seq:
                 break
-            if isinstance(msg, Stop):
-                raise GroupError(f"master stopped the group during an allreduce: {msg.reason}")
+            if isinstance(msg, (Step, Reset, Stop)):
+                # The master gave up on this step (a device was lost) and moved on: keep the
+                # control for the next recv_step() and fail this step.
+                self._held = msg
+                raise GroupError(f"the master abandoned step {self._seq} during allreduce {self._op} "
+                                 f"and sent {type(msg).__name__}; call recv_step() to follow it")
             log.debug("dropped stale %s during allreduce", type(msg).__name__)
         out = from_bf16(msg.x) if msg.x.dtype == np.uint16 else msg.x.copy()
         self.stats.allreduce_count += 1
@@ -268,7 +273,7 @@ class StarWorker:
     def recv_step(self) -> tuple[dict, np.ndarray | None]:
         """Wait for the next control: ({'kind': 'step', ...}, x) or reset/stop with None."""
         while True:
-            msg = self._recv("step", None)
+            msg, self._held = (self._held, None) if self._held is not None else (self._recv("step", None), None)
             if isinstance(msg, Step):
                 self._seq, self._op = msg.seq, 0
                 self.stats.steps += 1
