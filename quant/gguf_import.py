@@ -55,7 +55,8 @@ def _gguf_dequantize(ggml_type: T, data: np.ndarray, shape: tuple[int, ...]) -> 
     return np.asarray(gguf.quants.dequantize(data, ggml_type), dtype=np.float32).reshape(shape)
 
 
-def _q4_blocks_to_q4g32(ggml_type: T, data: np.ndarray, shape: tuple[int, int]) -> tuple[QTensor, QuantError]:
+def _q4_blocks_to_q4g32(ggml_type: T, data: np.ndarray, shape: tuple[int, int],
+                        measure_error: bool = True) -> tuple[QTensor, QuantError | None]:
     """Map Q4_0/Q4_1 blocks onto q4g32 without touching the nibbles."""
     n, k = shape
     block_bytes = 20 if ggml_type == T.Q4_1 else 18
@@ -74,6 +75,8 @@ def _q4_blocks_to_q4g32(ggml_type: T, data: np.ndarray, shape: tuple[int, int]) 
     scale_bits, zero_bits = f32_to_bf16_bits(d), f32_to_bf16_bits(zero)
     sz = np.stack([scale_bits.T, zero_bits.T], axis=-1)  # [K/32, N, 2]
     qt = QTensor(Q4G32, (n, k), {"qweight": packed.reshape(n, k // 2), "scale_zero": np.ascontiguousarray(sz)})
+    if not measure_error:
+        return qt, None
     return qt, _rounding_error(qs, d, zero, bf16_bits_to_f32(scale_bits), bf16_bits_to_f32(zero_bits))
 
 
@@ -115,11 +118,13 @@ def import_tensor(
     shape: tuple[int, ...],
     *,
     keep_bf16_above: float | None = None,
+    measure_error: bool = True,
 ) -> tuple[QTensor | np.ndarray, ImportNote]:
     """Convert one GGUF tensor (`GGUFReader.tensors[i].data`, numpy-order shape) to a native form.
 
     Vectors become float32 arrays; matrices become a QTensor. With keep_bf16_above set, a lossy
-    conversion whose rel_rmse exceeds it is stored as bf16 instead.
+    conversion whose rel_rmse exceeds it is stored as bf16 instead. measure_error=False skips the
+    error report (it costs more than the conversion itself); the note's error is then None.
     """
     ggml_type = T(ggml_type)
     shape = tuple(int(s) for s in shape)
@@ -142,12 +147,14 @@ def import_tensor(
     if ggml_type == T.F16:
         ref = _gguf_dequantize(ggml_type, data, shape)
         qt = quantize(ref, BF16)
-        return qt, ImportNote(ggml_type.name, BF16, False, quant_error(ref, qt))
+        return qt, ImportNote(ggml_type.name, BF16, False, quant_error(ref, qt) if measure_error else None)
     if ggml_type in _BLOCK_MAPPED:
-        qt, err = _q4_blocks_to_q4g32(ggml_type, data, (n, k))
+        qt, err = _q4_blocks_to_q4g32(ggml_type, data, (n, k), measure_error)
         return qt, ImportNote(ggml_type.name, Q4G32, True, err)
     ref = _gguf_dequantize(ggml_type, data, shape)
     qt = quantize(ref, _REQUANTIZE[ggml_type])
+    if not measure_error and keep_bf16_above is None:
+        return qt, ImportNote(ggml_type.name, qt.fmt, False, None)
     err = quant_error(ref, qt)
     if keep_bf16_above is not None and err.rel_rmse > keep_bf16_above:
         qt = quantize(ref, BF16)

@@ -96,7 +96,7 @@ def adjacent_pair_index(n_heads: int, head_dim: int) -> np.ndarray:
 class GGUFSource:
     """A GGUF model file opened lazily; tensors are imported on demand."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, measure_error: bool = False):
         import gguf
 
         if not path.is_file():
@@ -112,6 +112,7 @@ class GGUFSource:
         self._tensors = {t.name: t for t in self._reader.tensors}
         self._check_sizes()
         self.notes: dict[str, object] = {}
+        self.measure_error = measure_error  # per-tensor conversion error, for `tpi convert` reports
 
     def _check_sizes(self) -> None:
         size = self.path.stat().st_size
@@ -151,7 +152,7 @@ class GGUFSource:
         if t is None:
             raise ModelFormatError(f"{self.path}: tensor {gname} is missing")
         shape = tuple(int(d) for d in reversed(t.shape))
-        out, note = import_tensor(t.tensor_type, t.data, shape)
+        out, note = import_tensor(t.tensor_type, t.data, shape, measure_error=self.measure_error)
         self.notes[name] = note
         cfg = self.config
         short = name.rsplit(".", 1)[-1]
