@@ -215,6 +215,44 @@ def window_perplexity(engine, ids: list[int]) -> float:
     return float(math.exp(np.concatenate(nll).mean()))
 
 
+@app.command()
+def convert(
+    model: ModelArg = None,
+    out: Annotated[Optional[Path], typer.Argument(help="output file, e.g. model.tpis (a lone argument is OUT)")] = None,
+    quant: Annotated[Optional[str], typer.Option("--quant", help="quantize HF weights to q4g32 or q8 (GGUF keeps its own types)")] = None,
+    keep_bf16_above: Annotated[Optional[float], typer.Option("--keep-bf16-above", help="keep bf16 where a lossy conversion's relative RMS error exceeds this")] = None,
+) -> None:
+    """Write a model in tpi's native formats, with a per-tensor conversion error report."""
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from tpi.formats import open_model
+    from tpi.formats.native import convert as convert_model
+
+    console = Console(stderr=True)
+    if out is None:  # `tpi convert OUT` converts the embedded default model
+        model, out = None, Path(model or "model.tpis")
+    try:
+        source = open_model(model, quant=quant, measure_error=True)
+        if keep_bf16_above is not None:
+            source.keep_bf16_above = keep_bf16_above
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("converting", total=None)
+            notes = convert_model(source, out, lambda key, i, n: bar.update(task, completed=i, total=n, description=key))
+    except TpiError as e:
+        fail(e)
+    table = Table(title=f"{out}: per-tensor conversion")
+    for col in ("tensor", "from", "to", "exact", "rel rmse", "max abs"):
+        table.add_column(col)
+    for name, note in notes.items():
+        err = note.error
+        table.add_row(name, note.source_type, note.target_fmt, "yes" if note.exact else "no",
+                      f"{err.rel_rmse:.2e}" if err else "-", f"{err.max_abs:.2e}" if err else "-")
+    console.print(table)
+    typer.echo(str(out))
+
+
 def _register_subcommands() -> None:
     """Commands that live in their own modules (chat/API, group, devices) register themselves."""
     import importlib

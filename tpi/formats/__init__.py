@@ -20,15 +20,19 @@ def default_model_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
 
 
-def open_model(path: str | Path | None, quant: str | None = None):
-    """Open a GGUF file or HF folder (None: the embedded default) as a lazy tensor source."""
+def open_model(path: str | Path | None, quant: str | None = None, measure_error: bool = False):
+    """Open a GGUF file, HF folder or converted .tpis (None: the embedded default) as a tensor source."""
     p = default_model_path() if path in (None, "") else Path(path).expanduser()
     if p.is_dir():
         from tpi.formats.safetensors import HFSource
 
-        return HFSource(p, quant=quant)
+        return HFSource(p, quant=quant, measure_error=measure_error)
     if not p.exists():
         raise ModelFormatError(f"model not found: {p}; pass a .gguf file or a Hugging Face folder")
+    if p.suffix == ".tpis":
+        from tpi.formats.native import NativeSource
+
+        return NativeSource(p)
     from tpi.formats.gguf import GGUFSource
 
-    return GGUFSource(p)
+    return GGUFSource(p, measure_error=measure_error)

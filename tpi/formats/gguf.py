@@ -96,27 +96,30 @@ def adjacent_pair_index(n_heads: int, head_dim: int) -> np.ndarray:
 class GGUFSource:
     """A GGUF model file opened lazily; tensors are imported on demand."""
 
+    kind = "gguf"
+
     def __init__(self, path: Path, measure_error: bool = False):
         import gguf
 
         if not path.is_file():
             raise ModelFormatError(f"model file not found: {path}; pass a .gguf file or a Hugging Face folder")
         try:
-            self._reader = gguf.GGUFReader(str(path))
+            self.reader = gguf.GGUFReader(str(path))
         except (ValueError, OSError, IndexError, KeyError, struct_error()) as e:
             raise ModelFormatError(
                 f"{path}: not a readable GGUF file ({e}); the file may be truncated or corrupt, download it again"
             ) from None
         self.path = path
-        self.config = read_config(self._reader, path)
-        self._tensors = {t.name: t for t in self._reader.tensors}
+        self.config = read_config(self.reader, path)
+        self._tensors = {t.name: t for t in self.reader.tensors}
         self._check_sizes()
         self.notes: dict[str, object] = {}
         self.measure_error = measure_error  # per-tensor conversion error, for `tpi convert` reports
+        self.keep_bf16_above: float | None = None  # lossy conversions worse than this stay bf16
 
     def _check_sizes(self) -> None:
         size = self.path.stat().st_size
-        for t in self._reader.tensors:
+        for t in self.reader.tensors:
             end = int(t.data_offset) + int(t.n_bytes)
             if end > size:
                 raise ModelFormatError(
@@ -125,10 +128,10 @@ class GGUFSource:
                 )
 
     def metadata(self, key: str, default=None):
-        return _field(self._reader, key, default)
+        return _field(self.reader, key, default)
 
     def metadata_keys(self) -> list[str]:
-        return list(self._reader.fields)
+        return list(self.reader.fields)
 
     def gguf_name(self, name: str) -> str:
         if name.startswith("layers."):
@@ -152,7 +155,8 @@ class GGUFSource:
         if t is None:
             raise ModelFormatError(f"{self.path}: tensor {gname} is missing")
         shape = tuple(int(d) for d in reversed(t.shape))
-        out, note = import_tensor(t.tensor_type, t.data, shape, measure_error=self.measure_error)
+        out, note = import_tensor(t.tensor_type, t.data, shape, measure_error=self.measure_error,
+                                  keep_bf16_above=self.keep_bf16_above)
         self.notes[name] = note
         cfg = self.config
         short = name.rsplit(".", 1)[-1]

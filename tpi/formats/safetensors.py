@@ -102,7 +102,9 @@ class _SafetensorsFile:
 class HFSource:
     """A Hugging Face model folder; 2-D weights become bf16/f32 QTensors (or quantized on request)."""
 
-    def __init__(self, folder: Path, quant: str | None = None):
+    kind = "hf"
+
+    def __init__(self, folder: Path, quant: str | None = None, measure_error: bool = False):
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise ModelFormatError(f"{folder}: no *.safetensors files; tpi reads safetensors weights only")
@@ -118,6 +120,7 @@ class HFSource:
         self.quant = quant
         self.config = read_hf_config(folder, set(self._where))
         self.notes: dict[str, object] = {}
+        self.measure_error = measure_error
 
     def hf_name(self, name: str) -> str:
         if name.startswith("layers."):
@@ -143,7 +146,13 @@ class HFSource:
         if a.ndim == 1:
             return _to_f32(a, dtype)
         if self.quant:
-            return quantize(_to_f32(a, dtype), self.quant)
+            from tpi.quant.formats import quant_error
+            from tpi.quant.gguf_import import ImportNote
+
+            ref = _to_f32(a, dtype)
+            qt = quantize(ref, self.quant)
+            self.notes[name] = ImportNote(dtype, qt.fmt, False, quant_error(ref, qt) if self.measure_error else None)
+            return qt
         if dtype == "BF16":
             return QTensor(BF16, a.shape, {"weight": np.ascontiguousarray(a)})
         if dtype == "F16":
