@@ -12,22 +12,37 @@ import logging
 import queue
 import secrets
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import zmq
 
 from tpi.errors import GroupError, ProtocolError
 from tpi.transport import security
 from tpi.transport.keeper import (JoinRequest, Keeper, LinkSettings, PeerRecord, frame_meta, parse_endpoint,
                                   tune_socket)
-from tpi.transport.protocol import (Assign, Heartbeat, Hello, Message, Refuse, ShardRequest, Stop,
+from tpi.transport.protocol import (Assign, Heartbeat, Hello, Message, Refuse, ShardChunk, ShardRequest, Stop,
                                     VersionMismatch, decode, encode)
 from tpi.transport.transfer import ShardServer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JoinRequest", "LinkSettings", "MasterLink", "WorkerLink", "parse_endpoint"]
+__all__ = ["JoinRequest", "LinkProbe", "LinkSettings", "MasterLink", "WorkerLink", "parse_endpoint"]
+
+# A link probe reuses the shard messages under a hash no shard has: the master sends a
+# ShardChunk of n bytes to a joined (not yet admitted) device, whose keeper thread echoes an
+# empty ShardRequest at once. Timing both in the keeper threads gives RTT and bandwidth.
+PROBE_HASH = "link-probe"
+
+
+@dataclass(frozen=True)
+class LinkProbe:
+    """A device's control link as the master measured it before admission."""
+
+    rtt_s: float  # fastest empty round trip
+    bandwidth_bytes_s: float  # master -> device, from the extra time a payload takes
+    payload_bytes: int
 
 
 class MasterLink(Keeper):
@@ -71,6 +86,7 @@ class MasterLink(Keeper):
         self._joins: queue.Queue[JoinRequest] = queue.Queue()
         self._shards = ShardServer()
         self._ranks: dict[int, tuple[str, str, int]] = {}  # rank -> (peer_id, name, world)
+        self._probes: dict[bytes, tuple] = {}  # peer -> (probe offset, [send time], echo queue)
         self.start()
 
     @staticmethod
@@ -134,6 +150,43 @@ class MasterLink(Keeper):
             self._send(join.peer, Refuse(reason))
 
         self.call(run)
+
+    def probe(self, join: JoinRequest, payload_bytes: int = 1 << 20, rounds: int = 4,
+              timeout_s: float = 5.0) -> LinkProbe | None:
+        """Time empty and payload round trips to a joined device; None if it does not echo in time."""
+        assert payload_bytes > 0 and rounds > 0
+        echoes: queue.Queue[tuple[int, float]] = queue.Queue()
+        payload = np.zeros(payload_bytes, dtype=np.uint8)
+        best = {0: float("inf"), payload_bytes: float("inf")}
+        deadline = time.monotonic() + timeout_s
+        for i in range(2 * rounds):
+            size = 0 if i % 2 == 0 else payload_bytes
+            chunk = ShardChunk(PROBE_HASH, i, size, 0, payload[:size])
+            sent: list[float] = []
+
+            def run(chunk: ShardChunk = chunk, sent: list = sent) -> None:
+                if join.peer not in self._peers:
+                    return
+                self._probes[join.peer] = (chunk.offset, sent, echoes)
+                sent.append(time.perf_counter())
+                self._send(join.peer, chunk)
+
+            self.call(run)
+            while True:
+                try:
+                    offset, arrived = echoes.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    self.call(lambda: self._probes.pop(join.peer, None))
+                    log.warning("%s (%s) did not answer the link probe; planning with assumed link figures",
+                                join.name, join.address)
+                    return None
+                if offset == i:
+                    break
+            best[size] = min(best[size], arrived - sent[0])
+        self.call(lambda: self._probes.pop(join.peer, None))
+        rtt = best[0]
+        extra = max(best[payload_bytes] - rtt, 1e-7)  # loopback can beat the timer's resolution
+        return LinkProbe(rtt_s=rtt, bandwidth_bytes_s=payload_bytes / extra, payload_bytes=payload_bytes)
 
     def serve_shard(self, join: JoinRequest, path: Path, expected_hash: str) -> None:
         """(Re)register the shard file an admitted device may fetch."""
@@ -243,6 +296,10 @@ class MasterLink(Keeper):
         if peer is not None and peer.state == "admitted":
             peer.last_seen = time.monotonic()
             self._on_admitted(rid, peer, msg)
+        elif peer is not None and isinstance(msg, ShardRequest) and msg.shard_hash == PROBE_HASH:
+            probe = self._probes.get(rid)
+            if probe is not None and probe[0] == msg.offset and probe[1]:
+                probe[2].put((msg.offset, time.perf_counter()))
         elif isinstance(msg, Hello):
             key = frame_meta(frames[-1], "User-Id").encode() if not self.insecure else b""
             self._on_hello(rid, msg, address, key)
@@ -456,6 +513,9 @@ class WorkerLink(Keeper):
             return
         self._last_seen = time.monotonic()
         if isinstance(msg, Heartbeat):
+            return
+        if isinstance(msg, ShardChunk) and msg.shard_hash == PROBE_HASH:
+            self._control.send_multipart(encode(ShardRequest(PROBE_HASH, msg.offset, 0, True)))
             return
         if isinstance(msg, Assign):
             self.assign = msg
