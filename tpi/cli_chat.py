@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -11,18 +12,22 @@ from tpi.errors import TpiError
 
 LocalWorkersOpt = Annotated[int, typer.Option("--local-workers", help="also start N worker processes on this machine (loopback group)", envvar="TPI_LOCAL_WORKERS")]
 ApiKeyOpt = Annotated[Optional[str], typer.Option("--api-key", help="Bearer key: required by the API (serve) or sent to it (chat --url)", envvar="TPI_API_KEY")]
+ConfigDirOpt = Annotated[Optional[Path], typer.Option("--config-dir", help="where keys and the join secret live (group mode)", envvar="TPI_CONFIG_DIR")]
+CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="where shards are cached (group mode)", envvar="TPI_CACHE_DIR")]
 QueueOpt = Annotated[int, typer.Option("--queue-size", help="requests that may wait while one runs; more get 429")]
 
 
-def start_master(model, local_workers: int, context, threads, backend: str, say):
+def start_master(model, local_workers: int, context, threads, backend: str, say,
+                 config_dir: Path | None = None, cache_dir: Path | None = None):
     """Rank 0's engine plus its status and closer: a loopback group when tpi.group exists, else one device."""
     try:
         from tpi.group import GroupOptions, start_group
     except ImportError:
         start_group = None
     if start_group is not None:
+        dirs = {k: v for k, v in (("config_dir", config_dir), ("cache_dir", cache_dir)) if v is not None}
         group = start_group(GroupOptions(model=model, local_workers=local_workers, host="127.0.0.1", context=context,
-                                         threads=threads, backend=backend), say=say)
+                                         threads=threads, backend=backend, **dirs), say=say)
         return group.engine, group.status, group.close
     if local_workers:
         raise TpiError("--local-workers needs the tensor-parallel group (tpi.group), which this install lacks")
@@ -49,6 +54,8 @@ def chat(
     threads: Threads = None,
     context: Context = None,
     backend: Backend = "torch",
+    config_dir: ConfigDirOpt = None,
+    cache_dir: CacheDirOpt = None,
 ) -> None:
     """Chat with the model: a TUI on a terminal, one prompt per line through a pipe."""
     from tpi.chat_backends import ChatOptions, LocalChat, RemoteChat
@@ -65,7 +72,7 @@ def chat(
             from tpi.service import GenerationService
 
             engine, status, close = start_master(model, local_workers, context, threads, backend,
-                                                 say=lambda m: typer.echo(m, err=True))
+                                                 lambda m: typer.echo(m, err=True), config_dir, cache_dir)
             service = GenerationService(engine, status=status)
             chat_backend = LocalChat(service)
         session = ChatSession(chat_backend, opts, system=system)
@@ -92,6 +99,8 @@ def api_serve(
     threads: Threads = None,
     context: Context = None,
     backend: Backend = "torch",
+    config_dir: ConfigDirOpt = None,
+    cache_dir: CacheDirOpt = None,
 ) -> None:
     """Serve the OpenAI-compatible API on this machine (until `tpi serve` hosts it)."""
     from tpi.api import serve_api
@@ -100,7 +109,7 @@ def api_serve(
     close, service = (lambda: None), None
     try:
         engine, status, close = start_master(model, local_workers, context, threads, backend,
-                                             say=lambda m: typer.echo(m, err=True))
+                                             lambda m: typer.echo(m, err=True), config_dir, cache_dir)
         service = GenerationService(engine, status=status, queue_size=queue_size)
         serve_api(service, api_host, api_port, api_key=api_key,
                   on_listening=lambda u: typer.echo(f"OpenAI-compatible API on {u}/v1", err=True))

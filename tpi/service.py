@@ -248,8 +248,8 @@ class GenerationService:
                 "cancelled": st.cancelled,
                 "rejected": st.rejected,
                 "failed": st.failed,
-                "prompt_tokens": st.prompt_tokens,
-                "completion_tokens": st.completion_tokens,
+                "total_prompt_tokens": st.prompt_tokens,
+                "total_completion_tokens": st.completion_tokens,
                 "last": dict(st.last),
             }
 

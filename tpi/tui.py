@@ -5,6 +5,8 @@ the answers. Ctrl-C during an answer cancels that answer only; the history stays
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import queue
 import sys
@@ -195,7 +197,31 @@ def run_tui(session: ChatSession, console=None) -> int:
     """The interactive chat: markdown streaming, slash commands, status line, Ctrl-C handling."""
     from rich.console import Console
 
-    console = console or Console()
+    return _tui_loop(session, console or Console())
+
+
+@contextlib.contextmanager
+def streaming_terminal(stream):
+    """While an answer streams: no echo (an echoed ^C or keystroke shifts the live region, so the
+    answer's first lines show twice) and NOFLSH (Ctrl-C must not discard queued output)."""
+    try:
+        import termios
+
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError, io.UnsupportedOperation):
+        yield
+        return
+    changed = list(saved)
+    changed[3] = (changed[3] & ~(termios.ECHO | termios.ECHOCTL)) | termios.NOFLSH  # lflag
+    termios.tcsetattr(fd, termios.TCSADRAIN, changed)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _tui_loop(session: ChatSession, console) -> int:
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -264,7 +290,8 @@ def _answer(console, session: ChatSession, line: str) -> tuple[TurnResult | None
         console.print(f"[red]error:[/] {e}")
         return None, False
     stopped = False
-    with Live(Markdown(""), console=console, refresh_per_second=10, vertical_overflow="visible") as live:
+    with streaming_terminal(sys.stdin), \
+            Live(Markdown(""), console=console, refresh_per_second=10, vertical_overflow="visible") as live:
         def on_text(piece: str) -> None:
             text.append(piece)
             live.update(Markdown("".join(text)))
