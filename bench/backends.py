@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 BACKENDS = ("torch", "numpy")
+QUESTION = ("Explain step by step how a tensor-parallel transformer splits attention heads and MLP columns "
+            "across several small devices, and why the partial results must be summed after each block. ")
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,19 @@ def build(cfg_bench: BenchConfig, backend: str):
         if key == "globals":
             embed = blk.pop("embed")
         blocks[key] = layers.to_runtime(blk)
-    return Engine(cfg, None, Transformer(cfg, layers, ResidentWeights(blocks)), embed, context)
+    return Engine(cfg, None, Transformer(cfg, layers, ResidentWeights(blocks)), embed, context), source
+
+
+def prompt_ids(source, n: int, vocab: int) -> list[int]:
+    """n tokens of a chat prompt (random ids when the model's tokenizer cannot load here)."""
+    from tpi.errors import TpiError
+
+    try:
+        tok = source.tokenizer()
+        ids = tok.apply_chat_template([{"role": "user", "content": QUESTION * (1 + n // 20)}])
+    except (ImportError, TpiError, ValueError):
+        return np.random.default_rng(0).integers(0, vocab, n).tolist()
+    return ids[:n]
 
 
 def best_ms(fn, reps: int) -> float:
@@ -64,9 +78,8 @@ def best_ms(fn, reps: int) -> float:
     return best * 1e3
 
 
-def generation_speed(engine, cfg_bench: BenchConfig) -> dict:
-    """Prefill a random prompt, then greedy-decode; tokens/s of each phase and the tokens."""
-    ids = np.random.default_rng(0).integers(0, engine.cfg.vocab, cfg_bench.prompt).tolist()
+def generation_speed(engine, ids: list[int], cfg_bench: BenchConfig) -> dict:
+    """Prefill the prompt, then greedy-decode; tokens/s of each phase and the tokens."""
     engine.forward(ids[:8], 0)  # warm-up (allocations, BLAS threads)
     t = time.perf_counter()
     logits = engine.forward(ids, 0)[-1]
@@ -117,8 +130,9 @@ def kernel_times(engine, cfg_bench: BenchConfig) -> dict[str, float]:
 def run(cfg_bench: BenchConfig) -> dict:
     results = {}
     for backend in BACKENDS:
-        engine = build(cfg_bench, backend)
-        results[backend] = {"kernels": kernel_times(engine, cfg_bench), **generation_speed(engine, cfg_bench)}
+        engine, source = build(cfg_bench, backend)
+        ids = prompt_ids(source, cfg_bench.prompt, engine.cfg.vocab)
+        results[backend] = {"kernels": kernel_times(engine, cfg_bench), **generation_speed(engine, ids, cfg_bench)}
         results["model"] = f"{engine.cfg.name}, {engine.cfg.n_layers} layers"
         del engine
     return results
