@@ -1,0 +1,119 @@
+"""tpi against llama-cpp-python on one device: same GGUF, same threads, same prompt, one run.
+
+Rounds alternate between the two engines so that machine noise hits both alike; the table
+reports medians and the ratio tpi / llama.cpp.
+
+    python bench/single_device.py [--model PATH] [--threads 2] [--rounds 5] [--smoke]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine_info, median, print_table, ratio  # noqa: E402
+
+
+def prompt_ids(vocab: int, n: int) -> list[int]:
+    rng = np.random.default_rng(0)
+    return [int(t) for t in rng.integers(100, min(vocab, 30000), n)]
+
+
+class TpiRunner:
+    name = "tpi"
+
+    def __init__(self, model: str, threads: int, context: int):
+        from tpi.engine import EngineOptions, build_local_engine
+
+        self.engine = build_local_engine(EngineOptions(model=model, context=context, threads=threads))
+
+    def prefill(self, ids: list[int]) -> int:
+        self.engine.reset()
+        return int(self.engine.forward(ids, 0)[-1].argmax())
+
+    def step(self, tok: int, pos: int) -> int:
+        return int(self.engine.forward([tok], pos)[-1].argmax())
+
+
+class LlamaCppRunner:
+    name = "llama.cpp"
+
+    def __init__(self, model: str, threads: int, context: int):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=model, n_ctx=context, n_batch=512, n_threads=threads,
+                                   n_threads_batch=threads, verbose=False)
+
+    def prefill(self, ids: list[int]) -> int:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def step(self, tok: int, pos: int) -> int:
+        self.llm.eval([tok])
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+
+def measure(runner, ids: list[int], decode: int) -> tuple[float, float, float]:
+    """(prefill tok/s, decode tok/s, TTFT s) of one round; greedy continuation."""
+    t0 = time.perf_counter()
+    tok = runner.prefill(ids)
+    ttft = time.perf_counter() - t0
+    times = []
+    for i in range(decode):
+        t = time.perf_counter()
+        tok = runner.step(tok, len(ids) + i)
+        times.append(time.perf_counter() - t)
+    return len(ids) / ttft, 1.0 / median(times), ttft
+
+
+def run(model: str, threads: int, rounds: int, prompt: int, decode: int) -> list[list]:
+    runners = [TpiRunner(model, threads, prompt + decode + 8), LlamaCppRunner(model, threads, prompt + decode + 8)]
+    ids = prompt_ids(runners[0].engine.cfg.vocab, prompt)
+    results = {r.name: [] for r in runners}
+    for r in runners:  # warm-up: first-call allocations and page faults are not steady state
+        measure(r, ids, 4)
+    for _ in range(rounds):
+        for r in runners:
+            results[r.name].append(measure(r, ids, decode))
+    rows = []
+    anchor = [median([m[i] for m in results["llama.cpp"]]) for i in range(3)]
+    for name, ms in results.items():
+        med = [median([m[i] for m in ms]) for i in range(3)]
+        rows.append([name, med[0], ratio(med[0], anchor[0]), med[1], ratio(med[1], anchor[1]), 1000 * med[2],
+                     ratio(anchor[2], med[2])])
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="GGUF file (default: embedded SmolLM2-135M Q4_1)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    ap.add_argument("--decode", type=int, default=64, help="decoded tokens per round")
+    ap.add_argument("--smoke", action="store_true", help="tiny run that only checks the script works")
+    args = ap.parse_args()
+    if args.model is None:
+        from tpi.formats import default_model_path
+
+        args.model = str(default_model_path())
+    if args.smoke:
+        args.rounds, args.prompt, args.decode = 1, 16, 4
+    rows = run(args.model, args.threads, args.rounds, args.prompt, args.decode)
+    info = machine_info()
+    print_table(
+        f"Single device: {Path(args.model).name}, {args.threads} threads, prompt {args.prompt}, decode {args.decode}",
+        ["engine", "prefill tok/s", "ratio", "decode tok/s", "ratio", "TTFT ms", "speedup"],
+        rows,
+        notes=[f"medians of {args.rounds} alternating rounds; ratio = engine / llama.cpp",
+               f"machine: {info}", "command: python bench/single_device.py " + " ".join(sys.argv[1:])],
+    )
+
+
+if __name__ == "__main__":
+    main()
