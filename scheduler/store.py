@@ -35,6 +35,7 @@ ALIGN = 1 << 16
 ARRAY_ALIGN = 64
 _DTYPE_KINDS = "biufc"  # plain numeric dtypes; bf16 travels as uint16 bits
 _HASH_CHUNK = 8 << 20
+_IOV_MAX = 1024  # POSIX minimum is 16, Linux and macOS allow 1024; a block has a few dozen arrays
 
 
 def _content_hasher() -> "hashlib._Hash":
@@ -255,19 +256,13 @@ class ShardStore:
     def load(self, key: str, copy: bool = True) -> dict[str, object]:
         """Block as {name: QTensor | ndarray}.
 
-        copy=True reads the region into one fresh buffer the arrays own (the bytes are in
-        memory on return; for pinned and prefetched blocks). copy=False returns read-only views
+        copy=True reads the region with one preadv into fresh buffers the arrays own, one per
+        array (the bytes are in memory on return; for pinned and prefetched blocks). copy=False returns read-only views
         of a shared mmap, paged in lazily on first touch.
         """
         entry = self._entry(key)
-        if copy:
-            raw = np.empty(entry["nbytes"] + ARRAY_ALIGN, np.uint8)
-            shift = (-raw.ctypes.data) % ARRAY_ALIGN  # 64-byte aligned like the file
-            region = raw[shift:shift + entry["nbytes"]]
-            self._read_into(memoryview(region), entry["offset"])
-            base, base_offset = region, 0
-        else:
-            base, base_offset = self._mapping(), entry["offset"]
+        owned = self._read_arrays(entry) if copy else None
+        mapping = None if copy else self._mapping()
 
         def view(spec: dict) -> np.ndarray:
             dtype = np.dtype(spec["dtype"])
@@ -275,7 +270,9 @@ class ShardStore:
             count = int(np.prod(shape, dtype=np.int64))
             if count == 0:
                 return np.empty(shape, dtype)
-            return np.frombuffer(base, dtype, count, base_offset + spec["offset"]).reshape(shape)
+            if owned is not None:
+                return owned[spec["offset"]].view(dtype).reshape(shape)
+            return np.frombuffer(mapping, dtype, count, entry["offset"] + spec["offset"]).reshape(shape)
 
         out: dict[str, object] = {}
         for t in entry["tensors"]:
@@ -325,6 +322,52 @@ class ShardStore:
                     f"(expected {entry['hash'][:16]}..., found {h.hexdigest()[:16]}...); delete "
                     "the file and re-create or transfer the shard again"
                 )
+
+    def _read_arrays(self, entry: dict) -> dict[int, np.ndarray]:
+        """Read a region with one preadv into a separate 64-byte-aligned buffer per array.
+
+        Separate buffers let a runtime that converts an array (the torch int4 repack) free the
+        stored bytes, where one shared region buffer would stay alive through any other view.
+        Returns {offset in region: uint8 array}; padding between arrays goes to a scratch buffer.
+        """
+        specs = []
+        for t in entry["tensors"]:
+            specs += [t["array"]] if "array" in t else list(t["arrays"].values())
+        spans = sorted({(s["offset"], np.dtype(s["dtype"]).itemsize
+                         * int(np.prod(s["shape"], dtype=np.int64))) for s in specs})
+        owned: dict[int, np.ndarray] = {}
+        iov: list[memoryview] = []
+        pos = 0
+        scratch = np.empty(ARRAY_ALIGN, np.uint8)  # gaps are < ARRAY_ALIGN bytes
+        for start, nbytes in spans:
+            if nbytes == 0:
+                continue
+            assert start >= pos and start - pos < ARRAY_ALIGN, "arrays overlap or a gap is too wide"
+            if start > pos:
+                iov.append(memoryview(scratch[: start - pos]))
+            raw = np.empty(nbytes + ARRAY_ALIGN, np.uint8)
+            shift = (-raw.ctypes.data) % ARRAY_ALIGN
+            owned[start] = raw[shift:shift + nbytes]
+            iov.append(memoryview(owned[start]))
+            pos = start + nbytes
+        self._read_iov(iov, entry["offset"])
+        return owned
+
+    def _read_iov(self, iov: list[memoryview], offset: int) -> None:
+        done, total = 0, sum(len(b) for b in iov)
+        while done < total:  # preadv may return short; resume inside the right buffer
+            skip, rest = done, []
+            for b in iov:
+                if skip >= len(b):
+                    skip -= len(b)
+                    continue
+                rest.append(b[skip:])
+                skip = 0
+            n = os.preadv(self._fd, rest[:_IOV_MAX], offset + done)
+            if n == 0:
+                raise ModelFormatError(f"shard store {self.path} ended early at byte "
+                                       f"{offset + done}; the file was truncated after opening")
+            done += n
 
     def _read_into(self, dest: memoryview, offset: int) -> None:
         done = 0
