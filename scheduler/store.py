@@ -283,15 +283,15 @@ class ShardStore:
                 out[t["name"]] = _qtensor(t["fmt"], tuple(t["shape"]), arrays)
         return out
 
-    def release(self, key: str) -> None:
-        """Drop this block's pages from the mapping and the page cache (data stays on disk)."""
+    def release(self, key: str, drop_cache: bool = True) -> None:
+        """Drop this block's pages from the mapping and, unless drop_cache=False, the page cache."""
         entry = self._entry(key)
         start, length = entry["offset"], _round_up(max(entry["nbytes"], 1), mmap.PAGESIZE)
         with self._lock:
             mapping = self._mmap
         if mapping is not None and hasattr(mapping, "madvise"):
             mapping.madvise(mmap.MADV_DONTNEED, start, min(length, self.nbytes - start))
-        if hasattr(os, "posix_fadvise"):
+        if drop_cache and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_DONTNEED)
 
     def will_need(self, key: str) -> None:
