@@ -1,6 +1,8 @@
 """Chat and API commands: `tpi chat` and the hidden `tpi api-serve` (one device, API only)."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -17,6 +19,22 @@ CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="where 
 QueueOpt = Annotated[int, typer.Option("--queue-size", help="requests that may wait while one runs; more get 429")]
 
 
+@contextlib.contextmanager
+def sigint_ignored_by_children(active: bool, say):
+    """Local workers share the terminal's process group, so the Ctrl-C that stops an answer would
+    also kill them. An ignored SIGINT is inherited across exec, so workers spawned meanwhile keep
+    running; the price is that Ctrl-C cannot abort the group's start."""
+    if not active:
+        yield
+        return
+    say("starting local workers (Ctrl-C is ignored until the group is ready)")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def start_master(model, local_workers: int, context, threads, backend: str, say,
                  config_dir: Path | None = None, cache_dir: Path | None = None):
     """Rank 0's engine plus its status and closer: a loopback group when tpi.group exists, else one device."""
@@ -26,8 +44,10 @@ def start_master(model, local_workers: int, context, threads, backend: str, say,
         start_group = None
     if start_group is not None:
         dirs = {k: v for k, v in (("config_dir", config_dir), ("cache_dir", cache_dir)) if v is not None}
-        group = start_group(GroupOptions(model=model, local_workers=local_workers, host="127.0.0.1", context=context,
-                                         threads=threads, backend=backend, **dirs), say=say)
+        opts = GroupOptions(model=model, local_workers=local_workers, host="127.0.0.1", context=context,
+                            threads=threads, backend=backend, **dirs)
+        with sigint_ignored_by_children(local_workers > 0, say):
+            group = start_group(opts, say=say)
         return group.engine, group.status, group.close
     if local_workers:
         raise TpiError("--local-workers needs the tensor-parallel group (tpi.group), which this install lacks")
