@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tpi.errors import GroupError
+from tpi.errors import GroupError, TpiError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,13 @@ def run_worker(opts: WorkerOptions) -> dict:
         had_file = dest.exists()
         transfer = link.fetch_shard(dest, assign.shard_hash, assign.shard_size, progress=True)
         _log_transfer(transfer, had_file)
-        model, store = _load_model(dest, assign, opts)
+        try:
+            model, store = _load_model(dest, assign, opts)
+        except TpiError as e:  # e.g. an impossible --memory-budget: the master reports why we left
+            from tpi.transport.protocol import Stop
+
+            link.send(Stop(f"cannot load its shard: {e}"))
+            raise
         comm = link.communicator()
         model.comm = comm
         log.info("ready: rank %d computing", assign.rank)
