@@ -1,12 +1,30 @@
-"""A rank's weights: all resident, or pinned + streamed from its shard store under a budget."""
+"""A rank's weights: all resident, or pinned + streamed from its shard store under a memory budget.
+
+The budget is the whole process (DESIGN.md §5): pinned blocks + streaming window + KV cache +
+transient buffers + runtime overhead. The runtime overhead is measured when the plan is made: this
+process's resident set (interpreter, torch, sockets, tokenizer, on the master the open model
+source) less the KV cache already resident, plus a margin. Transient buffers are one prefill
+chunk's activations and one block's conversion into kernel form (the torch int4 repack holds a
+block's stored qweights beside the repacked ones until the block is ready).
+
+On rank 0 the embedding table stays a read-only map of the store: a step reads one row per token,
+and those pages are dropped again at the end of every step, so the table costs no budget.
+"""
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import replace
+
+import numpy as np
 
 from tpi.generate import PREFILL_CHUNK
 from tpi.model import ResidentWeights
 
 log = logging.getLogger(__name__)
+
+GLOBALS = "globals"
+EMBED = "embed"  # the tensor in rank 0's globals block that is mapped, not copied
 
 
 def activation_bytes(cfg, shard, context: int, chunk: int = PREFILL_CHUNK) -> int:
@@ -22,45 +40,161 @@ def kv_cache_bytes(cfg, shard, context: int, itemsize: int = 2) -> int:
     return 2 * cfg.n_layers * shard.n_kv_heads * context * cfg.head_dim * itemsize
 
 
-class StreamedWeights:
-    """BlockScheduler behind the model's get/release, with per-token stats for --stats."""
+def _layers_kv_bytes(layers, cfg, shard, context: int) -> tuple[int, int]:
+    """(KV cache bytes, of which already resident) of a layers object (torch or numpy)."""
+    caches = [getattr(layers, n, None) for n in ("k_cache", "v_cache")]
+    if any(c is None for c in caches):
+        return kv_cache_bytes(cfg, shard, context), 0
+    total = sum(int(c.nbytes) for c in caches)
+    # torch.zeros writes every page now; np.zeros gets lazily zeroed pages, resident once written.
+    resident = sum(int(c.nbytes) for c in caches if not isinstance(c, np.ndarray))
+    return total, resident
 
-    def __init__(self, scheduler, plan):
-        self.scheduler, self.plan = scheduler, plan
+
+def conversion_bytes(store) -> int:
+    """Most q4g32 qweight bytes in one block: what prepare may hold twice while it repacks."""
+    most = 0
+    for key in store.keys():
+        block = store.load(key, copy=False)  # views of the map: reads the index only
+        q4 = [t.arrays["qweight"].nbytes for t in block.values() if getattr(t, "fmt", None) == "q4g32"]
+        most = max(most, sum(q4))
+    return most
+
+
+def planned_block_sizes(store, embed_mapped: bool) -> list[tuple[str, int]]:
+    """(key, resident bytes) per block; a mapped embedding is not resident."""
+    sizes = []
+    for key, nbytes in store.block_sizes():
+        if key == GLOBALS and embed_mapped:
+            nbytes -= _embed_nbytes(store)
+        sizes.append((key, nbytes))
+    return sizes
+
+
+def _embed_nbytes(store) -> int:
+    if GLOBALS not in store.keys():
+        return 0
+    t = store.load(GLOBALS, copy=False).get(EMBED)
+    return 0 if t is None else sum(a.nbytes for a in t.arrays.values())
+
+
+def plan_memory(store, layers, cfg, shard, context: int, budget: int, *, runtime_overhead: int | None = None):
+    """The WindowPlan for this rank under `budget` bytes; BudgetError (nothing loaded) if it cannot fit.
+
+    `runtime_overhead` overrides the measurement (tests and the planner's what-ifs).
+    """
+    from tpi.scheduler.overhead import runtime_overhead_bytes
+    from tpi.scheduler.window import plan_window
+
+    kv_total, kv_resident = _layers_kv_bytes(layers, cfg, shard, context)
+    if runtime_overhead is None:
+        runtime_overhead = max(0, runtime_overhead_bytes() - kv_resident)
+    return plan_window(
+        planned_block_sizes(store, embed_mapped=True),
+        budget,
+        kv_cache_bytes=kv_total,
+        activation_bytes=activation_bytes(cfg, shard, context) + conversion_bytes(store),
+        runtime_overhead_bytes=runtime_overhead,
+        always_pinned=[GLOBALS] if GLOBALS in store.keys() else [],
+    )
+
+
+def _owned_copy(t):
+    """A numpy array or QTensor with its own memory, off a read-only map."""
+    if isinstance(t, np.ndarray):
+        return np.array(t)
+    return replace(t, arrays={n: np.array(a) for n, a in t.arrays.items()})
+
+
+class _EmbedMappedStore:
+    """A ShardStore whose globals block loads with the embedding as a map view, the rest copied."""
+
+    def __init__(self, store):
+        self._store = store
+        self.path = store.path
+
+    def load(self, key: str, copy: bool = True) -> dict:
+        if key != GLOBALS or not copy:
+            return self._store.load(key, copy)
+        mapped = self._store.load(key, copy=False)
+        return {name: t if name == EMBED else _owned_copy(t) for name, t in mapped.items()}
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+
+class StreamedWeights:
+    """A BlockScheduler behind the model's get/release, with per-interval stats for --stats.
+
+    A forward pass starts at its first block (plan.order[0]) and ends when globals is released.
+    """
+
+    def __init__(self, scheduler, plan, store, clock=time.perf_counter):
+        self.scheduler, self.plan, self.store = scheduler, plan, store
+        self._clock = clock
+        self._first = plan.order[0]
+        self._pass_start: float | None = None
+        self._forward_s = 0.0
+        self._passes = 0
 
     def get(self, key: str):
+        if key == self._first:
+            self._pass_start = self._clock()
         return self.scheduler.get(key)
 
     def release(self, key: str) -> None:
         self.scheduler.release(key)
+        if key == GLOBALS:
+            # The embedding rows this step read are file pages of the map: drop them from the
+            # resident set (the page cache keeps them, so the next lookup is cheap).
+            self.store.release(GLOBALS, drop_cache=False)
+            if self._pass_start is not None:
+                self._forward_s += self._clock() - self._pass_start
+                self._passes += 1
+                self._pass_start = None
 
     def token_stats(self) -> dict:
+        """Streaming figures since the previous call (one generation, for the CLI), then reset.
+
+        Per-token values divide by forward passes: a decode step is one token, a prefill chunk
+        one pass. overlap = 1 - stall / time spent in forward passes.
+        """
         s = self.scheduler.token_stats()
-        return {"stall_s": s.stall_s, "bytes_read": s.bytes_read, "overlap": s.overlap}
+        passes, forward_s = self._passes, self._forward_s
+        self._passes, self._forward_s = 0, 0.0
+        b = self.plan.breakdown
+        return {
+            "stall_s": s.stall_s,
+            "stall_s_per_token": s.stall_s / passes if passes else 0.0,
+            "bytes_read": s.bytes_read,
+            "bytes_read_per_token": s.bytes_read // passes if passes else 0,
+            "overlap": 1.0 - s.stall_s / forward_s if forward_s > 0 else 1.0,
+            "budget_bytes": b.budget,
+            "pinned_bytes": b.pinned,
+            "window_bytes": b.window,
+            "streamed_bytes_per_token": self.plan.streamed_bytes_per_token,
+            "runtime_overhead_bytes": b.runtime_overhead,
+        }
 
     def close(self) -> None:
         self.scheduler.close()
 
 
-def open_store_weights(store, layers, cfg, shard, context: int, budget: int | None):
-    """Weights for the model from a shard store: everything resident, or a window plan under budget."""
+def open_store_weights(store, layers, cfg, shard, context: int, budget: int | None,
+                       *, runtime_overhead: int | None = None):
+    """Weights for the model from a shard store: everything resident, or a window plan under budget.
+
+    The plan (and a BudgetError for an impossible budget) comes before any block is loaded.
+    """
     if budget is None:
         blocks = {}
         for key in store.keys():
             blocks[key] = layers.to_runtime(store.load(key, copy=True))
             store.release(key)
         return ResidentWeights(blocks)
-    from tpi.scheduler.overhead import runtime_overhead_bytes
     from tpi.scheduler.prefetch import BlockScheduler
-    from tpi.scheduler.window import plan_window
 
-    plan = plan_window(
-        store.block_sizes(),
-        budget,
-        kv_cache_bytes=kv_cache_bytes(cfg, shard, context),
-        activation_bytes=activation_bytes(cfg, shard, context),
-        runtime_overhead_bytes=runtime_overhead_bytes(),
-        always_pinned=["globals"],
-    )
+    plan = plan_memory(store, layers, cfg, shard, context, budget, runtime_overhead=runtime_overhead)
     log.info("memory plan: %s", plan.describe())
-    return StreamedWeights(BlockScheduler(store, plan, layers.to_runtime), plan)
+    mapped = _EmbedMappedStore(store)
+    return StreamedWeights(BlockScheduler(mapped, plan, layers.to_runtime), plan, store)
