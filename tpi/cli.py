@@ -257,7 +257,7 @@ def _register_subcommands() -> None:
     """Commands that live in their own modules (chat/API, group, devices) register themselves."""
     import importlib
 
-    for module in ("tpi.cli_chat", "tpi.cli_group"):
+    for module in ("tpi.cli_chat", "tpi.cli_group", "tpi.cli_devices"):
         try:
             importlib.import_module(module).register(app)
         except ModuleNotFoundError as e:
