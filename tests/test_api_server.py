@@ -1,4 +1,4 @@
-"""A real `tpi api-serve` subprocess on loopback with the embedded SmolLM2, driven by the openai client."""
+"""A real `tpi serve` subprocess on loopback with the embedded SmolLM2, driven by the openai client."""
 from __future__ import annotations
 
 import json
@@ -41,25 +41,29 @@ def run_reference():
 def server(run_reference, tmp_path_factory):
     log = tmp_path_factory.mktemp("api") / "server.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen(TPI + ["api-serve", "--api-port", "0", "--queue-size", "1", "--api-key", KEY],
+        proc = subprocess.Popen(TPI + ["serve", "--api-port", "0", "--queue-size", "1", "--api-key", KEY,
+                                       "--cache-dir", str(log.parent / "cache"), "--config-dir", str(log.parent / "cfg")],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=tpi_env())
-    url, deadline = None, time.monotonic() + START_TIMEOUT_S
-    while url is None:
-        m = re.search(r"API on (http://[\d.]+:\d+)/v1", log.read_text())
-        if m:
+    url, ready, deadline = None, False, time.monotonic() + START_TIMEOUT_S
+    while not ready:  # the API answers at once; /health says "ok" once the group serves
+        m = url or re.search(r"API on (http://[\d.]+:\d+)/v1", log.read_text())
+        if m and url is None:
             url = m.group(1)
-        elif proc.poll() is not None or time.monotonic() > deadline:
+        if url is not None:
+            ready = httpx.get(url + "/health", timeout=5).json()["status"] == "ok"
+        if ready:
+            break
+        if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"tpi api-serve did not start:\n{log.read_text()[-3000:]}")
-        else:
-            time.sleep(0.2)
+            pytest.fail(f"tpi serve did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
     yield url
     proc.terminate()
     try:
         proc.wait(15)
     except subprocess.TimeoutExpired:
         proc.kill()
-        pytest.fail("tpi api-serve did not stop on SIGTERM")
+        pytest.fail("tpi serve did not stop on SIGTERM")
 
 
 @pytest.fixture(scope="module")

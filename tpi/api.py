@@ -21,6 +21,7 @@ from tpi.generate import ContextOverflowError, Generation
 from tpi.service import (
     GenerationRequest,
     GenerationService,
+    NotReadyError,
     QueueFullError,
     RequestError,
     ServiceEvent,
@@ -95,6 +96,8 @@ class ApiError(Exception):
 
 
 def api_error_from(e: TpiError) -> ApiError:
+    if isinstance(e, NotReadyError):
+        return ApiError(503, str(e), "server_error", "not_ready", headers={"Retry-After": "5"})
     if isinstance(e, QueueFullError):
         return ApiError(429, str(e), "rate_limit_error", "queue_full", headers={"Retry-After": str(e.retry_after_s)})
     if isinstance(e, ContextOverflowError):
@@ -143,7 +146,10 @@ def create_app(service: GenerationService, *, api_key: str | None = None, model_
     @app.get("/health")
     async def health():
         snap = service.snapshot()
-        return {"status": "ok", "model": model_id, "busy": snap["busy"], "queued": snap["queued"]}
+        group = service.status()
+        ok = service.engine is not None and group.get("state") in ("serving", "ready")
+        return {"status": "ok" if ok else group.get("state", "starting"), "model": model_id,
+                "busy": snap["busy"], "queued": snap["queued"], "group": group}
 
     @app.get("/v1/models", dependencies=auth)
     async def models():
@@ -168,9 +174,16 @@ def create_app(service: GenerationService, *, api_key: str | None = None, model_
             raise ApiError(400, f"unknown model '{name}'; this server serves '{model_id}' (see GET /v1/models)",
                            code="model_not_found", param="model")
 
+    def require_ready() -> None:
+        try:
+            service.require_engine()
+        except NotReadyError as e:
+            raise api_error_from(e) from None
+
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionBody, request: Request):
         check_model(body.model)
+        require_ready()
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         try:
             ids = service.tokenizer.apply_chat_template(messages)
@@ -182,6 +195,7 @@ def create_app(service: GenerationService, *, api_key: str | None = None, model_
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionBody, request: Request):
         check_model(body.model)
+        require_ready()
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             ids = list(prompt)
@@ -335,8 +349,11 @@ def bind_listener(host: str, port: int):
 
 
 def serve_api(service: GenerationService, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-              model_name: str | None = None, log_level: str = "warning", on_listening=None) -> None:
-    """Serve the API until SIGINT/SIGTERM (blocking); on_listening(url) runs once the port is bound."""
+              model_name: str | None = None, log_level: str = "warning", on_listening=None, on_server=None) -> None:
+    """Serve the API until SIGINT/SIGTERM (blocking); on_listening(url) runs once the port is bound.
+
+    on_server(server) receives the uvicorn server, so another thread can stop it (should_exit).
+    """
     import uvicorn
 
     app = create_app(service, api_key=api_key, model_name=model_name)
@@ -346,7 +363,10 @@ def serve_api(service: GenerationService, host: str = "127.0.0.1", port: int = 8
     if on_listening is not None:
         on_listening(f"http://{shown}:{bound_port}")
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    if on_server is not None:
+        on_server(server)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         sock.close()

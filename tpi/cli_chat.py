@@ -1,4 +1,4 @@
-"""Chat and API commands: `tpi chat` and the hidden `tpi api-serve` (one device, API only)."""
+"""`tpi chat`: the terminal chat, on a local engine or group, or on a running server's API."""
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +16,6 @@ LocalWorkersOpt = Annotated[int, typer.Option("--local-workers", help="also star
 ApiKeyOpt = Annotated[Optional[str], typer.Option("--api-key", help="Bearer key: required by the API (serve) or sent to it (chat --url)", envvar="TPI_API_KEY")]
 ConfigDirOpt = Annotated[Optional[Path], typer.Option("--config-dir", help="where keys and the join secret live (group mode)", envvar="TPI_CONFIG_DIR")]
 CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="where shards are cached (group mode)", envvar="TPI_CACHE_DIR")]
-QueueOpt = Annotated[int, typer.Option("--queue-size", help="requests that may wait while one runs; more get 429")]
 
 
 @contextlib.contextmanager
@@ -109,38 +108,5 @@ def chat(
     raise typer.Exit(code)
 
 
-def api_serve(
-    model: ModelArg = None,
-    api_host: Annotated[str, typer.Option("--api-host", help="address of the OpenAI-compatible API")] = "127.0.0.1",
-    api_port: Annotated[int, typer.Option("--api-port", help="port of the API (0 = any free port, printed)")] = 8000,
-    api_key: ApiKeyOpt = None,
-    queue_size: QueueOpt = 8,
-    local_workers: LocalWorkersOpt = 0,
-    threads: Threads = None,
-    context: Context = None,
-    backend: Backend = "torch",
-    config_dir: ConfigDirOpt = None,
-    cache_dir: CacheDirOpt = None,
-) -> None:
-    """Serve the OpenAI-compatible API on this machine (until `tpi serve` hosts it)."""
-    from tpi.api import serve_api
-    from tpi.service import GenerationService
-
-    close, service = (lambda: None), None
-    try:
-        engine, status, close = start_master(model, local_workers, context, threads, backend,
-                                             lambda m: typer.echo(m, err=True), config_dir, cache_dir)
-        service = GenerationService(engine, status=status, queue_size=queue_size)
-        serve_api(service, api_host, api_port, api_key=api_key,
-                  on_listening=lambda u: typer.echo(f"OpenAI-compatible API on {u}/v1", err=True))
-    except TpiError as e:
-        fail(e)
-    finally:
-        if service is not None:
-            service.close()
-        close()
-
-
 def register(app: typer.Typer) -> None:
     app.command()(chat)
-    app.command("api-serve", hidden=True)(api_serve)

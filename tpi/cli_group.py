@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import platform
-import signal
 import threading
 from pathlib import Path
 from typing import Annotated, Optional
@@ -23,9 +22,10 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="address to listen on for devices")] = "0.0.0.0",
     port: Annotated[int, typer.Option("--port", "-p", help="control port for devices (data uses port+1)")] = 7610,
     api_host: Annotated[str, typer.Option("--api-host", help="address of the OpenAI-compatible API")] = "127.0.0.1",
-    api_port: Annotated[int, typer.Option("--api-port", help="port of the OpenAI-compatible API")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", help="require this Bearer key on the API", envvar="TPI_API_KEY")] = None,
-    wire_dtype: Annotated[str, typer.Option("--wire-dtype", help="allreduce wire dtype: f32 or bf16")] = "f32",
+    api_port: Annotated[int, typer.Option("--api-port", help="port of the API (0 = any free port, printed)")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", help="require this Bearer key on the API (not on /health)", envvar="TPI_API_KEY")] = None,
+    queue_size: Annotated[int, typer.Option("--queue-size", help="requests that may wait while one runs; more get 429")] = 8,
+    wire_dtype: Annotated[Optional[str], typer.Option("--wire-dtype", help="allreduce wire dtype: f32 or bf16 (default: the planner's choice)")] = None,
     ratios: Annotated[Optional[str], typer.Option("--ratios", help="split ratios by rank, e.g. 2,1")] = None,
     threads: Threads = None,
     context: Context = None,
@@ -35,43 +35,82 @@ def serve(
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
     insecure: Insecure = False,
 ) -> None:
-    """Be the master: wait for devices, ship their shards, then serve the API."""
-    from tpi.group import GroupOptions, start_group
+    """Be the master: serve the API at once, wait for devices, ship their shards, then answer."""
+    from tpi.api import serve_api
+    from tpi.group import GroupOptions
+    from tpi.service import GenerationService
 
-    group = None
     try:
         parsed = tuple(float(r) for r in ratios.split(",")) if ratios else None
+    except ValueError:
+        fail(TpiError(f"--ratios '{ratios}' must be numbers separated by commas, e.g. 2,1"))
+    try:
         opts = GroupOptions(model=model, devices=devices, local_workers=local_workers, host=host, port=port,
                             context=context, threads=threads, backend=backend, memory_budget=parse_size(memory_budget),
                             ratios=parsed, wire_dtype=wire_dtype, insecure=insecure, config_dir=config_dir,
                             cache_dir=cache_dir)
-        group = start_group(opts, say=lambda m: typer.echo(m, err=True))
-        _serve_api(group, api_host, api_port, api_key)
-    except ValueError:
-        fail(TpiError(f"--ratios '{ratios}' must be numbers separated by commas, e.g. 2,1"))
+    except TpiError as e:
+        fail(e)
+    forming = GroupFormation(opts, lambda m: typer.echo(m, err=True))
+    service = GenerationService(None, status=forming.status, queue_size=queue_size, model_name=served_model_id(model))
+    forming.on_ready = service.attach
+    try:
+        serve_api(service, api_host, api_port, api_key=api_key,
+                  on_listening=lambda u: typer.echo(f"OpenAI-compatible API on {u}/v1 (GET /health shows the group)", err=True),
+                  on_server=forming.start)
     except TpiError as e:
         fail(e)
     finally:
-        if group is not None:
-            group.close()
+        service.close()
+        forming.close()
+    if forming.error is not None:
+        fail(forming.error)
 
 
-def _serve_api(group, host: str, port: int, api_key: str | None) -> None:
-    try:
-        from tpi.api import serve_api
-        from tpi.service import GenerationService
-    except ImportError:  # the API module is optional until it lands; keep the group up
-        typer.echo("serving the group (no API available); press Ctrl-C to stop", err=True)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+def served_model_id(model: str | None) -> str:
+    """The id /v1/models shows: the model file's name without its extension."""
+    from tpi.formats import DEFAULT_MODEL_FILE
+
+    return Path(model or DEFAULT_MODEL_FILE).name.removesuffix(".gguf").removesuffix(".tpis")
+
+
+class GroupFormation:
+    """Forms the group on a background thread while the API already answers /health."""
+
+    def __init__(self, opts, say):
+        self.opts, self.say = opts, say
+        self.group = None
+        self.error: TpiError | None = None
+        self.on_ready = None
+        self._state = {"state": "starting", "world": max(opts.devices, 1 + opts.local_workers), "devices": []}
+
+    def start(self, server) -> None:
+        threading.Thread(target=self._form, args=(server,), name="tpi-group-formation", daemon=True).start()
+
+    def _form(self, server) -> None:
+        from tpi.group import start_group
+
         try:
-            stop.wait()
-        except KeyboardInterrupt:
-            pass
-        return
-    service = GenerationService(group.engine, status=group.status)
-    typer.echo(f"OpenAI-compatible API on http://{host}:{port}/v1", err=True)
-    serve_api(service, host, port, api_key=api_key)
+            self.group = start_group(self.opts, say=self._say)
+            self.on_ready(self.group.engine)
+        except TpiError as e:
+            self.error = e
+            self._state["state"] = "failed"
+            server.should_exit = True  # serve exits and reports the error
+
+    def _say(self, message: str) -> None:
+        if message.startswith("waiting for"):
+            self._state["state"] = "waiting for devices"
+        elif message.startswith("device joined"):
+            self._state["devices"].append(message.split(": ", 1)[1])
+        self.say(message)
+
+    def status(self) -> dict:
+        return self.group.status() if self.group is not None else dict(self._state)
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
 
 
 def join(
@@ -87,16 +126,23 @@ def join(
     data_endpoint: Annotated[Optional[str], typer.Option(
         "--data-endpoint", help="HOST:PORT of the master's data channel when a proxy or NAT sits between "
         "(default: the master's address, port+1)")] = None,
+    profile_file: Annotated[Optional[Path], typer.Option(
+        "--profile-file", help="send this device profile (JSON, as `tpi devices profile --json` prints) "
+        "instead of the measured one")] = None,
 ) -> None:
     """Join a group as a worker: fetch and cache the shard, then compute steps until stopped."""
+    from tpi.devices.profile import handshake_profile
     from tpi.worker import WorkerOptions, run_worker
 
     try:
         if not token:
             raise TpiError("no join token; copy the --token value that tpi serve printed")
+        budget = parse_size(memory_budget)
+        profile = handshake_profile(cache_dir / "profile", backend=backend, threads=threads, name=name,
+                                    memory_budget=budget, profile_file=profile_file)
         run_worker(WorkerOptions(master=master, token=token, name=name, cache_dir=cache_dir / "shards",
                                  key_dir=key_dir, backend=backend, threads=threads,
-                                 memory_budget=parse_size(memory_budget), insecure=insecure,
+                                 memory_budget=budget, insecure=insecure, profile=profile,
                                  data_endpoint=data_endpoint))
     except TpiError as e:
         fail(e)

@@ -32,6 +32,10 @@ class QueueFullError(TpiError):
         self.retry_after_s = retry_after_s
 
 
+class NotReadyError(TpiError):
+    """The group is still forming (or failed to): no engine to run on yet."""
+
+
 class RequestError(TpiError):
     """A request the engine cannot run as given (bad limits, closed service)."""
 
@@ -115,15 +119,19 @@ class ServiceStats:
 class GenerationService:
     """Serialises requests onto one engine through a bounded FIFO queue."""
 
-    def __init__(self, engine, status: Callable[[], dict] | None = None, queue_size: int = DEFAULT_QUEUE_SIZE):
+    def __init__(self, engine, status: Callable[[], dict] | None = None, queue_size: int = DEFAULT_QUEUE_SIZE,
+                 model_name: str | None = None):
+        """engine may be None while the group forms (`tpi serve`); attach() it when ready."""
         if queue_size < 0:
             raise RequestError(f"queue size {queue_size} is negative; use 0 or more")
-        self.engine = engine
         self.status_fn = status or (lambda: {"devices": [{"rank": 0, "name": "local"}], "state": "ready"})
         self.queue_size = queue_size
-        self.context = engine.context
-        self.model_name = engine.cfg.name
-        self.tokenizer = engine.tokenizer
+        self.engine = None
+        self.model_name = model_name
+        self.context = 0
+        self.tokenizer = None
+        if engine is not None:
+            self.attach(engine)
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._running: Ticket | None = None
         self._cond = threading.Condition()
@@ -132,10 +140,23 @@ class GenerationService:
         self._thread = threading.Thread(target=self._loop, name="tpi-generation", daemon=True)
         self._thread.start()
 
+    def attach(self, engine) -> None:
+        """Start serving on `engine` (the group has formed)."""
+        self.context = engine.context
+        self.model_name = self.model_name or engine.cfg.name
+        self.tokenizer = engine.tokenizer
+        self.engine = engine
+
+    def require_engine(self) -> None:
+        if self.engine is None:
+            state = self.status_fn().get("state", "starting")
+            raise NotReadyError(f"the group is not serving yet (state: {state}); retry shortly, see GET /health")
+
     # -- submitting -----------------------------------------------------------------------
 
     def check(self, request: GenerationRequest) -> None:
         """Raise ContextOverflowError or RequestError when the request cannot run on this context."""
+        self.require_engine()
         n = len(request.prompt_ids)
         if n == 0:
             raise ContextOverflowError("the prompt is empty; give at least one token")
