@@ -32,8 +32,9 @@ def serve_round(model: Path, tmp: Path, worker_cache: Path) -> tuple[np.ndarray,
     def master() -> None:
         try:
             box["group"] = start_group(GroupOptions(
-                model=str(model), devices=2, host="127.0.0.1", threads=1, config_dir=tmp / "master-config",
-                cache_dir=tmp / "master-cache", join_timeout_s=120), say=said.append)
+                model=str(model), devices=2, ratios=(0.5, 0.5), host="127.0.0.1", threads=1,
+                config_dir=tmp / "master-config", cache_dir=tmp / "master-cache", join_timeout_s=120),
+                say=said.append)
         except Exception as e:  # re-raised on the test thread below
             box["error"] = e
 

@@ -37,7 +37,8 @@ def worker_asking_for_the_wrong_shard_first(port: int, token: str, tmp: Path, bo
     try:
         assign = link.join(opts.name, {}, [OTHER_MODEL_HASH])
         try:
-            link.fetch_shard(tmp / "other.tpis", OTHER_MODEL_HASH, assign.shard_size)
+            # one byte: a single request, so no second refusal is still in flight for the next fetch
+            link.fetch_shard(tmp / "other.tpis", OTHER_MODEL_HASH, 1)
         except GroupError as e:
             box["hash_refusal"] = str(e)
         dest = opts.cache_dir / f"{assign.shard_hash}{SHARD_SUFFIX}"
@@ -80,8 +81,9 @@ def test_wrong_shard_old_protocol_and_full_group_are_refused_while_the_group_ser
     def master() -> None:
         try:
             serving["group"] = start_group(GroupOptions(
-                model=str(model), devices=2, host="127.0.0.1", threads=1, config_dir=config_dir,
-                cache_dir=tmp_path / "master-cache", join_timeout_s=120), say=said.append)
+                model=str(model), devices=2, ratios=(0.5, 0.5), host="127.0.0.1", threads=1,
+                config_dir=config_dir, cache_dir=tmp_path / "master-cache", join_timeout_s=120),
+                say=said.append)
         except Exception as e:  # re-raised below
             serving["error"] = e
 
@@ -95,7 +97,8 @@ def test_wrong_shard_old_protocol_and_full_group_are_refused_while_the_group_ser
     worker.start()
     master_thread.join(timeout=180)
     if "error" in serving:
-        raise serving["error"]
+        worker.join(timeout=30)
+        raise AssertionError(f"the group did not form; worker: {box.get('error')!r}") from serving["error"]
     group = serving["group"]
     try:
         assert "error" not in box, box.get("error")

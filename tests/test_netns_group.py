@@ -36,8 +36,8 @@ import numpy as np
 from tpi.group import GroupOptions, start_group
 from tpi.sampler import SamplingParams
 model, host, port, config_dir, cache_dir, out, prompt = sys.argv[1:]
-group = start_group(GroupOptions(model=model, devices=2, host=host, port=int(port), threads=1,
-                                 config_dir=Path(config_dir), cache_dir=Path(cache_dir), join_timeout_s=120),
+group = start_group(GroupOptions(model=model, devices=2, ratios=(0.5, 0.5), host=host, port=int(port),
+                                 threads=1, config_dir=Path(config_dir), cache_dir=Path(cache_dir), join_timeout_s=120),
                     say=lambda m: print(m, file=sys.stderr, flush=True))
 try:
     e = group.engine
