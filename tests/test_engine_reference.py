@@ -62,11 +62,14 @@ def test_prompt_reuses_cached_prefix(tiny_gguf):
     from tpi.sampler import SamplingParams
 
     engine = engine_for(tiny_gguf("tiny_llama_q4_0", smollm2_tokenizer=True))
+    engine.reuse_prefix = True
     greedy = SamplingParams(temperature=0)
     first = engine.generate(TOKENS, greedy, 4, ignore_eos=True)
     again = engine.generate(TOKENS + first.tokens[:2], greedy, 2, ignore_eos=True)
     assert again.prefill_tokens == 1  # only the newest token ran; the rest came from the cache
     assert again.tokens == first.tokens[2:4]
+    engine.reuse_prefix = False
+    assert engine.generate(TOKENS, greedy, 1, ignore_eos=True).prefill_tokens == len(TOKENS)
 
 
 # ---- the real embedded model against llama.cpp -------------------------------------------------

@@ -49,6 +49,7 @@ class LocalChat:
     def __init__(self, service: GenerationService):
         self.service = service
         self.model_name = service.model_name
+        service.engine.reuse_prefix = True  # each turn extends the last: reuse its keys and values
 
     def start(self, messages: list[dict], opts: ChatOptions) -> Turn:
         ids = self.service.tokenizer.apply_chat_template(messages)

@@ -25,6 +25,7 @@ def serve(
     api_port: Annotated[int, typer.Option("--api-port", help="port of the API (0 = any free port, printed)")] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", help="require this Bearer key on the API (not on /health)", envvar="TPI_API_KEY")] = None,
     queue_size: Annotated[int, typer.Option("--queue-size", help="requests that may wait while one runs; more get 429")] = 8,
+    prompt_cache: Annotated[bool, typer.Option("--prompt-cache", help="reuse the previous request's cached prefix (faster multi-turn; answers may differ in the last bits)")] = False,
     wire_dtype: Annotated[Optional[str], typer.Option("--wire-dtype", help="allreduce wire dtype: f32 or bf16 (default: the planner's choice)")] = None,
     ratios: Annotated[Optional[str], typer.Option("--ratios", help="split ratios by rank, e.g. 2,1")] = None,
     threads: Threads = None,
@@ -53,7 +54,11 @@ def serve(
         fail(e)
     forming = GroupFormation(opts, lambda m: typer.echo(m, err=True))
     service = GenerationService(None, status=forming.status, queue_size=queue_size, model_name=served_model_id(model))
-    forming.on_ready = service.attach
+    def ready(engine) -> None:
+        engine.reuse_prefix = prompt_cache
+        service.attach(engine)
+
+    forming.on_ready = ready
     try:
         serve_api(service, api_host, api_port, api_key=api_key,
                   on_listening=lambda u: typer.echo(f"OpenAI-compatible API on {u}/v1 (GET /health shows the group)", err=True),

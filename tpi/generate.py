@@ -87,6 +87,11 @@ class Engine:
         self.embed_table = embed  # QTensor [vocab, hidden]
         self.context = context
         self.cached: list[int] = []  # tokens whose keys/values sit in every rank's cache
+        # Reusing the cached prefix of the previous request saves its prefill, but the last
+        # prompt token then runs through the one-token path whose bf16 rounding differs from a
+        # batched prefill, so a repeated request may sample differently. Off by default: the same
+        # request gives the same answer. Multi-turn chat turns it on.
+        self.reuse_prefix = False
         self.lock = threading.Lock()
 
     @property
@@ -118,7 +123,7 @@ class Engine:
     def prefill(self, ids: Sequence[int]) -> tuple[np.ndarray, int]:
         """Compute the prompt, reusing the cached common prefix. Returns last logits and tokens computed."""
         common = 0
-        for a, b in zip(self.cached, ids):
+        for a, b in zip(self.cached if self.reuse_prefix else (), ids):
             if a != b:
                 break
             common += 1
