@@ -113,6 +113,11 @@ def block_sizes(cfg: ModelConfig, load: RankLoad) -> list[tuple[str, int]]:
     return blocks
 
 
+def runtime_bytes(profile: DeviceProfile, params: CostParams) -> int:
+    """The device's measured runtime memory, or the assumed one when its profile has none."""
+    return profile.runtime_bytes or params.runtime_overhead_bytes
+
+
 def window_for(cfg: ModelConfig, load: RankLoad, budget_bytes: int, params: CostParams) -> WindowPlan:
     """The scheduler's pinned/streamed plan for this rank; BudgetError when even streaming cannot fit."""
     return plan_window(
@@ -236,10 +241,11 @@ def predict(cfg: ModelConfig, shards: Sequence[RankShard], profiles: Sequence[De
     ranks = []
     for shard, prof, budget in zip(shards, profiles, budgets):
         load = rank_load(cfg, shard, params)
-        key = (cfg, load, budget, replace(params, wire_dtype="f32"))  # the wire does not change memory
+        mem_params = replace(params, wire_dtype="f32", runtime_overhead_bytes=runtime_bytes(prof, params))
+        key = (cfg, load, budget, mem_params)  # the wire does not change memory
         plan = window_cache.get(key) if window_cache is not None else None
         if plan is None:
-            plan = window_for(cfg, load, budget, params)
+            plan = window_for(cfg, load, budget, mem_params)
             if window_cache is not None:
                 window_cache[key] = plan
         flops = 2.0 * load.weight_params

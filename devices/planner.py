@@ -9,7 +9,7 @@ Rules:
 - wire dtype: bf16 when it predicts at least 3% lower token latency or TTFT than f32 (the
   link's bytes matter), else f32, which sums exactly what the ranks computed.
 - leave-out: workers are dropped greedily while dropping one predicts >= 1% lower latency
-  (the master always stays: it holds the model file and the embedding).
+  (the master always stays: it holds the model file and the embedding; so do `keep` devices).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Sequence
 
 from tpi.config import ModelConfig
 from tpi.devices.costmodel import (
-    GB, WEIGHT_BYTES, CostParams, LinkProfile, Prediction, matmul_gflops, predict,
+    GB, WEIGHT_BYTES, CostParams, LinkProfile, Prediction, matmul_gflops, predict, runtime_bytes,
 )
 from tpi.devices.profile import DeviceProfile
 from tpi.devices.shapes import parameter_count
@@ -36,6 +36,7 @@ class PlanDevice:
     profile: DeviceProfile
     link: LinkProfile
     budget_bytes: int | None = None  # None: the profile's free memory
+    keep: bool = False  # never leave it out (the user asked for it explicitly)
 
     @property
     def name(self) -> str:
@@ -91,7 +92,7 @@ def device_time_s(cfg: ModelConfig, dev: PlanDevice, ratio: float, params: CostP
     weights = ratio * _layer_bytes(cfg, params.weight_format)
     flops = 2.0 * ratio * parameter_count(cfg)
     compute = flops / (matmul_gflops(dev.profile, params.weight_format) * GB)
-    fixed = params.runtime_overhead_bytes + _kv_bytes(cfg, ratio, params)
+    fixed = runtime_bytes(dev.profile, params) + _kv_bytes(cfg, ratio, params)
     window = params.window_blocks * weights / (2 * cfg.n_layers)  # ~ blocks resident while streaming
     room = dev.budget - fixed - window
     if room < 0:
@@ -114,7 +115,7 @@ def _ratio_within(cfg: ModelConfig, dev: PlanDevice, t: float, params: CostParam
     weights = _layer_bytes(cfg, params.weight_format)
     kv_full = _kv_bytes(cfg, 1.0, params)
     kv_min = kv_full / cfg.n_kv_heads
-    free = dev.budget - params.runtime_overhead_bytes
+    free = dev.budget - runtime_bytes(dev.profile, params)
     by_compute = t / (2.0 * parameter_count(cfg) / (matmul_gflops(dev.profile, params.weight_format) * GB))
     if not allow_streaming:  # everything pinned: weights + KV within the budget
         return min(1.0, by_compute, _largest_share(weights, kv_full, kv_min, free))
@@ -146,7 +147,7 @@ def balance_ratios(cfg: ModelConfig, devices: Sequence[PlanDevice], params: Cost
 def _shortfall_message(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostParams) -> str:
     """Say how much memory the group lacks to pin the whole model, and the smallest fixes."""
     need = (_layer_bytes(cfg, params.weight_format) + _kv_bytes(cfg, 1.0, params)
-            + len(devices) * params.runtime_overhead_bytes)
+            + sum(runtime_bytes(d.profile, params) for d in devices))
     have = sum(d.budget for d in devices)
     short = max(need - have, 0) / GB
     fixes = [f"add a device with >= {short + params.runtime_overhead_bytes / GB:.1f} GB free"]
@@ -161,7 +162,7 @@ def _shortfall_message(cfg: ModelConfig, devices: Sequence[PlanDevice], params: 
 def _pinned_share(cfg: ModelConfig, dev: PlanDevice, params: CostParams) -> float:
     """Largest ratio a device holds with every weight pinned (continuous model)."""
     kv_full = _kv_bytes(cfg, 1.0, params)
-    free = dev.budget - params.runtime_overhead_bytes
+    free = dev.budget - runtime_bytes(dev.profile, params)
     return _largest_share(_layer_bytes(cfg, params.weight_format), kv_full, kv_full / cfg.n_kv_heads, free)
 
 
@@ -228,6 +229,15 @@ def _evaluate(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostParam
     return plan
 
 
+def plan_with_ratios(cfg: ModelConfig, devices: Sequence[PlanDevice], ratios: Sequence[float],
+                     params: CostParams = CostParams(), wire_dtype: str | None = None) -> GroupPlan:
+    """The prediction for a split the user fixed (`--ratios`): no balancing, nobody left out."""
+    if len(ratios) != len(devices):
+        raise ShapeError(f"{len(ratios)} split ratios for {len(devices)} devices; give one per device")
+    total = sum(ratios)
+    return _score(cfg, devices, tuple(r / total for r in ratios), params, wire_dtype, None)
+
+
 def plan_group(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostParams = CostParams(),
                allow_streaming: bool = True, wire_dtype: str | None = None) -> GroupPlan:
     """Choose the group (devices[0] is the master), its ratios, windows and wire dtype."""
@@ -238,7 +248,7 @@ def plan_group(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostPara
     max_ranks = cfg.n_heads // head_unit(cfg.head_dim)
     current = list(devices)
     if len(current) > max_ranks:
-        by_speed = sorted(current[1:], key=lambda d: -matmul_gflops(d.profile, params.weight_format))
+        by_speed = sorted(current[1:], key=lambda d: (not d.keep, -matmul_gflops(d.profile, params.weight_format)))
         keep = by_speed[: max_ranks - 1]
         for d in by_speed[max_ranks - 1:]:
             excluded.append((d.name, f"{cfg.name} splits into at most {max_ranks} head blocks"))
@@ -252,7 +262,7 @@ def plan_group(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostPara
 
     best = attempt(current)
     while len(current) > 1:
-        trials = [(d, attempt([x for x in current if x is not d])) for d in current[1:]]
+        trials = [(d, attempt([x for x in current if x is not d])) for d in current[1:] if not d.keep]
         feasible = [(d, p) for d, p in trials if isinstance(p, GroupPlan)]
         if not feasible:
             break

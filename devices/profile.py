@@ -1,6 +1,7 @@
 """Measure a device (matmul throughput, memory bandwidth, disk, memory) and carry it over the wire."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -8,7 +9,7 @@ import os
 import platform
 import socket
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 BACKENDS = ("torch", "numpy")
 GROUP = 32
 CACHE_FILE = "device_profile.json"
+CACHE_MAX_AGE_S = 7 * 24 * 3600.0  # a week: hardware rarely changes, free memory is re-read on use
+MAX_BENCH_WEIGHTS = 8 << 20  # cap one bench matmul at 8M weights (16 MB bf16) to stay well under 3 s
 # Representative decode matmul shapes (N, K): big enough to leave cache, small enough for < 3 s.
 DEFAULT_BENCH_SHAPES: tuple[tuple[int, int], ...] = ((2048, 2048), (4096, 1024))
 ProgressFn = Callable[[str, float], None]
@@ -42,6 +45,7 @@ class DeviceProfile:
     memory_gbs: float  # memory copy bandwidth, GB/s
     disk_mb_s: float  # cold sequential read of the shard store's disk, MB/s
     measured_at: float  # unix seconds
+    runtime_bytes: int = 0  # resident memory of the runtime before weights (0: unknown, the planner assumes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,21 +56,23 @@ class DeviceProfile:
         if not isinstance(data, dict):
             raise ProtocolError(f"device profile must be a map, got {type(data).__name__}")
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in data]
+        optional = {"runtime_bytes"}  # added later: older peers may omit it
+        missing = [n for n in names if n not in data and n not in optional]
         extra = [k for k in data if k not in names]
         if missing or extra:
             raise ProtocolError(
                 f"device profile fields do not match (missing {missing}, unexpected {extra!r:.200}); "
                 "the peer runs another tpi version: upgrade both sides to the same release"
             )
-        values = {n: _check_field(n, data[n]) for n in names}
+        values = {n: _check_field(n, data[n]) for n in names if n in data}
         if values["free_memory_bytes"] > values["total_memory_bytes"]:
             raise ProtocolError("device profile says free memory exceeds total memory")
         return cls(**values)
 
 
 _STR_FIELDS = {"name": 128, "os": 64}
-_INT_FIELDS = {"cores": (1, 4096), "total_memory_bytes": (1, 1 << 50), "free_memory_bytes": (0, 1 << 50)}
+_INT_FIELDS = {"cores": (1, 4096), "total_memory_bytes": (1, 1 << 50), "free_memory_bytes": (0, 1 << 50),
+               "runtime_bytes": (0, 1 << 50)}
 _FLOAT_FIELDS = {  # (min exclusive-ish, max): throughputs must be positive to divide by
     "int4_gflops": (1e-6, 1e7), "bf16_gflops": (1e-6, 1e7), "prefill_gflops": (1e-6, 1e7),
     "memory_gbs": (1e-6, 1e5), "disk_mb_s": (1e-6, 1e7), "measured_at": (0.0, 1e11),
@@ -225,10 +231,23 @@ def _cgroup_limit() -> tuple[int | None, int | None]:
 
 def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, backend: str = "torch",
                     scratch_dir: Path | str = ".", quick: bool = False,
-                    progress: ProgressFn | None = None, name: str | None = None) -> DeviceProfile:
-    """Measure this device; about 1-3 s (quick: well under 1 s). Shapes are (N, K) decode matmuls."""
+                    progress: ProgressFn | None = None, name: str | None = None,
+                    threads: int | None = None) -> DeviceProfile:
+    """Measure this device; about 1-3 s (quick: well under 1 s). Shapes are (N, K) decode matmuls.
+
+    threads: the compute threads the engine will use (torch); matmul rates are measured with them.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}")
+    if backend == "torch" and threads:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return measure_profile(shapes, backend, scratch_dir, quick, progress, name, None)
+        finally:
+            torch.set_num_threads(before)
     for n, k in shapes:
         assert k % GROUP == 0 and n % 16 == 0, f"bench shape {(n, k)} must have K % 32 == 0 and N % 16 == 0"
     report = progress or (lambda _what, _frac: None)
@@ -246,18 +265,21 @@ def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, ba
     report("disk read", (len(shapes) + 1) / (len(shapes) + 2))
     disk = measure_disk_mb_s(Path(scratch_dir), 8 if quick else 32)
     total, free = memory_bytes()
+    from tpi.scheduler.overhead import runtime_overhead_bytes
+
+    runtime = runtime_overhead_bytes()  # this process with the backend loaded, as the window plan counts it
     report("done", 1.0)
     return DeviceProfile(
         name=(name or socket.gethostname() or "device")[:128], os=f"{platform.system()} {platform.machine()}"[:64],
         cores=os.cpu_count() or 1, total_memory_bytes=total, free_memory_bytes=free, backend=backend,
         int4_gflops=flops1 / t4 / 1e9, bf16_gflops=flops1 / t16 / 1e9, prefill_gflops=flops64 / tp / 1e9,
-        memory_gbs=mem, disk_mb_s=disk, measured_at=time.time(),
+        memory_gbs=mem, disk_mb_s=disk, measured_at=time.time(), runtime_bytes=runtime,
     )
 
 
-def save_profile(profile: DeviceProfile, cache_dir: Path | str) -> Path:
-    """Write the profile as JSON in cache_dir; returns the file path."""
-    path = Path(cache_dir) / CACHE_FILE
+def save_profile(profile: DeviceProfile, cache_dir: Path | str, key: str = "") -> Path:
+    """Write the profile as JSON in cache_dir (one file per key); returns the file path."""
+    path = Path(cache_dir) / _cache_name(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(profile.to_dict(), indent=1))
@@ -265,10 +287,14 @@ def save_profile(profile: DeviceProfile, cache_dir: Path | str) -> Path:
     return path
 
 
+def _cache_name(key: str) -> str:
+    return CACHE_FILE if not key else CACHE_FILE.replace(".json", f"-{key}.json")
+
+
 def load_profile(cache_dir: Path | str, backend: str | None = None, max_age_s: float | None = None,
-                 now: float | None = None) -> DeviceProfile | None:
+                 now: float | None = None, key: str = "") -> DeviceProfile | None:
     """The cached profile, or None if absent, stale, for another backend, or unreadable (logged)."""
-    path = Path(cache_dir) / CACHE_FILE
+    path = Path(cache_dir) / _cache_name(key)
     if not path.exists():
         return None
     try:
@@ -281,3 +307,76 @@ def load_profile(cache_dir: Path | str, backend: str | None = None, max_age_s: f
     if max_age_s is not None and (now if now is not None else time.time()) - profile.measured_at > max_age_s:
         return None
     return profile
+
+
+def model_bench_shapes(cfg, world: int = 1) -> tuple[tuple[int, int], ...]:
+    """One layer's decode matmuls (N, K) at a 1/world share of this model, kernel-legal and capped.
+
+    Fused q/k/v and gate/up as the engine runs them; wo and down are reduced over the share.
+    """
+    def legal(n: int, k: int) -> tuple[int, int]:
+        k = max(GROUP, k // GROUP * GROUP)
+        n = max(16, min(n, MAX_BENCH_WEIGHTS // k) // 16 * 16)
+        return n, k
+
+    share = max(1, world)
+    qkv = (cfg.q_dim + 2 * cfg.kv_dim) // share
+    inter = cfg.intermediate // share
+    return tuple(dict.fromkeys([legal(qkv, cfg.hidden), legal(cfg.hidden, cfg.q_dim // share),
+                                legal(2 * inter, cfg.hidden), legal(cfg.hidden, inter)]))
+
+
+def profile_key(backend: str, shapes: Sequence[tuple[int, int]], threads: int | None) -> str:
+    """Cache key: a profile is only reused for the same backend, bench shapes and thread count."""
+    text = json.dumps([backend, [list(s) for s in shapes], threads or 0])
+    return f"{backend}-t{threads or 0}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+def cached_or_measured(cache_dir: Path | str, *, backend: str = "torch",
+                       shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, threads: int | None = None,
+                       name: str | None = None, refresh: bool = False, quick: bool = False,
+                       progress: ProgressFn | None = None, max_age_s: float = CACHE_MAX_AGE_S) -> DeviceProfile:
+    """This device's profile from the cache, or measured now (and cached); free memory is always fresh.
+
+    refresh measures again whatever the cache holds (`tpi devices profile`).
+    """
+    key = profile_key(backend, shapes, threads)
+    cached = None if refresh else load_profile(cache_dir, backend, max_age_s, key=key)
+    if cached is None:
+        cached = measure_profile(shapes, backend, cache_dir, quick, progress, name, threads)
+        save_profile(cached, cache_dir, key)
+    total, free = memory_bytes()
+    return replace(cached, name=(name or cached.name)[:128], total_memory_bytes=total, free_memory_bytes=free)
+
+
+def offered_profile(profile: DeviceProfile, memory_budget: int | None) -> DeviceProfile:
+    """What a device offers the group: its profile with free memory capped by its --memory-budget."""
+    if memory_budget is None:
+        return profile
+    return replace(profile, free_memory_bytes=max(0, min(profile.free_memory_bytes, memory_budget)))
+
+
+def handshake_profile(cache_dir: Path | str, *, backend: str = "torch", threads: int | None = None,
+                      name: str | None = None, memory_budget: int | None = None,
+                      profile_file: Path | str | None = None) -> dict[str, Any]:
+    """The profile `tpi join` sends: from profile_file (validated), else cached or measured here.
+
+    An empty JSON object in profile_file sends no profile (the master then cannot plan with it).
+    """
+    if profile_file is not None:
+        try:
+            data = json.loads(Path(profile_file).read_text())
+        except (OSError, ValueError) as exc:
+            raise ProtocolError(f"cannot read the device profile file {profile_file} ({exc}); "
+                                "write it with `tpi devices profile --json`") from exc
+        if data == {}:
+            return {}
+        profile = DeviceProfile.from_dict(data)
+    else:
+        cached = load_profile(cache_dir, backend, CACHE_MAX_AGE_S, key=profile_key(backend, DEFAULT_BENCH_SHAPES, threads))
+        if cached is None:
+            log.info("measuring this device (matmuls, memory, disk; a few seconds, cached afterwards)")
+        profile = cached_or_measured(cache_dir, backend=backend, threads=threads, name=name)
+    if name:
+        profile = replace(profile, name=name[:128])
+    return offered_profile(profile, memory_budget).to_dict()

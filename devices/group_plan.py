@@ -1,0 +1,132 @@
+"""Plan a real group: turn join handshakes and link probes into planner input, and the plan into status.
+
+`tpi serve` calls this between collecting joins and cutting shards; `tpi plan` uses the planner
+directly on hypothetical devices. Untrusted profiles are validated here: a device whose profile
+does not validate is refused with the reason, never planned with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from tpi.config import ModelConfig
+from tpi.devices.costmodel import CostParams, LinkProfile
+from tpi.devices.planner import GroupPlan, PlanDevice, plan_group, plan_with_ratios
+from tpi.devices.profile import DeviceProfile
+from tpi.errors import GroupError, ProtocolError
+
+# A device that did not answer the link probe is planned as if on home Wi-Fi.
+ASSUMED_LINK = LinkProfile.from_ms_mbit(5.0, 100.0)
+# Calibrated on this repository's 2-core VM with bench/costmodel.py (docs/benchmarks.md):
+# per-layer decode cost beyond the matmuls (norms, RoPE, attention, op dispatch), the software
+# cost of one message through the master, and what the interpreter + torch hold before weights.
+CALIBRATED = dict(layer_overhead_s=150e-6, message_overhead_s=30e-6, runtime_overhead_bytes=400 << 20)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A device that joined: its name, raw handshake profile, measured link, and whether it must stay."""
+
+    name: str
+    profile: Any  # untrusted dict from the handshake
+    link: LinkProfile | None  # None: it did not answer the probe
+    keep: bool = False  # local workers the user asked for explicitly are never left out
+
+
+@dataclass(frozen=True)
+class RealPlan:
+    """The plan for the devices that stay, and why the others were turned away."""
+
+    plan: GroupPlan
+    ranks: tuple[int, ...]  # candidate index of ranks 1..N-1, in rank order
+    refused: tuple[tuple[int, str], ...]  # (candidate index, reason for the device's user)
+
+
+def weight_format_of(source) -> str:
+    """'int4' for 4/5-bit GGUF weights (imported as q4g32), else 'bf16' (the conservative size)."""
+    raw_type = getattr(source, "raw_type", None)
+    if raw_type is None:
+        return "int4" if getattr(source, "quant", None) in ("q4g32", "int4") else "bf16"
+    try:
+        kind = str(raw_type("layers.0.w_gate")).upper()
+    except (KeyError, ValueError, AttributeError):
+        return "int4"
+    return "int4" if kind.startswith(("Q4", "Q5", "IQ4")) else "bf16"
+
+
+def cost_params(weight_format: str, context: int, prompt_tokens: int = 128, **overrides) -> CostParams:
+    """The cost model's knobs for a real group: calibrated constants unless overridden."""
+    knobs = dict(CALIBRATED) | overrides
+    return CostParams(weight_format=weight_format, context=context, prompt_tokens=min(prompt_tokens, context),
+                      kv_position=min(context, 512), **knobs)
+
+
+def master_link(links: Sequence[LinkProfile]) -> LinkProfile:
+    """The master's own uplink: at least as fast as the fastest path measured through it."""
+    if not links:
+        return LinkProfile(rtt_s=0.0, bandwidth_bytes_s=1e12)
+    return LinkProfile(rtt_s=min(l.rtt_s for l in links), bandwidth_bytes_s=max(l.bandwidth_bytes_s for l in links))
+
+
+def plan_real_group(cfg: ModelConfig, master: DeviceProfile, master_budget: int | None,
+                    candidates: Sequence[Candidate], params: CostParams, *, wire_dtype: str | None = None,
+                    leave_out: bool = True, ratios: Sequence[float] | None = None) -> RealPlan:
+    """Validate joiners' profiles, plan the group (master = rank 0), and say who sits out and why.
+
+    With ratios given (`--ratios`), only predicts that split. Raises BudgetError (from the planner)
+    when no group fits, naming the shortfall and the fix.
+    """
+    refused: list[tuple[int, str]] = []
+    offered: list[tuple[int, PlanDevice]] = []
+    names = {master.name}
+    for i, c in enumerate(candidates):
+        try:
+            profile = DeviceProfile.from_dict(c.profile)
+        except ProtocolError as exc:
+            refused.append((i, f"its device profile is invalid ({exc}); run `tpi devices profile` on it and join again"))
+            continue
+        name = c.name if c.name not in names else f"{c.name}#{i + 1}"
+        names.add(name)
+        profile = DeviceProfile(**(profile.to_dict() | {"name": name[:128]}))
+        offered.append((i, PlanDevice(profile, c.link or ASSUMED_LINK, keep=c.keep or not leave_out)))
+    links = [d.link for _, d in offered]
+    devices = [PlanDevice(master, master_link(links), master_budget, keep=True)] + [d for _, d in offered]
+    if ratios is not None:
+        if refused:
+            raise GroupError(f"--ratios needs every device, but {candidates[refused[0][0]].name} was refused: "
+                             f"{refused[0][1]}")
+        plan = plan_with_ratios(cfg, devices, tuple(ratios), params, wire_dtype=wire_dtype or "f32")
+    else:
+        plan = plan_group(cfg, devices, params, wire_dtype=wire_dtype)
+    by_device = {id(d): i for i, d in offered}
+    ranks = tuple(by_device[id(d)] for d in plan.devices[1:])
+    why = dict(plan.excluded)
+    for i, d in offered:
+        if i not in ranks:
+            refused.append((i, f"the planner left this device out: {why.get(d.name, 'not needed')}"))
+    return RealPlan(plan=plan, ranks=ranks, refused=tuple(sorted(refused)))
+
+
+def device_status(plan: GroupPlan, rank: int, link: LinkProfile | None) -> dict[str, Any]:
+    """Share, predicted memory and link figures of one rank, as plain JSON for Group.status()."""
+    r = plan.prediction.ranks[rank]
+    shard = plan.shards[rank]
+    out = {
+        "ratio": round(plan.ratios[rank], 4),
+        "q_heads": [shard.q_heads.start, shard.q_heads.stop], "intermediate_cols": len(shard.inter),
+        "vocab_rows": len(shard.vocab),
+        "budget_bytes": r.budget_bytes, "predicted_peak_bytes": r.peak_memory_bytes,
+        "pinned_bytes": r.pinned_bytes, "streamed_bytes_per_token": r.streamed_bytes,
+        "predicted_compute_ms": round(r.compute_s * 1e3, 3),
+    }
+    if link is not None:
+        out["link"] = {"rtt_ms": round(link.rtt_s * 1e3, 3), "mbit_s": round(link.bandwidth_bytes_s * 8 / 1e6, 1)}
+    return out
+
+
+def plan_summary(plan: GroupPlan) -> dict[str, Any]:
+    """Group-level prediction for Group.status()."""
+    p = plan.prediction
+    return {"weight_format": plan.weight_format, "wire_dtype": plan.wire_dtype,
+            "predicted_token_ms": round(p.token_latency_s * 1e3, 3), "predicted_ttft_s": round(p.ttft_s, 4),
+            "bound_by": p.bottleneck, "left_out": [list(x) for x in plan.excluded]}
