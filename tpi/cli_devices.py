@@ -1,0 +1,168 @@
+"""Device commands: `tpi plan` (predict before loading), `tpi devices` (a running group), `tpi devices profile`."""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tpi.cli import DEFAULT_CACHE_DIR, Backend, CacheDir, Context, Threads, fail
+from tpi.errors import GroupError, TpiError
+
+devices_app = typer.Typer(help="Devices of a running group, and this device's profile.")
+GB = 1e9
+
+
+def load_model_config(model: str):
+    """(config, weight format) of a GGUF/HF path (metadata only), or a named shape like llama-2-70b."""
+    from tpi.devices.shapes import model_shape
+
+    if Path(model).expanduser().exists():
+        from tpi.devices.group_plan import weight_format_of
+        from tpi.formats import open_model
+
+        source = open_model(model)
+        return source.config, weight_format_of(source)
+    return model_shape(model), None
+
+
+def plan(
+    model: Annotated[str, typer.Argument(help="GGUF file, Hugging Face folder, or a named shape (llama-2-70b, llama-3-8b, qwen2.5-72b, ...)")],
+    devices: Annotated[Path, typer.Option("--devices", help="TOML file of [[device]] tables; the first is the master")],
+    weights: Annotated[Optional[str], typer.Option("--weights", help="weight format: int4 or bf16 (default: the file's, int4 for a named shape)")] = None,
+    context: Annotated[int, typer.Option("--context", "-c", help="context length to plan the KV cache for")] = 2048,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="prompt length for the TTFT prediction")] = 128,
+    no_streaming: Annotated[bool, typer.Option("--no-streaming", help="refuse plans that stream weights from disk")] = False,
+    wire_dtype: Annotated[Optional[str], typer.Option("--wire-dtype", help="f32 or bf16 (default: the planner's choice)")] = None,
+) -> None:
+    """Will MODEL run on these devices, and how fast? Prints the plan and predictions; loads no weights."""
+    from tpi.devices.plan_report import plan_command
+
+    try:
+        if weights not in (None, "int4", "bf16"):
+            raise TpiError(f"--weights {weights!r} must be int4 or bf16")
+        if wire_dtype not in (None, "f32", "bf16"):
+            raise TpiError(f"--wire-dtype {wire_dtype!r} must be f32 or bf16")
+        if context < 8 or prompt_tokens < 1 or prompt_tokens > context:
+            raise TpiError("--context must be >= 8 and --prompt-tokens between 1 and the context")
+        cfg, file_format = load_model_config(model)
+        plan_command(cfg, devices, weight_format=weights or file_format or "int4", context=context,
+                     prompt_tokens=prompt_tokens, allow_streaming=not no_streaming, wire_dtype=wire_dtype)
+    except TpiError as e:
+        fail(e)
+
+
+def fetch_status(url: str, api_key: str | None, timeout_s: float = 5.0) -> dict:
+    """The group status a running `tpi serve` reports (GET /v1/tpi/status)."""
+    req = urllib.request.Request(url.rstrip("/") + "/v1/tpi/status")
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        hint = "pass --api-key (or TPI_API_KEY)" if e.code == 401 else "is it a tpi serve API?"
+        raise GroupError(f"{url} answered HTTP {e.code} for the group status; {hint}") from e
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise GroupError(f"cannot reach tpi serve at {url} ({e}); start it, or pass its API address with --url") from e
+
+
+def render_devices(status: dict):
+    """One row per device: profile, assigned share, memory and link figures."""
+    from rich.table import Table
+
+    group = status.get("group", status)
+    summary = group.get("plan") or {}
+    title = f"{group.get('model', status.get('model', '?'))}: {group.get('world', '?')} devices, {group.get('state', '?')}"
+    table = Table(title=title)
+    for col in ("rank", "device", "address", "backend", "cores", "int4 GFLOP/s", "free GB", "share", "heads",
+                "peak / budget GB (predicted)", "link RTT ms", "link Mbit/s"):
+        table.add_column(col, justify="left" if col in ("device", "address", "backend") else "right")
+    for d in group.get("devices", []):
+        prof, plan, share = d.get("profile") or {}, d.get("plan") or {}, d.get("share") or {}
+        link = plan.get("link") or {}
+        heads = share.get("q_heads") or plan.get("q_heads") or ["?", "?"]
+        table.add_row(
+            str(d.get("rank", "?")), str(d.get("name", "?")), str(d.get("address", "")), str(prof.get("backend", "-")),
+            str(prof.get("cores", "-")), _num(prof.get("int4_gflops"), "{:.1f}"),
+            _num(prof.get("free_memory_bytes"), "{:.2f}", GB), _num(plan.get("ratio"), "{:.3f}"),
+            f"{heads[0]}-{heads[1] - 1}" if isinstance(heads[1], int) else "-",
+            f"{_num(plan.get('predicted_peak_bytes'), '{:.2f}', GB)} / {_num(plan.get('budget_bytes'), '{:.2f}', GB)}",
+            _num(link.get("rtt_ms"), "{:.2f}"), _num(link.get("mbit_s"), "{:.0f}"),
+        )
+    if summary:
+        table.caption = (f"predicted {summary.get('predicted_token_ms', '?')} ms/token, bound by "
+                         f"{summary.get('bound_by', '?')}; {summary.get('weight_format', '?')} weights, "
+                         f"{summary.get('wire_dtype', '?')} on the wire")
+    return table
+
+
+def _num(value, fmt: str, scale: float = 1.0) -> str:
+    return fmt.format(value / scale) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+@devices_app.callback(invoke_without_command=True)
+def devices(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Option("--url", help="API address of the running tpi serve")] = "http://127.0.0.1:8000",
+    api_key: Annotated[Optional[str], typer.Option("--api-key", help="Bearer key of the API", envvar="TPI_API_KEY")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw status JSON")] = False,
+) -> None:
+    """List the devices of a running group: profile, assigned share, memory and link figures."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.console import Console
+
+    try:
+        status = fetch_status(url, api_key)
+    except TpiError as e:
+        fail(e)
+    if as_json:
+        typer.echo(json.dumps(status, indent=1))
+    else:
+        Console().print(render_devices(status))
+
+
+@devices_app.command("profile")
+def devices_profile(
+    backend: Backend = "torch",
+    threads: Threads = None,
+    cache_dir: CacheDir = DEFAULT_CACHE_DIR,
+    as_json: Annotated[bool, typer.Option("--json", help="print the profile as JSON (for tpi join --profile-file)")] = False,
+) -> None:
+    """Measure this device again (a few seconds) and cache it for `tpi join`."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tpi.devices.profile import cached_or_measured
+
+    try:
+        if backend not in ("torch", "numpy"):
+            raise TpiError(f"unknown backend '{backend}'; use torch or numpy")
+        profile = cached_or_measured(cache_dir / "profile", backend=backend, threads=threads, refresh=True)
+    except TpiError as e:
+        fail(e)
+    if as_json:
+        typer.echo(json.dumps(profile.to_dict(), indent=1))
+        return
+    table = Table(title=f"device profile of {profile.name} (cached in {cache_dir / 'profile'})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows = [("OS", profile.os), ("cores", str(profile.cores)), ("backend", profile.backend),
+            ("int4 matmul GFLOP/s (1 token)", f"{profile.int4_gflops:.1f}"),
+            ("bf16 matmul GFLOP/s (1 token)", f"{profile.bf16_gflops:.1f}"),
+            ("prefill GFLOP/s (64 tokens)", f"{profile.prefill_gflops:.1f}"),
+            ("memory bandwidth GB/s", f"{profile.memory_gbs:.1f}"), ("disk read MB/s", f"{profile.disk_mb_s:.0f}"),
+            ("free / total memory GB", f"{profile.free_memory_bytes / GB:.2f} / {profile.total_memory_bytes / GB:.2f}"),
+            ("runtime memory MB", f"{profile.runtime_bytes / 1e6:.0f}")]
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(plan)
+    app.add_typer(devices_app, name="devices")
