@@ -37,8 +37,11 @@ class GroupOptions:
     worker_backend: str = "torch"  # backend of the local workers
     memory_budget: int | None = None  # rank 0's budget in bytes
     worker_memory_budget: int | None = None  # each local worker's budget
-    ratios: tuple[float, ...] | None = None  # split ratios by rank; None = equal
-    wire_dtype: str = "f32"
+    ratios: tuple[float, ...] | None = None  # split ratios by rank; None = the planner's (equal without one)
+    wire_dtype: str | None = None  # allreduce wire dtype; None = the planner's choice (f32 without a plan)
+    leave_out: bool = False  # let the planner refuse remote devices that would slow the group (tpi serve)
+    profile: dict | None = None  # test-only: rank 0's device profile instead of measuring it
+    worker_profile: dict | None = None  # test-only: the profile every local worker reports
     insecure: bool = False
     config_dir: Path = Path.home() / ".config" / "tpi"
     cache_dir: Path = Path.home() / ".cache" / "tpi"
@@ -54,13 +57,16 @@ class DeviceInfo:
     share: dict
     profile: dict = field(default_factory=dict)
     state: str = "ready"
+    plan: dict = field(default_factory=dict)  # share, predicted memory and link figures (planned groups)
 
 
 class Group:
     """A running group: rank 0's engine plus what is needed to stop it cleanly."""
 
-    def __init__(self, engine, devices: list[DeviceInfo], link=None, procs=(), token: str | None = None):
+    def __init__(self, engine, devices: list[DeviceInfo], link=None, procs=(), token: str | None = None,
+                 plan: dict | None = None):
         self.engine = engine
+        self.plan = plan or {}
         self.devices = devices
         self.link = link
         self.procs = list(procs)
@@ -94,6 +100,7 @@ class Group:
             "model": self.engine.cfg.name,
             "context": self.engine.context,
             "devices": [vars(d) for d in self.devices],
+            "plan": self.plan,
         }
 
     def close(self) -> None:
@@ -182,13 +189,19 @@ def _write_stores(source, cfg, shards, paths: dict[int, Path], rank0_sink) -> No
         raise GroupError(f"writing the shard for rank {rank} failed: {e}") from e
 
 
-def _spawn_local_workers(opts: GroupOptions, port: int, token: str, threads: int) -> list[subprocess.Popen]:
+def _spawn_local_workers(opts: GroupOptions, port: int, token: str, threads: int,
+                         profile: dict | None = None) -> list[subprocess.Popen]:
     procs = []
     for i in range(opts.local_workers):
         cmd = [sys.executable, "-m", "tpi", "join", f"127.0.0.1:{port}", "--token", token,
                "--name", f"local-{i + 1}", "--cache-dir", str(opts.cache_dir / f"local-{i + 1}"),
                "--key-dir", str(opts.config_dir / f"local-{i + 1}"), "--threads", str(threads),
                "--backend", opts.worker_backend]
+        # Same machine: the master's measurement (or the test's override) stands in for the worker's.
+        path = opts.cache_dir / f"local-{i + 1}" / "offered_profile.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dict(profile, name=f"local-{i + 1}") if profile else {}))
+        cmd += ["--profile-file", str(path)]
         if opts.worker_memory_budget:
             cmd += ["--memory-budget", str(opts.worker_memory_budget)]
         if opts.insecure:
@@ -214,8 +227,69 @@ def _collect_joins(link, needed: int, procs, timeout_s: float, say) -> list:
     return joins
 
 
-def start_group(opts: GroupOptions, say=log.info) -> Group:
-    """Open the model, gather the devices, ship shards, and return the serving group."""
+def _measured_profiles(opts: GroupOptions, cfg, world: int, threads: int, worker_threads: int) -> tuple[dict, dict]:
+    """(rank 0's profile, the local workers' profile) as dicts: overrides, else measured once and cached."""
+    from tpi.devices.profile import cached_or_measured, model_bench_shapes
+
+    shapes = model_bench_shapes(cfg, world)
+
+    def measure(backend: str, n_threads: int, name: str) -> dict:
+        return cached_or_measured(opts.cache_dir / "profile", backend=backend, shapes=shapes, threads=n_threads,
+                                  name=name).to_dict()
+
+    if opts.profile:
+        master = opts.profile
+    else:
+        from tpi.scheduler.overhead import runtime_overhead_bytes
+
+        master = measure(opts.backend, threads, "master")
+        if opts.backend == "torch":
+            import torch  # noqa: F401  (count what the engine will hold: torch is loaded before weights)
+        master["runtime_bytes"] = runtime_overhead_bytes()  # this process, with the model source open
+    if not opts.local_workers:
+        return master, {}
+    if opts.worker_profile:
+        return master, opts.worker_profile
+    same = not opts.profile and opts.worker_backend == opts.backend and worker_threads == threads
+    return master, (dict(master) if same else measure(opts.worker_backend, worker_threads, "local"))
+
+
+def _plan(opts: GroupOptions, source, cfg, context: int, master_profile: dict, link, joins: list, say):
+    """Probe each joined device's link, plan the group, and refuse those the planner leaves out."""
+    from tpi.devices.costmodel import LinkProfile
+    from tpi.devices.group_plan import Candidate, cost_params, plan_real_group, weight_format_of
+    from tpi.devices.profile import DeviceProfile
+
+    links = []
+    for j in joins:
+        probe = link.probe(j)
+        links.append(None if probe is None else LinkProfile(probe.rtt_s, probe.bandwidth_bytes_s))
+        if probe is not None:
+            say(f"link to {j.name}: round trip {probe.rtt_s * 1e3:.2f} ms, "
+                f"{probe.bandwidth_bytes_s * 8 / 1e6:.0f} Mbit/s")
+    local = {f"local-{i + 1}" for i in range(opts.local_workers)}
+    candidates = [Candidate(j.name, j.profile, l, keep=j.name in local and j.address in ("127.0.0.1", "::1"))
+                  for j, l in zip(joins, links)]
+    params = cost_params(weight_format_of(source), context)
+    try:
+        real = plan_real_group(cfg, DeviceProfile.from_dict(master_profile), opts.memory_budget, candidates, params,
+                               wire_dtype=opts.wire_dtype, leave_out=opts.leave_out, ratios=opts.ratios)
+    except TpiError as e:  # no group fits: tell every waiting device why before giving up
+        for j in joins:
+            link.refuse(j, f"the master cannot plan this group: {e}")
+        raise
+    for i, reason in real.refused:
+        say(f"left out {joins[i].name}: {reason}")
+        link.refuse(joins[i], reason)
+    return real, links
+
+
+def start_group(opts: GroupOptions, say=log.info, on_plan=None) -> Group:
+    """Open the model, gather the devices, ship shards, and return the serving group.
+
+    The planner picks ratios and wire dtype when opts.ratios is None and there are workers, or
+    whenever on_plan (called with the GroupPlan before anything loads) is given.
+    """
     from tpi.config import config_to_dict
     from tpi.devices.slicing import plan_shards
     from tpi.engine import make_layers, resolve_context
@@ -237,8 +311,10 @@ def start_group(opts: GroupOptions, say=log.info) -> Group:
     tokenizer = source.tokenizer()
     cores = os.cpu_count() or 1
     threads = opts.threads or max(1, cores // (1 + opts.local_workers))
-    link, procs, joins = None, [], []
+    planning = (world > 1 and opts.ratios is None) or on_plan is not None
+    link, procs, joins, real, links = None, [], [], None, []
     try:
+        master_profile, worker_profile = {}, {}
         if world > 1:
             from tpi.transport.link import LinkSettings, MasterLink
 
@@ -246,12 +322,25 @@ def start_group(opts: GroupOptions, say=log.info) -> Group:
             link = MasterLink(f"tcp://{opts.host}:{opts.port}", opts.config_dir, insecure=opts.insecure,
                               settings=opts.link_settings or LinkSettings())
             say(f"waiting for {world - 1} device(s); on each one run:\n  {join_command(opts.host, link.port, link.token, opts.insecure)}")
-            procs = _spawn_local_workers(opts, link.port, link.token, max(1, cores // world))
+        if planning:  # devices already queue their joins while rank 0 measures itself
+            master_profile, worker_profile = _measured_profiles(opts, cfg, world, threads, max(1, cores // world))
+        if world > 1:
+            procs = _spawn_local_workers(opts, link.port, link.token, max(1, cores // world),
+                                         worker_profile or opts.worker_profile)
             joins = _collect_joins(link, world - 1, procs, opts.join_timeout_s, say)
-        ratios = opts.ratios or tuple([1.0 / world] * world)
-        if len(ratios) != world:
-            raise GroupError(f"{len(ratios)} split ratios for {world} devices; give one per device")
-        shards = plan_shards(cfg, ratios)
+        if opts.ratios is not None and len(opts.ratios) != world:
+            raise GroupError(f"{len(opts.ratios)} split ratios for {world} devices; give one per device")
+        wire_dtype = opts.wire_dtype or "f32"
+        if planning:
+            real, links = _plan(opts, source, cfg, context, master_profile, link, joins, say)
+            joins = [joins[i] for i in real.ranks]
+            links = [links[i] for i in real.ranks]
+            world = len(joins) + 1
+            wire_dtype = real.plan.wire_dtype
+            if on_plan is not None:
+                on_plan(real.plan)
+        ratios = real.plan.ratios if real else (opts.ratios or tuple([1.0 / world] * world))
+        shards = real.plan.shards if real else plan_shards(cfg, ratios)
         layers = make_layers(opts.backend, cfg, shards[0], context, threads)
 
         shard_dir = opts.cache_dir / "master"
@@ -271,13 +360,18 @@ def start_group(opts: GroupOptions, say=log.info) -> Group:
             _write_stores(source, cfg, shards, missing, keep_rank0)
         say(f"shards ready in {time.perf_counter() - t0:.1f}s")
         stores = {r: ShardStore.open(p) for r, p in paths.items()}
-        devices = [DeviceInfo(0, "master", "local", shard_to_dict(shards[0]))]
+        devices = [DeviceInfo(0, "master", "local", shard_to_dict(shards[0]), dict(master_profile))]
         for rank, j in enumerate(joins, start=1):
             st = stores[rank]
             assignment = {"config": config_to_dict(cfg), "shard": shard_to_dict(shards[rank]), "context": context}
-            link.admit(j, Assign(rank, world, shard_hash(st.path), st.nbytes, opts.wire_dtype, assignment=assignment),
+            link.admit(j, Assign(rank, world, shard_hash(st.path), st.nbytes, wire_dtype, assignment=assignment),
                        st.path)
             devices.append(DeviceInfo(rank, j.name, j.address, shard_to_dict(shards[rank]), dict(j.profile)))
+        if real is not None:
+            from tpi.devices.group_plan import device_status
+
+            for d in devices:
+                d.plan = device_status(real.plan, d.rank, links[d.rank - 1] if d.rank else None)
         if opts.memory_budget:
             weights = open_store_weights(stores[0], layers, cfg, shards[0], context, opts.memory_budget)
         else:
@@ -287,11 +381,16 @@ def start_group(opts: GroupOptions, say=log.info) -> Group:
         comm = None
         if world > 1:
             say("sending shards and waiting for every device to load…")
-            comm = link.communicator(opts.wire_dtype)
+            comm = link.communicator(wire_dtype)
         model = Transformer(cfg, layers, weights, comm)
         engine = Engine(cfg, tokenizer, model, embed, context)
         say(f"group of {world} ready: {', '.join(d.name for d in devices)}")
-        return Group(engine, devices, link, procs, link.token if link else None)
+        summary = None
+        if real is not None:
+            from tpi.devices.group_plan import plan_summary
+
+            summary = plan_summary(real.plan)
+        return Group(engine, devices, link, procs, link.token if link else None, summary)
     except BaseException:
         if link is not None:
             link.close()
