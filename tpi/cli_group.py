@@ -27,7 +27,8 @@ def serve(
     queue_size: Annotated[int, typer.Option("--queue-size", help="requests that may wait while one runs; more get 429")] = 8,
     prompt_cache: Annotated[bool, typer.Option("--prompt-cache", help="reuse the previous request's cached prefix (faster multi-turn; answers may differ in the last bits)")] = False,
     wire_dtype: Annotated[Optional[str], typer.Option("--wire-dtype", help="allreduce wire dtype: f32 or bf16 (default: the planner's choice)")] = None,
-    ratios: Annotated[Optional[str], typer.Option("--ratios", help="split ratios by rank, e.g. 2,1")] = None,
+    ratios: Annotated[Optional[str], typer.Option("--ratios", help="split ratios by rank, e.g. 2,1 (default: planned from device profiles)")] = None,
+    keep_all: Annotated[bool, typer.Option("--keep-all", help="never leave a joined device out, even if the planner predicts it slows the group")] = False,
     threads: Threads = None,
     context: Context = None,
     backend: Backend = "torch",
@@ -49,7 +50,7 @@ def serve(
         opts = GroupOptions(model=model, devices=devices, local_workers=local_workers, host=host, port=port,
                             context=context, threads=threads, backend=backend, memory_budget=parse_size(memory_budget),
                             ratios=parsed, wire_dtype=wire_dtype, insecure=insecure, config_dir=config_dir,
-                            cache_dir=cache_dir)
+                            cache_dir=cache_dir, leave_out=not keep_all)
     except TpiError as e:
         fail(e)
     forming = GroupFormation(opts, lambda m: typer.echo(m, err=True))
@@ -79,6 +80,19 @@ def served_model_id(model: str | None) -> str:
     return Path(model or DEFAULT_MODEL_FILE).name.removesuffix(".gguf").removesuffix(".tpis")
 
 
+def show_plan(plan) -> None:
+    """Print the planner's table for the real group (stderr), before any weight loads."""
+    from rich.console import Console
+
+    from tpi.devices.plan_report import render_allreduce, render_plan
+
+    console = Console(stderr=True)
+    console.print(render_plan(plan))
+    allreduce = render_allreduce(plan)
+    if allreduce is not None:
+        console.print(allreduce)
+
+
 class GroupFormation:
     """Forms the group on a background thread while the API already answers /health."""
 
@@ -96,7 +110,7 @@ class GroupFormation:
         from tpi.group import start_group
 
         try:
-            self.group = start_group(self.opts, say=self._say)
+            self.group = start_group(self.opts, say=self._say, on_plan=show_plan)
             self.on_ready(self.group.engine)
         except TpiError as e:
             self.error = e
