@@ -56,14 +56,16 @@ def plan(
 
 
 def fetch_status(url: str, api_key: str | None, timeout_s: float = 5.0) -> dict:
-    """The group status a running `tpi serve` reports (GET /v1/tpi/status)."""
-    req = urllib.request.Request(url.rstrip("/") + "/v1/tpi/status")
+    """The group status a running `tpi serve` reports (GET /health; 503 while the group forms)."""
+    req = urllib.request.Request(url.rstrip("/") + "/health")
     if api_key:
         req.add_header("Authorization", f"Bearer {api_key}")
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as e:
+        if e.code == 503:  # still forming: the body still describes the group
+            return json.loads(e.read())
         hint = "pass --api-key (or TPI_API_KEY)" if e.code == 401 else "is it a tpi serve API?"
         raise GroupError(f"{url} answered HTTP {e.code} for the group status; {hint}") from e
     except (urllib.error.URLError, OSError, ValueError) as e:
