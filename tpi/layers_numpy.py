@@ -6,6 +6,8 @@ the numpy backend of tpi.quant.kernels, everything else is a handful of vectoris
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from tpi.config import ModelConfig
@@ -58,6 +60,11 @@ class NumpyLayers:
         self.scale = ACT(1.0 / np.sqrt(self.hd))
 
     # ---- weights -------------------------------------------------------------------------
+    @staticmethod
+    def forward_context():
+        """Nothing to switch off around a numpy forward pass."""
+        return contextlib.nullcontext()
+
     def to_runtime(self, block: dict) -> dict:
         """Numpy block (QTensors + float32 vectors) -> prepared numpy kernels and float32 vectors."""
         out = {}

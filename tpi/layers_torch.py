@@ -46,10 +46,17 @@ class TorchLayers:
         self.kv_index = None if self.uniform else torch.tensor(q_to_kv)
         self.context = context
         self.freqs = rope_table(cfg, context)
-        self.k_cache = torch.zeros(cfg.n_layers, self.nkv, context, self.hd, dtype=ACT)  # (L, kv, S, hd)
-        self.v_cache = torch.zeros_like(self.k_cache)
+        # One (kv, S, hd) tensor per layer: a list index is free, a tensor select is a dispatched op.
+        self.k_cache = [torch.zeros(self.nkv, context, self.hd, dtype=ACT) for _ in range(cfg.n_layers)]
+        self.v_cache = [torch.zeros(self.nkv, context, self.hd, dtype=ACT) for _ in range(cfg.n_layers)]
         self.eps = cfg.rms_eps
         self.scale = 1.0 / math.sqrt(self.hd)
+        self.qk_dim = self.q_dim + self.kv_dim
+        self._q_buf = torch.empty(self.nkv, self.nq // self.nkv, self.hd, dtype=ACT)  # decode query, scaled
+
+    def forward_context(self):
+        """Wraps a forward pass: no autograd bookkeeping on any op."""
+        return torch.inference_mode()
 
     # ---- weights -------------------------------------------------------------------------
     def to_runtime(self, block: dict) -> dict:
@@ -85,31 +92,40 @@ class TorchLayers:
     def attention(self, h: torch.Tensor, blk: dict, layer: int, start: int) -> torch.Tensor:
         """h: (T, hidden) f32 -> this rank's partial attention output (T, hidden) bf16."""
         T = h.shape[0]
+        if T == 1 and self.kv_index is None:
+            return self._decode_block(h, blk, layer, start)
         nq, nkv, hd = self.nq, self.nkv, self.hd
         end = start + T
         qkv = blk["wqkv"](self._norm(h, blk["attn_norm"]))  # (T, q_dim + 2 kv_dim)
         bias = blk.get("bqkv")
         if bias is not None:
             qkv = qkv.float() + bias
-        qk = qkv[:, : self.q_dim + self.kv_dim].float()  # (T, (nq + nkv) * hd) f32 copy
+        qk = qkv[:, : self.qk_dim].float()  # (T, (nq + nkv) * hd) f32 copy
         rot = torch.view_as_complex(qk.view(T, nq + nkv, hd // 2, 2)) * self.freqs[start:end, None, :]
         qk = torch.view_as_real(rot).view(T, nq + nkv, hd)
         kc, vc = self.k_cache[layer], self.v_cache[layer]  # (nkv, S, hd)
         kc[:, start:end] = qk[:, nq:].transpose(0, 1)
-        vc[:, start:end] = qkv[:, self.q_dim + self.kv_dim :].view(T, nkv, hd).transpose(0, 1)
-        k, v = kc[:, :end], vc[:, :end]  # (nkv, S, hd)
-        if T == 1 and self.kv_index is None:
-            o = self._decode_attention(qk[0, :nq], k, v)
-        else:
-            o = self._prefill_attention(qk[:, :nq].transpose(0, 1).to(ACT), k, v, start)
+        vc[:, start:end] = qkv[:, self.qk_dim :].view(T, nkv, hd).transpose(0, 1)
+        o = self._prefill_attention(qk[:, :nq].transpose(0, 1).to(ACT), kc[:, :end], vc[:, :end], start)
         return blk["wo"](o)  # (T, hidden)
 
-    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One query token, GQA by reshaping q into (nkv, group, hd): five ops instead of SDPA's ~15."""
-        g = self.nq // self.nkv
-        scores = torch.bmm(q.view(self.nkv, g, self.hd).to(ACT), k.transpose(1, 2))  # (nkv, g, S)
-        p = torch.softmax(scores.float().mul_(self.scale), dim=-1).to(ACT)
-        return torch.bmm(p, v).view(1, self.q_dim)  # (1, nq * hd)
+    def _decode_block(self, h: torch.Tensor, blk: dict, layer: int, pos: int) -> torch.Tensor:
+        """The one-token path, with as few dispatched ops as it can take (each costs ~1-2 µs)."""
+        nq, nkv, hd = self.nq, self.nkv, self.hd
+        row = blk["wqkv"](self._norm(h, blk["attn_norm"]))[0]  # (q_dim + 2 kv_dim,)
+        bias = blk.get("bqkv")
+        if bias is not None:
+            row = row.float() + bias
+        rot = torch.view_as_complex(row[: self.qk_dim].float().view(nq + nkv, hd // 2, 2)) * self.freqs[pos]
+        qk = torch.view_as_real(rot)  # (nq + nkv, hd/2, 2) f32
+        kc, vc = self.k_cache[layer], self.v_cache[layer]  # (nkv, S, hd)
+        kc.select(1, pos).copy_(qk[nq:].view(nkv, hd))
+        vc.select(1, pos).copy_(row[self.qk_dim :].view(nkv, hd))
+        q = torch.mul(qk[:nq].view(self._q_buf.shape), self.scale, out=self._q_buf)  # scale folded, -> bf16
+        scores = torch.bmm(q, kc.narrow(1, 0, pos + 1).transpose(1, 2))  # (nkv, g, S)
+        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(ACT)
+        o = torch.bmm(p, vc.narrow(1, 0, pos + 1))  # (nkv, g, hd)
+        return blk["wo"](o.view(1, self.q_dim))
 
     def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """q: (nq, T, hd) bf16 against the cache prefix; causal within the new tokens."""

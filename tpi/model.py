@@ -76,9 +76,18 @@ class Transformer:
     def forward(self, h_np: np.ndarray, start: int, all_positions: bool = False) -> np.ndarray:
         """h_np: (T, hidden) float32 embeddings at positions start.. -> (T or 1, vocab_local) logits."""
         t0 = time.perf_counter()
-        ar = 0.0
+        L = self.layers
+        with L.forward_context():
+            logits, ar = self._layers(L.hidden_from_numpy(h_np), start, all_positions)
+        st = self.stats
+        st.allreduce_s += ar
+        st.compute_s += time.perf_counter() - t0 - ar
+        st.passes += 1
+        return logits
+
+    def _layers(self, h, start: int, all_positions: bool):
         L, W, comm = self.layers, self.weights, self.comm
-        h = L.hidden_from_numpy(h_np)
+        ar = 0.0
         single = comm.world == 1
         for i, (ka, km) in enumerate(self._keys):
             blk = W.get(ka)
@@ -99,8 +108,4 @@ class Transformer:
             L.add_(h, part)
         logits = L.logits(h, W.get("globals"), all_positions)
         W.release("globals")
-        st = self.stats
-        st.allreduce_s += ar
-        st.compute_s += time.perf_counter() - t0 - ar
-        st.passes += 1
-        return logits
+        return logits, ar
