@@ -1,0 +1,94 @@
+"""Shared benchmark helpers: machine description, medians, peak RSS, and a results table with ratios."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def peak_rss_bytes(pid: int | None = None) -> int:
+    """VmHWM (peak resident set) of a live process; this one when pid is None. 0 if unreadable."""
+    status = Path(f"/proc/{pid or 'self'}/status")
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass  # the process is gone or /proc is absent: report 0 rather than guess
+    return 0
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on; load average says how busy the machine was."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass  # not Linux: keep platform's answer
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "os": platform.platform()}
+    try:
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass  # no load average on this platform
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass  # torch-free device
+    return info
+
+
+def fmt(value, digits: int = 3) -> str:
+    """Numbers with `digits` significant digits; everything else as str."""
+    if isinstance(value, float):
+        return "n/a" if value != value else f"{value:.{digits}g}"
+    return str(value)
+
+
+def ratio(value: float, anchor: float) -> str:
+    """'1.23x' of value over anchor, or 'n/a'."""
+    if not anchor or value != value or anchor != anchor:
+        return "n/a"
+    return f"{value / anchor:.2f}x"
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence], notes: Sequence[str] = ()) -> None:
+    """A rich table on a terminal, GitHub markdown otherwise (so output pastes into docs)."""
+    cells = [[fmt(c) for c in row] for row in rows]
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for i, col in enumerate(columns):
+            table.add_column(col, justify="left" if i == 0 else "right")
+        for row in cells:
+            table.add_row(*row)
+        console = Console()
+        console.print(table)
+        for note in notes:
+            console.print(note)
+        return
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|")
+    for row in cells:
+        print("| " + " | ".join(row) + " |")
+    for note in notes:
+        print(f"\n{note}")
+
+
+def print_machine(info: dict | None = None) -> None:
+    info = info or machine_info()
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))

@@ -1,0 +1,281 @@
+"""Tensor-parallel decode: one device vs a 2-device group on loopback and through a delayed link.
+
+    python bench/tp.py [--model PATH] [--tokens 32] [--smoke] [--insecure]
+
+Each configuration runs in its own process (so peak RSS is per configuration), the group's
+worker in another (`tpi join`, one thread). The delayed links put tests/netproxy.py's
+DelayProxy, in a process of its own, between the worker and both master ports (control and
+data). The star allreduce's floor is 2 hops x one-way latency x 2 allreduces x layers per
+token; the table shows it next to what was measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import median, peak_rss_bytes, print_machine, print_table, ratio  # noqa: E402
+
+TESTS = HERE.parent / "tests"
+PROMPT = ("Tensor parallelism splits every layer of a language model across several devices, "
+          "so that each one computes a share of the heads and of the MLP. Explain how")
+
+
+def free_port_pair() -> int:
+    """A port P with P and P+1 both free on 127.0.0.1 (the master binds control P, data P+1)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no two adjacent free ports on 127.0.0.1")
+
+
+def loopback_rtt_s(rounds: int = 300, size: int = 4096) -> float:
+    """Median TCP round trip of a small message on loopback (a 1-layer activation is ~2 KiB)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    cli = socket.create_connection(srv.getsockname())
+    peer, _ = srv.accept()
+    for s in (cli, peer):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    msg, times = b"x" * size, []
+    try:
+        for _ in range(rounds):
+            t = time.perf_counter()
+            cli.sendall(msg)
+            got = 0
+            while got < size:
+                got += len(peer.recv(size - got))
+            peer.sendall(msg)
+            got = 0
+            while got < size:
+                got += len(cli.recv(size - got))
+            times.append(time.perf_counter() - t)
+    finally:
+        for s in (cli, peer, srv):
+            s.close()
+    return median(times)
+
+
+# ---- one configuration (child process) ----------------------------------------------------------
+
+def measure(engine, tokens: int) -> dict:
+    """Prefill PROMPT, then time `tokens` greedy decode steps one by one."""
+    import numpy as np
+
+    ids = engine.tokenizer.encode(PROMPT, add_bos=True, special=True)
+    logits = engine.forward(ids, 0)  # warm-up: first-touch allocations, kernel init
+    engine.forward([int(np.argmax(logits[-1]))], len(ids))
+    engine.reset()
+    comm_stats = getattr(engine.comm, "stats", None)
+    t = time.perf_counter()
+    logits = engine.forward(ids, 0)
+    prefill_s = time.perf_counter() - t
+    ar0, bytes0 = engine.model.stats.allreduce_s, _comm_bytes(comm_stats)
+    per_token = []
+    pos = len(ids)
+    for _ in range(tokens):
+        tok = int(np.argmax(logits[-1]))
+        t = time.perf_counter()
+        logits = engine.forward([tok], pos)
+        per_token.append(time.perf_counter() - t)
+        pos += 1
+    return {"prompt_tokens": len(ids), "prefill_s": prefill_s, "token_s": median(per_token),
+            "tokens": tokens, "allreduce_s": engine.model.stats.allreduce_s - ar0,
+            "bytes": _comm_bytes(comm_stats) - bytes0, "layers": engine.cfg.n_layers}
+
+
+def _comm_bytes(stats) -> int:
+    return 0 if stats is None else stats.bytes_sent + stats.bytes_received
+
+
+def run_config(cfg: dict) -> dict:
+    from tpi.group import GroupOptions, start_group
+
+    tmp = Path(cfg["tmp"])
+    common = dict(model=cfg["model"], config_dir=tmp / "config", cache_dir=tmp / "cache", insecure=cfg["insecure"],
+                  threads=cfg["threads"])
+    helpers: list[subprocess.Popen] = []
+    worker_pid = None
+    try:
+        if cfg["kind"] == "single":
+            group = start_group(GroupOptions(**common))
+        elif cfg["kind"] == "loopback":
+            group = start_group(GroupOptions(**common, local_workers=1, host="127.0.0.1", ratios=(0.5, 0.5)))
+            worker_pid = group.procs[0].pid
+        else:  # delayed link: worker -> proxy (own process) -> master, for both ports
+            group = _serve_through_proxy(cfg, common, tmp, helpers)
+            worker_pid = helpers[-1].pid
+        try:
+            result = measure(group.engine, cfg["tokens"])
+            result["rss"] = [peak_rss_bytes()] + ([peak_rss_bytes(worker_pid)] if worker_pid else [])
+        finally:
+            group.close()
+        if len(helpers) == 2:
+            helpers[1].wait(timeout=30)  # the worker leaves once the master stops the group
+    finally:
+        for p in helpers:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return result
+
+
+def _serve_through_proxy(cfg: dict, common: dict, tmp: Path, helpers: list):
+    """Start the master, then (once it listens) the proxy and a `tpi join` routed through it."""
+    import threading
+
+    from tpi.group import GroupOptions, start_group
+    from tpi.transport.security import master_token
+
+    port, proxy_port = free_port_pair(), free_port_pair()
+    listening, box = threading.Event(), {}
+
+    def say(message: str) -> None:
+        if "tpi join" in message:
+            listening.set()
+
+    def master() -> None:
+        try:
+            box["group"] = start_group(GroupOptions(**common, devices=2, host="127.0.0.1", port=port,
+                                                    ratios=(0.5, 0.5), join_timeout_s=300), say=say)
+        except Exception as e:  # re-raised on the calling thread
+            box["error"] = e
+        listening.set()
+
+    thread = threading.Thread(target=master, daemon=True)
+    thread.start()
+    # The worker must not connect before the master listens: the proxy would close the connection
+    # mid-handshake, which the worker reads as a failed CURVE handshake and gives up on.
+    listening.wait(timeout=300)
+    if "error" not in box:
+        proxy = subprocess.Popen([sys.executable, __file__, "--proxy", str(proxy_port), str(port),
+                                  str(cfg["delay_s"])], stdout=subprocess.PIPE, text=True)
+        helpers.append(proxy)
+        assert proxy.stdout.readline().strip() == "ready", "the delay proxy did not start"
+        cmd = [sys.executable, "-m", "tpi", "join", f"127.0.0.1:{proxy_port}", "--token", master_token(tmp / "config"),
+               "--data-endpoint", f"127.0.0.1:{proxy_port + 1}", "--name", "proxied", "--threads", "1",
+               "--cache-dir", str(tmp / "worker-cache"), "--key-dir", str(tmp / "worker-keys")]
+        helpers.append(subprocess.Popen(cmd + (["--insecure"] if cfg["insecure"] else []), stdin=subprocess.DEVNULL))
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["group"]
+
+
+def run_proxy(listen_port: int, target_port: int, delay_s: float) -> None:
+    """Forward 127.0.0.1:listen (control) and listen+1 (data) to the master with one-way delay each way."""
+    sys.path.insert(0, str(TESTS))
+    from netproxy import DelayProxy
+
+    proxies = [DelayProxy(listen_port + i, "127.0.0.1", target_port + i, delay_s).start() for i in (0, 1)]
+    print("ready", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        for p in proxies:
+            p.stop()
+
+
+# ---- orchestration --------------------------------------------------------------------------------
+
+def smoke_model(tmp: Path) -> str:
+    """A 2-layer random llama with SmolLM2's tokenizer (start_group loads the tokenizer)."""
+    import gguf
+
+    sys.path.insert(0, str(TESTS))
+    from model_factory import smollm2_path, tokenizer_from_gguf, write_tiny_gguf
+
+    tok = tokenizer_from_gguf(gguf.GGUFReader(smollm2_path()))
+    return str(write_tiny_gguf(tmp / "smoke.gguf", arch="llama", weight_type="Q4_0", tokenizer_from=tok))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="GGUF file (default: embedded SmolLM2-135M Q4_1)")
+    ap.add_argument("--tokens", type=int, default=32, help="decode steps timed per configuration")
+    ap.add_argument("--delays-ms", default="1,5", help="one-way delays of the proxied links")
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, few tokens: checks the bench runs")
+    ap.add_argument("--insecure", action="store_true", help="no CURVE encryption on the group links")
+    ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--proxy", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.proxy:
+        run_proxy(int(args.proxy[0]), int(args.proxy[1]), float(args.proxy[2]))
+        return
+    if args.child:
+        print("RESULT " + json.dumps(run_config(json.loads(args.child))), flush=True)
+        return
+
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="tpi-bench-tp-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        model = args.model or (smoke_model(tmp) if args.smoke else None)
+        tokens = 4 if args.smoke else args.tokens
+        delays = [float(d) / 1e3 for d in args.delays_ms.split(",") if d]
+        rtt = loopback_rtt_s()
+        configs = [(f"1 device, {cores} threads", "single", cores, 0.0), ("1 device, 1 thread", "single", 1, 0.0),
+                   ("N=2 loopback, 1 thread each", "loopback", 1, 0.0)]
+        configs += [(f"N=2 via proxy {d * 1e3:g} ms one-way", "proxy", 1, d) for d in delays]
+        results = []
+        for i, (label, kind, threads, delay) in enumerate(configs):
+            cfg = {"kind": kind, "threads": threads, "delay_s": delay, "model": model, "tokens": tokens,
+                   "insecure": args.insecure, "tmp": str(tmp / f"c{i}")}
+            print(f"running: {label}", file=sys.stderr, flush=True)
+            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], stdout=subprocess.PIPE,
+                                 text=True, check=True, timeout=1800)
+            line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+            results.append({"label": label, "kind": kind, "delay_s": delay, **json.loads(line[len("RESULT "):])})
+    report(results, rtt, args)
+
+
+def report(results: list[dict], rtt: float, args) -> None:
+    anchor = results[0]["token_s"]
+    rows = []
+    for r in results:
+        layers, n = r["layers"], r["tokens"]
+        one_way = r["delay_s"] + rtt / 2 if r["kind"] != "single" else 0.0
+        ideal = 2 * one_way * 2 * layers  # star: 2 hops per allreduce, 2 allreduces per layer
+        rss = [f"{b / 2**20:.0f}" for b in r["rss"]]
+        rows.append([r["label"], r["token_s"] * 1e3, ratio(r["token_s"], anchor),
+                     r["allreduce_s"] / n / layers * 1e3 if r["kind"] != "single" else "-",
+                     ideal / layers * 1e3 if ideal else "-", ideal * 1e3 if ideal else "-",
+                     r["bytes"] / n / 1024, " / ".join(rss)])
+    print_machine()
+    layers = results[0]["layers"]
+    print_table(
+        f"Decode per token, {results[0]['prompt_tokens']}-token prompt, median of {results[0]['tokens']} tokens",
+        ["configuration", "ms/token", "vs 1 device", "allreduce ms/layer", "ideal ms/layer", "ideal ms/token",
+         "KiB/token", "peak RSS MiB (rank 0 / 1)"],
+        rows,
+        notes=[f"ideal = star allreduce floor: 2 hops x one-way latency x 2 allreduces x {layers} layers; "
+               f"loopback one-way latency taken as half the measured {rtt * 1e6:.0f} us TCP round trip.",
+               "allreduce time is rank 0's wait inside allreduce (includes waiting for the slower rank's compute).",
+               "KiB/token counts rank 0's sent + received data-channel bytes (step, partials, sums, logits).",
+               f"{'CURVE off (--insecure)' if args.insecure else 'CURVE on'}. Shared, noisy machine: "
+               "other jobs were running; compare ratios, not absolutes."])
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
