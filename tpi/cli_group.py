@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+import signal
 import threading
 from pathlib import Path
 from typing import Annotated, Optional
@@ -36,6 +37,9 @@ def serve(
     config_dir: ConfigDir = DEFAULT_CONFIG_DIR,
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
     insecure: Insecure = False,
+    heartbeat_timeout: Annotated[float, typer.Option(
+        "--heartbeat-timeout", help="seconds of silence after which a device counts as lost "
+        "(heartbeats go every quarter of it, at most every second)")] = 10.0,
 ) -> None:
     """Be the master: serve the API at once, wait for devices, ship their shards, then answer."""
     from tpi.api import serve_api
@@ -50,7 +54,8 @@ def serve(
         opts = GroupOptions(model=model, devices=devices, local_workers=local_workers, host=host, port=port,
                             context=context, threads=threads, backend=backend, memory_budget=parse_size(memory_budget),
                             ratios=parsed, wire_dtype=wire_dtype, insecure=insecure, config_dir=config_dir,
-                            cache_dir=cache_dir, leave_out=not keep_all)
+                            cache_dir=cache_dir, leave_out=not keep_all,
+                            link_settings=link_settings(heartbeat_timeout))
     except TpiError as e:
         fail(e)
     forming = GroupFormation(opts, lambda m: typer.echo(m, err=True))
@@ -60,17 +65,40 @@ def serve(
         service.attach(engine)
 
     forming.on_ready = ready
+    # uvicorn shuts down on SIGTERM and then re-raises it; with the default handler that kills the
+    # process before the finally below could tell the devices the group is over.
+    previous = signal.signal(signal.SIGTERM, _leave_on_sigterm)
     try:
         serve_api(service, api_host, api_port, api_key=api_key,
                   on_listening=lambda u: typer.echo(f"OpenAI-compatible API on {u}/v1 (GET /health shows the group)", err=True),
                   on_server=forming.start)
     except TpiError as e:
         fail(e)
+    except ShutdownRequested:
+        pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         service.close()
         forming.close()
     if forming.error is not None:
         fail(forming.error)
+
+
+class ShutdownRequested(Exception):
+    """SIGTERM reached tpi serve after the API stopped: close the group, then exit 0."""
+
+
+def _leave_on_sigterm(signum, frame) -> None:
+    raise ShutdownRequested()
+
+
+def link_settings(heartbeat_timeout_s: float):
+    """LinkSettings for a --heartbeat-timeout: beats every quarter of it (at most 1 s apart)."""
+    from tpi.transport.link import LinkSettings
+
+    if heartbeat_timeout_s <= 0:
+        raise TpiError(f"--heartbeat-timeout {heartbeat_timeout_s} must be positive (seconds)")
+    return LinkSettings(heartbeat_s=min(1.0, heartbeat_timeout_s / 4), timeout_s=heartbeat_timeout_s)
 
 
 def served_model_id(model: str | None) -> str:
@@ -148,6 +176,11 @@ def join(
     profile_file: Annotated[Optional[Path], typer.Option(
         "--profile-file", help="send this device profile (JSON, as `tpi devices profile --json` prints) "
         "instead of the measured one")] = None,
+    heartbeat_timeout: Annotated[Optional[float], typer.Option(
+        "--heartbeat-timeout", help="seconds of silence after which the master counts as lost "
+        "(default: the master's --heartbeat-timeout)")] = None,
+    reconnect_timeout: Annotated[float, typer.Option(
+        "--reconnect-timeout", help="seconds to keep reconnecting to a lost master before giving up")] = 60.0,
 ) -> None:
     """Join a group as a worker: fetch and cache the shard, then compute steps until stopped."""
     from tpi.devices.profile import handshake_profile
@@ -156,13 +189,16 @@ def join(
     try:
         if not token:
             raise TpiError("no join token; copy the --token value that tpi serve printed")
+        if heartbeat_timeout is not None and heartbeat_timeout <= 0:
+            raise TpiError(f"--heartbeat-timeout {heartbeat_timeout} must be positive (seconds)")
         budget = parse_size(memory_budget)
         profile = handshake_profile(cache_dir / "profile", backend=backend, threads=threads, name=name,
                                     memory_budget=budget, profile_file=profile_file)
         run_worker(WorkerOptions(master=master, token=token, name=name, cache_dir=cache_dir / "shards",
                                  key_dir=key_dir, backend=backend, threads=threads,
                                  memory_budget=budget, insecure=insecure, profile=profile,
-                                 data_endpoint=data_endpoint))
+                                 data_endpoint=data_endpoint, heartbeat_timeout_s=heartbeat_timeout,
+                                 reconnect_s=max(0.0, reconnect_timeout)))
     except TpiError as e:
         fail(e)
     except KeyboardInterrupt:

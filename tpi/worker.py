@@ -27,6 +27,8 @@ class WorkerOptions:
     profile: dict = field(default_factory=dict)
     link_settings: object = None  # tpi.transport.link.LinkSettings; None = defaults
     data_endpoint: str | None = None  # HOST:PORT of the master's data channel; None = master port + 1
+    heartbeat_timeout_s: float | None = None  # a master silent this long is lost; None = the master's setting
+    reconnect_s: float = 60.0  # how long to keep trying to reach a lost master before giving up
 
 
 def cached_hashes(cache_dir: Path) -> list[str]:
@@ -34,34 +36,155 @@ def cached_hashes(cache_dir: Path) -> list[str]:
 
 
 def run_worker(opts: WorkerOptions) -> dict:
-    """Join, fetch (or reuse) the shard, serve steps until the master stops us. Returns stats."""
-    from tpi.transport.link import LinkSettings, WorkerLink, parse_endpoint
+    """Join, fetch (or reuse) the shard, serve steps until the master stops us. Returns stats.
 
+    A master that goes silent is waited for (reconnecting with backoff for opts.reconnect_s)
+    and joined again; a master that asks its devices to rejoin (a re-planned group) is joined
+    again at once. Only a master that stops the group, refuses us, or never comes back ends this.
+    """
     opts.cache_dir.mkdir(parents=True, exist_ok=True)
-    data = "tcp://{}:{}".format(*parse_endpoint(opts.data_endpoint)) if opts.data_endpoint else None
-    link = WorkerLink(opts.master, opts.token, opts.key_dir, insecure=opts.insecure,
-                      settings=opts.link_settings or LinkSettings(), data_endpoint=data)
-    try:
-        assign = link.join(opts.name, opts.profile, cached_hashes(opts.cache_dir))
-        log.info("joined as rank %d of %d", assign.rank, assign.world)
-        dest = opts.cache_dir / f"{assign.shard_hash}{SHARD_SUFFIX}"
-        had_file = dest.exists()
-        transfer = link.fetch_shard(dest, assign.shard_hash, assign.shard_size, progress=True)
-        _log_transfer(transfer, had_file)
-        try:
-            model, store = _load_model(dest, assign, opts)
-        except TpiError as e:  # e.g. an impossible --memory-budget: the master reports why we left
-            from tpi.transport.protocol import Stop
+    _import_backend(opts.backend)
+    loaded: dict = {}  # what the previous round loaded: {"key": (shard_hash, assignment), "model": ...}
+    total = {"rank": None, "steps": 0, "transfer": None, "rounds": 0}
+    give_up_at = None  # while the master is lost: when to stop trying
+    while True:
+        total["rounds"] += 1
+        outcome = _serve_round(opts, loaded, total, reconnecting=give_up_at is not None)
+        if outcome.kind == "stopped":
+            return total
+        if outcome.kind == "rejoin":
+            log.info("the master re-plans the group (%s); joining again", outcome.reason.removeprefix("rejoin: "))
+            give_up_at = None
+            continue
+        if outcome.kind == "joined" or give_up_at is None:  # lost while serving: a fresh window
+            give_up_at = time.monotonic() + opts.reconnect_s
+        _wait_for_master(opts, outcome.reason, give_up_at)
 
-            link.send(Stop(f"cannot load its shard: {e}"))
+
+def _import_backend(backend: str) -> None:
+    """Import the kernel backend before joining: loading torch's libraries holds the GIL for
+    seconds on a busy machine, which would starve the heartbeat thread once admitted."""
+    if backend == "torch":
+        try:
+            import tpi.layers_torch  # noqa: F401
+        except ImportError:
+            pass  # make_layers reports the missing torch with the fix once the shard is assigned
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    kind: str  # "stopped" | "rejoin" | "lost" (never joined this round) | "joined" (joined, then lost)
+    reason: str = ""
+
+
+def _settings(opts: WorkerOptions):
+    from tpi.transport.link import LinkSettings
+
+    settings = opts.link_settings or LinkSettings()
+    if opts.heartbeat_timeout_s is not None:
+        from dataclasses import replace
+
+        settings = replace(settings, timeout_s=opts.heartbeat_timeout_s,
+                           heartbeat_s=min(settings.heartbeat_s, opts.heartbeat_timeout_s / 4))
+    return settings
+
+
+def _serve_round(opts: WorkerOptions, loaded: dict, total: dict, reconnecting: bool) -> RoundOutcome:
+    """One membership: join, get the shard and model ready, serve steps until stopped or lost."""
+    from tpi.transport.link import NoAnswerError, WorkerLink, parse_endpoint
+    from tpi.transport.protocol import is_rejoin
+
+    data = "tcp://{}:{}".format(*parse_endpoint(opts.data_endpoint)) if opts.data_endpoint else None
+    link = WorkerLink(opts.master, opts.token, opts.key_dir, insecure=opts.insecure, settings=_settings(opts),
+                      data_endpoint=data, timeout_from_master=opts.heartbeat_timeout_s is None)
+    try:
+        try:
+            assign = link.join(opts.name, opts.profile, cached_hashes(opts.cache_dir))
+        except NoAnswerError as e:
+            if reconnecting:  # its port is open but it does not answer yet: keep trying
+                return RoundOutcome("lost", str(e))
             raise
-        comm = link.communicator()
-        model.comm = comm
-        log.info("ready: rank %d computing", assign.rank)
-        steps = _serve_steps(model, comm)
-        return {"rank": assign.rank, "steps": steps, "transfer": transfer}
+        log.info("joined as rank %d of %d", assign.rank, assign.world)
+        total["rank"] = assign.rank
+        try:
+            model = _ready_model(link, assign, opts, loaded, total)
+            comm = link.communicator()
+            model.comm = comm
+            log.info("ready: rank %d computing", assign.rank)
+            stopped: list[str] = []
+            total["steps"] += _serve_steps(model, comm, link.master_lost, stopped)
+            stop_reason = stopped[0]
+        except GroupError:
+            lost, stop_reason = link.master_lost(), link.master_stopped()
+            if lost is None:
+                raise
+            if stop_reason is None:
+                return RoundOutcome("joined", lost)
+        if is_rejoin(stop_reason):
+            return RoundOutcome("rejoin", stop_reason)
+        if link.master_stopped() is None:  # else the link already logged it
+            log.info("master stopped the group: %s", stop_reason)
+        return RoundOutcome("stopped", stop_reason)
     finally:
         link.close()
+
+
+def _ready_model(link, assign, opts: WorkerOptions, loaded: dict, total: dict):
+    """The model for this assignment: the one already loaded when it is the same, else fetched and loaded."""
+    import json
+
+    key = (assign.shard_hash, json.dumps(assign.assignment, sort_keys=True))
+    dest = opts.cache_dir / f"{assign.shard_hash}{SHARD_SUFFIX}"
+    if loaded.get("key") == key and dest.exists():
+        log.info("shard: 0 bytes transferred (already loaded)")
+        return loaded["model"]
+    if loaded.get("model") is not None:  # another shard: free the old weights before loading
+        loaded.pop("model").weights.close()
+        loaded.clear()
+    had_file = dest.exists()
+    transfer = link.fetch_shard(dest, assign.shard_hash, assign.shard_size, progress=True)
+    _log_transfer(transfer, had_file)
+    total["transfer"] = transfer
+    try:
+        model, _ = _load_model(dest, assign, opts)
+    except TpiError as e:  # e.g. an impossible --memory-budget: the master reports why we left
+        from tpi.transport.protocol import Stop
+
+        link.send(Stop(f"cannot load its shard: {e}"))
+        raise
+    loaded.update(key=key, model=model)
+    return model
+
+
+def _wait_for_master(opts: WorkerOptions, reason: str, give_up_at: float) -> None:
+    """Back off until the master's port answers again; GroupError once give_up_at has passed."""
+    from tpi.transport.link import parse_endpoint
+
+    host, port = parse_endpoint(opts.master)
+    delay = 0.5
+    log.warning("trying to reach the master at %s:%d again (for %.0fs more)", host, port,
+                max(0.0, give_up_at - time.monotonic()))
+    while True:
+        left = give_up_at - time.monotonic()
+        if left > 0 and _port_answers(host, port, min(2.0, left)):
+            log.info("the master at %s:%d answers again; rejoining", host, port)
+            return
+        left = give_up_at - time.monotonic()
+        if left <= 0:
+            raise GroupError(f"lost the master at {host}:{port} ({reason}) and it did not come back within "
+                             f"{opts.reconnect_s:.0f}s; run tpi join again once tpi serve is running")
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 8.0)
+
+
+def _port_answers(host: str, port: int, timeout: float) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _log_transfer(transfer, had_file: bool) -> None:
@@ -96,16 +219,28 @@ def _load_model(path: Path, assign, opts: WorkerOptions):
     return Transformer(cfg, layers, weights), store
 
 
-def _serve_steps(model, comm) -> int:
+def _serve_steps(model, comm, master_lost=lambda: None, stopped: list | None = None) -> int:
+    """Compute steps until the master sends Stop; returns steps served (GroupError if the master is lost).
+
+    The Stop's reason is appended to `stopped` when given.
+    """
     steps = 0
     while True:
         header, x = comm.recv_step()
         kind = header["kind"]
         if kind == "stop":
-            log.info("master stopped the group: %s", header.get("reason", ""))
+            if stopped is not None:
+                stopped.append(header.get("reason", ""))
             return steps
         if kind == "reset":
             continue  # positions restart at 0: cached keys/values are simply overwritten
-        logits = model.forward(x, int(header["start_pos"]), bool(header.get("all", False)))
-        comm.gather(logits, header.get("logits_dtype"))
+        try:
+            logits = model.forward(x, int(header["start_pos"]), bool(header.get("all", False)))
+            comm.gather(logits, header.get("logits_dtype"))
+        except GroupError as e:
+            if master_lost():
+                raise
+            # The master gave up on this step (another device was lost): follow its next control.
+            log.warning("step abandoned: %s", e)
+            continue
         steps += 1

@@ -28,12 +28,17 @@ from tpi.transport.transfer import ShardServer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JoinRequest", "LinkProbe", "LinkSettings", "MasterLink", "WorkerLink", "parse_endpoint"]
+__all__ = ["JoinRequest", "LinkProbe", "NoAnswerError", "LinkSettings", "MasterLink", "WorkerLink", "parse_endpoint"]
 
 # A link probe reuses the shard messages under a hash no shard has: the master sends a
 # ShardChunk of n bytes to a joined (not yet admitted) device, whose keeper thread echoes an
 # empty ShardRequest at once. Timing both in the keeper threads gives RTT and bandwidth.
 PROBE_HASH = "link-probe"
+GOODBYE_LINGER_MS = 500  # how long closing waits to deliver Stop to devices (a dead one costs this once)
+
+
+class NoAnswerError(GroupError):
+    """The master did not answer in time (it may be down, or still forming its group)."""
 
 
 @dataclass(frozen=True)
@@ -213,6 +218,7 @@ class MasterLink(Keeper):
             for rid, peer in self._peers.items():
                 if peer.state == "admitted":
                     self._send(rid, Stop("master is shutting down"))
+            self._control.linger = GOODBYE_LINGER_MS  # flush the goodbyes, then close
 
         if not self._stopping.is_set():
             try:
@@ -220,7 +226,7 @@ class MasterLink(Keeper):
             except GroupError:
                 pass  # the keeper already died and said why in the log
         self.stop()
-        self.data.close(0)
+        self.data.close(GOODBYE_LINGER_MS)  # a Stop broadcast just before still reaches live workers
         self._ctx.term()
 
     # ---- keeper thread ----
@@ -260,7 +266,7 @@ class MasterLink(Keeper):
                 next_beat = now + hb
                 self._beat(now)
         self._shards.close()
-        self._control.close(0)
+        self._control.close()  # linger 0, or GOODBYE_LINGER_MS once close() queued the goodbyes
         if self._zap is not None:
             self._zap.close(0)
 
@@ -333,9 +339,12 @@ class WorkerLink(Keeper):
     """Worker side: joins the master named by the token, fetches its shard, keeps heartbeats."""
 
     def __init__(self, connect: str, token: str, key_dir: Path, *, insecure: bool = False,
-                 settings: LinkSettings = LinkSettings(), data_endpoint: str | None = None):
+                 settings: LinkSettings = LinkSettings(), data_endpoint: str | None = None,
+                 timeout_from_master: bool = True):
+        """timeout_from_master=False keeps settings.timeout_s for noticing a silent master."""
         self.host, self.port = parse_endpoint(connect)
         self.settings = settings
+        self._timeout_from_master = timeout_from_master
         self.insecure = insecure
         self._token = security.parse_token(token)
         self._data_endpoint = data_endpoint
@@ -352,6 +361,7 @@ class WorkerLink(Keeper):
         self._heartbeat_s, self._timeout_s = settings.heartbeat_s, settings.timeout_s
         self._last_seen = time.monotonic()
         self._lost_reason: str | None = None
+        self._stop_reason: str | None = None
         self._handshake_error: str | None = None
         self.data: zmq.Socket | None = None
         if insecure:
@@ -406,7 +416,7 @@ class WorkerLink(Keeper):
             if self._lost_reason:
                 raise GroupError(f"lost the master while waiting for {what}: {self._lost_reason}")
             if time.monotonic() >= deadline:
-                raise GroupError(
+                raise NoAnswerError(
                     f"no {what} from {self.host}:{self.port} within {timeout:.0f}s: check the address, "
                     "that tpi serve is running there, and that the token is current")
 
@@ -422,6 +432,10 @@ class WorkerLink(Keeper):
     def master_lost(self) -> str | None:
         """Why the master counts as lost (silent, stopped, refused), or None while it is alive."""
         return self._lost_reason
+
+    def master_stopped(self) -> str | None:
+        """The reason of the Stop the master sent on the control channel, or None."""
+        return self._stop_reason
 
     def data_socket(self) -> zmq.Socket:
         """The data-channel DEALER (connected once, owned by the caller's thread from then on)."""
@@ -519,8 +533,12 @@ class WorkerLink(Keeper):
             return
         if isinstance(msg, Assign):
             self.assign = msg
-            self._heartbeat_s, self._timeout_s = msg.heartbeat_s, msg.timeout_s
+            self._heartbeat_s = msg.heartbeat_s  # the master's pace: it times us out by it
+            # Our own timeout must outlast two of the master's beats, or a live master looks lost.
+            self._timeout_s = msg.timeout_s if self._timeout_from_master else max(
+                self.settings.timeout_s, 2 * msg.heartbeat_s)
         elif isinstance(msg, Stop):
+            self._stop_reason = msg.reason
             self._lost_reason = f"master stopped the group: {msg.reason}"
             log.warning(self._lost_reason)
             return

@@ -37,6 +37,16 @@ _NAME_OF = {dt: name for name, dt in WIRE_DTYPES.items()}
 REDUCE_DTYPES = ("f32", "bf16")
 
 
+# A Stop whose reason starts with this asks workers to join again at once (the master re-plans
+# the group and will send each a new Assign); any other Stop ends the group.
+REJOIN_PREFIX = "rejoin: "
+
+
+def is_rejoin(stop_reason: str | None) -> bool:
+    """True when a Stop's reason asks the worker to join again rather than leave."""
+    return bool(stop_reason) and stop_reason.startswith(REJOIN_PREFIX)
+
+
 class VersionMismatch(ProtocolError):
     """The peer speaks another protocol version."""
 
