@@ -5,6 +5,7 @@ A group of one (no workers) takes the same path minus the network, so `tpi run` 
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -251,13 +252,14 @@ def _measured_profiles(opts: GroupOptions, cfg, world: int, threads: int, worker
     if opts.worker_profile:
         return master, opts.worker_profile
     same = not opts.profile and opts.worker_backend == opts.backend and worker_threads == threads
-    return master, (dict(master) if same else measure(opts.worker_backend, worker_threads, "local"))
+    worker = dict(master) if same else measure(opts.worker_backend, worker_threads, "local")
+    return master, dict(worker, runtime_bytes=0)  # 0: each worker counts its own runtime memory at join
 
 
 def _plan(opts: GroupOptions, source, cfg, context: int, master_profile: dict, link, joins: list, say):
     """Probe each joined device's link, plan the group, and refuse those the planner leaves out."""
     from tpi.devices.costmodel import LinkProfile
-    from tpi.devices.group_plan import Candidate, cost_params, plan_real_group, weight_format_of
+    from tpi.devices.group_plan import Candidate, cost_params, load_transient_bytes, plan_real_group, weight_format_of
     from tpi.devices.profile import DeviceProfile
 
     links = []
@@ -270,7 +272,7 @@ def _plan(opts: GroupOptions, source, cfg, context: int, master_profile: dict, l
     local = {f"local-{i + 1}" for i in range(opts.local_workers)}
     candidates = [Candidate(j.name, j.profile, l, keep=j.name in local and j.address in ("127.0.0.1", "::1"))
                   for j, l in zip(joins, links)]
-    params = cost_params(weight_format_of(source), context)
+    params = cost_params(weight_format_of(source), context, master_load_bytes=load_transient_bytes(source, cfg))
     try:
         real = plan_real_group(cfg, DeviceProfile.from_dict(master_profile), opts.memory_budget, candidates, params,
                                wire_dtype=opts.wire_dtype, leave_out=opts.leave_out, ratios=opts.ratios)
@@ -300,6 +302,7 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None) -> Group:
     from tpi.shard import shard_to_dict
     from tpi.transport.protocol import Assign
     from tpi.transport.transfer import shard_hash
+    from tpi.scheduler.overhead import rss_bytes
     from tpi.weights import open_store_weights
 
     source = open_model(opts.model)
@@ -354,6 +357,8 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None) -> Group:
             if not opts.memory_budget:
                 resident[key] = layers.to_runtime(blk)
 
+        # Before cutting: mapped model pages the cut reads are reclaimable and not counted.
+        setup_rss = rss_bytes() if opts.memory_budget else 0
         t0 = time.perf_counter()
         if missing or not opts.memory_budget:
             say(f"cutting {cfg.name} into {world} shard(s)…")
@@ -373,7 +378,12 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None) -> Group:
             for d in devices:
                 d.plan = device_status(real.plan, d.rank, links[d.rank - 1] if d.rank else None)
         if opts.memory_budget:
-            weights = open_store_weights(stores[0], layers, cfg, shards[0], context, opts.memory_budget)
+            # The model source (parsed metadata, file pages mapped while cutting: up to the whole
+            # model) is not the engine's; free it so the plan measures what serving holds.
+            del source
+            gc.collect()
+            weights = open_store_weights(stores[0], layers, cfg, shards[0], context, opts.memory_budget,
+                                         setup_rss=setup_rss)
         else:
             weights = ResidentWeights(resident)
         embed = weights.get("globals")["embed"]
