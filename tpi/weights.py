@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 GLOBALS = "globals"
 EMBED = "embed"  # the tensor in rank 0's globals block that is mapped, not copied
+MiB = 1 << 20
 
 
 def activation_bytes(cfg, shard, context: int, chunk: int = PREFILL_CHUNK) -> int:
@@ -42,9 +43,12 @@ def kv_cache_bytes(cfg, shard, context: int, itemsize: int = 2) -> int:
 
 def _layers_kv_bytes(layers, cfg, shard, context: int) -> tuple[int, int]:
     """(KV cache bytes, of which already resident) of a layers object (torch or numpy)."""
-    caches = [getattr(layers, n, None) for n in ("k_cache", "v_cache")]
-    if any(c is None for c in caches):
-        return kv_cache_bytes(cfg, shard, context), 0
+    caches = []
+    for name in ("k_cache", "v_cache"):
+        c = getattr(layers, name, None)
+        if c is None:
+            return kv_cache_bytes(cfg, shard, context), 0
+        caches += list(c) if isinstance(c, (list, tuple)) else [c]  # one array, or one per layer
     total = sum(int(c.nbytes) for c in caches)
     # torch.zeros writes every page now; np.zeros gets lazily zeroed pages, resident once written.
     resident = sum(int(c.nbytes) for c in caches if not isinstance(c, np.ndarray))
@@ -78,25 +82,40 @@ def _embed_nbytes(store) -> int:
     return 0 if t is None else sum(a.nbytes for a in t.arrays.values())
 
 
-def plan_memory(store, layers, cfg, shard, context: int, budget: int, *, runtime_overhead: int | None = None):
+def plan_memory(store, layers, cfg, shard, context: int, budget: int, *, runtime_overhead: int | None = None,
+                setup_rss: int = 0):
     """The WindowPlan for this rank under `budget` bytes; BudgetError (nothing loaded) if it cannot fit.
 
-    `runtime_overhead` overrides the measurement (tests and the planner's what-ifs).
+    `runtime_overhead` overrides the measurement (tests and the planner's what-ifs). `setup_rss`
+    is what this process held while opening the model (the master's parsed model file, freed
+    before the plan): the budget must cover that moment too.
     """
+    from tpi.errors import BudgetError
     from tpi.scheduler.overhead import runtime_overhead_bytes
     from tpi.scheduler.window import plan_window
 
     kv_total, kv_resident = _layers_kv_bytes(layers, cfg, shard, context)
     if runtime_overhead is None:
         runtime_overhead = max(0, runtime_overhead_bytes() - kv_resident)
-    return plan_window(
-        planned_block_sizes(store, embed_mapped=True),
-        budget,
-        kv_cache_bytes=kv_total,
-        activation_bytes=activation_bytes(cfg, shard, context) + conversion_bytes(store),
-        runtime_overhead_bytes=runtime_overhead,
-        always_pinned=[GLOBALS] if GLOBALS in store.keys() else [],
-    )
+
+    def plan(for_budget: int):
+        return plan_window(
+            planned_block_sizes(store, embed_mapped=True),
+            for_budget,
+            kv_cache_bytes=kv_total,
+            activation_bytes=activation_bytes(cfg, shard, context) + conversion_bytes(store),
+            runtime_overhead_bytes=runtime_overhead,
+            always_pinned=[GLOBALS] if GLOBALS in store.keys() else [],
+        )
+
+    if budget < setup_rss:
+        plan(setup_rss)  # raises with the larger minimum when serving needs more than setup did
+        raise BudgetError(
+            f"memory budget {budget / MiB:.1f} MiB is too small: the minimum feasible budget is "
+            f"{setup_rss / MiB:.1f} MiB ({setup_rss} bytes = what this process held while opening the "
+            f"model); raise --memory-budget to at least {setup_rss / MiB:.1f} MiB"
+        )
+    return plan(budget)
 
 
 def _owned_copy(t):
@@ -181,7 +200,7 @@ class StreamedWeights:
 
 
 def open_store_weights(store, layers, cfg, shard, context: int, budget: int | None,
-                       *, runtime_overhead: int | None = None):
+                       *, runtime_overhead: int | None = None, setup_rss: int = 0):
     """Weights for the model from a shard store: everything resident, or a window plan under budget.
 
     The plan (and a BudgetError for an impossible budget) comes before any block is loaded.
@@ -194,7 +213,8 @@ def open_store_weights(store, layers, cfg, shard, context: int, budget: int | No
         return ResidentWeights(blocks)
     from tpi.scheduler.prefetch import BlockScheduler
 
-    plan = plan_memory(store, layers, cfg, shard, context, budget, runtime_overhead=runtime_overhead)
+    plan = plan_memory(store, layers, cfg, shard, context, budget, runtime_overhead=runtime_overhead,
+                       setup_rss=setup_rss)
     log.info("memory plan: %s", plan.describe())
     mapped = _EmbedMappedStore(store)
     return StreamedWeights(BlockScheduler(mapped, plan, layers.to_runtime), plan, store)
