@@ -109,7 +109,10 @@ def plan_memory(store, layers, cfg, shard, context: int, budget: int, *, runtime
         )
 
     if budget < setup_rss:
-        plan(setup_rss)  # raises with the larger minimum when serving needs more than setup did
+        try:
+            plan(setup_rss)
+        except BudgetError:  # serving needs more than setup did: refuse with that (larger) minimum
+            return plan(budget)
         raise BudgetError(
             f"memory budget {budget / MiB:.1f} MiB is too small: the minimum feasible budget is "
             f"{setup_rss / MiB:.1f} MiB ({setup_rss} bytes = what this process held while opening the "
