@@ -48,6 +48,8 @@ class GroupOptions:
     cache_dir: Path = Path.home() / ".cache" / "tpi"
     join_timeout_s: float = 600.0
     link_settings: object = None  # tpi.transport.link.LinkSettings
+    rejoin_timeout_s: float = 30.0  # how long a lost device has to rejoin before the group re-plans
+    replan: bool = True  # re-plan over the remaining devices when a lost one does not rejoin
 
 
 @dataclass
@@ -57,42 +59,34 @@ class DeviceInfo:
     address: str
     share: dict
     profile: dict = field(default_factory=dict)
-    state: str = "ready"
+    state: str = "ready"  # ready | lost
     plan: dict = field(default_factory=dict)  # share, predicted memory and link figures (planned groups)
+    reason: str = ""  # why it was lost, or when it came back
 
 
 class Group:
     """A running group: rank 0's engine plus what is needed to stop it cleanly."""
 
     def __init__(self, engine, devices: list[DeviceInfo], link=None, procs=(), token: str | None = None,
-                 plan: dict | None = None):
+                 plan: dict | None = None, assigns: dict | None = None, opts: GroupOptions | None = None):
         self.engine = engine
         self.plan = plan or {}
         self.devices = devices
         self.link = link
         self.procs = list(procs)
         self.token = token
-        self.state = "serving"
+        self.assigns = assigns or {}  # rank -> (Assign as sent, shard path): what a rejoining device gets
+        self.opts = opts or GroupOptions()
+        self.state = "serving"  # serving | recovering | re-planning | degraded (tpi.recovery)
+        self.supervisor = None
         self._closed = False
-        self._closing = threading.Event()
-        self._refuser = None
-        if link is not None:  # the group is formed: anyone joining now is turned away, not left waiting
-            self._refuser = threading.Thread(target=self._refuse_late_joins, name="tpi-refuser", daemon=True)
-            self._refuser.start()
 
-    def _refuse_late_joins(self) -> None:
-        world = len(self.devices)
-        reason = (f"group already full: all {world} devices joined and it is serving; "
-                  f"restart tpi serve with --devices {world + 1} to include this device")
-        while not self._closing.is_set():
-            join = self.link.next_join(timeout=0.2)
-            if join is None:
-                continue
-            try:
-                self.link.refuse(join, reason)
-            except TpiError as e:  # the link is going down; nothing left to refuse with
-                log.debug("could not refuse %s: %s", join.name, e)
-                return
+    def supervise(self, say=log.info) -> None:
+        """From a thread: refuse late joins, take a lost device back, or re-plan without it."""
+        from tpi.recovery import GroupSupervisor
+
+        self.supervisor = GroupSupervisor(self, say)
+        self.supervisor.start()
 
     def status(self) -> dict:
         return {
@@ -102,15 +96,15 @@ class Group:
             "context": self.engine.context,
             "devices": [vars(d) for d in self.devices],
             "plan": self.plan,
+            **(self.supervisor.status() if self.supervisor else {}),
         }
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._closing.set()
-        if self._refuser is not None:
-            self._refuser.join(timeout=2)
+        if self.supervisor is not None:
+            self.supervisor.stop()
         comm = self.engine.comm
         if comm.world > 1:
             try:
@@ -286,11 +280,13 @@ def _plan(opts: GroupOptions, source, cfg, context: int, master_profile: dict, l
     return real, links
 
 
-def start_group(opts: GroupOptions, say=log.info, on_plan=None) -> Group:
+def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Group:
     """Open the model, gather the devices, ship shards, and return the serving group.
 
     The planner picks ratios and wire dtype when opts.ratios is None and there are workers, or
-    whenever on_plan (called with the GroupPlan before anything loads) is given.
+    whenever on_plan (called with the GroupPlan before anything loads) is given. A given link
+    (re-planning a running group, tpi.recovery) is used as it is, left open on failure, and the
+    group it returns is not supervised: the caller is.
     """
     from tpi.config import config_to_dict
     from tpi.devices.slicing import plan_shards
@@ -315,16 +311,19 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None) -> Group:
     cores = os.cpu_count() or 1
     threads = opts.threads or max(1, cores // (1 + opts.local_workers))
     planning = (world > 1 and opts.ratios is None) or on_plan is not None
-    link, procs, joins, real, links = None, [], [], None, []
+    own_link = link is None
+    procs, joins, real, links, assigns = [], [], None, [], {}
     try:
         master_profile, worker_profile = {}, {}
-        if world > 1:
+        if world > 1 and own_link:
             from tpi.transport.link import LinkSettings, MasterLink
 
             opts.config_dir.mkdir(parents=True, exist_ok=True)
             link = MasterLink(f"tcp://{opts.host}:{opts.port}", opts.config_dir, insecure=opts.insecure,
                               settings=opts.link_settings or LinkSettings())
             say(f"waiting for {world - 1} device(s); on each one run:\n  {join_command(opts.host, link.port, link.token, opts.insecure)}")
+        elif world > 1:
+            say(f"waiting for {world - 1} device(s) to join again")
         if planning:  # devices already queue their joins while rank 0 measures itself
             master_profile, worker_profile = _measured_profiles(opts, cfg, world, threads, max(1, cores // world))
         if world > 1:
@@ -369,8 +368,9 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None) -> Group:
         for rank, j in enumerate(joins, start=1):
             st = stores[rank]
             assignment = {"config": config_to_dict(cfg), "shard": shard_to_dict(shards[rank]), "context": context}
-            link.admit(j, Assign(rank, world, shard_hash(st.path), st.nbytes, wire_dtype, assignment=assignment),
-                       st.path)
+            sent = link.admit(j, Assign(rank, world, shard_hash(st.path), st.nbytes, wire_dtype,
+                                        assignment=assignment), st.path)
+            assigns[rank] = (sent, st.path)
             devices.append(DeviceInfo(rank, j.name, j.address, shard_to_dict(shards[rank]), dict(j.profile)))
         if real is not None:
             from tpi.devices.group_plan import device_status
@@ -400,9 +400,12 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None) -> Group:
             from tpi.devices.group_plan import plan_summary
 
             summary = plan_summary(real.plan)
-        return Group(engine, devices, link, procs, link.token if link else None, summary)
+        group = Group(engine, devices, link, procs, link.token if link else None, summary, assigns, opts)
+        if link is not None and own_link:  # formed: late joins are refused, lost devices recovered
+            group.supervise(say)
+        return group
     except BaseException:
-        if link is not None:
+        if link is not None and own_link:
             link.close()
         for p in procs:
             p.kill()

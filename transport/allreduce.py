@@ -69,7 +69,9 @@ class StarMaster:
     rank = 0
 
     def __init__(self, sock: zmq.Socket, peer_ids: list[str], names: list[str], wire_dtype: str,
-                 lost: Callable[[], dict[str, str]], step_timeout_s: float, max_frame: int):
+                 lost: Callable[[], dict[str, str]], step_timeout_s: float, max_frame: int, first_seq: int = 0):
+        """first_seq: the step number of the communicator this one replaces (a regrouped group), so
+        a worker's late message from an abandoned step can never match a new step."""
         if wire_dtype not in REDUCE_DTYPES:
             raise GroupError(f"wire dtype must be f32 or bf16, not {wire_dtype!r}")
         self._sock = sock
@@ -82,13 +84,18 @@ class StarMaster:
         self._lost = lost
         self._step_timeout_s = step_timeout_s
         self._max_frame = max_frame
-        self._seq = 0
+        self._seq = first_seq
         self._op = 0
         self.stats = CommStats()
 
-    def wait_ready(self, timeout_s: float) -> None:
-        """Block until every worker announced Ready on the data channel."""
-        waiting = set(range(1, self.world))
+    @property
+    def seq(self) -> int:
+        """The number of the last step broadcast."""
+        return self._seq
+
+    def wait_ready(self, timeout_s: float, ranks: set[int] | None = None) -> None:
+        """Block until every worker (or those in ranks) announced Ready on the data channel."""
+        waiting = set(range(1, self.world)) if ranks is None else set(ranks)
         deadline = time.monotonic() + timeout_s
         while waiting:
             rank, msg = self._recv(waiting, deadline, "the ready signal")
@@ -127,14 +134,22 @@ class StarMaster:
             raise GroupError(f"device(s) {names} sent no {what} within {self._step_timeout_s:.0f}s "
                              "though still alive; they may be overloaded or stuck")
 
-    def _send_all(self, frames: list) -> None:
+    def _send_all(self, frames: list, best_effort: bool = False) -> None:
+        """Send to every worker; best_effort skips lost or unreachable ones instead of raising."""
+        lost = self._lost() if best_effort else {}
+        size = _nbytes(frames)
         for rank, rid in enumerate(self._ids, start=1):
+            if rid.decode() in lost:
+                continue
             try:
                 self._sock.send_multipart([rid, *frames], copy=False)
             except zmq.ZMQError as e:
                 reason = self._lost().get(rid.decode(), str(e))
+                if best_effort:
+                    log.debug("could not reach %s (rank %d): %s", self._names[rank], rank, reason)
+                    continue
                 raise GroupError(f"device {self._names[rank]} (rank {rank}) is unreachable: {reason}") from e
-        self.stats.bytes_sent += _nbytes(frames) * len(self._ids)
+            self.stats.bytes_sent += size
 
     def _collect(self, op: int, kind: type, what: str) -> list[np.ndarray | None]:
         parts: list[np.ndarray | None] = [None] * self.world
@@ -183,12 +198,12 @@ class StarMaster:
         self.stats.steps += 1
 
     def broadcast_reset(self, request_id: int) -> None:
-        """Tell every worker to drop its KV cache."""
-        self._send_all(encode(Reset(request_id)))
+        """Tell every reachable worker to drop its KV cache (lost ones are skipped)."""
+        self._send_all(encode(Reset(request_id)), best_effort=True)
 
     def broadcast_stop(self, reason: str) -> None:
-        """Tell every worker to leave its step loop."""
-        self._send_all(encode(Stop(reason)))
+        """Tell every reachable worker to leave its step loop (lost ones are skipped)."""
+        self._send_all(encode(Stop(reason)), best_effort=True)
 
     def gather(self, x: np.ndarray, wire_dtype: str | None = None) -> list[np.ndarray]:
         """All ranks' arrays in rank order; wire_dtype 'bf16' rounds every slice (own included)."""

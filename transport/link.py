@@ -133,8 +133,13 @@ class MasterLink(Keeper):
         self.call(run)
         return sent
 
-    def communicator(self, wire_dtype: str = "f32", ready_timeout_s: float | None = None):
-        """The rank-0 StarMaster over every admitted rank, once all announced Ready."""
+    def communicator(self, wire_dtype: str = "f32", ready_timeout_s: float | None = None,
+                     awaiting: set[int] | None = None, first_seq: int = 0):
+        """The rank-0 StarMaster over every admitted rank, once all announced Ready.
+
+        Regrouping a running group: awaiting names the ranks just (re)admitted, the only ones
+        that announce Ready again; first_seq continues the replaced communicator's step numbers.
+        """
         from tpi.transport.allreduce import StarMaster
 
         ranks = sorted(self._ranks)
@@ -143,9 +148,14 @@ class MasterLink(Keeper):
             raise GroupError(f"admitted ranks {ranks} with world sizes {sorted(worlds)} do not form a "
                              "group; admit ranks 1..N-1 with world N")
         comm = StarMaster(self.data, [self._ranks[r][0] for r in ranks], [self._ranks[r][1] for r in ranks],
-                          wire_dtype, self.lost_peers, self.settings.step_timeout_s, self.settings.max_frame)
-        comm.wait_ready(ready_timeout_s if ready_timeout_s is not None else self.settings.step_timeout_s)
+                          wire_dtype, self.lost_peers, self.settings.step_timeout_s, self.settings.max_frame,
+                          first_seq)
+        comm.wait_ready(ready_timeout_s if ready_timeout_s is not None else self.settings.step_timeout_s, awaiting)
         return comm
+
+    def forget_ranks(self) -> None:
+        """Drop every rank assignment, before admitting a re-planned group from rank 1 again."""
+        self._ranks.clear()
 
     def refuse(self, join: JoinRequest, reason: str) -> None:
         """Turn a device away with a reason it will show its user."""
