@@ -59,6 +59,7 @@ class CostParams:
     runtime_overhead_bytes: int = 400 << 20  # interpreter, torch, buffers (the runtime measures it)
     window_blocks: int = 2  # streamed blocks resident: one computing, one loading
     master_full_duplex: bool = False  # wired switch: master sends and receives at once (Wi-Fi: no)
+    master_load_bytes: int = 0  # rank 0's transient while cutting shards (model file pages, unpack buffers)
 
     def __post_init__(self) -> None:
         assert self.weight_format in WEIGHT_BYTES, f"weight_format must be one of {tuple(WEIGHT_BYTES)}"
@@ -224,8 +225,8 @@ def _step_comm_s(cfg: ModelConfig, shards: Sequence[RankShard], links: Sequence[
 
 
 def matmul_gflops(profile: DeviceProfile, weight_format: str) -> float:
-    """The measured one-token matmul rate for this weight format."""
-    return profile.int4_gflops if weight_format == "int4" else profile.bf16_gflops
+    """The one-token matmul rate this device sustains for this weight format (its CPU share included)."""
+    return (profile.int4_gflops if weight_format == "int4" else profile.bf16_gflops) * profile.cpu_share
 
 
 def predict(cfg: ModelConfig, shards: Sequence[RankShard], profiles: Sequence[DeviceProfile],
@@ -251,16 +252,17 @@ def predict(cfg: ModelConfig, shards: Sequence[RankShard], profiles: Sequence[De
         flops = 2.0 * load.weight_params
         # Decode attention reads the KV cache up to kv_position: bandwidth-bound.
         kv_read = 2 * cfg.n_layers * len(shard.kv_rows) * params.kv_position * params.kv_bytes_per_elem
-        overhead = cfg.n_layers * params.layer_overhead_s
+        overhead = cfg.n_layers * params.layer_overhead_s / prof.cpu_share  # other processes slow it too
         compute = flops / (matmul_gflops(prof, params.weight_format) * GB) + kv_read / (prof.memory_gbs * GB) + overhead
         p = params.prompt_tokens
         attn_flops = 4.0 * cfg.n_layers * shard.n_q_heads * cfg.head_dim * p * p / 2  # causal half
-        prefill = (flops * p + attn_flops) / (prof.prefill_gflops * GB) + overhead
+        prefill = (flops * p + attn_flops) / (prof.prefill_gflops * prof.cpu_share * GB) + overhead
         stream = plan.streamed_bytes_per_token / (prof.disk_mb_s * 1e6)
         b = plan.breakdown
         ranks.append(RankPrediction(
             rank=shard.rank, name=prof.name, compute_s=compute, stream_s=stream, prefill_s=prefill,
-            streamed_bytes=plan.streamed_bytes_per_token, pinned_bytes=b.pinned, peak_memory_bytes=b.used,
+            streamed_bytes=plan.streamed_bytes_per_token, pinned_bytes=b.pinned,
+            peak_memory_bytes=b.used + (params.master_load_bytes if shard.rank == 0 else 0),
             budget_bytes=budget, window=plan,
         ))
     token = max(max(r.compute_s + comm_tok, r.stream_s) for r in ranks)

@@ -7,6 +7,7 @@ does not validate is refused with the reason, never planned with.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 from tpi.config import ModelConfig
@@ -17,10 +18,13 @@ from tpi.errors import GroupError, ProtocolError
 
 # A device that did not answer the link probe is planned as if on home Wi-Fi.
 ASSUMED_LINK = LinkProfile.from_ms_mbit(5.0, 100.0)
-# Calibrated on this repository's 2-core VM with bench/costmodel.py (docs/benchmarks.md):
-# per-layer decode cost beyond the matmuls (norms, RoPE, attention, op dispatch), the software
-# cost of one message through the master, and what the interpreter + torch hold before weights.
-CALIBRATED = dict(layer_overhead_s=150e-6, message_overhead_s=30e-6, runtime_overhead_bytes=400 << 20)
+# Calibrated with bench/costmodel.py on the shared 2-core VM (docs/scaling.md, "Validation"):
+# per-layer decode cost beyond the matmuls (norms, RoPE, attention, op dispatch; the 1-device
+# rows implied 260-640 us), and per message through the master (send, wake-up of the peer on a
+# busy CPU, decode: the loopback rows implied 500-530 us, 5x an idle zmq round trip). The
+# runtime's own memory is measured per device (DeviceProfile.runtime_bytes); 400 MB is the
+# fallback for a profile without it.
+CALIBRATED = dict(layer_overhead_s=300e-6, message_overhead_s=500e-6, runtime_overhead_bytes=400 << 20)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,17 @@ def weight_format_of(source) -> str:
     except (KeyError, ValueError, AttributeError):
         return "int4"
     return "int4" if kind.startswith(("Q4", "Q5", "IQ4")) else "bf16"
+
+
+def load_transient_bytes(source, cfg: ModelConfig) -> int:
+    """Rank 0's extra memory while cutting shards: the model file's pages it maps and reads, plus
+    the int32 unpack buffer of the largest matrix (the vocabulary one) when kernels are prepared."""
+    path = getattr(source, "path", None)
+    try:
+        file_bytes = Path(path).stat().st_size if path is not None and Path(path).is_file() else 0
+    except OSError:
+        file_bytes = 0
+    return int(file_bytes + 4 * cfg.vocab * cfg.hidden)
 
 
 def cost_params(weight_format: str, context: int, prompt_tokens: int = 128, **overrides) -> CostParams:
