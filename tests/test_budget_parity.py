@@ -221,3 +221,18 @@ def test_cli_refuses_impossible_budget_in_one_line(tiny_gguf, tmp_path):
     assert re.match(r"error: memory budget .* too small: the minimum feasible budget is [\d.]+ MiB \(\d+ bytes = "
                     r".*runtime overhead.*\); raise --memory-budget to at least", errors[0])
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("setup_above_plan", [True, False])
+def test_budget_also_covers_the_setup_peak(rank0_store, setup_above_plan):
+    r = rank0_store("tiny_llama")
+    plan_minimum = r.budget("minimum")
+    setup = plan_minimum + (1 << 20) if setup_above_plan else plan_minimum - (1 << 20)
+    with pytest.raises(BudgetError) as err:
+        plan_memory(r.store, r.layers(), r.cfg, r.shard, CONTEXT, 1000, runtime_overhead=0, setup_rss=setup)
+    message = str(err.value)
+    minimum = int(re.search(r"minimum feasible budget is [\d.]+ \S+ \((\d+) bytes", message).group(1))
+    assert minimum == max(setup, plan_minimum)
+    assert message.startswith(("memory budget 1.0 KiB ", "memory budget 0.0 MiB "))  # names the user's budget
+    plan_memory(r.store, r.layers(), r.cfg, r.shard, CONTEXT, max(setup, plan_minimum), runtime_overhead=0,
+                setup_rss=setup)
