@@ -1,0 +1,119 @@
+"""`tpi plan`, `tpi devices` and `tpi devices profile` through the CLI."""
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from typer.testing import CliRunner
+
+from tpi.cli import app
+from tpi.devices.profile import DeviceProfile
+
+RUNNER = CliRunner()
+DEVICES = """
+[[device]]
+name = "desk"
+memory_gb = 16
+int4_gflops = 200
+bf16_gflops = 60
+disk_mb_s = 1500
+link_rtt_ms = 1
+link_mbit = 1000
+
+[[device]]
+name = "phone"
+memory_gb = 4
+int4_gflops = 30
+bf16_gflops = 5
+disk_mb_s = 200
+link_rtt_ms = 20
+link_mbit = 40
+"""
+
+
+@pytest.fixture
+def devices_file(tmp_path):
+    path = tmp_path / "devices.toml"
+    path.write_text(DEVICES)
+    return path
+
+
+def test_plan_named_shape_prints_the_table_and_who_sits_out(devices_file):
+    result = RUNNER.invoke(app, ["plan", "llama-3-8b", "--devices", str(devices_file)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "llama-3-8b" in result.output and "token latency" in result.output
+    assert "left out phone" in result.output  # 20 ms per allreduce x 64 allreduces cannot pay off
+
+
+def test_plan_reads_only_the_metadata_of_a_gguf_file(devices_file, tiny_llama_q4_0):
+    result = RUNNER.invoke(app, ["plan", str(tiny_llama_q4_0), "--devices", str(devices_file), "--context", "256"],
+                           env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "int4 weights" in result.output and "desk" in result.output
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["plan", "llama-9-9000b"], "unknown model shape"),
+    (["plan", "llama-3-8b", "--weights", "fp8"], "--weights"),
+    (["plan", "llama-3-70b", "--no-streaming", "--weights", "bf16"], "GB"),  # 140 GB of bf16 on 20 GB
+])
+def test_plan_errors_are_one_line_with_the_fix(devices_file, args, needle):
+    result = RUNNER.invoke(app, args + ["--devices", str(devices_file)])
+    assert result.exit_code == 1
+    assert "error:" in result.output and needle in result.output
+
+
+def _status() -> dict:
+    prof = DeviceProfile("laptop", "Linux x86_64", 4, 8 << 30, 6 << 30, "numpy", 12.5, 4.0, 20.0, 9.0,
+                         400.0, 1.7e9).to_dict()
+    return {"status": "ok", "model": "m", "group": {
+        "state": "serving", "world": 2, "model": "m", "plan": {"predicted_token_ms": 31.0, "bound_by": "network",
+                                                              "weight_format": "int4", "wire_dtype": "bf16"},
+        "devices": [
+            {"rank": 0, "name": "master", "address": "local", "share": {"q_heads": [0, 6]}, "profile": {}, "plan": {}},
+            {"rank": 1, "name": "laptop", "address": "10.0.0.7", "share": {"q_heads": [6, 9]}, "profile": prof,
+             "plan": {"ratio": 0.333, "predicted_peak_bytes": 7 * 10**8, "budget_bytes": 6 * 10**9,
+                      "link": {"rtt_ms": 2.5, "mbit_s": 300.0}}},
+        ]}}
+
+
+def test_devices_lists_a_running_groups_profiles_shares_and_links():
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            body = json.dumps(_status()).encode()
+            self.send_response(200 if self.path == "/health" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        result = RUNNER.invoke(app, ["devices", "--url", url], env={"COLUMNS": "250"})
+        assert result.exit_code == 0, result.output
+        for text in ("laptop", "10.0.0.7", "numpy", "12.5", "0.333", "6-8", "0.70 / 6.00", "2.50", "300",
+                     "31.0 ms/token"):
+            assert text in result.output, text
+        raw = RUNNER.invoke(app, ["devices", "--url", url, "--json"])
+        assert json.loads(raw.output)["group"]["devices"][1]["profile"]["name"] == "laptop"
+    finally:
+        server.shutdown()
+
+
+def test_devices_without_a_server_says_how_to_point_at_one():
+    result = RUNNER.invoke(app, ["devices", "--url", "http://127.0.0.1:9"])
+    assert result.exit_code == 1 and "--url" in result.output
+
+
+def test_devices_profile_measures_caches_and_prints_json(tmp_path):
+    result = RUNNER.invoke(app, ["devices", "profile", "--backend", "numpy", "--cache-dir", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    profile = DeviceProfile.from_dict(json.loads(result.output))
+    assert profile.backend == "numpy" and profile.int4_gflops > 0 and profile.runtime_bytes > 0
+    assert list((tmp_path / "profile").glob("device_profile-numpy-*.json"))
