@@ -4,6 +4,8 @@ Rounds alternate between the two engines so that machine noise hits both alike; 
 reports medians and the ratio tpi / llama.cpp.
 
     python bench/single_device.py [--model PATH] [--threads 2] [--rounds 5] [--smoke]
+    python bench/single_device.py --synthetic-qwen2-1.5b     # random Qwen2.5-1.5B-shaped Q4_0 GGUF
+    python bench/single_device.py --synthetic NAME           # any shape of bench/synthetic.py
 """
 from __future__ import annotations
 
@@ -48,14 +50,21 @@ class LlamaCppRunner:
         self.llm = llama_cpp.Llama(model_path=model, n_ctx=context, n_batch=512, n_threads=threads,
                                    n_threads_batch=threads, verbose=False)
 
+    def _last_logits(self) -> np.ndarray:
+        # without logits_all, llm.scores stays zero: read the context's last row directly
+        import llama_cpp
+
+        row = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),))
+
     def prefill(self, ids: list[int]) -> int:
         self.llm.reset()
         self.llm.eval(ids)
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return int(np.argmax(self._last_logits()))
 
     def step(self, tok: int, pos: int) -> int:
         self.llm.eval([tok])
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return int(np.argmax(self._last_logits()))
 
 
 def measure(runner, ids: list[int], decode: int) -> tuple[float, float, float]:
@@ -96,8 +105,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     ap.add_argument("--decode", type=int, default=64, help="decoded tokens per round")
+    ap.add_argument("--synthetic", metavar="SHAPE", help="random model of bench/synthetic.py (e.g. qwen2-1.5b)")
+    ap.add_argument("--synthetic-qwen2-1.5b", dest="synthetic", action="store_const", const="qwen2-1.5b",
+                    help="the ~1.5B Qwen2-shaped Q4_0 GGUF (written once, ~1 GB, under --cache-dir)")
+    ap.add_argument("--cache-dir", type=Path, help="where synthetic models are kept (default ~/.cache/tpi/bench)")
     ap.add_argument("--smoke", action="store_true", help="tiny run that only checks the script works")
     args = ap.parse_args()
+    if args.synthetic:
+        from synthetic import cached_model
+
+        args.model = str(cached_model(args.synthetic, out=args.cache_dir, log=lambda m: print(m, file=sys.stderr)))
     if args.model is None:
         from tpi.formats import default_model_path
 
