@@ -40,6 +40,12 @@ def serve(
     heartbeat_timeout: Annotated[float, typer.Option(
         "--heartbeat-timeout", help="seconds of silence after which a device counts as lost "
         "(heartbeats go every quarter of it, at most every second)")] = 10.0,
+    rejoin_timeout: Annotated[float, typer.Option(
+        "--rejoin-timeout", help="seconds a lost device has to rejoin (from its cache) before the group "
+        "re-plans over the remaining devices")] = 30.0,
+    replan: Annotated[bool, typer.Option(
+        "--replan/--no-replan", help="re-plan over the remaining devices when a lost one does not rejoin "
+        "(else the group reports itself degraded and answers 503)")] = True,
 ) -> None:
     """Be the master: serve the API at once, wait for devices, ship their shards, then answer."""
     from tpi.api import serve_api
@@ -55,7 +61,8 @@ def serve(
                             context=context, threads=threads, backend=backend, memory_budget=parse_size(memory_budget),
                             ratios=parsed, wire_dtype=wire_dtype, insecure=insecure, config_dir=config_dir,
                             cache_dir=cache_dir, leave_out=not keep_all,
-                            link_settings=link_settings(heartbeat_timeout))
+                            link_settings=link_settings(heartbeat_timeout), rejoin_timeout_s=rejoin_timeout,
+                            replan=replan)
     except TpiError as e:
         fail(e)
     forming = GroupFormation(opts, lambda m: typer.echo(m, err=True))
