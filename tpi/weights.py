@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 GLOBALS = "globals"
 EMBED = "embed"  # the tensor in rank 0's globals block that is mapped, not copied
 MiB = 1 << 20
+Q4G32 = "q4g32"  # tpi.quant.formats.Q4G32, named here so this module stays import-light
 
 
 def activation_bytes(cfg, shard, context: int, chunk: int = PREFILL_CHUNK) -> int:
@@ -55,14 +56,45 @@ def _layers_kv_bytes(layers, cfg, shard, context: int) -> tuple[int, int]:
     return total, resident
 
 
-def conversion_bytes(store) -> int:
-    """Most q4g32 qweight bytes in one block: what prepare may hold twice while it repacks."""
-    most = 0
+def conversion_bytes(store, layers) -> int:
+    """Transient bytes of turning the worst block into kernel form, from a measured ratio.
+
+    The torch int4 repack allocates about 3x a tensor's qweight while it runs (measured below on
+    a slice, through the layers' own to_runtime), beside the block's stored bytes and the tensors
+    it already converted. A backend that prepares zero-copy measures about 0.
+    """
+    worst, q4 = 0, None
     for key in store.keys():
         block = store.load(key, copy=False)  # views of the map: reads the index only
-        q4 = [t.arrays["qweight"].nbytes for t in block.values() if getattr(t, "fmt", None) == "q4g32"]
-        most = max(most, sum(q4))
-    return most
+        tensors = [t for t in block.values() if getattr(t, "fmt", None) == Q4G32]
+        total = sum(t.arrays["qweight"].nbytes for t in tensors)
+        if tensors and total > worst:
+            worst, q4 = total, max(tensors, key=lambda t: t.arrays["qweight"].nbytes)
+    if q4 is None:
+        return 0
+    largest = q4.arrays["qweight"].nbytes
+    ratio = _conversion_ratio(layers, q4)
+    return int(ratio * largest + min(1.0, ratio) * (worst - largest))
+
+
+def _conversion_ratio(layers, qt, rows: int = 256) -> float:
+    """Peak bytes allocated by to_runtime per qweight byte, on the first rows of `qt` (tracemalloc)."""
+    import tracemalloc
+
+    from tpi.quant.formats import slice_rows
+
+    part = slice_rows(qt, 0, min(rows, qt.shape[0]))  # owned copies: the stored bytes are not counted
+    tracing = tracemalloc.is_tracing()
+    if not tracing:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    runtime = layers.to_runtime({"w": part})
+    peak = tracemalloc.get_traced_memory()[1] - base
+    if not tracing:
+        tracemalloc.stop()
+    del runtime
+    return peak / part.arrays["qweight"].nbytes
 
 
 def planned_block_sizes(store, embed_mapped: bool) -> list[tuple[str, int]]:
@@ -103,7 +135,7 @@ def plan_memory(store, layers, cfg, shard, context: int, budget: int, *, runtime
             planned_block_sizes(store, embed_mapped=True),
             for_budget,
             kv_cache_bytes=kv_total,
-            activation_bytes=activation_bytes(cfg, shard, context) + conversion_bytes(store),
+            activation_bytes=activation_bytes(cfg, shard, context) + conversion_bytes(store, layers),
             runtime_overhead_bytes=runtime_overhead,
             always_pinned=[GLOBALS] if GLOBALS in store.keys() else [],
         )
