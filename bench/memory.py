@@ -1,6 +1,6 @@
 """Memory budgets: a synthetic model with Llama-2-7B layer shapes, pinned vs streamed from disk.
 
-    python bench/memory.py            # 8 layers of hidden 4096 / intermediate 11008 (~1.6 GB int4)
+    python bench/memory.py            # 16 layers of hidden 4096 / intermediate 11008 (~1.9 GB int4 store)
     python bench/memory.py --smoke    # 2 small layers, budgets found by probing: checks the bench runs
 
 The model is a Q4_0 GGUF of random int4 blocks (fp16 scales near 0.004) with a small byte-level
@@ -201,9 +201,9 @@ def block_costs(store_path: Path, threads: int, reps: int = 3) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--budget-mb", type=int, default=680, help="whole-process budget of the single device")
-    ap.add_argument("--group-budget-mb", type=int, default=520, help="budget of each rank in the 2-device group")
+    ap.add_argument("--layers", type=int, default=16, help="layers of Llama-2-7B shape (16: ~1.9 GB int4 store)")
+    ap.add_argument("--budget-mb", type=int, default=800, help="whole-process budget of the single device")
+    ap.add_argument("--group-budget-mb", type=int, default=560, help="budget of each rank in the 2-device group")
     ap.add_argument("--tokens", type=int, default=4, help="decode steps timed per configuration")
     ap.add_argument("--threads", type=int, default=1, help="compute threads per process (1: the machine is shared)")
     ap.add_argument("--smoke", action="store_true", help="2 small layers; budgets probed as minimum + 32 MiB")
@@ -231,11 +231,11 @@ def run(args, work: Path) -> None:
             "cache": str(work / "cache"), "warm": False, "workers": 0, "budget": None}
 
     def budget_for(mb: int, workers: int) -> int:
-        if not args.smoke:
-            return mb * MB
-        probe = run_child(dict(base, budget=1, workers=workers))  # refused: gives the minimum
-        return probe["minimum"] + 32 * MB
+        return minimum[workers] + 32 * MB if args.smoke else mb * MB
 
+    # Refused probes first: they write the stores (cutting maps the model file, which would land in the
+    # measured run's VmHWM) and give each configuration's minimum feasible budget.
+    minimum = {w: run_child(dict(base, budget=1, workers=w)).get("minimum") for w in (0, 1)}
     single, group = budget_for(args.budget_mb, 0), budget_for(args.group_budget_mb, 1)
     configs = [("all pinned", {}), ("streamed, cold page cache", {"budget": single}),
                ("streamed, warm page cache", {"budget": single, "warm": True}),
@@ -247,13 +247,13 @@ def run(args, work: Path) -> None:
     disk = cold_read_mb_s(model)
     stores = sorted((work / "cache" / "master").glob("*.tpis"), key=lambda p: p.stat().st_size)
     costs = block_costs(stores[-1], args.threads) if stores else None
-    report(results, model, disk, costs, info)
+    report(results, model, disk, costs, info, minimum)
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "disk_mb_s": disk, "block": costs,
+        args.json.write_text(json.dumps({"machine": info, "disk_mb_s": disk, "block": costs, "minimum": minimum,
                                          "runs": [{"label": lb, "budget": b, **r} for lb, b, r in results]}, indent=2))
 
 
-def report(results, model: Path, disk: float, costs: dict | None, info: dict) -> None:
+def report(results, model: Path, disk: float, costs: dict | None, info: dict, minimum: dict) -> None:
     print_machine(info)
     pinned = results[0][2].get("tokens_s")
     rows = []
@@ -271,7 +271,9 @@ def report(results, model: Path, disk: float, costs: dict | None, info: dict) ->
     notes = [f"model: {model.name}, {model.stat().st_size / MB:.0f} MiB on disk; budgets are whole-process "
              "(weights + KV + transients + measured runtime); group rows: rank 0's streaming figures, "
              "peak RSS master / worker",
-             f"disk: cold sequential read {disk:.0f} MiB/s (the limit streaming can approach)"]
+             f"disk: cold sequential read {disk:.0f} MiB/s (the limit streaming can approach)",
+             "minimum feasible budget: " + ", ".join(
+                 f"{'2-device rank 0' if w else 'single device'} {m / MB:.0f} MiB" for w, m in minimum.items() if m)]
     if costs:
         notes.append(f"largest block {costs['block']} ({costs['mb']:.0f} MiB): read cold {costs['cold_ms']:.0f} ms, "
                      f"read warm {costs['warm_ms']:.0f} ms, prepare (torch int4 repack) {costs['prepare_ms']:.0f} ms")
