@@ -86,26 +86,26 @@ class Transformer:
         return logits
 
     def _layers(self, h, start: int, all_positions: bool):
-        L, W, comm = self.layers, self.weights, self.comm
+        L, W = self.layers, self.weights
         ar = 0.0
-        single = comm.world == 1
         for i, (ka, km) in enumerate(self._keys):
-            blk = W.get(ka)
-            part = L.attention(h, blk, i, start)
+            part = L.attention(h, W.get(ka), i, start)
             W.release(ka)
-            if not single:
-                t = time.perf_counter()
-                part = comm.allreduce(L.to_numpy(part))
-                ar += time.perf_counter() - t
-            L.add_(h, part)
-            blk = W.get(km)
-            part = L.mlp(h, blk)
+            ar += self._sum_into(h, part)
+            part = L.mlp(h, W.get(km))
             W.release(km)
-            if not single:
-                t = time.perf_counter()
-                part = comm.allreduce(L.to_numpy(part))
-                ar += time.perf_counter() - t
-            L.add_(h, part)
+            ar += self._sum_into(h, part)
         logits = L.logits(h, W.get("globals"), all_positions)
         W.release("globals")
         return logits, ar
+
+    def _sum_into(self, h, part) -> float:
+        """Add the group's sum of every rank's `part` to the residual h; returns allreduce seconds."""
+        if self.comm.world == 1:
+            self.layers.add_(h, part)
+            return 0.0
+        t = time.perf_counter()
+        total = self.comm.allreduce(self.layers.to_numpy(part))
+        spent = time.perf_counter() - t
+        self.layers.add_(h, total)
+        return spent
