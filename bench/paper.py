@@ -69,7 +69,8 @@ def run_hf(cfg: dict) -> dict:
             "placement": f"{placed.count('disk')} of {len(placed)} modules on disk"}
 
 
-def _measure_engine(engine, ids: list[int], tokens: int) -> tuple[float, float]:
+def _measure_engine(engine, ids: list[int], tokens: int) -> tuple[float, float, dict]:
+    """(TTFT, median token latency, rank 0's streaming figures over the decode steps)."""
     import numpy as np
 
     engine.forward(ids[:4], 0)  # warm-up, as for transformers
@@ -77,13 +78,15 @@ def _measure_engine(engine, ids: list[int], tokens: int) -> tuple[float, float]:
     t = time.perf_counter()
     logits = engine.forward(ids, 0)
     ttft = time.perf_counter() - t
+    stream_stats = getattr(engine.model.weights, "token_stats", dict)
+    stream_stats()  # reset: the decode steps only
     per_token, pos = [], len(ids)
     for _ in range(tokens):
         t = time.perf_counter()
         logits = engine.forward([int(np.argmax(logits[-1]))], pos)
         per_token.append(time.perf_counter() - t)
         pos += 1
-    return ttft, median(per_token)
+    return ttft, median(per_token), stream_stats()
 
 
 def run_tpi(cfg: dict) -> dict:
@@ -101,12 +104,19 @@ def run_tpi(cfg: dict) -> dict:
         group = start_group(GroupOptions(**common, local_workers=cfg["devices"] - 1, host="127.0.0.1",
                                          worker_memory_budget=cfg["budget"]))
     load_s = time.perf_counter() - t
+    if cfg.get("prepare"):  # shards are now cut and cached: the measured run starts from them
+        group.close()
+        return {"load_s": load_s}
     try:
-        ttft, token_s = _measure_engine(group.engine, cfg["ids"], cfg["tokens"])
+        ttft, token_s, st = _measure_engine(group.engine, cfg["ids"], cfg["tokens"])
         rss = [peak_rss_bytes()] + [peak_rss_bytes(p.pid) for p in group.procs]
     finally:
         group.close()
-    return {"load_s": load_s, "ttft_s": ttft, "token_s": token_s, "rss": rss, "placement": "q4g32, budgeted"}
+    placement = "q4g32, all pinned"
+    if st.get("bytes_read_per_token"):
+        placement = (f"q4g32; rank 0 streams {st['bytes_read_per_token'] / 2**20:.0f} MiB/token, "
+                     f"stall {st['stall_s_per_token']:.2f} s/token")
+    return {"load_s": load_s, "ttft_s": ttft, "token_s": token_s, "rss": rss, "placement": placement}
 
 
 # ---- orchestration --------------------------------------------------------------------------------
@@ -163,6 +173,9 @@ def main() -> None:
                    "tokens": args.tokens, "hf": str(folder), "tpis": str(tpis), "tmp": f"{tmp_dir}/{key}"}
             Path(cfg["tmp"]).mkdir()
             print(f"running: {label}", file=sys.stderr, flush=True)
+            if kind == "tpi":  # cut and cache the shards first, so peak RSS is the serving process's
+                subprocess.run([sys.executable, __file__, "--child", json.dumps({**cfg, "prepare": True})],
+                               stdout=subprocess.DEVNULL, timeout=3600)
             out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], stdout=subprocess.PIPE,
                                  text=True, timeout=3600)
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -178,7 +191,8 @@ def report(results: list[dict], args) -> None:
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["label"], r["devices"], f"{r['budget'] / 2**20:g}", "failed", r["error"], "-", "-", "-", "-", "-"])
+            rows.append([r["label"], r["devices"], f"{r['budget'] / 2**20:g}", "failed", r["error"],
+                         "-", "-", "-", "-", "-"])
             continue
         reduction = "-" if anchor is None or r is anchor else f"{100 * (1 - r['token_s'] / anchor['token_s']):.0f}%"
         rows.append([r["label"], r["devices"], f"{r['budget'] / 2**20:g}", r["ttft_s"], r["token_s"],
@@ -197,7 +211,8 @@ def report(results: list[dict], args) -> None:
                "the process); tpi runs q4g32 weights and its budget covers the whole process (weights, window, "
                "KV cache, activations, runtime).",
                "token latency = median of the timed decode steps; TTFT = prefill of the prompt after a short "
-               "warm-up forward. Every configuration is its own process; peak RSS is VmHWM (rank 0 / rank 1).",
+               "warm-up forward. Every configuration is its own process; peak RSS is VmHWM (rank 0 / rank 1) of a run that starts "
+               "from shards cut and cached by an earlier process (cutting is a one-time cost).",
                f"machine: {machine_info()}",
                "command: python bench/paper.py " + " ".join(sys.argv[1:])],
     )
