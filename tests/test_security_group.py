@@ -17,7 +17,6 @@ import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
-import gguf
 import numpy as np
 import pytest
 from netproxy import DelayProxy
@@ -187,14 +186,20 @@ def weight_witness(shard: Path) -> bytes:
 
 
 def activation_witnesses(model: Path, prompt: str) -> list[bytes]:
-    """The f32 embedding row of each prompt token (what the master broadcasts to start a step)."""
+    """The f32 embedding row of each prompt token: what the master broadcasts to start the prefill step.
+
+    Computed here from the model file by tpi's own loader (its q4g32 embedding, not llama.cpp's
+    Q4_0 values), tokenized by llama.cpp as the master does; nothing is taken from the wire.
+    """
     import llama_cpp
 
+    from tpi.formats import open_model
+    from tpi.quant.formats import dequantize, take_rows
+
     vocab = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
-    ids = vocab.tokenize(prompt.encode(), add_bos=True, special=True)
-    table = next(t for t in gguf.GGUFReader(model).tensors if t.name == "token_embd.weight")
-    rows = gguf.quants.dequantize(table.data, table.tensor_type).astype(np.float32)
-    return [rows[i].tobytes() for i in ids[1:]]  # the BOS row starts every request; keep the prompt's own
+    ids = vocab.tokenize(prompt.encode(), add_bos=True, special=True)[1:]  # BOS starts every request
+    rows = dequantize(take_rows(open_model(model).load("embed"), np.asarray(ids, dtype=np.int64)))
+    return [np.ascontiguousarray(r, dtype=np.float32).tobytes() for r in rows]
 
 
 @pytest.mark.parametrize("insecure", [False, True], ids=["curve", "insecure"])
