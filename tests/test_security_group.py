@@ -128,8 +128,6 @@ def test_rotated_token_keeps_the_admitted_device_serving(token_group):
     assert g.worker.alive(), g.worker.text()
 
 
-@pytest.mark.xfail(strict=True, reason="a running master keeps the join secret it loaded at start "
-                   "(transport/link.py MasterLink._secret): tpi token rotate takes effect at the next tpi serve")
 def test_rotated_token_applies_to_newcomers_of_the_running_master(token_group):
     g = token_group
     formed(g)

@@ -61,6 +61,7 @@ class MasterLink(Keeper):
         ctx = zmq.Context()
         super().__init__(ctx, "master")
         self._keys = security.load_or_create_keypair(key_dir, "master")
+        self._key_dir = key_dir
         self._secret = security.load_or_create_join_secret(key_dir)
         self._admitted_keys = security.AdmittedKeys(key_dir)
         self.token = security.make_token(self._keys.public, self._secret)
@@ -325,6 +326,9 @@ class MasterLink(Keeper):
 
     def _on_hello(self, rid: bytes, hello: Hello, address: str, key: bytes) -> None:
         known = bool(key) and key in self._admitted_keys
+        # Re-read the secret per join (a small file): `tpi token rotate` takes effect at once.
+        self._secret = security.load_or_create_join_secret(self._key_dir)
+        self.token = security.make_token(self._keys.public, self._secret)
         if not (known or security.proof_is_valid(hello.proof, self._secret, self._keys.public, key)):
             log.warning("refused device %r from %s: wrong join token", hello.name, address)
             self._send(rid, Refuse("wrong join token: use the token printed by the current tpi serve"))
