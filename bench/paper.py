@@ -129,7 +129,8 @@ def prepare(args) -> tuple[Path, Path, int]:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     folder = cached_model(name, layers=layers, hf=True, out=args.cache_dir, log=log)
     tpis = folder.with_name(folder.name.replace("-hf-bf16", "") + "-q4g32.tpis")
-    if not (tpis.exists() and Path(f"{tpis}.tokenizer").is_dir()):  # convert writes OUT (atomically), then OUT.tokenizer
+    # convert writes OUT (atomically), then OUT.tokenizer
+    if not (tpis.exists() and Path(f"{tpis}.tokenizer").is_dir()):
         log(f"converting {folder.name} to q4g32: {tpis}")
         subprocess.run([sys.executable, "-m", "tpi", "convert", str(folder), str(tpis), "--quant", "q4g32"],
                        check=True, stdout=subprocess.DEVNULL)
@@ -211,8 +212,8 @@ def report(results: list[dict], args) -> None:
                "the process); tpi runs q4g32 weights and its budget covers the whole process (weights, window, "
                "KV cache, activations, runtime).",
                "token latency = median of the timed decode steps; TTFT = prefill of the prompt after a short "
-               "warm-up forward. Every configuration is its own process; peak RSS is VmHWM (rank 0 / rank 1) of a run that starts "
-               "from shards cut and cached by an earlier process (cutting is a one-time cost).",
+               "warm-up forward. Every configuration is its own process; peak RSS is VmHWM (rank 0 / rank 1) "
+               "of a run that starts from shards cut and cached by an earlier process (cutting is a one-time cost).",
                f"machine: {machine_info()}",
                "command: python bench/paper.py " + " ".join(sys.argv[1:])],
     )

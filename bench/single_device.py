@@ -80,15 +80,54 @@ def measure(runner, ids: list[int], decode: int) -> tuple[float, float, float]:
     return len(ids) / ttft, 1.0 / median(times), ttft
 
 
+def serve_runner(kind: str, model: str, threads: int, context: int, conn) -> None:
+    """Child process: one engine; measures a round whenever the parent asks (idle otherwise)."""
+    runner = (TpiRunner if kind == "tpi" else LlamaCppRunner)(model, threads, context)
+    conn.send(runner.engine.cfg.vocab if kind == "tpi" else runner.llm.n_vocab())
+    while (req := conn.recv()) is not None:
+        conn.send(measure(runner, *req))
+
+
+class IsolatedRunner:
+    """An engine in its own process: torch's and ggml's thread pools never share one (they starve
+    each other on 2 cores: llama.cpp decode went 62 ms -> 0.4-5 s next to an idle tpi engine)."""
+
+    def __init__(self, kind: str, model: str, threads: int, context: int):
+        import multiprocessing as mp
+
+        self.name = "tpi" if kind == "tpi" else "llama.cpp"
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=serve_runner, args=(kind, model, threads, context, child), daemon=True)
+        self._proc.start()
+        self.vocab = self._conn.recv()
+
+    def measure(self, ids: list[int], decode: int) -> tuple[float, float, float]:
+        self._conn.send((ids, decode))
+        return self._conn.recv()
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._proc.join(timeout=30)
+
+
 def run(model: str, threads: int, rounds: int, prompt: int, decode: int) -> list[list]:
-    runners = [TpiRunner(model, threads, prompt + decode + 8), LlamaCppRunner(model, threads, prompt + decode + 8)]
-    ids = prompt_ids(runners[0].engine.cfg.vocab, prompt)
+    context = prompt + decode + 8
+    runners = [IsolatedRunner("tpi", model, threads, context), IsolatedRunner("llama.cpp", model, threads, context)]
+    try:
+        return _alternate(runners, prompt_ids(runners[0].vocab, prompt), rounds, decode)
+    finally:
+        for r in runners:
+            r.close()
+
+
+def _alternate(runners: list, ids: list[int], rounds: int, decode: int) -> list[list]:
     results = {r.name: [] for r in runners}
     for r in runners:  # warm-up: first-call allocations and page faults are not steady state
-        measure(r, ids, 4)
+        r.measure(ids, 4)
     for _ in range(rounds):
         for r in runners:
-            results[r.name].append(measure(r, ids, decode))
+            results[r.name].append(r.measure(ids, decode))
     rows = []
     anchor = [median([m[i] for m in results["llama.cpp"]]) for i in range(3)]
     for name, ms in results.items():
@@ -127,7 +166,8 @@ def main() -> None:
         f"Single device: {Path(args.model).name}, {args.threads} threads, prompt {args.prompt}, decode {args.decode}",
         ["engine", "prefill tok/s", "ratio", "decode tok/s", "ratio", "TTFT ms", "speedup"],
         rows,
-        notes=[f"medians of {args.rounds} alternating rounds; ratio = engine / llama.cpp",
+        notes=[f"medians of {args.rounds} alternating rounds, each engine in its own process; "
+               "ratio = engine / llama.cpp",
                f"machine: {info}", "command: python bench/single_device.py " + " ".join(sys.argv[1:])],
     )
 
