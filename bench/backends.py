@@ -12,6 +12,8 @@ would report as the kernel's cost.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -162,26 +164,26 @@ def run(cfg_bench: BenchConfig) -> dict:
     return results
 
 
+sys.path.insert(0, str(Path(__file__).parent))  # bench/common.py
+
+
 def print_table(results: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    """Markdown through bench/common.print_table (rich on a terminal), ratio column = numpy / torch."""
+    from common import print_table as table
 
     t, n = results["torch"], results["numpy"]
-    table = Table(title=f"torch vs numpy backend, single device: {results['model']}")
-    table.add_column("kernel (layer 0, T=1)")
-    table.add_column("torch ms", justify="right")
-    table.add_column("numpy ms", justify="right")
-    table.add_column("numpy slowdown", justify="right")  # numpy time / torch time
+    rows = []
     for (name, tm), (_, nm) in zip(t["kernels"].items(), n["kernels"].items()):
         label = name.replace("int4pack", "q4").replace("int8pack", "q8")
-        table.add_row(label, f"{tm:.3f}", f"{nm:.3f}", f"{nm / tm:.1f}x" if tm > 0 else "-")
-    rows = (("kernel_tok_s", "decode tokens/s from kernel times (layers x blocks + lm_head)"),
-            ("decode_tok_s", "decode tokens/s (1 / median step)"), ("prefill_tok_s", "prefill tokens/s"))
-    for key, label in rows:
-        table.add_row(label, f"{t[key]:.1f}", f"{n[key]:.1f}", f"{t[key] / n[key]:.1f}x", style="bold")
-    Console().print(table)
+        rows.append([label, tm, nm, f"{nm / tm:.1f}x" if tm > 0 else "-"])
+    labels = (("kernel_tok_s", "decode tokens/s from kernel times (layers x blocks + lm_head)"),
+              ("decode_tok_s", "decode tokens/s (1 / median step)"), ("prefill_tok_s", "prefill tokens/s"))
+    for key, label in labels:
+        rows.append([label, t[key], n[key], f"{t[key] / n[key]:.1f}x"])
     same = t["tokens"] == n["tokens"]
-    print(f"greedy tokens identical: {same}" + ("" if same else f"\n torch {t['tokens']}\n numpy {n['tokens']}"))
+    notes = [f"greedy tokens identical: {same}", "command: python bench/backends.py " + " ".join(sys.argv[1:])]
+    table(f"torch vs numpy backend, single device: {results['model']}",
+          ["kernel (layer 0, T=1)", "torch ms", "numpy ms", "ratio"], rows, notes=notes)
 
 
 def main() -> None:

@@ -138,10 +138,7 @@ def test_paper_smoke_compares_tpi_with_accelerate_offload(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", [
-    "tp.py", "memory.py", "costmodel.py",
-    pytest.param("backends.py", marks=pytest.mark.xfail(
-        reason="bench/backends.py prints a rich table even when piped, not common.print_table's markdown",
-        strict=False)),
+    "tp.py", "memory.py", "costmodel.py", "backends.py",
 ])
 def test_other_benchmarks_smoke(script):
     if not (BENCH / script).exists():
