@@ -92,3 +92,34 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence], no
 def print_machine(info: dict | None = None) -> None:
     info = info or machine_info()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+
+
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+
+
+def run_proxy(listen_port: int, target_port: int, delay_s: float) -> None:
+    """Forward 127.0.0.1:listen (control) and listen+1 (data) to the master with one-way delay."""
+    import time
+
+    sys.path.insert(0, str(TESTS))
+    from netproxy import DelayProxy
+
+    proxies = [DelayProxy(listen_port + i, "127.0.0.1", target_port + i, delay_s).start() for i in (0, 1)]
+    print("ready", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        for p in proxies:
+            p.stop()
+
+
+def smoke_model(tmp: Path) -> str:
+    """A 2-layer random llama with SmolLM2's tokenizer (start_group loads the tokenizer)."""
+    import gguf
+
+    sys.path.insert(0, str(TESTS))
+    from model_factory import smollm2_path, tokenizer_from_gguf, write_tiny_gguf
+
+    tok = tokenizer_from_gguf(gguf.GGUFReader(smollm2_path()))
+    return str(write_tiny_gguf(tmp / "smoke.gguf", arch="llama", weight_type="Q4_0", tokenizer_from=tok))

@@ -26,6 +26,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent / "tests"
+sys.path.insert(0, str(HERE))
+from common import run_proxy, smoke_model  # noqa: E402
 PROMPT = ("Tensor parallelism splits every layer of a language model across several devices, "
           "so that each one computes a share of the heads and of the MLP. Explain how")
 MB = 1 << 20
@@ -159,33 +161,7 @@ def run_config(cfg: dict) -> dict:
     return result
 
 
-def run_proxy(listen_port: int, target_port: int, delay_s: float) -> None:
-    """Forward 127.0.0.1:listen (control) and listen+1 (data) to the master with one-way delay."""
-    sys.path.insert(0, str(TESTS))
-    from netproxy import DelayProxy
-
-    proxies = [DelayProxy(listen_port + i, "127.0.0.1", target_port + i, delay_s).start() for i in (0, 1)]
-    print("ready", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    finally:
-        for p in proxies:
-            p.stop()
-
-
 # ---- orchestration ---------------------------------------------------------------------------
-
-def smoke_model(tmp: Path) -> str:
-    """A 2-layer random llama with SmolLM2's tokenizer (start_group loads the tokenizer)."""
-    import gguf
-
-    sys.path.insert(0, str(TESTS))
-    from model_factory import smollm2_path, tokenizer_from_gguf, write_tiny_gguf
-
-    tok = tokenizer_from_gguf(gguf.GGUFReader(smollm2_path()))
-    return str(write_tiny_gguf(tmp / "smoke.gguf", arch="llama", weight_type="Q4_0", tokenizer_from=tok))
-
 
 def configs(delays: list[float], budget: int) -> list[tuple[str, str, float, int | None]]:
     out = [("1 device", "single", 0.0, None), (f"1 device, budget {budget // MB} MiB", "single", 0.0, budget),

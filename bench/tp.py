@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import median, peak_rss_bytes, print_machine, print_table, ratio  # noqa: E402
+from common import median, peak_rss_bytes, print_machine, print_table, ratio, run_proxy, smoke_model  # noqa: E402
 
 TESTS = HERE.parent / "tests"
 PROMPT = ("Tensor parallelism splits every layer of a language model across several devices, "
@@ -180,33 +180,7 @@ def _serve_through_proxy(cfg: dict, common: dict, tmp: Path, helpers: list):
     return box["group"]
 
 
-def run_proxy(listen_port: int, target_port: int, delay_s: float) -> None:
-    """Forward 127.0.0.1:listen (control) and listen+1 (data) to the master with one-way delay each way."""
-    sys.path.insert(0, str(TESTS))
-    from netproxy import DelayProxy
-
-    proxies = [DelayProxy(listen_port + i, "127.0.0.1", target_port + i, delay_s).start() for i in (0, 1)]
-    print("ready", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    finally:
-        for p in proxies:
-            p.stop()
-
-
 # ---- orchestration --------------------------------------------------------------------------------
-
-def smoke_model(tmp: Path) -> str:
-    """A 2-layer random llama with SmolLM2's tokenizer (start_group loads the tokenizer)."""
-    import gguf
-
-    sys.path.insert(0, str(TESTS))
-    from model_factory import smollm2_path, tokenizer_from_gguf, write_tiny_gguf
-
-    tok = tokenizer_from_gguf(gguf.GGUFReader(smollm2_path()))
-    return str(write_tiny_gguf(tmp / "smoke.gguf", arch="llama", weight_type="Q4_0", tokenizer_from=tok))
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
