@@ -114,7 +114,12 @@ def test_single_device_smoke_on_a_synthetic_qwen2(tmp_path):
 
 @pytest.mark.slow
 def test_allreduce_smoke_has_star_ring_gloo_and_the_anchor():
-    out = run_bench("allreduce.py", "--smoke")
+    # One retry: once in a full-suite run the pyzmq echo anchor's client timed out waiting for a
+    # reply (not reproduced alone); a second failure is a real one.
+    try:
+        out = run_bench("allreduce.py", "--smoke")
+    except AssertionError:
+        out = run_bench("allreduce.py", "--smoke")
     (header, rows), = assert_well_formed(out)
     for col in ("pyzmq RTT", "star median", "ring median", "gloo median", "star/RTT ratio"):
         assert col in header
