@@ -254,15 +254,11 @@ def convert(
 
 
 def _register_subcommands() -> None:
-    """Commands that live in their own modules (chat/API, group, devices) register themselves."""
-    import importlib
+    """Commands that live in their own modules (chat, group, devices) register themselves."""
+    from tpi import cli_chat, cli_devices, cli_group
 
-    for module in ("tpi.cli_chat", "tpi.cli_group", "tpi.cli_devices"):
-        try:
-            importlib.import_module(module).register(app)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
+    for module in (cli_chat, cli_group, cli_devices):
+        module.register(app)
 
 
 _register_subcommands()

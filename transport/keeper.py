@@ -125,6 +125,15 @@ class Keeper:
         finally:
             self._wake_pull.close(0)
 
+    def _drain_control(self) -> None:
+        """Handle up to 64 waiting control messages, so one busy peer cannot starve the loop."""
+        for _ in range(64):
+            try:
+                frames = self._control.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_control(frames)
+
     def _drain_commands(self) -> None:
         while True:
             try:

@@ -266,12 +266,7 @@ class MasterLink(Keeper):
             if self._wake_pull in events:
                 self._drain_commands()
             if self._control in events:
-                for _ in range(64):
-                    try:
-                        frames = self._control.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._on_control(frames)
+                self._drain_control()
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + hb
@@ -503,12 +498,7 @@ class WorkerLink(Keeper):
             if self._monitor in events:
                 self._on_monitor()
             if self._control in events:
-                for _ in range(64):
-                    try:
-                        frames = self._control.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._on_control(frames)
+                self._drain_control()
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + self._heartbeat_s
