@@ -137,19 +137,21 @@ def _alternate(runners: list, ids: list[int], rounds: int, decode: int) -> list[
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_args(ap: argparse.ArgumentParser, decode: int, decode_help: str) -> None:
+    """The options every single-device benchmark shares: model, threads, prompt, decode, smoke."""
     ap.add_argument("--model", default=None, help="GGUF file (default: embedded SmolLM2-135M Q4_1)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
-    ap.add_argument("--decode", type=int, default=64, help="decoded tokens per round")
+    ap.add_argument("--decode", type=int, default=decode, help=decode_help)
     ap.add_argument("--synthetic", metavar="SHAPE", help="random model of bench/synthetic.py (e.g. qwen2-1.5b)")
     ap.add_argument("--synthetic-qwen2-1.5b", dest="synthetic", action="store_const", const="qwen2-1.5b",
                     help="the ~1.5B Qwen2-shaped Q4_0 GGUF (written once, ~1 GB, under --cache-dir)")
     ap.add_argument("--cache-dir", type=Path, help="where synthetic models are kept (default ~/.cache/tpi/bench)")
     ap.add_argument("--smoke", action="store_true", help="tiny run that only checks the script works")
-    args = ap.parse_args()
+
+
+def resolve_model(args: argparse.Namespace) -> None:
+    """args.model from --synthetic (written once) or the embedded default."""
     if args.synthetic:
         from synthetic import cached_model
 
@@ -158,6 +160,14 @@ def main() -> None:
         from tpi.formats import default_model_path
 
         args.model = str(default_model_path())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(ap, 64, "decoded tokens per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    resolve_model(args)
     if args.smoke:
         args.rounds, args.prompt, args.decode = 1, 16, 4
     rows = run(args.model, args.threads, args.rounds, args.prompt, args.decode)

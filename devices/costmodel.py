@@ -52,7 +52,7 @@ class CostParams:
     context: int = 2048  # KV cache preallocated per sequence, tokens
     prompt_tokens: int = 128  # prompt length for TTFT
     kv_position: int = 512  # position at which token latency is predicted
-    kv_bytes_per_elem: int = 2  # bf16 KV cache
+    kv_bytes_per_elem: int = 4  # fp32 KV cache (tpi.layers_torch: bf16 attention is 3-6x slower on AVX2)
     logit_bytes_per_elem: int = 2  # ranks return bf16 logit slices
     layer_overhead_s: float = 150e-6  # per layer per token, all ops of the layer
     message_overhead_s: float = 30e-6  # software cost per message through the master

@@ -60,14 +60,14 @@ def test_single_device_token_latency_is_compute_plus_kv_read_plus_overhead():
     p = predict(SMOL, [shard], [profile()], [LinkProfile(0, 1e9)], [8 << 30], params)
     embed = SMOL.vocab * SMOL.hidden
     weights = parameter_count(SMOL) - 2 * SMOL.hidden * SMOL.n_layers - SMOL.hidden  # minus norms
-    kv_read = 2 * SMOL.n_layers * SMOL.kv_dim * 100 * 2
+    kv_read = 2 * SMOL.n_layers * SMOL.kv_dim * 100 * 4  # fp32 KV cache
     expected = 2 * weights / 100e9 + kv_read / 20e9 + SMOL.n_layers * 150e-6
     assert weights - embed > 0  # tied: the embedding is the lm_head
     assert p.token_latency_s == pytest.approx(expected, rel=1e-6)
     assert p.comm_per_token_s == 0.0
     r = p.ranks[0]
     assert r.streamed_bytes == 0
-    kv_cache = 2 * SMOL.n_layers * SMOL.kv_dim * params.context * 2
+    kv_cache = 2 * SMOL.n_layers * SMOL.kv_dim * params.context * 4
     assert r.peak_memory_bytes == r.pinned_bytes + kv_cache + r.window.breakdown.activations + (400 << 20)
 
 

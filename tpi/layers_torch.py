@@ -1,7 +1,10 @@
-"""Per-rank transformer block maths on torch: bf16 activations, fp32 residual, norms and RoPE.
+"""Per-rank transformer block maths on torch: bf16 activations into the int4/int8 kernels; fp32
+residual, norms, RoPE, KV cache and attention.
 
 The hot path: every op here runs once per layer per token, and a small torch op costs
 about a microsecond of Python overhead, so each block is kept to as few ops as possible.
+The KV cache and attention are fp32 because torch's bf16 bmm/SDPA on AVX2 CPUs without native
+bf16 dot products is 3-6x slower than fp32 at decode shapes (bench/profile_decode.py).
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import torch.nn.functional as F
 from tpi.config import ModelConfig
 from tpi.quant.kernels import get_backend
 
-ACT = torch.bfloat16
+ACT = torch.bfloat16  # activations into the packed kernels
+KV = torch.float32  # KV cache, queries and attention
 
 
 def rope_table(cfg: ModelConfig, context: int) -> torch.Tensor:
@@ -47,12 +51,16 @@ class TorchLayers:
         self.context = context
         self.freqs = rope_table(cfg, context)
         # One (kv, S, hd) tensor per layer: a list index is free, a tensor select is a dispatched op.
-        self.k_cache = [torch.zeros(self.nkv, context, self.hd, dtype=ACT) for _ in range(cfg.n_layers)]
-        self.v_cache = [torch.zeros(self.nkv, context, self.hd, dtype=ACT) for _ in range(cfg.n_layers)]
-        self.eps = cfg.rms_eps
+        self.k_cache = [torch.zeros(self.nkv, context, self.hd, dtype=KV) for _ in range(cfg.n_layers)]
+        self.v_cache = [torch.zeros(self.nkv, context, self.hd, dtype=KV) for _ in range(cfg.n_layers)]
+        # RMSNorm as x * (w * sqrt(d)) / hypot(|x|, sqrt(d * eps)): 4 ops, where F.rms_norm
+        # dispatches 7-8 on CPU. The sqrt(d) is folded into the weights in to_runtime.
+        self._norm_eps = torch.tensor(math.sqrt(cfg.hidden * cfg.rms_eps), dtype=torch.float32)
+        self._norm_gain = math.sqrt(cfg.hidden)
         self.scale = 1.0 / math.sqrt(self.hd)
         self.qk_dim = self.q_dim + self.kv_dim
-        self._q_buf = torch.empty(self.nkv, self.nq // self.nkv, self.hd, dtype=ACT)  # decode query, scaled
+        self._q_buf = torch.empty(self.nkv, self.nq // self.nkv, self.hd, dtype=KV)  # decode query, scaled
+        self._x_buf = torch.empty(1, cfg.hidden, dtype=ACT)  # decode: normed hidden into a kernel
 
     def forward_context(self):
         """Wraps a forward pass: no autograd bookkeeping on any op."""
@@ -65,6 +73,8 @@ class TorchLayers:
         for name, value in block.items():
             if isinstance(value, np.ndarray) and value.ndim == 1:
                 out[name] = torch.tensor(value, dtype=torch.float32)  # small; copied off the mmap
+                if name.endswith("norm"):
+                    out[name] *= self._norm_gain  # see _norm
             elif name == "embed":
                 out[name] = value  # looked up by row on the host, never multiplied
             else:
@@ -86,7 +96,10 @@ class TorchLayers:
         h.add_(torch.from_numpy(partial) if isinstance(partial, np.ndarray) else partial)
 
     def _norm(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(h, (h.shape[-1],), w, self.eps).to(ACT)
+        """RMSNorm of fp32 h with w (already times sqrt(hidden)), rounded once to bf16."""
+        rms = torch.hypot(torch.linalg.vector_norm(h, dim=-1, keepdim=True), self._norm_eps)
+        out = self._x_buf if h.shape[0] == 1 else torch.empty(h.shape, dtype=ACT)
+        return torch.div(h * w, rms, out=out)
 
     # ---- blocks ----------------------------------------------------------------------------
     def attention(self, h: torch.Tensor, blk: dict, layer: int, start: int) -> torch.Tensor:
@@ -106,8 +119,8 @@ class TorchLayers:
         kc, vc = self.k_cache[layer], self.v_cache[layer]  # (nkv, S, hd)
         kc[:, start:end] = qk[:, nq:].transpose(0, 1)
         vc[:, start:end] = qkv[:, self.qk_dim :].view(T, nkv, hd).transpose(0, 1)
-        o = self._prefill_attention(qk[:, :nq].transpose(0, 1).to(ACT), kc[:, :end], vc[:, :end], start)
-        return blk["wo"](o)  # (T, hidden)
+        o = self._prefill_attention(qk[:, :nq].transpose(0, 1), kc[:, :end], vc[:, :end], start)
+        return blk["wo"](o.to(ACT))  # (T, hidden)
 
     def _decode_block(self, h: torch.Tensor, blk: dict, layer: int, pos: int) -> torch.Tensor:
         """The one-token path, with as few dispatched ops as it can take (each costs ~1-2 µs)."""
@@ -121,14 +134,13 @@ class TorchLayers:
         kc, vc = self.k_cache[layer], self.v_cache[layer]  # (nkv, S, hd)
         kc.select(1, pos).copy_(qk[nq:].view(nkv, hd))
         vc.select(1, pos).copy_(row[self.qk_dim :].view(nkv, hd))
-        q = torch.mul(qk[:nq].view(self._q_buf.shape), self.scale, out=self._q_buf)  # scale folded, -> bf16
+        q = torch.mul(qk[:nq].view(self._q_buf.shape), self.scale, out=self._q_buf)  # scale folded
         scores = torch.bmm(q, kc.narrow(1, 0, pos + 1).transpose(1, 2))  # (nkv, g, S)
-        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(ACT)
-        o = torch.bmm(p, vc.narrow(1, 0, pos + 1))  # (nkv, g, hd)
-        return blk["wo"](o.view(1, self.q_dim))
+        o = torch.bmm(torch.softmax(scores, dim=-1), vc.narrow(1, 0, pos + 1))  # (nkv, g, hd)
+        return blk["wo"](o.view(1, self.q_dim).to(ACT))
 
     def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-        """q: (nq, T, hd) bf16 against the cache prefix; causal within the new tokens."""
+        """q: (nq, T, hd) fp32 against the cache prefix; causal within the new tokens."""
         T = q.shape[1]
         if self.kv_index is not None:  # a KV group split across ranks: gather KV per query head
             k, v = k.index_select(0, self.kv_index), v.index_select(0, self.kv_index)

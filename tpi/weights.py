@@ -38,7 +38,7 @@ def activation_bytes(cfg, shard, context: int, chunk: int = PREFILL_CHUNK) -> in
     return t * per_token + scores
 
 
-def kv_cache_bytes(cfg, shard, context: int, itemsize: int = 2) -> int:
+def kv_cache_bytes(cfg, shard, context: int, itemsize: int = 4) -> int:
     return 2 * cfg.n_layers * shard.n_kv_heads * context * cfg.head_dim * itemsize
 
 
