@@ -30,6 +30,10 @@ BF16 = "bf16"
 F32 = "f32"
 GROUP = 32
 FORMATS = (Q4G32, Q8, BF16, F32)
+# q4g32 with qweight already in torch's int4pack byte order for one CPU capability
+# (tpi.quant.kernels.int4pack_layout). Device-local only: a streamed torch engine writes them
+# once beside its shard (tpi.weights.kernel_layout_store); never sharded, sent or dequantized.
+Q4G32_PREPACKED = {"AVX2": "q4g32-avx2", "DEFAULT": "q4g32-default"}
 
 # Per format: array name -> (dtype, shape as a function of (N, K)).
 _LAYOUT = {
@@ -44,6 +48,7 @@ _LAYOUT = {
     BF16: {"weight": (np.uint16, lambda n, k: (n, k))},
     F32: {"weight": (np.float32, lambda n, k: (n, k))},
 }
+_LAYOUT.update({fmt: _LAYOUT[Q4G32] for fmt in Q4G32_PREPACKED.values()})
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from typing import Callable, Protocol
 import numpy as np
 
 from tpi.errors import ShapeError, TpiError
-from tpi.quant.formats import BF16, F32, GROUP, Q4G32, Q8, QTensor, bf16_bits_to_f32, dequantize, unpack_nibbles
+from tpi.quant.formats import (BF16, F32, GROUP, Q4G32, Q4G32_PREPACKED, Q8, QTensor, bf16_bits_to_f32, dequantize,
+                               unpack_nibbles)
 
 # Packed torch kernels only for these shapes: int4pack needs N % 16 and K % 32; int8pack_mm
 # segfaults on odd shapes (N=7, K=33), so it gets the same guard. Other shapes use dense bf16.
@@ -98,8 +99,21 @@ def int4pack_layout(qweight: np.ndarray, capability: str) -> np.ndarray | None:
     return np.concatenate([p.reshape(-1) for p in parts]).reshape(n, half)
 
 
+def prepack_q4(qt: QTensor, capability: str) -> QTensor:
+    """A q4g32 weight with qweight moved into `capability`'s int4pack order (same bytes the torch
+    backend's prepare would compute); other formats, odd shapes and unknown CPUs come back as they are."""
+    fmt = Q4G32_PREPACKED.get(capability)
+    if qt.fmt != Q4G32 or fmt is None or not kernel_shape_ok(*qt.shape):
+        return qt
+    packed = int4pack_layout(qt.arrays["qweight"], capability)
+    return QTensor(fmt, qt.shape, {"qweight": packed, "scale_zero": qt.arrays["scale_zero"]})
+
+
 # ----------------------------------------------------------------------------------------------
 # torch backend
+
+_PREPACKED_FORMATS = frozenset(Q4G32_PREPACKED.values())
+
 
 @dataclass(frozen=True, eq=False)
 class _TorchInt4:
@@ -169,8 +183,23 @@ class TorchBackend:
 
     def prepare(self, w: QTensor | np.ndarray) -> PreparedLinear:
         qt = _as_qtensor(w)
+        if qt.fmt in _PREPACKED_FORMATS:
+            return self._prepare_prepacked(qt)
         prepare_fmt = {Q4G32: self._prepare_q4, Q8: self._prepare_q8}.get(qt.fmt, self._prepare_dense)
         return prepare_fmt(qt)
+
+    def _prepare_prepacked(self, qt: QTensor) -> PreparedLinear:
+        """Zero-copy: the bytes are already in this CPU's int4pack order (no repack per block)."""
+        if Q4G32_PREPACKED.get(self.capability) != qt.fmt:
+            raise KernelBackendError(
+                f"a weight packed as {qt.fmt} cannot run on this CPU (torch capability {self.capability}); "
+                "delete the .kernel file beside the shard and tpi writes it again")
+        return self._int4(qt, self._tensor(qt.arrays["qweight"]))
+
+    def _int4(self, qt: QTensor, packed_t) -> PreparedLinear:
+        n, k = qt.shape
+        return _TorchInt4(qt.fmt, "int4pack", k, n, packed_t, self._bf16(qt.arrays["scale_zero"]),
+                          self._torch._weight_int4pack_mm_for_cpu)
 
     def _prepare_q4(self, qt: QTensor) -> PreparedLinear:
         n, k = qt.shape
@@ -183,8 +212,7 @@ class TorchBackend:
             packed_t = torch._convert_weight_to_int4pack_for_cpu(q, 1)
         else:
             packed_t = self._tensor(packed)
-        return _TorchInt4(qt.fmt, "int4pack", k, n, packed_t, self._bf16(qt.arrays["scale_zero"]),
-                          torch._weight_int4pack_mm_for_cpu)
+        return self._int4(qt, packed_t)
 
     def _prepare_q8(self, qt: QTensor) -> PreparedLinear:
         n, k = qt.shape
