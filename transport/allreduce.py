@@ -48,6 +48,17 @@ def _from_wire(x: np.ndarray) -> np.ndarray:
     return from_bf16(x) if x.dtype == np.uint16 else x
 
 
+def _exact_bf16_or_self(x: np.ndarray) -> np.ndarray:
+    """bf16 bits of float32 x when that loses nothing (low 16 bits all zero), else x itself."""
+    x = np.ascontiguousarray(x)
+    if x.dtype != np.float32 or x.size == 0:
+        return x
+    bits = x.view(np.uint32)
+    if np.bitwise_and(bits, 0xFFFF).any():
+        return x
+    return np.right_shift(bits, 16).astype(np.uint16)
+
+
 class NullCommunicator:
     """One device: allreduce is the identity and gather returns the only slice."""
 
@@ -278,9 +289,13 @@ class StarWorker:
         return out
 
     def gather(self, x: np.ndarray, wire_dtype: str | None = None) -> None:
-        """Send my slice to the master (bf16-rounded if asked); workers get None."""
+        """Send my slice to the master (bf16-rounded if asked); workers get None.
+
+        An fp32 slice whose every value is exactly a bf16 number (logits straight out of a torch
+        output kernel) goes as bf16 bits: half the bytes, the same values.
+        """
         self._op += 1
-        wire = to_bf16(x) if wire_dtype == "bf16" else np.ascontiguousarray(x)
+        wire = to_bf16(x) if wire_dtype == "bf16" else _exact_bf16_or_self(x)
         self._send(encode(Logits(self._op, wire, self._seq)))
         self.stats.gather_count += 1
         return None
