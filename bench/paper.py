@@ -174,7 +174,8 @@ def main() -> None:
                    "tokens": args.tokens, "hf": str(folder), "tpis": str(tpis), "tmp": f"{tmp_dir}/{key}"}
             Path(cfg["tmp"]).mkdir()
             print(f"running: {label}", file=sys.stderr, flush=True)
-            if kind == "tpi":  # cut and cache the shards first, so peak RSS is the serving process's
+            # cut and cache the shards first, so peak RSS is the serving process's (smoke: RSS is not the point)
+            if kind == "tpi" and not args.smoke:
                 subprocess.run([sys.executable, __file__, "--child", json.dumps({**cfg, "prepare": True})],
                                stdout=subprocess.DEVNULL, timeout=3600)
             out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], stdout=subprocess.PIPE,
