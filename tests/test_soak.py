@@ -1,10 +1,11 @@
 """Soak: one `tpi serve` of the embedded SmolLM2 answers hundreds of requests and bursts.
 
-At least 200 sequential requests (completions, chat, streamed) and bursts of concurrent ones
-against a queue of 4. Every request must be served (200, well-formed, the same greedy text as
+80 sequential requests (completions, chat, streamed) and bursts of concurrent ones against
+a queue of 4. Every request must be served (200, well-formed, the same greedy text as
 its first answer) or refused with 429 and a Retry-After; an exception, a timeout or any other
 status fails the test. The client's counts must equal the server's own counters. The master's
-RSS (VmRSS) is sampled after warm-up and at the end; its growth must stay under RSS_BOUND.
+RSS (VmRSS) is sampled after warm-up and at the end; its growth must stay under RSS_BOUND, which
+allows ~0.3 MiB per request after warm-up (measured: under 1 MiB in all).
 """
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ from test_reliability_support import api_url, serve, wait_healthy
 
 pytestmark = pytest.mark.slow
 
-SEQUENTIAL = 200
-BURSTS = 4
+SEQUENTIAL = 80
+BURSTS = 3
 BURST_SIZE = 12
 QUEUE_SIZE = 4
 MAX_TOKENS = 4
-WARM_UP = 20
-RSS_BOUND = 64 << 20
+WARM_UP = 10
+RSS_BOUND = 24 << 20  # over the 70 sequential and 36 burst requests after warm-up
 PROMPTS = ("The capital of France is", "Water boils at", "Tell me a colour.", "One, two, three,")
 
 
