@@ -133,11 +133,11 @@ def curve_socket(ctx: zmq.Context, token: str, keys, endpoint: str) -> zmq.Socke
 
 
 def test_ten_thousand_hostile_messages_leave_master_and_workers_serving_the_same_tokens(
-        tiny_llama_smollm2_tok, tmp_path, caplog):
+        tiny_llama_q4_0, tmp_path, caplog):
     rng = np.random.default_rng(7)
     port = free_port_pair()
     token = security.master_token(tmp_path / "master-config")
-    opts = GroupOptions(model=str(tiny_llama_smollm2_tok), devices=3, ratios=(0.34, 0.33, 0.33), host="127.0.0.1",
+    opts = GroupOptions(model=str(tiny_llama_q4_0), devices=3, ratios=(0.34, 0.33, 0.33), host="127.0.0.1",
                         port=port, threads=1, wire_dtype="f32", config_dir=tmp_path / "master-config",
                         cache_dir=tmp_path / "master-cache", join_timeout_s=120, profile=device_profile("master"),
                         link_settings=LinkSettings(max_frame=MAX_FRAME))

@@ -76,7 +76,7 @@ def transferred(log: str) -> int:
 
 
 def test_restarted_worker_reuses_its_cached_shard_and_refetches_a_corrupt_one(tiny_gguf, tmp_path):
-    model = tiny_gguf("tiny_llama_q4_0", smollm2_tokenizer=True)
+    model = tiny_gguf("tiny_llama_q4_0")
     worker_cache = tmp_path / "worker-cache"
 
     first_logits, log = serve_round(model, tmp_path, worker_cache)

@@ -71,7 +71,7 @@ def refusal_for_old_protocol(port: int, token: str, key_dir: Path) -> Refuse:
 
 
 def test_wrong_shard_old_protocol_and_full_group_are_refused_while_the_group_serves(tiny_gguf, tmp_path):
-    model = tiny_gguf("tiny_llama_q4_0", smollm2_tokenizer=True)
+    model = tiny_gguf("tiny_llama_q4_0")
     config_dir = tmp_path / "master-config"
     token = security.master_token(config_dir)  # the master loads the same keys, so the same token
     said: list[str] = []

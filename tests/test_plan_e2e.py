@@ -50,8 +50,8 @@ def greedy(engine, forced: list[int] | None = None) -> tuple[np.ndarray, list[in
     return engine.forward(seq, 0, all_positions=True).copy(), tokens
 
 
-def test_planned_uneven_group_matches_single_device_and_refuses_a_slow_device(tiny_llama_smollm2_tok, tmp_path):
-    model = str(tiny_llama_smollm2_tok)
+def test_planned_uneven_group_matches_single_device_and_refuses_a_slow_device(tiny_llama_q4_0, tmp_path):
+    model = str(tiny_llama_q4_0)
     ref_logits, ref_tokens = greedy(build_local_engine(EngineOptions(model=model)))
 
     snail = tmp_path / "snail.json"

@@ -69,10 +69,10 @@ def assert_same_greedy_up_to_near_ties(logits, reference, tokens: list[int]) -> 
 
 
 def test_killed_worker_fails_the_request_then_rejoins_then_the_group_replans_then_degrades(
-        tiny_llama_smollm2_tok, tmp_path):
+        tiny_llama_q4_0, tmp_path):
     port = free_port_pair()
     token = master_token(tmp_path / "master-config")
-    opts = GroupOptions(model=str(tiny_llama_smollm2_tok), devices=3, ratios=(0.34, 0.33, 0.33), host="127.0.0.1",
+    opts = GroupOptions(model=str(tiny_llama_q4_0), devices=3, ratios=(0.34, 0.33, 0.33), host="127.0.0.1",
                         port=port, threads=1, config_dir=tmp_path / "master-config",
                         cache_dir=tmp_path / "master-cache", join_timeout_s=120, profile=device_profile("master"), wire_dtype="f32",
                         link_settings=LinkSettings(heartbeat_s=0.5, timeout_s=TIMEOUT_S), rejoin_timeout_s=60)

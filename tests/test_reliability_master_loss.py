@@ -20,10 +20,10 @@ pytestmark = pytest.mark.slow
 PROMPT = "Once upon a time"
 
 
-def test_workers_rejoin_a_restarted_master_or_exit_cleanly_when_it_stays_down(tiny_llama_smollm2_tok, tmp_path):
+def test_workers_rejoin_a_restarted_master_or_exit_cleanly_when_it_stays_down(tiny_llama_q4_0, tmp_path):
     port = free_port_pair()
     token = master_token(tmp_path / "master-config")  # the master loads the same keys: the same token
-    first = serve(tiny_llama_smollm2_tok, tmp_path, "master-first", "--devices", "3", "--port", str(port),
+    first = serve(tiny_llama_q4_0, tmp_path, "master-first", "--devices", "3", "--port", str(port),
                   "--heartbeat-timeout", "2", "--keep-all")
     patient = join(port, token, tmp_path, "patient", "--reconnect-timeout", "90")
     hasty = join(port, token, tmp_path, "hasty", "--reconnect-timeout", "3")
@@ -45,7 +45,7 @@ def test_workers_rejoin_a_restarted_master_or_exit_cleanly_when_it_stays_down(ti
         assert patient.alive(), patient.text()
 
         # Same port, same keys: the patient worker finds the new master and joins it.
-        second = serve(tiny_llama_smollm2_tok, tmp_path, "master-second", "--devices", "2", "--port", str(port),
+        second = serve(tiny_llama_q4_0, tmp_path, "master-second", "--devices", "2", "--port", str(port),
                        "--heartbeat-timeout", "2", "--keep-all")
         url = api_url(second)
         health = wait_healthy(url, second)

@@ -45,13 +45,13 @@ def shard_files(tmp: Path, name: str) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def token_group(tiny_llama_smollm2_tok, tmp_path_factory):
+def token_group(tiny_llama_q4_0, tmp_path_factory):
     """A `tpi serve --devices 2` waiting for its worker; tests add devices and read the logs."""
     tmp = tmp_path_factory.mktemp("token-group")
     port = free_port_pair()
     token = security.master_token(tmp / "master-config")  # the master loads these keys: same token
-    group = SimpleNamespace(tmp=tmp, port=port, token=token, model=tiny_llama_smollm2_tok, procs=[])
-    group.master = serve(tiny_llama_smollm2_tok, tmp, "master", "--devices", "2", "--port", str(port),
+    group = SimpleNamespace(tmp=tmp, port=port, token=token, model=tiny_llama_q4_0, procs=[])
+    group.master = serve(tiny_llama_q4_0, tmp, "master", "--devices", "2", "--port", str(port),
                          "--heartbeat-timeout", HEARTBEAT, "--keep-all")
     group.procs.append(group.master)
     group.url = api_url(group.master)
@@ -201,7 +201,7 @@ def activation_witnesses(model: Path, prompt: str) -> list[bytes]:
 
 
 @pytest.mark.parametrize("insecure", [False, True], ids=["curve", "insecure"])
-def test_nothing_in_clear_on_the_wire_unless_insecure(tiny_llama_smollm2_tok, tmp_path, insecure):
+def test_nothing_in_clear_on_the_wire_unless_insecure(tiny_llama_q4_0, tmp_path, insecure):
     flag = ("--insecure",) if insecure else ()
     port = free_port_pair()
     control_bytes: list = []
@@ -210,7 +210,7 @@ def test_nothing_in_clear_on_the_wire_unless_insecure(tiny_llama_smollm2_tok, tm
     with DelayProxy(0, "127.0.0.1", port, 0.0, control_bytes) as control, \
             DelayProxy(0, "127.0.0.1", port + 1, 0.0, data_bytes) as data:
         try:
-            master = serve(tiny_llama_smollm2_tok, tmp_path, "master", "--devices", "2", "--port", str(port),
+            master = serve(tiny_llama_q4_0, tmp_path, "master", "--devices", "2", "--port", str(port),
                            "--wire-dtype", "f32", "--keep-all", *flag)
             procs.append(master)
             url = api_url(master)
@@ -229,7 +229,7 @@ def test_nothing_in_clear_on_the_wire_unless_insecure(tiny_llama_smollm2_tok, tm
     assert all(len(w) > 0 for w in wires.values())  # both channels went through the proxies
     (shard,) = shard_files(tmp_path, "proxied")
     weight = weight_witness(shard)
-    activations = activation_witnesses(tiny_llama_smollm2_tok, PROMPT)
+    activations = activation_witnesses(tiny_llama_q4_0, PROMPT)
     seen = {name: {"prompt": PROMPT.encode() in w or b"zanzibar" in w,
                    "weight": weight in w,
                    "activations": sum(a in w for a in activations)} for name, w in wires.items()}
