@@ -158,12 +158,18 @@ def test_torch_free_numpy_decode_gives_the_torch_backends_greedy_tokens(variant,
     assert not list(blocker_dir.glob("blocked-*"))
 
 
+@pytest.fixture(scope="module")
+def smollm2_torch_greedy(smollm2, smollm2_chat_tokens) -> list[int]:
+    """The torch backend's greedy tokens on SmolLM2's chat prompt (single device), shared by two tests."""
+    pytest.importorskip("torch")
+    return greedy_tokens(smollm2, "torch", smollm2_chat_tokens)
+
+
 @pytest.mark.slow
 def test_torch_free_numpy_decode_on_smollm2_gives_the_torch_backends_tokens(blocker_dir, smollm2,
-                                                                            smollm2_chat_tokens):
-    pytest.importorskip("torch")
+                                                                            smollm2_chat_tokens, smollm2_torch_greedy):
     without_torch = torch_free_greedy(blocker_dir, smollm2, smollm2_chat_tokens)
-    assert without_torch == greedy_tokens(smollm2, "torch", smollm2_chat_tokens)
+    assert without_torch == smollm2_torch_greedy
 
 
 def group_run(model, prompt: list[int], tmp_path: Path, backend: str, ratios=None) -> tuple[np.ndarray, list[int], int]:
@@ -232,9 +238,8 @@ def test_torch_master_and_torch_free_worker_match_single_device_torch_on_tiny_qw
 
 @pytest.mark.slow
 def test_torch_master_and_torch_free_worker_give_single_device_tokens_on_smollm2(
-        blocker_dir, smollm2, smollm2_chat_tokens, tmp_path, monkeypatch):
-    pytest.importorskip("torch")
-    single = greedy_tokens(smollm2, "torch", smollm2_chat_tokens)
+        blocker_dir, smollm2, smollm2_chat_tokens, smollm2_torch_greedy, tmp_path, monkeypatch):
+    single = smollm2_torch_greedy
     # SmolLM2's first answer token is a near-tie (DESIGN §8) that mixed precision may flip: force
     # the single device's choice, then the continuations must agree.
     prompt = smollm2_chat_tokens + single[:1]
