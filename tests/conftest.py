@@ -22,6 +22,7 @@ from model_factory import (  # noqa: E402
     write_tiny_hf,
 )
 from reference import RefModel, load_gguf_reference, load_hf_reference  # noqa: E402
+from cli_run import tpi_run  # noqa: E402
 
 # A ChatML prompt as SmolLM2's template renders it; ~40 tokens.
 SMOLLM2_CHAT_PROMPT = (
@@ -65,6 +66,12 @@ def smollm2_reference(smollm2_reader: gguf.GGUFReader) -> RefModel:
 def smollm2_chat_tokens(smollm2_tokenizer: TokenizerData) -> list[int]:
     """Token ids of SMOLLM2_CHAT_PROMPT under a tokenizers BPE built from SmolLM2's GGUF vocabulary."""
     return build_hf_tokenizer(smollm2_tokenizer, "smollm").encode(SMOLLM2_CHAT_PROMPT).ids
+
+
+@pytest.fixture(scope="session")
+def smollm2_cli_run(smollm2: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(process, stats) of one unbudgeted greedy `tpi run` of SmolLM2 (cli_run.tpi_run), made once per session."""
+    return tpi_run(tmp_path_factory.mktemp("smollm2_cli_run"))
 
 
 @pytest.fixture(scope="session")

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_run import tpi_run
 
 pytestmark = pytest.mark.slow
 
 MiB = 1 << 20
 MARGIN = 24 * MiB  # over the minimum: absorbs run-to-run overhead noise, pins well under the model
 RSS_TOLERANCE = 16 * MiB
-CONTEXT = "256"
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 MINIMUM = re.compile(r"minimum feasible budget is [\d.]+ \S+ \((\d+) bytes")
 
@@ -81,17 +81,8 @@ class MemoryCgroup:
 
 # ---------------------------------------------------------------- single device CLI
 
-def tpi_run(tmp: Path, *extra: str, wrap=lambda c: c) -> tuple[subprocess.CompletedProcess, dict]:
-    stats = tmp / f"stats-{secrets.token_hex(3)}.json"
-    cmd = [sys.executable, "-m", "tpi", "run", "--prompt", "What is the capital of France?", "-n", "12",
-           "--temperature", "0", "--context", CONTEXT, "--threads", "1", "--stats-json", str(stats),
-           "--cache-dir", str(tmp / "cache"), "--config-dir", str(tmp / "config"), *extra]
-    proc = subprocess.run(wrap(cmd), capture_output=True, text=True, timeout=600)
-    return proc, (json.loads(stats.read_text()) if stats.exists() else {})
-
-
-def test_cli_run_under_budget_gives_same_answer_within_peak_rss(tmp_path):
-    ref, ref_stats = tpi_run(tmp_path)
+def test_cli_run_under_budget_gives_same_answer_within_peak_rss(tmp_path, smollm2_cli_run):
+    ref, _ = smollm2_cli_run  # the same command without a budget (context 256, 1 thread)
     assert ref.returncode == 0, ref.stderr[-2000:]
     for _ in range(2):  # the first probe also writes rank 0's store; the second measures a cached run
         probe, _ = tpi_run(tmp_path, "--memory-budget", "1")
