@@ -51,6 +51,14 @@ def smollm2_reader(smollm2: Path) -> gguf.GGUFReader:
 
 
 @pytest.fixture(scope="session")
+def smollm2_source(smollm2: Path):
+    """SmolLM2 opened by tpi's own loader, once: every open parses the GGUF metadata again (~5 s)."""
+    from tpi.formats import open_model
+
+    return open_model(str(smollm2))
+
+
+@pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_reader: gguf.GGUFReader) -> TokenizerData:
     """SmolLM2's tokenizer metadata (tokens, merges, specials, chat template)."""
     return tokenizer_from_gguf(smollm2_reader)

@@ -134,9 +134,8 @@ def test_unsupported_type_names_itself_and_the_supported_ones():
 
 # ---- the real SmolLM2 file -------------------------------------------------------------------
 
-def test_smollm2_tensors_round_trip_within_the_bound(smollm2):
-    reader = gguf.GGUFReader(smollm2)
-    picked = [t for t in reader.tensors if t.name.startswith("blk.0.")]
+def test_smollm2_tensors_round_trip_within_the_bound(smollm2_reader):
+    picked = [t for t in smollm2_reader.tensors if t.name.startswith("blk.0.")]
     assert {t.tensor_type for t in picked} >= {T.Q4_1, T.F32}
     for t in picked:
         shape = tuple(int(s) for s in reversed(t.shape))

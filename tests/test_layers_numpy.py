@@ -32,9 +32,12 @@ TORCH_BOUND = 6e-2
 CONTEXT = 64
 
 
-def build_engine(path, backend: str, ratios=(1.0,), context: int = CONTEXT) -> Engine:
-    """A single-device engine assembled as tpi.group does for rank 0, minus the tokenizer."""
-    source = open_model(path)
+def build_engine(path, backend: str, ratios=(1.0,), context: int = CONTEXT, source=None) -> Engine:
+    """A single-device engine assembled as tpi.group does for rank 0, minus the tokenizer.
+
+    source: the model at path already opened by tpi.formats.open_model (reused: opening SmolLM2 takes seconds).
+    """
+    source = open_model(path) if source is None else source
     cfg = source.config
     (shard,) = plan_shards(cfg, list(ratios))
     layers = make_layers(backend, cfg, shard, context, None)
@@ -186,14 +189,14 @@ def test_hidden_from_numpy_copies_a_read_only_buffer():
 
 
 @pytest.mark.slow
-def test_smollm2_numpy_matches_reference_and_torch(smollm2, smollm2_reference, smollm2_chat_tokens):
+def test_smollm2_numpy_matches_reference_and_torch(smollm2, smollm2_source, smollm2_reference, smollm2_chat_tokens):
     ids = smollm2_chat_tokens
-    np_logits = build_engine(smollm2, "numpy").forward(ids, 0, all_positions=True)
+    np_logits = build_engine(smollm2, "numpy", source=smollm2_source).forward(ids, 0, all_positions=True)
     ref = smollm2_reference.logits(ids)
     # SmolLM2's tied Q8_0 embedding is requantized to q8 on import: that error dominates.
     assert rel_err(np_logits, ref) < IMPORT_BOUND
     assert (np_logits.argmax(-1) == ref.argmax(-1)).mean() > 0.9
     pytest.importorskip("torch")
-    torch_logits = build_engine(smollm2, "torch").forward(ids, 0, all_positions=True)
+    torch_logits = build_engine(smollm2, "torch", source=smollm2_source).forward(ids, 0, all_positions=True)
     assert rel_err(np_logits, torch_logits) < TORCH_BOUND
     assert np_logits[-1].argmax() == torch_logits[-1].argmax()

@@ -50,8 +50,12 @@ WORKER_MODULES = (
 GREEDY_STEPS = 12
 
 
-def greedy_tokens(path, backend: str, prompt: list[int], steps: int = GREEDY_STEPS, engine=None) -> list[int]:
-    """Prefill then greedy decode one token at a time on a single-device engine (or the given one)."""
+def greedy_tokens(path, backend: str, prompt: list[int], steps: int = GREEDY_STEPS, engine=None,
+                  source=None) -> list[int]:
+    """Prefill then greedy decode one token at a time on a single-device engine (or the given one).
+
+    source: the model at path already opened by tpi.formats.open_model (reused: opening SmolLM2 takes seconds).
+    """
     if engine is None:
         from tpi.devices.slicing import plan_shards
         from tpi.engine import make_layers
@@ -60,7 +64,7 @@ def greedy_tokens(path, backend: str, prompt: list[int], steps: int = GREEDY_STE
         from tpi.model import ResidentWeights, Transformer
         from tpi.shard import iter_rank_blocks
 
-        source = open_model(str(path))
+        source = open_model(str(path)) if source is None else source
         cfg = source.config
         context = len(prompt) + steps
         (shard,) = plan_shards(cfg, [1.0])
@@ -159,10 +163,10 @@ def test_torch_free_numpy_decode_gives_the_torch_backends_greedy_tokens(variant,
 
 
 @pytest.fixture(scope="module")
-def smollm2_torch_greedy(smollm2, smollm2_chat_tokens) -> list[int]:
+def smollm2_torch_greedy(smollm2, smollm2_source, smollm2_chat_tokens) -> list[int]:
     """The torch backend's greedy tokens on SmolLM2's chat prompt (single device), shared by two tests."""
     pytest.importorskip("torch")
-    return greedy_tokens(smollm2, "torch", smollm2_chat_tokens)
+    return greedy_tokens(smollm2, "torch", smollm2_chat_tokens, source=smollm2_source)
 
 
 @pytest.mark.slow
