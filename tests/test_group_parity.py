@@ -123,13 +123,12 @@ def test_group_gives_single_device_tokens_and_logits(world, ratios, names, model
         assert_same_output(single, grouped, f"{name} N={world} ratios={ratios}")
 
 
-def test_more_ranks_than_kv_heads_replicates_them(models):
+def test_more_ranks_than_kv_heads_replicates_them(models, smollm2_source):
     """The N=4 cases above really exercise KV replication: each KV head sits on several ranks."""
     from tpi.devices.slicing import plan_shards
     from tpi.formats import open_model
 
-    for name in ("smollm2", "tiny_llama"):
-        cfg = open_model(str(models[name])).config
+    for cfg in (smollm2_source.config, open_model(str(models["tiny_llama"])).config):
         assert cfg.n_kv_heads < 4
         shards = plan_shards(cfg, [0.25] * 4)
         held = [kv for s in shards for kv in s.kv_heads]
