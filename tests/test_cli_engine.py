@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 TEXT = Path(__file__).parent / "data" / "english.txt"
+PERPLEXITY_TOKENS = 256
 
 
 def tpi(*args: str, tmp: Path, timeout: float = 300, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -86,17 +87,18 @@ def test_raw_prompt_and_stop_string(tmp_path, smollm2):
 @pytest.mark.slow
 def test_perplexity_within_3_percent_of_llama_cpp(tmp_path, smollm2):
     llama_cpp = pytest.importorskip("llama_cpp")
-    proc = tpi("perplexity", "--file", str(TEXT), "--tokens", "512", "--threads", "2", tmp=tmp_path)
+    # 256 tokens: ours and llama.cpp's differ by 0.6% there (0.5% at 512), the bound is 3%
+    proc = tpi("perplexity", "--file", str(TEXT), "--tokens", str(PERPLEXITY_TOKENS), "--threads", "2", tmp=tmp_path)
     assert proc.returncode == 0, proc.stderr
     ours = float(proc.stdout.strip().splitlines()[-1].split()[-1])
 
     llm = llama_cpp.Llama(model_path=str(smollm2), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
-    ids = llm.tokenize(TEXT.read_text().encode(), add_bos=True, special=False)[:512]
+    ids = llm.tokenize(TEXT.read_text().encode(), add_bos=True, special=False)[:PERPLEXITY_TOKENS]
     llm.eval(ids)
     logits = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
     llm.close()
     logz = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
     nll = logz[:-1] - logits[np.arange(len(ids) - 1), ids[1:]]
     theirs = float(np.exp(nll.mean()))
-    assert len(ids) == 512
+    assert len(ids) == PERPLEXITY_TOKENS
     assert abs(ours - theirs) / theirs < 0.03, (ours, theirs)
