@@ -61,7 +61,7 @@ def test_incremental_decode_equals_one_full_forward(tiny_gguf):
 def test_prompt_reuses_cached_prefix(tiny_gguf):
     from tpi.sampler import SamplingParams
 
-    engine = engine_for(tiny_gguf("tiny_llama_q4_0", smollm2_tokenizer=True))
+    engine = engine_for(tiny_gguf("tiny_llama_q4_0"))
     engine.reuse_prefix = True
     greedy = SamplingParams(temperature=0)
     first = engine.generate(TOKENS, greedy, 4, ignore_eos=True)
