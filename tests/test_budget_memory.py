@@ -19,6 +19,7 @@ import re
 import secrets
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -81,12 +82,17 @@ class MemoryCgroup:
 
 # ---------------------------------------------------------------- single device CLI
 
-def test_cli_run_under_budget_gives_same_answer_within_peak_rss(tmp_path, smollm2_cli_run):
-    ref, _ = smollm2_cli_run  # the same command without a budget (context 256, 1 thread)
+def test_cli_run_under_budget_gives_same_answer_within_peak_rss(tmp_path, request):
+    # The first probe writes rank 0's store; the second measures a cached run. The first runs beside
+    # the unbudgeted reference (both 1 thread; neither's memory figures are used).
+    with ThreadPoolExecutor(1) as pool:
+        first_probe = pool.submit(tpi_run, tmp_path, "--memory-budget", "1")
+        ref, _ = request.getfixturevalue("smollm2_cli_run")  # the same command without a budget
+        probe, _ = first_probe.result()
     assert ref.returncode == 0, ref.stderr[-2000:]
-    for _ in range(2):  # the first probe also writes rank 0's store; the second measures a cached run
-        probe, _ = tpi_run(tmp_path, "--memory-budget", "1")
-        assert probe.returncode == 1
+    assert probe.returncode == 1, probe.stderr[-2000:]
+    probe, _ = tpi_run(tmp_path, "--memory-budget", "1")
+    assert probe.returncode == 1, probe.stderr[-2000:]
     budget = minimum_from(probe.stderr) + MARGIN
     shard_bytes = sum(p.stat().st_size for p in (tmp_path / "cache" / "master").glob("*.tpis"))
 
