@@ -6,6 +6,7 @@ Each round serves a 2-device group (master in this process, CURVE on), lets a se
 """
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_reliability_support import device_profile
 
 from tpi.group import GroupOptions, start_group
 
@@ -46,10 +48,13 @@ def serve_round(model: Path, tmp: Path, worker_cache: Path) -> tuple[np.ndarray,
     found = next((m for s in said if (m := JOIN_LINE.search(s))), None)
     assert found, f"the master printed no join command: {said} {box.get('error')}"
     log_path = worker_cache.parent / f"worker-{time.monotonic_ns()}.log"
+    profile = tmp / "cached-profile.json"  # the ratios are fixed: a stated profile spares measuring the machine
+    profile.write_text(json.dumps(device_profile("cached")))
     with open(log_path, "w") as log_file:
         worker = subprocess.Popen(
             [sys.executable, "-m", "tpi", "join", f"127.0.0.1:{found[2]}", "--token", found[3], "--name", "cached",
-             "--cache-dir", str(worker_cache), "--key-dir", str(tmp / "worker-keys"), "--threads", "1"],
+             "--cache-dir", str(worker_cache), "--key-dir", str(tmp / "worker-keys"), "--threads", "1",
+             "--profile-file", str(profile)],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
         try:
             thread.join(timeout=180)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_reliability_support import device_profile
 
 from tpi.group import GroupOptions, start_group
 from tpi.sampler import SamplingParams
@@ -126,9 +127,11 @@ def test_master_and_worker_in_two_namespaces_through_a_delayed_link(two_hosts, t
         deadline = time.monotonic() + 120
         while "tpi join" not in master_log.read_text() and master.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
+        profile = tmp_path / "far-profile.json"  # the ratios are fixed: a stated profile spares measuring
+        profile.write_text(json.dumps(device_profile("far")))
         worker = start(worker_ns, "-m", "tpi", "join", f"127.0.0.1:{PORT}", "--token", token, "--name", "far",
                        "--cache-dir", str(tmp_path / "worker-cache"), "--key-dir", str(tmp_path / "worker-keys"),
-                       "--threads", "1")
+                       "--threads", "1", "--profile-file", str(profile))
         assert master.wait(timeout=240) == 0, master_log.read_text()
         assert worker.wait(timeout=60) == 0
     finally:
