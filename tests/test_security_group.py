@@ -149,10 +149,8 @@ def test_restarted_master_takes_back_the_admitted_device_and_only_new_tokens(tok
     if getattr(g, "new_token", None) is None:
         g.new_token = security.rotate_token(g.tmp / "master-config")
     g.master.kill9()
-    # The restart comes after the worker noticed the loss. (A master back within the heartbeat
-    # timeout answers the worker's heartbeats with refusals, which the worker takes for a live
-    # master: it never rejoins. That is a worker bug, not what this test is about.)
-    g.worker.wait_for(r"lost the master", 30)
+    # Restarted at once, often within the heartbeat timeout: the worker then learns of the restart
+    # from the new master's refusals of its heartbeats (tests/test_reliability_master_restart.py).
     # Same port, same config dir: the master now holds the rotated secret. The old worker keeps
     # its old token and reconnects on its own; it gets in because its key was admitted before.
     g.master = serve(g.model, g.tmp, "master-rotated", "--devices", "3", "--port", str(g.port),

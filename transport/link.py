@@ -35,6 +35,10 @@ __all__ = ["JoinRequest", "LinkProbe", "NoAnswerError", "LinkSettings", "MasterL
 # empty ShardRequest at once. Timing both in the keeper threads gives RTT and bandwidth.
 PROBE_HASH = "link-probe"
 GOODBYE_LINGER_MS = 500  # how long closing waits to deliver Stop to devices (a dead one costs this once)
+# The refusals a master sends only to a peer it does not know. An admitted worker that gets
+# one is talking to a master that restarted on the same port and has forgotten it.
+NOT_ADMITTED = "not admitted: join with a valid token first"
+VERSION_REFUSAL = "protocol version mismatch: "
 
 
 class NoAnswerError(GroupError):
@@ -300,7 +304,7 @@ class MasterLink(Keeper):
         except VersionMismatch as e:
             log.warning("refused %s: %s", who, e)
             if peer is None or peer.state != "admitted":
-                self._send(rid, Refuse(f"protocol version mismatch: {e}"))
+                self._send(rid, Refuse(f"{VERSION_REFUSAL}{e}"))
             return
         except ProtocolError as e:
             log.warning("dropped malformed message from %s: %s", who, e)
@@ -317,7 +321,7 @@ class MasterLink(Keeper):
             self._on_hello(rid, msg, address, key)
         elif peer is None or not isinstance(msg, Heartbeat):
             log.warning("refused %s: %s before admission", who, type(msg).__name__)
-            self._send(rid, Refuse("not admitted: join with a valid token first"))
+            self._send(rid, Refuse(NOT_ADMITTED))
 
     def _on_hello(self, rid: bytes, hello: Hello, address: str, key: bytes) -> None:
         known = bool(key) and key in self._admitted_keys
@@ -545,5 +549,14 @@ class WorkerLink(Keeper):
             self._stop_reason = msg.reason
             self._lost_reason = f"master stopped the group: {msg.reason}"
             log.warning(self._lost_reason)
+            return
+        elif (isinstance(msg, Refuse) and self.assign is not None
+              and msg.reason.startswith((NOT_ADMITTED, VERSION_REFUSAL))):
+            # The master answers our heartbeats as a stranger's: it restarted and forgot us. Its
+            # replies keep us from timing out, so this is the only sign we get. (Other refusals
+            # after admission, e.g. of a wrong shard range, answer a request and go to reply().)
+            if self._lost_reason is None:
+                self._lost_reason = f"the master no longer knows this device (it restarted?): {msg.reason}"
+                log.warning("lost the master at %s:%d: %s", self.host, self.port, self._lost_reason)
             return
         self._replies.put(msg)
