@@ -52,7 +52,7 @@ def smollm2_reader(smollm2: Path) -> gguf.GGUFReader:
 
 @pytest.fixture(scope="session")
 def smollm2_source(smollm2: Path):
-    """SmolLM2 opened by tpi's own loader, once: every open parses the GGUF metadata again (~5 s)."""
+    """SmolLM2 opened by tpi's own loader, once per session."""
     from tpi.formats import open_model
 
     return open_model(str(smollm2))

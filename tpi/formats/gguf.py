@@ -8,6 +8,7 @@ import numpy as np
 
 from tpi.config import ARCHITECTURES, ModelConfig, RopeScaling, layer_name
 from tpi.errors import ModelFormatError, UnsupportedArchitectureError
+from tpi.formats.gguf_file import GGUFFile, GGUFFormatError
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +25,8 @@ ADJACENT_PAIR_ARCHS = ("llama", "mistral")  # GGUF archs whose q/k rows llama.cp
 _GLOBAL_NAMES = {"embed": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"}
 
 
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
-
-
-def read_config(reader, path: Path) -> ModelConfig:
-    arch = _field(reader, "general.architecture")
+def read_config(reader: GGUFFile, path: Path) -> ModelConfig:
+    arch = reader.value("general.architecture")
     if arch is None:
         raise ModelFormatError(f"{path}: no general.architecture in GGUF metadata; is this a model file?")
     if arch not in ARCHITECTURES:
@@ -41,24 +35,24 @@ def read_config(reader, path: Path) -> ModelConfig:
         )
 
     def need(key: str):
-        v = _field(reader, f"{arch}.{key}")
+        v = reader.value(f"{arch}.{key}")
         if v is None:
             raise ModelFormatError(f"{path}: GGUF metadata lacks {arch}.{key}; the file is incomplete")
         return v
 
     hidden = int(need("embedding_length"))
     n_heads = int(need("attention.head_count"))
-    n_kv = int(_field(reader, f"{arch}.attention.head_count_kv", n_heads))
-    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // n_heads))
+    n_kv = int(reader.value(f"{arch}.attention.head_count_kv", n_heads))
+    head_dim = int(reader.value(f"{arch}.attention.key_length", hidden // n_heads))
     names = {t.name for t in reader.tensors}
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
         raise ModelFormatError(f"{path}: tensor token_embd.weight is missing")
-    vocab = int(_field(reader, f"{arch}.vocab_size", int(embd.shape[1])))
-    kind = _field(reader, f"{arch}.rope.scaling.type")
+    vocab = int(reader.value(f"{arch}.vocab_size", int(embd.shape[1])))
+    kind = reader.value(f"{arch}.rope.scaling.type")
     scaling = RopeScaling()
     if kind == "linear":
-        scaling = RopeScaling(kind="linear", factor=float(_field(reader, f"{arch}.rope.scaling.factor", 1.0)))
+        scaling = RopeScaling(kind="linear", factor=float(reader.value(f"{arch}.rope.scaling.factor", 1.0)))
     freq_factors = None
     if "rope_freqs.weight" in names:  # llama3-style scaling, precomputed per dimension by the converter
         t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
@@ -72,15 +66,25 @@ def read_config(reader, path: Path) -> ModelConfig:
         n_kv_heads=n_kv,
         head_dim=head_dim,
         vocab=vocab,
-        context=int(_field(reader, f"{arch}.context_length", 2048)),
-        rms_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        context=int(reader.value(f"{arch}.context_length", 2048)),
+        rms_eps=float(reader.value(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(reader.value(f"{arch}.rope.freq_base", 10000.0)),
         rope_scaling=scaling,
         rope_freq_factors=freq_factors,
         qkv_bias=f"blk.0.attn_q.bias" in names,
         tied_embeddings="output.weight" not in names,
-        name=str(_field(reader, "general.name", path.stem)),
+        name=str(reader.value("general.name", path.stem)),
     ).validate()
+
+
+def open_gguf(path: Path) -> GGUFFile:
+    """Parse a GGUF file's header (tokenizer arrays are skipped, tensors mapped), as a ModelFormatError if malformed."""
+    try:
+        return GGUFFile(path)
+    except (GGUFFormatError, OSError) as e:
+        raise ModelFormatError(
+            f"{path}: not a readable GGUF file ({e}); the file may be truncated or corrupt, download it again"
+        ) from None
 
 
 def adjacent_pair_index(n_heads: int, head_dim: int) -> np.ndarray:
@@ -99,39 +103,21 @@ class GGUFSource:
     kind = "gguf"
 
     def __init__(self, path: Path, measure_error: bool = False):
-        import gguf
-
         if not path.is_file():
             raise ModelFormatError(f"model file not found: {path}; pass a .gguf file or a Hugging Face folder")
-        try:
-            self.reader = gguf.GGUFReader(str(path))
-        except (ValueError, OSError, IndexError, KeyError, struct_error()) as e:
-            raise ModelFormatError(
-                f"{path}: not a readable GGUF file ({e}); the file may be truncated or corrupt, download it again"
-            ) from None
+        self.reader = open_gguf(path)
         self.path = path
         self.config = read_config(self.reader, path)
         self._tensors = {t.name: t for t in self.reader.tensors}
-        self._check_sizes()
         self.notes: dict[str, object] = {}
         self.measure_error = measure_error  # per-tensor conversion error, for `tpi convert` reports
         self.keep_bf16_above: float | None = None  # lossy conversions worse than this stay bf16
 
-    def _check_sizes(self) -> None:
-        size = self.path.stat().st_size
-        for t in self.reader.tensors:
-            end = int(t.data_offset) + int(t.n_bytes)
-            if end > size:
-                raise ModelFormatError(
-                    f"{self.path}: tensor {t.name} ends at byte {end} but the file has {size}; "
-                    "the file is truncated, download it again"
-                )
-
     def metadata(self, key: str, default=None):
-        return _field(self.reader, key, default)
+        return self.reader.value(key, default)
 
     def metadata_keys(self) -> list[str]:
-        return list(self.reader.fields)
+        return list(self.reader.metadata)
 
     def gguf_name(self, name: str) -> str:
         if name.startswith("layers."):
@@ -171,9 +157,3 @@ class GGUFSource:
         from tpi.tokenizer import LlamaCppTokenizer
 
         return LlamaCppTokenizer(self.path, self.metadata)
-
-
-def struct_error():
-    import struct
-
-    return struct.error

@@ -23,16 +23,18 @@ def _copy_metadata(reader, out: Path) -> None:
     """Write a GGUF with the source's key/values and no tensors (tokenizer and hyperparameters)."""
     import gguf
 
-    arch = reader.fields["general.architecture"].contents()
-    w = gguf.GGUFWriter(out, arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
+    from tpi.formats.gguf_file import GGUFArray
+
+    w = gguf.GGUFWriter(out, reader.value("general.architecture"))
+    for key, raw in reader.metadata.items():
+        if key == "general.architecture":
             continue
-        vtype = field.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            w.add_array(key, field.contents())
+        if isinstance(raw, GGUFArray):
+            if raw.count:  # gguf cannot write an empty array
+                sub_type = None if raw.elem_type == gguf.GGUFValueType.ARRAY else gguf.GGUFValueType(raw.elem_type)
+                w.add_key_value(key, reader.value(key), gguf.GGUFValueType.ARRAY, sub_type)
         else:
-            w.add_key_value(key, field.contents(), vtype)
+            w.add_key_value(key, raw, gguf.GGUFValueType(reader.value_types[key]))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -124,17 +126,10 @@ class NativeSource:
             from tpi.tokenizer import HFTokenizer
 
             return HFTokenizer(Path(str(self.path) + ".tokenizer"))
-        import gguf
-
+        from tpi.formats.gguf import open_gguf
         from tpi.tokenizer import LlamaCppTokenizer
 
         vocab = Path(str(self.path) + VOCAB_SUFFIX)
         if not vocab.is_file():
             raise ModelFormatError(f"{vocab} is missing; it is written by tpi convert beside the model")
-        reader = gguf.GGUFReader(str(vocab))
-
-        def metadata(key, default=None):
-            f = reader.fields.get(key)
-            return default if f is None else f.contents()
-
-        return LlamaCppTokenizer(vocab, metadata)
+        return LlamaCppTokenizer(vocab, open_gguf(vocab).value)
