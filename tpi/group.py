@@ -378,7 +378,7 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
             for d in devices:
                 d.plan = device_status(real.plan, d.rank, links[d.rank - 1] if d.rank else None)
         if opts.memory_budget:
-            # The model source (parsed metadata, file pages mapped while cutting: up to the whole
+            # The model source (its metadata, file pages mapped while cutting: up to the whole
             # model) is not the engine's; free it so the plan measures what serving holds.
             del source
             gc.collect()
