@@ -101,8 +101,12 @@ def run_tpi(cfg: dict) -> dict:
     if cfg["devices"] == 1:
         group = start_group(GroupOptions(**common))
     else:
+        # Equal fixed ratios: the planner's come from freshly measured profiles and vary by run, which
+        # made the measured run cut new shards (and count the model's pages mapped while cutting in
+        # rank 0's peak RSS) instead of reusing the ones the prepare run cut.
         group = start_group(GroupOptions(**common, local_workers=cfg["devices"] - 1, host="127.0.0.1",
-                                         worker_memory_budget=cfg["budget"]))
+                                         worker_memory_budget=cfg["budget"],
+                                         ratios=tuple([1.0 / cfg["devices"]] * cfg["devices"])))
     load_s = time.perf_counter() - t
     if cfg.get("prepare"):  # shards are now cut and cached: the measured run starts from them
         group.close()
