@@ -12,13 +12,16 @@ would report as the kernel's cost.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 import statistics
+import sys
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import print_table as markdown_table  # noqa: E402
 
 BACKENDS = ("torch", "numpy")
 QUESTION = ("Explain step by step how a tensor-parallel transformer splits attention heads and MLP columns "
@@ -164,13 +167,8 @@ def run(cfg_bench: BenchConfig) -> dict:
     return results
 
 
-sys.path.insert(0, str(Path(__file__).parent))  # bench/common.py
-
-
 def print_table(results: dict) -> None:
     """Markdown through bench/common.print_table (rich on a terminal), ratio column = numpy / torch."""
-    from common import print_table as table
-
     t, n = results["torch"], results["numpy"]
     rows = []
     for (name, tm), (_, nm) in zip(t["kernels"].items(), n["kernels"].items()):
@@ -182,7 +180,7 @@ def print_table(results: dict) -> None:
         rows.append([label, t[key], n[key], f"{t[key] / n[key]:.1f}x"])
     same = t["tokens"] == n["tokens"]
     notes = [f"greedy tokens identical: {same}", "command: python bench/backends.py " + " ".join(sys.argv[1:])]
-    table(f"torch vs numpy backend, single device: {results['model']}",
+    markdown_table(f"torch vs numpy backend, single device: {results['model']}",
           ["kernel (layer 0, T=1)", "torch ms", "numpy ms", "ratio"], rows, notes=notes)
 
 

@@ -25,9 +25,8 @@ from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TESTS = HERE.parent / "tests"
 sys.path.insert(0, str(HERE))
-from common import run_proxy  # noqa: E402
+from common import run_proxy, smoke_model  # noqa: E402
 PROMPT = ("Tensor parallelism splits every layer of a language model across several devices, "
           "so that each one computes a share of the heads and of the MLP. Explain how")
 MB = 1 << 20
@@ -159,14 +158,6 @@ def run_config(cfg: dict) -> dict:
     kv_position = result["prompt_tokens"] + cfg["tokens"] // 2
     result["pred"] = predicted(plans[0], result["prompt_tokens"], kv_position)
     return result
-
-
-def smoke_model(tmp: Path) -> str:
-    """A 2-layer random llama with a 384-token byte-level vocabulary (opens in ms; SmolLM2's takes seconds)."""
-    sys.path.insert(0, str(TESTS))
-    from model_factory import write_tiny_gguf
-
-    return str(write_tiny_gguf(tmp / "smoke.gguf", arch="llama", weight_type="Q4_0"))
 
 
 # ---- orchestration ---------------------------------------------------------------------------

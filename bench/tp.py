@@ -22,9 +22,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import median, peak_rss_bytes, print_machine, print_table, ratio, run_proxy  # noqa: E402
+from common import median, peak_rss_bytes, print_machine, print_table, ratio, run_proxy, smoke_model  # noqa: E402
 
-TESTS = HERE.parent / "tests"
 PROMPT = ("Tensor parallelism splits every layer of a language model across several devices, "
           "so that each one computes a share of the heads and of the MLP. Explain how")
 
@@ -181,14 +180,6 @@ def _serve_through_proxy(cfg: dict, common: dict, tmp: Path, helpers: list):
     if "error" in box:
         raise box["error"]
     return box["group"]
-
-
-def smoke_model(tmp: Path) -> str:
-    """A 2-layer random llama with a 384-token byte-level vocabulary (opens in ms; SmolLM2's takes seconds)."""
-    sys.path.insert(0, str(TESTS))
-    from model_factory import write_tiny_gguf
-
-    return str(write_tiny_gguf(tmp / "smoke.gguf", arch="llama", weight_type="Q4_0"))
 
 
 # ---- orchestration --------------------------------------------------------------------------------
