@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes as C
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -48,6 +48,18 @@ def weight_type(fmt: str) -> int | None:
 def _weight_bytes(qt) -> np.ndarray:
     """The matrix's raw bytes as the ggml type expects them."""
     return qt.arrays["data"] if qt.fmt.startswith(GGML_PREFIX) else qt.arrays["weight"]
+
+
+def gather_rows(w, idx: np.ndarray):
+    """Rows idx of a weight (QTensor of any format, or a float32 vector): a byte gather, a copy."""
+    if isinstance(w, np.ndarray):
+        return w[idx]
+    if w.fmt.startswith(GGML_PREFIX) or w.fmt in (F32_FMT, BF16_FMT):
+        name = "data" if w.fmt.startswith(GGML_PREFIX) else "weight"
+        return replace(w, shape=(len(idx), w.shape[1]), arrays={name: np.ascontiguousarray(w.arrays[name][idx])})
+    from tpi.quant.formats import take_rows
+
+    return take_rows(w, idx)
 
 
 def q4g32_to_q4_1(qweight: np.ndarray, scale_zero: np.ndarray) -> np.ndarray:

@@ -44,7 +44,7 @@ F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, IQ4_NL, BF16, I32, I64 = (TYPES[n][0] for n in
 TYPE_NAMES = {tid: name for name, (tid, _, _) in TYPES.items()}
 # Weight types a mul_mat may take as its first operand on the CPU backend.
 MATMUL_TYPES = frozenset(TYPES[n][0] for n in TYPES if n not in ("I32", "I64"))
-ROPE_NORMAL = 0  # adjacent pairs; tpi stores q/k rows in that order for every architecture
+ROPE_NORMAL, ROPE_NEOX = 0, 2  # rotate adjacent pairs / the two halves of a head
 PREC_F32 = 10  # enum ggml_prec in 0.25 (it was 1 before)
 STATUS_SUCCESS = 0
 MAX_DIMS = 4

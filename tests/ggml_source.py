@@ -151,3 +151,21 @@ def quantize_rows(w: np.ndarray, type_name: str) -> RawGgml:
     written = lib.ggml_quantize_chunk(int(qtype), src.ctypes.data, out.ctypes.data, 0, n, k, None)
     assert written == out.nbytes, (type_name, written, out.nbytes)
     return RawGgml(f"ggml:{type_name}", (n, k), {"data": out})
+
+
+# llama.cpp file types a tiny F16 model is re-quantized into (llama_ftype, include/llama.h)
+LLAMA_FTYPES = {"F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_M": 12,
+                "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25, "BF16": 32}
+
+
+def llama_quantize(src: Path, dst: Path, ftype: str) -> Path:
+    """dst = src re-quantized by llama.cpp itself (a real K-quant mix for Q4_K_M etc.)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPES[ftype]
+    params.allow_requantize = True
+    params.nthread = 1
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    assert rc == 0, f"llama_model_quantize({ftype}) failed with {rc}"
+    return dst
