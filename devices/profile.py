@@ -19,7 +19,7 @@ from tpi.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "numpy")
+BACKENDS = ("ggml", "torch", "numpy")
 GROUP = 32
 CACHE_FILE = "device_profile.json"
 CACHE_MAX_AGE_S = 7 * 24 * 3600.0  # a week: hardware rarely changes, free memory is re-read on use
@@ -38,7 +38,7 @@ class DeviceProfile:
     cores: int
     total_memory_bytes: int
     free_memory_bytes: int
-    backend: str  # "torch" | "numpy"
+    backend: str  # "ggml" | "torch" | "numpy": what the engine runs, and what the figures below measured
     int4_gflops: float  # decode (one token) int4-weight matmul throughput
     bf16_gflops: float  # decode (one token) bf16-weight matmul throughput
     prefill_gflops: float  # many-token matmul throughput (prompt processing)
@@ -163,6 +163,34 @@ def _numpy_matmuls(n: int, k: int, budget_s: float) -> tuple[float, float, float
             _best_seconds(lambda: bf16(x64), budget_s))
 
 
+@dataclass(frozen=True)
+class _GgmlRows:
+    """A weight in a ggml type, GGUF rows in arrays["data"] (the QTensor layout of contract §1)."""
+
+    fmt: str
+    shape: tuple[int, int]
+    arrays: dict
+
+
+def _ggml_matmuls(n: int, k: int, budget_s: float, threads: int | None = None) -> tuple[float, float, float]:
+    """Same three timings on ggml, as GgmlLayers runs them: Q4_0 (repacked where ggml repacks it,
+    N % 8 == 0), BF16, and Q4_0 at 64 tokens; activations quantized inside ggml as in a forward pass."""
+    from tpi.quant.ggml_backend import GgmlBackend
+
+    rng = np.random.default_rng(0)
+    blocks = np.empty((n, k // GROUP, 18), np.uint8)  # Q4_0: fp16 scale, 16 bytes of nibbles
+    blocks[..., :2] = (0.01 * rng.uniform(0.5, 1.5, (n, k // GROUP))).astype(np.float16)[..., None].view(np.uint8)
+    blocks[..., 2:] = rng.integers(0, 256, (n, k // GROUP, 16), dtype=np.uint8)
+    bf16 = (rng.standard_normal((n, k), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    backend = GgmlBackend(threads=threads)
+    q4 = backend.prepare(_GgmlRows("ggml:Q4_0", (n, k), {"data": blocks.reshape(n, -1)}))
+    b16 = backend.prepare(_GgmlRows("ggml:BF16", (n, k), {"data": bf16.view(np.uint8)}))
+    x1 = rng.standard_normal((1, k), dtype=np.float32)
+    x64 = rng.standard_normal((64, k), dtype=np.float32)
+    return (_best_seconds(lambda: q4(x1), budget_s), _best_seconds(lambda: b16(x1), budget_s),
+            _best_seconds(lambda: q4(x64), budget_s))
+
+
 def measure_memory_gbs(megabytes: int = 64) -> float:
     """Copy bandwidth in GB/s (bytes read plus bytes written)."""
     src = np.ones(megabytes << 17, dtype=np.float64)  # megabytes MiB
@@ -236,7 +264,7 @@ def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, ba
                     threads: int | None = None) -> DeviceProfile:
     """Measure this device; about 1-3 s (quick: well under 1 s). Shapes are (N, K) decode matmuls.
 
-    threads: the compute threads the engine will use (torch); matmul rates are measured with them.
+    threads: the compute threads the engine will use (torch, ggml); matmul rates are measured with them.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}")
@@ -253,7 +281,8 @@ def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, ba
         assert k % GROUP == 0 and n % 16 == 0, f"bench shape {(n, k)} must have K % 32 == 0 and N % 16 == 0"
     report = progress or (lambda _what, _frac: None)
     budget_s = 0.04 if quick else 0.2  # per kernel per shape
-    bench = _torch_matmuls if backend == "torch" else _numpy_matmuls
+    bench = {"torch": _torch_matmuls, "numpy": _numpy_matmuls,
+             "ggml": lambda n, k, b: _ggml_matmuls(n, k, b, threads)}[backend]
     flops1 = flops64 = t4 = t16 = tp = 0.0
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for i, (n, k) in enumerate(shapes):
@@ -263,7 +292,7 @@ def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, ba
         flops1 += 2.0 * n * k
         flops64 += 2.0 * 64 * n * k
     # Other processes on a shared device take CPU time the fastest single calls never show.
-    compute_threads = _compute_threads(backend)
+    compute_threads = _compute_threads(backend, threads)
     share = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9) / compute_threads
     report("memory bandwidth", len(shapes) / (len(shapes) + 2))
     mem = measure_memory_gbs(16 if quick else 64)
@@ -283,8 +312,12 @@ def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, ba
     )
 
 
-def _compute_threads(backend: str) -> int:
-    """Threads the matmul benchmark ran on (torch's intra-op pool; numpy: one)."""
+def _compute_threads(backend: str, threads: int | None = None) -> int:
+    """Threads the matmul benchmark ran on (torch's intra-op pool; ggml's CpuRuntime; numpy: one)."""
+    if backend == "ggml":
+        from tpi.quant.ggml_graph import usable_cores
+
+        return max(1, min(threads or usable_cores(), usable_cores()))
     if backend != "torch":
         return 1
     import torch

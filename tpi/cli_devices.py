@@ -139,11 +139,11 @@ def devices_profile(
     from rich.console import Console
     from rich.table import Table
 
-    from tpi.devices.profile import cached_or_measured
+    from tpi.devices.profile import BACKENDS, cached_or_measured
 
     try:
-        if backend not in ("torch", "numpy"):
-            raise TpiError(f"unknown backend '{backend}'; use torch or numpy")
+        if backend not in BACKENDS:
+            raise TpiError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
         profile = cached_or_measured(cache_dir / "profile", backend=backend, threads=threads, refresh=True)
     except TpiError as e:
         fail(e)
