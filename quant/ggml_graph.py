@@ -298,13 +298,32 @@ class Context:
         return self._wrap(self.lib.ggml_swiglu_split(self.ptr, gate.ptr, up.ptr))
 
 
+class _ComputeBuffer:
+    """A graph's own compute buffer (a gallocr); output views keep it alive past the graph."""
+
+    def __init__(self, lib):
+        self.ptr = lib.ggml_gallocr_new(lib.ggml_backend_cpu_buffer_type())
+        if not self.ptr:
+            raise MemoryError("ggml could not create a graph allocator")
+        self._finalizer = weakref.finalize(self, lib.ggml_gallocr_free, self.ptr)
+
+
+class _View:
+    """numpy's view of ggml memory, holding whatever owns that memory."""
+
+    def __init__(self, addr: int, shape: tuple[int, ...], owner: object):
+        self.__array_interface__ = {"data": (addr, False), "shape": shape, "typestr": "<f4", "version": 3}
+        self.owner = owner
+
+
 class Graph:
     """One built graph: its context (which holds the op tensors) and where its intermediates live.
 
-    With no `galloc` the graph gets a compute buffer of its own, and its outputs (numpy views into
-    it) stay valid until it is computed again. With a shared `galloc` the graph is planned afresh
-    (ggml would otherwise reuse the previous graph's plan by node index) and its outputs are valid
-    only until the next graph is allocated there: read them at once.
+    With no `galloc` the graph gets a compute buffer of its own, and its outputs (numpy views that
+    keep that buffer alive, even past the graph) hold valid values until it is computed again. With
+    a shared `galloc` the graph is planned afresh (ggml would otherwise reuse the previous graph's
+    plan by node index) and its outputs are valid only until the next graph is allocated there:
+    copy them at once.
     """
 
     def __init__(self, ctx: Context, outputs: list[Tensor], shapes: list[tuple[int, ...]], galloc: int | None = None):
@@ -319,14 +338,15 @@ class Graph:
         self.ptr = lib.ggml_new_graph_custom(ctx.ptr, ctx.graph_size, False)
         for out in outputs:
             lib.ggml_build_forward_expand(self.ptr, out.ptr)
+        owner: object = None
         if galloc is None:
-            galloc = lib.ggml_gallocr_new(lib.ggml_backend_cpu_buffer_type())
-            self._finalizer = weakref.finalize(self, lib.ggml_gallocr_free, galloc)
+            owner = self.buffer = _ComputeBuffer(lib)
+            galloc = owner.ptr
         elif not lib.ggml_gallocr_reserve(galloc, self.ptr):
             raise MemoryError("ggml could not reserve a graph's compute buffer")
         if not lib.ggml_gallocr_alloc_graph(galloc, self.ptr):
             raise MemoryError("ggml could not allocate a graph's compute buffer")
-        self.outputs = [_as_numpy(lib, out, shape) for out, shape in zip(outputs, shapes)]
+        self.outputs = [_as_numpy(lib, out, shape, owner) for out, shape in zip(outputs, shapes)]
         self.nodes = int(lib.ggml_graph_n_nodes(self.ptr))
 
 
@@ -343,11 +363,11 @@ class SharedComputeBuffer:
         return int(self.lib.ggml_gallocr_get_buffer_size(self.ptr, 0))
 
 
-def _as_numpy(lib, t: Tensor, shape: tuple[int, ...]) -> np.ndarray:
+def _as_numpy(lib, t: Tensor, shape: tuple[int, ...], owner: object) -> np.ndarray:
     addr = lib.ggml_get_data(t.ptr)
     if not addr:
         raise _fail(f"reading {t}: it has no data")
-    return np.ctypeslib.as_array(C.cast(addr, C.POINTER(C.c_float)), shape=shape)
+    return np.asarray(_View(addr, shape, owner))
 
 
 def _free_runtime(lib, backend: int, pool: int | None) -> None:

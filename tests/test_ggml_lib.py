@@ -170,3 +170,20 @@ def test_the_linear_refuses_activations_of_the_wrong_width():
     lin = get_backend("ggml").prepare(quantize_rows(np.ones((8, 64), np.float32), "Q8_0"))
     with pytest.raises(GgmlShapeError, match="64 inputs"):
         lin(np.ones((1, 32), np.float32))
+
+
+def test_a_graph_output_outlives_its_graph():
+    """A streamed block is released before the model adds its output: the memory must still be there."""
+    import gc
+
+    from tpi.quant.ggml_graph import CpuRuntime
+
+    ctx = Context(4, graph_size=8)
+    x = ctx.input(np.arange(8, dtype=np.float32).reshape(1, 8))
+    graph = Graph(ctx, [ctx.add(x, x)], [(1, 8)])
+    CpuRuntime(1).compute(graph)
+    out = graph.outputs[0]
+    del graph, ctx, x
+    gc.collect()
+    np.zeros(1 << 20, np.float32) + 1  # reuse freed memory if it were freed
+    assert np.array_equal(out, 2 * np.arange(8, dtype=np.float32).reshape(1, 8))
