@@ -139,7 +139,7 @@ class GgmlWeight:
 
     @property
     def repacked(self) -> bool:
-        return self.kernel.endswith("-repacked")
+        return "-repacked" in self.kernel
 
 
 class GgmlBackend:

@@ -127,6 +127,7 @@ _SIGNATURES = {
     "ggml_backend_cpu_buffer_from_ptr": ("base", P, (P, _sz)),
     "ggml_backend_buffer_free": ("base", None, (P,)),
     "ggml_backend_buffer_get_base": ("base", P, (P,)),
+    "ggml_backend_buft_alloc_buffer": ("base", P, (P, _sz)),
     "ggml_backend_tensor_alloc": ("base", _i32, (P, P, P)),
     "ggml_backend_tensor_set": ("base", None, (P, P, _sz, _sz)),
     "ggml_backend_alloc_ctx_tensors_from_buft": ("base", P, (P, P)),

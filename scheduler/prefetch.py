@@ -56,6 +56,11 @@ class _Slot:
 class BlockScheduler:
     """Serve a WindowPlan's blocks from a ShardStore; `to_runtime` turns a loaded block dict
     (fresh, owned numpy arrays) into what compute uses. The caller keeps ownership of the store.
+
+    copy=False streams blocks as views of the store's mmap instead (a runtime that computes on the
+    bytes in place, like ggml): the loader maps a block's pages in (reading them if they are not
+    cached) and compute reads them where they are, with no copy; its release drops them again.
+    `stream_to_runtime` (default: to_runtime) prepares streamed blocks, to_runtime pinned ones.
     """
 
     def __init__(
@@ -65,6 +70,8 @@ class BlockScheduler:
         to_runtime: Callable[[dict], object],
         *,
         clock: Callable[[], float] = time.perf_counter,
+        copy: bool = True,
+        stream_to_runtime: Callable[[dict], object] | None = None,
     ):
         for key in plan.order:
             store.block_nbytes(key)  # raises ModelFormatError naming a block the store lacks
@@ -72,7 +79,9 @@ class BlockScheduler:
         self._store = store
         self._plan = plan
         self._to_runtime = to_runtime
+        self._stream_to_runtime = stream_to_runtime or to_runtime
         self._clock = clock
+        self._copy = copy
         self._cond = threading.Condition()
         self._slots = {k: _Slot() for k in plan.streamed}
         self._resident = 0
@@ -120,8 +129,12 @@ class BlockScheduler:
                 # Queue the next block's read in the kernel while this one is read: two requests
                 # in flight read small blocks ~1.4x faster than one at a time (measured here).
                 self._store.will_need(streamed[(position + 1) % len(streamed)])
-                value = self._to_runtime(self._store.load(key, copy=True))
-                self._store.release(key)  # the block owns its bytes; drop the cached pages
+                if self._copy:
+                    value = self._stream_to_runtime(self._store.load(key, copy=True))
+                    self._store.release(key)  # the block owns its bytes; drop the cached pages
+                else:
+                    self._store.populate(key)  # the reads and page faults happen here, not in compute
+                    value = self._stream_to_runtime(self._store.load(key, copy=False))
             except BaseException as e:  # surfaces in get(); the loader stops
                 self._fail(key, e)
                 return

@@ -61,11 +61,32 @@ def _layers_kv_bytes(layers, cfg, shard, context: int) -> tuple[int, int]:
     return total, resident
 
 
-def prepacks(layers) -> bool:
-    """Whether a streamed engine of these layers reads a kernel-layout copy (kernel_layout_store)."""
+def kernel_layout(layers):
+    """(name, prepare_block) of the kernel layout a streamed engine of these layers reads, or None.
+
+    torch: q4g32 in this CPU's int4pack order. ggml: the layers' own (GgmlLayers.kernel_layout:
+    weights in ggml's repacked layout, mapped by the streamed blocks instead of repacked per load).
+    """
+    own = getattr(layers, "kernel_layout", None)
+    if own is not None:
+        return own
     from tpi.quant.formats import Q4G32_PREPACKED
 
-    return getattr(layers.kernels, "capability", None) in Q4G32_PREPACKED
+    capability = getattr(layers.kernels, "capability", None)
+    if capability not in Q4G32_PREPACKED:
+        return None
+    from tpi.quant.kernels import prepack_q4
+
+    def prepare(block: dict) -> dict:
+        return {name: t if name == EMBED or isinstance(t, np.ndarray) else prepack_q4(t, capability)
+                for name, t in block.items()}
+
+    return capability, prepare
+
+
+def prepacks(layers) -> bool:
+    """Whether a streamed engine of these layers reads a kernel-layout copy (kernel_layout_store)."""
+    return kernel_layout(layers) is not None
 
 
 def conversion_bytes(store, layers) -> int:
@@ -270,23 +291,22 @@ class StreamedWeights:
 
 
 def kernel_layout_store(store, layers):
-    """The shard with q4g32 weights in this CPU's int4 kernel layout, beside it as
-    `<shard>.<capability>.kernel` (a shard store too, but not named *.tpis: a worker's cache
-    offers its *.tpis files to the master by hash); written on first use, reused while its
-    source hash matches.
+    """The shard with its weights in this device's kernel layout (kernel_layout), beside it as
+    `<shard>.<layout>.kernel` (a shard store too, but not named *.tpis: a worker's cache offers its
+    *.tpis files to the master by hash); written on first use, reused while its source hash matches.
 
     The store itself comes back when the backend has no such layout (numpy, unverified CPUs) or
     the copy cannot be written (read-only directory, full disk: logged, and streaming repacks).
     """
     from tpi.errors import ModelFormatError
-    from tpi.quant.kernels import prepack_q4
     from tpi.scheduler.store import ShardStore, write_store
 
-    if not prepacks(layers):
+    layout = kernel_layout(layers)
+    if layout is None:
         return store
-    capability = layers.kernels.capability
-    path = store.path.with_name(f"{store.path.name}.{capability.lower()}.kernel")
-    meta = {"source_hash": store.content_hash, "kernel_layout": capability}
+    name, prepare = layout
+    path = store.path.with_name(f"{store.path.name}.{name.lower()}.kernel")
+    meta = {"source_hash": store.content_hash, "kernel_layout": name}
     try:
         if path.exists():
             try:
@@ -300,14 +320,12 @@ def kernel_layout_store(store, layers):
 
         def blocks():
             for key in store.keys():
-                block = store.load(key, copy=False)
-                yield key, {name: t if name == EMBED or isinstance(t, np.ndarray) else prepack_q4(t, capability)
-                            for name, t in block.items()}
+                yield key, prepare(store.load(key, copy=False))
                 store.release(key, drop_cache=False)
 
         t0 = time.perf_counter()
         write_store(path, meta, blocks())
-        log.info("wrote the %s kernel layout of %s in %.1fs", capability, store.path.name, time.perf_counter() - t0)
+        log.info("wrote the %s kernel layout of %s in %.1fs", name, store.path.name, time.perf_counter() - t0)
         return ShardStore.open(path)
     except (OSError, ModelFormatError) as e:
         log.warning("streaming repacks every block: could not write %s (%s)", path, e)
@@ -337,5 +355,9 @@ def open_store_weights(store, layers, cfg, shard, context: int, budget: int | No
                            setup_rss=setup_rss, prepacked=False)
     log.info("memory plan: %s", plan.describe())
     mapped = _EmbedMappedStore(packed)
-    return StreamedWeights(BlockScheduler(mapped, plan, layers.to_runtime), plan, packed,
-                           owned=packed if packed is not store else None)
+    pinned = stream = layers.to_runtime
+    if hasattr(layers, "runtime_for"):  # ggml computes on weights where they lie: streamed blocks stay map views
+        pinned, stream = layers.runtime_for(packed)
+    scheduler = BlockScheduler(mapped, plan, pinned, copy=not hasattr(layers, "runtime_for"),
+                               stream_to_runtime=stream)
+    return StreamedWeights(scheduler, plan, packed, owned=packed if packed is not store else None)
