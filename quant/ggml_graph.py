@@ -7,6 +7,7 @@ Tensors are referred to by `Tensor` handles that mirror ggml's type / ne / nb.
 from __future__ import annotations
 
 import ctypes as C
+import logging
 import math
 import os
 import time
@@ -18,6 +19,7 @@ from tpi.errors import ShapeError, TpiError
 from tpi.quant.ggml_lib import (F16, F32, I32, I64, MATMUL_TYPES, MAX_DIMS, PREC_F32, STATUS_SUCCESS, TYPE_NAMES,
                                 TYPES, InitParams, load_ggml)
 
+log = logging.getLogger(__name__)
 _NUMPY_TYPES = {F32: np.float32, F16: np.float16, I32: np.int32, I64: np.int64}
 _BLOCKS = {tid: (block, nbytes) for tid, block, nbytes in TYPES.values()}
 BUFFER_ALIGN = 64  # ggml_backend_cpu_buffer_from_ptr aborts unless the buffer base is 32-byte aligned
@@ -418,6 +420,9 @@ class CpuRuntime:
         self.lib = lib or load_ggml()
         cores = usable_cores()
         self.threads = max(1, min(threads, cores)) if threads else idle_cores()
+        if threads and self.threads > 1 and (idle := idle_cores()) < self.threads:
+            log.warning("ggml: %d threads asked for, but only %d core(s) are idle now; its threads spin at "
+                        "every op, so expect slow steps while the machine stays this busy", self.threads, idle)
         self.backend = self.lib.ggml_backend_cpu_init()
         if not self.backend:
             raise GgmlComputeError("ggml could not start its CPU backend")
