@@ -315,7 +315,7 @@ def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, ba
 def _compute_threads(backend: str, threads: int | None = None) -> int:
     """Threads the matmul benchmark ran on (torch's intra-op pool; ggml's CpuRuntime; numpy: one)."""
     if backend == "ggml":
-        from tpi.quant.ggml_graph import usable_cores
+        from tpi.quant.ggml_runtime import usable_cores
 
         return max(1, min(threads or usable_cores(), usable_cores()))
     if backend != "torch":

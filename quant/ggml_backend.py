@@ -21,7 +21,8 @@ import numpy as np
 from tpi.quant.formats import BF16 as BF16_FMT
 from tpi.quant.formats import F32 as F32_FMT
 from tpi.quant.formats import GROUP, Q4G32, Q8, bf16_bits_to_f32
-from tpi.quant.ggml_graph import Context, CpuRuntime, GgmlShapeError, Graph, Tensor, array_address
+from tpi.quant.ggml_graph import Context, GgmlShapeError, Graph, Tensor, array_address
+from tpi.quant.ggml_runtime import CpuRuntime
 from tpi.quant.ggml_lib import BF16, F32, IQ4_NL, MATMUL_TYPES, Q4_0, Q4_1, Q4_K, Q8_0, TYPES, ggml_available, load_ggml
 
 log = logging.getLogger(__name__)

@@ -176,7 +176,7 @@ def test_a_graph_output_outlives_its_graph():
     """A streamed block is released before the model adds its output: the memory must still be there."""
     import gc
 
-    from tpi.quant.ggml_graph import CpuRuntime
+    from tpi.quant.ggml_runtime import CpuRuntime
 
     ctx = Context(4, graph_size=8)
     x = ctx.input(np.arange(8, dtype=np.float32).reshape(1, 8))

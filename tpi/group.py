@@ -285,7 +285,7 @@ def _idle_cores(backend: str, cores: int) -> int:
     so it takes only the cores idle now (tpi.quant.ggml_graph.idle_cores); other backends all."""
     if backend != "ggml":
         return cores
-    from tpi.quant.ggml_graph import idle_cores
+    from tpi.quant.ggml_runtime import idle_cores
 
     return idle_cores()
 

@@ -14,7 +14,6 @@ Same interface as NumpyLayers / TorchLayers; activations at the seam are float32
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import numpy as np
 
@@ -23,11 +22,10 @@ from tpi.errors import ShapeError
 from tpi.ggml_blocks import (OPS_PER_MLP, BlockSpec, StepTensors, build_attention, build_logits, build_mlp,
                              rope_frequency_factors)
 from tpi.quant.ggml_backend import GgmlBackend, can_repack, gather_rows, weight_type
+from tpi.quant.ggml_graph import Context, Graph, SharedComputeBuffer
+from tpi.quant.ggml_lib import F16
+from tpi.quant.ggml_runtime import CpuRuntime
 from tpi.quant.ggml_stream import copied_repacked, mapped_repacked, remap_supported, repacked_rows
-from tpi.quant.ggml_graph import Context, CpuRuntime, Graph, SharedComputeBuffer
-from tpi.quant.ggml_lib import F16, I32, I64
-
-log = logging.getLogger(__name__)
 
 ACT = np.float32
 KV_BUCKET = 256  # attended cache rows are a multiple of this (llama.cpp pads n_kv the same way)
