@@ -31,11 +31,12 @@ def type_name(t: int) -> str:
 class Tensor:
     """A ggml tensor handle: pointer plus its type, ne and nb (ggml order: ne[0] is the fastest dim)."""
 
-    __slots__ = ("ptr", "type", "ne", "nb", "__weakref__")
+    __slots__ = ("ptr", "type", "ne", "nb", "owner", "__weakref__")
 
-    def __init__(self, lib, ptr: int):
+    def __init__(self, lib, ptr: int, owner: "Context"):
         h = lib.head(ptr)
         self.ptr, self.type, self.ne, self.nb = ptr, h.type, tuple(h.ne), tuple(h.nb)
+        self.owner = owner  # the context the tensor lives in; a graph using it keeps it alive
 
     @property
     def nbytes(self) -> int:
@@ -120,13 +121,15 @@ class Context:
         self.used += 1
         for t in operands:
             if t is not None and t.ptr not in self._own:
+                if t.ptr not in self._external:
+                    self._keep.append(t.owner)  # a weight's or an input's memory outlives this graph
                 self._external.add(t.ptr)
 
     def _wrap(self, ptr: int | None) -> Tensor:
         if not ptr:
             raise _fail("an op (it returned NULL)")
         self._own.add(ptr)
-        return Tensor(self.lib, ptr)
+        return Tensor(self.lib, ptr, self)
 
     @property
     def graph_tensors(self) -> int:

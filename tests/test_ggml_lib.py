@@ -187,3 +187,20 @@ def test_a_graph_output_outlives_its_graph():
     gc.collect()
     np.zeros(1 << 20, np.float32) + 1  # reuse freed memory if it were freed
     assert np.array_equal(out, 2 * np.arange(8, dtype=np.float32).reshape(1, 8))
+
+
+def test_a_graph_keeps_the_weights_it_reads_alive():
+    """Nothing but the graph refers to the weight: its memory must stay until the graph goes."""
+    import gc
+
+    rng = np.random.default_rng(9)
+    w = quantize_rows(rng.standard_normal((64, 256)).astype(np.float32), "Q4_0")
+    be = GgmlBackend(threads=1)
+    ctx = Context(4, graph_size=8)
+    x = np.ones((1, 256), np.float32)
+    graph = Graph(ctx, [ctx.mul_mat(be.weight(w).tensor, ctx.input(x))], [(1, 64)])
+    gc.collect()
+    junk = [rng.standard_normal(1 << 16) for _ in range(32)]  # would land in a freed weight's memory
+    be.runtime.compute(graph)
+    ref = x @ w.dequantize().T
+    assert np.abs(graph.outputs[0] - ref).max() <= 2e-2 * np.abs(ref).max() and len(junk) == 32
