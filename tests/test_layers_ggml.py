@@ -46,13 +46,13 @@ class LlamaCpp:
         self.llm.close()
 
 
-def ggml_engine(src: NativeGguf, cfg=None, threads: int = 1) -> Transformer:
+def ggml_engine(src: NativeGguf, cfg=None, threads: int = 1, whole_graph: bool = True) -> Transformer:
     """A single-device Transformer over GgmlLayers with every block resident."""
     from tpi.layers_ggml import GgmlLayers
 
     cfg = cfg or src.config
     shard = shards_for(src, [1.0])[0]
-    layers = GgmlLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, CONTEXT, threads)
+    layers = GgmlLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, CONTEXT, threads, whole_graph=whole_graph)
     blocks = rank_blocks(src, [shard])[0]
     return Transformer(cfg, layers, ResidentWeights({k: layers.to_runtime(b) for k, b in blocks.items()}))
 
@@ -82,6 +82,19 @@ def test_smollm2_is_llama_cpp_bit_for_bit(smollm2, smollm2_chat_tokens):
     print(f"SmolLM2: corr {corr:.9f}, max|diff| {diff:.3g}, {same}/{STEPS} greedy tokens equal")
     assert corr >= MIN_CORRELATION and same == STEPS
     assert diff == 0.0  # same ops, same order: llama.cpp's numbers exactly
+
+
+def test_decode_as_one_whole_graph_is_the_block_by_block_decode(smollm2, smollm2_chat_tokens):
+    src, ids = NativeGguf(smollm2), smollm2_chat_tokens
+    engines = [ggml_engine(src, whole_graph=w) for w in (False, True)]
+    rows = [[m.forward(src.embed(ids), 0)[-1]] for m in engines]
+    for pos in range(len(ids), len(ids) + 8):
+        tok = int(rows[0][-1].argmax())
+        for m, r in zip(engines, rows):
+            r.append(m.forward(src.embed([tok]), pos)[-1])
+    assert engines[1].layers._whole is not None and engines[0].layers._whole is None  # each ran its own way
+    for a, b in zip(*rows):
+        assert np.array_equal(a, b)
 
 
 def test_prefill_continued_after_a_cached_prefix_matches_llama_cpp(smollm2, smollm2_chat_tokens):

@@ -14,6 +14,7 @@ Same interface as NumpyLayers / TorchLayers; activations at the seam are float32
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import numpy as np
 
@@ -92,7 +93,7 @@ class GgmlLayers:
     name = "ggml"
 
     def __init__(self, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...], context: int, threads: int | None,
-                 repack: bool = True):
+                 repack: bool = True, whole_graph: bool = True):
         self.cfg = cfg
         self.runtime = CpuRuntime(threads)
         self.kernels = GgmlBackend(runtime=self.runtime, repack=repack)
@@ -111,6 +112,8 @@ class GgmlLayers:
         self._prefill: tuple[np.ndarray, int, StepTensors, Context] | None = None
         self._shared = SharedComputeBuffer()
         self._rows = self.spec.rotate_half_rows()
+        self.whole_graph = whole_graph
+        self._whole: tuple[int, dict, Graph] | None = None
 
     # ---- weights -------------------------------------------------------------------------
     @staticmethod
@@ -265,6 +268,30 @@ class GgmlLayers:
         step = self._x(h)
         return self._run(blk, ("mlp",), OPS_PER_MLP, lambda ctx: build_mlp(ctx, self.spec, blk, step.x),
                          (step.tokens, self.cfg.hidden))
+
+    def forward_all(self, h: np.ndarray, blocks: dict, start: int, all_positions: bool) -> np.ndarray | None:
+        """A group of one's whole decode step as ONE graph, built once per n_kv bucket: no Python and no
+        thread wake-up between blocks. None (run block by block) unless one token, resident blocks."""
+        if h.shape[0] != 1 or not self.whole_graph:
+            return None
+        step = self._step(h, start)
+        n_kv = self._n_kv(start + 1)
+        cached = self._whole
+        if cached is None or cached[0] != n_kv or cached[1] is not blocks:
+            self._whole = None  # its compute buffer goes before the next one is made
+            ops = self.cfg.n_layers * (self.spec.attention_ops() + OPS_PER_MLP + 2) + OPS_PER_MLP
+            ctx = Context(ops, graph_size=2 * ops + 16)
+            x = step.x
+            for i in range(self.cfg.n_layers):
+                attn = build_attention(ctx, self.spec, blocks[f"L{i}.attn"], replace(step, x=x), self._k[i],
+                                       self._v[i], n_kv, self._rope_factors)
+                x = ctx.add(x, attn)  # the residual, as add_ adds a block's output between graphs
+                x = ctx.add(x, build_mlp(ctx, self.spec, blocks[f"L{i}.mlp"], x))
+            glob = blocks["globals"]
+            out = build_logits(ctx, self.spec, glob, x, True)
+            cached = self._whole = (n_kv, blocks, Graph(ctx, [out], [(1, glob["lm_head"].out_features)]))
+        self.runtime.compute(cached[2])
+        return cached[2].outputs[0].copy()
 
     def logits(self, h: np.ndarray, glob: GgmlBlock, all_positions: bool) -> np.ndarray:
         """Final norm and this rank's vocabulary slice: (T or 1, vocab_local) float32 numpy (a copy)."""
