@@ -69,7 +69,8 @@ def _profiled(fn, steps: int) -> tuple[float, dict[str, float], dict[str, int]]:
     return wall / steps, {k: v / steps for k, v in seconds.items()}, {k: c // steps for k, c in calls.items()}
 
 
-GGML_BLOCKS = (("attention", "attention graphs (norm, q/k/v, RoPE, KV write, flash attention, wo)"),
+GGML_BLOCKS = (("forward_all", "whole-step graph (a group of one's decode: every layer and the logits)"),
+               ("attention", "attention graphs (norm, q/k/v, RoPE, KV write, flash attention, wo)"),
                ("mlp", "MLP graphs (norm, gate/up, SwiGLU, down)"),
                ("logits", "logits graph (norm, lm_head)"))
 GGML_AROUND = "Python around the graph calls (inputs, graph lookup, output views)"
