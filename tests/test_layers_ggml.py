@@ -84,9 +84,11 @@ def test_smollm2_is_llama_cpp_bit_for_bit(smollm2, smollm2_chat_tokens):
     assert diff == 0.0  # same ops, same order: llama.cpp's numbers exactly
 
 
-def test_decode_as_one_whole_graph_is_the_block_by_block_decode(smollm2, smollm2_chat_tokens):
+def test_a_pass_as_one_whole_graph_is_the_block_by_block_pass(smollm2, smollm2_chat_tokens):
     src, ids = NativeGguf(smollm2), smollm2_chat_tokens
     engines = [ggml_engine(src, whole_graph=w) for w in (False, True)]
+    every = [m.forward(src.embed(ids), 0, all_positions=True) for m in engines]
+    assert every[0].shape == (len(ids), src.config.vocab) and np.array_equal(*every)
     rows = [[m.forward(src.embed(ids), 0)[-1]] for m in engines]
     for pos in range(len(ids), len(ids) + 8):
         tok = int(rows[0][-1].argmax())

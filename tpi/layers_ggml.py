@@ -270,28 +270,40 @@ class GgmlLayers:
                          (step.tokens, self.cfg.hidden))
 
     def forward_all(self, h: np.ndarray, blocks: dict, start: int, all_positions: bool) -> np.ndarray | None:
-        """A group of one's whole decode step as ONE graph, built once per n_kv bucket: no Python and no
-        thread wake-up between blocks. None (run block by block) unless one token, resident blocks."""
-        if h.shape[0] != 1 or not self.whole_graph:
+        """A group of one's whole pass as ONE graph: no Python and no thread wake-up between blocks.
+
+        A decode step's graph is built once per n_kv bucket and kept; a prefill's is built per call
+        into the shared compute buffer. None (run block by block) when whole_graph is off.
+        """
+        if not self.whole_graph:
             return None
         step = self._step(h, start)
-        n_kv = self._n_kv(start + 1)
+        t, n_kv = step.tokens, self._n_kv(start + step.tokens)
+        vocab = blocks["globals"]["lm_head"].out_features
+        if t > 1:
+            ctx, out = self._whole_graph(blocks, step, n_kv, last_only=not all_positions)
+            graph = Graph(ctx, [out], [(t if all_positions else 1, vocab)], galloc=self._shared.ptr)
+            self.runtime.compute(graph)
+            return graph.outputs[0].copy()
         cached = self._whole
         if cached is None or cached[0] != n_kv or cached[1] is not blocks:
             self._whole = None  # its compute buffer goes before the next one is made
-            ops = self.cfg.n_layers * (self.spec.attention_ops() + OPS_PER_MLP + 2) + OPS_PER_MLP
-            ctx = Context(ops, graph_size=2 * ops + 16)
-            x = step.x
-            for i in range(self.cfg.n_layers):
-                attn = build_attention(ctx, self.spec, blocks[f"L{i}.attn"], replace(step, x=x), self._k[i],
-                                       self._v[i], n_kv, self._rope_factors)
-                x = ctx.add(x, attn)  # the residual, as add_ adds a block's output between graphs
-                x = ctx.add(x, build_mlp(ctx, self.spec, blocks[f"L{i}.mlp"], x))
-            glob = blocks["globals"]
-            out = build_logits(ctx, self.spec, glob, x, True)
-            cached = self._whole = (n_kv, blocks, Graph(ctx, [out], [(1, glob["lm_head"].out_features)]))
+            ctx, out = self._whole_graph(blocks, step, n_kv, last_only=True)
+            cached = self._whole = (n_kv, blocks, Graph(ctx, [out], [(1, vocab)]))
         self.runtime.compute(cached[2])
         return cached[2].outputs[0].copy()
+
+    def _whole_graph(self, blocks: dict, step: StepTensors, n_kv: int, last_only: bool):
+        """(context, logits) of every layer and the logits slice as one graph over step's inputs."""
+        ops = self.cfg.n_layers * (self.spec.attention_ops() + OPS_PER_MLP + 2) + OPS_PER_MLP
+        ctx = Context(ops, graph_size=2 * ops + 16)
+        x = step.x
+        for i in range(self.cfg.n_layers):
+            attn = build_attention(ctx, self.spec, blocks[f"L{i}.attn"], replace(step, x=x), self._k[i], self._v[i],
+                                   n_kv, self._rope_factors)
+            x = ctx.add(x, attn)  # the residual, as add_ adds a block's output between block graphs
+            x = ctx.add(x, build_mlp(ctx, self.spec, blocks[f"L{i}.mlp"], x))
+        return ctx, build_logits(ctx, self.spec, blocks["globals"], x, last_only)
 
     def logits(self, h: np.ndarray, glob: GgmlBlock, all_positions: bool) -> np.ndarray:
         """Final norm and this rank's vocabulary slice: (T or 1, vocab_local) float32 numpy (a copy)."""
