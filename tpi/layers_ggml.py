@@ -1,14 +1,17 @@
 """Per-rank transformer block maths on ggml, llama.cpp's kernel library: one graph per block.
 
 Each attention block and each MLP block runs as ONE ggml graph (tpi.ggml_blocks), so Python runs
-once per block, not once per op. Decode graphs (one token) are built the first time a block runs
-and kept on the block, reading their inputs in place from buffers this object owns:
+once per block, not once per op; between them the model adds the block's output (after the
+allreduce in a group). Decode graphs (one token) are built the first time a block runs and kept
+on the block, reading their inputs in place from buffers this object owns:
   x     F32 [1, hidden]   the residual stream (hidden_from_numpy copies into it; add_ updates it)
   pos   I32 [1], idx I64 [1]   RoPE position and KV-cache row
   mask  F16 [context]     0 up to the position, -inf after it
 Flash attention reads the first n_kv rows of the F16 caches, n_kv rounded up to 256 (as llama.cpp
 pads it), so a decode graph is rebuilt once per 256 positions. A prefill (T > 1) builds its graphs
-per call into one shared compute buffer: building costs ~0.1 ms, nothing next to the pass.
+per call into one shared compute buffer. A group of one with resident blocks runs its whole pass
+as one graph (forward_all): measured 1.16x (1 thread) and 1.24x (2 threads, loaded machine) the
+block-by-block decode on SmolLM2, bit-identical to it.
 Same interface as NumpyLayers / TorchLayers; activations at the seam are float32 numpy.
 """
 from __future__ import annotations
