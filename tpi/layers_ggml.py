@@ -300,10 +300,12 @@ class GgmlLayers:
         """(context, logits) of every layer and the logits slice as one graph over step's inputs."""
         ops = self.cfg.n_layers * (self.spec.attention_ops() + OPS_PER_MLP + 2) + OPS_PER_MLP
         ctx = Context(ops, graph_size=2 * ops + 16)
-        x = step.x
+        x, last = step.x, self.cfg.n_layers - 1
         for i in range(self.cfg.n_layers):
             attn = build_attention(ctx, self.spec, blocks[f"L{i}.attn"], replace(step, x=x), self._k[i], self._v[i],
                                    n_kv, self._rope_factors)
+            if i == last and last_only and step.tokens > 1:  # as llama.cpp: only the output row goes on
+                x, attn = (ctx.view(a, (self.cfg.hidden, 1), (a.nb[1],), (step.tokens - 1) * a.nb[1]) for a in (x, attn))
             x = ctx.add(x, attn)  # the residual, as add_ adds a block's output between block graphs
             x = ctx.add(x, build_mlp(ctx, self.spec, blocks[f"L{i}.mlp"], x))
         return ctx, build_logits(ctx, self.spec, blocks["globals"], x, last_only)
