@@ -137,6 +137,7 @@ class GgmlWeight:
     out_features: int
     tensor: Tensor
     ctx: Context
+    pages: tuple[int, int] | None = None  # (start, length) of file pages mapped for it alone
 
     @property
     def repacked(self) -> bool:

@@ -36,12 +36,38 @@ PROT_READ, PROT_WRITE = 1, 2
 MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_POPULATE = 0x02, 0x10, 0x20, 0x8000
 
 
+MADV_DONTNEED, MADV_POPULATE_READ = 4, 22
+
+
 @functools.cache
 def _libc():
     libc = C.CDLL(None, use_errno=True)
     libc.mmap.restype = C.c_void_p
     libc.mmap.argtypes = [C.c_void_p, C.c_size_t, C.c_int, C.c_int, C.c_int, C.c_long]
+    libc.madvise.argtypes = [C.c_void_p, C.c_size_t, C.c_int]
     return libc
+
+
+def page_range(addr: int, nbytes: int) -> tuple[int, int]:
+    """(start, length) of the whole pages holding [addr, addr + nbytes)."""
+    start = addr - addr % PAGE
+    return start, -(-(addr + nbytes - start) // PAGE) * PAGE
+
+
+def populate(ranges) -> None:
+    """Map file pages back in (reading what the page cache lacks): ctypes drops the GIL meanwhile."""
+    libc = _libc()
+    for start, length in ranges:
+        if libc.madvise(start, length, MADV_POPULATE_READ) != 0:  # before Linux 5.14: touch each page
+            view = np.frombuffer((C.c_uint8 * length).from_address(start), np.uint8)
+            int(view[::PAGE].sum())
+
+
+def drop(ranges) -> None:
+    """Unmap file pages from this process (the page cache keeps them): out of the resident set."""
+    libc = _libc()
+    for start, length in ranges:
+        libc.madvise(start, length, MADV_DONTNEED)
 
 
 def remap_supported() -> bool:
@@ -117,4 +143,4 @@ def mapped_repacked(backend: GgmlBackend, qt, fd: int, offset: int) -> GgmlWeigh
     weakref.finalize(ctx, _restore, lib, buffer, room, length)  # when the block holding the weight goes
     if lib.ggml_backend_tensor_alloc(buffer, t.ptr, room + slack) != STATUS_SUCCESS:
         raise GgmlShapeError(f"ggml refused a mapped {qt.fmt} weight")
-    return GgmlWeight(qt.fmt, f"ggml-{_name(gtype)}-repacked-mapped", k, n, t, ctx)
+    return GgmlWeight(qt.fmt, f"ggml-{_name(gtype)}-repacked-mapped", k, n, t, ctx, pages=(room, length))

@@ -312,8 +312,15 @@ class ShardStore:
         """Map this block's pages into the shared mmap now (reading them if they are not cached),
         so that compute on mmap views (load(copy=False)) takes no page faults."""
         entry = self._entry(key)
-        start, length = entry["offset"], min(_round_up(max(entry["nbytes"], 1), mmap.PAGESIZE),
-                                             self.nbytes - entry["offset"])
+        self._populate(entry["offset"], entry["nbytes"])
+
+    def populate_array(self, a: np.ndarray) -> None:
+        """populate() for one array returned by load(copy=False)."""
+        self._populate(self.file_offset(a), a.nbytes)
+
+    def _populate(self, offset: int, nbytes: int) -> None:
+        start = offset - offset % mmap.PAGESIZE
+        length = min(_round_up(offset + max(nbytes, 1) - start, mmap.PAGESIZE), self.nbytes - start)
         mapping = self._mapping()
         try:
             mapping.madvise(MADV_POPULATE_READ, start, length)  # Linux >= 5.14: one call

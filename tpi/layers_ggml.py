@@ -29,7 +29,9 @@ from tpi.quant.ggml_backend import GgmlBackend, can_repack, gather_rows, weight_
 from tpi.quant.ggml_graph import Context, Graph, SharedComputeBuffer
 from tpi.quant.ggml_lib import F16
 from tpi.quant.ggml_runtime import CpuRuntime
-from tpi.quant.ggml_stream import copied_repacked, mapped_repacked, remap_supported, repacked_rows
+from tpi.quant.ggml_graph import array_address
+from tpi.quant.ggml_stream import (copied_repacked, drop, mapped_repacked, page_range, populate, remap_supported,
+                                   repacked_rows)
 
 ACT = np.float32
 KV_BUCKET = 256  # attended cache rows are a multiple of this (llama.cpp pads n_kv the same way)
@@ -44,12 +46,41 @@ _QK_ROWS = {
 
 
 class GgmlBlock(dict):
-    """A prepared block: name -> GgmlWeight or F32 vector tensor, plus the graphs built over it."""
+    """A prepared block: name -> GgmlWeight or F32 vector tensor, plus the graphs built over it.
+
+    A streamed block lists the file pages its weights are mapped from: release() drops them from
+    the process (the block stays built), populate() maps them in again for its next use.
+    """
 
     def __init__(self, ctx: Context):
         super().__init__()
         self.ctx = ctx  # owns the vector tensors
         self.graphs: dict[tuple, Graph] = {}
+        self.pages: list[tuple[int, int]] = []
+
+    def populate(self) -> None:
+        populate(self.pages)
+
+    def release(self) -> None:
+        drop(self.pages)
+
+
+def _arrays(block: dict):
+    """The numpy arrays of a stored block, in order."""
+    for v in block.values():
+        if isinstance(v, np.ndarray):
+            yield v
+        elif hasattr(v, "arrays"):
+            yield from v.arrays.values()
+
+
+def _in_map(store, a: np.ndarray) -> bool:
+    """Whether a is a view of store's map (not a copy)."""
+    try:
+        store.file_offset(a)
+    except ValueError:
+        return False
+    return True
 
 
 class _DecodeInputs:
@@ -173,25 +204,47 @@ class GgmlLayers:
         rows, unrepacked: repacking per load costs ~10x the block's compute (140 ms per
         Llama-2-7B layer against 15), computing unrepacked ~1.3x.
         """
-        layout = self.kernel_layout
-        if layout is None or store.meta.get("kernel_layout") != layout[0]:
-            return self.to_runtime, lambda block: self._block(self._rotate_half(block),
-                                                              lambda n, qt: self.kernels.weight(qt, False))
-        fd, kernels = store.fileno(), self.kernels
-
-        def repacked(qt) -> bool:
-            gtype = weight_type(qt.fmt)
-            return gtype is not None and can_repack(gtype, qt.shape[0], kernels.lib)
+        layout, kernels = self.kernel_layout, self.kernels
+        from_layout = layout is not None and store.meta.get("kernel_layout") == layout[0]
+        fd = store.fileno()
+        built: dict[int, GgmlBlock] = {}  # file offset of a block's first array -> the block, mapped once
 
         def pinned(name: str, qt):
             return copied_repacked(kernels, qt) if repacked(qt) else kernels.weight(qt, repack=False)
 
-        def streamed(name: str, qt):
-            if repacked(qt):
-                return mapped_repacked(kernels, qt, fd, store.file_offset(qt.arrays["data"]))
-            return kernels.weight(qt, repack=False)
+        def repacked(qt) -> bool:
+            gtype = weight_type(qt.fmt)
+            return from_layout and gtype is not None and can_repack(gtype, qt.shape[0], kernels.lib)
 
-        return lambda block: self._block(block, pinned), lambda block: self._block(block, streamed)
+        def mapped(name: str, qt):
+            if repacked(qt):  # mapped apart and populated: the store's own map of it is never touched
+                return mapped_repacked(kernels, qt, fd, store.file_offset(qt.arrays["data"]))
+            w = kernels.weight(qt, repack=False)  # bound where it lies when ggml runs its type as stored
+            data = qt.arrays.get("data", qt.arrays.get("weight"))
+            if weight_type(qt.fmt) is None or data is None or not _in_map(store, data):
+                return w  # converted or gathered: a copy of its own
+            store.populate_array(data)
+            return replace(w, pages=page_range(array_address(data), data.nbytes))
+
+        def streamed(block: dict) -> GgmlBlock:
+            """Mapped and built the first time; later uses only map its pages in again (no mapping,
+            Python object or graph per token: those cost the compute thread ~3 ms a block). A block
+            holding a copy (a converted format, gathered q/k rows) is built anew each time instead."""
+            key = store.file_offset(next(_arrays(block)))
+            blk = built.get(key)
+            if blk is not None:
+                blk.populate()
+                return blk
+            blk = self._block(block if from_layout else self._rotate_half(block), mapped)
+            weights = [w for w in blk.values() if hasattr(w, "pages")]
+            if all(w.pages for w in weights):  # every weight is file pages: nothing stays resident
+                blk.pages = [w.pages for w in weights]
+                built[key] = blk
+            return blk
+
+        if not from_layout:
+            return self.to_runtime, streamed
+        return lambda block: self._block(block, pinned), streamed
 
     # ---- tensors at the seam ---------------------------------------------------------------
     def hidden_from_numpy(self, h: np.ndarray) -> np.ndarray:
