@@ -218,6 +218,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4, help="decode steps timed per configuration")
     ap.add_argument("--threads", type=int, default=1, help="compute threads per process (1: the machine is shared)")
     ap.add_argument("--backend", default="torch", help="kernel backend of every engine (torch, ggml, numpy)")
+    ap.add_argument("--repeats", type=int, default=1, help="pairs of (all pinned, streamed warm) runs for their ratio")
     ap.add_argument("--smoke", action="store_true", help="2 small layers; budgets probed as minimum + 32 MiB")
     ap.add_argument("--dir", type=Path, help="keep the model and stores here (default: a temporary directory)")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
@@ -258,18 +259,24 @@ def run(args, work: Path) -> None:
     for label, extra in configs:
         print(f"running: {label}", file=sys.stderr, flush=True)
         results.append((label, extra.get("budget"), run_child(dict(base, **extra))))
+    pairs = [(results[0][2], results[2][2])]  # (all pinned, streamed warm): the ratio the target is on
+    for i in range(args.repeats - 1):  # more pairs, back to back, so that both rows see the same load
+        print(f"running: all pinned / streamed warm, pair {i + 2}", file=sys.stderr, flush=True)
+        pairs.append((run_child(dict(base, **configs[0][1])), run_child(dict(base, **configs[2][1]))))
     disk = cold_read_mb_s(model)
     stores = sorted((work / "cache" / "master").glob("*.tpis"), key=lambda p: p.stat().st_size)
     costs = block_costs(stores[-1], args.threads, args.backend) if stores else None
-    report(results, model, disk, costs, info, minimum, args.backend)
+    report(results, model, disk, costs, info, minimum, args.backend, pairs)
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "disk_mb_s": disk, "block": costs, "minimum": minimum,
                                          "runs": [{"label": lb, "budget": b, **r} for lb, b, r in results]}, indent=2))
 
 
-def report(results, model: Path, disk: float, costs: dict | None, info: dict, minimum: dict, backend: str) -> None:
+def report(results, model: Path, disk: float, costs: dict | None, info: dict, minimum: dict, backend: str,
+           pairs: list[tuple[dict, dict]]) -> None:
     print_machine(info)
     pinned = results[0][2].get("tokens_s")
+    ok = [(p["tokens_s"], w["tokens_s"]) for p, w in pairs if "tokens_s" in p and "tokens_s" in w]
     rows = []
     for label, budget, r in results:
         if "failed" in r:
@@ -288,6 +295,12 @@ def report(results, model: Path, disk: float, costs: dict | None, info: dict, mi
              f"disk: cold sequential read {disk:.0f} MiB/s (the limit streaming can approach)",
              "minimum feasible budget: " + ", ".join(
                  f"{'2-device rank 0' if w else 'single device'} {m / MB:.0f} MiB" for w, m in minimum.items() if m)]
+    if len(ok) > 1:
+        ratios = sorted(w / p for p, w in ok)
+        notes.append(f"streamed warm vs all pinned over {len(ok)} back-to-back pairs of runs: median "
+                     f"{statistics.median(ratios):.2f}x (each pair: {', '.join(f'{r:.2f}' for r in ratios)}); "
+                     f"all pinned {statistics.median(p for p, _ in ok):.3g} tok/s, streamed warm "
+                     f"{statistics.median(w for _, w in ok):.3g} tok/s")
     if costs:
         how = "map its kernel-layout copy" if backend == "ggml" else f"{backend} to_runtime"
         notes.append(f"largest block {costs['block']} ({costs['mb']:.0f} MiB): read cold {costs['cold_ms']:.0f} ms, "
