@@ -130,7 +130,7 @@ def devices(
 
 @devices_app.command("profile")
 def devices_profile(
-    backend: Backend = "torch",
+    backend: Backend = "auto",
     threads: Threads = None,
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
     as_json: Annotated[bool, typer.Option("--json", help="print the profile as JSON (for tpi join --profile-file)")] = False,
@@ -140,10 +140,10 @@ def devices_profile(
     from rich.table import Table
 
     from tpi.devices.profile import cached_or_measured
+    from tpi.engine import resolve_backend
 
     try:
-        if backend not in ("torch", "numpy"):
-            raise TpiError(f"unknown backend '{backend}'; use torch or numpy")
+        backend = resolve_backend(backend)
         profile = cached_or_measured(cache_dir / "profile", backend=backend, threads=threads, refresh=True)
     except TpiError as e:
         fail(e)

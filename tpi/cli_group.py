@@ -32,7 +32,7 @@ def serve(
     keep_all: Annotated[bool, typer.Option("--keep-all", help="never leave a joined device out, even if the planner predicts it slows the group")] = False,
     threads: Threads = None,
     context: Context = None,
-    backend: Backend = "torch",
+    backend: Backend = "auto",
     memory_budget: Budget = None,
     config_dir: ConfigDir = DEFAULT_CONFIG_DIR,
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
@@ -175,7 +175,7 @@ def join(
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
     key_dir: Annotated[Path, typer.Option("--key-dir", help="where this device's keypair lives", envvar="TPI_CONFIG_DIR")] = DEFAULT_CONFIG_DIR,
     threads: Threads = None,
-    backend: Backend = "torch",
+    backend: Backend = "auto",
     insecure: Insecure = False,
     data_endpoint: Annotated[Optional[str], typer.Option(
         "--data-endpoint", help="HOST:PORT of the master's data channel when a proxy or NAT sits between "
@@ -190,7 +190,10 @@ def join(
         "--reconnect-timeout", help="seconds to keep reconnecting to a lost master before giving up")] = 60.0,
 ) -> None:
     """Join a group as a worker: fetch and cache the shard, then compute steps until stopped."""
+    import logging
+
     from tpi.devices.profile import handshake_profile
+    from tpi.engine import backend_choice_note, resolve_backend
     from tpi.worker import WorkerOptions, run_worker
 
     try:
@@ -199,6 +202,8 @@ def join(
         if heartbeat_timeout is not None and heartbeat_timeout <= 0:
             raise TpiError(f"--heartbeat-timeout {heartbeat_timeout} must be positive (seconds)")
         budget = parse_size(memory_budget)
+        requested, backend = backend, resolve_backend(backend)
+        logging.getLogger("tpi.worker").info(backend_choice_note(requested, backend))
         profile = handshake_profile(cache_dir / "profile", backend=backend, threads=threads, name=name,
                                     memory_budget=budget, profile_file=profile_file)
         run_worker(WorkerOptions(master=master, token=token, name=name, cache_dir=cache_dir / "shards",

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tpi.errors import GroupError, TpiError
@@ -34,8 +34,8 @@ class GroupOptions:
     port: int = 0  # 0 = any free port
     context: int | None = None
     threads: int | None = None
-    backend: str = "torch"
-    worker_backend: str = "torch"  # backend of the local workers
+    backend: str = "auto"  # kernel backend of rank 0: auto (tpi.engine.resolve_backend), ggml, numpy or torch
+    worker_backend: str = "auto"  # backend of the local workers
     memory_budget: int | None = None  # rank 0's budget in bytes
     worker_memory_budget: int | None = None  # each local worker's budget
     ratios: tuple[float, ...] | None = None  # split ratios by rank; None = the planner's (equal without one)
@@ -290,7 +290,7 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
     """
     from tpi.config import config_to_dict
     from tpi.devices.slicing import plan_shards
-    from tpi.engine import make_layers, resolve_context
+    from tpi.engine import backend_choice_note, make_layers, resolve_backend, resolve_context
     from tpi.formats import open_model
     from tpi.generate import Engine
     from tpi.model import ResidentWeights, Transformer
@@ -301,6 +301,10 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
     from tpi.scheduler.overhead import rss_bytes
     from tpi.weights import open_store_weights
 
+    backend, worker_backend = resolve_backend(opts.backend), resolve_backend(opts.worker_backend)
+    if link is None:  # a re-plan (given link) keeps the choice reported at start
+        log.info(backend_choice_note(opts.backend, backend))
+    opts = replace(opts, backend=backend, worker_backend=worker_backend)
     source = open_model(opts.model)
     cfg = source.config
     context = resolve_context(cfg, opts.context)
