@@ -46,6 +46,9 @@ def serve(
     replan: Annotated[bool, typer.Option(
         "--replan/--no-replan", help="re-plan over the remaining devices when a lost one does not rejoin "
         "(else the group reports itself degraded and answers 503)")] = True,
+    announce: Annotated[bool, typer.Option(
+        "--announce/--no-announce", help="announce the group on the LAN (mDNS) so `tpi join --token T` finds "
+        "it without an address; only a hash of the master's public key is announced")] = True,
 ) -> None:
     """Be the master: serve the API at once, wait for devices, ship their shards, then answer."""
     from tpi.api import serve_api
@@ -62,7 +65,7 @@ def serve(
                             ratios=parsed, wire_dtype=wire_dtype, insecure=insecure, config_dir=config_dir,
                             cache_dir=cache_dir, leave_out=not keep_all,
                             link_settings=link_settings(heartbeat_timeout), rejoin_timeout_s=rejoin_timeout,
-                            replan=replan)
+                            replan=replan, announce=announce)
     except TpiError as e:
         fail(e)
     forming = GroupFormation(opts, lambda m: typer.echo(m, err=True))
@@ -168,8 +171,14 @@ class GroupFormation:
 
 
 def join(
-    master: Annotated[str, typer.Argument(help="HOST:PORT printed by tpi serve")],
-    token: Annotated[str, typer.Option("--token", help="join token printed by tpi serve", envvar="TPI_TOKEN")] = "",
+    master: Annotated[Optional[str], typer.Argument(
+        help="HOST:PORT printed by tpi serve (default: find the master of this token on the LAN by mDNS)")] = None,
+    token: Annotated[str, typer.Option("--token", help="join token printed by tpi serve (or set TPI_TOKEN, "
+                                       "or use --token-file, to keep it off the command line)", envvar="TPI_TOKEN")] = "",
+    token_file: Annotated[Optional[Path], typer.Option(
+        "--token-file", help="read the join token from this file ('-': the first line of stdin)")] = None,
+    discover_timeout: Annotated[float, typer.Option(
+        "--discover-timeout", help="seconds to look for the master on the LAN when no HOST:PORT is given")] = 15.0,
     name: Annotated[str, typer.Option("--name", help="device name shown on the master")] = platform.node() or "device",
     memory_budget: Budget = None,
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
@@ -197,13 +206,16 @@ def join(
     from tpi.worker import WorkerOptions, run_worker
 
     try:
-        if not token:
-            raise TpiError("no join token; copy the --token value that tpi serve printed")
+        token = read_token(token, token_file)
         if heartbeat_timeout is not None and heartbeat_timeout <= 0:
             raise TpiError(f"--heartbeat-timeout {heartbeat_timeout} must be positive (seconds)")
         budget = parse_size(memory_budget)
         requested, backend = backend, resolve_backend(backend)
         logging.getLogger("tpi.worker").info(backend_choice_note(requested, backend))
+        if master is None:
+            from tpi.transport.discovery import find_master
+
+            master = find_master(token, discover_timeout).endpoint
         profile = handshake_profile(cache_dir / "profile", backend=backend, threads=threads, name=name,
                                     memory_budget=budget, profile_file=profile_file)
         run_worker(WorkerOptions(master=master, token=token, name=name, cache_dir=cache_dir / "shards",
@@ -215,6 +227,25 @@ def join(
         fail(e)
     except KeyboardInterrupt:
         typer.echo("left the group", err=True)
+
+
+def read_token(token: str, token_file: Path | None) -> str:
+    """The join token from --token / TPI_TOKEN, or from --token-file ('-' = stdin); TpiError when absent."""
+    import sys
+
+    if token_file is not None:
+        if token:
+            raise TpiError("both --token (or TPI_TOKEN) and --token-file are given; give the token once")
+        try:
+            text = sys.stdin.readline() if str(token_file) == "-" else token_file.read_text()
+        except OSError as e:
+            raise TpiError(f"cannot read the token file {token_file}: {e.strerror or e}") from None
+        token = text.strip().splitlines()[0] if text.strip() else ""
+        if not token:
+            raise TpiError(f"the token file {token_file} is empty; write the token tpi serve printed into it")
+    if not token:
+        raise TpiError("no join token; pass the token tpi serve printed with --token, TPI_TOKEN or --token-file")
+    return token.strip()
 
 
 @token_app.command("show")
