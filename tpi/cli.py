@@ -165,15 +165,16 @@ def engine_stats(engine) -> dict:
 
 
 def print_stats(report: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from tpi.table_text import print_tables
 
     table = Table(title="tpi stats", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in report.items():
         table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
-    Console(stderr=True).print(table)
+    print_tables(table, stderr=True)
 
 
 @app.command()

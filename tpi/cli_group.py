@@ -120,15 +120,10 @@ def served_model_id(model: str | None) -> str:
 
 def show_plan(plan) -> None:
     """Print the planner's table for the real group (stderr), before any weight loads."""
-    from rich.console import Console
-
     from tpi.devices.plan_report import render_allreduce, render_plan
+    from tpi.table_text import print_tables
 
-    console = Console(stderr=True)
-    console.print(render_plan(plan))
-    allreduce = render_allreduce(plan)
-    if allreduce is not None:
-        console.print(allreduce)
+    print_tables(render_plan(plan), render_allreduce(plan), stderr=True)
 
 
 class GroupFormation:
