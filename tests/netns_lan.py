@@ -32,15 +32,17 @@ def ip(*args: str) -> None:
 
 
 @contextlib.contextmanager
-def lan(n_hosts: int):
-    """Yields n_hosts Hosts on one bridged /24; everything is deleted afterwards."""
+def lan(n_hosts: int, addresses: list[str] | None = None):
+    """Yields n_hosts Hosts on one bridged /24 (at the given addresses, else a random 10.x subnet);
+    everything is deleted afterwards."""
     if os.geteuid() != 0:
         raise LanUnavailable("network namespaces need root (ip netns add)")
     tag = secrets.token_hex(3)
     bridge_ns = f"nc-lan-{tag}"
     subnet = f"10.{150 + secrets.randbelow(50)}.{secrets.randbelow(256)}"
     made: list[str] = []
-    hosts = [Host(f"nc-h{i + 1}-{tag}", f"{subnet}.{i + 1}") for i in range(n_hosts)]
+    ips = addresses or [f"{subnet}.{i + 1}" for i in range(n_hosts)]
+    hosts = [Host(f"nc-h{i + 1}-{tag}", ips[i]) for i in range(n_hosts)]
     try:
         ip("netns", "add", bridge_ns)
         made.append(bridge_ns)
