@@ -9,7 +9,6 @@ import base64
 import json
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 

@@ -173,15 +173,20 @@ def _group_on_lan(workdir: Path, master_host, phone_host) -> None:
         devices = ok(shell(GROUP[3], workdir, workdir / "master", host=master_host), GROUP[3]).stdout
         assert PHONE_IP in devices and "…" not in devices
     finally:
-        serve.send_signal(signal.SIGTERM)  # a stopped master stops its devices
-        for proc in (serve, phone):
-            if proc is not None:
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_group(serve, phone)
     assert phone.returncode == 0, (workdir / "phone.log").read_text()[-3000:]
+
+
+def stop_group(serve: subprocess.Popen, *devices: subprocess.Popen | None) -> None:
+    """SIGTERM to `tpi serve` (a stopped master stops its devices), then wait for all (kill after 60 s)."""
+    serve.send_signal(signal.SIGTERM)
+    for proc in (serve, *devices):
+        if proc is not None:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def _wait(log: Path, proc: subprocess.Popen, needle: str, timeout: float) -> str:
