@@ -46,7 +46,7 @@ def _why_missing(backend: str) -> str:
 def backend_choice_note(requested: str, chosen: str) -> str:
     """One line saying which backend this device runs, and what a better one would need."""
     if requested != "auto":
-        return f"kernel backend: {chosen} (asked for)"
+        return f"kernel backend: {chosen} (--backend {requested})"
     notes = [_why_missing(b) for b in AUTO_BACKENDS[: AUTO_BACKENDS.index(chosen)]]
     return f"kernel backend: {chosen} ({'; '.join(['auto', *notes])})"
 
