@@ -23,10 +23,12 @@ FAMILY_ARCHS = ("qwen3", "qwen3moe", "gemma3", "llama", "phi3")
 # Named variants; each value is write_family_gguf keyword arguments. Hidden 256 so that every matrix's K is
 # a multiple of 256 and llama_model_quantize makes true Q4_K / Q6_K tensors.
 FAMILY_VARIANTS = {
-    "qwen3": dict(arch="qwen3"),
+    # head_dim 128 with 4 heads: q_dim 512 != hidden 256, as Qwen3-0.6B (1024 hidden, 16 x 128).
+    "qwen3": dict(arch="qwen3", head_dim=128),
     "qwen3_tied": dict(arch="qwen3", tied=True, n_kv_heads=1, seed=1),
-    "qwen3moe_8x2": dict(arch="qwen3moe", n_experts=8, n_experts_used=2, seed=2),
-    "qwen3moe_32x8": dict(arch="qwen3moe", n_experts=32, n_experts_used=8, seed=3),
+    "qwen3moe_8x2": dict(arch="qwen3moe", n_experts=8, n_experts_used=2, head_dim=128, seed=2),
+    # 8 query heads on 2 KV heads of 64 (q_dim 512); Qwen3-30B-A3B: 128 experts, top 8, 32 x 128 on 4 KV heads.
+    "qwen3moe_32x8": dict(arch="qwen3moe", n_experts=32, n_experts_used=8, n_heads=8, seed=3),
     # 6 layers and no pattern key, as real Gemma 3 files: layers 0-4 local (window), layer 5 global.
     # head_dim 128 with 4 heads: q_dim 512 != hidden 256, as in Gemma 3 270M (640 hidden, 4 x 256).
     "gemma3": dict(arch="gemma3", n_layers=6, head_dim=128, n_kv_heads=1, tied=True, sliding_window=16,
@@ -192,7 +194,7 @@ def write_family_metadata(writer: gguf.GGUFWriter, spec: FamilySpec) -> None:
     writer.add_head_count_kv(spec.n_kv_heads)
     writer.add_layer_norm_rms_eps(spec.rms_eps)
     writer.add_rope_freq_base(spec.rope_theta)
-    if spec.arch == "gemma3":
+    if spec.arch in ("qwen3", "qwen3moe", "gemma3"):  # HF config head_dim -> key_length / value_length
         writer.add_key_length(spec.hd)
         writer.add_value_length(spec.hd)
     else:
