@@ -16,7 +16,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from model_factory import FILE_TYPES, WEIGHT_TYPES, TokenizerData, minimal_tokenizer, write_gguf_tokenizer
+from model_factory import WEIGHT_TYPES, TokenizerData, finish_gguf, minimal_tokenizer
 
 FAMILY_ARCHS = ("qwen3", "qwen3moe", "gemma3", "llama", "phi3")
 
@@ -221,26 +221,13 @@ def write_family_gguf(path: Path | str, *, weight_type: str = "F32", **spec_fiel
     spec = FamilySpec(**spec_fields)
     tok = family_tokenizer(spec.arch, spec.vocab)
     tensors = random_family_tensors(spec)
-    qtype = WEIGHT_TYPES[weight_type]
 
     path = Path(path)
     writer = gguf.GGUFWriter(path, spec.arch)
     writer.add_name(f"tiny-{spec.arch}-{weight_type.lower()}")
     write_family_metadata(writer, spec)
-    writer.add_file_type(FILE_TYPES[weight_type])
-    if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    write_gguf_tokenizer(writer, tok)
-    for name, tensor in tensors.items():
-        # Norms and the router stay F32 as in llama.cpp's converter (llama_model_quantize never touches them).
-        if tensor.ndim == 1 or name.endswith("ffn_gate_inp.weight"):
-            writer.add_tensor(name, tensor.astype(np.float32))
-        else:
-            writer.add_tensor(name, gguf.quants.quantize(tensor, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    # The router stays F32 as in llama.cpp's converter (llama_model_quantize never touches it either).
+    finish_gguf(writer, tok, tensors, weight_type, keep_f32=("ffn_gate_inp.weight",))
     return path
 
 

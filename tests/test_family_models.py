@@ -163,9 +163,9 @@ def test_q4_k_m_mix_quantizes_loads_and_tracks_its_reference(name, family_gguf, 
     assert len(out) == GREEDY_STEPS
     theirs = llama_cpp_logits(path, prompt)
     assert np.isfinite(theirs).all()
-    # The reference runs on the dequantized weights; llama.cpp also rounds activations to 8 bits (dense
-    # families measured 0.9995-0.9998). That noise flips MoE top-k near-ties (router margins down to 1e-3
-    # on qwen3moe_32x8's last token, measured 0.9968), so quantized MoE compares against llama.cpp, not fp32.
+    # The reference runs on the dequantized weights; llama.cpp also rounds activations to 8 bits (measured
+    # 0.9994-0.9998 here). That noise flips MoE top-k near-ties (router margins down to 4e-6; other prompt
+    # positions measured down to 0.876), so quantized MoE is compared with llama.cpp, not with fp32.
     floor = 0.99 if FAMILY_VARIANTS[name]["arch"] == "qwen3moe" else 0.999
     assert correlation(reference(path).logits(prompt)[-1], theirs) >= floor
 
