@@ -219,7 +219,8 @@ def family_gguf(tiny_dir: Path) -> Callable[..., Path]:
             made[base] = write_family_gguf(tiny_dir / f"{name}_{weight_type.lower()}.gguf", weight_type=weight_type,
                                            **FAMILY_VARIANTS[name])
         if q4_k_m and (name, weight_type, True) not in made:
-            made[(name, weight_type, True)] = quantize_q4_k_m(made[base], tiny_dir / f"{name}_{weight_type.lower()}_q4km.gguf")
+            mix = tiny_dir / f"{name}_{weight_type.lower()}_q4km.gguf"
+            made[(name, weight_type, True)] = quantize_q4_k_m(made[base], mix)
         return made[(name, weight_type, q4_k_m)]
 
     return make

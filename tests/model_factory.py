@@ -352,7 +352,7 @@ def write_tiny_gguf(
 
 def finish_gguf(writer: gguf.GGUFWriter, tok: TokenizerData, tensors: dict[str, np.ndarray], weight_type: str,
                 keep_f32: tuple[str, ...] = ()) -> None:
-    """File type, tokenizer and tensors (matrices in weight_type, vectors and names ending in keep_f32 F32), then close."""
+    """File type, tokenizer, tensors (matrices in weight_type; vectors, names ending in keep_f32: F32); close."""
     qtype = WEIGHT_TYPES[weight_type]
     writer.add_file_type(FILE_TYPES[weight_type])
     if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -34,14 +35,19 @@ PROMPT_MARKERS = {
     "llama": ("<s>", "[INST]", "[/INST]"),
 }
 VARIANTS = sorted(FAMILY_VARIANTS)
-_references: dict[Path, FamilyRef] = {}
 
 
-def reference(path: Path) -> FamilyRef:
-    """The numpy reference of a GGUF file, loaded once per session."""
-    if path not in _references:
-        _references[path] = load_family_reference(path)
-    return _references[path]
+@pytest.fixture(scope="module")
+def reference() -> Callable[[Path], FamilyRef]:
+    """load(path) -> the numpy reference of a GGUF file, once per file."""
+    loaded: dict[Path, FamilyRef] = {}
+
+    def load(path: Path) -> FamilyRef:
+        if path not in loaded:
+            loaded[path] = load_family_reference(path)
+        return loaded[path]
+
+    return load
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -79,14 +85,16 @@ def test_family_file_uses_only_names_gguf_knows_for_its_arch(name, family_gguf):
     arch = reader.fields["general.architecture"].contents()
     arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     blocks = FamilySpec(**FAMILY_VARIANTS[name]).n_layers
-    known = {gguf.TENSOR_NAMES[t].format(bid=i) + ".weight" for t in gguf.MODEL_TENSORS[arch_enum] for i in range(blocks)}
+    kinds = gguf.MODEL_TENSORS[arch_enum]
+    known = {gguf.TENSOR_NAMES[t].format(bid=i) + ".weight" for t in kinds for i in range(blocks)}
     assert {t.name for t in reader.tensors} <= known
     for key in ("embedding_length", "block_count", "attention.head_count", "attention.layer_norm_rms_epsilon"):
         assert f"{arch}.{key}" in reader.fields
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_reference_matches_llama_cpp_logits_on_f32_file(name, family_gguf, llama_cpp_model, llama_cpp_logits):
+def test_reference_matches_llama_cpp_logits_on_f32_file(name, family_gguf, llama_cpp_model, llama_cpp_logits,
+                                                         reference):
     path = family_gguf(name)
     prompt = chat_prompt(llama_cpp_model(path))
     assert len(prompt) > 32, "the prompt must be longer than the 16-token windows of the fixtures"
@@ -98,7 +106,7 @@ def test_reference_matches_llama_cpp_logits_on_f32_file(name, family_gguf, llama
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_llama_cpp_greedy_32_tokens_follow_the_reference(name, family_gguf, llama_cpp_model):
+def test_llama_cpp_greedy_32_tokens_follow_the_reference(name, family_gguf, llama_cpp_model, reference):
     path = family_gguf(name)
     llm = llama_cpp_model(path)
     prompt = chat_prompt(llm)
@@ -143,7 +151,7 @@ MISTAKES = {
 
 @pytest.mark.parametrize("mistake", sorted(MISTAKES))
 def test_reference_misses_llama_cpp_when_a_family_difference_is_dropped(mistake, family_gguf, llama_cpp_model,
-                                                                         llama_cpp_logits):
+                                                                         llama_cpp_logits, reference):
     name, make_wrong = MISTAKES[mistake]
     path = family_gguf(name)
     prompt = chat_prompt(llama_cpp_model(path))
@@ -152,7 +160,8 @@ def test_reference_misses_llama_cpp_when_a_family_difference_is_dropped(mistake,
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_q4_k_m_mix_quantizes_loads_and_tracks_its_reference(name, family_gguf, llama_cpp_model, llama_cpp_logits):
+def test_q4_k_m_mix_quantizes_loads_and_tracks_its_reference(name, family_gguf, llama_cpp_model, llama_cpp_logits,
+                                                             reference):
     path = family_gguf(name, q4_k_m=True)
     types = tensor_types(path)
     assert {"Q4_K", "Q6_K"} <= set(types.values()), f"not a K-quant mix: {sorted(set(types.values()))}"
