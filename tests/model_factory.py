@@ -332,7 +332,6 @@ def write_tiny_gguf(
     spec = TinySpec(arch, hidden, intermediate, n_layers, n_heads, n_kv_heads, len(tok.tokens), tied, seed,
                     rope_theta, rope_scaling_llama3, context)
     tensors = gguf_tensors(spec, random_hf_weights(spec))
-    qtype = WEIGHT_TYPES[weight_type]
 
     path = Path(path)
     writer = gguf.GGUFWriter(path, arch)
@@ -347,13 +346,21 @@ def write_tiny_gguf(
     writer.add_layer_norm_rms_eps(spec.rms_eps)
     writer.add_rope_freq_base(rope_theta)
     writer.add_rope_dimension_count(spec.head_dim)
+    finish_gguf(writer, tok, tensors, weight_type)
+    return path
+
+
+def finish_gguf(writer: gguf.GGUFWriter, tok: TokenizerData, tensors: dict[str, np.ndarray], weight_type: str,
+                keep_f32: tuple[str, ...] = ()) -> None:
+    """File type, tokenizer, tensors (matrices in weight_type; vectors, names ending in keep_f32: F32); close."""
+    qtype = WEIGHT_TYPES[weight_type]
     writer.add_file_type(FILE_TYPES[weight_type])
     if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_gguf_tokenizer(writer, tok)
 
     for name, tensor in tensors.items():
-        if tensor.ndim == 1:  # norms, biases, rope_freqs stay F32 as in llama.cpp's converter
+        if tensor.ndim == 1 or name.endswith(keep_f32):  # norms, biases, rope_freqs: F32 as llama.cpp's converter
             writer.add_tensor(name, tensor.astype(np.float32))
         else:
             writer.add_tensor(name, gguf.quants.quantize(tensor, qtype), raw_dtype=qtype)
@@ -361,7 +368,6 @@ def write_tiny_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
 
 
 # ---------------------------------------------------------------- Hugging Face folder
