@@ -73,8 +73,10 @@ class Rank0Store:
         return make_layers(self.backend, self.cfg, self.shard, CONTEXT, 1)
 
     def budget(self, layer_bytes_pinned: str) -> int:
-        """'minimum': the least feasible budget (no overhead); 'half': half the layers' bytes more."""
-        sizes = dict(planned_block_sizes(self.store, embed_mapped=True))
+        """'minimum': the least feasible budget (no overhead); 'half': half the layers' bytes more.
+
+        Blocks count at the size their kernels hold (a Q4_0 file's blocks are held as q4g32)."""
+        sizes = dict(planned_block_sizes(self.store, embed_mapped=True, layers=self.layers()))
         plan = plan_memory(self.store, self.layers(), self.cfg, self.shard, CONTEXT, 1 << 40, runtime_overhead=0)
         b = plan.breakdown
         layers = [n for k, n in sizes.items() if k != GLOBALS]
@@ -173,10 +175,12 @@ def test_embedding_is_a_map_view_and_costs_no_budget(rank0_store):
         embed = engine.embed_table
         table_bytes = sum(a.nbytes for a in embed.arrays.values())
         assert planned == whole - table_bytes and table_bytes > 0
-        assert not embed.arrays["qweight"].flags.writeable  # a view of the store's map, not a copy
+        assert embed.fmt == "ggml:Q4_0"  # the file's own type: rows are dequantized on the host
+        assert not embed.arrays["data"].flags.writeable  # a view of the store's map, not a copy
         assert GLOBALS in weights.plan.pinned
         assert weights.plan.breakdown.pinned == sum(
-            n for k, n in planned_block_sizes(r.store, embed_mapped=True) if k in weights.plan.pinned)
+            n for k, n in planned_block_sizes(r.store, embed_mapped=True, layers=r.layers())
+            if k in weights.plan.pinned)
     finally:
         weights.close()
 
