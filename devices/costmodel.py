@@ -51,9 +51,15 @@ class WeightProfile:
     def __getitem__(self, matrix: str) -> float:
         return dict(self.bytes_per_weight)[matrix]
 
-    def requantized(self, matrices: Sequence[str]) -> "WeightProfile":
-        """The profile after column shards of `matrices` were re-quantized to Q8_0 at the cut."""
-        return replace(self, bytes_per_weight=tuple((m, Q8_0_BYTES if m in matrices else b)
+    def for_shard(self, shard: RankShard) -> "WeightProfile":
+        """This rank's bytes: a column shard that splits its matrix's blocks is held as Q8_0 (tpi.shard)."""
+        def off_block(cols: range, block: int) -> bool:
+            return bool(cols.start % block or cols.stop % block)
+
+        redone = {"wo": off_block(shard.wo_cols, self.wo_block), "w_down": off_block(shard.inter, self.down_block)}
+        if not any(redone.values()):
+            return self
+        return replace(self, bytes_per_weight=tuple((m, Q8_0_BYTES if redone.get(m) else b)
                                                     for m, b in self.bytes_per_weight))
 
 
@@ -125,7 +131,7 @@ def rank_load(cfg: ModelConfig, shard: RankShard, params: CostParams) -> RankLoa
     attn_params = (q_rows + 2 * kv_rows) * h + h * q_rows
     mlp_params = 3 * inter * h
     head_params = len(shard.vocab) * h
-    wb = weight_profile(params)
+    wb = weight_profile(params).for_shard(shard)
     attn_bytes = h * (q_rows * (wb["wq"] + wb["wo"]) + kv_rows * (wb["wk"] + wb["wv"]))
     mlp_bytes = h * inter * (wb["w_gate"] + wb["w_up"] + wb["w_down"])
     kv = 2 * L * kv_rows * params.context * params.kv_bytes_per_elem

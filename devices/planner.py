@@ -185,8 +185,6 @@ def _score(cfg: ModelConfig, devices: Sequence[PlanDevice], ratios: tuple[float,
     w = weight_profile(params)
     cuts = plan_cuts(cfg, ratios, w.wo_block, w.down_block)
     shards = cuts.shards
-    if cuts.requantized:
-        params = replace(params, weights=w.requantized(cuts.requantized))
     profiles = [d.profile for d in devices]
     links = [d.link for d in devices]
     budgets = [d.budget for d in devices]

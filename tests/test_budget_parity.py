@@ -92,11 +92,12 @@ class Rank0Store:
 
 
 @pytest.fixture(scope="module")
-def rank0_store(tmp_path_factory, tiny_gguf, smollm2):
+def rank0_store(tmp_path_factory, tiny_gguf, kquant_gguf, smollm2):
     made: dict[tuple[str, str], Rank0Store] = {}
     models = {
         "tiny_llama": lambda: tiny_gguf("tiny_llama_q4_0", n_layers=4),
         "tiny_qwen2_tied": lambda: tiny_gguf("tiny_qwen2_q4_0_tied", n_layers=3),
+        "qwen2_q4_k_m": lambda: kquant_gguf("Q4_K_M", "qwen2_512"),  # Q4_K + Q6_K, some blocks unfused
         "smollm2": lambda: smollm2,
     }
 
@@ -120,7 +121,8 @@ def test_all_pinned_reference_tracks_fp32_reference(rank0_store, tiny_gguf, refe
 
 
 @pytest.mark.parametrize("name,backend", [("tiny_llama", "torch"), ("tiny_qwen2_tied", "torch"),
-                                          ("tiny_llama", "numpy"),
+                                          ("tiny_llama", "numpy"), ("qwen2_q4_k_m", "numpy"),
+                                          ("qwen2_q4_k_m", "torch"),
                                           pytest.param("smollm2", "torch", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("pinned", ["minimum", "half"])
 def test_streamed_run_is_bit_identical_to_all_pinned(rank0_store, name, backend, pinned):
@@ -135,6 +137,8 @@ def test_streamed_run_is_bit_identical_to_all_pinned(rank0_store, name, backend,
             assert plan.window == 1 and plan.pinned == (GLOBALS,)
         else:
             assert plan.window == 2 and len(plan.pinned) > 1
+        if name == "qwen2_q4_k_m":  # blocks stream from a copy already in the kernels' formats
+            assert weights.store.path.name.endswith(".kernel") and weights.store is not r.store
         got = run_greedy(engine)
     finally:
         weights.close()
