@@ -7,6 +7,10 @@ left over go one each to the ranks with the largest fractional remainders (ties:
 rank first), and finally any rank left with zero units is raised to one, taking the unit
 from the rank whose count most exceeds what it is owed. Ranges are contiguous and in rank
 order, so rank 0 holds the first heads / columns / rows.
+
+Column-split matrices (wo along q_dim, w_down along the intermediate dim) keep whole blocks of
+their GGUF type along K: `plan_cuts` uses 256-column units for K-quants where every device can
+have one, else 32 (and those shards are re-quantized to Q8_0 when cut, tpi.shard.cut_cols).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Sequence
 from tpi.config import ModelConfig
 from tpi.errors import ShapeError
 
-QUANT_GROUP = 32  # int4 group size along K: every reduced-dim boundary is a multiple of it
+QUANT_GROUP = 32  # the smallest block along K (q4g32, Q4_0, Q8_0 ...): every reduced-dim boundary is a multiple
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ x is [T, K] activations, y is [T, N]. Backends:
   torch  bf16 activations in and out; packed int4 / int8 kernels, bf16 F.linear otherwise.
   numpy  float32 activations in and out; no torch import anywhere on its path.
 Both run q4g32 / q8 / bf16 / f32: a GGUF-typed weight ("ggml:<TYPE>") is converted when it is
-prepared (tpi.quant.gguf_import.convert_ggml), and `kernel_form` gives that converted form ahead
-of time, for a shard copy that streams without converting.
+prepared (tpi.quant.kernel_forms), and `kernel_form` gives that converted form ahead of time, for
+a shard copy that streams without converting.
 The model and scheduler call only this seam.
 """
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Callable, Protocol
 import numpy as np
 
 from tpi.errors import ShapeError, TpiError
-from tpi.quant.formats import (BF16, F32, GROUP, Q4G32, Q4G32_PREPACKED, Q8, QTensor, bf16_bits_to_f32,
-                               concat_rows, dequantize, fmt_nbytes, ggml_type_info, is_ggml, unpack_nibbles)
+from tpi.quant.formats import (BF16, F32, GROUP, Q4G32, Q4G32_PREPACKED, Q8, QTensor, bf16_bits_to_f32, dequantize,
+                               unpack_nibbles)
+from tpi.quant.kernel_forms import kernel_nbytes, to_kernel_format
 
 # Packed torch kernels only for these shapes: int4pack needs N % 16 and K % 32; int8pack_mm
 # segfaults on odd shapes (N=7, K=33), so it gets the same guard. Other shapes use dense bf16.
@@ -56,84 +57,6 @@ def torch_available() -> bool:
 def kernel_shape_ok(n: int, k: int) -> bool:
     """Whether the packed torch kernels accept an [N, K] weight."""
     return n > 0 and k > 0 and n % KERNEL_N_MULTIPLE == 0 and k % KERNEL_K_MULTIPLE == 0
-
-
-def _as_qtensor(w: QTensor | np.ndarray) -> QTensor:
-    if isinstance(w, QTensor):
-        return w
-    a = np.asarray(w)
-    if a.ndim != 2:
-        raise ShapeError(f"a linear weight must be 2-D [N, K], got shape {a.shape}")
-    return QTensor(F32, (int(a.shape[0]), int(a.shape[1])), {"weight": np.ascontiguousarray(a, dtype=np.float32)})
-
-
-def to_kernel_format(w: QTensor | np.ndarray) -> QTensor:
-    """The weight in a format the torch / numpy kernels run: ggml types converted, others as they are."""
-    qt = _as_qtensor(w)
-    if not is_ggml(qt.fmt):
-        return qt
-    from tpi.quant.gguf_import import convert_ggml  # gguf is only needed for GGUF-typed weights
-
-    return convert_ggml(qt)[0]
-
-
-def kernel_nbytes(qt) -> int:
-    """Bytes of a weight once converted for the torch / numpy kernels (vectors and embeddings as they are)."""
-    if isinstance(qt, QTensor) and is_ggml(qt.fmt):
-        from tpi.quant.gguf_import import KERNEL_FORMAT
-
-        return fmt_nbytes(KERNEL_FORMAT[ggml_type_info(qt.fmt).name], qt.shape)
-    return int(qt.nbytes)
-
-
-@dataclass(frozen=True, eq=False)
-class RowConcat:
-    """Several prepared weights over one input, outputs side by side: q|k|v or gate|up in different formats."""
-
-    fmt: str
-    kernel: str
-    in_features: int
-    out_features: int
-    parts: tuple
-    cat: Callable  # the backend's concatenation along the last axis
-
-    def __call__(self, x):
-        return self.cat([p(x) for p in self.parts])
-
-
-# A block's fused key -> the keys its parts keep when their fmts differ (tpi.shard).
-UNFUSED = {"wqkv": ("wq", "wk", "wv"), "wgu": ("wgate", "wup")}
-UNFUSED_PARTS = frozenset(p for parts in UNFUSED.values() for p in parts)
-
-
-def prepare_unfused(backend, block: dict) -> dict:
-    """{"wqkv" / "wgu": prepared} for the q|k|v and gate|up parts a block keeps apart."""
-    return {fused: prepare_rows(backend, [block[p] for p in parts])
-            for fused, parts in UNFUSED.items() if parts[0] in block}
-
-
-def prepare_rows(backend, parts: list) -> PreparedLinear:
-    """One prepared weight computing the parts' rows stacked (fused when their kernel formats agree)."""
-    qts = [to_kernel_format(p) for p in parts]
-    if len({(q.fmt, q.shape[1]) for q in qts}) == 1 and qts[0].fmt not in _PREPACKED_FORMATS:
-        return backend.prepare(concat_rows(qts))
-    prepared = tuple(backend.prepare(q) for q in qts)
-    return RowConcat("+".join(q.fmt for q in qts), "+".join(p.kernel for p in prepared), qts[0].shape[1],
-                     sum(q.shape[0] for q in qts), prepared, backend.concat)
-
-
-def kernel_block(backend, block: dict, keep: tuple[str, ...] = ()) -> dict:
-    """A block as `backend` runs it, for a device-local copy: ggml types converted, q|k|v and gate|up
-    fused where the converted formats agree, then the backend's kernel_form (torch: int4 prepack).
-    Vectors and the matrices named in `keep` stay as they are."""
-    out = dict(block)
-    for fused, names in UNFUSED.items():
-        if names[0] in block:
-            qts = [to_kernel_format(block[n]) for n in names]
-            if len({(q.fmt, q.shape[1]) for q in qts}) == 1:
-                out = {k: v for k, v in out.items() if k not in names} | {fused: concat_rows(qts)}
-    return {name: t if name in keep or not isinstance(t, QTensor) else backend.kernel_form(t)
-            for name, t in out.items()}
 
 
 # ----------------------------------------------------------------------------------------------

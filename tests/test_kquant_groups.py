@@ -9,7 +9,7 @@ layers are another helper's; numpy runs the same shards). Same assertions as tes
 from __future__ import annotations
 
 import pytest
-from test_group_parity import assert_same_output, run_engine
+from test_group_parity import assert_same_output, grouped_run, run_engine
 
 from tpi.group import GroupOptions, start_group
 from tpi.scheduler.store import ShardStore
@@ -46,13 +46,8 @@ def single(q4_k_m, tmp_path_factory):
 @pytest.mark.parametrize("world, ratios, worker_wo", CASES, ids=[f"N{c[0]}" for c in CASES])
 def test_group_on_a_q4_k_m_mix_gives_single_device_tokens(world, ratios, worker_wo, q4_k_m, single, tmp_path):
     said = []
-    group = start_group(options(q4_k_m, tmp_path, local_workers=world - 1, host="127.0.0.1", ratios=ratios),
-                        say=said.append)
-    try:
-        assert group.engine.comm.world == world
-        grouped = run_engine(group.engine, forced=single[1])
-    finally:
-        group.close()
+    grouped = grouped_run(options(q4_k_m, tmp_path, local_workers=world - 1, host="127.0.0.1", ratios=ratios),
+                          world, single[1], say=said.append)
     assert_same_output(single, grouped, f"Q4_K_M N={world} ratios={ratios}")
     stores = sorted((tmp_path / "cache" / "master").glob("*.tpis"), key=lambda p: p.stat().st_mtime)
     got = []

@@ -24,7 +24,7 @@ from tpi.generate import Engine
 from tpi.layers_numpy import NumpyLayers
 from tpi.model import ResidentWeights, Transformer
 from tpi.quant.formats import dequantize
-from tpi.quant.kernels import to_kernel_format
+from tpi.quant.kernel_forms import to_kernel_format
 from tpi.shard import iter_rank_blocks
 
 TIGHT = 2e-5

@@ -211,7 +211,7 @@ def test_torch_scale_zero_and_bf16_weights_are_zero_copy():
 
 from test_quant_formats import ggml_tensor  # noqa: E402
 
-from tpi.quant.kernels import RowConcat, kernel_block, prepare_rows, to_kernel_format  # noqa: E402
+from tpi.quant.kernel_forms import RowConcat, kernel_block, prepare_rows, to_kernel_format  # noqa: E402
 
 
 @pytest.mark.parametrize("backend_name", available_backends())

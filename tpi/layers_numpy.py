@@ -11,7 +11,8 @@ import contextlib
 import numpy as np
 
 from tpi.config import ModelConfig
-from tpi.quant.kernels import UNFUSED_PARTS, get_backend, prepare_unfused
+from tpi.quant.kernel_forms import UNFUSED_PARTS, prepare_unfused
+from tpi.quant.kernels import get_backend
 from tpi.rope import inverse_frequencies
 
 ACT = np.float32

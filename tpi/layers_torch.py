@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from tpi.config import ModelConfig
-from tpi.quant.kernels import UNFUSED_PARTS, get_backend, prepare_unfused
+from tpi.quant.kernel_forms import UNFUSED_PARTS, prepare_unfused
+from tpi.quant.kernels import get_backend
 
 ACT = torch.bfloat16  # activations into the packed kernels
 KV = torch.float32  # KV cache, queries and attention

@@ -17,7 +17,7 @@ import numpy as np
 from tpi.config import ModelConfig, layer_name
 from tpi.devices.slicing import RankShard
 from tpi.quant.formats import QTensor, concat_rows, dequantize, k_block, quantize, slice_cols, slice_rows
-from tpi.quant.kernels import UNFUSED
+from tpi.quant.kernel_forms import UNFUSED
 
 log = logging.getLogger(__name__)
 

@@ -302,7 +302,7 @@ def kernel_layout_store(store, layers):
     streaming repacks).
     """
     from tpi.errors import ModelFormatError
-    from tpi.quant.kernels import kernel_block
+    from tpi.quant.kernel_forms import kernel_block
     from tpi.scheduler.store import ShardStore, write_store
 
     if not prepacks(layers, store):
