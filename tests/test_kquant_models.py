@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 import pytest
 
+from tpi.devices.slicing import plan_shards
 from tpi.formats import open_model
 from tpi.quant import formats as F
 from tpi.shard import iter_rank_blocks
@@ -86,7 +87,7 @@ def test_q4_k_m_qwen2_with_q6_k_attn_v_runs_unfused_and_tracks_llama_cpp(kquant_
                                                                                       "ffn_down.weight"))}
     assert {"Q4_K", "Q6_K"} <= set(v_types.values())
     source = open_model(path)
-    (shard,) = __import__("tpi.devices.slicing", fromlist=["plan_shards"]).plan_shards(source.config, [1.0])
+    (shard,) = plan_shards(source.config, [1.0])
     keys = {key: set(blk) for key, (blk,) in iter_rank_blocks(source, source.config, [shard])}
     mixed = [i for i in range(source.config.n_layers) if v_types[f"blk.{i}.attn_v.weight"] == "Q6_K"]
     same = [i for i in range(source.config.n_layers) if v_types[f"blk.{i}.attn_v.weight"] == "Q4_K"]
