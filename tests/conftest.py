@@ -13,9 +13,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers import as plain modules
 
 from model_factory import (  # noqa: E402
+    KQUANT_BASES,
     TINY_VARIANTS,
     TokenizerData,
     build_hf_tokenizer,
+    quantize_with_llama_cpp,
     smollm2_path,
     tokenizer_from_gguf,
     write_tiny_gguf,
@@ -105,6 +107,22 @@ def tiny_gguf(tiny_dir: Path, request: pytest.FixtureRequest) -> Callable[..., P
                 options["tokenizer_from"] = request.getfixturevalue("smollm2_tokenizer")
             made[key] = write_tiny_gguf(tiny_dir / f"model{len(made)}.gguf", **options)
         return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def kquant_gguf(tiny_gguf, tiny_dir: Path) -> Callable[..., Path]:
+    """make(ftype, base="llama256") -> Path: a KQUANT_BASES model re-quantized by llama.cpp to ftype
+    ("Q4_K_M", "Q6_K", "IQ4_NL", ...), cached per session."""
+    pytest.importorskip("llama_cpp")
+    made: dict[tuple[str, str], Path] = {}
+
+    def make(ftype: str, base: str = "llama256") -> Path:
+        if (ftype, base) not in made:
+            made[ftype, base] = quantize_with_llama_cpp(tiny_gguf(**KQUANT_BASES[base]),
+                                                        tiny_dir / f"{base}-{ftype}.gguf", ftype)
+        return made[ftype, base]
 
     return make
 
