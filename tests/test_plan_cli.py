@@ -54,7 +54,8 @@ def test_plan_reads_only_the_metadata_of_a_gguf_file(devices_file, tiny_llama_q4
     result = RUNNER.invoke(app, ["plan", str(tiny_llama_q4_0), "--devices", str(devices_file), "--context", "256"],
                            env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
-    assert "int4 weights" in result.output and "desk" in result.output
+    assert "Q4_0 100% weights" in result.output and "desk" in result.output  # the file's own types
+    assert "column shards cut on 32 (wo) and 32 (w_down)" in result.output
 
 
 def test_plan_into_a_pipe_is_plain_wide_text_with_every_cell_whole(devices_file):

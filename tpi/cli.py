@@ -29,7 +29,7 @@ CacheDir = Annotated[Path, typer.Option("--cache-dir", help="where shards are ca
 Insecure = Annotated[bool, typer.Option("--insecure", help="no encryption or authentication (benchmarks only)")]
 DEFAULT_CONFIG_DIR = Path.home() / ".config" / "tpi"
 # Optional modules -> the pip extra that installs them (pyproject.toml); the base install is the worker's.
-MODULE_EXTRAS = {"torch": "all", "fastapi": "all", "uvicorn": "all", "gguf": "all", "jinja2": "all",
+MODULE_EXTRAS = {"torch": "all", "fastapi": "all", "uvicorn": "all", "jinja2": "all",
                  "tokenizers": "all", "safetensors": "all", "httpx": "all", "llama_cpp": "all"}
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "tpi"
 
@@ -223,10 +223,10 @@ def window_perplexity(engine, ids: list[int]) -> float:
 def convert(
     model: ModelArg = None,
     out: Annotated[Optional[Path], typer.Argument(help="output file, e.g. model.tpis (a lone argument is OUT)")] = None,
-    quant: Annotated[Optional[str], typer.Option("--quant", help="quantize HF weights to q4g32 or q8 (GGUF keeps its own types)")] = None,
-    keep_bf16_above: Annotated[Optional[float], typer.Option("--keep-bf16-above", help="keep bf16 where a lossy conversion's relative RMS error exceeds this")] = None,
+    quant: Annotated[Optional[str], typer.Option("--quant", help="quantize HF weights to a GGML type: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16 (q8, q4g32 still accepted); GGUF keeps its own types")] = None,
+    keep_bf16_above: Annotated[Optional[float], typer.Option("--keep-bf16-above", help="with --quant: keep bf16 where the relative RMS error exceeds this")] = None,
 ) -> None:
-    """Write a model in tpi's native formats, with a per-tensor conversion error report."""
+    """Write a model as tpi's native file (GGUF types kept), with a per-tensor conversion report."""
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
@@ -240,6 +240,9 @@ def convert(
     try:
         source = open_model(model, quant=quant, measure_error=True)
         if keep_bf16_above is not None:
+            if not getattr(source, "quant", None):
+                raise TpiError("--keep-bf16-above applies to --quant of a Hugging Face folder; GGUF tensors "
+                               "are kept in their own types, exactly, so nothing is lossy to keep")
             source.keep_bf16_above = keep_bf16_above
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("converting", total=None)

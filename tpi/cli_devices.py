@@ -17,22 +17,23 @@ GB = 1e9
 
 
 def load_model_config(model: str):
-    """(config, weight format) of a GGUF/HF path (metadata only), or a named shape like llama-2-70b."""
+    """(config, weight format, weight profile) of a GGUF/HF path (metadata only), or of a named
+    shape like llama-2-70b (format and profile None)."""
     from tpi.devices.shapes import model_shape
 
     if Path(model).expanduser().exists():
-        from tpi.devices.group_plan import weight_format_of
+        from tpi.devices.group_plan import weight_format_of, weight_profile_of
         from tpi.formats import open_model
 
         source = open_model(model)
-        return source.config, weight_format_of(source)
-    return model_shape(model), None
+        return source.config, weight_format_of(source), weight_profile_of(source)
+    return model_shape(model), None, None
 
 
 def plan(
     model: Annotated[str, typer.Argument(help="GGUF file, Hugging Face folder, or a named shape (llama-2-70b, llama-3-8b, qwen2.5-72b, ...)")],
     devices: Annotated[Path, typer.Option("--devices", help="TOML file of [[device]] tables; the first is the master")],
-    weights: Annotated[Optional[str], typer.Option("--weights", help="weight format: int4 or bf16 (default: the file's, int4 for a named shape)")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="weight format: int4 or bf16, uniform (default: the file's own types, int4 for a named shape)")] = None,
     context: Annotated[int, typer.Option("--context", "-c", help="context length to plan the KV cache for")] = 2048,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="prompt length for the TTFT prediction")] = 128,
     no_streaming: Annotated[bool, typer.Option("--no-streaming", help="refuse plans that stream weights from disk")] = False,
@@ -49,10 +50,10 @@ def plan(
             raise TpiError(f"--wire-dtype {wire_dtype!r} must be f32 or bf16")
         if context < 8 or prompt_tokens < 1 or prompt_tokens > context:
             raise TpiError("--context must be >= 8 and --prompt-tokens between 1 and the context")
-        cfg, file_format = load_model_config(model)
+        cfg, file_format, profile = load_model_config(model)
         plan_command(cfg, devices, weight_format=weights or file_format or "int4", context=context,
                      prompt_tokens=prompt_tokens, allow_streaming=not no_streaming, wire_dtype=wire_dtype,
-                     as_json=as_json)
+                     weights=None if weights else profile, as_json=as_json)
     except TpiError as e:
         fail(e)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from tpi.errors import GroupError, TpiError
 
 log = logging.getLogger(__name__)
-STORE_FORMAT = 1  # bump when the block layout in tpi/shard.py changes: old cached stores go stale
+STORE_FORMAT = 2  # bump when the block layout in tpi/shard.py changes: old cached stores go stale (2: GGUF types)
 
 
 @dataclass(frozen=True)
@@ -265,7 +265,9 @@ def _measured_profiles(opts: GroupOptions, cfg, world: int, threads: int, worker
 def _plan(opts: GroupOptions, source, cfg, context: int, master_profile: dict, link, joins: list, say):
     """Probe each joined device's link, plan the group, and refuse those the planner leaves out."""
     from tpi.devices.costmodel import LinkProfile
-    from tpi.devices.group_plan import Candidate, cost_params, load_transient_bytes, plan_real_group, weight_format_of
+    from tpi.devices.group_plan import (
+        Candidate, cost_params, load_transient_bytes, plan_real_group, weight_format_of, weight_profile_of,
+    )
     from tpi.devices.profile import DeviceProfile
 
     links = []
@@ -278,7 +280,8 @@ def _plan(opts: GroupOptions, source, cfg, context: int, master_profile: dict, l
     local = {f"local-{i + 1}" for i in range(opts.local_workers)}
     candidates = [Candidate(j.name, j.profile, l, keep=j.name in local and j.address in ("127.0.0.1", "::1"))
                   for j, l in zip(joins, links)]
-    params = cost_params(weight_format_of(source), context, master_load_bytes=load_transient_bytes(source, cfg))
+    params = cost_params(weight_format_of(source), context, master_load_bytes=load_transient_bytes(source, cfg),
+                         weights=weight_profile_of(source))
     try:
         real = plan_real_group(cfg, DeviceProfile.from_dict(master_profile), opts.memory_budget, candidates, params,
                                wire_dtype=opts.wire_dtype, leave_out=opts.leave_out, ratios=opts.ratios)
@@ -292,6 +295,19 @@ def _plan(opts: GroupOptions, source, cfg, context: int, master_profile: dict, l
     return real, links
 
 
+def _fixed_shards(source, cfg, ratios, say):
+    """Shards of a split given without planning: column cuts on the model's blocks where they fit."""
+    from tpi.devices.group_plan import weight_profile_of
+    from tpi.devices.slicing import plan_cuts
+
+    profile = weight_profile_of(source)
+    cuts = plan_cuts(cfg, ratios, *((profile.wo_block, profile.down_block) if profile else ()))
+    if cuts.requantized:
+        say(f"{' and '.join(cuts.requantized)} shards are re-quantized to Q8_0: their blocks cannot be split "
+            f"{len(ratios)} ways")
+    return cuts.shards
+
+
 def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Group:
     """Open the model, gather the devices, ship shards, and return the serving group.
 
@@ -301,7 +317,6 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
     group it returns is not supervised: the caller is.
     """
     from tpi.config import config_to_dict
-    from tpi.devices.slicing import plan_shards
     from tpi.engine import backend_choice_note, make_layers, resolve_backend, resolve_context
     from tpi.formats import open_model
     from tpi.generate import Engine
@@ -363,7 +378,7 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
             if on_plan is not None:
                 on_plan(real.plan)
         ratios = real.plan.ratios if real else (opts.ratios or tuple([1.0 / world] * world))
-        shards = real.plan.shards if real else plan_shards(cfg, ratios)
+        shards = real.plan.shards if real else _fixed_shards(source, cfg, ratios, say)
         layers = make_layers(opts.backend, cfg, shards[0], context, threads)
 
         shard_dir = opts.cache_dir / "master"
