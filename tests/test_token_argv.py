@@ -61,14 +61,15 @@ def test_no_command_line_holds_the_token_while_a_group_with_local_workers_runs(t
 
 
 def test_a_missing_or_doubled_token_is_one_error_line(tmp_path):
-    def join(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    def join(*args: str, env: dict | None = None, stdin: str = "") -> subprocess.CompletedProcess:
         return subprocess.run(TPI + ["join", "127.0.0.1:9", *args, "--cache-dir", str(tmp_path)], capture_output=True,
-                              text=True, timeout=120, env=tpi_env() | (env or {}))
+                              text=True, timeout=120, env=tpi_env() | (env or {}), input=stdin)
 
     (tmp_path / "empty").write_text("\n")
     cases = [(join(), "no join token"), (join("--token-file", str(tmp_path / "empty")), "is empty"),
              (join("--token-file", str(tmp_path / "missing")), "cannot read the token file"),
-             (join("--token-file", str(tmp_path / "empty"), env={"TPI_TOKEN": "x"}), "give the token once")]
+             (join("--token-file", str(tmp_path / "empty"), env={"TPI_TOKEN": "x"}), "give the token once"),
+             (join("--token-file", "-", stdin="not-a-token\n"), "join token decodes to")]  # read from the pipe
     for proc, needle in cases:
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
         assert proc.returncode != 0 and len(errors) == 1 and needle in errors[0], proc.stderr

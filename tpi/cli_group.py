@@ -240,6 +240,9 @@ def read_token(token: str, token_file: Path | None) -> str:
             raise TpiError(f"the token file {token_file} is empty; write the token tpi serve printed into it")
     if not token:
         raise TpiError("no join token; pass the token tpi serve printed with --token, TPI_TOKEN or --token-file")
+    from tpi.transport.security import parse_token
+
+    parse_token(token)  # a mistyped token fails now, before the device spends seconds measuring itself
     return token.strip()
 
 
