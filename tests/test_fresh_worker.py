@@ -21,6 +21,7 @@ from netns_lan import LanUnavailable, lan
 from test_readme import ROOT, _env, _get_json, _wait, _wait_healthy, readme_blocks, stop_group
 
 from tpi.sampler import SamplingParams
+from tpi.transport import security
 
 pytestmark = pytest.mark.slow
 
@@ -68,9 +69,10 @@ def test_the_worker_install_has_no_torch_and_names_the_extra_for_what_it_lacks(f
     where = fresh_worker_venv
     probe = "import importlib.util as u; print([m for m in ('torch', 'llama_cpp', 'fastapi', 'zeroconf') if u.find_spec(m)])"
     assert in_venv(where, f'python -c "{probe}"', timeout=60).stdout.strip() == "['zeroconf']"
+    token = security.master_token(where / "some-master")  # well formed; no master needs to run
     for command, extra in (("tpi serve --devices 2", "all"), (f"tpi run {smollm2} -p hi", "all"),
-                           ("tpi join 127.0.0.1:9 --token x --backend torch", "all"),
-                           ("tpi join 127.0.0.1:9 --token x --backend ggml", "worker-fast")):
+                           (f"tpi join 127.0.0.1:9 --token {token} --backend torch", "all"),
+                           (f"tpi join 127.0.0.1:9 --token {token} --backend ggml", "worker-fast")):
         proc = in_venv(where, command, timeout=120)
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
         assert proc.returncode != 0 and len(errors) == 1, (command, proc.stderr[-2000:])
