@@ -155,22 +155,50 @@ def render_allreduce(plan: GroupPlan) -> Table | None:
     return table
 
 
+def plan_json(plan: GroupPlan) -> dict[str, Any]:
+    """The plan and its prediction as plain JSON (`tpi plan --json`): the group summary, one entry per rank."""
+    from tpi.devices.group_plan import device_status, plan_summary
+
+    pred = plan.prediction
+    out: dict[str, Any] = {"model": plan.model, **plan_summary(plan),
+                           "predicted_tokens_per_s": round(pred.tokens_per_s, 3),
+                           "communication_ms_per_token": round(pred.comm_per_token_s * 1e3, 3),
+                           "context": pred.params.context, "prompt_tokens": pred.params.prompt_tokens}
+    out["devices"] = [{"rank": r, "name": d.name, **device_status(plan, r, d.link if r else None),
+                       "predicted_disk_ms": round(pred.ranks[r].stream_s * 1e3, 3)}
+                      for r, d in enumerate(plan.devices)]
+    if len(plan.devices) > 1:
+        nbytes = plan.config.hidden * WIRE_BYTES[pred.params.wire_dtype]
+        cmp = compare_allreduce(nbytes, [d.link for d in plan.devices], pred.params)
+        out["allreduce"] = {"bytes": nbytes, "star_ms": round(cmp.star_s * 1e3, 4), "ring_ms": round(cmp.ring_s * 1e3, 4)}
+    return out
+
+
 def plan_command(model: str | ModelConfig, devices_path: Path | str, *, weight_format: str = "int4",
                  context: int = 2048, prompt_tokens: int = 128, allow_streaming: bool = True,
                  wire_dtype: str | None = None, console: Console | None = None,
-                 weights: WeightProfile | None = None) -> GroupPlan:
+                 weights: WeightProfile | None = None, as_json: bool = False) -> GroupPlan:
     """Plan MODEL (a shape name or a ModelConfig) on the devices in a TOML file and print the prediction.
 
     weights: the model file's own types (bytes per weight and column blocks); None: weight_format's.
+    as_json: print plan_json instead of the tables.
     """
     cfg = model_shape(model) if isinstance(model, str) else model
     devices = load_devices_file(devices_path)
     params = CostParams(weight_format=weight_format, context=context, prompt_tokens=prompt_tokens,
                         kv_position=min(context, 512), weights=weights)
     plan = plan_group(cfg, devices, params, allow_streaming=allow_streaming, wire_dtype=wire_dtype)
-    out = console or Console()
-    out.print(render_plan(plan))
-    ar = render_allreduce(plan)
-    if ar is not None:
-        out.print(ar)
+    if as_json:
+        import json
+        import sys
+
+        sys.stdout.write(json.dumps(plan_json(plan), indent=1) + "\n")
+    elif console is None:
+        from tpi.table_text import print_tables
+
+        print_tables(render_plan(plan), render_allreduce(plan))
+    else:
+        for table in (render_plan(plan), render_allreduce(plan)):
+            if table is not None:
+                console.print(table)
     return plan

@@ -19,7 +19,7 @@ from tpi.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "numpy")
+BACKENDS = ("torch", "numpy", "ggml")  # kernel backends a profile may name (tpi.quant.kernels)
 GROUP = 32
 CACHE_FILE = "device_profile.json"
 CACHE_MAX_AGE_S = 7 * 24 * 3600.0  # a week: hardware rarely changes, free memory is re-read on use
@@ -38,7 +38,7 @@ class DeviceProfile:
     cores: int
     total_memory_bytes: int
     free_memory_bytes: int
-    backend: str  # "torch" | "numpy"
+    backend: str  # "ggml" | "numpy" | "torch": what the device chose (tpi.engine.resolve_backend)
     int4_gflops: float  # decode (one token) int4-weight matmul throughput
     bf16_gflops: float  # decode (one token) bf16-weight matmul throughput
     prefill_gflops: float  # many-token matmul throughput (prompt processing)
@@ -163,6 +163,27 @@ def _numpy_matmuls(n: int, k: int, budget_s: float) -> tuple[float, float, float
             _best_seconds(lambda: bf16(x64), budget_s))
 
 
+def _kernel_seam_matmuls(backend: str, n: int, k: int, budget_s: float) -> tuple[float, float, float]:
+    """Same three timings through tpi.quant.kernels for any other backend (ggml: its Q4_0 and BF16 kernels)."""
+    from tpi.quant.formats import BF16, QTensor, f32_to_bf16_bits, quantize
+    from tpi.quant.kernels import get_backend
+
+    kernels = get_backend(backend)
+    rng = np.random.default_rng(0)
+    if backend == "ggml":  # ggml runs the file's own block types: Q4_0 blocks are a fp16 scale + 16 nibble bytes
+        blocks = rng.integers(0, 256, (n, k // 32, 18), dtype=np.uint8)
+        blocks[..., :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+        int4 = QTensor("ggml:Q4_0", (n, k), {"data": blocks.reshape(n, -1)})
+    else:
+        int4 = quantize(rng.standard_normal((n, k), dtype=np.float32), "q4g32")
+    w4 = kernels.prepare(int4)
+    w16 = kernels.prepare(QTensor(BF16, (n, k), {"weight": f32_to_bf16_bits(rng.standard_normal((n, k), dtype=np.float32))}))
+    to_input = getattr(kernels, "activations", lambda a: a)  # float32 (T, K) is the seam's input
+    x1, x64 = (to_input(rng.standard_normal((t, k), dtype=np.float32)) for t in (1, 64))
+    return (_best_seconds(lambda: w4(x1), budget_s), _best_seconds(lambda: w16(x1), budget_s),
+            _best_seconds(lambda: w4(x64), budget_s))
+
+
 def measure_memory_gbs(megabytes: int = 64) -> float:
     """Copy bandwidth in GB/s (bytes read plus bytes written)."""
     src = np.ones(megabytes << 17, dtype=np.float64)  # megabytes MiB
@@ -230,7 +251,7 @@ def _cgroup_limit() -> tuple[int | None, int | None]:
     return None, None
 
 
-def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, backend: str = "torch",
+def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, backend: str = "numpy",
                     scratch_dir: Path | str = ".", quick: bool = False,
                     progress: ProgressFn | None = None, name: str | None = None,
                     threads: int | None = None) -> DeviceProfile:
@@ -253,7 +274,8 @@ def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, ba
         assert k % GROUP == 0 and n % 16 == 0, f"bench shape {(n, k)} must have K % 32 == 0 and N % 16 == 0"
     report = progress or (lambda _what, _frac: None)
     budget_s = 0.04 if quick else 0.2  # per kernel per shape
-    bench = _torch_matmuls if backend == "torch" else _numpy_matmuls
+    bench = {"torch": _torch_matmuls, "numpy": _numpy_matmuls}.get(
+        backend, lambda n, k, s: _kernel_seam_matmuls(backend, n, k, s))
     flops1 = flops64 = t4 = t16 = tp = 0.0
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for i, (n, k) in enumerate(shapes):
@@ -347,7 +369,7 @@ def profile_key(backend: str, shapes: Sequence[tuple[int, int]], threads: int | 
     return f"{backend}-t{threads or 0}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
-def cached_or_measured(cache_dir: Path | str, *, backend: str = "torch",
+def cached_or_measured(cache_dir: Path | str, *, backend: str = "numpy",
                        shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, threads: int | None = None,
                        name: str | None = None, refresh: bool = False, quick: bool = False,
                        progress: ProgressFn | None = None, max_age_s: float = CACHE_MAX_AGE_S) -> DeviceProfile:
@@ -371,7 +393,7 @@ def offered_profile(profile: DeviceProfile, memory_budget: int | None) -> Device
     return replace(profile, free_memory_bytes=max(0, min(profile.free_memory_bytes, memory_budget)))
 
 
-def handshake_profile(cache_dir: Path | str, *, backend: str = "torch", threads: int | None = None,
+def handshake_profile(cache_dir: Path | str, *, backend: str = "numpy", threads: int | None = None,
                       name: str | None = None, memory_budget: int | None = None,
                       profile_file: Path | str | None = None) -> dict[str, Any]:
     """The profile `tpi join` sends: from profile_file (validated), else cached or measured here.

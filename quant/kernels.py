@@ -374,6 +374,12 @@ def available_backends() -> list[str]:
     return [name for name, cls in _BACKENDS.items() if cls.available()]
 
 
+def backend_available(name: str) -> bool:
+    """name in available_backends(), probing only that backend (a numpy device never looks for torch)."""
+    cls = _BACKENDS.get(name)
+    return cls is not None and cls.available()
+
+
 def get_backend(name: str):
     """The kernel backend called name ("torch" or "numpy")."""
     if name not in _BACKENDS:

@@ -38,6 +38,7 @@ def plan(
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="prompt length for the TTFT prediction")] = 128,
     no_streaming: Annotated[bool, typer.Option("--no-streaming", help="refuse plans that stream weights from disk")] = False,
     wire_dtype: Annotated[Optional[str], typer.Option("--wire-dtype", help="f32 or bf16 (default: the planner's choice)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan and prediction as JSON (for scripts)")] = False,
 ) -> None:
     """Will MODEL run on these devices, and how fast? Prints the plan and predictions; loads no weights."""
     from tpi.devices.plan_report import plan_command
@@ -52,7 +53,7 @@ def plan(
         cfg, file_format, profile = load_model_config(model)
         plan_command(cfg, devices, weight_format=weights or file_format or "int4", context=context,
                      prompt_tokens=prompt_tokens, allow_streaming=not no_streaming, wire_dtype=wire_dtype,
-                     weights=None if weights else profile)
+                     weights=None if weights else profile, as_json=as_json)
     except TpiError as e:
         fail(e)
 
@@ -118,7 +119,7 @@ def devices(
     """List the devices of a running group: profile, assigned share, memory and link figures."""
     if ctx.invoked_subcommand is not None:
         return
-    from rich.console import Console
+    from tpi.table_text import print_tables
 
     try:
         status = fetch_status(url, api_key)
@@ -127,25 +128,26 @@ def devices(
     if as_json:
         typer.echo(json.dumps(status, indent=1))
     else:
-        Console().print(render_devices(status))
+        print_tables(render_devices(status))
 
 
 @devices_app.command("profile")
 def devices_profile(
-    backend: Backend = "torch",
+    backend: Backend = "auto",
     threads: Threads = None,
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
     as_json: Annotated[bool, typer.Option("--json", help="print the profile as JSON (for tpi join --profile-file)")] = False,
 ) -> None:
     """Measure this device again (a few seconds) and cache it for `tpi join`."""
-    from rich.console import Console
     from rich.table import Table
 
+    from tpi.table_text import print_tables
+
     from tpi.devices.profile import cached_or_measured
+    from tpi.engine import resolve_backend
 
     try:
-        if backend not in ("torch", "numpy"):
-            raise TpiError(f"unknown backend '{backend}'; use torch or numpy")
+        backend = resolve_backend(backend)
         profile = cached_or_measured(cache_dir / "profile", backend=backend, threads=threads, refresh=True)
     except TpiError as e:
         fail(e)
@@ -164,7 +166,7 @@ def devices_profile(
             ("runtime memory MB", f"{profile.runtime_bytes / 1e6:.0f}")]
     for k, v in rows:
         table.add_row(k, v)
-    Console().print(table)
+    print_tables(table)
 
 
 def register(app: typer.Typer) -> None:
