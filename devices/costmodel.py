@@ -25,10 +25,42 @@ from tpi.devices.profile import DeviceProfile
 from tpi.devices.slicing import RankShard
 from tpi.scheduler.window import WindowPlan, plan_window
 
-# Bytes per weight: q4g32 = 4-bit nibble + bf16 scale and zero per 32 weights.
+# Bytes per weight when a model's own types are not known: q4g32 = 4-bit nibble + bf16 scale
+# and zero per 32 weights.
 WEIGHT_BYTES = {"int4": 0.5 + 4 / 32, "bf16": 2.0}
 WIRE_BYTES = {"f32": 4, "bf16": 2}
 GB = 1e9
+MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head")
+Q8_0_BYTES = 34 / 32  # a column shard re-quantized because its boundary splits a block
+
+
+@dataclass(frozen=True)
+class WeightProfile:
+    """Each matrix's real bytes per weight (by GGML type, mean over layers) and the block along K of
+    the two column-split matrices (wo, w_down; max over layers): what shards of this model weigh."""
+
+    bytes_per_weight: tuple[tuple[str, float], ...]  # (name in MATRICES, bytes per weight)
+    wo_block: int = 32
+    down_block: int = 32
+    types: str = ""  # e.g. "Q4_K 71%, Q6_K 26%, F32 3%" (by bytes), for the plan's title
+
+    @classmethod
+    def uniform(cls, bytes_per_weight: float, types: str = "") -> "WeightProfile":
+        return cls(tuple((m, bytes_per_weight) for m in MATRICES), types=types)
+
+    def __getitem__(self, matrix: str) -> float:
+        return dict(self.bytes_per_weight)[matrix]
+
+    def for_shard(self, shard: RankShard) -> "WeightProfile":
+        """This rank's bytes: a column shard that splits its matrix's blocks is held as Q8_0 (tpi.shard)."""
+        def off_block(cols: range, block: int) -> bool:
+            return bool(cols.start % block or cols.stop % block)
+
+        redone = {"wo": off_block(shard.wo_cols, self.wo_block), "w_down": off_block(shard.inter, self.down_block)}
+        if not any(redone.values()):
+            return self
+        return replace(self, bytes_per_weight=tuple((m, Q8_0_BYTES if redone.get(m) else b)
+                                                    for m, b in self.bytes_per_weight))
 
 
 @dataclass(frozen=True)
@@ -60,6 +92,7 @@ class CostParams:
     window_blocks: int = 2  # streamed blocks resident: one computing, one loading
     master_full_duplex: bool = False  # wired switch: master sends and receives at once (Wi-Fi: no)
     master_load_bytes: int = 0  # rank 0's transient while cutting shards (model file pages, unpack buffers)
+    weights: WeightProfile | None = None  # the model's own bytes per weight; None: weight_format's, uniform
 
     def __post_init__(self) -> None:
         assert self.weight_format in WEIGHT_BYTES, f"weight_format must be one of {tuple(WEIGHT_BYTES)}"
@@ -86,21 +119,28 @@ class RankLoad:
         return n_layers * (self.attn_block_bytes + self.mlp_block_bytes) + self.head_bytes
 
 
+def weight_profile(params: CostParams) -> WeightProfile:
+    """The model's bytes per weight: its own types when known, else uniform at weight_format."""
+    return params.weights or WeightProfile.uniform(WEIGHT_BYTES[params.weight_format])
+
+
 def rank_load(cfg: ModelConfig, shard: RankShard, params: CostParams) -> RankLoad:
-    """Sizes of one rank's blocks for the model and weight format."""
+    """Sizes of one rank's blocks for the model and its weight types."""
     h, hd, L = cfg.hidden, cfg.head_dim, cfg.n_layers
     q_rows, kv_rows, inter = len(shard.q_rows), len(shard.kv_rows), len(shard.inter)
     attn_params = (q_rows + 2 * kv_rows) * h + h * q_rows
     mlp_params = 3 * inter * h
     head_params = len(shard.vocab) * h
-    wb = WEIGHT_BYTES[params.weight_format]
+    wb = weight_profile(params).for_shard(shard)
+    attn_bytes = h * (q_rows * (wb["wq"] + wb["wo"]) + kv_rows * (wb["wk"] + wb["wv"]))
+    mlp_bytes = h * inter * (wb["w_gate"] + wb["w_up"] + wb["w_down"])
     kv = 2 * L * kv_rows * params.context * params.kv_bytes_per_elem
     # Prefill activations in fp32: residual + normed input + qkv + attention scores + gate/up.
     p = params.prompt_tokens
     act = 4 * p * (3 * h + q_rows + 2 * kv_rows + 2 * inter) + 4 * shard.n_q_heads * p * p + 4 * len(shard.vocab)
     return RankLoad(
-        rank=shard.rank, attn_block_bytes=int(attn_params * wb), mlp_block_bytes=int(mlp_params * wb),
-        head_bytes=int(head_params * wb), weight_params=L * (attn_params + mlp_params) + head_params,
+        rank=shard.rank, attn_block_bytes=int(attn_bytes), mlp_block_bytes=int(mlp_bytes),
+        head_bytes=int(head_params * wb["lm_head"]), weight_params=L * (attn_params + mlp_params) + head_params,
         kv_cache_bytes=kv, activation_bytes=act, n_q_heads=shard.n_q_heads, n_kv_heads=shard.n_kv_heads,
     )
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tpi.config import ModelConfig
-from tpi.devices.costmodel import CostParams, LinkProfile
+from tpi.devices.costmodel import CostParams, LinkProfile, WeightProfile
 from tpi.devices.planner import GroupPlan, PlanDevice, plan_group, plan_with_ratios
 from tpi.devices.profile import DeviceProfile
 from tpi.errors import GroupError, ProtocolError
@@ -46,16 +46,40 @@ class RealPlan:
     refused: tuple[tuple[int, str], ...]  # (candidate index, reason for the device's user)
 
 
+def weight_profile_of(source) -> WeightProfile | None:
+    """Each matrix's bytes per weight by its real type (mean over layers) and the blocks along K of
+    wo and w_down (max over layers), from the source's headers; None if the source cannot tell."""
+    from tpi.config import layer_name
+    from tpi.quant.formats import bytes_per_weight, ggml_type_info, is_ggml, k_block
+
+    fmt_of = getattr(source, "weight_fmt", None)
+    if fmt_of is None:
+        return None
+    cfg = source.config
+    h, q, kv, ff = cfg.hidden, cfg.q_dim, cfg.kv_dim, cfg.intermediate
+    shapes = {"wq": (q, h), "wk": (kv, h), "wv": (kv, h), "wo": (h, q), "w_gate": (ff, h), "w_up": (ff, h),
+              "w_down": (h, ff), "lm_head": (cfg.vocab, h)}
+    fmts = {m: [fmt_of(layer_name(i, m)) for i in range(cfg.n_layers)] for m in shapes if m != "lm_head"}
+    fmts["lm_head"] = [fmt_of("embed" if cfg.tied_embeddings else "lm_head")]
+    type_bytes: dict[str, float] = {}  # type name -> bytes of the model in it, for the label
+    for m, fs in fmts.items():
+        for f in fs:
+            name = ggml_type_info(f).name if is_ggml(f) or f in ("f32", "bf16") else f
+            type_bytes[name] = type_bytes.get(name, 0.0) + shapes[m][0] * shapes[m][1] * bytes_per_weight(f)
+    total = sum(type_bytes.values())
+    label = ", ".join(f"{t} {b / total:.0%}" for t, b in sorted(type_bytes.items(), key=lambda kv: -kv[1]))
+    return WeightProfile(
+        bytes_per_weight=tuple((m, sum(map(bytes_per_weight, fs)) / len(fs)) for m, fs in fmts.items()),
+        wo_block=max(map(k_block, fmts["wo"])), down_block=max(map(k_block, fmts["w_down"])), types=label)
+
+
 def weight_format_of(source) -> str:
-    """'int4' for 4/5-bit GGUF weights (imported as q4g32), else 'bf16' (the conservative size)."""
-    raw_type = getattr(source, "raw_type", None)
-    if raw_type is None:
-        return "int4" if getattr(source, "quant", None) in ("q4g32", "int4") else "bf16"
-    try:
-        kind = str(raw_type("layers.0.w_gate")).upper()
-    except (KeyError, ValueError, AttributeError):
-        return "int4"
-    return "int4" if kind.startswith(("Q4", "Q5", "IQ4")) else "bf16"
+    """'int4' (the profile's int4 matmul rate) for weights under 6 bits (Q4/Q5/K-quants below Q6_K,
+    q4g32), else 'bf16' (the conservative rate)."""
+    profile = weight_profile_of(source)
+    if profile is None:
+        return "int4" if getattr(source, "quant", None) in ("Q4_0", "Q4_1", "Q5_0", "Q5_1") else "bf16"
+    return "int4" if profile["w_gate"] < 0.75 else "bf16"
 
 
 def load_transient_bytes(source, cfg: ModelConfig) -> int:
@@ -70,7 +94,8 @@ def load_transient_bytes(source, cfg: ModelConfig) -> int:
 
 
 def cost_params(weight_format: str, context: int, prompt_tokens: int = 128, **overrides) -> CostParams:
-    """The cost model's knobs for a real group: calibrated constants unless overridden."""
+    """The cost model's knobs for a real group: calibrated constants unless overridden (pass
+    weights=weight_profile_of(source) to count the model's real bytes)."""
     knobs = dict(CALIBRATED) | overrides
     return CostParams(weight_format=weight_format, context=context, prompt_tokens=min(prompt_tokens, context),
                       kv_position=min(context, 512), **knobs)
@@ -142,6 +167,6 @@ def device_status(plan: GroupPlan, rank: int, link: LinkProfile | None) -> dict[
 def plan_summary(plan: GroupPlan) -> dict[str, Any]:
     """Group-level prediction for Group.status()."""
     p = plan.prediction
-    return {"weight_format": plan.weight_format, "wire_dtype": plan.wire_dtype,
+    return {"weight_format": plan.weight_format, "granularity": plan.granularity, "wire_dtype": plan.wire_dtype,
             "predicted_token_ms": round(p.token_latency_s * 1e3, 3), "predicted_ttft_s": round(p.ttft_s, 4),
             "bound_by": p.bottleneck, "left_out": [list(x) for x in plan.excluded]}

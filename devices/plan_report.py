@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tpi.config import ModelConfig
-from tpi.devices.costmodel import WIRE_BYTES, CostParams, LinkProfile, Prediction, compare_allreduce
+from tpi.devices.costmodel import WIRE_BYTES, CostParams, LinkProfile, Prediction, WeightProfile, compare_allreduce
 from tpi.devices.planner import GroupPlan, PlanDevice, plan_group
 from tpi.devices.profile import DeviceProfile
 from tpi.devices.shapes import model_shape
@@ -113,7 +113,8 @@ def _gb(nbytes: float) -> str:
 def render_plan(plan: GroupPlan, prediction: Prediction | None = None) -> Table:
     """One row per rank: its slice, memory and predicted per-token times; summary in the caption."""
     pred = prediction or plan.prediction
-    table = Table(title=f"{plan.model}: {len(plan.devices)} devices, {plan.weight_format} weights, "
+    types = pred.params.weights.types if pred.params.weights and pred.params.weights.types else plan.weight_format
+    table = Table(title=f"{plan.model}: {len(plan.devices)} devices, {types} weights, "
                         f"{plan.wire_dtype} on the wire (model prediction)")
     for col, justify in (("rank", "right"), ("device", "left"), ("ratio", "right"), ("q heads", "right"),
                          ("kv heads", "right"), ("inter cols", "right"), ("vocab rows", "right"),
@@ -132,6 +133,7 @@ def render_plan(plan: GroupPlan, prediction: Prediction | None = None) -> Table:
         f"TTFT {pred.ttft_s:.2f} s for {pred.params.prompt_tokens} prompt tokens, "
         f"communication {pred.comm_per_token_s * 1e3:.1f} ms/token, bound by {pred.bottleneck}",
     ]
+    lines.append(plan.granularity)
     lines += [f"left out {name}: {why}" for name, why in plan.excluded]
     table.caption = "\n".join(lines)
     return table
@@ -153,18 +155,50 @@ def render_allreduce(plan: GroupPlan) -> Table | None:
     return table
 
 
+def plan_json(plan: GroupPlan) -> dict[str, Any]:
+    """The plan and its prediction as plain JSON (`tpi plan --json`): the group summary, one entry per rank."""
+    from tpi.devices.group_plan import device_status, plan_summary
+
+    pred = plan.prediction
+    out: dict[str, Any] = {"model": plan.model, **plan_summary(plan),
+                           "predicted_tokens_per_s": round(pred.tokens_per_s, 3),
+                           "communication_ms_per_token": round(pred.comm_per_token_s * 1e3, 3),
+                           "context": pred.params.context, "prompt_tokens": pred.params.prompt_tokens}
+    out["devices"] = [{"rank": r, "name": d.name, **device_status(plan, r, d.link if r else None),
+                       "predicted_disk_ms": round(pred.ranks[r].stream_s * 1e3, 3)}
+                      for r, d in enumerate(plan.devices)]
+    if len(plan.devices) > 1:
+        nbytes = plan.config.hidden * WIRE_BYTES[pred.params.wire_dtype]
+        cmp = compare_allreduce(nbytes, [d.link for d in plan.devices], pred.params)
+        out["allreduce"] = {"bytes": nbytes, "star_ms": round(cmp.star_s * 1e3, 4), "ring_ms": round(cmp.ring_s * 1e3, 4)}
+    return out
+
+
 def plan_command(model: str | ModelConfig, devices_path: Path | str, *, weight_format: str = "int4",
                  context: int = 2048, prompt_tokens: int = 128, allow_streaming: bool = True,
-                 wire_dtype: str | None = None, console: Console | None = None) -> GroupPlan:
-    """Plan MODEL (a shape name or a ModelConfig) on the devices in a TOML file and print the prediction."""
+                 wire_dtype: str | None = None, console: Console | None = None,
+                 weights: WeightProfile | None = None, as_json: bool = False) -> GroupPlan:
+    """Plan MODEL (a shape name or a ModelConfig) on the devices in a TOML file and print the prediction.
+
+    weights: the model file's own types (bytes per weight and column blocks); None: weight_format's.
+    as_json: print plan_json instead of the tables.
+    """
     cfg = model_shape(model) if isinstance(model, str) else model
     devices = load_devices_file(devices_path)
     params = CostParams(weight_format=weight_format, context=context, prompt_tokens=prompt_tokens,
-                        kv_position=min(context, 512))
+                        kv_position=min(context, 512), weights=weights)
     plan = plan_group(cfg, devices, params, allow_streaming=allow_streaming, wire_dtype=wire_dtype)
-    out = console or Console()
-    out.print(render_plan(plan))
-    ar = render_allreduce(plan)
-    if ar is not None:
-        out.print(ar)
+    if as_json:
+        import json
+        import sys
+
+        sys.stdout.write(json.dumps(plan_json(plan), indent=1) + "\n")
+    elif console is None:
+        from tpi.table_text import print_tables
+
+        print_tables(render_plan(plan), render_allreduce(plan))
+    else:
+        for table in (render_plan(plan), render_allreduce(plan)):
+            if table is not None:
+                console.print(table)
     return plan

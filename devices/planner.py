@@ -18,11 +18,11 @@ from typing import Sequence
 
 from tpi.config import ModelConfig
 from tpi.devices.costmodel import (
-    GB, WEIGHT_BYTES, CostParams, LinkProfile, Prediction, matmul_gflops, predict, runtime_bytes,
+    GB, CostParams, LinkProfile, Prediction, matmul_gflops, predict, runtime_bytes, weight_profile,
 )
 from tpi.devices.profile import DeviceProfile
 from tpi.devices.shapes import parameter_count
-from tpi.devices.slicing import RankShard, head_unit, plan_shards
+from tpi.devices.slicing import RankShard, head_unit, plan_cuts
 from tpi.errors import BudgetError, ShapeError
 
 BF16_WIN = 0.97  # choose bf16 on the wire only if it predicts >= 3% lower latency
@@ -59,6 +59,18 @@ class GroupPlan:
     weight_format: str
     prediction: Prediction
     excluded: tuple[tuple[str, str], ...]  # (device name, why it sits out)
+    wo_align: int = 32  # wo / w_down column shards start and stop on multiples of these
+    down_align: int = 32
+    requantized: tuple[str, ...] = ()  # column-split matrices re-quantized to Q8_0 at the cut
+
+    @property
+    def granularity(self) -> str:
+        """How the column shards are cut, for the plan's reader."""
+        text = f"column shards cut on {self.wo_align} (wo) and {self.down_align} (w_down) elements"
+        if self.requantized:
+            text += (f"; {' and '.join(self.requantized)} re-quantized to Q8_0 at the cut: their blocks "
+                     f"cannot be split {len(self.devices)} ways")
+        return text
 
     @property
     def model(self) -> str:
@@ -73,12 +85,13 @@ class GroupPlan:
         return tuple(r.window for r in self.prediction.ranks)
 
 
-def _layer_bytes(cfg: ModelConfig, fmt: str) -> float:
-    """Bytes of all per-layer weights plus lm_head at the weight format (embedding excluded)."""
-    embed = cfg.vocab * cfg.hidden
-    lm_head = embed  # tied models still multiply by the (sliced) embedding
-    per_model = parameter_count(cfg) - embed * (1 if cfg.tied_embeddings else 2) + lm_head
-    return per_model * WEIGHT_BYTES[fmt]
+def _layer_bytes(cfg: ModelConfig, params: CostParams) -> float:
+    """Bytes of all per-layer matrices plus lm_head in the model's types (embedding excluded; tied
+    models still multiply by the sliced embedding)."""
+    w, h = weight_profile(params), cfg.hidden
+    layer = h * (cfg.q_dim * (w["wq"] + w["wo"]) + cfg.kv_dim * (w["wk"] + w["wv"])
+                 + cfg.intermediate * (w["w_gate"] + w["w_up"] + w["w_down"]))
+    return cfg.n_layers * layer + cfg.vocab * h * w["lm_head"]
 
 
 def _kv_bytes(cfg: ModelConfig, ratio: float, params: CostParams) -> float:
@@ -89,7 +102,7 @@ def _kv_bytes(cfg: ModelConfig, ratio: float, params: CostParams) -> float:
 
 def device_time_s(cfg: ModelConfig, dev: PlanDevice, ratio: float, params: CostParams) -> float:
     """Continuous per-token time of a device holding `ratio` of the model: max(compute, disk)."""
-    weights = ratio * _layer_bytes(cfg, params.weight_format)
+    weights = ratio * _layer_bytes(cfg, params)
     flops = 2.0 * ratio * parameter_count(cfg)
     compute = flops / (matmul_gflops(dev.profile, params.weight_format) * GB)
     fixed = runtime_bytes(dev.profile, params) + _kv_bytes(cfg, ratio, params)
@@ -112,7 +125,7 @@ def _largest_share(alpha: float, kv_full: float, kv_min: float, beta: float) -> 
 def _ratio_within(cfg: ModelConfig, dev: PlanDevice, t: float, params: CostParams,
                   allow_streaming: bool = True) -> float:
     """Largest ratio in [0, 1] whose `device_time_s` stays within t; closed form of its three limits."""
-    weights = _layer_bytes(cfg, params.weight_format)
+    weights = _layer_bytes(cfg, params)
     kv_full = _kv_bytes(cfg, 1.0, params)
     kv_min = kv_full / cfg.n_kv_heads
     free = dev.budget - runtime_bytes(dev.profile, params)
@@ -146,7 +159,7 @@ def balance_ratios(cfg: ModelConfig, devices: Sequence[PlanDevice], params: Cost
 
 def _shortfall_message(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostParams) -> str:
     """Say how much memory the group lacks to pin the whole model, and the smallest fixes."""
-    need = (_layer_bytes(cfg, params.weight_format) + _kv_bytes(cfg, 1.0, params)
+    need = (_layer_bytes(cfg, params) + _kv_bytes(cfg, 1.0, params)
             + sum(runtime_bytes(d.profile, params) for d in devices))
     have = sum(d.budget for d in devices)
     short = max(need - have, 0) / GB
@@ -163,13 +176,15 @@ def _pinned_share(cfg: ModelConfig, dev: PlanDevice, params: CostParams) -> floa
     """Largest ratio a device holds with every weight pinned (continuous model)."""
     kv_full = _kv_bytes(cfg, 1.0, params)
     free = dev.budget - runtime_bytes(dev.profile, params)
-    return _largest_share(_layer_bytes(cfg, params.weight_format), kv_full, kv_full / cfg.n_kv_heads, free)
+    return _largest_share(_layer_bytes(cfg, params), kv_full, kv_full / cfg.n_kv_heads, free)
 
 
 def _score(cfg: ModelConfig, devices: Sequence[PlanDevice], ratios: tuple[float, ...], params: CostParams,
            wire_dtype: str | None, window_cache: dict | None) -> GroupPlan:
     """Shards, wire dtype and prediction for fixed ratios."""
-    shards = plan_shards(cfg, ratios)
+    w = weight_profile(params)
+    cuts = plan_cuts(cfg, ratios, w.wo_block, w.down_block)
+    shards = cuts.shards
     profiles = [d.profile for d in devices]
     links = [d.link for d in devices]
     budgets = [d.budget for d in devices]
@@ -181,7 +196,8 @@ def _score(cfg: ModelConfig, devices: Sequence[PlanDevice], ratios: tuple[float,
                             or preds["bf16"].ttft_s < BF16_WIN * preds["f32"].ttft_s):
         wire = "bf16"
     return GroupPlan(config=cfg, devices=tuple(devices), ratios=ratios, shards=shards, wire_dtype=wire,
-                     weight_format=params.weight_format, prediction=preds[wire], excluded=())
+                     weight_format=params.weight_format, prediction=preds[wire], excluded=(),
+                     wo_align=cuts.wo_align, down_align=cuts.down_align, requantized=cuts.requantized)
 
 
 def _shift_away(ratios: Sequence[float], donors: Sequence[int], step: float) -> tuple[float, ...] | None:

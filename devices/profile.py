@@ -19,7 +19,7 @@ from tpi.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("ggml", "torch", "numpy")
+BACKENDS = ("torch", "numpy", "ggml")  # kernel backends a profile may name (tpi.quant.kernels)
 GROUP = 32
 CACHE_FILE = "device_profile.json"
 CACHE_MAX_AGE_S = 7 * 24 * 3600.0  # a week: hardware rarely changes, free memory is re-read on use
@@ -38,7 +38,8 @@ class DeviceProfile:
     cores: int
     total_memory_bytes: int
     free_memory_bytes: int
-    backend: str  # "ggml" | "torch" | "numpy": what the engine runs, and what the figures below measured
+    backend: str  # "ggml" | "numpy" | "torch": what the device chose (tpi.engine.resolve_backend), and what
+    # the figures below measured (its own kernels)
     int4_gflops: float  # decode (one token) int4-weight matmul throughput
     bf16_gflops: float  # decode (one token) bf16-weight matmul throughput
     prefill_gflops: float  # many-token matmul throughput (prompt processing)
@@ -163,32 +164,32 @@ def _numpy_matmuls(n: int, k: int, budget_s: float) -> tuple[float, float, float
             _best_seconds(lambda: bf16(x64), budget_s))
 
 
-@dataclass(frozen=True)
-class _GgmlRows:
-    """A weight in a ggml type, GGUF rows in arrays["data"] (the QTensor layout of contract §1)."""
+def _kernel_seam_matmuls(backend: str, n: int, k: int, budget_s: float,
+                         threads: int | None = None) -> tuple[float, float, float]:
+    """Same three timings through tpi.quant.kernels for any other backend (ggml: its Q4_0 and BF16 kernels,
+    Q4_0 repacked where ggml repacks it, on the engine's thread count)."""
+    from tpi.quant.formats import BF16, QTensor, f32_to_bf16_bits, quantize
+    from tpi.quant.kernels import get_backend
 
-    fmt: str
-    shape: tuple[int, int]
-    arrays: dict
+    if backend == "ggml":
+        from tpi.quant.ggml_backend import GgmlBackend
 
-
-def _ggml_matmuls(n: int, k: int, budget_s: float, threads: int | None = None) -> tuple[float, float, float]:
-    """Same three timings on ggml, as GgmlLayers runs them: Q4_0 (repacked where ggml repacks it,
-    N % 8 == 0), BF16, and Q4_0 at 64 tokens; activations quantized inside ggml as in a forward pass."""
-    from tpi.quant.ggml_backend import GgmlBackend
-
+        kernels = GgmlBackend(threads=threads)
+    else:
+        kernels = get_backend(backend)
     rng = np.random.default_rng(0)
-    blocks = np.empty((n, k // GROUP, 18), np.uint8)  # Q4_0: fp16 scale, 16 bytes of nibbles
-    blocks[..., :2] = (0.01 * rng.uniform(0.5, 1.5, (n, k // GROUP))).astype(np.float16)[..., None].view(np.uint8)
-    blocks[..., 2:] = rng.integers(0, 256, (n, k // GROUP, 16), dtype=np.uint8)
-    bf16 = (rng.standard_normal((n, k), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
-    backend = GgmlBackend(threads=threads)
-    q4 = backend.prepare(_GgmlRows("ggml:Q4_0", (n, k), {"data": blocks.reshape(n, -1)}))
-    b16 = backend.prepare(_GgmlRows("ggml:BF16", (n, k), {"data": bf16.view(np.uint8)}))
-    x1 = rng.standard_normal((1, k), dtype=np.float32)
-    x64 = rng.standard_normal((64, k), dtype=np.float32)
-    return (_best_seconds(lambda: q4(x1), budget_s), _best_seconds(lambda: b16(x1), budget_s),
-            _best_seconds(lambda: q4(x64), budget_s))
+    if backend == "ggml":  # ggml runs the file's own block types: Q4_0 blocks are a fp16 scale + 16 nibble bytes
+        blocks = rng.integers(0, 256, (n, k // 32, 18), dtype=np.uint8)
+        blocks[..., :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+        int4 = QTensor("ggml:Q4_0", (n, k), {"data": blocks.reshape(n, -1)})
+    else:
+        int4 = quantize(rng.standard_normal((n, k), dtype=np.float32), "q4g32")
+    w4 = kernels.prepare(int4)
+    w16 = kernels.prepare(QTensor(BF16, (n, k), {"weight": f32_to_bf16_bits(rng.standard_normal((n, k), dtype=np.float32))}))
+    to_input = getattr(kernels, "activations", lambda a: a)  # float32 (T, K) is the seam's input
+    x1, x64 = (to_input(rng.standard_normal((t, k), dtype=np.float32)) for t in (1, 64))
+    return (_best_seconds(lambda: w4(x1), budget_s), _best_seconds(lambda: w16(x1), budget_s),
+            _best_seconds(lambda: w4(x64), budget_s))
 
 
 def measure_memory_gbs(megabytes: int = 64) -> float:
@@ -258,7 +259,7 @@ def _cgroup_limit() -> tuple[int | None, int | None]:
     return None, None
 
 
-def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, backend: str = "torch",
+def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, backend: str = "numpy",
                     scratch_dir: Path | str = ".", quick: bool = False,
                     progress: ProgressFn | None = None, name: str | None = None,
                     threads: int | None = None) -> DeviceProfile:
@@ -281,8 +282,8 @@ def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, ba
         assert k % GROUP == 0 and n % 16 == 0, f"bench shape {(n, k)} must have K % 32 == 0 and N % 16 == 0"
     report = progress or (lambda _what, _frac: None)
     budget_s = 0.04 if quick else 0.2  # per kernel per shape
-    bench = {"torch": _torch_matmuls, "numpy": _numpy_matmuls,
-             "ggml": lambda n, k, b: _ggml_matmuls(n, k, b, threads)}[backend]
+    bench = {"torch": _torch_matmuls, "numpy": _numpy_matmuls}.get(
+        backend, lambda n, k, s: _kernel_seam_matmuls(backend, n, k, s, threads))
     flops1 = flops64 = t4 = t16 = tp = 0.0
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for i, (n, k) in enumerate(shapes):
@@ -380,7 +381,7 @@ def profile_key(backend: str, shapes: Sequence[tuple[int, int]], threads: int | 
     return f"{backend}-t{threads or 0}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
-def cached_or_measured(cache_dir: Path | str, *, backend: str = "torch",
+def cached_or_measured(cache_dir: Path | str, *, backend: str = "numpy",
                        shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, threads: int | None = None,
                        name: str | None = None, refresh: bool = False, quick: bool = False,
                        progress: ProgressFn | None = None, max_age_s: float = CACHE_MAX_AGE_S) -> DeviceProfile:
@@ -404,7 +405,7 @@ def offered_profile(profile: DeviceProfile, memory_budget: int | None) -> Device
     return replace(profile, free_memory_bytes=max(0, min(profile.free_memory_bytes, memory_budget)))
 
 
-def handshake_profile(cache_dir: Path | str, *, backend: str = "torch", threads: int | None = None,
+def handshake_profile(cache_dir: Path | str, *, backend: str = "numpy", threads: int | None = None,
                       name: str | None = None, memory_budget: int | None = None,
                       profile_file: Path | str | None = None) -> dict[str, Any]:
     """The profile `tpi join` sends: from profile_file (validated), else cached or measured here.

@@ -7,6 +7,10 @@ left over go one each to the ranks with the largest fractional remainders (ties:
 rank first), and finally any rank left with zero units is raised to one, taking the unit
 from the rank whose count most exceeds what it is owed. Ranges are contiguous and in rank
 order, so rank 0 holds the first heads / columns / rows.
+
+Column-split matrices (wo along q_dim, w_down along the intermediate dim) keep whole blocks of
+their GGUF type along K: `plan_cuts` uses 256-column units for K-quants where every device can
+have one, else 32 (and those shards are re-quantized to Q8_0 when cut, tpi.shard.cut_cols).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Sequence
 from tpi.config import ModelConfig
 from tpi.errors import ShapeError
 
-QUANT_GROUP = 32  # int4 group size along K: every reduced-dim boundary is a multiple of it
+QUANT_GROUP = 32  # the smallest block along K (q4g32, Q4_0, Q8_0 ...): every reduced-dim boundary is a multiple
 
 
 @dataclass(frozen=True)
@@ -170,12 +174,46 @@ def kv_heads_for(q_heads: range, group_size: int) -> tuple[int, ...]:
     return tuple(range(q_heads.start // group_size, (q_heads.stop - 1) // group_size + 1))
 
 
-def plan_shards(cfg: ModelConfig, ratios: Sequence[float], align: int = QUANT_GROUP) -> tuple[RankShard, ...]:
-    """Every rank's heads, KV heads, intermediate and vocab slices for the given split ratios."""
+@dataclass(frozen=True)
+class ShardCuts:
+    """The shards of one split, and the column-split matrices whose blocks they could not keep whole."""
+
+    shards: tuple[RankShard, ...]
+    wo_align: int  # wo column (q_dim) boundaries are multiples of this
+    down_align: int  # w_down column (intermediate) boundaries are multiples of this
+    requantized: tuple[str, ...]  # "wo" / "w_down": cut off their block, re-quantized to Q8_0 at the cut
+
+
+def plan_cuts(cfg: ModelConfig, ratios: Sequence[float], wo_block: int = QUANT_GROUP,
+              down_block: int = QUANT_GROUP) -> ShardCuts:
+    """Shards whose wo / w_down boundaries fall on those matrices' blocks along K (32 or 256) where
+    the split has room for it; where it has not (fewer whole blocks than devices), that matrix is cut
+    on 32 instead and re-quantized to Q8_0 (a 32-element block type) when the shards are cut."""
+    requantized = []
+
+    def aligned(what: str, block: int, split) -> tuple[int, tuple[range, ...]]:
+        align = max(QUANT_GROUP, block)
+        try:
+            return align, split(align)
+        except ShapeError:
+            if align == QUANT_GROUP:
+                raise
+            requantized.append(what)
+            return QUANT_GROUP, split(QUANT_GROUP)
+
+    wo_align, heads = aligned("wo", wo_block, lambda a: split_heads(cfg.n_heads, cfg.head_dim, ratios, a))
+    down_align, inter = aligned("w_down", down_block, lambda a: split_aligned(cfg.intermediate, ratios, a))
+    return ShardCuts(plan_shards(cfg, ratios, heads=heads, inter=inter), wo_align, down_align, tuple(requantized))
+
+
+def plan_shards(cfg: ModelConfig, ratios: Sequence[float], align: int = QUANT_GROUP, *,
+                heads: Sequence[range] | None = None, inter: Sequence[range] | None = None) -> tuple[RankShard, ...]:
+    """Every rank's heads, KV heads, intermediate and vocab slices for the given split ratios
+    (heads and inter: already split, e.g. on 256-element blocks by plan_cuts)."""
     if cfg.n_kv_heads < 1 or cfg.n_heads % cfg.n_kv_heads:
         raise ShapeError(f"{cfg.n_heads} query heads are not a multiple of {cfg.n_kv_heads} KV heads")
-    heads = split_heads(cfg.n_heads, cfg.head_dim, ratios, align)
-    inter = split_aligned(cfg.intermediate, ratios, align)
+    heads = heads or split_heads(cfg.n_heads, cfg.head_dim, ratios, align)
+    inter = inter or split_aligned(cfg.intermediate, ratios, align)
     vocab = split_aligned(cfg.vocab, ratios, align, tail_to_last=True)
     group = cfg.group_size
     shards = tuple(

@@ -1,6 +1,8 @@
-"""Native weight formats (q4g32, q8, bf16, f32): quantize, numpy reference dequantize, byte slicing.
+"""Weight formats: GGUF's own types ("ggml:<TYPE>") and tpi's kernel formats (q4g32, q8, bf16, f32);
+quantize, numpy reference dequantize, byte slicing.
 
-numpy only: a torch-free worker imports this module.
+numpy only at import: a torch-free worker imports this module (gguf is imported lazily, to
+dequantize or quantize GGUF block types).
 
 Layouts (N = out features, K = in features):
   q4g32  qweight    uint8  [N, K/2]    byte j of row n = q[n, 2j] | q[n, 2j+1] << 4, q in 0..15
@@ -9,6 +11,9 @@ Layouts (N = out features, K = in features):
          scale      uint16 [N]          bf16 bits
   bf16   weight     uint16 [N, K]       bf16 bits
   f32    weight     float32 [N, K]
+  ggml:T data       uint8  [N, K/block*block_bytes]   rows of GGUF type T exactly as in the file
+
+A GGUF F32 matrix is "f32" and a BF16 one "bf16": those bytes already are ggml's layout.
 
 scale_zero is exactly what torch._weight_int4pack_mm_for_cpu consumes. qweight is row-major
 on purpose: torch's own int4 packing is blocked over N in a CPU-dependent way (blocks of 32 on
@@ -34,6 +39,64 @@ FORMATS = (Q4G32, Q8, BF16, F32)
 # (tpi.quant.kernels.int4pack_layout). Device-local only: a streamed torch engine writes them
 # once beside its shard (tpi.weights.kernel_layout_store); never sharded, sent or dequantized.
 Q4G32_PREPACKED = {"AVX2": "q4g32-avx2", "DEFAULT": "q4g32-default"}
+GGML_PREFIX = "ggml:"
+
+
+@dataclass(frozen=True)
+class GgmlType:
+    """One GGML tensor type: its id in ggml.h, elements per block and bytes per block."""
+
+    name: str
+    type_id: int
+    block: int
+    block_bytes: int
+
+
+# The GGUF types tpi keeps as they are (ids and sizes from ggml.h; tests check them against gguf).
+GGML_TYPES = {t.name: t for t in (
+    GgmlType("F32", 0, 1, 4), GgmlType("F16", 1, 1, 2), GgmlType("Q4_0", 2, 32, 18), GgmlType("Q4_1", 3, 32, 20),
+    GgmlType("Q5_0", 6, 32, 22), GgmlType("Q5_1", 7, 32, 24), GgmlType("Q8_0", 8, 32, 34),
+    GgmlType("Q2_K", 10, 256, 84), GgmlType("Q3_K", 11, 256, 110), GgmlType("Q4_K", 12, 256, 144),
+    GgmlType("Q5_K", 13, 256, 176), GgmlType("Q6_K", 14, 256, 210), GgmlType("IQ4_NL", 20, 32, 18),
+    GgmlType("BF16", 30, 1, 2),
+)}
+# F32 and BF16 matrices keep tpi's own names: their bytes are the same.
+_PLAIN_GGML = {"F32": F32, "BF16": BF16}
+
+
+def ggml_fmt(name: str) -> str:
+    """The QTensor fmt of a GGML type name: "ggml:Q4_K", or "f32" / "bf16" for F32 / BF16."""
+    if name not in GGML_TYPES:
+        raise ShapeError(f"GGML type {name} is not supported; tpi keeps {', '.join(GGML_TYPES)}")
+    return _PLAIN_GGML.get(name, GGML_PREFIX + name)
+
+
+def is_ggml(fmt: str) -> bool:
+    """Whether fmt is a GGUF block type kept as file bytes ("ggml:*"; not f32 / bf16)."""
+    return fmt.startswith(GGML_PREFIX)
+
+
+def ggml_type_info(fmt: str) -> GgmlType:
+    """The GGML type behind a fmt ("ggml:Q4_K", "f32" -> F32, "bf16" -> BF16)."""
+    name = {F32: "F32", BF16: "BF16"}.get(fmt) or (fmt[len(GGML_PREFIX):] if is_ggml(fmt) else "")
+    if name not in GGML_TYPES or fmt in (GGML_PREFIX + "F32", GGML_PREFIX + "BF16"):
+        raise ShapeError(f"weight format '{fmt}' is not a GGML type; use ggml:<TYPE>, f32 or bf16")
+    return GGML_TYPES[name]
+
+
+def k_block(fmt: str) -> int:
+    """Elements per block along K: the granularity of a column (K) shard of this format."""
+    if is_ggml(fmt):
+        return ggml_type_info(fmt).block
+    return GROUP if fmt == Q4G32 or fmt in Q4G32_PREPACKED.values() else 1
+
+
+def bytes_per_weight(fmt: str) -> float:
+    """Bytes one weight takes in this format (block headers and scales included)."""
+    if is_ggml(fmt) or fmt in (F32, BF16):
+        t = ggml_type_info(fmt)
+        return t.block_bytes / t.block
+    return {Q8: 1.0}.get(fmt, 0.5 + 4 / GROUP)  # q8's per-row scale is negligible; q4g32 + prepacked
 
 # Per format: array name -> (dtype, shape as a function of (N, K)).
 _LAYOUT = {
@@ -49,6 +112,16 @@ _LAYOUT = {
     F32: {"weight": (np.float32, lambda n, k: (n, k))},
 }
 _LAYOUT.update({fmt: _LAYOUT[Q4G32] for fmt in Q4G32_PREPACKED.values()})
+_LAYOUT.update({
+    GGML_PREFIX + t.name: {"data": (np.uint8, lambda n, k, t=t: (n, k // t.block * t.block_bytes))}
+    for t in GGML_TYPES.values() if t.name not in _PLAIN_GGML
+})
+
+
+def fmt_nbytes(fmt: str, shape: tuple[int, int]) -> int:
+    """Bytes a QTensor of this fmt and [N, K] shape holds."""
+    n, k = shape
+    return sum(int(np.prod(shape_of(n, k))) * np.dtype(dtype).itemsize for dtype, shape_of in _LAYOUT[fmt].values())
 
 
 @dataclass(frozen=True)
@@ -65,6 +138,9 @@ class QTensor:
         n, k = self.shape
         if self.fmt == Q4G32 and k % GROUP:
             raise ShapeError(f"q4g32 needs K divisible by {GROUP}, got shape {self.shape}; use q8 or bf16")
+        if is_ggml(self.fmt) and k % k_block(self.fmt):
+            raise ShapeError(f"{self.fmt} needs K divisible by its block of {k_block(self.fmt)}, got shape "
+                             f"{self.shape}; the file is corrupt or the shard was cut off a block boundary")
         layout = _LAYOUT[self.fmt]
         if set(self.arrays) != set(layout):
             raise ShapeError(f"{self.fmt} tensor needs arrays {sorted(layout)}, got {sorted(self.arrays)}")
@@ -164,7 +240,43 @@ def quantize(w: np.ndarray, fmt: str) -> QTensor:
         return QTensor(BF16, shape, {"weight": f32_to_bf16_bits(w)})
     if fmt == F32:
         return QTensor(F32, shape, {"weight": np.ascontiguousarray(w)})
-    raise ShapeError(f"unknown weight format '{fmt}'; use one of {', '.join(FORMATS)}")
+    if is_ggml(fmt):
+        return _quantize_ggml(w, fmt)
+    raise ShapeError(f"unknown weight format '{fmt}'; use one of {', '.join(FORMATS)} or ggml:<TYPE>")
+
+
+# GGUF types gguf's numpy code can write (K-quants and IQ4_NL come from llama.cpp's quantizer).
+GGML_QUANTIZABLE = ("F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+
+def _quantize_ggml(w: np.ndarray, fmt: str) -> QTensor:
+    import gguf
+
+    t = ggml_type_info(fmt)
+    if t.name not in GGML_QUANTIZABLE:
+        raise ShapeError(f"tpi cannot quantize to {t.name}; use one of {', '.join(GGML_QUANTIZABLE)} "
+                         "(or llama.cpp's llama-quantize for K-quants)")
+    n, k = w.shape
+    if k % t.block:
+        raise ShapeError(f"{t.name} needs K divisible by {t.block}, got K={k}; keep this tensor in bf16")
+    data = gguf.quants.quantize(w, gguf.GGMLQuantizationType[t.name])
+    return QTensor(fmt, (n, k), {"data": np.ascontiguousarray(data).view(np.uint8).reshape(n, -1)})
+
+
+def _dequantize_ggml(qt: QTensor) -> np.ndarray:
+    """float32 [N, K] exactly as gguf.quants.dequantize gives it (F16 and Q8_0 decoded here, faster)."""
+    n, k = qt.shape
+    data = qt.arrays["data"]
+    name = ggml_type_info(qt.fmt).name
+    if name == "F16":
+        return np.ascontiguousarray(data).view(np.float16).astype(np.float32)
+    if name == "Q8_0":
+        blocks = np.ascontiguousarray(data).reshape(n, k // GROUP, 34)
+        d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)  # [N, K/32, 1]
+        return (blocks[..., 2:].view(np.int8) * d).reshape(n, k)
+    import gguf
+
+    return np.asarray(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[name]), dtype=np.float32).reshape(n, k)
 
 
 def dequantize(qt: QTensor) -> np.ndarray:
@@ -180,6 +292,8 @@ def dequantize(qt: QTensor) -> np.ndarray:
         return a["qweight"].astype(np.float32) * bf16_bits_to_f32(a["scale"])[:, None]
     if qt.fmt == BF16:
         return bf16_bits_to_f32(a["weight"])
+    if is_ggml(qt.fmt):
+        return _dequantize_ggml(qt)
     return a["weight"].astype(np.float32, copy=True)
 
 
@@ -199,7 +313,7 @@ def quant_error(reference: np.ndarray, qt: QTensor) -> QuantError:
 
 
 # Which axis of each array runs over rows (N) and over columns (K), and K units per index.
-_ROW_AXIS = {"qweight": 0, "scale": 0, "weight": 0, "scale_zero": 1}
+_ROW_AXIS = {"qweight": 0, "scale": 0, "weight": 0, "scale_zero": 1, "data": 0}
 
 
 def _col_axis(fmt: str, name: str) -> tuple[int, int] | None:
@@ -222,7 +336,7 @@ def take_rows(qt: QTensor, idx: np.ndarray) -> QTensor:
 
 
 def slice_rows(qt: QTensor, start: int, stop: int) -> QTensor:
-    """Output rows start:stop (a column-parallel shard)."""
+    """Output rows start:stop (a column-parallel shard); zero-copy for row-major arrays (all but q4g32's scales)."""
     n, k = qt.shape
     if not 0 <= start <= stop <= n:
         raise ShapeError(f"row slice {start}:{stop} is outside 0:{n}; check the shard plan")
@@ -235,15 +349,20 @@ def slice_rows(qt: QTensor, start: int, stop: int) -> QTensor:
 
 
 def slice_cols(qt: QTensor, start: int, stop: int) -> QTensor:
-    """Input columns start:stop (a row-parallel shard); q4g32 bounds must be multiples of 32."""
+    """Input columns start:stop (a row-parallel shard), copied; bounds on the format's block (k_block)."""
     n, k = qt.shape
     if not 0 <= start <= stop <= k:
         raise ShapeError(f"column slice {start}:{stop} is outside 0:{k}; check the shard plan")
-    if qt.fmt == Q4G32 and (start % GROUP or stop % GROUP):
+    block = k_block(qt.fmt)
+    if start % block or stop % block:
         raise ShapeError(
-            f"q4g32 column slice {start}:{stop} must start and stop on multiples of {GROUP}; "
-            "put shard boundaries on the quant group size"
+            f"{qt.fmt} column slice {start}:{stop} must start and stop on multiples of {block}, its block "
+            "size; put shard boundaries on the block size, or re-quantize the tensor to a 32-block type"
         )
+    if is_ggml(qt.fmt):  # whole blocks of block_bytes
+        per = ggml_type_info(qt.fmt).block_bytes
+        data = np.ascontiguousarray(qt.arrays["data"][:, start // block * per : stop // block * per])
+        return QTensor(qt.fmt, (n, stop - start), {"data": data})
     arrays = {}
     for name, a in qt.arrays.items():
         col = _col_axis(qt.fmt, name)

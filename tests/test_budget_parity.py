@@ -73,8 +73,10 @@ class Rank0Store:
         return make_layers(self.backend, self.cfg, self.shard, CONTEXT, 1)
 
     def budget(self, layer_bytes_pinned: str) -> int:
-        """'minimum': the least feasible budget (no overhead); 'half': half the layers' bytes more."""
-        sizes = dict(planned_block_sizes(self.store, embed_mapped=True))
+        """'minimum': the least feasible budget (no overhead); 'half': half the layers' bytes more.
+
+        Blocks count at the size their kernels hold (a Q4_0 file's blocks are held as q4g32)."""
+        sizes = dict(planned_block_sizes(self.store, embed_mapped=True, layers=self.layers()))
         plan = plan_memory(self.store, self.layers(), self.cfg, self.shard, CONTEXT, 1 << 40, runtime_overhead=0)
         b = plan.breakdown
         layers = [n for k, n in sizes.items() if k != GLOBALS]
@@ -90,11 +92,12 @@ class Rank0Store:
 
 
 @pytest.fixture(scope="module")
-def rank0_store(tmp_path_factory, tiny_gguf, smollm2):
+def rank0_store(tmp_path_factory, tiny_gguf, kquant_gguf, smollm2):
     made: dict[tuple[str, str], Rank0Store] = {}
     models = {
         "tiny_llama": lambda: tiny_gguf("tiny_llama_q4_0", n_layers=4),
         "tiny_qwen2_tied": lambda: tiny_gguf("tiny_qwen2_q4_0_tied", n_layers=3),
+        "qwen2_q4_k_m": lambda: kquant_gguf("Q4_K_M", "qwen2_512"),  # Q4_K + Q6_K, some blocks unfused
         "smollm2": lambda: smollm2,
     }
 
@@ -119,6 +122,7 @@ def test_all_pinned_reference_tracks_fp32_reference(rank0_store, tiny_gguf, refe
 
 @pytest.mark.parametrize("name,backend", [("tiny_llama", "torch"), ("tiny_qwen2_tied", "torch"),
                                           ("tiny_llama", "numpy"), ("tiny_llama", "ggml"), ("tiny_qwen2_tied", "ggml"),
+                                          ("qwen2_q4_k_m", "numpy"), ("qwen2_q4_k_m", "torch"), ("qwen2_q4_k_m", "ggml"),
                                           pytest.param("smollm2", "torch", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("pinned", ["minimum", "half"])
 def test_streamed_run_is_bit_identical_to_all_pinned(rank0_store, name, backend, pinned):
@@ -133,6 +137,8 @@ def test_streamed_run_is_bit_identical_to_all_pinned(rank0_store, name, backend,
             assert plan.window == 1 and plan.pinned == (GLOBALS,)
         else:
             assert plan.window == 2 and len(plan.pinned) > 1
+        if name == "qwen2_q4_k_m":  # blocks stream from a copy already in the kernels' formats
+            assert weights.store.path.name.endswith(".kernel") and weights.store is not r.store
         got = run_greedy(engine)
     finally:
         weights.close()
@@ -173,10 +179,12 @@ def test_embedding_is_a_map_view_and_costs_no_budget(rank0_store):
         embed = engine.embed_table
         table_bytes = sum(a.nbytes for a in embed.arrays.values())
         assert planned == whole - table_bytes and table_bytes > 0
-        assert not embed.arrays["qweight"].flags.writeable  # a view of the store's map, not a copy
+        assert embed.fmt == "ggml:Q4_0"  # the file's own type: rows are dequantized on the host
+        assert not embed.arrays["data"].flags.writeable  # a view of the store's map, not a copy
         assert GLOBALS in weights.plan.pinned
         assert weights.plan.breakdown.pinned == sum(
-            n for k, n in planned_block_sizes(r.store, embed_mapped=True) if k in weights.plan.pinned)
+            n for k, n in planned_block_sizes(r.store, embed_mapped=True, layers=r.layers())
+            if k in weights.plan.pinned)
     finally:
         weights.close()
 

@@ -10,9 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tpi.devices.profile import (
+    _kernel_seam_matmuls,
     CACHE_FILE, DeviceProfile, load_profile, measure_profile, save_profile,
 )
 from tpi.errors import ProtocolError
+from tpi.quant.kernels import available_backends
 
 GOOD = DeviceProfile(name="laptop-1", os="Linux x86_64", cores=8, total_memory_bytes=8 << 30,
                      free_memory_bytes=6 << 30, backend="torch", int4_gflops=120.5, bf16_gflops=40.0,
@@ -134,6 +136,13 @@ def test_measure_numpy_profile_quick(tmp_path):
 def test_measure_torch_profile_quick(tmp_path):
     pytest.importorskip("torch")
     _check_measured(measure_profile(((256, 512),), backend="torch", scratch_dir=tmp_path, quick=True), "torch")
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends() if b != "torch"])
+def test_every_auto_backend_is_measured_through_the_kernel_seam(backend):
+    """The seam bench (how ggml is profiled) times real matmuls: slower for 64 tokens than for one."""
+    one_int4, one_bf16, prefill = _kernel_seam_matmuls(backend, 256, 512, 0.01)
+    assert 0 < one_int4 < prefill and one_bf16 > 0
 
 
 def test_bench_shapes_must_fit_the_kernels(tmp_path):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from tpi.config import ModelConfig
 from tpi.devices.slicing import (
-    RankShard, check_partition, largest_remainder, plan_shards, split_aligned, split_heads,
+    RankShard, check_partition, largest_remainder, plan_cuts, plan_shards, split_aligned, split_heads,
 )
 from tpi.errors import ShapeError
 
@@ -164,3 +164,37 @@ def test_random_ratios_always_partition_smollm2(weights):
     shards = plan_shards(SMOL, ratios)
     assert_valid(SMOL, shards)
     assert math.isclose(sum(len(s.inter) for s in shards), SMOL.intermediate)
+
+
+# ---- column cuts on a tensor's block (K-quants: 256) ----------------------------------------------
+
+QWEN15 = make_cfg(1536, 8960, 12, 2, 128, vocab=151936, name="qwen2.5-1.5b")  # q_dim 1536: 6 blocks of 256
+
+
+def test_cuts_fall_on_256_element_blocks_where_the_split_has_room():
+    cuts = plan_cuts(QWEN15, [0.4, 0.35, 0.25], wo_block=256, down_block=256)
+    assert cuts.requantized == () and (cuts.wo_align, cuts.down_align) == (256, 256)
+    assert_valid(QWEN15, cuts.shards)
+    for s in cuts.shards:
+        assert s.wo_cols.start % 256 == 0 and s.wo_cols.stop % 256 == 0
+        assert s.inter.start % 256 == 0 and s.inter.stop % 256 == 0
+    # wo: 6 units of 2 heads (256 columns) owed 2.4 / 2.1 / 1.5: floors 2 / 2 / 1, the leftover unit
+    # to the largest remainder (rank 2's .5)
+    assert [len(s.q_heads) for s in cuts.shards] == [4, 4, 4]
+
+
+def test_a_matrix_whose_blocks_cannot_split_n_ways_is_cut_on_32_and_requantized():
+    cfg = make_cfg(512, 1024, 8, 2, 64)  # wo: 2 blocks of 256; w_down: 4
+    two = plan_cuts(cfg, [0.5, 0.5], 256, 256)
+    assert two.requantized == () and two.wo_align == 256
+    four = plan_cuts(cfg, [0.25] * 4, 256, 256)
+    assert four.requantized == ("wo",) and (four.wo_align, four.down_align) == (32, 256)
+    assert_valid(cfg, four.shards)
+    assert [len(s.inter) for s in four.shards] == [256] * 4
+    eight = plan_cuts(cfg, [0.125] * 8, 256, 256)
+    assert eight.requantized == ("wo", "w_down") and eight.down_align == 32
+
+
+def test_32_element_blocks_cut_as_before():
+    assert plan_cuts(SMOL, UNEVEN).shards == plan_shards(SMOL, UNEVEN)
+    assert plan_cuts(SMOL, UNEVEN, 32, 1).requantized == ()

@@ -1,8 +1,9 @@
 """The single-device engine against independent references: the fp32 numpy forward and llama.cpp.
 
 Tolerances: activations are bf16 (8 significant bits) through 2 layers, so logits carry
-about 1% relative error against an fp32 forward. Q8_0 files lose more because tpi requantizes
-their group-of-32 scales to one scale per row (tpi.quant.gguf_import); those get 5%.
+about 1% relative error against an fp32 forward. Q8_0 files lose more because the torch and numpy
+kernels requantize their group-of-32 scales to one scale per row when they prepare them
+(tpi.quant.gguf_import.convert_ggml); those get 5%.
 """
 from __future__ import annotations
 

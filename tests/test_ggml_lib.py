@@ -5,12 +5,14 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
-from ggml_source import RawGgml, quantize_rows
+from ggml_source import quantize_rows
 from tpi.errors import TpiError
+from tpi.quant.formats import dequantize
 from tpi.quant import ggml_lib
 from tpi.quant.ggml_backend import GgmlBackend, GgmlLinear, can_repack, weight_type
 from tpi.quant.ggml_graph import Context, GgmlShapeError, Graph
@@ -74,7 +76,7 @@ def test_every_weight_type_matches_the_numpy_dequantized_reference(name, tokens)
     rng = np.random.default_rng([ALL_TYPES.index(name), tokens])
     w = quantize_rows(rng.standard_normal((48, 512)).astype(np.float32), name)
     x = rng.standard_normal((tokens, 512)).astype(np.float32)
-    ref = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
+    ref = x.astype(np.float64) @ dequantize(w).astype(np.float64).T
     y = get_backend("ggml").prepare(w)(x)
     assert y.shape == ref.shape and y.dtype == np.float32
     assert np.abs(y - ref).max() <= TOLERANCE.get(name, 2e-2) * np.abs(ref).max()
@@ -107,15 +109,24 @@ def test_weight_formats_map_to_ggml_types():
 
 # ---- refusals: each of these would abort the process inside ggml ------------------------------
 
+@dataclass(frozen=True)
+class Corrupt:
+    """A weight as a damaged shard could carry it (QTensor itself would refuse to hold it)."""
+
+    fmt: str
+    shape: tuple[int, int]
+    arrays: dict
+
+
 def test_a_weight_with_the_wrong_byte_count_is_refused():
     w = quantize_rows(np.ones((16, 256), np.float32), "Q4_K")
-    short = RawGgml(w.fmt, w.shape, {"data": w.arrays["data"][:, :-2].copy()})
+    short = Corrupt(w.fmt, w.shape, {"data": w.arrays["data"][:, :-2].copy()})
     with pytest.raises(GgmlShapeError, match="corrupt"):
         GgmlBackend(threads=1).weight(short)
 
 
 def test_a_row_that_is_not_whole_blocks_is_refused():
-    bad = RawGgml("ggml:Q4_K", (16, 128), {"data": np.zeros((16, 72), np.uint8)})  # Q4_K blocks are 256 wide
+    bad = Corrupt("ggml:Q4_K", (16, 128), {"data": np.zeros((16, 72), np.uint8)})  # Q4_K blocks are 256 wide
     with pytest.raises(GgmlShapeError, match="blocks of 256"):
         GgmlBackend(threads=1).weight(bad)
 
@@ -202,5 +213,5 @@ def test_a_graph_keeps_the_weights_it_reads_alive():
     gc.collect()
     junk = [rng.standard_normal(1 << 16) for _ in range(32)]  # would land in a freed weight's memory
     be.runtime.compute(graph)
-    ref = x @ w.dequantize().T
+    ref = x @ dequantize(w).T
     assert np.abs(graph.outputs[0] - ref).max() <= 2e-2 * np.abs(ref).max() and len(junk) == 32

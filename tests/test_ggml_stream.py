@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gc
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ggml_source import RawGgml, quantize_rows
+from ggml_source import quantize_rows
+from tpi.quant.formats import QTensor
 from tpi.quant.ggml_backend import GgmlBackend, GgmlLinear
 from tpi.quant.ggml_graph import GgmlShapeError
 from tpi.quant.ggml_lib import ggml_available
@@ -17,6 +19,15 @@ from tpi.quant.ggml_stream import copied_repacked, mapped_repacked, remap_suppor
 
 pytestmark = [pytest.mark.skipif(not ggml_available()[0], reason="ggml not loadable here"),
               pytest.mark.skipif(not remap_supported(), reason="mapping weights is Linux-only")]
+
+
+@dataclass(frozen=True)
+class _Mislabelled:
+    """A weight whose bytes are not what its shape says (a damaged kernel-layout file)."""
+
+    fmt: str
+    shape: tuple[int, int]
+    arrays: dict
 
 
 def _mappings_of(path: Path) -> int:
@@ -41,9 +52,9 @@ def repacked_file(tmp_path):
     os.close(fd)
 
 
-def _from_file(path: Path, qt: RawGgml, offset: int) -> RawGgml:
+def _from_file(path: Path, qt: QTensor, offset: int) -> QTensor:
     data = np.fromfile(path, np.uint8, qt.arrays["data"].nbytes, offset=offset).reshape(qt.arrays["data"].shape)
-    return RawGgml(qt.fmt, qt.shape, {"data": data})
+    return QTensor(qt.fmt, qt.shape, {"data": data})
 
 
 def test_mapped_and_copied_repacked_weights_compute_what_ggml_repack_computes(repacked_file):
@@ -78,6 +89,6 @@ def test_weights_ggml_does_not_repack_are_refused(repacked_file):
     q8 = quantize_rows(np.ones((64, 256), np.float32), "Q8_0")
     with pytest.raises(GgmlShapeError, match="no repacked layout"):
         mapped_repacked(be, q8, fd, 0)
-    short = RawGgml("ggml:Q4_0", (64, 256), {"data": np.zeros((64, 143), np.uint8)})
+    mislabelled = _Mislabelled("ggml:Q4_0", (64, 256), {"data": np.zeros((64, 126), np.uint8)})  # 224 columns' bytes
     with pytest.raises(GgmlShapeError, match="corrupt"):
-        copied_repacked(be, short)
+        copied_repacked(be, mislabelled)

@@ -1,4 +1,7 @@
-"""GGUF import: compare dequantize(import_tensor(...)) with gguf's own dequantization."""
+"""GGUF import keeps every type as it is; the numpy / torch conversion (convert_ggml) is bounded.
+
+References: gguf's own quantizers write the blocks and gguf's own dequantizers read them.
+"""
 from __future__ import annotations
 
 import gguf
@@ -7,7 +10,7 @@ import pytest
 
 from tpi.errors import ModelFormatError
 from tpi.quant import formats as F
-from tpi.quant.gguf_import import import_tensor
+from tpi.quant.gguf_import import KERNEL_FORMAT, convert_ggml, import_tensor
 
 T = gguf.GGMLQuantizationType
 N, K = 48, 256
@@ -28,11 +31,24 @@ def _block_headers(data: np.ndarray, qtype: T) -> tuple[np.ndarray, np.ndarray]:
     return d, m + 8 * d
 
 
+WRITABLE = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
+
+
+@pytest.mark.parametrize("qtype", WRITABLE, ids=lambda t: t.name)
+def test_import_keeps_the_file_bytes_and_dequantizes_exactly_as_gguf(qtype):
+    data = gguf.quants.quantize(_weights(1), qtype)
+    qt, note = import_tensor(qtype, data, (N, K))
+    assert qt.fmt == {T.F32: "f32", T.BF16: "bf16"}.get(qtype, f"ggml:{qtype.name}")
+    assert note.exact and note.source_type == qtype.name and note.target_fmt == qt.fmt
+    assert np.shares_memory(next(iter(qt.arrays.values())), data)  # a view of the file, not a copy
+    assert np.array_equal(F.dequantize(qt), gguf.quants.dequantize(data, qtype).reshape(N, K))
+
+
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1])
-def test_q4_blocks_map_exactly_up_to_bf16_scale_rounding(qtype):
+def test_q4_blocks_convert_exactly_up_to_bf16_scale_rounding(qtype):
     data = gguf.quants.quantize(_weights(1), qtype)
     ref = gguf.quants.dequantize(data, qtype).reshape(N, K)
-    qt, note = import_tensor(qtype, data, (N, K))
+    qt, note = convert_ggml(import_tensor(qtype, data, (N, K))[0], measure_error=True)
     assert qt.fmt == F.Q4G32 and note.exact and note.target_fmt == F.Q4G32 and note.source_type == qtype.name
     diff = np.abs(F.dequantize(qt) - ref)
     d, zero = _block_headers(data, qtype)
@@ -43,7 +59,7 @@ def test_q4_blocks_map_exactly_up_to_bf16_scale_rounding(qtype):
     assert note.error.rmse == pytest.approx(np.sqrt(np.mean(diff.astype(np.float64) ** 2)), rel=1e-3)
 
 
-def test_q4_1_with_bf16_exact_headers_imports_bit_exactly():
+def test_q4_1_with_bf16_exact_headers_converts_bit_exactly():
     data = gguf.quants.quantize(_weights(2), T.Q4_1).copy()
     blocks = data.reshape(N, K // 32, 20)
     rng = np.random.default_rng(3)
@@ -51,27 +67,36 @@ def test_q4_1_with_bf16_exact_headers_imports_bit_exactly():
     m = (rng.integers(-64, 64, (N, K // 32)) / 256).astype(np.float16)
     blocks[..., 0:2] = d[..., None].view(np.uint8).reshape(N, K // 32, 2)
     blocks[..., 2:4] = m[..., None].view(np.uint8).reshape(N, K // 32, 2)
-    qt, note = import_tensor(T.Q4_1, data, (N, K))
+    qt, note = convert_ggml(import_tensor(T.Q4_1, data, (N, K))[0], measure_error=True)
     assert np.array_equal(F.dequantize(qt), gguf.quants.dequantize(data, T.Q4_1).reshape(N, K))
     assert note.error.max_abs == 0.0
 
 
-@pytest.mark.parametrize("qtype,fmt,max_rel", [(T.Q8_0, F.Q8, 0.02), (T.F16, F.BF16, 0.004), (T.BF16, F.BF16, 0.0)])
-def test_lossy_and_plain_types_land_in_the_stated_format(qtype, fmt, max_rel):
+@pytest.mark.parametrize("qtype,fmt,max_rel", [(T.Q8_0, F.Q8, 0.02), (T.Q5_0, F.Q8, 0.01), (T.F16, F.BF16, 0.004)])
+def test_requantized_types_land_in_their_kernel_format(qtype, fmt, max_rel):
     data = gguf.quants.quantize(_weights(4), qtype)
     ref = gguf.quants.dequantize(data, qtype).reshape(N, K)
-    qt, note = import_tensor(qtype, data, (N, K))
-    assert qt.fmt == fmt and note.target_fmt == fmt
-    assert note.exact == (qtype == T.BF16)
+    qt, note = convert_ggml(import_tensor(qtype, data, (N, K))[0], measure_error=True)
+    assert qt.fmt == fmt == KERNEL_FORMAT[qtype.name] and note.target_fmt == fmt and not note.exact
     got = F.quant_error(ref, qt)
     assert got.rel_rmse <= max_rel
     assert note.error.rel_rmse == pytest.approx(got.rel_rmse, rel=1e-3, abs=1e-9)
 
 
-def test_f32_matrix_imports_unchanged():
-    w = _weights(5)
-    qt, note = import_tensor(T.F32, w, (N, K))
-    assert qt.fmt == F.F32 and note.exact and np.array_equal(F.dequantize(qt), w)
+def test_conversion_in_row_chunks_equals_one_pass(monkeypatch):
+    import tpi.quant.gguf_import as gi
+
+    qt = import_tensor(T.Q8_0, gguf.quants.quantize(_weights(5), T.Q8_0), (N, K))[0]
+    whole, _ = convert_ggml(qt)
+    monkeypatch.setattr(gi, "CONVERT_ROWS", 7)  # 48 rows in 7 uneven chunks
+    chunked, _ = convert_ggml(qt)
+    for name in whole.arrays:
+        assert np.array_equal(whole.arrays[name], chunked.arrays[name])
+
+
+def test_plain_fmts_pass_through_conversion_untouched():
+    qt = F.quantize(_weights(6), F.Q4G32)
+    assert convert_ggml(qt) == (qt, None)
 
 
 @pytest.mark.parametrize("qtype", [T.F32, T.F16, T.Q8_0, T.Q4_1])
@@ -84,7 +109,7 @@ def test_vectors_of_any_type_become_float32(qtype):
     assert note.target_fmt == F.F32
 
 
-# ---- K-quants: hand-built blocks (gguf cannot quantize them) ------------------------------------
+# ---- K-quants: hand-built blocks (gguf cannot quantize them; real files: test_kquant_models.py) ----
 
 def _kquant_blocks(qtype: T, seed: int) -> np.ndarray:
     """Random but valid K-quant blocks: random nibbles/scales with sane fp16 super-scales."""
@@ -103,48 +128,64 @@ def _kquant_blocks(qtype: T, seed: int) -> np.ndarray:
     return blocks.reshape(N, -1)
 
 
-@pytest.mark.parametrize("qtype,fmt,max_rel", [(T.Q4_K, F.Q4G32, 0.05), (T.Q5_K, F.Q4G32, 0.08), (T.Q6_K, F.Q8, 0.01)])
-def test_kquants_requantize_with_small_reported_error(qtype, fmt, max_rel):
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K])
+def test_kquants_import_exactly(qtype):
+    data = _kquant_blocks(qtype, seed=7)
+    qt, note = import_tensor(qtype, data, (N, K))
+    assert qt.fmt == f"ggml:{qtype.name}" and note.exact
+    assert np.array_equal(F.dequantize(qt), gguf.quants.dequantize(data, qtype).reshape(N, K))
+
+
+def test_q4_k_maps_onto_q4g32_sub_block_for_sub_block():
+    data = _kquant_blocks(T.Q4_K, seed=8)
+    ref = gguf.quants.dequantize(data, T.Q4_K).reshape(N, K).astype(np.float64)
+    qt, note = convert_ggml(import_tensor(T.Q4_K, data, (N, K))[0], measure_error=True)
+    assert qt.fmt == F.Q4G32 and note.exact
+    # Sub-block scale s = d*sc and zero z = 8s - dmin*m, from gguf's own unpacking of the 6-bit fields.
+    blocks = data.reshape(-1, 144)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float64)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float64)
+    sc, m = gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16])
+    s = (d * sc).reshape(N, K // 32)
+    z = 8 * s - (dmin * m).reshape(N, K // 32)
+    # only bf16 rounding (half an ulp, 2^-8 relative) of s (times |q - 8| <= 8) and of z
+    bound = (8 * s + np.abs(z)) * 2**-8 + 1e-7
+    diff = np.abs(F.dequantize(qt) - ref).reshape(N, K // 32, 32).max(-1)
+    assert np.all(diff <= bound) and 0 < note.error.rel_rmse < 0.004
+
+
+@pytest.mark.parametrize("qtype,max_rel", [(T.Q5_K, 0.01), (T.Q6_K, 0.01)])
+def test_other_kquants_requantize_to_q8_with_small_reported_error(qtype, max_rel):
     data = _kquant_blocks(qtype, seed=7)
     ref = gguf.quants.dequantize(data, qtype).reshape(N, K)
     assert np.isfinite(ref).all() and np.abs(ref).max() > 0
-    qt, note = import_tensor(qtype, data, (N, K))
-    assert qt.fmt == fmt and not note.exact
+    qt, note = convert_ggml(import_tensor(qtype, data, (N, K))[0], measure_error=True)
+    assert qt.fmt == F.Q8 and not note.exact
     got = F.quant_error(ref, qt)
     assert 0 < got.rel_rmse <= max_rel
     assert note.error.rel_rmse == pytest.approx(got.rel_rmse, rel=1e-3)
-    assert note.error.max_abs == pytest.approx(got.max_abs, rel=1e-5)
-
-
-def test_keep_bf16_above_keeps_lossy_tensors_in_bf16():
-    data = _kquant_blocks(T.Q5_K, seed=8)
-    ref = gguf.quants.dequantize(data, T.Q5_K).reshape(N, K)
-    qt, note = import_tensor(T.Q5_K, data, (N, K), keep_bf16_above=1e-4)
-    assert qt.fmt == F.BF16 and note.target_fmt == F.BF16
-    assert note.error.rel_rmse < 0.004
-    kept, _ = import_tensor(T.Q5_K, data, (N, K), keep_bf16_above=0.5)
-    assert kept.fmt == F.Q4G32
-    assert np.array_equal(F.dequantize(qt), F.bf16_bits_to_f32(F.f32_to_bf16_bits(ref)))
 
 
 def test_unsupported_type_names_itself_and_the_supported_ones():
-    with pytest.raises(ModelFormatError, match="IQ2_XXS.*Q4_1"):
+    with pytest.raises(ModelFormatError, match="IQ2_XXS.*Q4_1.*Q4_K.*IQ4_NL"):
         import_tensor(T.IQ2_XXS, np.zeros((N, 66), np.uint8), (N, K))
 
 
 # ---- the real SmolLM2 file -------------------------------------------------------------------
 
-def test_smollm2_tensors_round_trip_within_the_bound(smollm2_reader):
+def test_smollm2_tensors_import_exactly_and_convert_within_the_bound(smollm2_reader):
     picked = [t for t in smollm2_reader.tensors if t.name.startswith("blk.0.")]
     assert {t.tensor_type for t in picked} >= {T.Q4_1, T.F32}
     for t in picked:
         shape = tuple(int(s) for s in reversed(t.shape))
         out, note = import_tensor(t.tensor_type, t.data, shape)
         ref = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        assert note.exact
         if t.tensor_type == T.F32:
             assert np.array_equal(out, ref)
             continue
-        assert out.fmt == F.Q4G32 and note.exact
-        diff = np.abs(F.dequantize(out) - ref)
-        assert diff.max() == pytest.approx(note.error.max_abs, rel=1e-5)
-        assert note.error.rel_rmse < 0.005  # fp16 -> bf16 scale rounding only
+        assert out.fmt == "ggml:Q4_1" and np.array_equal(F.dequantize(out), ref)
+        conv, cnote = convert_ggml(out, measure_error=True)
+        diff = np.abs(F.dequantize(conv) - ref)
+        assert conv.fmt == F.Q4G32 and diff.max() == pytest.approx(cnote.error.max_abs, rel=1e-5)
+        assert cnote.error.rel_rmse < 0.005  # fp16 -> bf16 scale rounding only

@@ -99,6 +99,16 @@ def assert_same_output(single, grouped, label: str) -> None:
     assert tokens[:same_until] == ref_tokens[:same_until], f"{label}: greedy tokens differ before a near-tie"
 
 
+def grouped_run(opts: GroupOptions, world: int, forced: list[int], say=None) -> tuple[np.ndarray, list[int]]:
+    """run_engine on a group started from opts (forced: the single device's tokens), then closed."""
+    group = start_group(opts, **({"say": say} if say else {}))
+    try:
+        assert group.engine.comm.world == world
+        return run_engine(group.engine, forced=forced)
+    finally:
+        group.close()
+
+
 CASES = [
     # (N, ratios, models); ratios are pinned so the planner does not choose them.
     # Even halves; an uneven 3-way split; 4 ranks > KV heads (KV heads replicated).
@@ -112,14 +122,9 @@ CASES = [
 def test_group_gives_single_device_tokens_and_logits(world, ratios, names, models, single_device, tmp_path):
     for name in names:
         single = single_device(name)
-        group = start_group(GroupOptions(
+        grouped = grouped_run(GroupOptions(
             model=str(models[name]), local_workers=world - 1, host="127.0.0.1", ratios=ratios,
-            config_dir=tmp_path / "config", cache_dir=tmp_path / "cache", join_timeout_s=180))
-        try:
-            assert group.engine.comm.world == world
-            grouped = run_engine(group.engine, forced=single[1])
-        finally:
-            group.close()
+            config_dir=tmp_path / "config", cache_dir=tmp_path / "cache", join_timeout_s=180), world, single[1])
         assert_same_output(single, grouped, f"{name} N={world} ratios={ratios}")
 
 

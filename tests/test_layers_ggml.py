@@ -4,8 +4,8 @@ The ggml graphs are llama.cpp's own ops in llama.cpp's order, so on one device t
 logits bit for bit: every check below would also pass at max |diff| 0. The asserts are the issue's:
 last-token logits correlation >= 0.9999 and the same greedy tokens for 64 steps, on SmolLM2 (Q4_1)
 and on tiny llama / qwen2 models that llama.cpp's own quantizer turned into every GGUF type
-(Q4_K_M etc. are real mixes: Q4_K with Q6_K). Weights come straight from the GGUF rows
-(tests/ggml_source.py) until the weights branch loads them natively.
+(Q4_K_M etc. are real mixes: Q4_K with Q6_K). Models are opened and cut by tpi's own loader, GGUF
+types kept native (tests/ggml_source.model_blocks).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ggml_source import LLAMA_FTYPES, NativeGguf, llama_quantize, rank_blocks, shards_for
+from ggml_source import LLAMA_FTYPES, ModelBlocks, llama_quantize, model_blocks
 from model_factory import write_tiny_gguf
 from tpi.config import RopeScaling
 from tpi.errors import ShapeError
@@ -46,20 +46,19 @@ class LlamaCpp:
         self.llm.close()
 
 
-def ggml_engine(src: NativeGguf, cfg=None, threads: int = 1, whole_graph: bool = True) -> Transformer:
+def ggml_engine(src: ModelBlocks, cfg=None, threads: int = 1, whole_graph: bool = True) -> Transformer:
     """A single-device Transformer over GgmlLayers with every block resident."""
     from tpi.layers_ggml import GgmlLayers
 
     cfg = cfg or src.config
-    shard = shards_for(src, [1.0])[0]
+    shard = src.shards[0]
     layers = GgmlLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, CONTEXT, threads, whole_graph=whole_graph)
-    blocks = rank_blocks(src, [shard])[0]
-    return Transformer(cfg, layers, ResidentWeights({k: layers.to_runtime(b) for k, b in blocks.items()}))
+    return Transformer(cfg, layers, ResidentWeights({k: layers.to_runtime(b) for k, b in src.blocks[0].items()}))
 
 
 def compare_greedy(path: Path, prompt: list[int], cfg=None, **llama_kw) -> tuple[float, float, int]:
     """(prefill last-token correlation, max |diff| anywhere, steps with the same greedy token)."""
-    src = NativeGguf(path)
+    src = model_blocks(path)
     ours, ref = ggml_engine(src, cfg), LlamaCpp(path, **llama_kw)
     try:
         want, got = ref.eval(prompt), ours.forward(src.embed(prompt), 0)[-1]
@@ -85,7 +84,7 @@ def test_smollm2_is_llama_cpp_bit_for_bit(smollm2, smollm2_chat_tokens):
 
 
 def test_a_pass_as_one_whole_graph_is_the_block_by_block_pass(smollm2, smollm2_chat_tokens):
-    src, ids = NativeGguf(smollm2), smollm2_chat_tokens
+    src, ids = model_blocks(smollm2), smollm2_chat_tokens
     engines = [ggml_engine(src, whole_graph=w) for w in (False, True)]
     every = [m.forward(src.embed(ids), 0, all_positions=True) for m in engines]
     assert every[0].shape == (len(ids), src.config.vocab) and np.array_equal(*every)
@@ -100,7 +99,7 @@ def test_a_pass_as_one_whole_graph_is_the_block_by_block_pass(smollm2, smollm2_c
 
 
 def test_prefill_continued_after_a_cached_prefix_matches_llama_cpp(smollm2, smollm2_chat_tokens):
-    src, ids = NativeGguf(smollm2), smollm2_chat_tokens
+    src, ids = model_blocks(smollm2), smollm2_chat_tokens
     ours, ref = ggml_engine(src, threads=2), LlamaCpp(smollm2)
     try:
         cut = len(ids) // 3
@@ -139,7 +138,7 @@ PROMPT = [1, 5, 17, 99, 200, 31, 7, 64, 3]
 @pytest.mark.parametrize("ftype", sorted(LLAMA_FTYPES))
 def test_every_gguf_type_matches_llama_cpp(quantized, arch, ftype):
     path = quantized(arch, ftype)
-    types = {t.tensor_type.name for t in NativeGguf(path).reader.tensors if len(t.shape) == 2}
+    types = model_blocks(path).matrix_types()
     if ftype.endswith("_K_M"):
         assert "Q6_K" in types and ftype[:4] in types, types  # a real mix of two K-quants
     corr, diff, same = compare_greedy(path, PROMPT)
@@ -153,7 +152,7 @@ def test_llama3_rope_scaling_from_gguf_freq_factors(tiny_llama3_rope):
 
 
 def test_linear_rope_scaling(tiny_llama_f32):
-    cfg = replace(NativeGguf(tiny_llama_f32).config, rope_scaling=RopeScaling(kind="linear", factor=4.0))
+    cfg = replace(model_blocks(tiny_llama_f32).config, rope_scaling=RopeScaling(kind="linear", factor=4.0))
     corr, diff, same = compare_greedy(tiny_llama_f32, PROMPT, cfg, rope_freq_scale=0.25)
     assert corr >= MIN_CORRELATION and same == STEPS and diff < 1e-3
 
@@ -161,7 +160,7 @@ def test_linear_rope_scaling(tiny_llama_f32):
 def test_llama3_factors_of_an_hf_config_are_the_gguf_ones(tiny_llama3_rope):
     from tpi.ggml_blocks import rope_frequency_factors
 
-    cfg = NativeGguf(tiny_llama3_rope).config
+    cfg = model_blocks(tiny_llama3_rope).config
     hf = replace(cfg, rope_freq_factors=None, rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64))
     np.testing.assert_allclose(rope_frequency_factors(hf), cfg.rope_freq_factors, rtol=1e-6)
 
@@ -169,7 +168,7 @@ def test_llama3_factors_of_an_hf_config_are_the_gguf_ones(tiny_llama3_rope):
 class _Scorer:
     """The engine surface window_perplexity uses, over a ggml Transformer."""
 
-    def __init__(self, src: NativeGguf, model: Transformer):
+    def __init__(self, src: ModelBlocks, model: Transformer):
         self.src, self.model = src, model
 
     def reset(self) -> None:
@@ -204,9 +203,9 @@ def test_perplexity_within_half_a_percent_of_llama_cpp(smollm2, english_ids, tmp
     from tpi.cli import window_perplexity
 
     path = smollm2 if ftype is None else llama_quantize(smollm2, tmp_path / f"smollm2-{ftype}.gguf", ftype)
-    src = NativeGguf(path)
+    src = model_blocks(path)
     if ftype:  # hidden 576 is not a multiple of 256: llama.cpp mixes K-quants with 32-block types
-        types = {t.tensor_type.name for t in src.reader.tensors if len(t.shape) == 2}
+        types = src.matrix_types()
         assert {"Q4_K", "Q6_K"} <= types and types & {"Q5_0", "Q8_0", "Q5_1"}, types
     ours = window_perplexity(_Scorer(src, ggml_engine(src, threads=2)), english_ids)
     theirs = llama_cpp_perplexity(path, english_ids)

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from ggml_source import NativeGguf, rank_blocks, shards_for
+from ggml_source import ModelBlocks, model_blocks
 from tpi.model import ResidentWeights, Transformer
 from tpi.quant.ggml_lib import ggml_available
 
@@ -62,18 +62,18 @@ class ThreadComm:
 class Group:
     """N ranks of GgmlLayers on a GGUF, run in lockstep; forward returns the whole vocabulary."""
 
-    def __init__(self, src: NativeGguf, ratios: tuple[float, ...]):
+    def __init__(self, src: ModelBlocks):
         from tpi.layers_ggml import GgmlLayers
 
         self.src, cfg = src, src.config
-        self.shards = shards_for(src, ratios)
-        hub = _Hub(len(ratios))
+        self.shards = src.shards
+        hub = _Hub(len(self.shards))
         self.ranks = []
-        for s, blocks in zip(self.shards, rank_blocks(src, self.shards)):
+        for s, blocks in zip(self.shards, src.blocks):
             layers = GgmlLayers(cfg, s.n_q_heads, s.q_to_local_kv, CONTEXT, 1)
             weights = ResidentWeights({k: layers.to_runtime(b) for k, b in blocks.items()})
-            self.ranks.append(Transformer(cfg, layers, weights, ThreadComm(hub, s.rank) if len(ratios) > 1 else None))
-        self.pool = ThreadPoolExecutor(len(ratios))
+            self.ranks.append(Transformer(cfg, layers, weights, ThreadComm(hub, s.rank) if len(self.shards) > 1 else None))
+        self.pool = ThreadPoolExecutor(len(self.shards))
 
     def forward(self, ids: list[int], start: int, all_positions: bool = False) -> np.ndarray:
         h = self.src.embed(ids)
@@ -98,7 +98,7 @@ def single():
 
     def get(path, prompt: list[int]) -> tuple[np.ndarray, list[int]]:
         if path not in made:
-            made[path] = Group(NativeGguf(path), (1.0,)).greedy(prompt)
+            made[path] = Group(model_blocks(path)).greedy(prompt)
         return made[path]
 
     return get
@@ -129,7 +129,7 @@ CASES = [(0.6, 0.4), (0.5, 0.3, 0.2), (0.4, 0.3, 0.2, 0.1)]
 @pytest.mark.parametrize("ratios", CASES, ids=[f"N{len(r)}" for r in CASES])
 def test_smollm2_group_gives_the_single_device_tokens(smollm2, single, ratios):
     ref = single(smollm2, SMOLLM2_PROMPT)
-    group = Group(NativeGguf(smollm2), ratios)
+    group = Group(model_blocks(smollm2, ratios))
     # 9 query heads over 3 KV heads: every split here cuts a KV group, so some rank runs its
     # query heads as several flash-attention runs over KV heads that other ranks also hold
     assert any(len(r.layers.spec.segments) > 1 for r in group.ranks) or len(ratios) == 4
@@ -143,7 +143,33 @@ def test_smollm2_group_gives_the_single_device_tokens(smollm2, single, ratios):
 def test_tiny_groups_with_kv_heads_on_several_ranks(tiny_gguf, single, variant, ratios):
     path = tiny_gguf(variant)
     ref = single(path, TINY_PROMPT)
-    group = Group(NativeGguf(path), ratios)
+    group = Group(model_blocks(path, ratios))
     assert sum(len(s.kv_heads) for s in group.shards) > group.src.config.n_kv_heads  # KV heads replicated
     same_until = assert_single_device_output(ref, group.greedy(TINY_PROMPT, forced=ref[1]), f"{variant} {ratios}")
+    assert group.greedy(TINY_PROMPT)[1][:same_until] == ref[1][:same_until]
+
+
+@pytest.fixture(scope="module")
+def tiny_q4_k_m(tmp_path_factory):
+    """A tiny qwen2 (hidden 256: real Q4_K and Q6_K) quantized by llama.cpp to Q4_K_M."""
+    from ggml_source import llama_quantize
+    from model_factory import write_tiny_gguf
+
+    tmp = tmp_path_factory.mktemp("kquant_group")
+    f16 = write_tiny_gguf(tmp / "f16.gguf", arch="qwen2", hidden=256, intermediate=512, n_heads=4, n_kv_heads=2,
+                          weight_type="F16", seed=7)
+    return llama_quantize(f16, tmp / "q4_k_m.gguf", "Q4_K_M")
+
+
+@pytest.mark.parametrize("ratios", [(0.5, 0.5), (0.5, 0.25, 0.25), (0.25,) * 4], ids=["N2", "N3", "N4"])
+def test_a_k_quant_mix_group_gives_the_single_device_tokens(tiny_q4_k_m, single, ratios):
+    """Q4_K / Q6_K columns are cut on 256-element blocks, or re-quantized to Q8_0 where they cannot be."""
+    ref = single(tiny_q4_k_m, TINY_PROMPT)
+    src = model_blocks(tiny_q4_k_m, ratios)
+    fmts = {w.fmt for blocks in src.blocks for b in blocks.values() for w in b.values() if hasattr(w, "fmt")}
+    assert {"ggml:Q4_K", "ggml:Q6_K"} <= fmts
+    if len(ratios) > 2:  # wo's 256 columns cannot fall on 256-element blocks 3 or 4 ways
+        assert "ggml:Q8_0" in {b["wo"].fmt for blocks in src.blocks for k, b in blocks.items() if k.endswith("attn")}
+    group = Group(src)
+    same_until = assert_single_device_output(ref, group.greedy(TINY_PROMPT, forced=ref[1]), f"Q4_K_M {ratios}")
     assert group.greedy(TINY_PROMPT)[1][:same_until] == ref[1][:same_until]

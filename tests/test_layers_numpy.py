@@ -1,7 +1,7 @@
 """The numpy backend's forward pass against the independent fp32 reference and the torch backend.
 
 Tolerances are relative to the largest reference logit (max |a - b| / max |ref|):
-  numpy vs reference on the same imported weights   2e-5   (f32 everywhere; measured ~1e-6)
+  numpy vs reference on the weights it holds          2e-5   (f32 everywhere; measured ~1e-6)
   numpy vs reference on the GGUF's own weights        2e-5 for F32 files; quantized files carry
                                                       tpi's import error (bf16 scales, q8 requant):
                                                       measured 7e-3 (Q4) to 3e-2 (Q8_0), bound 6e-2
@@ -24,6 +24,7 @@ from tpi.generate import Engine
 from tpi.layers_numpy import NumpyLayers
 from tpi.model import ResidentWeights, Transformer
 from tpi.quant.formats import dequantize
+from tpi.quant.kernel_forms import to_kernel_format
 from tpi.shard import iter_rank_blocks
 
 TIGHT = 2e-5
@@ -50,14 +51,15 @@ def build_engine(path, backend: str, ratios=(1.0,), context: int = CONTEXT, sour
 
 
 def reference_on_imported_weights(path) -> RefModel:
-    """The reference forward run on tpi's imported (dequantized) weights: isolates the backend's own error."""
+    """The reference forward run on the weights the numpy kernels hold (GGUF types converted as
+    prepare converts them, then dequantized): isolates the backend's own arithmetic error."""
     gguf_ref = load_gguf_reference(path)  # frequencies and eps from the file, not from tpi
     source = open_model(path)
     cfg = source.config
 
     def w(name: str):
         t = source.load(name)
-        return t if isinstance(t, np.ndarray) and t.ndim == 1 else dequantize(t)
+        return t if isinstance(t, np.ndarray) and t.ndim == 1 else dequantize(to_kernel_format(t))
 
     layers = []
     for i in range(cfg.n_layers):
@@ -65,12 +67,12 @@ def reference_on_imported_weights(path) -> RefModel:
         bias = (g("bq"), g("bk"), g("bv")) if cfg.qkv_bias else (None, None, None)
         layers.append(RefLayer(g("attn_norm"), g("wq"), g("wk"), g("wv"), g("wo"), g("mlp_norm"),
                                g("w_gate"), g("w_up"), g("w_down"), *bias))
-    embed = w("embed")
+    embed = dequantize(source.load("embed"))  # the embedding is looked up as stored, never converted
     return RefModel(
         arch=cfg.arch, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
         rms_eps=gguf_ref.rms_eps, rope_style=ROPE_ADJACENT,  # tpi stores every model in adjacent-pair order
         inv_freq=gguf_ref.inv_freq, embed=embed, layers=layers, final_norm=w("norm"),
-        output=embed if cfg.tied_embeddings else w("lm_head"), tied=cfg.tied_embeddings,
+        output=w("embed" if cfg.tied_embeddings else "lm_head"), tied=cfg.tied_embeddings,
     )
 
 

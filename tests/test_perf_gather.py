@@ -22,6 +22,11 @@ def _gather_once(slice_: np.ndarray) -> tuple[np.ndarray, int]:
         dealer.setsockopt(zmq.ROUTING_ID, b"w1")
         port = router.bind_to_random_port("tcp://127.0.0.1")
         dealer.connect(f"tcp://127.0.0.1:{port}")
+        # A ROUTER drops messages to peers it has not heard from yet: wait for the worker's hello
+        # (the real link's join plays this part) before the master broadcasts.
+        dealer.send(b"hello")
+        assert router.poll(30_000), "the worker's hello never reached the master"
+        assert router.recv_multipart() == [b"w1", b"hello"]
         master = StarMaster(router, ["w1"], ["w1"], "f32", dict, step_timeout_s=10, max_frame=1 << 24)
         worker = StarWorker(dealer, 1, 2, "f32", lambda: None, step_timeout_s=10, max_frame=1 << 24)
 

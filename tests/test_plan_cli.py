@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -51,7 +54,34 @@ def test_plan_reads_only_the_metadata_of_a_gguf_file(devices_file, tiny_llama_q4
     result = RUNNER.invoke(app, ["plan", str(tiny_llama_q4_0), "--devices", str(devices_file), "--context", "256"],
                            env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
-    assert "int4 weights" in result.output and "desk" in result.output
+    assert "Q4_0 100% weights" in result.output and "desk" in result.output  # the file's own types
+    assert "column shards cut on 32 (wo) and 32 (w_down)" in result.output
+
+
+def test_plan_into_a_pipe_is_plain_wide_text_with_every_cell_whole(devices_file):
+    """Through a real pipe (not a terminal, COLUMNS unset): no cell is cut to fit 80 columns."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    proc = subprocess.run([sys.executable, "-m", "tpi", "plan", "llama-3-8b", "--devices", str(devices_file)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "…" not in out and not any(ch in out for ch in "┃│━─")  # plain text, no rich box or ellipsis
+    header = next(line for line in out.splitlines() if line.startswith("rank"))
+    assert len(header) > 80 and "peak / budget GB" in header and "compute ms" in header
+    plan = json.loads(subprocess.run([sys.executable, "-m", "tpi", "plan", "llama-3-8b", "--devices", str(devices_file),
+                                      "--json"], capture_output=True, text=True, timeout=120, env=env).stdout)
+    row = next(line.split() for line in out.splitlines() if line.split()[:2] == ["0", "desk"])
+    assert row[2] == f"{plan['devices'][0]['ratio']:.3f}"
+    assert f"token latency {plan['predicted_token_ms']:.1f} ms" in out
+
+
+def test_plan_json_is_the_plan_for_scripts(devices_file):
+    result = RUNNER.invoke(app, ["plan", "llama-3-8b", "--devices", str(devices_file), "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["model"] == "llama-3-8b" and plan["weight_format"] == "int4"
+    assert [d["name"] for d in plan["devices"]] == ["desk"] and plan["left_out"][0][0] == "phone"
+    assert abs(sum(d["ratio"] for d in plan["devices"]) - 1) < 1e-3 and plan["predicted_token_ms"] > 0
+    assert plan["devices"][0]["q_heads"] == [0, 32]
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -102,6 +132,9 @@ def test_devices_lists_a_running_groups_profiles_shares_and_links():
             assert text in result.output, text
         raw = RUNNER.invoke(app, ["devices", "--url", url, "--json"])
         assert json.loads(raw.output)["group"]["devices"][1]["profile"]["name"] == "laptop"
+        piped = RUNNER.invoke(app, ["devices", "--url", url], env={"COLUMNS": "80"})  # not a terminal: plain
+        row = next(line for line in piped.output.splitlines() if "laptop" in line)
+        assert "…" not in piped.output and len(row) > 80 and "0.70 / 6.00" in row and "10.0.0.7" in row
     finally:
         server.shutdown()
 

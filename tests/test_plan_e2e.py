@@ -76,7 +76,9 @@ def test_planned_uneven_group_matches_single_device_and_refuses_a_slow_device(ti
     token = master_token(tmp_path / "config")
     master = threading.Thread(target=serve)
     master.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 120  # the control port listens once the master says how to join
+    while not any("tpi join" in m for m in said) and master.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
     remote = subprocess.run(
         [sys.executable, "-m", "tpi", "join", f"127.0.0.1:{box['port']}", "--token", token, "--name", "snail",
          "--cache-dir", str(tmp_path / "snail-cache"), "--key-dir", str(tmp_path / "snail-keys"),

@@ -181,3 +181,96 @@ def test_concat_rows_refuses_mixed_formats_or_widths():
         F.concat_rows([a, F.quantize(np.ones((4, 64), np.float32), F.BF16)])
     with pytest.raises(ShapeError):
         F.concat_rows([a, F.quantize(np.ones((4, 32), np.float32), F.Q8)])
+
+
+# ---- GGUF types kept as they are ("ggml:<TYPE>") ------------------------------------------------
+
+import gguf  # noqa: E402
+
+# Byte offsets of each block type's fp16 scale fields (from ggml-common.h's block structs); the
+# rest of a block may be any bytes.
+F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
+              "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,)}
+GN, GK = 48, 512
+
+
+def ggml_tensor(name: str, seed: int = 11) -> F.QTensor:
+    """A valid random [48, 512] matrix of a GGML type: random block bytes, sane fp16 scales."""
+    rng = _rng(seed)
+    t = F.GGML_TYPES[name]
+    if name in ("F16", "BF16", "F32"):
+        w = rng.standard_normal((GN, GK)).astype(np.float32)
+        return F.quantize(w, F.ggml_fmt(name))
+    blocks = rng.integers(0, 256, (GN, GK // t.block, t.block_bytes), dtype=np.uint8)
+    for off in F16_FIELDS[name]:
+        scales = rng.uniform(1e-3, 4e-3, (GN, GK // t.block)).astype(np.float16)
+        blocks[..., off : off + 2] = scales[..., None].view(np.uint8).reshape(GN, GK // t.block, 2)
+    return F.QTensor(F.ggml_fmt(name), (GN, GK), {"data": blocks.reshape(GN, -1)})
+
+
+def test_ggml_type_table_matches_gguf():
+    for name, t in F.GGML_TYPES.items():
+        assert t.type_id == int(gguf.GGMLQuantizationType[name])
+        assert (t.block, t.block_bytes) == gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
+
+
+def test_ggml_fmt_helpers_name_types_and_blocks():
+    assert F.ggml_fmt("Q4_K") == "ggml:Q4_K" and F.ggml_fmt("F32") == "f32" and F.ggml_fmt("BF16") == "bf16"
+    assert F.ggml_type_info("ggml:Q6_K").block_bytes == 210 and F.ggml_type_info("bf16").type_id == 30
+    assert F.is_ggml("ggml:F16") and not F.is_ggml("f32") and not F.is_ggml("q4g32")
+    assert [F.k_block(f) for f in ("ggml:Q4_K", "ggml:Q8_0", "ggml:F16", "f32", "bf16", "q4g32", "q8")] == \
+        [256, 32, 1, 1, 1, 32, 1]
+    assert F.bytes_per_weight("ggml:Q4_K") == 144 / 256 and F.bytes_per_weight("q4g32") == 0.625
+    with pytest.raises(ShapeError, match="IQ2_XXS is not supported.*Q4_K"):
+        F.ggml_fmt("IQ2_XXS")
+    with pytest.raises(ShapeError):
+        F.ggml_type_info("q8")
+
+
+@pytest.fixture(params=[n for n in F.GGML_TYPES if n not in ("F32", "BF16")])
+def gt(request) -> F.QTensor:
+    return ggml_tensor(request.param)
+
+
+def test_ggml_dequantize_is_gguf_bit_for_bit(gt):
+    name = F.ggml_type_info(gt.fmt).name
+    want = gguf.quants.dequantize(gt.arrays["data"], gguf.GGMLQuantizationType[name]).reshape(GN, GK)
+    got = F.dequantize(gt)
+    assert np.isfinite(got).all() and np.array_equal(got, want)
+
+
+def test_ggml_row_slices_are_views_of_the_rows(gt):
+    part = F.slice_rows(gt, 5, 37)
+    assert np.shares_memory(part.arrays["data"], gt.arrays["data"]) and part.shape == (32, GK)
+    assert np.array_equal(F.dequantize(part), F.dequantize(gt)[5:37])
+    idx = _rng(12).permutation(GN)[:20]
+    assert np.array_equal(F.dequantize(F.take_rows(gt, idx)), F.dequantize(gt)[idx])
+    fused = F.concat_rows([F.slice_rows(gt, 0, 16), F.slice_rows(gt, 16, GN)])
+    assert np.array_equal(fused.arrays["data"], gt.arrays["data"])
+
+
+def test_ggml_column_slices_copy_whole_blocks_and_refuse_to_split_one(gt):
+    block = F.k_block(gt.fmt)
+    lo, hi = (256, 512) if block == 256 else (64, 320)
+    part = F.slice_cols(gt, lo, hi)
+    assert part.arrays["data"].flags.c_contiguous and not np.shares_memory(part.arrays["data"], gt.arrays["data"])
+    assert np.array_equal(F.dequantize(part), F.dequantize(gt)[:, lo:hi])
+    if block > 1:
+        with pytest.raises(ShapeError, match=f"multiples of {block}, its block size"):
+            F.slice_cols(gt, block // 2, hi)
+
+
+def test_ggml_tensors_refuse_a_k_off_their_block():
+    with pytest.raises(ShapeError, match="block of 256"):
+        F.QTensor("ggml:Q4_K", (2, 320), {"data": np.zeros((2, 180), np.uint8)})
+    with pytest.raises(ShapeError, match="tpi cannot quantize to Q4_K"):
+        F.quantize(np.ones((2, 256), np.float32), "ggml:Q4_K")
+
+
+@pytest.mark.parametrize("name", F.GGML_QUANTIZABLE)
+def test_quantize_to_ggml_types_writes_what_gguf_writes(name):
+    w = _rng(13).standard_normal((8, 256)).astype(np.float32)
+    qt = F.quantize(w, F.ggml_fmt(name))
+    want = gguf.quants.quantize(w, gguf.GGMLQuantizationType[name])
+    assert np.array_equal(qt.arrays["data"], np.ascontiguousarray(want).view(np.uint8).reshape(8, -1))
+    assert qt.nbytes == F.fmt_nbytes(qt.fmt, qt.shape)

@@ -206,3 +206,57 @@ def test_torch_scale_zero_and_bf16_weights_are_zero_copy():
     bf = F.quantize(np.ones((32, 64), np.float32), F.BF16)
     w = backend.prepare(bf).weight
     assert w.dtype == torch.bfloat16 and w.data_ptr() == bf.arrays["weight"].ctypes.data
+
+
+# ---- GGUF-typed weights: converted at prepare, q|k|v / gate|up kept apart when formats differ ----
+
+from test_quant_formats import ggml_tensor  # noqa: E402
+
+from tpi.quant.kernel_forms import RowConcat, kernel_block, prepare_rows, to_kernel_format  # noqa: E402
+
+
+# Backends that convert GGUF types into their own kernel formats (ggml runs them as they are:
+# tests/test_ggml_lib.py checks every type there).
+CONVERTING = [b for b in available_backends() if b != "ggml"]
+
+
+@pytest.mark.parametrize("backend_name", CONVERTING)
+@pytest.mark.parametrize("name", ["F16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                                  "IQ4_NL"])
+def test_ggml_weights_run_as_their_kernel_format(backend_name, name):
+    backend = get_backend(backend_name)
+    qt = ggml_tensor(name)
+    converted = to_kernel_format(qt)
+    assert converted.fmt in (F.Q4G32, F.Q8, F.BF16)
+    x = np.random.default_rng(14).standard_normal((3, qt.shape[1])).astype(np.float32)
+    y = backend.to_f32(backend.prepare(qt)(backend.activations(x)))
+    assert np.array_equal(y, backend.to_f32(backend.prepare(converted)(backend.activations(x))))
+    _assert_close(y, _run(backend_name, converted, x)[1], backend_name)
+    assert backend.resident_nbytes(qt) == converted.nbytes
+
+
+@pytest.mark.parametrize("backend_name", CONVERTING)
+def test_parts_in_different_formats_compute_their_stacked_rows(backend_name):
+    backend = get_backend(backend_name)
+    parts = [ggml_tensor("Q4_K", 1), ggml_tensor("Q4_K", 2), ggml_tensor("Q6_K", 3)]  # q, k, v of a Q4_K_M layer
+    x = np.random.default_rng(15).standard_normal((2, parts[0].shape[1])).astype(np.float32)
+    w = prepare_rows(backend, parts)
+    assert isinstance(w, RowConcat) and w.fmt == "q4g32+q4g32+q8" and w.out_features == 3 * parts[0].shape[0]
+    y = backend.to_f32(w(backend.activations(x)))
+    want = np.concatenate([backend.to_f32(backend.prepare(p)(backend.activations(x))) for p in parts], axis=-1)
+    assert np.array_equal(y, want)
+    fused = prepare_rows(backend, parts[:2])  # one format after conversion: one kernel
+    assert not isinstance(fused, RowConcat) and fused.out_features == 2 * parts[0].shape[0]
+    np.testing.assert_allclose(backend.to_f32(fused(backend.activations(x))), want[:, : fused.out_features],
+                               rtol=0, atol=TOLERANCE[backend_name] * np.abs(want).max())
+
+
+def test_kernel_block_fuses_parts_that_convert_to_one_format():
+    backend = get_backend("numpy")
+    block = {"wq": ggml_tensor("Q4_K", 1), "wk": ggml_tensor("Q4_0", 2), "wv": ggml_tensor("Q4_1", 3),
+             "wo": ggml_tensor("Q6_K", 4), "attn_norm": np.ones(512, np.float32), "embed": ggml_tensor("Q8_0", 5)}
+    out = kernel_block(backend, block, keep=("embed",))
+    assert set(out) == {"wqkv", "wo", "attn_norm", "embed"}
+    assert out["wqkv"].fmt == F.Q4G32 and out["wo"].fmt == F.Q8 and out["embed"] is block["embed"]
+    parts = [to_kernel_format(block[n]) for n in ("wq", "wk", "wv")]
+    assert np.array_equal(F.dequantize(out["wqkv"]), np.concatenate([F.dequantize(p) for p in parts]))

@@ -56,12 +56,12 @@ def tpi_env() -> dict:
 class Proc:
     """A tpi subprocess whose stdout and stderr go to one log file."""
 
-    def __init__(self, args: list[str], log: Path):
+    def __init__(self, args: list[str], log: Path, env: dict | None = None):
         self.log = log
         self.args = args
         with open(log, "w") as out:
             self.popen = subprocess.Popen(TPI + args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                          env=tpi_env())
+                                          env=tpi_env() | (env or {}))
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")

@@ -92,7 +92,7 @@ def test_devices_without_the_right_token_cannot_join_a_forming_group(token_group
                         r"current tpi serve",
         "other-master": rf"error: .*encrypted handshake with 127\.0\.0\.1:{g.port} failed .*the token belongs to "
                         r"another master",
-        "no-token": r"error: no join token; copy the --token value that tpi serve printed",
+        "no-token": r"error: no join token; pass the token tpi serve printed with --token, TPI_TOKEN or --token-file",
     }
     for name, proc in impostors.items():
         code, last = exited_with(proc)

@@ -151,14 +151,33 @@ def test_torch_backend_without_torch_names_the_extra_to_install(blocker_dir, tin
     assert "pip install 'tpi[" in r.stdout
 
 
+NEAR_TIE = 0.05  # logits; numpy (f32) and torch (bf16 activations) differ by up to ~0.02 on these models
+
+
+def forced_choices(path, backend: str, prompt: list[int], forced: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(argmax, top-2 margin) of each step when `forced` follows the prompt (teacher forcing)."""
+    logits = single_device_logits(path, backend, prompt + forced[:-1])[len(prompt) - 1:]
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    return logits.argmax(-1), top2[:, 1] - top2[:, 0]
+
+
 @pytest.mark.parametrize("variant", ["tiny_qwen2_q4_0_tied", "tiny_llama_q4_1_tied"])
 def test_torch_free_numpy_decode_gives_the_torch_backends_greedy_tokens(variant, blocker_dir, tiny_gguf):
+    """Same tokens as torch wherever torch's choice is clear of a near-tie (tiny_qwen2's first step
+    is one: a top-2 gap of 0.016 that the numpy backend's exact f32 sums may break the other way)."""
     pytest.importorskip("torch")
     path = tiny_gguf(variant)
     prompt = [1, 17, 42, 99, 5, 250, 300, 7]
     without_torch = torch_free_greedy(blocker_dir, path, prompt)
     assert without_torch == greedy_tokens(path, "numpy", prompt)  # same maths, another process
-    assert without_torch == greedy_tokens(path, "torch", prompt)
+    torch_tokens = greedy_tokens(path, "torch", prompt)
+    _, margins = forced_choices(path, "torch", prompt, torch_tokens)
+    choices, _ = forced_choices(path, "numpy", prompt, torch_tokens)
+    clear = margins >= NEAR_TIE
+    assert clear.sum() >= GREEDY_STEPS - 2, "too many near-ties for the comparison to mean anything"
+    np.testing.assert_array_equal(choices[clear], np.asarray(torch_tokens)[clear])
+    same_until = int(np.argmin(clear)) if not clear.all() else GREEDY_STEPS
+    assert without_torch[:same_until] == torch_tokens[:same_until]
     assert not list(blocker_dir.glob("blocked-*"))
 
 

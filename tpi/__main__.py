@@ -1,4 +1,4 @@
 """`python -m tpi` is the `tpi` command (local workers are started this way)."""
-from tpi.cli import app
+from tpi.cli import entry
 
-app(prog_name="tpi")
+entry(prog_name="tpi")

@@ -157,8 +157,7 @@ def create_app(service: GenerationService, *, api_key: str | None = None, model_
 
     @app.get("/v1/models/{name:path}", dependencies=auth)
     async def model(name: str):
-        check_model(name)
-        return model_card()
+        return model_card()  # one model: any name is it, as llama.cpp's server answers
 
     @app.get("/v1/tpi/status", dependencies=auth)
     async def tpi_status():
@@ -169,11 +168,6 @@ def create_app(service: GenerationService, *, api_key: str | None = None, model_
         return {"id": model_id, "object": "model", "created": created, "owned_by": "tpi",
                 "context_length": service.context}
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model_id:
-            raise ApiError(400, f"unknown model '{name}'; this server serves '{model_id}' (see GET /v1/models)",
-                           code="model_not_found", param="model")
-
     def require_ready() -> None:
         try:
             service.require_engine()
@@ -182,8 +176,7 @@ def create_app(service: GenerationService, *, api_key: str | None = None, model_
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionBody, request: Request):
-        check_model(body.model)
-        require_ready()
+        require_ready()  # body.model is not checked: clients send fixed names; the answer carries model_id
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         try:
             ids = service.tokenizer.apply_chat_template(messages)
@@ -194,7 +187,6 @@ def create_app(service: GenerationService, *, api_key: str | None = None, model_
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionBody, request: Request):
-        check_model(body.model)
         require_ready()
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):

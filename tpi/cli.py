@@ -21,13 +21,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tensor-paral
 ModelArg = Annotated[Optional[str], typer.Argument(help="GGUF file or Hugging Face folder (default: embedded SmolLM2-135M)", envvar="TPI_MODEL")]
 Threads = Annotated[Optional[int], typer.Option("--threads", "-t", help="compute threads (default: all cores)", envvar="TPI_THREADS")]
 Context = Annotated[Optional[int], typer.Option("--context", "-c", help="context length to plan for (default: min(model, 4096))")]
-Backend = Annotated[str, typer.Option("--backend", help="kernel backend: torch or numpy")]
+Backend = Annotated[str, typer.Option("--backend", help="kernel backend: auto (the best this device can load: ggml, else numpy), ggml, numpy, or torch (only when named)")]
 Budget = Annotated[Optional[str], typer.Option("--memory-budget", help="memory budget for weights+cache, e.g. 600MB; the rest streams from disk", envvar="TPI_MEMORY_BUDGET")]
 LocalWorkers = Annotated[int, typer.Option("--local-workers", help="also start N worker processes on this machine (loopback group)")]
 ConfigDir = Annotated[Path, typer.Option("--config-dir", help="where keys and the join secret live", envvar="TPI_CONFIG_DIR")]
 CacheDir = Annotated[Path, typer.Option("--cache-dir", help="where shards are cached", envvar="TPI_CACHE_DIR")]
 Insecure = Annotated[bool, typer.Option("--insecure", help="no encryption or authentication (benchmarks only)")]
 DEFAULT_CONFIG_DIR = Path.home() / ".config" / "tpi"
+# Optional modules -> the pip extra that installs them (pyproject.toml); the base install is the worker's.
+MODULE_EXTRAS = {"torch": "all", "fastapi": "all", "uvicorn": "all", "jinja2": "all",
+                 "tokenizers": "all", "safetensors": "all", "httpx": "all", "llama_cpp": "all"}
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "tpi"
 
 
@@ -99,7 +102,7 @@ def run(
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="keep generating past end-of-sequence")] = False,
     threads: Threads = None,
     context: Context = None,
-    backend: Backend = "torch",
+    backend: Backend = "auto",
     memory_budget: Budget = None,
     local_workers: LocalWorkers = 0,
     config_dir: ConfigDir = DEFAULT_CONFIG_DIR,
@@ -162,15 +165,16 @@ def engine_stats(engine) -> dict:
 
 
 def print_stats(report: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from tpi.table_text import print_tables
 
     table = Table(title="tpi stats", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in report.items():
         table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
-    Console(stderr=True).print(table)
+    print_tables(table, stderr=True)
 
 
 @app.command()
@@ -179,7 +183,7 @@ def perplexity(
     file: Annotated[Path, typer.Option("--file", "-f", help="text file to score")] = ...,
     tokens: Annotated[int, typer.Option("--tokens", help="score the first N tokens (one window)")] = 512,
     threads: Threads = None,
-    backend: Backend = "torch",
+    backend: Backend = "auto",
 ) -> None:
     """Perplexity over one window of a text file (llama.cpp's method); the last number printed is it."""
     from tpi.engine import EngineOptions, build_local_engine
@@ -219,10 +223,10 @@ def window_perplexity(engine, ids: list[int]) -> float:
 def convert(
     model: ModelArg = None,
     out: Annotated[Optional[Path], typer.Argument(help="output file, e.g. model.tpis (a lone argument is OUT)")] = None,
-    quant: Annotated[Optional[str], typer.Option("--quant", help="quantize HF weights to q4g32 or q8 (GGUF keeps its own types)")] = None,
-    keep_bf16_above: Annotated[Optional[float], typer.Option("--keep-bf16-above", help="keep bf16 where a lossy conversion's relative RMS error exceeds this")] = None,
+    quant: Annotated[Optional[str], typer.Option("--quant", help="quantize HF weights to a GGML type: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16 (q8, q4g32 still accepted); GGUF keeps its own types")] = None,
+    keep_bf16_above: Annotated[Optional[float], typer.Option("--keep-bf16-above", help="with --quant: keep bf16 where the relative RMS error exceeds this")] = None,
 ) -> None:
-    """Write a model in tpi's native formats, with a per-tensor conversion error report."""
+    """Write a model as tpi's native file (GGUF types kept), with a per-tensor conversion report."""
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
@@ -236,6 +240,9 @@ def convert(
     try:
         source = open_model(model, quant=quant, measure_error=True)
         if keep_bf16_above is not None:
+            if not getattr(source, "quant", None):
+                raise TpiError("--keep-bf16-above applies to --quant of a Hugging Face folder; GGUF tensors "
+                               "are kept in their own types, exactly, so nothing is lossy to keep")
             source.keep_bf16_above = keep_bf16_above
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("converting", total=None)
@@ -263,5 +270,19 @@ def _register_subcommands() -> None:
 
 _register_subcommands()
 
+
+def entry(prog_name: str | None = None) -> None:
+    """The `tpi` command: a missing optional module is one error line naming the extra, never a traceback."""
+    try:
+        app(prog_name=prog_name)
+    except ModuleNotFoundError as e:
+        top = (e.name or "").partition(".")[0]
+        if top not in MODULE_EXTRAS:
+            raise
+        typer.echo(f"error: this command needs the '{top}' package, which is not installed here; "
+                   f"install it with: pip install 'tpi[{MODULE_EXTRAS[top]}]'", err=True)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    app()
+    entry()

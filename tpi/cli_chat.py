@@ -72,7 +72,7 @@ def chat(
     plain: Annotated[bool, typer.Option("--plain", help="plain text lines even on a terminal")] = False,
     threads: Threads = None,
     context: Context = None,
-    backend: Backend = "torch",
+    backend: Backend = "auto",
     config_dir: ConfigDirOpt = None,
     cache_dir: CacheDirOpt = None,
 ) -> None:

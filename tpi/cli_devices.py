@@ -17,26 +17,28 @@ GB = 1e9
 
 
 def load_model_config(model: str):
-    """(config, weight format) of a GGUF/HF path (metadata only), or a named shape like llama-2-70b."""
+    """(config, weight format, weight profile) of a GGUF/HF path (metadata only), or of a named
+    shape like llama-2-70b (format and profile None)."""
     from tpi.devices.shapes import model_shape
 
     if Path(model).expanduser().exists():
-        from tpi.devices.group_plan import weight_format_of
+        from tpi.devices.group_plan import weight_format_of, weight_profile_of
         from tpi.formats import open_model
 
         source = open_model(model)
-        return source.config, weight_format_of(source)
-    return model_shape(model), None
+        return source.config, weight_format_of(source), weight_profile_of(source)
+    return model_shape(model), None, None
 
 
 def plan(
     model: Annotated[str, typer.Argument(help="GGUF file, Hugging Face folder, or a named shape (llama-2-70b, llama-3-8b, qwen2.5-72b, ...)")],
     devices: Annotated[Path, typer.Option("--devices", help="TOML file of [[device]] tables; the first is the master")],
-    weights: Annotated[Optional[str], typer.Option("--weights", help="weight format: int4 or bf16 (default: the file's, int4 for a named shape)")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="weight format: int4 or bf16, uniform (default: the file's own types, int4 for a named shape)")] = None,
     context: Annotated[int, typer.Option("--context", "-c", help="context length to plan the KV cache for")] = 2048,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="prompt length for the TTFT prediction")] = 128,
     no_streaming: Annotated[bool, typer.Option("--no-streaming", help="refuse plans that stream weights from disk")] = False,
     wire_dtype: Annotated[Optional[str], typer.Option("--wire-dtype", help="f32 or bf16 (default: the planner's choice)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan and prediction as JSON (for scripts)")] = False,
 ) -> None:
     """Will MODEL run on these devices, and how fast? Prints the plan and predictions; loads no weights."""
     from tpi.devices.plan_report import plan_command
@@ -48,9 +50,10 @@ def plan(
             raise TpiError(f"--wire-dtype {wire_dtype!r} must be f32 or bf16")
         if context < 8 or prompt_tokens < 1 or prompt_tokens > context:
             raise TpiError("--context must be >= 8 and --prompt-tokens between 1 and the context")
-        cfg, file_format = load_model_config(model)
+        cfg, file_format, profile = load_model_config(model)
         plan_command(cfg, devices, weight_format=weights or file_format or "int4", context=context,
-                     prompt_tokens=prompt_tokens, allow_streaming=not no_streaming, wire_dtype=wire_dtype)
+                     prompt_tokens=prompt_tokens, allow_streaming=not no_streaming, wire_dtype=wire_dtype,
+                     weights=None if weights else profile, as_json=as_json)
     except TpiError as e:
         fail(e)
 
@@ -116,7 +119,7 @@ def devices(
     """List the devices of a running group: profile, assigned share, memory and link figures."""
     if ctx.invoked_subcommand is not None:
         return
-    from rich.console import Console
+    from tpi.table_text import print_tables
 
     try:
         status = fetch_status(url, api_key)
@@ -125,25 +128,26 @@ def devices(
     if as_json:
         typer.echo(json.dumps(status, indent=1))
     else:
-        Console().print(render_devices(status))
+        print_tables(render_devices(status))
 
 
 @devices_app.command("profile")
 def devices_profile(
-    backend: Backend = "torch",
+    backend: Backend = "auto",
     threads: Threads = None,
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
     as_json: Annotated[bool, typer.Option("--json", help="print the profile as JSON (for tpi join --profile-file)")] = False,
 ) -> None:
     """Measure this device again (a few seconds) and cache it for `tpi join`."""
-    from rich.console import Console
     from rich.table import Table
 
-    from tpi.devices.profile import BACKENDS, cached_or_measured
+    from tpi.table_text import print_tables
+
+    from tpi.devices.profile import cached_or_measured
+    from tpi.engine import resolve_backend
 
     try:
-        if backend not in BACKENDS:
-            raise TpiError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
+        backend = resolve_backend(backend)
         profile = cached_or_measured(cache_dir / "profile", backend=backend, threads=threads, refresh=True)
     except TpiError as e:
         fail(e)
@@ -162,7 +166,7 @@ def devices_profile(
             ("runtime memory MB", f"{profile.runtime_bytes / 1e6:.0f}")]
     for k, v in rows:
         table.add_row(k, v)
-    Console().print(table)
+    print_tables(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -32,7 +32,7 @@ def serve(
     keep_all: Annotated[bool, typer.Option("--keep-all", help="never leave a joined device out, even if the planner predicts it slows the group")] = False,
     threads: Threads = None,
     context: Context = None,
-    backend: Backend = "torch",
+    backend: Backend = "auto",
     memory_budget: Budget = None,
     config_dir: ConfigDir = DEFAULT_CONFIG_DIR,
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
@@ -46,6 +46,9 @@ def serve(
     replan: Annotated[bool, typer.Option(
         "--replan/--no-replan", help="re-plan over the remaining devices when a lost one does not rejoin "
         "(else the group reports itself degraded and answers 503)")] = True,
+    announce: Annotated[bool, typer.Option(
+        "--announce/--no-announce", help="announce the group on the LAN (mDNS) so `tpi join --token T` finds "
+        "it without an address; only a hash of the master's public key is announced")] = True,
 ) -> None:
     """Be the master: serve the API at once, wait for devices, ship their shards, then answer."""
     from tpi.api import serve_api
@@ -62,7 +65,7 @@ def serve(
                             ratios=parsed, wire_dtype=wire_dtype, insecure=insecure, config_dir=config_dir,
                             cache_dir=cache_dir, leave_out=not keep_all,
                             link_settings=link_settings(heartbeat_timeout), rejoin_timeout_s=rejoin_timeout,
-                            replan=replan)
+                            replan=replan, announce=announce)
     except TpiError as e:
         fail(e)
     forming = GroupFormation(opts, lambda m: typer.echo(m, err=True))
@@ -117,15 +120,10 @@ def served_model_id(model: str | None) -> str:
 
 def show_plan(plan) -> None:
     """Print the planner's table for the real group (stderr), before any weight loads."""
-    from rich.console import Console
-
     from tpi.devices.plan_report import render_allreduce, render_plan
+    from tpi.table_text import print_tables
 
-    console = Console(stderr=True)
-    console.print(render_plan(plan))
-    allreduce = render_allreduce(plan)
-    if allreduce is not None:
-        console.print(allreduce)
+    print_tables(render_plan(plan), render_allreduce(plan), stderr=True)
 
 
 class GroupFormation:
@@ -168,14 +166,20 @@ class GroupFormation:
 
 
 def join(
-    master: Annotated[str, typer.Argument(help="HOST:PORT printed by tpi serve")],
-    token: Annotated[str, typer.Option("--token", help="join token printed by tpi serve", envvar="TPI_TOKEN")] = "",
+    master: Annotated[Optional[str], typer.Argument(
+        help="HOST:PORT printed by tpi serve (default: find the master of this token on the LAN by mDNS)")] = None,
+    token: Annotated[str, typer.Option("--token", help="join token printed by tpi serve (or set TPI_TOKEN, "
+                                       "or use --token-file, to keep it off the command line)", envvar="TPI_TOKEN")] = "",
+    token_file: Annotated[Optional[Path], typer.Option(
+        "--token-file", help="read the join token from this file ('-': the first line of stdin)")] = None,
+    discover_timeout: Annotated[float, typer.Option(
+        "--discover-timeout", help="seconds to look for the master on the LAN when no HOST:PORT is given")] = 15.0,
     name: Annotated[str, typer.Option("--name", help="device name shown on the master")] = platform.node() or "device",
     memory_budget: Budget = None,
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
     key_dir: Annotated[Path, typer.Option("--key-dir", help="where this device's keypair lives", envvar="TPI_CONFIG_DIR")] = DEFAULT_CONFIG_DIR,
     threads: Threads = None,
-    backend: Backend = "torch",
+    backend: Backend = "auto",
     insecure: Insecure = False,
     data_endpoint: Annotated[Optional[str], typer.Option(
         "--data-endpoint", help="HOST:PORT of the master's data channel when a proxy or NAT sits between "
@@ -190,15 +194,23 @@ def join(
         "--reconnect-timeout", help="seconds to keep reconnecting to a lost master before giving up")] = 60.0,
 ) -> None:
     """Join a group as a worker: fetch and cache the shard, then compute steps until stopped."""
+    import logging
+
     from tpi.devices.profile import handshake_profile
+    from tpi.engine import backend_choice_note, resolve_backend
     from tpi.worker import WorkerOptions, run_worker
 
     try:
-        if not token:
-            raise TpiError("no join token; copy the --token value that tpi serve printed")
+        token = read_token(token, token_file)
         if heartbeat_timeout is not None and heartbeat_timeout <= 0:
             raise TpiError(f"--heartbeat-timeout {heartbeat_timeout} must be positive (seconds)")
         budget = parse_size(memory_budget)
+        requested, backend = backend, resolve_backend(backend)
+        logging.getLogger("tpi.worker").info(backend_choice_note(requested, backend))
+        if master is None:
+            from tpi.transport.discovery import find_master
+
+            master = find_master(token, discover_timeout).endpoint
         profile = handshake_profile(cache_dir / "profile", backend=backend, threads=threads, name=name,
                                     memory_budget=budget, profile_file=profile_file)
         run_worker(WorkerOptions(master=master, token=token, name=name, cache_dir=cache_dir / "shards",
@@ -210,6 +222,28 @@ def join(
         fail(e)
     except KeyboardInterrupt:
         typer.echo("left the group", err=True)
+
+
+def read_token(token: str, token_file: Path | None) -> str:
+    """The join token from --token / TPI_TOKEN, or from --token-file ('-' = stdin); TpiError when absent."""
+    import sys
+
+    if token_file is not None:
+        if token:
+            raise TpiError("both --token (or TPI_TOKEN) and --token-file are given; give the token once")
+        try:
+            text = sys.stdin.readline() if str(token_file) == "-" else token_file.read_text()
+        except OSError as e:
+            raise TpiError(f"cannot read the token file {token_file}: {e.strerror or e}") from None
+        token = text.strip().splitlines()[0] if text.strip() else ""
+        if not token:
+            raise TpiError(f"the token file {token_file} is empty; write the token tpi serve printed into it")
+    if not token:
+        raise TpiError("no join token; pass the token tpi serve printed with --token, TPI_TOKEN or --token-file")
+    from tpi.transport.security import parse_token
+
+    parse_token(token)  # a mistyped token fails now, before the device spends seconds measuring itself
+    return token.strip()
 
 
 @token_app.command("show")

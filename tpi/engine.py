@@ -13,8 +13,42 @@ class EngineOptions:
     model: str | None = None  # path; None = embedded default
     context: int | None = None  # None = min(model context, DEFAULT_CONTEXT)
     threads: int | None = None
-    backend: str = "torch"
+    backend: str = "auto"
     memory_budget: int | None = None  # bytes; None = no streaming
+
+
+AUTO_BACKENDS = ("ggml", "numpy")  # what --backend auto tries, best first; torch only when asked by name
+BACKEND_EXTRAS = {"ggml": "worker-fast", "torch": "all"}  # the pip extra that brings each optional backend
+
+
+def resolve_backend(requested: str) -> str:
+    """'auto' -> the first of AUTO_BACKENDS this device can load; a named backend, checked that it loads."""
+    from tpi.quant.kernels import backend_available
+
+    if requested == "auto":
+        return next(b for b in AUTO_BACKENDS if backend_available(b))  # numpy is always there
+    if backend_available(requested):
+        return requested
+    if requested in BACKEND_EXTRAS:
+        raise TpiError(f"the {requested} backend cannot run here: {_why_missing(requested)}; or use --backend auto")
+    raise TpiError(f"unknown backend '{requested}'; use auto, {', '.join(sorted(set(AUTO_BACKENDS) | set(BACKEND_EXTRAS)))}")
+
+
+def _why_missing(backend: str) -> str:
+    import importlib.util
+
+    module = {"ggml": "llama_cpp"}.get(backend, backend)
+    if importlib.util.find_spec(module) is not None:
+        return f"{backend} did not load from the installed {module} (see the log)"
+    return f"{backend} is not installed; pip install 'tpi[{BACKEND_EXTRAS[backend]}]' adds it"
+
+
+def backend_choice_note(requested: str, chosen: str) -> str:
+    """One line saying which backend this device runs, and what a better one would need."""
+    if requested != "auto":
+        return f"kernel backend: {chosen} (--backend {requested})"
+    notes = [_why_missing(b) for b in AUTO_BACKENDS[: AUTO_BACKENDS.index(chosen)]]
+    return f"kernel backend: {chosen} ({'; '.join(['auto', *notes])})"
 
 
 def resolve_context(cfg, requested: int | None) -> int:
@@ -26,6 +60,7 @@ def resolve_context(cfg, requested: int | None) -> int:
 
 def make_layers(backend: str, cfg, shard, context: int, threads: int | None):
     """The per-block maths for a backend: the one place that picks ggml, torch or numpy."""
+    backend = resolve_backend(backend)
     if backend == "ggml":
         from tpi.quant.ggml_lib import load_ggml
 

@@ -11,18 +11,17 @@ import json
 import logging
 import os
 import queue
-import socket
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tpi.errors import GroupError, TpiError
 
 log = logging.getLogger(__name__)
-STORE_FORMAT = 1  # bump when the block layout in tpi/shard.py changes: old cached stores go stale
+STORE_FORMAT = 2  # bump when the block layout in tpi/shard.py changes: old cached stores go stale (2: GGUF types)
 
 
 @dataclass(frozen=True)
@@ -34,8 +33,8 @@ class GroupOptions:
     port: int = 0  # 0 = any free port
     context: int | None = None
     threads: int | None = None
-    backend: str = "torch"
-    worker_backend: str = "torch"  # backend of the local workers
+    backend: str = "auto"  # kernel backend of rank 0: auto (tpi.engine.resolve_backend), ggml, numpy or torch
+    worker_backend: str = "auto"  # backend of the local workers
     memory_budget: int | None = None  # rank 0's budget in bytes
     worker_memory_budget: int | None = None  # each local worker's budget
     ratios: tuple[float, ...] | None = None  # split ratios by rank; None = the planner's (equal without one)
@@ -50,6 +49,7 @@ class GroupOptions:
     link_settings: object = None  # tpi.transport.link.LinkSettings
     rejoin_timeout_s: float = 30.0  # how long a lost device has to rejoin before the group re-plans
     replan: bool = True  # re-plan over the remaining devices when a lost one does not rejoin
+    announce: bool = False  # announce the group on the LAN (mDNS) so `tpi join --token T` finds it (tpi serve)
 
 
 @dataclass
@@ -79,6 +79,7 @@ class Group:
         self.opts = opts or GroupOptions()
         self.state = "serving"  # serving | recovering | re-planning | degraded (tpi.recovery)
         self.supervisor = None
+        self.announcer = None  # tpi.transport.discovery.Announcer while the group is announced on the LAN
         self._closed = False
 
     def supervise(self, say=log.info) -> None:
@@ -105,6 +106,8 @@ class Group:
         self._closed = True
         if self.supervisor is not None:
             self.supervisor.stop()
+        if self.announcer is not None:
+            self.announcer.close()
         comm = self.engine.comm
         if comm.world > 1:
             try:
@@ -122,15 +125,23 @@ class Group:
 
 
 def lan_address() -> str:
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
+    """This machine's first non-loopback IPv4 address (what devices on the LAN reach), else loopback."""
+    from tpi.transport.discovery import lan_addresses
+
+    return next(iter(lan_addresses("0.0.0.0")), "127.0.0.1")
 
 
-def join_command(host: str, port: int, token: str, insecure: bool) -> str:
+def join_command(host: str, port: int, token: str, insecure: bool, announced: bool = False) -> str:
+    """What to run on each device: the explicit form, the short form (when announced), and one without
+    the token on any command line (so it stays out of shell history and ps)."""
     shown = lan_address() if host in ("0.0.0.0", "") else host
-    return f"tpi join {shown}:{port} --token {token}" + (" --insecure" if insecure else "")
+    flag = " --insecure" if insecure else ""
+    lines = [f"tpi join {shown}:{port} --token {token}{flag}"]
+    if announced:
+        lines.append(f"tpi join --token {token}{flag}    (short form: finds this master on the LAN)")
+    lines.append(f"keeping the token out of shell history and ps: read -rs TPI_TOKEN && export TPI_TOKEN "
+                 f"(paste the token), then: tpi join {shown}:{port}{flag}")
+    return "\n  ".join(lines)
 
 
 def _store_key(source, shard_dict: dict, with_embed: bool) -> str:
@@ -187,8 +198,9 @@ def _write_stores(source, cfg, shards, paths: dict[int, Path], rank0_sink) -> No
 def _spawn_local_workers(opts: GroupOptions, port: int, token: str, threads: int,
                          profile: dict | None = None) -> list[subprocess.Popen]:
     procs = []
+    env = dict(os.environ, TPI_TOKEN=token)  # never in argv: any local user can read a command line (ps)
     for i in range(opts.local_workers):
-        cmd = [sys.executable, "-m", "tpi", "join", f"127.0.0.1:{port}", "--token", token,
+        cmd = [sys.executable, "-m", "tpi", "join", f"127.0.0.1:{port}",
                "--name", f"local-{i + 1}", "--cache-dir", str(opts.cache_dir / f"local-{i + 1}"),
                "--key-dir", str(opts.config_dir / f"local-{i + 1}"), "--threads", str(threads),
                "--backend", opts.worker_backend]
@@ -201,7 +213,7 @@ def _spawn_local_workers(opts: GroupOptions, port: int, token: str, threads: int
             cmd += ["--memory-budget", str(opts.worker_memory_budget)]
         if opts.insecure:
             cmd.append("--insecure")
-        procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
+        procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env))
     return procs
 
 
@@ -253,7 +265,9 @@ def _measured_profiles(opts: GroupOptions, cfg, world: int, threads: int, worker
 def _plan(opts: GroupOptions, source, cfg, context: int, master_profile: dict, link, joins: list, say):
     """Probe each joined device's link, plan the group, and refuse those the planner leaves out."""
     from tpi.devices.costmodel import LinkProfile
-    from tpi.devices.group_plan import Candidate, cost_params, load_transient_bytes, plan_real_group, weight_format_of
+    from tpi.devices.group_plan import (
+        Candidate, cost_params, load_transient_bytes, plan_real_group, weight_format_of, weight_profile_of,
+    )
     from tpi.devices.profile import DeviceProfile
 
     links = []
@@ -266,7 +280,8 @@ def _plan(opts: GroupOptions, source, cfg, context: int, master_profile: dict, l
     local = {f"local-{i + 1}" for i in range(opts.local_workers)}
     candidates = [Candidate(j.name, j.profile, l, keep=j.name in local and j.address in ("127.0.0.1", "::1"))
                   for j, l in zip(joins, links)]
-    params = cost_params(weight_format_of(source), context, master_load_bytes=load_transient_bytes(source, cfg))
+    params = cost_params(weight_format_of(source), context, master_load_bytes=load_transient_bytes(source, cfg),
+                         weights=weight_profile_of(source))
     try:
         real = plan_real_group(cfg, DeviceProfile.from_dict(master_profile), opts.memory_budget, candidates, params,
                                wire_dtype=opts.wire_dtype, leave_out=opts.leave_out, ratios=opts.ratios)
@@ -290,6 +305,19 @@ def _idle_cores(backend: str, cores: int) -> int:
     return idle_cores()
 
 
+def _fixed_shards(source, cfg, ratios, say):
+    """Shards of a split given without planning: column cuts on the model's blocks where they fit."""
+    from tpi.devices.group_plan import weight_profile_of
+    from tpi.devices.slicing import plan_cuts
+
+    profile = weight_profile_of(source)
+    cuts = plan_cuts(cfg, ratios, *((profile.wo_block, profile.down_block) if profile else ()))
+    if cuts.requantized:
+        say(f"{' and '.join(cuts.requantized)} shards are re-quantized to Q8_0: their blocks cannot be split "
+            f"{len(ratios)} ways")
+    return cuts.shards
+
+
 def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Group:
     """Open the model, gather the devices, ship shards, and return the serving group.
 
@@ -299,8 +327,7 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
     group it returns is not supervised: the caller is.
     """
     from tpi.config import config_to_dict
-    from tpi.devices.slicing import plan_shards
-    from tpi.engine import make_layers, resolve_context
+    from tpi.engine import backend_choice_note, make_layers, resolve_backend, resolve_context
     from tpi.formats import open_model
     from tpi.generate import Engine
     from tpi.model import ResidentWeights, Transformer
@@ -311,6 +338,10 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
     from tpi.scheduler.overhead import rss_bytes
     from tpi.weights import open_store_weights
 
+    backend, worker_backend = resolve_backend(opts.backend), resolve_backend(opts.worker_backend)
+    if link is None:  # a re-plan (given link) keeps the choice reported at start
+        log.info(backend_choice_note(opts.backend, backend))
+    opts = replace(opts, backend=backend, worker_backend=worker_backend)
     source = open_model(opts.model)
     cfg = source.config
     context = resolve_context(cfg, opts.context)
@@ -319,10 +350,10 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
         raise GroupError(f"{world} devices but the model has {cfg.n_heads} query heads; use at most {cfg.n_heads}")
     tokenizer = source.tokenizer()
     cores = os.cpu_count() or 1
-    threads = opts.threads or max(1, _idle_cores(opts.backend, cores) // (1 + opts.local_workers))
+    threads = opts.threads or max(1, _idle_cores(backend, cores) // (1 + opts.local_workers))
     planning = (world > 1 and opts.ratios is None) or on_plan is not None
     own_link = link is None
-    procs, joins, real, links, assigns = [], [], None, [], {}
+    procs, joins, real, links, assigns, announcer = [], [], None, [], {}, None
     try:
         master_profile, worker_profile = {}, {}
         if world > 1 and own_link:
@@ -331,7 +362,12 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
             opts.config_dir.mkdir(parents=True, exist_ok=True)
             link = MasterLink(f"tcp://{opts.host}:{opts.port}", opts.config_dir, insecure=opts.insecure,
                               settings=opts.link_settings or LinkSettings())
-            say(f"waiting for {world - 1} device(s); on each one run:\n  {join_command(opts.host, link.port, link.token, opts.insecure)}")
+            if opts.announce:
+                from tpi.transport.discovery import Announcer
+
+                announcer = Announcer(link.token, link.port, opts.host)
+            command = join_command(opts.host, link.port, link.token, opts.insecure, bool(announcer and announcer.addresses))
+            say(f"waiting for {world - 1} device(s); on each one run:\n  {command}")
         elif world > 1:
             say(f"waiting for {world - 1} device(s) to join again")
         if planning:  # devices already queue their joins while rank 0 measures itself
@@ -352,7 +388,7 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
             if on_plan is not None:
                 on_plan(real.plan)
         ratios = real.plan.ratios if real else (opts.ratios or tuple([1.0 / world] * world))
-        shards = real.plan.shards if real else plan_shards(cfg, ratios)
+        shards = real.plan.shards if real else _fixed_shards(source, cfg, ratios, say)
         layers = make_layers(opts.backend, cfg, shards[0], context, threads)
 
         shard_dir = opts.cache_dir / "master"
@@ -411,10 +447,13 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
 
             summary = plan_summary(real.plan)
         group = Group(engine, devices, link, procs, link.token if link else None, summary, assigns, opts)
+        group.announcer = announcer
         if link is not None and own_link:  # formed: late joins are refused, lost devices recovered
             group.supervise(say)
         return group
     except BaseException:
+        if announcer is not None:
+            announcer.close()
         if link is not None and own_link:
             link.close()
         for p in procs:

@@ -11,6 +11,7 @@ import contextlib
 import numpy as np
 
 from tpi.config import ModelConfig
+from tpi.quant.kernel_forms import UNFUSED_PARTS, prepare_unfused
 from tpi.quant.kernels import get_backend
 from tpi.rope import inverse_frequencies
 
@@ -67,8 +68,10 @@ class NumpyLayers:
 
     def to_runtime(self, block: dict) -> dict:
         """Numpy block (QTensors + float32 vectors) -> prepared numpy kernels and float32 vectors."""
-        out = {}
+        out = prepare_unfused(self.kernels, block)  # q|k|v or gate|up whose formats differ
         for name, value in block.items():
+            if name in UNFUSED_PARTS:
+                continue
             if isinstance(value, np.ndarray) and value.ndim == 1:
                 out[name] = np.array(value, dtype=ACT)  # small; copied off the mmap
             elif name == "embed":

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tpi.config import ModelConfig
+from tpi.quant.kernel_forms import UNFUSED_PARTS, prepare_unfused
 from tpi.quant.kernels import get_backend
 
 ACT = torch.bfloat16  # activations into the packed kernels
@@ -69,8 +70,10 @@ class TorchLayers:
     # ---- weights -------------------------------------------------------------------------
     def to_runtime(self, block: dict) -> dict:
         """Numpy block (QTensors + float32 vectors) -> prepared kernels and torch vectors."""
-        out = {}
+        out = prepare_unfused(self.kernels, block)  # q|k|v or gate|up whose formats differ
         for name, value in block.items():
+            if name in UNFUSED_PARTS:
+                continue
             if isinstance(value, np.ndarray) and value.ndim == 1:
                 out[name] = torch.tensor(value, dtype=torch.float32)  # small; copied off the mmap
                 if name.endswith("norm"):

@@ -1,17 +1,27 @@
 """Cut a model source into per-rank blocks: the weights a rank needs, in execution order.
 
 Block keys: "L{i}.attn", "L{i}.mlp" for each layer, then "globals". Each block is a flat dict of
-QTensors (matrices) and float32 vectors; q|k|v and gate|up are fused into one matrix each.
+QTensors (matrices) and float32 vectors. q|k|v fuse into "wqkv" and gate|up into "wgu" where the
+parts share one fmt (and K); otherwise they stay apart as "wq", "wk", "wv" / "wgate", "wup"
+(a Q4_K_M file keeps attn_v in Q6_K on some layers). Biases always fuse into "bqkv" (float32).
+Column shards (wo, wdown) are cut on the tensor's block; a boundary inside a block re-quantizes
+that rank's slice to Q8_0 (32-element blocks), which the planner avoids where it can.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from tpi.config import ModelConfig, layer_name
 from tpi.devices.slicing import RankShard
-from tpi.quant.formats import QTensor, concat_rows, slice_cols, slice_rows
+from tpi.quant.formats import QTensor, concat_rows, dequantize, k_block, quantize, slice_cols, slice_rows
+from tpi.quant.kernel_forms import UNFUSED
+
+log = logging.getLogger(__name__)
+
+REQUANT_FMT = "ggml:Q8_0"  # where a column shard boundary splits a 256-element block
 
 
 def block_keys(n_layers: int) -> list[str]:
@@ -26,33 +36,43 @@ def _rows(x, r: range):
     return x[r.start : r.stop] if isinstance(x, np.ndarray) else slice_rows(x, r.start, r.stop)
 
 
-def _cols(x: QTensor, r: range) -> QTensor:
-    return slice_cols(x, r.start, r.stop)
+def cut_cols(x: QTensor, r: range) -> tuple[QTensor, bool]:
+    """Columns r of x, and whether they had to be re-quantized to REQUANT_FMT (r splits a block)."""
+    block = k_block(x.fmt)
+    if r.start % block == 0 and r.stop % block == 0:
+        return slice_cols(x, r.start, r.stop), False
+    lo, hi = r.start // block * block, -(-r.stop // block) * block  # the whole blocks around r
+    w = dequantize(slice_cols(x, lo, hi))[:, r.start - lo : r.stop - lo]
+    return quantize(w, REQUANT_FMT), True
 
 
-def _fuse(parts: Sequence):
+def _fuse_or_keep(fused: str, parts: Sequence) -> dict:
+    """{fused: rows stacked} when the parts share a fmt and K (vectors always), else each under its own key."""
     if isinstance(parts[0], np.ndarray):
-        return np.concatenate(parts).astype(np.float32)
-    return concat_rows(list(parts))
+        return {fused: np.concatenate(parts).astype(np.float32)}
+    if len({(p.fmt, p.shape[1]) for p in parts}) == 1:
+        return {fused: concat_rows(list(parts))}
+    return dict(zip(UNFUSED[fused], parts))
 
 
-def _attn_block(t: dict, s: RankShard, bias: bool) -> dict:
-    blk = {
-        "attn_norm": t["attn_norm"],
-        "wqkv": _fuse([_rows(t["wq"], s.q_rows), _rows(t["wk"], s.kv_rows), _rows(t["wv"], s.kv_rows)]),
-        "wo": _cols(t["wo"], s.wo_cols),
-    }
+def _attn_block(t: dict, s: RankShard, bias: bool, requantized: set) -> dict:
+    wo, redone = cut_cols(t["wo"], s.wo_cols)
+    if redone:
+        requantized.add(("wo", t["wo"].fmt))
+    blk = {"attn_norm": t["attn_norm"],
+           **_fuse_or_keep("wqkv", [_rows(t["wq"], s.q_rows), _rows(t["wk"], s.kv_rows), _rows(t["wv"], s.kv_rows)]),
+           "wo": wo}
     if bias:
-        blk["bqkv"] = _fuse([_rows(t["bq"], s.q_rows), _rows(t["bk"], s.kv_rows), _rows(t["bv"], s.kv_rows)])
+        blk |= _fuse_or_keep("bqkv", [_rows(t["bq"], s.q_rows), _rows(t["bk"], s.kv_rows), _rows(t["bv"], s.kv_rows)])
     return blk
 
 
-def _mlp_block(t: dict, s: RankShard) -> dict:
-    return {
-        "mlp_norm": t["mlp_norm"],
-        "wgu": _fuse([_rows(t["w_gate"], s.inter), _rows(t["w_up"], s.inter)]),
-        "wdown": _cols(t["w_down"], s.inter),
-    }
+def _mlp_block(t: dict, s: RankShard, requantized: set) -> dict:
+    wdown, redone = cut_cols(t["w_down"], s.inter)
+    if redone:
+        requantized.add(("w_down", t["w_down"].fmt))
+    return {"mlp_norm": t["mlp_norm"], **_fuse_or_keep("wgu", [_rows(t["w_gate"], s.inter), _rows(t["w_up"], s.inter)]),
+            "wdown": wdown}
 
 
 def iter_rank_blocks(source, cfg: ModelConfig, shards: Sequence[RankShard]) -> Iterator[tuple[str, list[dict]]]:
@@ -60,12 +80,16 @@ def iter_rank_blocks(source, cfg: ModelConfig, shards: Sequence[RankShard]) -> I
 
     Rank 0 (the master) also gets the embedding in its globals block.
     """
+    requantized: set[tuple[str, str]] = set()
     for i in range(cfg.n_layers):
         names = ["attn_norm", "wq", "wk", "wv", "wo"] + (["bq", "bk", "bv"] if cfg.qkv_bias else [])
         t = {n: source.load(layer_name(i, n)) for n in names}
-        yield f"L{i}.attn", [_attn_block(t, s, cfg.qkv_bias) for s in shards]
+        yield f"L{i}.attn", [_attn_block(t, s, cfg.qkv_bias, requantized) for s in shards]
         t = {n: source.load(layer_name(i, n)) for n in ("mlp_norm", "w_gate", "w_up", "w_down")}
-        yield f"L{i}.mlp", [_mlp_block(t, s) for s in shards]
+        yield f"L{i}.mlp", [_mlp_block(t, s, requantized) for s in shards]
+    for name, fmt in sorted(requantized):
+        log.info("re-quantized %s shards to Q8_0: a shard boundary splits a %d-element %s block", name,
+                 k_block(fmt), fmt)
     embed = source.load("embed")
     head = embed if cfg.tied_embeddings else source.load("lm_head")
     norm = source.load("norm")

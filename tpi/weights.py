@@ -11,9 +11,11 @@ On rank 0 the embedding table stays a read-only map of the store: a step reads o
 and those pages are dropped again at the end of every step, so the table costs no budget.
 
 A streamed torch engine would repack every q4g32 block into torch's int4 layout each time it
-loads it (measured: 241 ms per 81 MiB block against 55 ms to read it). It streams instead from
-a kernel-layout copy of its shard, written once beside it (kernel_layout_store), whose blocks
-prepare zero-copy.
+loads it (measured: 241 ms per 81 MiB block against 55 ms to read it), and a torch or numpy
+engine would convert every GGUF-typed block into its kernel formats. Both stream instead from a
+kernel-layout copy of the shard, written once beside it (kernel_layout_store), whose blocks
+prepare zero-copy. Pinned and streamed blocks are budgeted at the size their kernels hold
+(`kernels.resident_nbytes`: a Q4_0 block held as q4g32 is 11% larger than on disk).
 """
 from __future__ import annotations
 
@@ -61,57 +63,72 @@ def _layers_kv_bytes(layers, cfg, shard, context: int) -> tuple[int, int]:
     return total, resident
 
 
-def kernel_layout(layers):
-    """(name, prepare_block) of the kernel layout a streamed engine of these layers reads, or None.
+def kernel_layout(layers, store=None):
+    """(name, prepare_block) of the kernel-layout copy a streamed engine of these layers reads, or None.
 
-    torch: q4g32 in this CPU's int4pack order. ggml: the layers' own (GgmlLayers.kernel_layout:
-    weights in ggml's repacked layout, mapped by the streamed blocks instead of repacked per load).
+    ggml: the layers' own (GgmlLayers.kernel_layout: weights in ggml's repacked bytes, mapped by the
+    streamed blocks instead of repacked per load). torch / numpy: GGUF types converted and q4g32 in
+    this CPU's int4 order (tpi.quant.kernel_forms).
     """
     own = getattr(layers, "kernel_layout", None)
     if own is not None:
         return own
+    if not _converts_store(layers, store):
+        return None
+    from tpi.quant.kernel_forms import kernel_block
+
+    name = getattr(layers.kernels, "capability", None) or layers.kernels.name
+    return name, lambda block: kernel_block(layers.kernels, block, keep=(EMBED,))
+
+
+def prepacks(layers, store=None) -> bool:
+    """Whether a streamed engine of these layers reads a kernel-layout copy (kernel_layout_store)."""
+    return kernel_layout(layers, store) is not None
+
+
+def _converts_store(layers, store=None) -> bool:
+    """torch on a CPU with a verified int4 layout, or a torch / numpy backend on GGUF types."""
     from tpi.quant.formats import Q4G32_PREPACKED
 
-    capability = getattr(layers.kernels, "capability", None)
-    if capability not in Q4G32_PREPACKED:
-        return None
-    from tpi.quant.kernels import prepack_q4
-
-    def prepare(block: dict) -> dict:
-        return {name: t if name == EMBED or isinstance(t, np.ndarray) else prepack_q4(t, capability)
-                for name, t in block.items()}
-
-    return capability, prepare
+    if getattr(layers.kernels, "kernel_form", None) is None:
+        return False
+    if getattr(layers.kernels, "capability", None) in Q4G32_PREPACKED:
+        return True
+    return store is not None and any(_is_ggml(t) for key in store.keys() for t in store.load(key, copy=False).values())
 
 
-def prepacks(layers) -> bool:
-    """Whether a streamed engine of these layers reads a kernel-layout copy (kernel_layout_store)."""
-    return kernel_layout(layers) is not None
+def _is_ggml(t) -> bool:
+    return str(getattr(t, "fmt", "")).startswith("ggml:")
+
+
+def _converts(t) -> bool:
+    """Whether preparing t transforms its bytes (torch repacks q4g32; ggml types convert)."""
+    return getattr(t, "fmt", None) == Q4G32 or _is_ggml(t)
 
 
 def conversion_bytes(store, layers) -> int:
     """Transient bytes of turning the worst block into kernel form, from a measured ratio.
 
-    The torch int4 repack allocates about 3x a tensor's qweight while it runs (measured below on
-    a slice, through the layers' own to_runtime), beside the block's stored bytes and the tensors
-    it already converted. A backend that prepares zero-copy measures about 0.
+    The torch int4 repack allocates about 3x a tensor's bytes while it runs, a GGUF type's
+    conversion its float32 rows (measured below on a slice, through the layers' own to_runtime),
+    beside the block's stored bytes and the tensors it already converted. A backend that prepares
+    zero-copy measures about 0.
     """
-    worst, q4 = 0, None
+    worst, largest = 0, None
     for key in store.keys():
         block = store.load(key, copy=False)  # views of the map: reads the index only
-        tensors = [t for t in block.values() if getattr(t, "fmt", None) == Q4G32]
-        total = sum(t.arrays["qweight"].nbytes for t in tensors)
+        tensors = [t for name, t in block.items() if name != EMBED and _converts(t)]
+        total = sum(t.nbytes for t in tensors)
         if tensors and total > worst:
-            worst, q4 = total, max(tensors, key=lambda t: t.arrays["qweight"].nbytes)
-    if q4 is None:
+            worst, largest = total, max(tensors, key=lambda t: t.nbytes)
+    if largest is None:
         return 0
-    largest = q4.arrays["qweight"].nbytes
-    ratio = _conversion_ratio(layers, q4)
-    return int(ratio * largest + min(1.0, ratio) * (worst - largest))
+    ratio = _conversion_ratio(layers, largest)
+    return int(ratio * largest.nbytes + min(1.0, ratio) * (worst - largest.nbytes))
 
 
 def _conversion_ratio(layers, qt, rows: int = 256) -> float:
-    """Peak bytes allocated by to_runtime per qweight byte, on the first rows of `qt` (tracemalloc)."""
+    """Peak bytes allocated by to_runtime per stored byte, on the first rows of `qt` (tracemalloc)."""
     import tracemalloc
 
     from tpi.quant.formats import slice_rows
@@ -127,15 +144,21 @@ def _conversion_ratio(layers, qt, rows: int = 256) -> float:
     if not tracing:
         tracemalloc.stop()
     del runtime
-    return peak / part.arrays["qweight"].nbytes
+    return peak / part.nbytes
 
 
-def planned_block_sizes(store, embed_mapped: bool) -> list[tuple[str, int]]:
-    """(key, resident bytes) per block; a mapped embedding is not resident."""
+def planned_block_sizes(store, embed_mapped: bool, layers=None) -> list[tuple[str, int]]:
+    """(key, resident bytes) per block; a mapped embedding is not resident. With `layers`, matrices
+    count at the size their kernels hold (`kernels.resident_nbytes`), not as stored."""
+    resident = getattr(getattr(layers, "kernels", None), "resident_nbytes", None)
     sizes = []
     for key, nbytes in store.block_sizes():
         if key == GLOBALS and embed_mapped:
             nbytes -= _embed_nbytes(store)
+        if resident is not None:
+            block = store.load(key, copy=False)
+            nbytes += sum(resident(t) - t.nbytes for name, t in block.items()
+                          if name != EMBED and not isinstance(t, np.ndarray))
         sizes.append((key, nbytes))
     return sizes
 
@@ -162,14 +185,14 @@ def plan_memory(store, layers, cfg, shard, context: int, budget: int, *, runtime
 
     kv_total, kv_resident = _layers_kv_bytes(layers, cfg, shard, context)
     if prepacked is None:
-        prepacked = prepacks(layers)
+        prepacked = prepacks(layers, store)
     converting = 0 if prepacked else conversion_bytes(store, layers)
     if runtime_overhead is None:
         runtime_overhead = max(0, runtime_overhead_bytes() - kv_resident)
 
     def plan(for_budget: int):
         return plan_window(
-            planned_block_sizes(store, embed_mapped=True),
+            planned_block_sizes(store, embed_mapped=True, layers=layers),
             for_budget,
             kv_cache_bytes=kv_total,
             activation_bytes=activation_bytes(cfg, shard, context) + converting,
@@ -291,17 +314,19 @@ class StreamedWeights:
 
 
 def kernel_layout_store(store, layers):
-    """The shard with its weights in this device's kernel layout (kernel_layout), beside it as
+    """The shard in this backend's kernel layout (kernel_layout: ggml's repacked bytes; GGUF types
+    converted and q4g32 in this CPU's int4 order for torch / numpy), beside it as
     `<shard>.<layout>.kernel` (a shard store too, but not named *.tpis: a worker's cache offers its
     *.tpis files to the master by hash); written on first use, reused while its source hash matches.
 
-    The store itself comes back when the backend has no such layout (numpy, unverified CPUs) or
-    the copy cannot be written (read-only directory, full disk: logged, and streaming repacks).
+    The store itself comes back when the backend has nothing to convert (numpy on q4g32,
+    unverified CPUs) or the copy cannot be written (read-only directory, full disk: logged, and
+    streaming repacks).
     """
     from tpi.errors import ModelFormatError
     from tpi.scheduler.store import ShardStore, write_store
 
-    layout = kernel_layout(layers)
+    layout = kernel_layout(layers, store)
     if layout is None:
         return store
     name, prepare = layout
@@ -350,7 +375,7 @@ def open_store_weights(store, layers, cfg, shard, context: int, budget: int | No
     plan = plan_memory(store, layers, cfg, shard, context, budget, runtime_overhead=runtime_overhead,
                        setup_rss=setup_rss)
     packed = kernel_layout_store(store, layers)  # after the plan: an impossible budget converts nothing
-    if packed is store and prepacks(layers):  # no kernel copy after all: every block repacks as it loads
+    if packed is store and prepacks(layers, store):  # no kernel copy after all: every block repacks as it loads
         plan = plan_memory(store, layers, cfg, shard, context, budget, runtime_overhead=runtime_overhead,
                            setup_rss=setup_rss, prepacked=False)
     log.info("memory plan: %s", plan.describe())

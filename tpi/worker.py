@@ -20,7 +20,7 @@ class WorkerOptions:
     name: str
     cache_dir: Path  # shard cache, keyed by content hash
     key_dir: Path  # this device's CURVE keypair
-    backend: str = "torch"
+    backend: str = "auto"  # tpi.engine.resolve_backend picks: ggml, else numpy
     threads: int | None = None
     memory_budget: int | None = None
     insecure: bool = False
@@ -122,8 +122,7 @@ def _serve_round(opts: WorkerOptions, loaded: dict, total: dict, reconnecting: b
                 return RoundOutcome("joined", lost)
         if is_rejoin(stop_reason):
             return RoundOutcome("rejoin", stop_reason)
-        if link.master_stopped() is None:  # else the link already logged it
-            log.info("master stopped the group: %s", stop_reason)
+        log.info("master stopped the group: %s", stop_reason)
         return RoundOutcome("stopped", stop_reason)
     finally:
         link.close()

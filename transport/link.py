@@ -548,7 +548,7 @@ class WorkerLink(Keeper):
         elif isinstance(msg, Stop):
             self._stop_reason = msg.reason
             self._lost_reason = f"master stopped the group: {msg.reason}"
-            log.warning(self._lost_reason)
+            log.debug(self._lost_reason)  # a deliberate Stop, not a fault: the worker reports it once
             return
         elif (isinstance(msg, Refuse) and self.assign is not None
               and msg.reason.startswith((NOT_ADMITTED, VERSION_REFUSAL))):

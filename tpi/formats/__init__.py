@@ -35,4 +35,4 @@ def open_model(path: str | Path | None, quant: str | None = None, measure_error:
         return NativeSource(p)
     from tpi.formats.gguf import GGUFSource
 
-    return GGUFSource(p, measure_error=measure_error)
+    return GGUFSource(p)

@@ -102,16 +102,20 @@ class GGUFSource:
 
     kind = "gguf"
 
-    def __init__(self, path: Path, measure_error: bool = False):
+    def __init__(self, path: Path):
         if not path.is_file():
             raise ModelFormatError(f"model file not found: {path}; pass a .gguf file or a Hugging Face folder")
         self.reader = open_gguf(path)
         self.path = path
         self.config = read_config(self.reader, path)
         self._tensors = {t.name: t for t in self.reader.tensors}
-        self.notes: dict[str, object] = {}
-        self.measure_error = measure_error  # per-tensor conversion error, for `tpi convert` reports
-        self.keep_bf16_above: float | None = None  # lossy conversions worse than this stay bf16
+        self.notes: dict[str, object] = {}  # per-tensor import notes (every type is kept as it is)
+        from tpi.quant.formats import GGML_TYPES
+        from tpi.quant.gguf_import import unsupported_type
+
+        for t in self.reader.tensors:  # refuse the file now, not after a group has formed
+            if t.tensor_type.name not in GGML_TYPES:
+                raise ModelFormatError(f"{path}: {unsupported_type(t.tensor_type.name, tuple(reversed(t.shape)))}")
 
     def metadata(self, key: str, default=None):
         return self.reader.value(key, default)
@@ -131,6 +135,14 @@ class GGUFSource:
     def raw_type(self, name: str) -> str:
         return self._tensors[self.gguf_name(name)].tensor_type.name
 
+    def weight_fmt(self, name: str) -> str:
+        """The fmt `load(name)` gives this matrix ("ggml:Q4_K", "f32", ...), from the header alone."""
+        from tpi.quant.formats import ggml_fmt
+
+        if not self.has(name):
+            raise ModelFormatError(f"{self.path}: tensor {self.gguf_name(name)} is missing")
+        return ggml_fmt(self.raw_type(name))  # every type was checked when the file was opened
+
     def load(self, name: str):
         """Canonical tensor -> QTensor (matrices) or float32 array (vectors)."""
         from tpi.quant.formats import take_rows
@@ -141,12 +153,12 @@ class GGUFSource:
         if t is None:
             raise ModelFormatError(f"{self.path}: tensor {gname} is missing")
         shape = tuple(int(d) for d in reversed(t.shape))
-        out, note = import_tensor(t.tensor_type, t.data, shape, measure_error=self.measure_error,
-                                  keep_bf16_above=self.keep_bf16_above)
+        out, note = import_tensor(t.tensor_type, t.data, shape)
         self.notes[name] = note
         cfg = self.config
         short = name.rsplit(".", 1)[-1]
-        # llama.cpp stores llama q/k already in adjacent-pair order; NEOX-rope archs are HF order.
+        # llama.cpp stores llama q/k already in adjacent-pair order; NEOX-rope archs are HF order
+        # (a gather of whole rows, so any block type permutes as bytes).
         if cfg.arch not in ADJACENT_PAIR_ARCHS and short in ("wq", "wk", "bq", "bk"):
             heads = cfg.n_heads if short in ("wq", "bq") else cfg.n_kv_heads
             idx = adjacent_pair_index(heads, cfg.head_dim)

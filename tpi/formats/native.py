@@ -1,7 +1,7 @@
 """tpi's native model file: a one-rank shard store plus the tokenizer, written by `tpi convert`.
 
-OUT.tpis holds every block in native formats (fused q|k|v and gate|up, as a rank of a
-group of one cuts them); OUT.tpis.vocab.gguf is a weightless GGUF carrying the original
+OUT.tpis holds every block as a rank of a group of one cuts them (GGUF types kept as they are;
+q|k|v and gate|up fused where their types agree, else apart); OUT.tpis.vocab.gguf is a weightless GGUF carrying the original
 metadata, so llama.cpp's tokenizer and the chat template come along. Opening OUT.tpis gives a
 source with canonical tensor names again, so it can be split for any group size.
 """
@@ -15,7 +15,8 @@ import numpy as np
 from tpi.config import ModelConfig, config_from_dict, config_to_dict
 from tpi.errors import ModelFormatError
 
-NATIVE_FORMAT = "tpi-native-1"
+NATIVE_FORMAT = "tpi-native-2"  # 2: GGUF-typed blocks, q|k|v and gate|up possibly unfused
+READABLE_FORMATS = ("tpi-native-1", NATIVE_FORMAT)  # 1: q4g32 / q8 / bf16 blocks, always fused
 VOCAB_SUFFIX = ".vocab.gguf"
 
 
@@ -84,7 +85,7 @@ class NativeSource:
 
         self.store = ShardStore.open(path)
         meta = self.store.meta
-        if meta.get("format") != NATIVE_FORMAT:
+        if meta.get("format") not in READABLE_FORMATS:
             raise ModelFormatError(f"{path}: a tpi shard, not a converted model; convert with tpi convert MODEL OUT")
         self.path = path
         self.config: ModelConfig = config_from_dict(meta["config"])
@@ -112,14 +113,23 @@ class NativeSource:
         if short == "w_down":
             return self._block(f"L{i}.mlp")["wdown"]
         if short in ("w_gate", "w_up"):
-            wgu = self._block(f"L{i}.mlp")["wgu"]
+            mlp = self._block(f"L{i}.mlp")
+            if "wgu" not in mlp:  # kept apart: gate and up differ in type
+                return mlp["wgate" if short == "w_gate" else "wup"]
             a = 0 if short == "w_gate" else inter
-            return slice_rows(wgu, a, a + inter)
-        fused = self._block(f"L{i}.attn")["bqkv" if short.startswith("b") else "wqkv"]
+            return slice_rows(mlp["wgu"], a, a + inter)
+        attn = self._block(f"L{i}.attn")
+        if short in attn:  # wq / wk / wv kept apart
+            return attn[short]
+        fused = attn["bqkv" if short.startswith("b") else "wqkv"]
         start, stop = {"q": (0, qd), "k": (qd, qd + kd), "v": (qd + kd, qd + 2 * kd)}[short[1]]
         if isinstance(fused, np.ndarray):
             return fused[start:stop]
         return slice_rows(fused, start, stop)
+
+    def weight_fmt(self, name: str) -> str:
+        """The fmt of a matrix as stored (read from the index; no weight bytes are touched)."""
+        return self.load(name).fmt
 
     def tokenizer(self):
         if self._kind == "hf":

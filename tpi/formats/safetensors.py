@@ -11,6 +11,7 @@ import numpy as np
 from tpi.config import ARCHITECTURES, ModelConfig, RopeScaling
 from tpi.errors import ModelFormatError, UnsupportedArchitectureError
 from tpi.formats.gguf import adjacent_pair_index
+from tpi.quant.formats import BF16, F32, GGML_QUANTIZABLE, GGML_TYPES, QTensor, ggml_fmt, quant_error, quantize
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32}
 _LAYER = {
@@ -99,12 +100,29 @@ class _SafetensorsFile:
         ), e["dtype"]
 
 
+# `--quant` values: GGML types tpi can write, and the names of the formats they replace.
+QUANT_ALIASES = {"q8": "Q8_0", "q4g32": "Q4_1", "int4": "Q4_1", "q4": "Q4_0"}
+
+
+def quant_type(quant: str | None) -> str | None:
+    """The GGML type name a `--quant` value asks for (None: keep the folder's own dtypes)."""
+    if quant is None:
+        return None
+    name = QUANT_ALIASES.get(quant.lower(), quant.upper())
+    if name not in GGML_QUANTIZABLE + ("BF16",):
+        raise ModelFormatError(
+            f"--quant {quant!r} is not a type tpi can write; use one of {', '.join(GGML_QUANTIZABLE + ('BF16',))} "
+            f"(old names: {', '.join(f'{k} = {v}' for k, v in QUANT_ALIASES.items())})")
+    return name
+
+
 class HFSource:
-    """A Hugging Face model folder; 2-D weights become bf16/f32 QTensors (or quantized on request)."""
+    """A Hugging Face model folder; 2-D weights become bf16 / ggml:F16 / f32 QTensors, or a GGML type on request."""
 
     kind = "hf"
 
     def __init__(self, folder: Path, quant: str | None = None, measure_error: bool = False):
+        quant = quant_type(quant)
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise ModelFormatError(f"{folder}: no *.safetensors files; tpi reads safetensors weights only")
@@ -121,6 +139,7 @@ class HFSource:
         self.config = read_hf_config(folder, set(self._where))
         self.notes: dict[str, object] = {}
         self.measure_error = measure_error
+        self.keep_bf16_above: float | None = None  # --quant tensors with a larger relative error stay bf16
 
     def hf_name(self, name: str) -> str:
         if name.startswith("layers."):
@@ -131,33 +150,49 @@ class HFSource:
     def has(self, name: str) -> bool:
         return self.hf_name(name) in self._where
 
-    def load(self, name: str):
-        from tpi.quant.formats import BF16, F32, QTensor, f32_to_bf16_bits, quantize
-
+    def _entry(self, name: str) -> tuple[str, dict]:
         hname = self.hf_name(name)
-        f = self._where.get(hname)
-        if f is None:
+        if hname not in self._where:
             raise ModelFormatError(f"{self.path}: tensor {hname} is missing")
-        a, dtype = f.array(hname)
+        return hname, self._where[hname].entries[hname]
+
+    def weight_fmt(self, name: str) -> str:
+        """The fmt `load(name)` gives this matrix, from the header alone."""
+        _, e = self._entry(name)
+        if self.quant and e["shape"][-1] % GGML_TYPES[self.quant].block == 0:
+            return ggml_fmt(self.quant)  # (a K off the block stays in the folder's dtype)
+        return ggml_fmt({"BF16": "BF16", "F16": "F16"}.get(e["dtype"], "F32"))
+
+    def load(self, name: str):
+        hname, _ = self._entry(name)
+        a, dtype = self._where[hname].array(hname)
         short = name.rsplit(".", 1)[-1]
         if short in ("wq", "wk", "bq", "bk"):  # rotate-half rows -> adjacent-pair rows
             heads = self.config.n_heads if short in ("wq", "bq") else self.config.n_kv_heads
             a = a[adjacent_pair_index(heads, self.config.head_dim)]
         if a.ndim == 1:
             return _to_f32(a, dtype)
-        if self.quant:
-            from tpi.quant.formats import quant_error
-            from tpi.quant.gguf_import import ImportNote
-
-            ref = _to_f32(a, dtype)
-            qt = quantize(ref, self.quant)
-            self.notes[name] = ImportNote(dtype, qt.fmt, False, quant_error(ref, qt) if self.measure_error else None)
-            return qt
+        fmt = self.weight_fmt(name)
+        if self.quant and fmt == ggml_fmt(self.quant):
+            return self._quantized(name, _to_f32(a, dtype), dtype)
         if dtype == "BF16":
             return QTensor(BF16, a.shape, {"weight": np.ascontiguousarray(a)})
-        if dtype == "F16":
-            return QTensor(BF16, a.shape, {"weight": f32_to_bf16_bits(a.astype(np.float32))})
+        if dtype == "F16":  # kept as GGML F16 (the torch / numpy kernels widen it to bf16)
+            return QTensor(fmt, a.shape, {"data": np.ascontiguousarray(a).view(np.uint8)})
         return QTensor(F32, a.shape, {"weight": np.ascontiguousarray(a, dtype=np.float32)})
+
+    def _quantized(self, name: str, ref: np.ndarray, dtype: str) -> QTensor:
+        """ref in the --quant type (bf16 instead where its error is above keep_bf16_above), noted."""
+        from tpi.quant.gguf_import import ImportNote
+
+        qt = quantize(ref, ggml_fmt(self.quant))
+        measure = self.measure_error or self.keep_bf16_above is not None
+        err = quant_error(ref, qt) if measure else None
+        if self.keep_bf16_above is not None and err.rel_rmse > self.keep_bf16_above:
+            qt = quantize(ref, BF16)
+            err = quant_error(ref, qt)
+        self.notes[name] = ImportNote(dtype, qt.fmt, False, err)
+        return qt
 
     def tokenizer(self):
         from tpi.tokenizer import HFTokenizer
