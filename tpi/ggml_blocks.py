@@ -13,13 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from tpi.config import ModelConfig
-from tpi.errors import ShapeError
+from tpi.errors import ShapeError, UnsupportedArchitectureError
 from tpi.formats.gguf import ADJACENT_PAIR_ARCHS, adjacent_pair_index
 from tpi.quant.ggml_graph import Context, Tensor
 from tpi.quant.ggml_lib import ROPE_NEOX, ROPE_NORMAL
 from tpi.rope import inverse_frequencies
 
 F32_BYTES, F16_BYTES = 4, 2
+GRAPH_ARCHS = ("llama", "mistral", "qwen2")  # the blocks below are these architectures' (llama.cpp's llm_build_*)
 OPS_PER_ATTENTION = 40  # tensors an attention graph creates, before its per-segment extras
 OPS_PER_SEGMENT = 8
 OPS_PER_MLP = 12
@@ -89,6 +90,10 @@ class BlockSpec:
 
     @classmethod
     def of(cls, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...]) -> "BlockSpec":
+        if cfg.arch not in GRAPH_ARCHS:
+            raise UnsupportedArchitectureError(
+                f"the ggml backend has no graphs for {cfg.arch} models yet (it runs {', '.join(GRAPH_ARCHS)}); "
+                "use --backend numpy")
         if len(q_to_kv) != n_q:
             raise ShapeError(f"{n_q} local query heads but a KV map of {len(q_to_kv)}")
         linear = cfg.rope_scaling.kind == "linear" and cfg.rope_freq_factors is None
