@@ -231,7 +231,8 @@ class BlockScheduler:
                 raise BlockOrderError(f"release('{key}') without a matching get('{key}')")
             self._held.remove(key)
             slot = self._slots[key]
-            value, slot.value = slot.value, _EMPTY
+            value = slot.value if not self._copy else None  # copy mode: no reference may outlive the slot
+            slot.value = _EMPTY
             slot.ready.clear()
             slot.resident = False
             self._resident -= 1
