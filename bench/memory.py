@@ -1,6 +1,7 @@
 """Memory budgets: a synthetic model with Llama-2-7B layer shapes, pinned vs streamed from disk.
 
     python bench/memory.py            # 16 layers of hidden 4096 / intermediate 11008 (~1.9 GB int4 store)
+    python bench/memory.py --backend ggml   # the same on ggml (streamed blocks mapped, not copied)
     python bench/memory.py --smoke    # 2 small layers, budgets found by probing: checks the bench runs
 
 The model is a Q4_0 GGUF of random int4 blocks (fp16 scales near 0.004) with a small byte-level
@@ -12,7 +13,8 @@ peak RSS (VmHWM) is that run's own. Measured in one run:
   * peak RSS against the budget; overlap = 1 - stall / time in forward passes;
   * a 2-device loopback group with budgets on both ranks;
   * the disk's cold sequential read speed, and the per-block cost of reading vs preparing
-    (the torch int4 repack) an MLP block, which bound what streaming can reach.
+    (torch: the int4 repack; ggml: mapping the kernel-layout copy) an MLP block, which bound what
+    streaming can reach.
 Medians over the timed decode steps; the machine is shared, so compare rows, not runs.
 """
 from __future__ import annotations
@@ -112,6 +114,7 @@ def run_config(cfg: dict) -> dict:
     t0 = time.perf_counter()
     group = start_group(GroupOptions(
         model=cfg["model"], context=cfg["context"], threads=cfg["threads"], memory_budget=cfg["budget"],
+        backend=cfg["backend"], worker_backend=cfg["backend"],
         local_workers=workers, worker_memory_budget=cfg["budget"] if workers else None,
         ratios=(0.5, 0.5) if workers else None, insecure=True, cache_dir=Path(cfg["cache"]),
         config_dir=Path(cfg["cache"]) / "config", join_timeout_s=600))
@@ -169,8 +172,8 @@ def cold_read_mb_s(path: Path, limit: int = 1 << 30) -> float:
         os.close(fd)
 
 
-def block_costs(store_path: Path, threads: int, reps: int = 3) -> dict:
-    """Median ms to read the largest block cold, warm, and to prepare it (torch int4 repack)."""
+def block_costs(store_path: Path, threads: int, backend: str, reps: int = 3) -> dict:
+    """Median ms to read the largest block cold, warm, and to prepare it as a streamed block is."""
     from tpi.config import config_from_dict
     from tpi.engine import make_layers
     from tpi.scheduler.store import ShardStore
@@ -179,7 +182,14 @@ def block_costs(store_path: Path, threads: int, reps: int = 3) -> dict:
     with ShardStore.open(store_path) as store:
         key, nbytes = max(((k, n) for k, n in store.block_sizes() if k != "globals"), key=lambda kn: kn[1])
         cfg = config_from_dict(store.meta["config"])
-        layers = make_layers("torch", cfg, shard_from_dict(store.meta["shard"], cfg), 8, threads)
+        layers = make_layers(backend, cfg, shard_from_dict(store.meta["shard"], cfg), 8, threads)
+        prepare = layers.to_runtime  # torch: the int4 repack of the block just read
+        if hasattr(layers, "runtime_for"):  # ggml: map the kernel-layout copy written by the streamed runs
+            from tpi.weights import kernel_layout_store
+
+            packed = kernel_layout_store(store, layers)
+            stream = layers.runtime_for(packed)[1]
+            prepare = lambda _block: stream(packed.load(key, copy=False))  # noqa: E731
         cold, warm, prep = [], [], []
         for _ in range(reps):
             store.release(key)
@@ -190,8 +200,9 @@ def block_costs(store_path: Path, threads: int, reps: int = 3) -> dict:
             block = store.load(key)  # the pages are cached now
             warm.append(time.perf_counter() - t)
             t = time.perf_counter()
-            layers.to_runtime(block)
+            prepare(block)
             prep.append(time.perf_counter() - t)
+            del block
         store.release(key)
     ms = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
     return {"block": key, "mb": nbytes / MB, "cold_ms": ms(cold), "warm_ms": ms(warm), "prepare_ms": ms(prep)}
@@ -206,6 +217,8 @@ def main() -> None:
     ap.add_argument("--group-budget-mb", type=int, default=560, help="budget of each rank in the 2-device group")
     ap.add_argument("--tokens", type=int, default=4, help="decode steps timed per configuration")
     ap.add_argument("--threads", type=int, default=1, help="compute threads per process (1: the machine is shared)")
+    ap.add_argument("--backend", default="torch", help="kernel backend of every engine (torch, ggml, numpy)")
+    ap.add_argument("--repeats", type=int, default=1, help="pairs of (all pinned, streamed warm) runs for their ratio")
     ap.add_argument("--smoke", action="store_true", help="2 small layers; budgets probed as minimum + 32 MiB")
     ap.add_argument("--dir", type=Path, help="keep the model and stores here (default: a temporary directory)")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
@@ -228,6 +241,7 @@ def run(args, work: Path) -> None:
         write_model(model, shapes, layers, vocab=384, context=context)
     info = machine_info()
     base = {"model": str(model), "context": context, "prompt": prompt, "tokens": tokens, "threads": args.threads,
+            "backend": args.backend,
             "cache": str(work / "cache"), "warm": False, "workers": 0, "budget": None}
 
     def budget_for(mb: int, workers: int) -> int:
@@ -245,18 +259,24 @@ def run(args, work: Path) -> None:
     for label, extra in configs:
         print(f"running: {label}", file=sys.stderr, flush=True)
         results.append((label, extra.get("budget"), run_child(dict(base, **extra))))
+    pairs = [(results[0][2], results[2][2])]  # (all pinned, streamed warm): the ratio the target is on
+    for i in range(args.repeats - 1):  # more pairs, back to back, so that both rows see the same load
+        print(f"running: all pinned / streamed warm, pair {i + 2}", file=sys.stderr, flush=True)
+        pairs.append((run_child(dict(base, **configs[0][1])), run_child(dict(base, **configs[2][1]))))
     disk = cold_read_mb_s(model)
     stores = sorted((work / "cache" / "master").glob("*.tpis"), key=lambda p: p.stat().st_size)
-    costs = block_costs(stores[-1], args.threads) if stores else None
-    report(results, model, disk, costs, info, minimum)
+    costs = block_costs(stores[-1], args.threads, args.backend) if stores else None
+    report(results, model, disk, costs, info, minimum, args.backend, pairs)
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "disk_mb_s": disk, "block": costs, "minimum": minimum,
                                          "runs": [{"label": lb, "budget": b, **r} for lb, b, r in results]}, indent=2))
 
 
-def report(results, model: Path, disk: float, costs: dict | None, info: dict, minimum: dict) -> None:
+def report(results, model: Path, disk: float, costs: dict | None, info: dict, minimum: dict, backend: str,
+           pairs: list[tuple[dict, dict]]) -> None:
     print_machine(info)
     pinned = results[0][2].get("tokens_s")
+    ok = [(p["tokens_s"], w["tokens_s"]) for p, w in pairs if "tokens_s" in p and "tokens_s" in w]
     rows = []
     for label, budget, r in results:
         if "failed" in r:
@@ -275,10 +295,17 @@ def report(results, model: Path, disk: float, costs: dict | None, info: dict, mi
              f"disk: cold sequential read {disk:.0f} MiB/s (the limit streaming can approach)",
              "minimum feasible budget: " + ", ".join(
                  f"{'2-device rank 0' if w else 'single device'} {m / MB:.0f} MiB" for w, m in minimum.items() if m)]
+    if len(ok) > 1:
+        ratios = sorted(w / p for p, w in ok)
+        notes.append(f"streamed warm vs all pinned over {len(ok)} back-to-back pairs of runs: median "
+                     f"{statistics.median(ratios):.2f}x (each pair: {', '.join(f'{r:.2f}' for r in ratios)}); "
+                     f"all pinned {statistics.median(p for p, _ in ok):.3g} tok/s, streamed warm "
+                     f"{statistics.median(w for _, w in ok):.3g} tok/s")
     if costs:
+        how = "map its kernel-layout copy" if backend == "ggml" else f"{backend} to_runtime"
         notes.append(f"largest block {costs['block']} ({costs['mb']:.0f} MiB): read cold {costs['cold_ms']:.0f} ms, "
-                     f"read warm {costs['warm_ms']:.0f} ms, prepare (torch int4 repack) {costs['prepare_ms']:.0f} ms")
-    print_table("decode under a memory budget (medians)",
+                     f"read warm {costs['warm_ms']:.0f} ms, prepare ({how}) {costs['prepare_ms']:.0f} ms")
+    print_table(f"decode under a memory budget, {backend} backend (medians)",
                 ["configuration", "budget MiB", "tok/s", "vs pinned", "pinned/streamed/window", "read MiB/tok",
                  "read MiB/s", "stall ms/tok", "overlap", "peak RSS MiB"], rows, notes)
 

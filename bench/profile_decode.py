@@ -1,16 +1,18 @@
-"""Where tpi's time goes on one device: torch.profiler over decode steps and one prefill, by category.
+"""Where tpi's time goes on one device, by category, per decode step and for one prefill.
 
 Beside it, llama-cpp-python runs the same GGUF, prompt and threads in its own process, so the table
 shows tpi's time per token split into kernels and the rest, against llama.cpp's whole token.
 
     python bench/profile_decode.py [--model PATH] [--threads 2] [--prompt 128] [--decode 32] [--smoke]
-    python bench/profile_decode.py --synthetic qwen2-1.5b
+    python bench/profile_decode.py --synthetic qwen2-1.5b --qtype Q4_K_M --backends ggml
 
-Categories come from the aten op names of each op's *self* CPU time (the time inside that op,
-children excluded). "Between ops" is the profiled wall time less every op's self time: Python
-(model code, numpy at the seam, the sampler's argmax) and the profiler's own bookkeeping. The
-profiler adds a few µs per op, so the profiled wall is longer than the unprofiled one; both are
-shown, and the shares are of the profiled time.
+torch: torch.profiler; categories come from the aten op names of each op's *self* CPU time (the
+time inside that op, children excluded). "Between ops" is the profiled wall time less every op's
+self time: Python (model code, numpy at the seam, the sampler's argmax) and the profiler's own
+bookkeeping; the profiler adds a few µs per op, so both walls are shown.
+ggml: each block is one ggml graph, so the categories are the time inside ggml's graph computation
+per kind of block, the Python around each graph call (inputs, graph lookup), and what runs between
+blocks (residual adds, embedding, argmax). Timers add ~1 µs per block.
 """
 from __future__ import annotations
 
@@ -67,11 +69,63 @@ def _profiled(fn, steps: int) -> tuple[float, dict[str, float], dict[str, int]]:
     return wall / steps, {k: v / steps for k, v in seconds.items()}, {k: c // steps for k, c in calls.items()}
 
 
-def profile_tpi(model: str, threads: int, ids: list[int], decode: int, conn) -> None:
+GGML_BLOCKS = (("forward_all", "whole-step graph (a group of one's decode: every layer and the logits)"),
+               ("attention", "attention graphs (norm, q/k/v, RoPE, KV write, flash attention, wo)"),
+               ("mlp", "MLP graphs (norm, gate/up, SwiGLU, down)"),
+               ("logits", "logits graph (norm, lm_head)"))
+GGML_AROUND = "Python around the graph calls (inputs, graph lookup, output views)"
+GGML_BETWEEN = "between blocks (residual adds, embedding, argmax, Python)"
+
+
+def _ggml_timers(layers):
+    """Wrap a GgmlLayers' block methods and its runtime's compute with timers; returns run(fn, steps)."""
+    inside: dict[str, float] = defaultdict(float)
+    outer: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    current = {"kind": None}
+    compute = layers.runtime.compute
+
+    def timed_compute(graph) -> None:
+        t = time.perf_counter()
+        compute(graph)
+        inside[current["kind"]] += time.perf_counter() - t
+
+    def timed(kind: str, fn):
+        def call(*args, **kw):
+            current["kind"] = kind
+            t = time.perf_counter()
+            out = fn(*args, **kw)
+            outer[kind] += time.perf_counter() - t
+            calls[kind] += 1
+            return out
+        return call
+
+    layers.runtime.compute = timed_compute
+    for kind, _ in GGML_BLOCKS:
+        setattr(layers, kind, timed(kind, getattr(layers, kind)))
+
+    def run(fn, steps: int) -> tuple[float, dict[str, float], dict[str, int]]:
+        for d in (inside, outer, calls):
+            d.clear()
+        t = time.perf_counter()
+        for i in range(steps):
+            fn(i)
+        wall = (time.perf_counter() - t) / steps
+        seconds = {label: inside[kind] / steps for kind, label in GGML_BLOCKS}
+        seconds[GGML_AROUND] = sum(outer.values()) / steps - sum(seconds.values())
+        counts = {label: calls[kind] // steps for kind, label in GGML_BLOCKS}
+        counts[GGML_AROUND] = sum(counts.values())
+        return wall, seconds, counts
+
+    return run
+
+
+def profile_tpi(model: str, threads: int, ids: list[int], decode: int, backend: str, conn) -> None:
     """Child process: build the engine, time decode and prefill unprofiled, then profile both."""
     from tpi.engine import EngineOptions, build_local_engine
 
-    eng = build_local_engine(EngineOptions(model=model, context=len(ids) + 3 * decode + 16, threads=threads))
+    eng = build_local_engine(EngineOptions(model=model, context=len(ids) + 3 * decode + 16, threads=threads,
+                                           backend=backend))
     n = len(ids)
 
     def prefill(_i: int = 0) -> int:
@@ -95,18 +149,20 @@ def profile_tpi(model: str, threads: int, ids: list[int], decode: int, conn) -> 
     prefill()
     prefill_wall = time.perf_counter() - t
     state["pos"] = n
-    out = {"decode_wall": median(times), "prefill_wall": prefill_wall, "layers": eng.cfg.n_layers}
-    out["decode"] = _profiled(step, decode)
-    out["prefill"] = _profiled(prefill, 1)
+    out = {"decode_wall": median(times), "prefill_wall": prefill_wall, "layers": eng.cfg.n_layers,
+           "between": GGML_BETWEEN if backend == "ggml" else BETWEEN}
+    profiled = _ggml_timers(eng.model.layers) if backend == "ggml" else _profiled
+    out["decode"] = profiled(step, decode)
+    out["prefill"] = profiled(prefill, 1)
     conn.send(out)
 
 
-def run_tpi(model: str, threads: int, ids: list[int], decode: int) -> dict:
+def run_tpi(model: str, threads: int, ids: list[int], decode: int, backend: str) -> dict:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=profile_tpi, args=(model, threads, ids, decode, child), daemon=True)
+    proc = ctx.Process(target=profile_tpi, args=(model, threads, ids, decode, backend, child), daemon=True)
     proc.start()
     try:
         return parent.recv()
@@ -117,15 +173,16 @@ def run_tpi(model: str, threads: int, ids: list[int], decode: int) -> dict:
 def rows_for(tpi: dict, anchor_decode_s: float, anchor_prefill_s: float) -> list[list]:
     d_wall, d_sec, d_calls = tpi["decode"]
     p_wall, p_sec, _ = tpi["prefill"]
-    d_sec = dict(d_sec, **{BETWEEN: max(0.0, d_wall - sum(d_sec.values()))})
-    p_sec = dict(p_sec, **{BETWEEN: max(0.0, p_wall - sum(p_sec.values()))})
-    names = [c for c, _ in CATEGORIES] + [OTHER, BETWEEN]
+    between = tpi["between"]
+    d_sec = dict(d_sec, **{between: max(0.0, d_wall - sum(d_sec.values()))})
+    p_sec = dict(p_sec, **{between: max(0.0, p_wall - sum(p_sec.values()))})
+    names = list(dict.fromkeys([c for c, _ in CATEGORIES] + [OTHER] + list(d_sec) + [between]))
     rows = []
     for name in names:
         ds, ps = d_sec.get(name, 0.0), p_sec.get(name, 0.0)
         if ds == 0.0 and ps == 0.0:
             continue
-        rows.append([name, d_calls.get(name, "-") if name != BETWEEN else "-", 1000 * ds, f"{ds / d_wall:.0%}",
+        rows.append([name, d_calls.get(name, "-") if name != between else "-", 1000 * ds, f"{ds / d_wall:.0%}",
                      1000 * ps, f"{ps / p_wall:.0%}"])
     rows.append(["tpi total, profiled", "-", 1000 * d_wall, "100%", 1000 * p_wall, "100%"])
     rows.append(["tpi total, not profiled", "-", 1000 * tpi["decode_wall"], ratio(anchor_decode_s, tpi["decode_wall"]),
@@ -138,6 +195,7 @@ def rows_for(tpi: dict, anchor_decode_s: float, anchor_prefill_s: float) -> list
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(ap, 32, "decode steps timed, then profiled")
+    ap.add_argument("--backends", default="ggml,torch", help="tpi backends to profile, comma-separated")
     args = ap.parse_args()
     if args.smoke:
         args.prompt, args.decode = 16, 4
@@ -153,18 +211,20 @@ def main() -> None:
         llama.close()
     prefill_s = median([args.prompt / a[0] for a in anchor])
     decode_s = median([1.0 / a[1] for a in anchor])
-    tpi = run_tpi(args.model, args.threads, ids, args.decode)
-    info = machine_info()
-    print_table(
-        f"Profile: {Path(args.model).name} ({tpi['layers']} layers), {args.threads} threads, prompt {args.prompt}, {args.decode} decode steps",
-        ["where (self CPU time)", "calls/token", "decode ms/token", "share", f"prefill ms ({args.prompt} tok)",
-         "share"],
-        rows_for(tpi, decode_s, prefill_s),
-        notes=["torch.profiler self CPU time per category, per decode step and for one prefill; shares are of "
-               "tpi's profiled time. The last rows: tpi without the profiler (its ratio is speed against llama.cpp, "
-               "llama.cpp time / tpi time: above 1 is faster) and llama.cpp's median of 3 rounds in its own process, same prompt.",
-               f"machine: {info}", "command: python bench/profile_decode.py " + " ".join(sys.argv[1:])],
-    )
+    for backend in args.backends.split(","):
+        tpi = run_tpi(args.model, args.threads, ids, args.decode, backend)
+        how = ("time inside ggml's graph computation per kind of block, and around it"
+               if backend == "ggml" else "torch.profiler self CPU time per category")
+        print_table(
+            f"Profile ({backend}): {Path(args.model).name} ({tpi['layers']} layers), {args.threads} threads, "
+            f"prompt {args.prompt}, {args.decode} decode steps",
+            ["where", "calls/token", "decode ms/token", "share", f"prefill ms ({args.prompt} tok)", "share"],
+            rows_for(tpi, decode_s, prefill_s),
+            notes=[f"{how}, per decode step and for one prefill; shares are of tpi's profiled time. The last rows: "
+                   "tpi without the profiler (its ratio is speed against llama.cpp, llama.cpp time / tpi time: above "
+                   "1 is faster) and llama.cpp's median of 3 rounds in its own process, same prompt.",
+                   f"machine: {machine_info()}", "command: python bench/profile_decode.py " + " ".join(sys.argv[1:])],
+        )
 
 
 if __name__ == "__main__":

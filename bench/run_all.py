@@ -40,17 +40,22 @@ class Benchmark:
 
 
 BENCHMARKS = (
-    Benchmark("single_device", "single_device.py", (), "tpi vs llama-cpp-python, SmolLM2-135M Q4_1"),
-    Benchmark("single_device_qwen2", "single_device.py", ("--synthetic-qwen2-1.5b", "--rounds", "3"),
-              "tpi vs llama-cpp-python, synthetic Qwen2-1.5B-shaped Q4_0"),
-    # 1 thread: on a shared 2-core machine a 2-thread profile mostly measures OpenMP waiting for a
-    # descheduled thread; the split by category is what this table is for.
+    Benchmark("single_device", "single_device.py", ("--backends", "ggml,torch,numpy", "--rounds", "7"),
+              "tpi (ggml, torch, numpy) vs llama-cpp-python, SmolLM2-135M Q4_1"),
+    Benchmark("single_device_qwen2", "single_device.py", ("--synthetic", "qwen2-1.5b", "--qtype", "Q4_K_M",
+                                                          "--rounds", "5", "--backends", "ggml,torch"),
+              "tpi (ggml, torch) vs llama-cpp-python, synthetic Qwen2-1.5B-shaped Q4_K_M (llama.cpp's mix)"),
+    # 1 thread: on a shared 2-core machine a 2-thread profile mostly measures threads waiting for a
+    # descheduled one; the split by category is what this table is for.
     Benchmark("profile", "profile_decode.py", ("--threads", "1"),
-              "where tpi's time goes (torch.profiler), SmolLM2-135M Q4_1"),
-    Benchmark("profile_qwen2", "profile_decode.py", ("--synthetic-qwen2-1.5b", "--decode", "16", "--threads", "1"),
-              "where tpi's time goes (torch.profiler), synthetic Qwen2-1.5B-shaped Q4_0"),
+              "where tpi's time goes (ggml by block graph; torch.profiler), SmolLM2-135M Q4_1"),
+    Benchmark("profile_qwen2", "profile_decode.py", ("--synthetic", "qwen2-1.5b", "--qtype", "Q4_K_M", "--decode", "16",
+                                                     "--threads", "1"),
+              "where tpi's time goes (ggml by block graph; torch.profiler), synthetic Qwen2-1.5B Q4_K_M"),
     Benchmark("tp", "tp.py", ("--insecure",), "tensor-parallel decode: 1 device vs N=2 on loopback and via DelayProxy"),
-    Benchmark("memory", "memory.py", (), "peak RSS per device against the budget"),
+    Benchmark("memory", "memory.py", (), "peak RSS per device against the budget (torch)"),
+    Benchmark("memory_ggml", "memory.py", ("--backend", "ggml", "--repeats", "3"),
+              "peak RSS per device against the budget (ggml)"),
     Benchmark("backends", "backends.py", (), "torch vs numpy backend"),
     Benchmark("allreduce", "allreduce.py", (), "allreduce latency: star vs ring vs gloo"),
     Benchmark("costmodel", "costmodel.py", ("--insecure",), "cost model predictions vs measured runs"),

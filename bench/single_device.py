@@ -1,11 +1,12 @@
-"""tpi against llama-cpp-python on one device: same GGUF, same threads, same prompt, one run.
+"""tpi's backends against llama-cpp-python on one device: same GGUF, threads and prompt, one run.
 
-Rounds alternate between the two engines so that machine noise hits both alike; the table
-reports medians and the ratio tpi / llama.cpp.
+Every engine runs in its own process; rounds alternate between them so that machine noise hits
+all alike; the table reports medians and each engine's ratio to llama.cpp (its default mode,
+flash attention off; the flash-attention row is what tpi's ggml graphs compute bit for bit).
 
-    python bench/single_device.py [--model PATH] [--threads 2] [--rounds 5] [--smoke]
+    python bench/single_device.py [--model PATH] [--threads 2] [--rounds 5] [--backends ggml,torch]
     python bench/single_device.py --synthetic-qwen2-1.5b     # random Qwen2.5-1.5B-shaped Q4_0 GGUF
-    python bench/single_device.py --synthetic NAME           # any shape of bench/synthetic.py
+    python bench/single_device.py --synthetic qwen2-1.5b --qtype Q4_K_M   # ... as llama.cpp's Q4_K_M mix
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_info, median, print_table, ratio  # noqa: E402
+from common import machine_info, median, print_table  # noqa: E402
 
 
 def prompt_ids(vocab: int, n: int) -> list[int]:
@@ -26,12 +27,11 @@ def prompt_ids(vocab: int, n: int) -> list[int]:
 
 
 class TpiRunner:
-    name = "tpi"
-
-    def __init__(self, model: str, threads: int, context: int):
+    def __init__(self, model: str, threads: int, context: int, backend: str = "ggml"):
         from tpi.engine import EngineOptions, build_local_engine
 
-        self.engine = build_local_engine(EngineOptions(model=model, context=context, threads=threads))
+        self.name = f"tpi {backend}"
+        self.engine = build_local_engine(EngineOptions(model=model, context=context, threads=threads, backend=backend))
 
     def prefill(self, ids: list[int]) -> int:
         self.engine.reset()
@@ -42,13 +42,12 @@ class TpiRunner:
 
 
 class LlamaCppRunner:
-    name = "llama.cpp"
-
-    def __init__(self, model: str, threads: int, context: int):
+    def __init__(self, model: str, threads: int, context: int, flash_attn: bool = False):
         import llama_cpp
 
+        self.name = "llama.cpp, flash attention" if flash_attn else "llama.cpp"
         self.llm = llama_cpp.Llama(model_path=model, n_ctx=context, n_batch=512, n_threads=threads,
-                                   n_threads_batch=threads, verbose=False)
+                                   n_threads_batch=threads, flash_attn=flash_attn, verbose=False)
 
     def _last_logits(self) -> np.ndarray:
         # without logits_all, llm.scores stays zero: read the context's last row directly
@@ -80,10 +79,17 @@ def measure(runner, ids: list[int], decode: int) -> tuple[float, float, float]:
     return len(ids) / ttft, 1.0 / median(times), ttft
 
 
+def make_runner(kind: str, model: str, threads: int, context: int):
+    """kind: "llama.cpp", "llama.cpp-fa" (flash attention), "tpi" (ggml) or "tpi:<backend>"."""
+    if kind.startswith("llama.cpp"):
+        return LlamaCppRunner(model, threads, context, flash_attn=kind.endswith("-fa"))
+    return TpiRunner(model, threads, context, kind.partition(":")[2] or "ggml")
+
+
 def serve_runner(kind: str, model: str, threads: int, context: int, conn) -> None:
     """Child process: one engine; measures a round whenever the parent asks (idle otherwise)."""
-    runner = (TpiRunner if kind == "tpi" else LlamaCppRunner)(model, threads, context)
-    conn.send(runner.engine.cfg.vocab if kind == "tpi" else runner.llm.n_vocab())
+    runner = make_runner(kind, model, threads, context)
+    conn.send((runner.name, runner.engine.cfg.vocab if hasattr(runner, "engine") else runner.llm.n_vocab()))
     while (req := conn.recv()) is not None:
         conn.send(measure(runner, *req))
 
@@ -95,12 +101,11 @@ class IsolatedRunner:
     def __init__(self, kind: str, model: str, threads: int, context: int):
         import multiprocessing as mp
 
-        self.name = "tpi" if kind == "tpi" else "llama.cpp"
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=serve_runner, args=(kind, model, threads, context, child), daemon=True)
         self._proc.start()
-        self.vocab = self._conn.recv()
+        self.name, self.vocab = self._conn.recv()
 
     def measure(self, ids: list[int], decode: int) -> tuple[float, float, float]:
         self._conn.send((ids, decode))
@@ -111,9 +116,11 @@ class IsolatedRunner:
         self._proc.join(timeout=30)
 
 
-def run(model: str, threads: int, rounds: int, prompt: int, decode: int) -> list[list]:
+def run(model: str, threads: int, rounds: int, prompt: int, decode: int,
+        backends: tuple[str, ...] = ("ggml", "torch")) -> list[list]:
     context = prompt + decode + 8
-    runners = [IsolatedRunner("tpi", model, threads, context), IsolatedRunner("llama.cpp", model, threads, context)]
+    kinds = ["llama.cpp", "llama.cpp-fa"] + [f"tpi:{b}" for b in backends]
+    runners = [IsolatedRunner(kind, model, threads, context) for kind in kinds]
     try:
         return _alternate(runners, prompt_ids(runners[0].vocab, prompt), rounds, decode)
     finally:
@@ -125,15 +132,17 @@ def _alternate(runners: list, ids: list[int], rounds: int, decode: int) -> list[
     results = {r.name: [] for r in runners}
     for r in runners:  # warm-up: first-call allocations and page faults are not steady state
         r.measure(ids, 4)
-    for _ in range(rounds):
-        for r in runners:
+    for i in range(rounds):  # each round in another order: no engine always runs right after the same one
+        for r in runners[i % len(runners):] + runners[:i % len(runners)]:
             results[r.name].append(r.measure(ids, decode))
     rows = []
-    anchor = [median([m[i] for m in results["llama.cpp"]]) for i in range(3)]
+    anchor = results["llama.cpp"]
     for name, ms in results.items():
         med = [median([m[i] for m in ms]) for i in range(3)]
-        rows.append([name, med[0], ratio(med[0], anchor[0]), med[1], ratio(med[1], anchor[1]), 1000 * med[2],
-                     ratio(anchor[2], med[2])])
+        # ratios paired per round (the same minute of machine load), then the median of them
+        paired = [median([m[i] / a[i] for m, a in zip(ms, anchor)]) for i in range(3)]
+        rows.append([name, med[0], f"{paired[0]:.2f}x", med[1], f"{paired[1]:.2f}x", 1000 * med[2],
+                     f"{1 / paired[2]:.2f}x"])
     return rows
 
 
@@ -146,6 +155,8 @@ def add_model_args(ap: argparse.ArgumentParser, decode: int, decode_help: str) -
     ap.add_argument("--synthetic", metavar="SHAPE", help="random model of bench/synthetic.py (e.g. qwen2-1.5b)")
     ap.add_argument("--synthetic-qwen2-1.5b", dest="synthetic", action="store_const", const="qwen2-1.5b",
                     help="the ~1.5B Qwen2-shaped Q4_0 GGUF (written once, ~1 GB, under --cache-dir)")
+    ap.add_argument("--qtype", default="Q4_0", help="synthetic weights: Q4_0, Q4_1, Q8_0, or Q4_K_M / Q5_K_M / Q6_K "
+                    "(llama.cpp's own mixes, re-quantized from a Q8_0 file)")
     ap.add_argument("--cache-dir", type=Path, help="where synthetic models are kept (default ~/.cache/tpi/bench)")
     ap.add_argument("--smoke", action="store_true", help="tiny run that only checks the script works")
 
@@ -155,7 +166,8 @@ def resolve_model(args: argparse.Namespace) -> None:
     if args.synthetic:
         from synthetic import cached_model
 
-        args.model = str(cached_model(args.synthetic, out=args.cache_dir, log=lambda m: print(m, file=sys.stderr)))
+        args.model = str(cached_model(args.synthetic, qtype=args.qtype, out=args.cache_dir,
+                                      log=lambda m: print(m, file=sys.stderr)))
     if args.model is None:
         from tpi.formats import default_model_path
 
@@ -166,18 +178,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(ap, 64, "decoded tokens per round")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--backends", default="ggml,torch", help="tpi backends to run, comma-separated (ggml,torch,numpy)")
     args = ap.parse_args()
     resolve_model(args)
     if args.smoke:
         args.rounds, args.prompt, args.decode = 1, 16, 4
-    rows = run(args.model, args.threads, args.rounds, args.prompt, args.decode)
+    rows = run(args.model, args.threads, args.rounds, args.prompt, args.decode, tuple(args.backends.split(",")))
     info = machine_info()
     print_table(
         f"Single device: {Path(args.model).name}, {args.threads} threads, prompt {args.prompt}, decode {args.decode}",
         ["engine", "prefill tok/s", "ratio", "decode tok/s", "ratio", "TTFT ms", "speedup"],
         rows,
         notes=[f"medians of {args.rounds} alternating rounds, each engine in its own process; "
-               "ratio = engine / llama.cpp",
+               "ratio = engine / llama.cpp (flash attention off, llama-cpp-python's default)",
                f"machine: {info}", "command: python bench/single_device.py " + " ".join(sys.argv[1:])],
     )
 

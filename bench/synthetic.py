@@ -203,6 +203,26 @@ def write_hf_folder(shape: SyntheticShape, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+# llama.cpp file types (include/llama.h llama_ftype) made by llama.cpp's own quantizer: real mixes
+# (Q4_K_M puts Q6_K on attn_v / ffn_down and the output layer, as model hubs' files do).
+LLAMA_MIXES = {"Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+
+
+def llama_quantize(src: Path, dst: Path, qtype: str, threads: int = 2) -> Path:
+    """dst = src re-quantized by llama.cpp (llama_model_quantize), written to dst.partial and renamed."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_MIXES[qtype]
+    params.allow_requantize = True  # from the Q8_0 file: the weights are random, their precision is not the point
+    params.nthread = threads
+    partial = dst.with_name(dst.name + ".partial")
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), params) != 0:
+        raise SystemExit(f"llama.cpp could not quantize {src} to {qtype}")
+    partial.rename(dst)
+    return dst
+
+
 def cached_model(name: str, *, layers: int | None = None, hf: bool = False, qtype: str = "Q4_0",
                  out: Path | None = None, log=print) -> Path:
     """Path of the synthetic model, written once into `out` (default ~/.cache/tpi/bench)."""
@@ -211,6 +231,10 @@ def cached_model(name: str, *, layers: int | None = None, hf: bool = False, qtyp
     path = out / (f"{shape.name}-hf-bf16" if hf else f"{shape.name}-{qtype.lower()}.gguf")
     if path.exists():
         return path
+    if qtype in LLAMA_MIXES and not hf:
+        base = cached_model(name, layers=layers, qtype="Q8_0", out=out, log=log)
+        log(f"quantizing {base.name} to {qtype} with llama.cpp ...")
+        return llama_quantize(base, path, qtype)
     log(f"writing synthetic {shape.name} ({shape.params() / 1e9:.2f}B params) to {path} ...")
     t = time.perf_counter()
     write_hf_folder(shape, path) if hf else write_gguf(shape, path, qtype)
@@ -223,7 +247,7 @@ def main() -> None:
     ap.add_argument("shape", choices=sorted(SHAPES))
     ap.add_argument("--layers", type=int, help="keep only this many layers")
     ap.add_argument("--hf", action="store_true", help="write a bf16 safetensors folder instead of a GGUF")
-    ap.add_argument("--qtype", default="Q4_0", choices=["Q4_0", "Q4_1", "Q8_0"])
+    ap.add_argument("--qtype", default="Q4_0", choices=["Q4_0", "Q4_1", "Q8_0", *LLAMA_MIXES])
     ap.add_argument("--out", type=Path, help=f"directory (default {DEFAULT_CACHE})")
     args = ap.parse_args()
     print(cached_model(args.shape, layers=args.layers, hf=args.hf, qtype=args.qtype, out=args.out,

@@ -38,7 +38,8 @@ class DeviceProfile:
     cores: int
     total_memory_bytes: int
     free_memory_bytes: int
-    backend: str  # "ggml" | "numpy" | "torch": what the device chose (tpi.engine.resolve_backend)
+    backend: str  # "ggml" | "numpy" | "torch": what the device chose (tpi.engine.resolve_backend), and what
+    # the figures below measured (its own kernels)
     int4_gflops: float  # decode (one token) int4-weight matmul throughput
     bf16_gflops: float  # decode (one token) bf16-weight matmul throughput
     prefill_gflops: float  # many-token matmul throughput (prompt processing)
@@ -163,12 +164,19 @@ def _numpy_matmuls(n: int, k: int, budget_s: float) -> tuple[float, float, float
             _best_seconds(lambda: bf16(x64), budget_s))
 
 
-def _kernel_seam_matmuls(backend: str, n: int, k: int, budget_s: float) -> tuple[float, float, float]:
-    """Same three timings through tpi.quant.kernels for any other backend (ggml: its Q4_0 and BF16 kernels)."""
+def _kernel_seam_matmuls(backend: str, n: int, k: int, budget_s: float,
+                         threads: int | None = None) -> tuple[float, float, float]:
+    """Same three timings through tpi.quant.kernels for any other backend (ggml: its Q4_0 and BF16 kernels,
+    Q4_0 repacked where ggml repacks it, on the engine's thread count)."""
     from tpi.quant.formats import BF16, QTensor, f32_to_bf16_bits, quantize
     from tpi.quant.kernels import get_backend
 
-    kernels = get_backend(backend)
+    if backend == "ggml":
+        from tpi.quant.ggml_backend import GgmlBackend
+
+        kernels = GgmlBackend(threads=threads)
+    else:
+        kernels = get_backend(backend)
     rng = np.random.default_rng(0)
     if backend == "ggml":  # ggml runs the file's own block types: Q4_0 blocks are a fp16 scale + 16 nibble bytes
         blocks = rng.integers(0, 256, (n, k // 32, 18), dtype=np.uint8)
@@ -257,7 +265,7 @@ def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, ba
                     threads: int | None = None) -> DeviceProfile:
     """Measure this device; about 1-3 s (quick: well under 1 s). Shapes are (N, K) decode matmuls.
 
-    threads: the compute threads the engine will use (torch); matmul rates are measured with them.
+    threads: the compute threads the engine will use (torch, ggml); matmul rates are measured with them.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}")
@@ -275,7 +283,7 @@ def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, ba
     report = progress or (lambda _what, _frac: None)
     budget_s = 0.04 if quick else 0.2  # per kernel per shape
     bench = {"torch": _torch_matmuls, "numpy": _numpy_matmuls}.get(
-        backend, lambda n, k, s: _kernel_seam_matmuls(backend, n, k, s))
+        backend, lambda n, k, s: _kernel_seam_matmuls(backend, n, k, s, threads))
     flops1 = flops64 = t4 = t16 = tp = 0.0
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for i, (n, k) in enumerate(shapes):
@@ -285,7 +293,7 @@ def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, ba
         flops1 += 2.0 * n * k
         flops64 += 2.0 * 64 * n * k
     # Other processes on a shared device take CPU time the fastest single calls never show.
-    compute_threads = _compute_threads(backend)
+    compute_threads = _compute_threads(backend, threads)
     share = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9) / compute_threads
     report("memory bandwidth", len(shapes) / (len(shapes) + 2))
     mem = measure_memory_gbs(16 if quick else 64)
@@ -305,8 +313,12 @@ def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, ba
     )
 
 
-def _compute_threads(backend: str) -> int:
-    """Threads the matmul benchmark ran on (torch's intra-op pool; numpy: one)."""
+def _compute_threads(backend: str, threads: int | None = None) -> int:
+    """Threads the matmul benchmark ran on (torch's intra-op pool; ggml's CpuRuntime; numpy: one)."""
+    if backend == "ggml":
+        from tpi.quant.ggml_runtime import usable_cores
+
+        return max(1, min(threads or usable_cores(), usable_cores()))
     if backend != "torch":
         return 1
     import torch

@@ -1,6 +1,8 @@
 """The kernel seam: get_backend(name).prepare(weight) -> PreparedLinear, called as w(x) -> y.
 
 x is [T, K] activations, y is [T, N]. Backends:
+  ggml   float32 activations in and out; llama.cpp's own kernels (tpi.quant.ggml_backend), when
+         llama-cpp-python's ggml libraries load here.
   torch  bf16 activations in and out; packed int4 / int8 kernels, bf16 F.linear otherwise.
   numpy  float32 activations in and out; no torch import anywhere on its path.
 Both run q4g32 / q8 / bf16 / f32: a GGUF-typed weight ("ggml:<TYPE>") is converted when it is
@@ -18,6 +20,8 @@ from typing import Callable, Protocol
 import numpy as np
 
 from tpi.errors import ShapeError, TpiError
+from tpi.quant.ggml_backend import GgmlBackend
+from tpi.quant.ggml_lib import ggml_available
 from tpi.quant.formats import (BF16, F32, GROUP, Q4G32, Q4G32_PREPACKED, Q8, QTensor, bf16_bits_to_f32, dequantize,
                                unpack_nibbles)
 from tpi.quant.kernel_forms import kernel_nbytes, to_kernel_format
@@ -367,10 +371,11 @@ class NumpyBackend:
         return y
 
 
-_BACKENDS: dict[str, Callable[[], object]] = {"torch": TorchBackend, "numpy": NumpyBackend}
+_BACKENDS: dict[str, Callable[[], object]] = {"ggml": GgmlBackend, "torch": TorchBackend, "numpy": NumpyBackend}
 
 
 def available_backends() -> list[str]:
+    """Backends that can run here, best first; ggml only when its libraries load and pass their checks."""
     return [name for name, cls in _BACKENDS.items() if cls.available()]
 
 
@@ -381,9 +386,13 @@ def backend_available(name: str) -> bool:
 
 
 def get_backend(name: str):
-    """The kernel backend called name ("torch" or "numpy")."""
+    """The kernel backend called name ("ggml", "torch" or "numpy")."""
     if name not in _BACKENDS:
         raise KernelBackendError(f"unknown kernel backend '{name}'; use one of {', '.join(_BACKENDS)}")
     if name == "torch" and not torch_available():
         raise KernelBackendError("the torch backend needs torch installed; install torch or use the numpy backend")
+    if name == "ggml":
+        ok, reason = ggml_available()
+        if not ok:
+            raise KernelBackendError(reason)
     return _BACKENDS[name]()

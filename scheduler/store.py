@@ -38,6 +38,9 @@ _HASH_CHUNK = 8 << 20
 _IOV_MAX = 1024  # POSIX minimum is 16, Linux and macOS allow 1024; a block has a few dozen arrays
 
 
+MADV_POPULATE_READ = 22  # linux/mman.h: prefault page tables, reading what is not cached
+
+
 def _content_hasher() -> "hashlib._Hash":
     return hashlib.sha256()
 
@@ -293,6 +296,39 @@ class ShardStore:
             mapping.madvise(mmap.MADV_DONTNEED, start, min(length, self.nbytes - start))
         if drop_cache and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_DONTNEED)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def file_offset(self, a: np.ndarray) -> int:
+        """Where in the file an array returned by load(copy=False) starts."""
+        base = np.frombuffer(self._mapping(), np.uint8, 1).__array_interface__["data"][0]
+        offset = a.__array_interface__["data"][0] - base
+        if not 0 <= offset <= self.nbytes - a.nbytes:
+            raise ValueError(f"the array is not a view of shard store {self.path}")
+        return offset
+
+    def populate(self, key: str) -> None:
+        """Map this block's pages into the shared mmap now (reading them if they are not cached),
+        so that compute on mmap views (load(copy=False)) takes no page faults."""
+        entry = self._entry(key)
+        self._populate(entry["offset"], entry["nbytes"])
+
+    def populate_array(self, a: np.ndarray) -> None:
+        """populate() for one array returned by load(copy=False)."""
+        self._populate(self.file_offset(a), a.nbytes)
+
+    def _populate(self, offset: int, nbytes: int) -> None:
+        start = offset - offset % mmap.PAGESIZE
+        length = min(_round_up(offset + max(nbytes, 1) - start, mmap.PAGESIZE), self.nbytes - start)
+        mapping = self._mapping()
+        try:
+            mapping.madvise(MADV_POPULATE_READ, start, length)  # Linux >= 5.14: one call
+            return
+        except (AttributeError, OSError, ValueError):
+            pass  # older kernel or another OS: touch one byte per page instead
+        view = np.frombuffer(mapping, np.uint8, length, start)
+        int(view[:: mmap.PAGESIZE].sum())
 
     def will_need(self, key: str) -> None:
         """Hint the kernel to start reading this block in the background (no-op off Linux)."""

@@ -121,8 +121,8 @@ def test_all_pinned_reference_tracks_fp32_reference(rank0_store, tiny_gguf, refe
 
 
 @pytest.mark.parametrize("name,backend", [("tiny_llama", "torch"), ("tiny_qwen2_tied", "torch"),
-                                          ("tiny_llama", "numpy"), ("qwen2_q4_k_m", "numpy"),
-                                          ("qwen2_q4_k_m", "torch"),
+                                          ("tiny_llama", "numpy"), ("tiny_llama", "ggml"), ("tiny_qwen2_tied", "ggml"),
+                                          ("qwen2_q4_k_m", "numpy"), ("qwen2_q4_k_m", "torch"), ("qwen2_q4_k_m", "ggml"),
                                           pytest.param("smollm2", "torch", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("pinned", ["minimum", "half"])
 def test_streamed_run_is_bit_identical_to_all_pinned(rank0_store, name, backend, pinned):

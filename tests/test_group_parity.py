@@ -10,11 +10,13 @@ in the sequence below), so tokens must match exactly at every other decode posit
 (teacher-forced on the single-device sequence) and in free-running greedy decoding up to the
 first such near-tie.
 
-Tolerance. Activations are bf16 (8 bits of mantissa, ~4e-3 relative per rounding). A group
-rounds each rank's partial sum to bf16 before the fp32 allreduce, where one device rounds the
-whole sum once, so the two drift apart by a few bf16 ulps per layer. Measured here: logits
-correlation >= 0.99988 and max |diff| <= 1.5% of the largest |logit| (SmolLM2, 30 layers, over
-the prompt and decoded positions); the asserts (>= 0.9995, <= 5%) leave room for other prompts.
+Tolerance. The backend is the default (auto: ggml where llama-cpp-python loads). ggml quantizes
+every matmul's activations to 8 bits per 32-element block (as llama.cpp does), so a rank's partial
+sum that differs from one device's in the last float bit can move a block's scale and re-round
+the whole block: the group drifts from one device by about as much as one device drifts from an
+fp32 forward. Measured here on SmolLM2 (30 layers, over the prompt and decoded positions): logits
+correlation 0.99934-0.99955 and max |diff| 3.6-3.8% of the largest |logit| (N = 3, 4); with bf16
+torch 0.99988 and 1.5%. The asserts (>= 0.999, <= 5%) leave room for other prompts.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 PROMPT = "The capital of France is Paris. The capital of Italy is"
 GREEDY_TOKENS = 8
-MIN_CORRELATION = 0.9995
+MIN_CORRELATION = 0.999
 MAX_ABS_DIFF_FRACTION = 0.05  # of max |single-device logit| over the prompt
 
 

@@ -59,8 +59,15 @@ def resolve_context(cfg, requested: int | None) -> int:
 
 
 def make_layers(backend: str, cfg, shard, context: int, threads: int | None):
-    """The per-block maths for a backend: the one place that picks torch or numpy."""
+    """The per-block maths for a backend: the one place that picks ggml, torch or numpy."""
     backend = resolve_backend(backend)
+    if backend == "ggml":
+        from tpi.quant.ggml_lib import load_ggml
+
+        load_ggml()  # GgmlUnavailableError (a TpiError naming the fix) when ggml cannot run here
+        from tpi.layers_ggml import GgmlLayers
+
+        return GgmlLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads)
     if backend == "torch":
         try:
             from tpi.layers_torch import TorchLayers
@@ -71,7 +78,7 @@ def make_layers(backend: str, cfg, shard, context: int, threads: int | None):
         from tpi.layers_numpy import NumpyLayers
 
         return NumpyLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads)
-    raise TpiError(f"unknown backend '{backend}'; use torch or numpy")
+    raise TpiError(f"unknown backend '{backend}'; use ggml, torch or numpy")
 
 
 def build_local_engine(opts: EngineOptions):

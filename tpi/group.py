@@ -295,6 +295,16 @@ def _plan(opts: GroupOptions, source, cfg, context: int, master_profile: dict, l
     return real, links
 
 
+def _idle_cores(backend: str, cores: int) -> int:
+    """Cores to share among this machine's ranks: a ggml rank's threads spin at every op's barrier,
+    so it takes only the cores idle now (tpi.quant.ggml_graph.idle_cores); other backends all."""
+    if backend != "ggml":
+        return cores
+    from tpi.quant.ggml_runtime import idle_cores
+
+    return idle_cores()
+
+
 def _fixed_shards(source, cfg, ratios, say):
     """Shards of a split given without planning: column cuts on the model's blocks where they fit."""
     from tpi.devices.group_plan import weight_profile_of
@@ -340,7 +350,7 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
         raise GroupError(f"{world} devices but the model has {cfg.n_heads} query heads; use at most {cfg.n_heads}")
     tokenizer = source.tokenizer()
     cores = os.cpu_count() or 1
-    threads = opts.threads or max(1, cores // (1 + opts.local_workers))
+    threads = opts.threads or max(1, _idle_cores(backend, cores) // (1 + opts.local_workers))
     planning = (world > 1 and opts.ratios is None) or on_plan is not None
     own_link = link is None
     procs, joins, real, links, assigns, announcer = [], [], None, [], {}, None

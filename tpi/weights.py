@@ -63,9 +63,31 @@ def _layers_kv_bytes(layers, cfg, shard, context: int) -> tuple[int, int]:
     return total, resident
 
 
+def kernel_layout(layers, store=None):
+    """(name, prepare_block) of the kernel-layout copy a streamed engine of these layers reads, or None.
+
+    ggml: the layers' own (GgmlLayers.kernel_layout: weights in ggml's repacked bytes, mapped by the
+    streamed blocks instead of repacked per load). torch / numpy: GGUF types converted and q4g32 in
+    this CPU's int4 order (tpi.quant.kernel_forms).
+    """
+    own = getattr(layers, "kernel_layout", None)
+    if own is not None:
+        return own
+    if not _converts_store(layers, store):
+        return None
+    from tpi.quant.kernel_forms import kernel_block
+
+    name = getattr(layers.kernels, "capability", None) or layers.kernels.name
+    return name, lambda block: kernel_block(layers.kernels, block, keep=(EMBED,))
+
+
 def prepacks(layers, store=None) -> bool:
-    """Whether a streamed engine of these layers reads a kernel-layout copy (kernel_layout_store):
-    torch on a CPU with a verified int4 layout, or any backend that converts the store's GGUF types."""
+    """Whether a streamed engine of these layers reads a kernel-layout copy (kernel_layout_store)."""
+    return kernel_layout(layers, store) is not None
+
+
+def _converts_store(layers, store=None) -> bool:
+    """torch on a CPU with a verified int4 layout, or a torch / numpy backend on GGUF types."""
     from tpi.quant.formats import Q4G32_PREPACKED
 
     if getattr(layers.kernels, "kernel_form", None) is None:
@@ -292,24 +314,24 @@ class StreamedWeights:
 
 
 def kernel_layout_store(store, layers):
-    """The shard in this backend's kernel layout (GGUF types converted, q4g32 in this CPU's int4
-    order), beside it as `<shard>.<layout>.kernel` (a shard store too, but not named *.tpis: a
-    worker's cache offers its *.tpis files to the master by hash); written on first use, reused
-    while its source hash matches.
+    """The shard in this backend's kernel layout (kernel_layout: ggml's repacked bytes; GGUF types
+    converted and q4g32 in this CPU's int4 order for torch / numpy), beside it as
+    `<shard>.<layout>.kernel` (a shard store too, but not named *.tpis: a worker's cache offers its
+    *.tpis files to the master by hash); written on first use, reused while its source hash matches.
 
     The store itself comes back when the backend has nothing to convert (numpy on q4g32,
     unverified CPUs) or the copy cannot be written (read-only directory, full disk: logged, and
     streaming repacks).
     """
     from tpi.errors import ModelFormatError
-    from tpi.quant.kernel_forms import kernel_block
     from tpi.scheduler.store import ShardStore, write_store
 
-    if not prepacks(layers, store):
+    layout = kernel_layout(layers, store)
+    if layout is None:
         return store
-    layout = getattr(layers.kernels, "capability", None) or layers.kernels.name
-    path = store.path.with_name(f"{store.path.name}.{layout.lower()}.kernel")
-    meta = {"source_hash": store.content_hash, "kernel_layout": layout}
+    name, prepare = layout
+    path = store.path.with_name(f"{store.path.name}.{name.lower()}.kernel")
+    meta = {"source_hash": store.content_hash, "kernel_layout": name}
     try:
         if path.exists():
             try:
@@ -323,12 +345,12 @@ def kernel_layout_store(store, layers):
 
         def blocks():
             for key in store.keys():
-                yield key, kernel_block(layers.kernels, store.load(key, copy=False), keep=(EMBED,))
+                yield key, prepare(store.load(key, copy=False))
                 store.release(key, drop_cache=False)
 
         t0 = time.perf_counter()
         write_store(path, meta, blocks())
-        log.info("wrote the %s kernel layout of %s in %.1fs", layout, store.path.name, time.perf_counter() - t0)
+        log.info("wrote the %s kernel layout of %s in %.1fs", name, store.path.name, time.perf_counter() - t0)
         return ShardStore.open(path)
     except (OSError, ModelFormatError) as e:
         log.warning("streaming repacks every block: could not write %s (%s)", path, e)
@@ -358,5 +380,9 @@ def open_store_weights(store, layers, cfg, shard, context: int, budget: int | No
                            setup_rss=setup_rss, prepacked=False)
     log.info("memory plan: %s", plan.describe())
     mapped = _EmbedMappedStore(packed)
-    return StreamedWeights(BlockScheduler(mapped, plan, layers.to_runtime), plan, packed,
-                           owned=packed if packed is not store else None)
+    pinned = stream = layers.to_runtime
+    if hasattr(layers, "runtime_for"):  # ggml computes on weights where they lie: streamed blocks stay map views
+        pinned, stream = layers.runtime_for(packed)
+    scheduler = BlockScheduler(mapped, plan, pinned, copy=not hasattr(layers, "runtime_for"),
+                               stream_to_runtime=stream)
+    return StreamedWeights(scheduler, plan, packed, owned=packed if packed is not store else None)

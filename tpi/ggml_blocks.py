@@ -1,0 +1,198 @@
+"""One rank's transformer blocks as ggml graphs: attention, MLP and the logits slice.
+
+Shapes are in ggml order (ne[0] fastest): activations are [hidden, T], a weight [N, K] is ne [K, N].
+The graphs follow llama.cpp's own (src/llama-graph.cpp): rms_norm * w, q/k/v (+ bias), RoPE,
+set_rows into an F16 KV cache, flash attention with F32 accumulation over a view of the cache,
+output projection; rms_norm * w, gate|up, SwiGLU, down. So a rank's numbers are llama.cpp's.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from tpi.config import ModelConfig
+from tpi.errors import ShapeError, UnsupportedArchitectureError
+from tpi.formats.gguf import ADJACENT_PAIR_ARCHS, adjacent_pair_index
+from tpi.quant.ggml_graph import Context, Tensor
+from tpi.quant.ggml_lib import ROPE_NEOX, ROPE_NORMAL
+from tpi.rope import inverse_frequencies
+
+F32_BYTES, F16_BYTES = 4, 2
+GRAPH_ARCHS = ("llama", "mistral", "qwen2")  # the blocks below are these architectures' (llama.cpp's llm_build_*)
+OPS_PER_ATTENTION = 40  # tensors an attention graph creates, before its per-segment extras
+OPS_PER_SEGMENT = 8
+OPS_PER_MLP = 12
+
+
+def attention_segments(q_to_kv: tuple[int, ...]) -> tuple[tuple[int, int, int, int], ...]:
+    """Runs (q0, q1, kv0, kv1) of local query heads that share a uniform GQA group size.
+
+    Each run is one flash-attention call (it needs n_q % n_kv == 0). A KV group split across ranks
+    gives this rank a partial group at either end, so at most three runs; no KV row is replicated.
+    """
+    if not q_to_kv or q_to_kv[0] != 0:
+        raise ShapeError(f"query heads must map onto local KV heads from 0, got {list(q_to_kv)}")
+    groups: list[list[int]] = []  # [kv, q0, q1]
+    for q, kv in enumerate(q_to_kv):
+        if groups and groups[-1][0] == kv:
+            groups[-1][2] = q + 1
+        elif not groups or kv == groups[-1][0] + 1:
+            groups.append([kv, q, q + 1])
+        else:
+            raise ShapeError(f"query heads must map onto consecutive KV heads, got {list(q_to_kv)}")
+    runs: list[list[int]] = []  # [q0, q1, kv0, kv1]
+    for kv, q0, q1 in groups:
+        if runs and runs[-1][1] - runs[-1][0] == (q1 - q0) * (runs[-1][3] - runs[-1][2]):  # same group size
+            runs[-1][1], runs[-1][3] = q1, kv + 1
+        else:
+            runs.append([q0, q1, kv, kv + 1])
+    return tuple(tuple(r) for r in runs)
+
+
+def rope_frequency_factors(cfg: ModelConfig) -> np.ndarray | None:
+    """Per-pair divisors of RoPE frequencies for ggml (llama3 scaling), or None when there are none.
+
+    GGUF files carry them (rope_freqs); an HF llama3 config gets them from the same formula.
+    """
+    if cfg.rope_freq_factors is not None:
+        return np.asarray(cfg.rope_freq_factors, dtype=np.float32)
+    if cfg.rope_scaling.kind != "llama3":
+        return None
+    hd = cfg.head_dim
+    plain = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    return (plain / inverse_frequencies(cfg)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """What one rank's graphs need to know of the model and its share of the heads."""
+
+    hidden: int
+    head_dim: int
+    n_q: int
+    n_kv: int
+    eps: float
+    rope_base: float
+    rope_scale: float  # linear scaling: positions times this
+    rope_ctx_orig: int
+    segments: tuple[tuple[int, int, int, int], ...]
+    rope_mode: int = ROPE_NORMAL  # NEOX for archs llama.cpp runs rotate-half (q/k rows re-ordered to match)
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_q * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv * self.head_dim
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...]) -> "BlockSpec":
+        if cfg.arch not in GRAPH_ARCHS:
+            raise UnsupportedArchitectureError(
+                f"the ggml backend has no graphs for {cfg.arch} models yet (it runs {', '.join(GRAPH_ARCHS)}); "
+                "use --backend numpy")
+        if len(q_to_kv) != n_q:
+            raise ShapeError(f"{n_q} local query heads but a KV map of {len(q_to_kv)}")
+        linear = cfg.rope_scaling.kind == "linear" and cfg.rope_freq_factors is None
+        return cls(cfg.hidden, cfg.head_dim, n_q, max(q_to_kv) + 1, cfg.rms_eps, cfg.rope_theta,
+                   1.0 / cfg.rope_scaling.factor if linear else 1.0,
+                   cfg.rope_scaling.original_context if cfg.rope_scaling.kind else cfg.context,
+                   attention_segments(tuple(q_to_kv)), ROPE_NORMAL if cfg.arch in ADJACENT_PAIR_ARCHS else ROPE_NEOX)
+
+    def rotate_half_rows(self) -> np.ndarray | None:
+        """Row order turning this rank's fused q|k|v rows from tpi's adjacent pairs into rotate-half.
+
+        llama.cpp runs NEOX-rope archs (qwen2) on rotate-half rows, so the same order here makes
+        the KV cache and flash attention's sums its own, bit for bit. None for adjacent-pair archs.
+        """
+        if self.rope_mode != ROPE_NEOX:
+            return None
+        per_head = np.argsort(adjacent_pair_index(1, self.head_dim))  # rotate-half row j <- pair row
+        heads = np.arange(self.n_q + self.n_kv)[:, None] * self.head_dim
+        qk = (heads + per_head[None, :]).reshape(-1)
+        return np.concatenate([qk, np.arange(self.q_dim + self.kv_dim, self.q_dim + 2 * self.kv_dim)])
+
+    def attention_ops(self) -> int:
+        return OPS_PER_ATTENTION + OPS_PER_SEGMENT * len(self.segments)
+
+
+@dataclass(frozen=True)
+class StepTensors:
+    """A forward pass's inputs as graph leaves: x [hidden, T], pos I32 [T], idx I64 [T], mask F16."""
+
+    x: Tensor
+    pos: Tensor
+    idx: Tensor
+    mask: Tensor  # [n_kv, T] for a prefill; [context] for decode, viewed to the bucket's n_kv
+    tokens: int
+
+
+def _norm(ctx: Context, x: Tensor, w: Tensor, eps: float) -> Tensor:
+    return ctx.mul(ctx.rms_norm(x, eps), w)
+
+
+def _qkv(ctx: Context, s: BlockSpec, blk: dict, xn: Tensor, t: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q [hd, n_q, T], k [hd, n_kv, T] (views or reshapes) and v [kv_dim, T], biases added."""
+    hd, q_dim, kv_dim = s.head_dim, s.q_dim, s.kv_dim
+    bias = blk.get("bqkv")
+    if "wqkv" in blk:
+        qkv = ctx.mul_mat(blk["wqkv"].tensor, xn)  # [q_dim + 2 kv_dim, T]
+        if bias is not None:
+            qkv = ctx.add(qkv, bias)
+        row = qkv.nb[1]
+        q = ctx.view(qkv, (hd, s.n_q, t), (hd * F32_BYTES, row), 0)
+        k = ctx.view(qkv, (hd, s.n_kv, t), (hd * F32_BYTES, row), q_dim * F32_BYTES)
+        v = ctx.view(qkv, (kv_dim, t), (row,), (q_dim + kv_dim) * F32_BYTES)
+        return q, k, v
+    parts = []
+    for name, offset, width in (("wq", 0, q_dim), ("wk", q_dim, kv_dim), ("wv", q_dim + kv_dim, kv_dim)):
+        y = ctx.mul_mat(blk[name].tensor, xn)
+        if bias is not None:
+            y = ctx.add(y, ctx.view(bias, (width,), (), offset * F32_BYTES))
+        parts.append(y)
+    q, k, v = parts
+    return ctx.reshape(q, hd, s.n_q, t), ctx.reshape(k, hd, s.n_kv, t), v
+
+
+def build_attention(ctx: Context, s: BlockSpec, blk: dict, step: StepTensors, k_cache: Tensor, v_cache: Tensor,
+                    n_kv: int, rope_factors: Tensor | None) -> Tensor:
+    """This rank's partial attention output [hidden, T]; writes rows idx of the layer's KV cache."""
+    t, hd = step.tokens, s.head_dim
+    xn = _norm(ctx, step.x, blk["attn_norm"], s.eps)
+    q, k, v = _qkv(ctx, s, blk, xn, t)
+    rope = (rope_factors, hd, s.rope_mode, s.rope_ctx_orig, s.rope_base, s.rope_scale)
+    q = ctx.rope(q, step.pos, *rope)  # contiguous [hd, n_q, T]
+    k = ctx.reshape(ctx.rope(k, step.pos, *rope), s.kv_dim, t)
+    k_all = ctx.set_rows(k_cache, k, step.idx)  # views of the caches, ordered after the writes
+    v_all = ctx.set_rows(v_cache, v, step.idx)
+    mask = step.mask if step.mask.ne[0] == n_kv else ctx.view(step.mask, (n_kv, 1), (n_kv * F16_BYTES,), 0)
+    cache_row = s.kv_dim * F16_BYTES
+    out = None
+    for q0, q1, kv0, kv1 in s.segments:
+        qs = q if (q0, q1) == (0, s.n_q) else ctx.view(q, (hd, q1 - q0, t), (q.nb[1], q.nb[2]), q0 * q.nb[1])
+        ks = ctx.view(k_all, (hd, n_kv, kv1 - kv0), (cache_row, hd * F16_BYTES), kv0 * hd * F16_BYTES)
+        vs = ctx.view(v_all, (hd, n_kv, kv1 - kv0), (cache_row, hd * F16_BYTES), kv0 * hd * F16_BYTES)
+        o = ctx.flash_attn(ctx.permute(qs, 0, 2, 1, 3), ks, vs, mask, 1.0 / math.sqrt(hd))  # [hd, heads, T]
+        out = o if out is None else ctx.concat(out, o, 1)
+    return ctx.mul_mat(blk["wo"].tensor, ctx.reshape(out, s.q_dim, t))
+
+
+def build_mlp(ctx: Context, s: BlockSpec, blk: dict, x: Tensor) -> Tensor:
+    """This rank's partial MLP output [hidden, T]: down(silu(gate(xn)) * up(xn))."""
+    xn = _norm(ctx, x, blk["mlp_norm"], s.eps)
+    if "wgu" in blk:
+        act = ctx.swiglu(ctx.mul_mat(blk["wgu"].tensor, xn))  # rows gate | up -> [inter, T]
+    else:
+        act = ctx.swiglu_split(ctx.mul_mat(blk["wgate"].tensor, xn), ctx.mul_mat(blk["wup"].tensor, xn))
+    return ctx.mul_mat(blk["wdown"].tensor, act)
+
+
+def build_logits(ctx: Context, s: BlockSpec, glob: dict, x: Tensor, last_only: bool) -> Tensor:
+    """This rank's vocabulary slice [vocab_local, T or 1] of the final-normed hidden states."""
+    t = x.ne[1]
+    if last_only and t > 1:
+        x = ctx.view(x, (s.hidden, 1), (x.nb[1],), (t - 1) * x.nb[1])
+    return ctx.mul_mat(glob["lm_head"].tensor, _norm(ctx, x, glob["norm"], s.eps))
