@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from tpi.config import ModelConfig
+from tpi.model.config import ModelConfig
 from tpi.devices.costmodel import CostParams, LinkProfile, WeightProfile
 from tpi.devices.planner import GroupPlan, PlanDevice, plan_group, plan_with_ratios
 from tpi.devices.profile import DeviceProfile
@@ -49,7 +49,7 @@ class RealPlan:
 def weight_profile_of(source) -> WeightProfile | None:
     """Each matrix's bytes per weight by its real type (mean over layers) and the blocks along K of
     wo and w_down (max over layers), from the source's headers; None if the source cannot tell."""
-    from tpi.config import layer_name
+    from tpi.model.config import layer_name
     from tpi.quant.formats import bytes_per_weight, ggml_type_info, is_ggml, k_block
 
     fmt_of = getattr(source, "weight_fmt", None)

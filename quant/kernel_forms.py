@@ -1,6 +1,6 @@
 """What the torch / numpy kernels hold: GGUF-typed weights converted to q4g32 / q8 / bf16, q|k|v and
 gate|up parts stacked (one kernel where their converted formats agree), and whole blocks in that
-form for a device-local kernel-layout copy of a shard (tpi.weights.kernel_layout_store).
+form for a device-local kernel-layout copy of a shard (tpi.model.weights.kernel_layout_store).
 
 numpy only; gguf is imported when a GGUF-typed weight is converted.
 """
@@ -60,7 +60,7 @@ class RowConcat:
         return self.cat([p(x) for p in self.parts])
 
 
-# A block's fused key -> the keys its parts keep when their fmts differ (tpi.shard).
+# A block's fused key -> the keys its parts keep when their fmts differ (tpi.master.shard).
 UNFUSED = {"wqkv": ("wq", "wk", "wv"), "wgu": ("wgate", "wup")}
 UNFUSED_PARTS = frozenset(p for parts in UNFUSED.values() for p in parts)
 

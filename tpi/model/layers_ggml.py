@@ -1,6 +1,6 @@
 """Per-rank transformer block maths on ggml, llama.cpp's kernel library: one graph per block.
 
-Each attention block and each MLP block runs as ONE ggml graph (tpi.ggml_blocks), so Python runs
+Each attention block and each MLP block runs as ONE ggml graph (tpi.model.ggml_blocks), so Python runs
 once per block, not once per op; between them the model adds the block's output (after the
 allreduce in a group). Decode graphs (one token) are built the first time a block runs and kept
 on the block, reading their inputs in place from buffers this object owns:
@@ -21,9 +21,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from tpi.config import ModelConfig
+from tpi.model.config import ModelConfig
 from tpi.errors import ShapeError
-from tpi.ggml_blocks import (OPS_PER_MLP, BlockSpec, StepTensors, build_attention, build_logits, build_mlp,
+from tpi.model.ggml_blocks import (OPS_PER_MLP, BlockSpec, StepTensors, build_attention, build_logits, build_mlp,
                              rope_frequency_factors)
 from tpi.quant.ggml_backend import GgmlBackend, can_repack, gather_rows, weight_type
 from tpi.quant.ggml_graph import Context, Graph, SharedComputeBuffer

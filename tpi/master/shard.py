@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from tpi.config import ModelConfig, layer_name
+from tpi.model.config import ModelConfig, layer_name
 from tpi.devices.slicing import RankShard
 from tpi.quant.formats import QTensor, concat_rows, dequantize, k_block, quantize, slice_cols, slice_rows
 from tpi.quant.kernel_forms import UNFUSED

@@ -25,8 +25,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from tpi.generate import PREFILL_CHUNK
-from tpi.model import ResidentWeights
+from tpi.model.config import PREFILL_CHUNK
+from tpi.model.transformer import ResidentWeights
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tpi.config import ModelConfig
+from tpi.model.config import ModelConfig
 
 
 class NullCommunicator:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tpi.config import ModelConfig
+from tpi.model.config import ModelConfig
 from tpi.quant.kernel_forms import UNFUSED_PARTS, prepare_unfused
 from tpi.quant.kernels import get_backend
 
@@ -24,7 +24,7 @@ KV = torch.float32  # KV cache, queries and attention
 
 def rope_table(cfg: ModelConfig, context: int) -> torch.Tensor:
     """Complex rotations [context, head_dim/2] for adjacent-pair RoPE (llama3 scaling folded in)."""
-    from tpi.rope import inverse_frequencies
+    from tpi.model.rope import inverse_frequencies
 
     inv = torch.from_numpy(inverse_frequencies(cfg))  # [hd/2] float64
     angles = torch.outer(torch.arange(context, dtype=torch.float64), inv)

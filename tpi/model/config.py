@@ -5,6 +5,8 @@ from dataclasses import dataclass, field, replace
 
 from tpi.errors import UnsupportedArchitectureError
 
+PREFILL_CHUNK = 512  # tokens per forward pass at most; bounds activation memory on every rank
+
 
 @dataclass(frozen=True)
 class RopeScaling:
