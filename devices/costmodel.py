@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+from tpi.model.blocks import GLOBALS, attn_key, mlp_key
 from tpi.model.config import ModelConfig
 from tpi.devices.profile import DeviceProfile
 from tpi.devices.slicing import RankShard
@@ -149,8 +150,8 @@ def block_sizes(cfg: ModelConfig, load: RankLoad) -> list[tuple[str, int]]:
     """The rank's blocks in execution order, as the window planner wants them."""
     blocks = []
     for i in range(cfg.n_layers):
-        blocks += [(f"layers.{i}.attn", load.attn_block_bytes), (f"layers.{i}.mlp", load.mlp_block_bytes)]
-    blocks.append(("lm_head", load.head_bytes))
+        blocks += [(attn_key(i), load.attn_block_bytes), (mlp_key(i), load.mlp_block_bytes)]
+    blocks.append((GLOBALS, load.head_bytes))
     return blocks
 
 

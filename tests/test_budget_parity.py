@@ -27,7 +27,8 @@ from tpi.model.transformer import Transformer
 from tpi.scheduler.store import ShardStore
 from tpi.master.shard import shard_from_dict
 from tpi.model.config import config_from_dict
-from tpi.model.weights import GLOBALS, open_store_weights, plan_memory, planned_block_sizes
+from tpi.model.blocks import GLOBALS
+from tpi.model.weights import open_store_weights, plan_memory, planned_block_sizes
 
 CONTEXT = 64
 PROMPT = "The capital of France is Paris. The capital of Italy is"

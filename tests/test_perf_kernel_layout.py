@@ -17,7 +17,8 @@ from tpi.scheduler.store import ShardStore, write_store
 torch = pytest.importorskip("torch")
 
 from tpi.quant.kernels import KernelBackendError, TorchBackend, prepack_q4  # noqa: E402
-from tpi.model.weights import EMBED, GLOBALS, kernel_layout_store  # noqa: E402
+from tpi.model.blocks import EMBED, GLOBALS  # noqa: E402
+from tpi.model.weights import kernel_layout_store  # noqa: E402
 
 
 def _q4(rng, n: int, k: int) -> F.QTensor:

@@ -238,12 +238,7 @@ def convert(
     if out is None:  # `tpi convert OUT` converts the embedded default model
         model, out = None, Path(model or "model.tpis")
     try:
-        source = open_model(model, quant=quant, measure_error=True)
-        if keep_bf16_above is not None:
-            if not getattr(source, "quant", None):
-                raise TpiError("--keep-bf16-above applies to --quant of a Hugging Face folder; GGUF tensors "
-                               "are kept in their own types, exactly, so nothing is lossy to keep")
-            source.keep_bf16_above = keep_bf16_above
+        source = open_model(model, quant=quant, measure_error=True, keep_bf16_above=keep_bf16_above)
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("converting", total=None)
             notes = convert_model(source, out, lambda key, i, n: bar.update(task, completed=i, total=n, description=key))

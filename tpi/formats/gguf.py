@@ -110,9 +110,6 @@ class GGUFSource:
     def metadata(self, key: str, default=None):
         return self.reader.value(key, default)
 
-    def metadata_keys(self) -> list[str]:
-        return list(self.reader.metadata)
-
     def gguf_name(self, name: str) -> str:
         if name.startswith("layers."):
             _, i, short = name.split(".", 2)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tpi.model.blocks import BLOCK_NAME, GLOBALS, block_of, fused_name, part_rows
 from tpi.model.config import ModelConfig, config_from_dict
 from tpi.errors import ModelFormatError
 
@@ -41,36 +42,24 @@ class NativeSource:
         return self.store.load(key, copy=False)
 
     def load(self, name: str):
+        """A canonical tensor, sliced back out of its (possibly fused) block: views, no copy."""
         from tpi.quant.formats import slice_rows
 
         cfg = self.config
         if not name.startswith("layers."):
-            g = self._block("globals")
-            if name == "lm_head" and "lm_head" not in g:
-                raise ModelFormatError(f"{self.path}: lm_head is missing")
-            return g["embed" if name == "embed" else name]
+            g = self._block(GLOBALS)
+            if name not in g:
+                raise ModelFormatError(f"{self.path}: {name} is missing")
+            return g[name]
         _, i, short = name.split(".", 2)
-        qd, kd, inter = cfg.q_dim, cfg.kv_dim, cfg.intermediate
-        if short in ("attn_norm", "wo"):
-            return self._block(f"L{i}.attn")[short]
-        if short in ("mlp_norm",):
-            return self._block(f"L{i}.mlp")[short]
-        if short == "w_down":
-            return self._block(f"L{i}.mlp")["wdown"]
-        if short in ("w_gate", "w_up"):
-            mlp = self._block(f"L{i}.mlp")
-            if "wgu" not in mlp:  # kept apart: gate and up differ in type
-                return mlp["wgate" if short == "w_gate" else "wup"]
-            a = 0 if short == "w_gate" else inter
-            return slice_rows(mlp["wgu"], a, a + inter)
-        attn = self._block(f"L{i}.attn")
-        if short in attn:  # wq / wk / wv kept apart
-            return attn[short]
-        fused = attn["bqkv" if short.startswith("b") else "wqkv"]
-        start, stop = {"q": (0, qd), "k": (qd, qd + kd), "v": (qd + kd, qd + 2 * kd)}[short[1]]
-        if isinstance(fused, np.ndarray):
-            return fused[start:stop]
-        return slice_rows(fused, start, stop)
+        block = self._block(block_of(short, int(i)))
+        inner = BLOCK_NAME.get(short, short)
+        if inner in block:  # never fused, or kept apart (parts of differing types)
+            return block[inner]
+        fused = fused_name(inner)
+        start, stop = part_rows(fused, inner, cfg.q_dim, cfg.kv_dim, cfg.intermediate)
+        t = block[fused]
+        return t[start:stop] if isinstance(t, np.ndarray) else slice_rows(t, start, stop)
 
     def weight_fmt(self, name: str) -> str:
         """The fmt of a matrix as stored (read from the index; no weight bytes are touched)."""

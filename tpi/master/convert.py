@@ -35,7 +35,8 @@ def convert(source, out: Path, progress: Callable[[str, int, int], None] | None 
     """Write `source` as native files; returns the per-tensor import notes."""
     from tpi.devices.slicing import plan_shards
     from tpi.scheduler.store import write_store
-    from tpi.master.shard import block_keys, iter_rank_blocks
+    from tpi.master.shard import iter_rank_blocks
+    from tpi.model.blocks import block_keys
 
     cfg = source.config
     (shard,) = plan_shards(cfg, [1.0])

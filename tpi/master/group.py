@@ -311,7 +311,7 @@ def _fixed_shards(source, cfg, ratios, say):
     from tpi.devices.slicing import plan_cuts
 
     profile = weight_profile_of(source)
-    cuts = plan_cuts(cfg, ratios, *((profile.wo_block, profile.down_block) if profile else ()))
+    cuts = plan_cuts(cfg, ratios, profile.wo_block, profile.down_block)
     if cuts.requantized:
         say(f"{' and '.join(cuts.requantized)} shards are re-quantized to Q8_0: their blocks cannot be split "
             f"{len(ratios)} ways")
@@ -331,6 +331,7 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
     from tpi.model.backends import backend_choice_note, make_layers, resolve_backend
     from tpi.formats import open_model
     from tpi.master.generate import Engine
+    from tpi.model.blocks import EMBED, GLOBALS
     from tpi.model.transformer import ResidentWeights, Transformer
     from tpi.scheduler.store import ShardStore
     from tpi.master.shard import shard_to_dict
@@ -433,8 +434,8 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
                                          setup_rss=setup_rss)
         else:
             weights = ResidentWeights(resident)
-        embed = weights.get("globals")["embed"]
-        weights.release("globals")
+        embed = weights.get(GLOBALS)[EMBED]
+        weights.release(GLOBALS)
         comm = None
         if world > 1:
             say("sending shards and waiting for every device to load…")

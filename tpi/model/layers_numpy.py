@@ -11,7 +11,8 @@ import contextlib
 import numpy as np
 
 from tpi.model.config import ModelConfig
-from tpi.quant.kernel_forms import UNFUSED_PARTS, prepare_unfused
+from tpi.model.blocks import EMBED, UNFUSED_PARTS
+from tpi.quant.kernel_forms import prepare_unfused
 from tpi.quant.kernels import get_backend
 from tpi.model.rope import inverse_frequencies
 
@@ -74,7 +75,7 @@ class NumpyLayers:
                 continue
             if isinstance(value, np.ndarray) and value.ndim == 1:
                 out[name] = np.array(value, dtype=ACT)  # small; copied off the mmap
-            elif name == "embed":
+            elif name == EMBED:
                 out[name] = value  # looked up by row on the host, never multiplied
             else:
                 out[name] = self.kernels.prepare(value)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from tpi.model.config import ModelConfig
-from tpi.quant.kernel_forms import UNFUSED_PARTS, prepare_unfused
+from tpi.model.blocks import EMBED, UNFUSED_PARTS
+from tpi.quant.kernel_forms import prepare_unfused
 from tpi.quant.kernels import get_backend
 
 ACT = torch.bfloat16  # activations into the packed kernels
@@ -78,7 +79,7 @@ class TorchLayers:
                 out[name] = torch.tensor(value, dtype=torch.float32)  # small; copied off the mmap
                 if name.endswith("norm"):
                     out[name] *= self._norm_gain  # see _norm
-            elif name == "embed":
+            elif name == EMBED:
                 out[name] = value  # looked up by row on the host, never multiplied
             else:
                 out[name] = self.kernels.prepare(value)
