@@ -1,13 +1,19 @@
 """Communicators: the star allreduce through the master, step broadcast, gather; ring for benchmarks.
 
-Star allreduce: each worker sends its partial (f32, or bf16 bits when the wire dtype is bf16);
-the master adds its own partial and the received ones in fp32, in rank order, and sends the
-sum back. With bf16 the master rounds the sum to bf16 once and uses that rounded value
-itself, so every rank holds bit-identical state.
+Star allreduce: each worker sends its partial in the wire dtype (f32, bf16 bits or q8_0
+blocks); the master adds its own partial and the received ones in fp32, in rank order, and
+sends the sum back in the wire dtype. With bf16 or q8_0 the master rounds the sum once and uses
+that rounded value itself, so every rank holds bit-identical state.
+
+Hot path: both ends know the exact header of the message they await (version, type, step,
+op, dtype, shape), so a received header is validated by one byte comparison and its buffer
+is received straight into a preallocated array (`recv_into`), checked for its exact size.
+Anything else takes the full `protocol.decode` path, which validates every field.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -16,12 +22,15 @@ import numpy as np
 import zmq
 
 from tpi.errors import GroupError, ProtocolError
-from tpi.transport.protocol import (REDUCE_DTYPES, Logits, Message, Partial, Ready, Reduced, Reset,
-                                    Step, Stop, decode, encode, from_bf16, to_bf16)
+from tpi.transport.protocol import (WIRE_DTYPES, Logits, Message, Partial, Ready, Reduced, Reset, Step, Stop,
+                                    decode, encode, encode_header)
+from tpi.transport.wire import REDUCE_DTYPES, from_bf16, from_wire, to_bf16, to_wire, wire_shape
 
 log = logging.getLogger(__name__)
 
 _POLL_SLICE_MS = 100  # how often a waiting rank checks liveness and deadlines
+_RCVMORE = zmq.RCVMORE  # getsockopt(): the .rcvmore attribute goes through pyzmq's Python sugar, 2x slower
+_ZERO_COPY_MIN = 1 << 16  # pyzmq copies smaller frames anyway; a zero-copy Frame costs more there
 
 
 @dataclass
@@ -37,15 +46,49 @@ class CommStats:
 
 
 def _nbytes(frames: list) -> int:
-    return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
+    return sum(_size(f) for f in frames)
 
 
-def _to_wire(x: np.ndarray, wire_dtype: str) -> np.ndarray:
-    return to_bf16(x) if wire_dtype == "bf16" else np.ascontiguousarray(x, dtype=np.float32)
+def _size(frame) -> int:
+    return len(frame) if type(frame) is bytes else frame.nbytes  # memoryview or numpy array
 
 
-def _from_wire(x: np.ndarray) -> np.ndarray:
-    return from_bf16(x) if x.dtype == np.uint16 else x
+def _check_wire(wire_dtype: str) -> None:
+    if wire_dtype not in REDUCE_DTYPES:
+        raise GroupError(f"wire dtype must be one of {', '.join(REDUCE_DTYPES)}, not {wire_dtype!r}")
+
+
+def _reduce_headers(seq: int, op: int, wire_dtype: str, shape: tuple) -> tuple[bytes, bytes]:
+    """The exact (Partial, Reduced) header frames of allreduce `op` of step `seq`."""
+    descs = [[wire_dtype, list(shape)]]
+    return encode_header(Partial.TYPE, seq, [op], descs), encode_header(Reduced.TYPE, seq, [op], descs)
+
+
+def _drain(sock: zmq.Socket) -> int:
+    """Receive and discard the rest of a multipart message; returns how many frames it had."""
+    n = 0
+    while sock.getsockopt(_RCVMORE):
+        sock.recv(copy=False)
+        n += 1
+    return n
+
+
+def _rest(sock: zmq.Socket, first: bytes) -> list:
+    """first plus the remaining frames of its message (the slow, fully validated path)."""
+    frames = [first]
+    while sock.getsockopt(_RCVMORE):
+        frames.append(sock.recv())
+    return frames
+
+
+def _recv_frame_into(sock: zmq.Socket, buf: np.ndarray) -> str | None:
+    """Receive the last frame of a message into buf; None when it filled buf exactly, else why not."""
+    n = sock.recv_into(buf)
+    if n == buf.nbytes and not sock.getsockopt(_RCVMORE):
+        return None
+    extra = _drain(sock)
+    return (f"buffer of {n} bytes where its header needs {buf.nbytes}" if n != buf.nbytes
+            else f"{extra} buffer frame(s) more than its header lists")
 
 
 def _exact_bf16_or_self(x: np.ndarray) -> np.ndarray:
@@ -83,8 +126,7 @@ class StarMaster:
                  lost: Callable[[], dict[str, str]], step_timeout_s: float, max_frame: int, first_seq: int = 0):
         """first_seq: the step number of the communicator this one replaces (a regrouped group), so
         a worker's late message from an abandoned step can never match a new step."""
-        if wire_dtype not in REDUCE_DTYPES:
-            raise GroupError(f"wire dtype must be f32 or bf16, not {wire_dtype!r}")
+        _check_wire(wire_dtype)
         self._sock = sock
         sock.rcvtimeo = _POLL_SLICE_MS
         self._ids = [p.encode() for p in peer_ids]  # index i -> rank i + 1
@@ -97,6 +139,7 @@ class StarMaster:
         self._max_frame = max_frame
         self._seq = first_seq
         self._op = 0
+        self._bufs: dict[int, list[np.ndarray]] = {}  # partial bytes -> one receive buffer per rank
         self.stats = CommStats()
 
     @property
@@ -113,25 +156,50 @@ class StarMaster:
             if isinstance(msg, Ready):
                 waiting.discard(rank)
 
-    # ---- hot path ----
+    # ---- receiving ----
+
+    def _next(self, waiting: set[int], deadline: float, what: str) -> tuple[int | None, bytes | None]:
+        """(rank, header frame) of the next message; rank None (dropped) for an unknown peer."""
+        sock = self._sock
+        while True:
+            try:
+                rid = sock.recv()
+            except zmq.Again:  # RCVTIMEO slice passed: is everyone we wait for still alive?
+                self._check_alive(waiting, deadline, what)
+                continue
+            rank = self._rank_of.get(rid)
+            self.stats.bytes_received += len(rid)
+            if rank is None:
+                _drain(sock)
+                log.warning("dropped data message from unknown peer id %r", rid[:16])
+                return None, None
+            if not sock.getsockopt(_RCVMORE):  # a DEALER cannot send zero frames, but do not trust that
+                self._dropped(rank, "empty message")
+                return None, None
+            head = sock.recv()
+            self.stats.bytes_received += len(head)
+            return rank, head
+
+    def _finish(self, rank: int, head: bytes) -> Message | None:
+        """Decode the rest of a message whose header did not match the hot path; None if malformed."""
+        frames = _rest(self._sock, head)
+        self.stats.bytes_received += _nbytes(frames[1:])
+        try:
+            return decode(frames, self._max_frame)
+        except ProtocolError as e:
+            self._dropped(rank, str(e))
+            return None
+
+    def _dropped(self, rank: int, why: str) -> None:
+        log.warning("dropped malformed data message from %s: %s", self._names[rank], why)
 
     def _recv(self, waiting: set[int], deadline: float, what: str) -> tuple[int, Message]:
         """Next valid message from a rank in the group; raises GroupError on loss/timeout."""
         while True:
-            try:
-                frames = self._sock.recv_multipart()
-            except zmq.Again:  # RCVTIMEO slice passed: is everyone we wait for still alive?
-                self._check_alive(waiting, deadline, what)
-                continue
-            self.stats.bytes_received += _nbytes(frames)
-            rank = self._rank_of.get(frames[0])
-            if rank is None:
-                log.warning("dropped data message from unknown peer id %r", frames[0][:16])
-                continue
-            try:
-                return rank, decode(frames[1:], self._max_frame)
-            except ProtocolError as e:
-                log.warning("dropped malformed data message from %s: %s", self._names[rank], e)
+            rank, head = self._next(waiting, deadline, what)
+            msg = None if rank is None else self._finish(rank, head)
+            if msg is not None:
+                return rank, msg
 
     def _check_alive(self, waiting: set[int], deadline: float, what: str) -> None:
         lost = self._lost()
@@ -144,23 +212,6 @@ class StarMaster:
             names = ", ".join(self._names[r] for r in sorted(waiting))
             raise GroupError(f"device(s) {names} sent no {what} within {self._step_timeout_s:.0f}s "
                              "though still alive; they may be overloaded or stuck")
-
-    def _send_all(self, frames: list, best_effort: bool = False) -> None:
-        """Send to every worker; best_effort skips lost or unreachable ones instead of raising."""
-        lost = self._lost() if best_effort else {}
-        size = _nbytes(frames)
-        for rank, rid in enumerate(self._ids, start=1):
-            if rid.decode() in lost:
-                continue
-            try:
-                self._sock.send_multipart([rid, *frames], copy=False)
-            except zmq.ZMQError as e:
-                reason = self._lost().get(rid.decode(), str(e))
-                if best_effort:
-                    log.debug("could not reach %s (rank %d): %s", self._names[rank], rank, reason)
-                    continue
-                raise GroupError(f"device {self._names[rank]} (rank {rank}) is unreachable: {reason}") from e
-            self.stats.bytes_sent += size
 
     def _collect(self, op: int, kind: type, what: str) -> list[np.ndarray | None]:
         parts: list[np.ndarray | None] = [None] * self.world
@@ -175,14 +226,72 @@ class StarMaster:
                 log.debug("dropped stale %s from rank %d", type(msg).__name__, rank)
         return parts
 
+    def _collect_partials(self, head: bytes, dtype: np.dtype, shape: tuple) -> list[np.ndarray | None]:
+        """Every worker's partial for the current op: header compared, buffer received in place."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        bufs = self._bufs.get(nbytes)
+        if bufs is None:
+            bufs = self._bufs[nbytes] = [np.empty(nbytes, np.uint8) for _ in range(self.world)]
+        parts: list[np.ndarray | None] = [None] * self.world
+        waiting = set(range(1, self.world))
+        deadline = time.monotonic() + self._step_timeout_s
+        sock = self._sock
+        while waiting:
+            rank, h = self._next(waiting, deadline, "partial")
+            if rank is None:
+                continue
+            if h == head and rank in waiting and sock.getsockopt(_RCVMORE):  # the hot path
+                why = _recv_frame_into(sock, bufs[rank])
+                self.stats.bytes_received += nbytes
+                if why is None:
+                    parts[rank] = bufs[rank].view(dtype).reshape(shape)
+                    waiting.discard(rank)
+                else:
+                    self._dropped(rank, f"Partial {why}")
+                continue
+            msg = self._finish(rank, h)
+            if type(msg) is Partial and msg.op == self._op and msg.seq == self._seq and rank in waiting:
+                parts[rank] = msg.x  # valid, though not encoded as this side would (another msgpack)
+                waiting.discard(rank)
+            elif msg is not None:
+                log.debug("dropped stale %s from rank %d", type(msg).__name__, rank)
+        return parts
+
+    # ---- sending ----
+
+    def _send_all(self, frames: list, best_effort: bool = False) -> None:
+        """Send to every worker; best_effort skips lost or unreachable ones instead of raising."""
+        lost = self._lost() if best_effort else {}
+        size = _nbytes(frames)
+        sock, last = self._sock, len(frames) - 1
+        for rank, rid in enumerate(self._ids, start=1):
+            if rid.decode() in lost:
+                continue
+            try:
+                sock.send(rid, zmq.SNDMORE)  # ROUTER_MANDATORY: raises here for a vanished peer
+                for i, f in enumerate(frames):
+                    sock.send(f, zmq.SNDMORE if i < last else 0, copy=_size(f) < _ZERO_COPY_MIN)
+            except zmq.ZMQError as e:
+                reason = self._lost().get(rid.decode(), str(e))
+                if best_effort:
+                    log.debug("could not reach %s (rank %d): %s", self._names[rank], rank, reason)
+                    continue
+                raise GroupError(f"device {self._names[rank]} (rank {rank}) is unreachable: {reason}") from e
+            self.stats.bytes_sent += size
+
+    # ---- the communicator API ----
+
     def allreduce(self, x: np.ndarray) -> np.ndarray:
-        """Sum x over all ranks (fp32); with bf16 wire the sum is bf16-rounded on every rank."""
+        """Sum x over all ranks (fp32); with a bf16 or q8_0 wire the sum is rounded on every rank."""
         t0 = time.perf_counter()
         self._op += 1
-        parts = self._collect(self._op, Partial, "partial")
+        wire_dtype = self.wire_dtype
+        shape = wire_shape(x.shape, wire_dtype)
+        part_head, sum_head = _reduce_headers(self._seq, self._op, wire_dtype, shape)
+        parts = self._collect_partials(part_head, WIRE_DTYPES[wire_dtype], shape)
         acc = None
         for rank in range(1, self.world):
-            part = _from_wire(parts[rank])
+            part = from_wire(parts[rank])
             if part.shape != x.shape:
                 raise GroupError(f"device {self._names[rank]} sent a partial of shape {part.shape}, "
                                  f"expected {x.shape}: the group disagrees on the plan")
@@ -192,9 +301,9 @@ class StarMaster:
                 acc += part
         if acc is None:
             acc = np.array(x, dtype=np.float32)
-        wire = _to_wire(acc, self.wire_dtype)
-        self._send_all(encode(Reduced(self._op, wire, self._seq)))
-        out = from_bf16(wire) if self.wire_dtype == "bf16" else acc
+        wire = to_wire(acc, wire_dtype)
+        self._send_all([sum_head, wire])
+        out = acc if wire is acc else from_wire(wire)
         self.stats.allreduce_count += 1
         self.stats.allreduce_seconds += time.perf_counter() - t0
         return out
@@ -222,7 +331,7 @@ class StarMaster:
         parts = self._collect(self._op, Logits, "gather slice")
         parts[0] = from_bf16(to_bf16(x)) if wire_dtype == "bf16" else x
         self.stats.gather_count += 1
-        return [_from_wire(p) for p in parts]
+        return [from_wire(p) for p in parts]
 
 
 class StarWorker:
@@ -230,6 +339,7 @@ class StarWorker:
 
     def __init__(self, sock: zmq.Socket, rank: int, world: int, wire_dtype: str,
                  master_lost: Callable[[], str | None], step_timeout_s: float, max_frame: int):
+        _check_wire(wire_dtype)
         self._sock = sock
         sock.rcvtimeo = _POLL_SLICE_MS
         self.rank, self.world, self.wire_dtype = rank, world, wire_dtype
@@ -239,6 +349,7 @@ class StarWorker:
         self._seq = 0
         self._op = 0
         self._held: Message | None = None  # a control that arrived while a step was running
+        self._bufs: dict[int, np.ndarray] = {}  # sum bytes -> receive buffer (bf16, q8_0 sums)
         self.stats = CommStats()
 
     def announce_ready(self) -> None:
@@ -249,10 +360,11 @@ class StarWorker:
         self._sock.send_multipart(frames, copy=False)
         self.stats.bytes_sent += _nbytes(frames)
 
-    def _recv(self, what: str, deadline: float | None) -> Message:
+    def _next(self, what: str, deadline: float | None) -> bytes:
+        """The header frame of the next message; raises GroupError when the master is lost or late."""
         while True:
             try:
-                frames = self._sock.recv_multipart()
+                head = self._sock.recv()
             except zmq.Again:  # RCVTIMEO slice passed: is the master still alive?
                 lost = self._master_lost()
                 if lost:
@@ -260,21 +372,61 @@ class StarWorker:
                 if deadline is not None and time.monotonic() > deadline:
                     raise GroupError(f"the master sent no {what} within {self._step_timeout_s:.0f}s")
                 continue
-            self.stats.bytes_received += _nbytes(frames)
-            try:
-                return decode(frames, self._max_frame)
-            except ProtocolError as e:
-                log.warning("dropped malformed data message from the master: %s", e)
+            self.stats.bytes_received += len(head)
+            return head
+
+    def _finish(self, head: bytes) -> Message | None:
+        """Decode the rest of a message the hot path did not take; None (logged) if malformed."""
+        frames = _rest(self._sock, head)
+        self.stats.bytes_received += _nbytes(frames[1:])
+        try:
+            return decode(frames, self._max_frame)
+        except ProtocolError as e:
+            log.warning("dropped malformed data message from the master: %s", e)
+            return None
+
+    def _recv(self, what: str, deadline: float | None) -> Message:
+        while True:
+            msg = self._finish(self._next(what, deadline))
+            if msg is not None:
+                return msg
 
     def allreduce(self, x: np.ndarray) -> np.ndarray:
         """Send my partial, return the group's sum (identical bits on every rank)."""
         t0 = time.perf_counter()
         self._op += 1
-        self._send(encode(Partial(self._op, _to_wire(x, self.wire_dtype), self._seq)))
+        sock, wire_dtype = self._sock, self.wire_dtype
+        payload = to_wire(x, wire_dtype)
+        part_head, sum_head = _reduce_headers(self._seq, self._op, wire_dtype, payload.shape)
+        sock.send(part_head, zmq.SNDMORE)
+        sock.send(payload, copy=payload.nbytes < _ZERO_COPY_MIN)
+        self.stats.bytes_sent += len(part_head) + payload.nbytes
+        # f32 sums land in the array returned; bf16/q8_0 ones in a reused buffer, then widened
+        nbytes = payload.nbytes
+        if wire_dtype == "f32":
+            buf = np.empty(nbytes, np.uint8)
+        else:
+            buf = self._bufs.get(nbytes)
+            if buf is None:
+                buf = self._bufs[nbytes] = np.empty(nbytes, np.uint8)
+        what = f"sum for allreduce {self._op}"
         deadline = time.monotonic() + self._step_timeout_s
         while True:
-            msg = self._recv(f"sum for allreduce {self._op}", deadline)
+            head = self._next(what, deadline)
+            if head == sum_head and sock.getsockopt(_RCVMORE):  # the hot path
+                why = _recv_frame_into(sock, buf)
+                self.stats.bytes_received += nbytes
+                if why is None:
+                    out = from_wire(buf.view(payload.dtype).reshape(payload.shape))
+                    break
+                log.warning("dropped malformed data message from the master: Reduced %s", why)
+                continue
+            msg = self._finish(head)
             if isinstance(msg, Reduced) and msg.op == self._op and msg.seq == self._seq:
+                if msg.x.dtype != payload.dtype or msg.x.shape != payload.shape:
+                    raise GroupError(f"the master sent a {msg.x.dtype} sum of shape {msg.x.shape} for a "
+                                     f"{payload.dtype} partial of shape {payload.shape}: versions differ?")
+                out = from_wire(msg.x.copy())  # valid, though not encoded as this side would
                 break
             if isinstance(msg, (Step, Reset, Stop)):
                 # The master gave up on this step (a device was lost) and moved on: keep the
@@ -282,11 +434,11 @@ class StarWorker:
                 self._held = msg
                 raise GroupError(f"the master abandoned step {self._seq} during allreduce {self._op} "
                                  f"and sent {type(msg).__name__}; call recv_step() to follow it")
-            log.debug("dropped stale %s during allreduce", type(msg).__name__)
-        out = from_bf16(msg.x) if msg.x.dtype == np.uint16 else msg.x.copy()
+            if msg is not None:
+                log.debug("dropped stale %s during allreduce", type(msg).__name__)
         self.stats.allreduce_count += 1
         self.stats.allreduce_seconds += time.perf_counter() - t0
-        return out
+        return out.reshape(np.shape(x))
 
     def gather(self, x: np.ndarray, wire_dtype: str | None = None) -> None:
         """Send my slice to the master (bf16-rounded if asked); workers get None.
@@ -325,6 +477,8 @@ class RingAllreduce:
 
     def __init__(self, rank: int, world: int, endpoints: list[str], wire_dtype: str = "f32",
                  timeout_s: float = 30.0, max_frame: int = 256 << 20):
+        if wire_dtype not in ("f32", "bf16"):
+            raise GroupError(f"the ring carries f32 or bf16, not {wire_dtype!r}")
         self.rank, self.world, self.wire_dtype = rank, world, wire_dtype
         self._ctx = zmq.Context()
         self._inbox = self._ctx.socket(zmq.ROUTER)
@@ -339,7 +493,7 @@ class RingAllreduce:
         self.stats = CommStats()
 
     def _hop(self, kind: type, step: int, send: np.ndarray) -> np.ndarray:
-        self._right.send_multipart(encode(kind(self._op, _to_wire(send, self.wire_dtype), step)), copy=False)
+        self._right.send_multipart(encode(kind(self._op, to_wire(send, self.wire_dtype), step)), copy=False)
         try:
             frames = self._inbox.recv_multipart()
         except zmq.Again as e:
@@ -348,7 +502,7 @@ class RingAllreduce:
         msg = decode(frames[1:], self._max_frame)
         if type(msg) is not kind or msg.op != self._op or msg.seq != step:
             raise GroupError(f"ring out of step: got {type(msg).__name__} op {msg.op} hop {msg.seq}")
-        return _from_wire(msg.x)
+        return from_wire(msg.x)
 
     def allreduce(self, x: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
