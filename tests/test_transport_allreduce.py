@@ -70,17 +70,25 @@ def bf16_round(x: np.ndarray) -> np.ndarray:
     return torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(torch.bfloat16).float().numpy()
 
 
+def q8_0_round(x: np.ndarray) -> np.ndarray:
+    """x through gguf's own Q8_0 quantizer and back (an implementation independent of tpi's)."""
+    from gguf import GGMLQuantizationType, quants
+
+    raw = quants.quantize(np.ascontiguousarray(x, np.float32), GGMLQuantizationType.Q8_0)
+    return quants.dequantize(raw, GGMLQuantizationType.Q8_0).reshape(x.shape).astype(np.float32)
+
+
 def reference_sum(step: int, world: int, wire: str) -> np.ndarray:
-    """Independent reference: fp32 sum in rank order; bf16 rounds each sent partial and the sum."""
+    """Independent reference: fp32 sum in rank order; bf16/q8_0 round each sent partial and the sum."""
+    rounded = {"f32": lambda a: a, "bf16": bf16_round, "q8_0": q8_0_round}[wire]
     acc = partial_for(step, 0).copy()
     for rank in range(1, world):
-        part = partial_for(step, rank)
-        acc += bf16_round(part) if wire == "bf16" else part
-    return bf16_round(acc) if wire == "bf16" else acc
+        acc += rounded(partial_for(step, rank))
+    return rounded(acc)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n_workers,wire", [(1, "f32"), (2, "f32"), (1, "bf16"), (2, "bf16")])
+@pytest.mark.parametrize("n_workers,wire", [(1, "f32"), (2, "f32"), (1, "bf16"), (2, "bf16"), (2, "q8_0")])
 def test_star_allreduce_is_exact_and_identical_on_every_rank(tmp_path, n_workers, wire):
     master, comm, procs, results = start_group(tmp_path, n_workers, wire)
     world = n_workers + 1
@@ -194,3 +202,45 @@ def test_worker_follows_the_master_when_it_abandons_a_step(tmp_path):
     master.close()
     assert "abandoned step 1" in box["error"] and box["next"]["request_id"] == 2
     assert np.array_equal(out, np.full(4, 3.0, np.float32)) and np.array_equal(box["sum"], out)
+
+
+def test_hot_path_drops_partials_and_sums_of_the_wrong_size_or_frame_count(tmp_path, caplog):
+    """Messages whose header is exactly the awaited one but whose buffer is wrong: logged, dropped."""
+    from tpi.transport.protocol import Partial, Reduced, encode_header
+
+    master = MasterLink("127.0.0.1:0", tmp_path / "m", settings=FAST)
+    worker = WorkerLink(f"127.0.0.1:{master.port}", master.token, tmp_path / "w", settings=FAST)
+    x = np.arange(64, dtype=np.float32).reshape(1, 64)
+    good = x.tobytes()
+    bad_bodies = [[good[:-4]], [good + b"\0" * 4], [good, b"extra"], []]  # short, long, extra frame, none
+    box: dict = {}
+
+    def run_worker():
+        worker.join("w1", {}, [])
+        comm = worker.communicator()
+        comm.recv_step()
+        head = encode_header(Partial.TYPE, 1, [1], [["f32", [1, 64]]])
+        for body in bad_bodies:
+            worker.data_socket().send_multipart([head, *body])
+        box["sum"] = comm.allreduce(x)
+
+    t = threading.Thread(target=run_worker)
+    t.start()
+    master.admit(master.next_join(timeout=10), Assign(rank=1, world=2, shard_hash="", shard_size=0))
+    comm = master.communicator("f32", ready_timeout_s=10)
+    comm.broadcast_step({"request_id": 1, "start_pos": 0, "n_tokens": 1}, np.zeros(1, np.float32))
+    time.sleep(0.3)  # the worker's bad partials are queued before the master looks
+    head = encode_header(Reduced.TYPE, 1, [1], [["f32", [1, 64]]])
+    rid = comm._ids[0]
+    for body in bad_bodies:  # the same for the sums the worker awaits (it is waiting by now)
+        master.data.send_multipart([rid, head, *body])
+    out = comm.allreduce(x)
+    t.join(timeout=10)
+    worker.close()
+    master.close()
+    assert np.array_equal(out, 2 * x) and np.array_equal(box["sum"], 2 * x)
+    dropped = [r.getMessage().removeprefix("dropped malformed data message from ") for r in caplog.records
+               if "dropped malformed" in r.getMessage()]
+    whys = ["buffer of 252 bytes where its header needs 256", "buffer of 260 bytes where its header needs 256",
+            "1 buffer frame(s) more than its header lists", "needs 1 buffers, header lists 1, got 0 frames"]
+    assert dropped == [f"w1: Partial {w}" for w in whys] + [f"the master: Reduced {w}" for w in whys]

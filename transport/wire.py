@@ -1,15 +1,18 @@
 """Wire number formats for partial sums: f32, bf16 bits and q8_0 blocks, with their conversions.
 
 q8_0 is llama.cpp's Q8_0 block (and distributed-llama's Q80 sync): 32 consecutive values of
-the last dimension share one f16 scale d = max|x| / 127 and travel as int8 q = rint(x / d),
+the last dimension share one f16 scale d = max|x| / 127 and travel as int8 q = rint(x * (1 / d)),
 34 bytes per 32 values (1.0625 bytes a value, against 4 for f32). Values are recovered as q * d
-in f32. A numpy array of Q8_0 has shape [..., n / 32]: one element per block.
+in f32. The bytes are ggml's reference quantizer's, except that a value exactly halfway between
+two integers rounds to even here and away from zero there. A numpy array of Q8_0 has shape
+[..., n / 32]: one element per block.
 """
 from __future__ import annotations
 
 import numpy as np
 
 QK8_0 = 32
+_F16_MAX = np.float32(65504)
 Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", (QK8_0,))])  # itemsize 34, no padding
 assert Q8_0.itemsize == 2 + QK8_0
 
@@ -49,20 +52,22 @@ def to_q8_0(x: np.ndarray) -> np.ndarray:
     if n % QK8_0:
         raise ValueError(f"q8_0 needs a last dimension that is a multiple of {QK8_0}, got {n}")
     v = x.reshape(-1, QK8_0)  # (blocks, 32)
-    d = v.max(axis=1)
-    np.maximum(d, -v.min(axis=1), out=d)  # max|x|: two reductions beat abs + one here
-    d *= np.float32(1 / 127)  # the scale that maps max|x| to 127
+    d = -v.min(axis=1)
+    np.maximum(d, v.max(axis=1), out=d)  # max|x|: two reductions beat abs + one; this order gives +0 for 0
+    d /= np.float32(127)  # the scale that maps max|x| to 127 (divided, as ggml: bit-identical d)
     out = np.empty(x.shape[:-1] + (n // QK8_0,), Q8_0)
     flat = out.reshape(-1)
-    flat["d"] = d
-    if np.isfinite(d).all():
+    if d.max() <= _F16_MAX:  # also False for NaN
         inv = np.maximum(d, np.float32(1e-30))  # an all-zero block has d = 0: its q are 0 anyway
         np.divide(np.float32(1), inv, out=inv)
         q = v * inv[:, None]  # |q| <= 127 (+ rounding): rint fits int8
-    else:
-        with np.errstate(invalid="ignore"):
-            q = v * np.where(np.isfinite(d) & (d > 0), 1 / d, 0)[:, None]
-        q[~np.isfinite(q)] = 0
+    else:  # inf, NaN or a scale past f16: that block's scale becomes NaN, its q 0
+        bad = ~(d <= _F16_MAX)
+        d[bad] = np.nan
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = v * np.where(bad | (d == 0), 0, 1 / d)[:, None]
+        q[bad] = 0
+    flat["d"] = d
     flat["qs"] = np.rint(q, out=q)
     return out
 
