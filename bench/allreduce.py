@@ -1,6 +1,6 @@
 """Allreduce latency: tpi's star against a bare pyzmq echo on the same path (paired), a ring, and gloo.
 
-    python bench/allreduce.py [--hidden 576,2048,4096] [--wires f32,bf16,q8_0] [--delays-ms 0,1,5]
+    python bench/allreduce.py [--hidden 576,2048,4096] [--wires f32,bf16,int8] [--delays-ms 0,1,5]
                               [--worlds 2,3] [--curve] [--no-ring] [--no-gloo] [--smoke]
 
 Every rank is its own process on TCP loopback, partials are [1, hidden] fp32 (a decode step),
@@ -16,7 +16,7 @@ median).
 
 The ring and gloo run after the star, unpaired. gloo runs only at d = 0: its ranks publish their
 listening addresses through the store and connect to each other directly, so a proxy could only
-sit between them by rewriting gloo's address records in the store. Neither has a q8_0 wire.
+sit between them by rewriting gloo's address records in the store. Neither has a int8 wire.
 """
 from __future__ import annotations
 
@@ -317,7 +317,7 @@ def main() -> None:
     ap.add_argument("--hidden", default="576,2048,4096", help="hidden sizes at N=2")
     ap.add_argument("--delays-ms", default="0,1,5", help="one-way delays; 0 = direct loopback")
     ap.add_argument("--worlds", default="2,3", help="group sizes; N > 2 runs hidden 4096 f32 only")
-    ap.add_argument("--wires", default="f32,bf16,q8_0")
+    ap.add_argument("--wires", default="f32,bf16,int8")
     ap.add_argument("--curve", action="store_true", help="CURVE-encrypt the star links (default off, as --insecure)")
     ap.add_argument("--no-ring", action="store_true")
     ap.add_argument("--no-gloo", action="store_true")
@@ -337,7 +337,7 @@ def main() -> None:
             grid = [(h, w) for h in hiddens for w in wires] if world == 2 else [(4096, "f32")]
             for delay in delays:
                 cases = [(h, w, *iterations(delay, args.smoke)) for h, w in grid]
-                unpaired = [c for c in cases if c[1] != "q8_0"]  # the ring and gloo have no q8_0 wire
+                unpaired = [c for c in cases if c[1] != "int8"]  # the ring and gloo have no int8 wire
                 gloo_on = delay == 0 and not args.no_gloo
                 label = f"N={world}, {delay * 1e3:g} ms"
                 print(f"running {label}: star paired with pyzmq echo" + ("" if args.no_ring else ", ring")

@@ -135,11 +135,11 @@ def test_allreduce_smoke_has_star_ring_gloo_and_the_anchor():
         assert col in header
     delays = {r[header.index("one-way delay ms")] for r in rows}
     assert delays == {"0", "1"}
-    assert {r[header.index("wire")] for r in rows} == {"f32", "bf16", "q8_0"}
-    for r in rows:  # latencies are positive numbers; gloo only without delay, ring and gloo without q8_0
+    assert {r[header.index("wire")] for r in rows} == {"f32", "bf16", "int8"}
+    for r in rows:  # latencies are positive numbers; gloo only without delay, ring and gloo without int8
         assert float(r[header.index("star median")]) > 0 and float(r[header.index("pyzmq echo")]) > 0
         assert r[header.index("star/echo (paired)")].endswith("x")
-        q8 = r[header.index("wire")] == "q8_0"
+        q8 = r[header.index("wire")] == "int8"
         assert (r[header.index("gloo median")] == "-") == (r[header.index("one-way delay ms")] != "0" or q8)
         assert (r[header.index("ring median")] == "-") == q8
 

@@ -52,6 +52,18 @@ class GroupOptions:
     replan: bool = True  # re-plan over the remaining devices when a lost one does not rejoin
 
 
+    def __post_init__(self) -> None:
+        check_wire_dtype(self.wire_dtype)
+
+
+def check_wire_dtype(wire_dtype: str | None) -> None:
+    """TpiError unless wire_dtype is None (the planner's choice) or a wire the allreduce carries."""
+    from tpi.transport.wire import REDUCE_DTYPES
+
+    if wire_dtype is not None and wire_dtype not in REDUCE_DTYPES:
+        raise TpiError(f"--wire-dtype {wire_dtype!r} is not a wire dtype; use one of {', '.join(REDUCE_DTYPES)}")
+
+
 @dataclass
 class DeviceInfo:
     rank: int
@@ -333,6 +345,9 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
         if opts.ratios is not None and len(opts.ratios) != world:
             raise GroupError(f"{len(opts.ratios)} split ratios for {world} devices; give one per device")
         wire_dtype = opts.wire_dtype or "f32"
+        if wire_dtype == "int8" and cfg.hidden % 32:
+            raise GroupError(f"the int8 wire needs a hidden size that is a multiple of 32; {cfg.name} has "
+                             f"{cfg.hidden}: use --wire-dtype f32 or bf16")
         if planning:
             real, links = _plan(opts, source, cfg, context, master_profile, link, joins, say)
             joins = [joins[i] for i in real.ranks]

@@ -1,8 +1,8 @@
 """Communicators: the star allreduce through the master, step broadcast, gather; ring for benchmarks.
 
-Star allreduce: each worker sends its partial in the wire dtype (f32, bf16 bits or q8_0
+Star allreduce: each worker sends its partial in the wire dtype (f32, bf16 bits or int8
 blocks); the master adds its own partial and the received ones in fp32, in rank order, and
-sends the sum back in the wire dtype. With bf16 or q8_0 the master rounds the sum once and uses
+sends the sum back in the wire dtype. With bf16 or int8 the master rounds the sum once and uses
 that rounded value itself, so every rank holds bit-identical state.
 
 Hot path: both ends know the exact header of the message they await (version, type, step,
@@ -282,7 +282,7 @@ class StarMaster:
     # ---- the communicator API ----
 
     def allreduce(self, x: np.ndarray) -> np.ndarray:
-        """Sum x over all ranks (fp32); with a bf16 or q8_0 wire the sum is rounded on every rank."""
+        """Sum x over all ranks (fp32); with a bf16 or int8 wire the sum is rounded on every rank."""
         t0 = time.perf_counter()
         self._op += 1
         wire_dtype = self.wire_dtype
@@ -349,7 +349,7 @@ class StarWorker:
         self._seq = 0
         self._op = 0
         self._held: Message | None = None  # a control that arrived while a step was running
-        self._bufs: dict[int, np.ndarray] = {}  # sum bytes -> receive buffer (bf16, q8_0 sums)
+        self._bufs: dict[int, np.ndarray] = {}  # sum bytes -> receive buffer (bf16, int8 sums)
         self.stats = CommStats()
 
     def announce_ready(self) -> None:
@@ -401,7 +401,7 @@ class StarWorker:
         sock.send(part_head, zmq.SNDMORE)
         sock.send(payload, copy=payload.nbytes < _ZERO_COPY_MIN)
         self.stats.bytes_sent += len(part_head) + payload.nbytes
-        # f32 sums land in the array returned; bf16/q8_0 ones in a reused buffer, then widened
+        # f32 sums land in the array returned; bf16/int8 ones in a reused buffer, then widened
         nbytes = payload.nbytes
         if wire_dtype == "f32":
             buf = np.empty(nbytes, np.uint8)

@@ -15,9 +15,9 @@ import msgpack
 import numpy as np
 
 from tpi.errors import ProtocolError
-from tpi.transport.wire import Q8_0, REDUCE_DTYPES, from_bf16, to_bf16  # noqa: F401 (re-exported)
+from tpi.transport.wire import INT8_BLOCK, REDUCE_DTYPES, from_bf16, to_bf16  # noqa: F401 (re-exported)
 
-# 2: the q8_0 wire dtype (Partial/Reduced and Assign.wire_dtype)
+# 2: the int8 block wire dtype (Partial/Reduced and Assign.wire_dtype)
 PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_FRAME = 256 << 20
@@ -34,7 +34,7 @@ WIRE_DTYPES: dict[str, np.dtype] = {
     "i64": np.dtype("<i8"),
     "u8": np.dtype("u1"),
     "i8": np.dtype("i1"),
-    "q8_0": Q8_0,  # blocks of 32 int8 + one f16 scale (transport/wire.py); shape counts blocks
+    "int8": INT8_BLOCK,  # blocks of 32 int8 codes + a bf16 scale (transport/wire.py); shape counts blocks
 }
 _NAME_OF = {dt: name for name, dt in WIRE_DTYPES.items()}
 
@@ -133,8 +133,8 @@ def _need(cond: bool, what: str) -> None:
 
 
 def _check_reduce_tensor(x: np.ndarray) -> None:
-    if x.dtype != np.float32 and x.dtype != np.uint16 and x.dtype != Q8_0:
-        raise ProtocolError(f"allreduce tensors must be f32, bf16 or q8_0, got {wire_dtype_of(x)}")
+    if x.dtype != np.float32 and x.dtype != np.uint16 and x.dtype != INT8_BLOCK:
+        raise ProtocolError(f"allreduce tensors must be f32, bf16 or int8, got {wire_dtype_of(x)}")
 
 
 @_msg(1, ("name", "str"), ("profile", "dict"), ("cached_hashes", "strs"), ("proof", "bytes"))
