@@ -29,7 +29,11 @@ from tpi.transport.wire import REDUCE_DTYPES, from_bf16, from_wire, to_bf16, to_
 log = logging.getLogger(__name__)
 
 _POLL_SLICE_MS = 100  # how often a waiting rank checks liveness and deadlines
-_RCVMORE = zmq.RCVMORE  # getsockopt(): the .rcvmore attribute goes through pyzmq's Python sugar, 2x slower
+# The hot paths call pyzmq's Cython methods directly: its Python wrappers of send() and
+# getsockopt() (and the .rcvmore attribute) cost ~1 µs a call, a fair part of a loopback round trip.
+_send = zmq.backend.cython._zmq.Socket.send  # (sock, data, flags, copy, track)
+_get = zmq.backend.cython._zmq.Socket.get
+_RCVMORE, _SNDMORE = zmq.RCVMORE, zmq.SNDMORE
 _ZERO_COPY_MIN = 1 << 16  # pyzmq copies smaller frames anyway; a zero-copy Frame costs more there
 
 
@@ -59,7 +63,7 @@ def _check_wire(wire_dtype: str) -> None:
 
 
 def _reduce_headers(seq: int, op: int, wire_dtype: str, shape: tuple) -> tuple[bytes, bytes]:
-    """The exact (Partial, Reduced) header frames of allreduce `op` of step `seq`."""
+    """The exact (Partial, Reduced) header frames of allreduce `op` of step `seq`, as encode() makes them."""
     descs = [[wire_dtype, list(shape)]]
     return encode_header(Partial.TYPE, seq, [op], descs), encode_header(Reduced.TYPE, seq, [op], descs)
 
@@ -67,7 +71,7 @@ def _reduce_headers(seq: int, op: int, wire_dtype: str, shape: tuple) -> tuple[b
 def _drain(sock: zmq.Socket) -> int:
     """Receive and discard the rest of a multipart message; returns how many frames it had."""
     n = 0
-    while sock.getsockopt(_RCVMORE):
+    while _get(sock, _RCVMORE):
         sock.recv(copy=False)
         n += 1
     return n
@@ -76,18 +80,15 @@ def _drain(sock: zmq.Socket) -> int:
 def _rest(sock: zmq.Socket, first: bytes) -> list:
     """first plus the remaining frames of its message (the slow, fully validated path)."""
     frames = [first]
-    while sock.getsockopt(_RCVMORE):
+    while _get(sock, _RCVMORE):
         frames.append(sock.recv())
     return frames
 
 
-def _recv_frame_into(sock: zmq.Socket, buf: np.ndarray) -> str | None:
-    """Receive the last frame of a message into buf; None when it filled buf exactly, else why not."""
-    n = sock.recv_into(buf)
-    if n == buf.nbytes and not sock.getsockopt(_RCVMORE):
-        return None
+def _size_error(sock: zmq.Socket, n: int, nbytes: int) -> str:
+    """Why a buffer received for a matching header is wrong (and drop the rest of its message)."""
     extra = _drain(sock)
-    return (f"buffer of {n} bytes where its header needs {buf.nbytes}" if n != buf.nbytes
+    return (f"buffer of {n} bytes where its header needs {nbytes}" if n != nbytes
             else f"{extra} buffer frame(s) more than its header lists")
 
 
@@ -173,7 +174,7 @@ class StarMaster:
                 _drain(sock)
                 log.warning("dropped data message from unknown peer id %r", rid[:16])
                 return None, None
-            if not sock.getsockopt(_RCVMORE):  # a DEALER cannot send zero frames, but do not trust that
+            if not _get(sock, _RCVMORE):  # a DEALER cannot send zero frames, but do not trust that
                 self._dropped(rank, "empty message")
                 return None, None
             head = sock.recv()
@@ -227,7 +228,11 @@ class StarMaster:
         return parts
 
     def _collect_partials(self, head: bytes, dtype: np.dtype, shape: tuple) -> list[np.ndarray | None]:
-        """Every worker's partial for the current op: header compared, buffer received in place."""
+        """Every worker's partial for the current op: header compared, buffer received in place.
+
+        The loop is written out (no helper calls) because every step of it sits between a
+        worker's send and its sum; anything unexpected goes to `_slow_partial`.
+        """
         nbytes = math.prod(shape) * dtype.itemsize
         bufs = self._bufs.get(nbytes)
         if bufs is None:
@@ -235,27 +240,51 @@ class StarMaster:
         parts: list[np.ndarray | None] = [None] * self.world
         waiting = set(range(1, self.world))
         deadline = time.monotonic() + self._step_timeout_s
-        sock = self._sock
+        sock, rank_of, stats = self._sock, self._rank_of, self.stats
         while waiting:
-            rank, h = self._next(waiting, deadline, "partial")
-            if rank is None:
+            try:
+                rid = sock.recv()
+            except zmq.Again:  # RCVTIMEO slice passed: is everyone we wait for still alive?
+                self._check_alive(waiting, deadline, "partial")
                 continue
-            if h == head and rank in waiting and sock.getsockopt(_RCVMORE):  # the hot path
-                why = _recv_frame_into(sock, bufs[rank])
-                self.stats.bytes_received += nbytes
-                if why is None:
-                    parts[rank] = bufs[rank].view(dtype).reshape(shape)
+            rank = rank_of.get(rid)
+            h = sock.recv() if rank in waiting and _get(sock, _RCVMORE) else None
+            if h == head and _get(sock, _RCVMORE):  # the hot path
+                buf = bufs[rank]
+                n = sock.recv_into(buf)
+                stats.bytes_received += len(rid) + len(head) + n
+                if n == nbytes and not _get(sock, _RCVMORE):
+                    parts[rank] = buf.view(dtype).reshape(shape)
                     waiting.discard(rank)
                 else:
-                    self._dropped(rank, f"Partial {why}")
+                    self._dropped(rank, f"Partial {_size_error(sock, n, nbytes)}")
                 continue
-            msg = self._finish(rank, h)
-            if type(msg) is Partial and msg.op == self._op and msg.seq == self._seq and rank in waiting:
-                parts[rank] = msg.x  # valid, though not encoded as this side would (another msgpack)
+            got = self._slow_partial(rid, rank, h)
+            if got is not None and rank in waiting:
+                parts[rank] = got
                 waiting.discard(rank)
-            elif msg is not None:
-                log.debug("dropped stale %s from rank %d", type(msg).__name__, rank)
         return parts
+
+    def _slow_partial(self, rid: bytes, rank: int | None, head: bytes | None) -> np.ndarray | None:
+        """A message the hot path did not take: decoded in full; the partial's array if it is the
+        awaited one (valid, though not encoded as this side would: another msgpack), else None."""
+        self.stats.bytes_received += len(rid) + (len(head) if head is not None else 0)
+        if rank is None:
+            _drain(self._sock)
+            log.warning("dropped data message from unknown peer id %r", rid[:16])
+            return None
+        if head is None:  # a rank not waited for (a duplicate), or a message of nothing but its id
+            if not _get(self._sock, _RCVMORE):
+                self._dropped(rank, "empty message")
+                return None
+            head = self._sock.recv()
+            self.stats.bytes_received += len(head)
+        msg = self._finish(rank, head)
+        if type(msg) is Partial and msg.op == self._op and msg.seq == self._seq:
+            return msg.x
+        if msg is not None:
+            log.debug("dropped stale %s from rank %d", type(msg).__name__, rank)
+        return None
 
     # ---- sending ----
 
@@ -278,6 +307,18 @@ class StarMaster:
                     continue
                 raise GroupError(f"device {self._names[rank]} (rank {rank}) is unreachable: {reason}") from e
             self.stats.bytes_sent += size
+
+    def _send_sum(self, head: bytes, wire: np.ndarray) -> None:
+        sock, copy = self._sock, wire.nbytes < _ZERO_COPY_MIN
+        try:
+            for rid in self._ids:  # ROUTER_MANDATORY: the id's send raises for a vanished peer
+                _send(sock, rid, _SNDMORE, True, False)
+                _send(sock, head, _SNDMORE, True, False)
+                _send(sock, wire, 0, copy, False)
+        except zmq.ZMQError:
+            self._send_all([head, wire])  # the slow way, which names the device that is gone
+            return
+        self.stats.bytes_sent += len(self._ids) * (len(head) + wire.nbytes)
 
     # ---- the communicator API ----
 
@@ -302,7 +343,7 @@ class StarMaster:
         if acc is None:
             acc = np.array(x, dtype=np.float32)
         wire = to_wire(acc, wire_dtype)
-        self._send_all([sum_head, wire])
+        self._send_sum(sum_head, wire)
         out = acc if wire is acc else from_wire(wire)
         self.stats.allreduce_count += 1
         self.stats.allreduce_seconds += time.perf_counter() - t0
@@ -360,17 +401,13 @@ class StarWorker:
         self._sock.send_multipart(frames, copy=False)
         self.stats.bytes_sent += _nbytes(frames)
 
-    def _next(self, what: str, deadline: float | None) -> bytes:
-        """The header frame of the next message; raises GroupError when the master is lost or late."""
+    def _next(self, what: str) -> bytes:
+        """The header frame of the next message; raises GroupError when the master is lost."""
         while True:
             try:
                 head = self._sock.recv()
             except zmq.Again:  # RCVTIMEO slice passed: is the master still alive?
-                lost = self._master_lost()
-                if lost:
-                    raise GroupError(f"lost the master while waiting for {what}: {lost}")
-                if deadline is not None and time.monotonic() > deadline:
-                    raise GroupError(f"the master sent no {what} within {self._step_timeout_s:.0f}s")
+                self._check_master(what, None)
                 continue
             self.stats.bytes_received += len(head)
             return head
@@ -385,9 +422,9 @@ class StarWorker:
             log.warning("dropped malformed data message from the master: %s", e)
             return None
 
-    def _recv(self, what: str, deadline: float | None) -> Message:
+    def _recv(self, what: str) -> Message:
         while True:
-            msg = self._finish(self._next(what, deadline))
+            msg = self._finish(self._next(what))
             if msg is not None:
                 return msg
 
@@ -395,34 +432,41 @@ class StarWorker:
         """Send my partial, return the group's sum (identical bits on every rank)."""
         t0 = time.perf_counter()
         self._op += 1
-        sock, wire_dtype = self._sock, self.wire_dtype
+        sock, wire_dtype, seq, op = self._sock, self.wire_dtype, self._seq, self._op
         payload = to_wire(x, wire_dtype)
-        part_head, sum_head = _reduce_headers(self._seq, self._op, wire_dtype, payload.shape)
-        sock.send(part_head, zmq.SNDMORE)
-        sock.send(payload, copy=payload.nbytes < _ZERO_COPY_MIN)
-        self.stats.bytes_sent += len(part_head) + payload.nbytes
-        # f32 sums land in the array returned; bf16/int8 ones in a reused buffer, then widened
         nbytes = payload.nbytes
-        if wire_dtype == "f32":
+        descs = [[wire_dtype, list(payload.shape)]]
+        part_head = encode_header(Partial.TYPE, seq, [op], descs)
+        _send(sock, part_head, _SNDMORE, True, False)
+        _send(sock, payload, 0, nbytes < _ZERO_COPY_MIN, False)
+        # while the partial travels: what the sum will look like, and where it lands (f32 sums
+        # in the array returned; bf16/int8 ones in a reused buffer, then widened)
+        sum_head = encode_header(Reduced.TYPE, seq, [op], descs)
+        buf = self._bufs.get(nbytes) if wire_dtype != "f32" else None
+        if buf is None:
             buf = np.empty(nbytes, np.uint8)
-        else:
-            buf = self._bufs.get(nbytes)
-            if buf is None:
-                buf = self._bufs[nbytes] = np.empty(nbytes, np.uint8)
-        what = f"sum for allreduce {self._op}"
-        deadline = time.monotonic() + self._step_timeout_s
-        while True:
-            head = self._next(what, deadline)
-            if head == sum_head and sock.getsockopt(_RCVMORE):  # the hot path
-                why = _recv_frame_into(sock, buf)
-                self.stats.bytes_received += nbytes
-                if why is None:
+            if wire_dtype != "f32":
+                self._bufs[nbytes] = buf
+        stats = self.stats
+        stats.bytes_sent += len(part_head) + nbytes
+        while True:  # written out, no helper calls: each step sits between the master's send and us
+            try:
+                head = sock.recv()
+            except zmq.Again:  # RCVTIMEO slice passed: is the master still alive?
+                self._check_master(f"the sum of allreduce {op}", t0)
+                continue
+            if head == sum_head and _get(sock, _RCVMORE):  # the hot path
+                n = sock.recv_into(buf)
+                stats.bytes_received += len(head) + n
+                if n == nbytes and not _get(sock, _RCVMORE):
                     out = from_wire(buf.view(payload.dtype).reshape(payload.shape))
                     break
-                log.warning("dropped malformed data message from the master: Reduced %s", why)
+                log.warning("dropped malformed data message from the master: Reduced %s",
+                            _size_error(sock, n, nbytes))
                 continue
+            stats.bytes_received += len(head)
             msg = self._finish(head)
-            if isinstance(msg, Reduced) and msg.op == self._op and msg.seq == self._seq:
+            if isinstance(msg, Reduced) and msg.op == op and msg.seq == seq:
                 if msg.x.dtype != payload.dtype or msg.x.shape != payload.shape:
                     raise GroupError(f"the master sent a {msg.x.dtype} sum of shape {msg.x.shape} for a "
                                      f"{payload.dtype} partial of shape {payload.shape}: versions differ?")
@@ -432,13 +476,21 @@ class StarWorker:
                 # The master gave up on this step (a device was lost) and moved on: keep the
                 # control for the next recv_step() and fail this step.
                 self._held = msg
-                raise GroupError(f"the master abandoned step {self._seq} during allreduce {self._op} "
+                raise GroupError(f"the master abandoned step {seq} during allreduce {op} "
                                  f"and sent {type(msg).__name__}; call recv_step() to follow it")
             if msg is not None:
                 log.debug("dropped stale %s during allreduce", type(msg).__name__)
-        self.stats.allreduce_count += 1
-        self.stats.allreduce_seconds += time.perf_counter() - t0
+        stats.allreduce_count += 1
+        stats.allreduce_seconds += time.perf_counter() - t0
         return out.reshape(np.shape(x))
+
+    def _check_master(self, what: str, since: float | None) -> None:
+        """GroupError when the master is lost, or silent for step_timeout_s since `since` (perf_counter)."""
+        lost = self._master_lost()
+        if lost:
+            raise GroupError(f"lost the master while waiting for {what}: {lost}")
+        if since is not None and time.perf_counter() - since > self._step_timeout_s:
+            raise GroupError(f"the master sent no {what} within {self._step_timeout_s:.0f}s")
 
     def gather(self, x: np.ndarray, wire_dtype: str | None = None) -> None:
         """Send my slice to the master (bf16-rounded if asked); workers get None.
@@ -455,7 +507,7 @@ class StarWorker:
     def recv_step(self) -> tuple[dict, np.ndarray | None]:
         """Wait for the next control: ({'kind': 'step', ...}, x) or reset/stop with None."""
         while True:
-            msg, self._held = (self._held, None) if self._held is not None else (self._recv("step", None), None)
+            msg, self._held = (self._held, None) if self._held is not None else (self._recv("step"), None)
             if isinstance(msg, Step):
                 self._seq, self._op = msg.seq, 0
                 self.stats.steps += 1
