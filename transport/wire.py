@@ -57,40 +57,36 @@ def to_int8_blocks(x: np.ndarray) -> np.ndarray:
     if n % QK:
         raise ValueError(f"the int8 wire needs a last dimension that is a multiple of {QK}, got {n}")
     v = x.reshape(-1, QK)  # (blocks, 32)
-    a = -v.min(axis=1)
-    np.maximum(a, v.max(axis=1), out=a)  # max|x|: two reductions beat abs + one; this order gives +0 for 0
-    bits = a.view(np.uint32) + np.uint32(0xFFFF)  # round the scale up to bf16: |x| / s <= 1
+    r = np.abs(v)
+    amax = np.maximum.reduceat(r.reshape(-1), np.arange(0, r.size, QK))  # 2x faster than max(axis=1) here
+    bits = amax.view(np.uint32) + np.uint32(0xFFFF)  # round max|x| up to bf16: |x| / s <= 1
     bits >>= 16
     out = np.empty(x.shape[:-1] + (n // QK,), INT8_BLOCK)
     flat = out.reshape(-1)
     flat["s"] = bits
     bits <<= 16
     s = bits.view(np.float32)
-    if not np.isfinite(s).all():  # inf/NaN in the block, or a scale rounded past f32: a NaN scale
+    if not np.isfinite(s.max()):  # inf/NaN in a block, or a scale rounded past f32: its scale NaN, codes 0
         bad = ~np.isfinite(s)
         flat["s"][bad] = 0x7FC0
         s = np.where(bad, np.float32(0), s)
-        v = np.where(bad[:, None], np.float32(0), v)  # codes 0 (a copy, on this rare path only)
-    inv = np.maximum(s, np.float32(1e-38))  # an all-zero block has s = 0: its codes are 0 anyway
-    np.divide(np.float32(1), inv, out=inv)
-    r = np.abs(v)
-    r *= inv[:, None]  # (blocks, 32) in [0, 1]
+        r[bad] = 0
+    k = np.maximum(s, np.float32(1e-30))  # an all-zero block has s = 0 (its codes are 0 anyway)
+    np.divide(_Q * _Q, k, out=k)  # 127^2 / s, so that the code is sqrt(|x| * 127^2 / s)
+    r *= k[:, None]
     np.sqrt(r, out=r)
-    r *= _Q
     np.rint(r, out=r)
-    np.copysign(r, v, out=r)
-    flat["q"] = r
+    flat["q"] = np.copysign(r, v, out=r)
     return out
 
 
 def from_int8_blocks(blocks: np.ndarray) -> np.ndarray:
-    """INT8_BLOCK [..., m] -> float32 [..., 32 m]: sign(q) * (q / 127)^2 * s."""
+    """INT8_BLOCK [..., m] -> float32 [..., 32 m]: sign(q) * (q / 127)^2 * s (NaN for a NaN scale)."""
     t = blocks["q"].astype(np.float32)  # (..., m, 32)
-    t *= _INV_Q
+    t *= np.abs(t)
     s = from_bf16(blocks["s"])
-    with np.errstate(invalid="ignore"):  # 0 * NaN: a bad block decodes to NaN
-        t *= np.abs(t)
-        t *= s[..., None]
+    s *= _INV_Q * _INV_Q
+    t *= s[..., None]
     return t.reshape(blocks.shape[:-1] + (blocks.shape[-1] * QK,))
 
 
