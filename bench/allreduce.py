@@ -112,7 +112,7 @@ def star_master(world: int, cases: list, curve: bool, key_dir: str, ports, out) 
 
 
 def star_worker(rank: int, connect: str, data_endpoint: str | None, token: str, key_dir: str, curve: bool,
-                cases: list, echo_endpoint: str | None, out) -> None:
+                cases: list, echo_endpoint: str | None, echo_key: bytes | None, out) -> None:
     """A star rank; rank 1 alternates blocks of star allreduces with blocks of bare echo round trips."""
     import zmq
 
@@ -128,6 +128,9 @@ def star_worker(rank: int, connect: str, data_endpoint: str | None, token: str, 
         echo = ctx.socket(zmq.DEALER)
         echo.linger = 0
         echo.rcvtimeo = int(_TIMEOUT_S * 1000)
+        if echo_key is not None:
+            echo.curve_publickey, echo.curve_secretkey = zmq.curve_keypair()
+            echo.curve_serverkey = echo_key
         echo.connect(echo_endpoint)
     res = {}
     for i, (hidden, wire, warmup, rounds, block) in enumerate(cases):
@@ -186,15 +189,21 @@ def gloo_rank(rank: int, world: int, init_file: str, cases: list, out) -> None:
     dist.destroy_process_group()
 
 
-def echo_server(ports) -> None:
-    """Bare pyzmq ROUTER that sends every frame straight back: the anchor round trip (killed when done)."""
+def echo_server(ports, curve: bool) -> None:
+    """Bare pyzmq ROUTER that sends every frame straight back: the anchor round trip (killed when done).
+
+    With curve the link is CURVE-encrypted as the star's is (no ZAP handler: any client key)."""
     import zmq
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 0
+    public = None
+    if curve:
+        public, secret = zmq.curve_keypair()
+        sock.curve_server, sock.curve_secretkey = True, secret
     port = sock.bind_to_random_port("tcp://127.0.0.1")
-    ports.put(port)
+    ports.put((port, public))
     while True:
         sock.send_multipart(sock.recv_multipart(copy=False), copy=False)
 
@@ -252,8 +261,8 @@ def bench_star(world: int, cases: list, delay_s: float, curve: bool, tmp: Path) 
     run = Run()
     try:
         ports = run.ctx.Queue()
-        run.start(echo_server, ports, helper=True)
-        echo_port = ports.get(timeout=60)
+        run.start(echo_server, ports, curve, helper=True)
+        echo_port, echo_key = ports.get(timeout=60)
         run.start(star_master, world, cases, curve, str(tmp / "master"), ports, run.out)
         port, data_port, token = ports.get(timeout=60)
         if delay_s > 0:
@@ -261,7 +270,7 @@ def bench_star(world: int, cases: list, delay_s: float, curve: bool, tmp: Path) 
         for rank in range(1, world):
             echo = f"tcp://127.0.0.1:{echo_port}" if rank == 1 else None
             run.start(star_worker, rank, f"127.0.0.1:{port}", f"tcp://127.0.0.1:{data_port}", token,
-                      str(tmp / f"w{rank}"), curve, cases, echo, run.out)
+                      str(tmp / f"w{rank}"), curve, cases, echo, echo_key, run.out)
         return run.collect(world)["star-1"]
     finally:
         run.close()
@@ -363,8 +372,8 @@ def main() -> None:
                "from the same process as star rank 1, in blocks alternating with the star's (the floor of any "
                "allreduce that needs a round trip). star/echo = median over blocks of the ratio of block medians. "
                "delay 0 = direct loopback; delay > 0 = DelayProxy (own process) on every link, one way each way.",
-               f"star {'with CURVE' if args.curve else 'insecure (no CURVE)'}, MasterLink/WorkerLink as tpi serve "
-               "uses them; ring = tpi.transport.allreduce.RingAllreduce (benchmark-only); gloo = torch.distributed "
+               f"star and echo {'both with CURVE' if args.curve else 'both insecure (no CURVE)'}, the star's "
+               "MasterLink/WorkerLink as tpi serve uses them; ring = tpi.transport.allreduce.RingAllreduce (benchmark-only); gloo = torch.distributed "
                "all_reduce, file:// store, 1 torch thread, only at delay 0 (see the module doc); both unpaired.",
                "target (issue 18): star <= 1.4x the bare echo at hidden 4096 f32 on loopback. Calls per case "
                "at 0 ms: {1} blocks of {2} after {0} warm-up calls; fewer when delayed.".format(
