@@ -23,7 +23,7 @@ import zmq
 
 from tpi.errors import GroupError, ProtocolError
 from tpi.transport.protocol import (WIRE_DTYPES, Logits, Message, Partial, Ready, Reduced, Reset, Step, Stop,
-                                    decode, encode, encode_header)
+                                    decode, encode, header_packer)
 from tpi.transport.wire import REDUCE_DTYPES, from_bf16, from_wire, to_bf16, to_wire, wire_shape
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ _POLL_SLICE_MS = 100  # how often a waiting rank checks liveness and deadlines
 _send = zmq.backend.cython._zmq.Socket.send  # (sock, data, flags, copy, track)
 _get = zmq.backend.cython._zmq.Socket.get
 _RCVMORE, _SNDMORE = zmq.RCVMORE, zmq.SNDMORE
+_PARTIAL, _REDUCED = Partial.TYPE, Reduced.TYPE
 _ZERO_COPY_MIN = 1 << 16  # pyzmq copies smaller frames anyway; a zero-copy Frame costs more there
 
 
@@ -60,12 +61,6 @@ def _size(frame) -> int:
 def _check_wire(wire_dtype: str) -> None:
     if wire_dtype not in REDUCE_DTYPES:
         raise GroupError(f"wire dtype must be one of {', '.join(REDUCE_DTYPES)}, not {wire_dtype!r}")
-
-
-def _reduce_headers(seq: int, op: int, wire_dtype: str, shape: tuple) -> tuple[bytes, bytes]:
-    """The exact (Partial, Reduced) header frames of allreduce `op` of step `seq`, as encode() makes them."""
-    descs = [[wire_dtype, list(shape)]]
-    return encode_header(Partial.TYPE, seq, [op], descs), encode_header(Reduced.TYPE, seq, [op], descs)
 
 
 def _drain(sock: zmq.Socket) -> int:
@@ -140,7 +135,8 @@ class StarMaster:
         self._max_frame = max_frame
         self._seq = first_seq
         self._op = 0
-        self._bufs: dict[int, list[np.ndarray]] = {}  # partial bytes -> one receive buffer per rank
+        self._bufs: dict[tuple, list] = {}  # (dtype, shape) -> per rank: (receive buffer, its typed view)
+        self._header = header_packer()
         self.stats = CommStats()
 
     @property
@@ -233,10 +229,12 @@ class StarMaster:
         The loop is written out (no helper calls) because every step of it sits between a
         worker's send and its sum; anything unexpected goes to `_slow_partial`.
         """
-        nbytes = math.prod(shape) * dtype.itemsize
-        bufs = self._bufs.get(nbytes)
-        if bufs is None:
-            bufs = self._bufs[nbytes] = [np.empty(nbytes, np.uint8) for _ in range(self.world)]
+        key = (dtype, shape)
+        bufs = self._bufs.get(key)
+        if bufs is None:  # (raw bytes, typed view) per rank, reused by every allreduce of this shape
+            raw = [np.empty(math.prod(shape) * dtype.itemsize, np.uint8) for _ in range(self.world)]
+            bufs = self._bufs[key] = [(b, b.view(dtype).reshape(shape)) for b in raw]
+        nbytes = bufs[0][0].nbytes
         parts: list[np.ndarray | None] = [None] * self.world
         waiting = set(range(1, self.world))
         deadline = time.monotonic() + self._step_timeout_s
@@ -250,11 +248,11 @@ class StarMaster:
             rank = rank_of.get(rid)
             h = sock.recv() if rank in waiting and _get(sock, _RCVMORE) else None
             if h == head and _get(sock, _RCVMORE):  # the hot path
-                buf = bufs[rank]
+                buf, typed = bufs[rank]
                 n = sock.recv_into(buf)
                 stats.bytes_received += len(rid) + len(head) + n
                 if n == nbytes and not _get(sock, _RCVMORE):
-                    parts[rank] = buf.view(dtype).reshape(shape)
+                    parts[rank] = typed
                     waiting.discard(rank)
                 else:
                     self._dropped(rank, f"Partial {_size_error(sock, n, nbytes)}")
@@ -326,13 +324,14 @@ class StarMaster:
         """Sum x over all ranks (fp32); with a bf16 or int8 wire the sum is rounded on every rank."""
         t0 = time.perf_counter()
         self._op += 1
-        wire_dtype = self.wire_dtype
-        shape = wire_shape(x.shape, wire_dtype)
-        part_head, sum_head = _reduce_headers(self._seq, self._op, wire_dtype, shape)
-        parts = self._collect_partials(part_head, WIRE_DTYPES[wire_dtype], shape)
+        wire_dtype, seq, op, header = self.wire_dtype, self._seq, self._op, self._header
+        f32 = wire_dtype == "f32"
+        shape = x.shape if f32 else wire_shape(x.shape, wire_dtype)
+        descs = [[wire_dtype, list(shape)]]
+        parts = self._collect_partials(header(_PARTIAL, seq, [op], descs), WIRE_DTYPES[wire_dtype], shape)
         acc = None
         for rank in range(1, self.world):
-            part = from_wire(parts[rank])
+            part = parts[rank] if f32 else from_wire(parts[rank])
             if part.shape != x.shape:
                 raise GroupError(f"device {self._names[rank]} sent a partial of shape {part.shape}, "
                                  f"expected {x.shape}: the group disagrees on the plan")
@@ -342,9 +341,9 @@ class StarMaster:
                 acc += part
         if acc is None:
             acc = np.array(x, dtype=np.float32)
-        wire = to_wire(acc, wire_dtype)
-        self._send_sum(sum_head, wire)
-        out = acc if wire is acc else from_wire(wire)
+        wire = acc if f32 else to_wire(acc, wire_dtype)
+        self._send_sum(header(_REDUCED, seq, [op], descs), wire)
+        out = acc if f32 else from_wire(wire)
         self.stats.allreduce_count += 1
         self.stats.allreduce_seconds += time.perf_counter() - t0
         return out
@@ -390,7 +389,8 @@ class StarWorker:
         self._seq = 0
         self._op = 0
         self._held: Message | None = None  # a control that arrived while a step was running
-        self._bufs: dict[int, np.ndarray] = {}  # sum bytes -> receive buffer (bf16, int8 sums)
+        self._bufs: dict[int, tuple] = {}  # sum bytes -> (receive buffer, its typed view) for bf16/int8
+        self._header = header_packer()
         self.stats = CommStats()
 
     def announce_ready(self) -> None:
@@ -433,20 +433,25 @@ class StarWorker:
         t0 = time.perf_counter()
         self._op += 1
         sock, wire_dtype, seq, op = self._sock, self.wire_dtype, self._seq, self._op
-        payload = to_wire(x, wire_dtype)
+        f32 = wire_dtype == "f32"
+        payload = np.ascontiguousarray(x, np.float32) if f32 else to_wire(x, wire_dtype)
         nbytes = payload.nbytes
         descs = [[wire_dtype, list(payload.shape)]]
-        part_head = encode_header(Partial.TYPE, seq, [op], descs)
+        part_head = self._header(_PARTIAL, seq, [op], descs)
         _send(sock, part_head, _SNDMORE, True, False)
         _send(sock, payload, 0, nbytes < _ZERO_COPY_MIN, False)
         # while the partial travels: what the sum will look like, and where it lands (f32 sums
         # in the array returned; bf16/int8 ones in a reused buffer, then widened)
-        sum_head = encode_header(Reduced.TYPE, seq, [op], descs)
-        buf = self._bufs.get(nbytes) if wire_dtype != "f32" else None
-        if buf is None:
+        sum_head = self._header(_REDUCED, seq, [op], descs)
+        if f32:
             buf = np.empty(nbytes, np.uint8)
-            if wire_dtype != "f32":
-                self._bufs[nbytes] = buf
+            typed = buf.view(np.float32).reshape(x.shape)
+        else:
+            buf, typed = self._bufs.get(nbytes) or (None, None)
+            if buf is None:
+                buf = np.empty(nbytes, np.uint8)
+                typed = buf.view(payload.dtype).reshape(payload.shape)
+                self._bufs[nbytes] = (buf, typed)
         stats = self.stats
         stats.bytes_sent += len(part_head) + nbytes
         while True:  # written out, no helper calls: each step sits between the master's send and us
@@ -459,7 +464,7 @@ class StarWorker:
                 n = sock.recv_into(buf)
                 stats.bytes_received += len(head) + n
                 if n == nbytes and not _get(sock, _RCVMORE):
-                    out = from_wire(buf.view(payload.dtype).reshape(payload.shape))
+                    out = typed if f32 else from_wire(typed)
                     break
                 log.warning("dropped malformed data message from the master: Reduced %s",
                             _size_error(sock, n, nbytes))
@@ -482,7 +487,7 @@ class StarWorker:
                 log.debug("dropped stale %s during allreduce", type(msg).__name__)
         stats.allreduce_count += 1
         stats.allreduce_seconds += time.perf_counter() - t0
-        return out.reshape(np.shape(x))
+        return out if f32 else out.reshape(np.shape(x))
 
     def _check_master(self, what: str, since: float | None) -> None:
         """GroupError when the master is lost, or silent for step_timeout_s since `since` (perf_counter)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import msgpack
 import numpy as np
@@ -286,6 +286,12 @@ class Stop(Message):
 def encode_header(msg_type: int, seq: int, values: list, descs: list) -> bytes:
     """The msgpack header frame; hot paths precompute it to compare received headers byte for byte."""
     return msgpack.packb([PROTOCOL_VERSION, msg_type, seq, values, descs], use_bin_type=True)
+
+
+def header_packer() -> Callable[[int, int, list, list], bytes]:
+    """encode_header with one reused msgpack Packer (half the cost); for a single thread's use."""
+    pack = msgpack.Packer(use_bin_type=True).pack
+    return lambda msg_type, seq, values, descs: pack([PROTOCOL_VERSION, msg_type, seq, values, descs])
 
 
 def encode(msg: Message) -> list:
