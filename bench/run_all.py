@@ -50,9 +50,16 @@ BENCHMARKS = (
     Benchmark("profile_qwen2", "profile_decode.py", ("--synthetic-qwen2-1.5b", "--decode", "16", "--threads", "1"),
               "where tpi's time goes (torch.profiler), synthetic Qwen2-1.5B-shaped Q4_0"),
     Benchmark("tp", "tp.py", ("--insecure",), "tensor-parallel decode: 1 device vs N=2 on loopback and via DelayProxy"),
+    # issue 18's 0.8B Llama-shaped Q4_0 target; the ggml backend measures it with --backend ggml
+    Benchmark("tp_llama08b", "tp.py", ("--insecure", "--synthetic", "llama-0.8b", "--wires", "f32,int8",
+                                       "--delays-ms", "", "--tokens", "16", "--rounds", "2"),
+              "tensor-parallel decode of a random 0.8B Llama-shaped Q4_0: 1 device vs N=2 on loopback"),
     Benchmark("memory", "memory.py", (), "peak RSS per device against the budget"),
     Benchmark("backends", "backends.py", (), "torch vs numpy backend"),
-    Benchmark("allreduce", "allreduce.py", (), "allreduce latency: star vs ring vs gloo"),
+    Benchmark("allreduce", "allreduce.py", (), "allreduce latency: star (paired with a pyzmq echo) vs ring vs gloo"),
+    Benchmark("allreduce_curve", "allreduce.py", ("--curve", "--delays-ms", "0", "--worlds", "2", "--no-ring",
+                                                  "--no-gloo"), "allreduce latency with CURVE on star and echo"),
+    Benchmark("star_floor", "star_floor.py", (), "what bounds the star on one host: libzmq vs plain TCP prototypes"),
     Benchmark("costmodel", "costmodel.py", ("--insecure",), "cost model predictions vs measured runs"),
     Benchmark("paper", "paper.py", (), "the TPI-LLM paper's table: transformers+accelerate offload vs tpi"),
 )

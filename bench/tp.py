@@ -51,32 +51,40 @@ def free_port_pair() -> int:
     raise RuntimeError("no two adjacent free ports on 127.0.0.1")
 
 
+def _zmq_echo(ports) -> None:
+    import zmq
+
+    sock = zmq.Context().socket(zmq.ROUTER)
+    ports.put(sock.bind_to_random_port("tcp://127.0.0.1"))
+    while True:
+        sock.send_multipart(sock.recv_multipart(copy=False), copy=False)
+
+
 def loopback_rtt_s(rounds: int = 300, size: int = 4096) -> float:
-    """Median TCP round trip of a small message on loopback (a 1-layer activation is ~2 KiB)."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    cli = socket.create_connection(srv.getsockname())
-    peer, _ = srv.accept()
-    for s in (cli, peer):
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    msg, times = b"x" * size, []
+    """Median pyzmq round trip of a small message to another process on loopback (the star's floor;
+    a plain socket round trip within one process is ~10x shorter and no floor of anything here)."""
+    import multiprocessing as mp
+
+    import zmq
+
+    ctx = mp.get_context("spawn")
+    ports = ctx.Queue()
+    server = ctx.Process(target=_zmq_echo, args=(ports,), daemon=True)
+    server.start()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
     try:
+        sock.connect(f"tcp://127.0.0.1:{ports.get(timeout=60)}")
+        msg, times = b"x" * size, []
         for _ in range(rounds):
             t = time.perf_counter()
-            cli.sendall(msg)
-            got = 0
-            while got < size:
-                got += len(peer.recv(size - got))
-            peer.sendall(msg)
-            got = 0
-            while got < size:
-                got += len(cli.recv(size - got))
+            sock.send(msg)
+            sock.recv()
             times.append(time.perf_counter() - t)
     finally:
-        for s in (cli, peer, srv):
-            s.close()
-    return median(times)
+        sock.close()
+        server.kill()
+    return median(times[rounds // 10:])
 
 
 # ---- one configuration (child process) ----------------------------------------------------------
@@ -283,7 +291,8 @@ def report(rounds: list[list[dict]], rtt: float, args, model: str | None) -> Non
          "KiB/token", "peak RSS MiB (rank 0 / 1)"],
         rows,
         notes=[f"ideal = star allreduce floor: 2 hops x one-way latency x 2 allreduces x {layers} layers; "
-               f"loopback one-way latency taken as half the measured {rtt * 1e6:.0f} us TCP round trip.",
+               f"loopback one-way latency taken as half the measured {rtt * 1e6:.0f} us pyzmq round trip between "
+               "two processes.",
                "allreduce time is rank 0's wait inside allreduce (includes waiting for the slower rank's compute).",
                "KiB/token counts rank 0's sent + received data-channel bytes (step, partials, sums, logits); "
                "the wire (f32, bf16, int8) is that of the partial sums.",
