@@ -30,9 +30,11 @@ from tpi.transport.wire import WIRE_BYTES_PER_VALUE as WIRE_BYTES
 # Bytes per weight: q4g32 = 4-bit nibble + bf16 scale and zero per 32 weights.
 WEIGHT_BYTES = {"int4": 0.5 + 4 / 32, "bf16": 2.0}
 # One conversion of n values between f32 and a wire dtype (numpy, tpi.transport.wire) costs
-# fixed + n * per_value seconds; measured on this 2-core VM at load ~1 (docs/benchmarks.md,
-# "Wire conversions"). f32 travels as it is.
-WIRE_CONVERT_S = {"f32": (0.0, 0.0), "bf16": (8e-6, 3e-9), "int8": (18e-6, 6e-9)}
+# fixed + n * per_value seconds. Calibrated in place, not in a loop: bench/allreduce.py's loopback
+# rows at N=2 (load ~1) put a bf16 allreduce 65-95 us and an int8 one 180-240 us above the f32 one
+# at hidden 576-4096, for 4 conversions each; a hot numpy loop takes 2-4x less (bf16 to+from
+# 12-20 us, int8 30-60 us), as every call on the star's path does. f32 travels as it is.
+WIRE_CONVERT_S = {"f32": (0.0, 0.0), "bf16": (18e-6, 2e-9), "int8": (45e-6, 4e-9)}
 GB = 1e9
 
 
