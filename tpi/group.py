@@ -315,6 +315,9 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
 
     source = open_model(opts.model)
     cfg = source.config
+    if opts.wire_dtype == "int8" and cfg.hidden % 32:
+        raise GroupError(f"the int8 wire needs a hidden size that is a multiple of 32; {cfg.name} has "
+                         f"{cfg.hidden}: use --wire-dtype f32 or bf16")
     context = resolve_context(cfg, opts.context)
     world = max(opts.devices, 1 + opts.local_workers)
     if world > cfg.n_heads:
@@ -345,9 +348,6 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
         if opts.ratios is not None and len(opts.ratios) != world:
             raise GroupError(f"{len(opts.ratios)} split ratios for {world} devices; give one per device")
         wire_dtype = opts.wire_dtype or "f32"
-        if wire_dtype == "int8" and cfg.hidden % 32:
-            raise GroupError(f"the int8 wire needs a hidden size that is a multiple of 32; {cfg.name} has "
-                             f"{cfg.hidden}: use --wire-dtype f32 or bf16")
         if planning:
             real, links = _plan(opts, source, cfg, context, master_profile, link, joins, say)
             joins = [joins[i] for i in real.ranks]
