@@ -72,17 +72,21 @@ def _drain(sock: zmq.Socket) -> int:
     return n
 
 
-def _rest(sock: zmq.Socket, first: bytes) -> list:
-    """first plus the remaining frames of its message (the slow, fully validated path)."""
+def _rest(sock: zmq.Socket, first: bytes, more: bool | None = None) -> list:
+    """first plus the remaining frames of its message (the slow, fully validated path);
+    more: whether frames follow `first` (None: ask the socket)."""
     frames = [first]
-    while _get(sock, _RCVMORE):
-        frames.append(sock.recv())
+    if more is None or more:
+        if more:
+            frames.append(sock.recv())
+        while _get(sock, _RCVMORE):
+            frames.append(sock.recv())
     return frames
 
 
-def _size_error(sock: zmq.Socket, n: int, nbytes: int) -> str:
+def _size_error(sock: zmq.Socket, n: int, nbytes: int, more: bool = True) -> str:
     """Why a buffer received for a matching header is wrong (and drop the rest of its message)."""
-    extra = _drain(sock)
+    extra = _drain(sock) if more else 0
     return (f"buffer of {n} bytes where its header needs {nbytes}" if n != nbytes
             else f"{extra} buffer frame(s) more than its header lists")
 
@@ -135,7 +139,6 @@ class StarMaster:
         self._max_frame = max_frame
         self._seq = first_seq
         self._op = 0
-        self._bufs: dict[tuple, list] = {}  # (dtype, shape) -> per rank: (receive buffer, its typed view)
         self._header = header_packer()
         self.stats = CommStats()
 
@@ -177,9 +180,11 @@ class StarMaster:
             self.stats.bytes_received += len(head)
             return rank, head
 
-    def _finish(self, rank: int, head: bytes) -> Message | None:
-        """Decode the rest of a message whose header did not match the hot path; None if malformed."""
-        frames = _rest(self._sock, head)
+    def _finish(self, rank: int, head: bytes, more: bool | None = None) -> Message | None:
+        """Decode the rest of a message whose header did not match the hot path; None if malformed.
+
+        more: whether frames follow the header (None: ask the socket)."""
+        frames = _rest(self._sock, head, more)
         self.stats.bytes_received += _nbytes(frames[1:])
         try:
             return decode(frames, self._max_frame)
@@ -224,48 +229,47 @@ class StarMaster:
         return parts
 
     def _collect_partials(self, head: bytes, dtype: np.dtype, shape: tuple) -> list[np.ndarray | None]:
-        """Every worker's partial for the current op: header compared, buffer received in place.
+        """Every worker's partial for the current op: header compared, buffer taken without a copy.
 
-        The loop is written out (no helper calls) because every step of it sits between a
-        worker's send and its sum; anything unexpected goes to `_slow_partial`.
+        Frames are received as zmq Frames: their `more` flag costs no getsockopt, and a partial
+        is read in place (np.frombuffer over the received message). The loop is written out (no
+        helper calls) because every step of it sits between a worker's send and its sum;
+        anything unexpected goes to `_slow_partial`.
         """
-        key = (dtype, shape)
-        bufs = self._bufs.get(key)
-        if bufs is None:  # (raw bytes, typed view) per rank, reused by every allreduce of this shape
-            raw = [np.empty(math.prod(shape) * dtype.itemsize, np.uint8) for _ in range(self.world)]
-            bufs = self._bufs[key] = [(b, b.view(dtype).reshape(shape)) for b in raw]
-        nbytes = bufs[0][0].nbytes
+        nbytes = math.prod(shape) * dtype.itemsize
         parts: list[np.ndarray | None] = [None] * self.world
         waiting = set(range(1, self.world))
         deadline = time.monotonic() + self._step_timeout_s
         sock, rank_of, stats = self._sock, self._rank_of, self.stats
         while waiting:
             try:
-                rid = sock.recv()
+                first = sock.recv(copy=False)
             except zmq.Again:  # RCVTIMEO slice passed: is everyone we wait for still alive?
                 self._check_alive(waiting, deadline, "partial")
                 continue
+            rid = first.bytes
             rank = rank_of.get(rid)
-            h = sock.recv() if rank in waiting and _get(sock, _RCVMORE) else None
-            if h == head and _get(sock, _RCVMORE):  # the hot path
-                buf, typed = bufs[rank]
-                n = sock.recv_into(buf)
+            h = sock.recv(copy=False) if rank in waiting and first.more else None
+            if h is not None and h.more and h.bytes == head:  # the hot path
+                data = sock.recv(copy=False)
+                n = len(data)
                 stats.bytes_received += len(rid) + len(head) + n
-                if n == nbytes and not _get(sock, _RCVMORE):
-                    parts[rank] = typed
+                if n == nbytes and not data.more:
+                    parts[rank] = np.frombuffer(data, dtype).reshape(shape)  # read-only, in place
                     waiting.discard(rank)
                 else:
-                    self._dropped(rank, f"Partial {_size_error(sock, n, nbytes)}")
+                    self._dropped(rank, f"Partial {_size_error(sock, n, nbytes, data.more)}")
                 continue
-            got = self._slow_partial(rid, rank, h)
+            got = self._slow_partial(rid, rank, h.bytes if h is not None else None, h is not None and h.more)
             if got is not None and rank in waiting:
                 parts[rank] = got
                 waiting.discard(rank)
         return parts
 
-    def _slow_partial(self, rid: bytes, rank: int | None, head: bytes | None) -> np.ndarray | None:
-        """A message the hot path did not take: decoded in full; the partial's array if it is the
-        awaited one (valid, though not encoded as this side would: another msgpack), else None."""
+    def _slow_partial(self, rid: bytes, rank: int | None, head: bytes | None, more: bool) -> np.ndarray | None:
+        """A message the hot path did not take (head: its header if received, more: frames follow it):
+        decoded in full; the partial's array if it is the awaited one (valid, though not encoded
+        as this side would: another msgpack), else None."""
         self.stats.bytes_received += len(rid) + (len(head) if head is not None else 0)
         if rank is None:
             _drain(self._sock)
@@ -275,9 +279,9 @@ class StarMaster:
             if not _get(self._sock, _RCVMORE):
                 self._dropped(rank, "empty message")
                 return None
-            head = self._sock.recv()
+            head, more = self._sock.recv(), None
             self.stats.bytes_received += len(head)
-        msg = self._finish(rank, head)
+        msg = self._finish(rank, head, more)
         if type(msg) is Partial and msg.op == self._op and msg.seq == self._seq:
             return msg.x
         if msg is not None:
@@ -328,7 +332,8 @@ class StarMaster:
         f32 = wire_dtype == "f32"
         shape = x.shape if f32 else wire_shape(x.shape, wire_dtype)
         descs = [[wire_dtype, list(shape)]]
-        parts = self._collect_partials(header(_PARTIAL, seq, [op], descs), WIRE_DTYPES[wire_dtype], shape)
+        part_head, sum_head = header(_PARTIAL, seq, [op], descs), header(_REDUCED, seq, [op], descs)
+        parts = self._collect_partials(part_head, WIRE_DTYPES[wire_dtype], shape)
         acc = None
         for rank in range(1, self.world):
             part = parts[rank] if f32 else from_wire(parts[rank])
@@ -342,7 +347,7 @@ class StarMaster:
         if acc is None:
             acc = np.array(x, dtype=np.float32)
         wire = acc if f32 else to_wire(acc, wire_dtype)
-        self._send_sum(header(_REDUCED, seq, [op], descs), wire)
+        self._send_sum(sum_head, wire)
         out = acc if f32 else from_wire(wire)
         self.stats.allreduce_count += 1
         self.stats.allreduce_seconds += time.perf_counter() - t0
@@ -391,6 +396,7 @@ class StarWorker:
         self._held: Message | None = None  # a control that arrived while a step was running
         self._bufs: dict[int, tuple] = {}  # sum bytes -> (receive buffer, its typed view) for bf16/int8
         self._header = header_packer()
+        self._next_part: tuple = (None, b"")  # (seq, op, wire, shape) -> its Partial header, packed early
         self.stats = CommStats()
 
     def announce_ready(self) -> None:
@@ -412,9 +418,11 @@ class StarWorker:
             self.stats.bytes_received += len(head)
             return head
 
-    def _finish(self, head: bytes) -> Message | None:
-        """Decode the rest of a message the hot path did not take; None (logged) if malformed."""
-        frames = _rest(self._sock, head)
+    def _finish(self, head: bytes, more: bool | None = None) -> Message | None:
+        """Decode the rest of a message the hot path did not take; None (logged) if malformed.
+
+        more: whether frames follow the header (None: ask the socket)."""
+        frames = _rest(self._sock, head, more)
         self.stats.bytes_received += _nbytes(frames[1:])
         try:
             return decode(frames, self._max_frame)
@@ -436,13 +444,18 @@ class StarWorker:
         f32 = wire_dtype == "f32"
         payload = np.ascontiguousarray(x, np.float32) if f32 else to_wire(x, wire_dtype)
         nbytes = payload.nbytes
-        descs = [[wire_dtype, list(payload.shape)]]
-        part_head = self._header(_PARTIAL, seq, [op], descs)
+        key = (seq, op, wire_dtype, payload.shape)
+        part_head = self._next_part[1] if self._next_part[0] == key else None
+        if part_head is None:
+            part_head = self._header(_PARTIAL, seq, [op], [[wire_dtype, list(payload.shape)]])
         _send(sock, part_head, _SNDMORE, True, False)
         _send(sock, payload, 0, nbytes < _ZERO_COPY_MIN, False)
-        # while the partial travels: what the sum will look like, and where it lands (f32 sums
-        # in the array returned; bf16/int8 ones in a reused buffer, then widened)
+        # While the partial travels: what the sum will look like, where it lands (f32 sums in the
+        # array returned; bf16/int8 ones in a reused buffer, then widened), and the header of the
+        # next allreduce's partial if it has the same shape (the usual case: 2 per layer).
+        descs = [[wire_dtype, list(payload.shape)]]
         sum_head = self._header(_REDUCED, seq, [op], descs)
+        self._next_part = ((seq, op + 1, wire_dtype, payload.shape), self._header(_PARTIAL, seq, [op + 1], descs))
         if f32:
             buf = np.empty(nbytes, np.uint8)
             typed = buf.view(np.float32).reshape(x.shape)
@@ -456,11 +469,12 @@ class StarWorker:
         stats.bytes_sent += len(part_head) + nbytes
         while True:  # written out, no helper calls: each step sits between the master's send and us
             try:
-                head = sock.recv()
+                frame = sock.recv(copy=False)  # a Frame: its `more` flag costs no getsockopt
             except zmq.Again:  # RCVTIMEO slice passed: is the master still alive?
                 self._check_master(f"the sum of allreduce {op}", t0)
                 continue
-            if head == sum_head and _get(sock, _RCVMORE):  # the hot path
+            head = frame.bytes
+            if frame.more and head == sum_head:  # the hot path
                 n = sock.recv_into(buf)
                 stats.bytes_received += len(head) + n
                 if n == nbytes and not _get(sock, _RCVMORE):
@@ -470,7 +484,7 @@ class StarWorker:
                             _size_error(sock, n, nbytes))
                 continue
             stats.bytes_received += len(head)
-            msg = self._finish(head)
+            msg = self._finish(head, frame.more)
             if isinstance(msg, Reduced) and msg.op == op and msg.seq == seq:
                 if msg.x.dtype != payload.dtype or msg.x.shape != payload.shape:
                     raise GroupError(f"the master sent a {msg.x.dtype} sum of shape {msg.x.shape} for a "
