@@ -182,7 +182,7 @@ def _serve_through_proxy(cfg: dict, common: dict, tmp: Path, helpers: list):
     listening.wait(timeout=300)
     if "error" not in box:
         proxy = subprocess.Popen([sys.executable, __file__, "--proxy", str(proxy_port), str(port),
-                                  str(cfg["delay_s"])], stdout=subprocess.PIPE, text=True)
+                                  str(cfg["delay_s"]), str(cfg.get("mbit") or 0)], stdout=subprocess.PIPE, text=True)
         helpers.append(proxy)
         assert proxy.stdout.readline().strip() == "ready", "the delay proxy did not start"
         cmd = [sys.executable, "-m", "tpi", "join", f"127.0.0.1:{proxy_port}", "--token", master_token(tmp / "config"),
@@ -201,15 +201,19 @@ def _serve_through_proxy(cfg: dict, common: dict, tmp: Path, helpers: list):
 
 # ---- orchestration --------------------------------------------------------------------------------
 
-def configurations(args, cores: int) -> list[tuple[str, str, int, float, str]]:
-    """(label, kind, threads, one-way delay s, wire) in run order; group rows once per wire."""
+def configurations(args, cores: int) -> list[tuple[str, str, int, float, str, float]]:
+    """(label, kind, threads, one-way delay s, wire, Mbit/s or 0) in run order; group rows once per wire."""
     wires = args.wires.split(",")
     delays = [float(d) / 1e3 for d in args.delays_ms.split(",") if d][: 1 if args.smoke else None]
-    configs = [] if args.smoke else [(f"1 device, {cores} threads", "single", cores, 0.0, "-")]
-    configs += [("1 device, 1 thread", "single", 1, 0.0, "-")]
+    configs = [] if args.smoke else [(f"1 device, {cores} threads", "single", cores, 0.0, "-", 0.0)]
+    configs += [("1 device, 1 thread", "single", 1, 0.0, "-", 0.0)]
     # smoke: the proxied row covers the group path; plain loopback groups are what the tests start
-    configs += [] if args.smoke else [(f"N=2 loopback, 1 thread each, {w}", "loopback", 1, 0.0, w) for w in wires]
-    configs += [(f"N=2 via proxy {d * 1e3:g} ms one-way, {w}", "proxy", 1, d, w) for d in delays for w in wires]
+    configs += [] if args.smoke else [(f"N=2 loopback, 1 thread each, {w}", "loopback", 1, 0.0, w, 0.0)
+                                      for w in wires]
+    configs += [(f"N=2 via proxy {d * 1e3:g} ms one-way, {w}", "proxy", 1, d, w, 0.0) for d in delays for w in wires]
+    if args.mbit and delays and not args.smoke:  # a bandwidth-bound link: where a narrow wire pays
+        configs += [(f"N=2 via proxy {delays[0] * 1e3:g} ms one-way, {args.mbit:g} Mbit, {w}", "proxy", 1,
+                     delays[0], w, args.mbit) for w in wires]
     return configs
 
 
@@ -222,14 +226,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="decode steps timed per configuration")
     ap.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, in turn")
     ap.add_argument("--delays-ms", default="1,5", help="one-way delays of the proxied links")
+    ap.add_argument("--mbit", type=float, default=10.0,
+                    help="also the first delay capped at this bandwidth each way (0: no such rows)")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, few tokens: checks the bench runs")
     ap.add_argument("--insecure", action="store_true", help="no CURVE encryption on the group links")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--proxy", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--proxy", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.proxy:
-        run_proxy(int(args.proxy[0]), int(args.proxy[1]), float(args.proxy[2]))
+        run_proxy(int(args.proxy[0]), int(args.proxy[1]), float(args.proxy[2]), float(args.proxy[3]) or None)
         return
     if args.child:
         print("RESULT " + json.dumps(run_config(json.loads(args.child))), flush=True)
@@ -250,10 +256,10 @@ def main() -> None:
         results: list[list[dict]] = []  # per round, per configuration
         for round_ in range(args.rounds):
             row = []
-            for i, (label, kind, threads, delay, wire) in enumerate(configs):
+            for i, (label, kind, threads, delay, wire, mbit) in enumerate(configs):
                 cfg = {"kind": kind, "threads": threads, "delay_s": delay, "model": model, "tokens": tokens,
                        "insecure": args.insecure, "tmp": str(tmp / f"c{i}"), "smoke": args.smoke,
-                       "backend": args.backend, "wire": wire}
+                       "backend": args.backend, "wire": wire, "mbit": mbit}
                 print(f"running (round {round_ + 1}/{args.rounds}): {label}", file=sys.stderr, flush=True)
                 out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], stdout=subprocess.PIPE,
                                      text=True, check=True, timeout=1800)
@@ -295,7 +301,8 @@ def report(rounds: list[list[dict]], rtt: float, args, model: str | None) -> Non
                "two processes.",
                "allreduce time is rank 0's wait inside allreduce (includes waiting for the slower rank's compute).",
                "KiB/token counts rank 0's sent + received data-channel bytes (step, partials, sums, logits); "
-               "the wire (f32, bf16, int8) is that of the partial sums.",
+               "the wire (f32, bf16, int8) is that of the partial sums. A Mbit row caps each direction of each "
+               "proxied connection at that rate (its ideal column counts latency only, not bytes).",
                f"{'CURVE off (--insecure)' if args.insecure else 'CURVE on'}. Shared, noisy machine: "
                "other jobs were running; compare ratios (each to the best single device of its own round).",
                "command: python bench/tp.py " + " ".join(sys.argv[1:])])
