@@ -161,7 +161,7 @@ def star_worker(rank: int, connect: str, data_endpoint: str | None, token: str, 
 
 
 def ring_rank(rank: int, world: int, endpoints: list[str], cases: list, out) -> None:
-    from tpi.transport.allreduce import RingAllreduce
+    from tpi.transport.ring import RingAllreduce
 
     ring = RingAllreduce(rank, world, endpoints, "f32", timeout_s=_TIMEOUT_S)
     res = {}
@@ -373,7 +373,7 @@ def main() -> None:
                "allreduce that needs a round trip). star/echo = median over blocks of the ratio of block medians. "
                "delay 0 = direct loopback; delay > 0 = DelayProxy (own process) on every link, one way each way.",
                f"star and echo {'both with CURVE' if args.curve else 'both insecure (no CURVE)'}, the star's "
-               "MasterLink/WorkerLink as tpi serve uses them; ring = tpi.transport.allreduce.RingAllreduce (benchmark-only); gloo = torch.distributed "
+               "MasterLink/WorkerLink as tpi serve uses them; ring = tpi.transport.ring.RingAllreduce (benchmark-only); gloo = torch.distributed "
                "all_reduce, file:// store, 1 torch thread, only at delay 0 (see the module doc); both unpaired.",
                "target (issue 18): star <= 1.4x the bare echo at hidden 4096 f32 on loopback. Calls per case "
                "at 0 ms: {1} blocks of {2} after {0} warm-up calls; fewer when delayed.".format(

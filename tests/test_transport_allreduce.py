@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from tpi.errors import GroupError
-from tpi.transport.allreduce import NullCommunicator, RingAllreduce
+from tpi.transport.allreduce import NullCommunicator
+from tpi.transport.ring import RingAllreduce
 from tpi.transport.link import LinkSettings, MasterLink, WorkerLink
 from tpi.transport.protocol import Assign
 

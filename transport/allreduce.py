@@ -1,4 +1,4 @@
-"""Communicators: the star allreduce through the master, step broadcast, gather; ring for benchmarks.
+"""Communicators: the star allreduce through the master, step broadcast, gather (ring.py: the ring).
 
 Star allreduce: each worker sends its partial in the wire dtype (f32, bf16 bits or int8
 blocks); the master adds its own partial and the received ones in fp32, in rank order, and
@@ -82,6 +82,18 @@ def _rest(sock: zmq.Socket, first: bytes, more: bool | None = None) -> list:
         while _get(sock, _RCVMORE):
             frames.append(sock.recv())
     return frames
+
+
+def _decode_rest(sock: zmq.Socket, head: bytes, more: bool | None, stats: "CommStats",
+                 max_frame: int) -> Message | str:
+    """Receive the rest of a message the hot path did not take and decode it in full: the
+    Message, or why it is malformed. more: whether frames follow the header (None: ask)."""
+    frames = _rest(sock, head, more)
+    stats.bytes_received += _nbytes(frames[1:])
+    try:
+        return decode(frames, max_frame)
+    except ProtocolError as e:
+        return str(e)
 
 
 def _size_error(sock: zmq.Socket, n: int, nbytes: int, more: bool = True) -> str:
@@ -181,16 +193,12 @@ class StarMaster:
             return rank, head
 
     def _finish(self, rank: int, head: bytes, more: bool | None = None) -> Message | None:
-        """Decode the rest of a message whose header did not match the hot path; None if malformed.
-
-        more: whether frames follow the header (None: ask the socket)."""
-        frames = _rest(self._sock, head, more)
-        self.stats.bytes_received += _nbytes(frames[1:])
-        try:
-            return decode(frames, self._max_frame)
-        except ProtocolError as e:
-            self._dropped(rank, str(e))
+        """The rest of a message decoded in full (see _decode_rest); None, logged, if malformed."""
+        msg = _decode_rest(self._sock, head, more, self.stats, self._max_frame)
+        if isinstance(msg, str):
+            self._dropped(rank, msg)
             return None
+        return msg
 
     def _dropped(self, rank: int, why: str) -> None:
         log.warning("dropped malformed data message from %s: %s", self._names[rank], why)
@@ -419,16 +427,12 @@ class StarWorker:
             return head
 
     def _finish(self, head: bytes, more: bool | None = None) -> Message | None:
-        """Decode the rest of a message the hot path did not take; None (logged) if malformed.
-
-        more: whether frames follow the header (None: ask the socket)."""
-        frames = _rest(self._sock, head, more)
-        self.stats.bytes_received += _nbytes(frames[1:])
-        try:
-            return decode(frames, self._max_frame)
-        except ProtocolError as e:
-            log.warning("dropped malformed data message from the master: %s", e)
+        """The rest of a message decoded in full (see _decode_rest); None, logged, if malformed."""
+        msg = _decode_rest(self._sock, head, more, self.stats, self._max_frame)
+        if isinstance(msg, str):
+            log.warning("dropped malformed data message from the master: %s", msg)
             return None
+        return msg
 
     def _recv(self, what: str) -> Message:
         while True:
@@ -537,63 +541,3 @@ class StarWorker:
             if isinstance(msg, Stop):
                 return {"kind": "stop", "reason": msg.reason}, None
             log.debug("dropped stale %s while waiting for a step", type(msg).__name__)
-
-
-class RingAllreduce:
-    """Ring allreduce (reduce-scatter + allgather) over DEALER->ROUTER links; benchmarks only.
-
-    Each rank binds endpoints[rank] and sends to its right neighbour. It needs 2(N-1)
-    sequential hops per call, against the star's 2, which is why tpi does not use it.
-    """
-
-    def __init__(self, rank: int, world: int, endpoints: list[str], wire_dtype: str = "f32",
-                 timeout_s: float = 30.0, max_frame: int = 256 << 20):
-        if wire_dtype not in ("f32", "bf16"):
-            raise GroupError(f"the ring carries f32 or bf16, not {wire_dtype!r}")
-        self.rank, self.world, self.wire_dtype = rank, world, wire_dtype
-        self._ctx = zmq.Context()
-        self._inbox = self._ctx.socket(zmq.ROUTER)
-        self._inbox.linger = 0
-        self._inbox.rcvtimeo = int(timeout_s * 1000)
-        self._inbox.bind(endpoints[rank])
-        self._right = self._ctx.socket(zmq.DEALER)
-        self._right.linger = 0
-        self._right.connect(endpoints[(rank + 1) % world])
-        self._timeout_s, self._max_frame = timeout_s, max_frame
-        self._op = 0
-        self.stats = CommStats()
-
-    def _hop(self, kind: type, step: int, send: np.ndarray) -> np.ndarray:
-        self._right.send_multipart(encode(kind(self._op, to_wire(send, self.wire_dtype), step)), copy=False)
-        try:
-            frames = self._inbox.recv_multipart()
-        except zmq.Again as e:
-            left = (self.rank - 1) % self.world
-            raise GroupError(f"ring rank {left} sent nothing for {self._timeout_s:.0f}s") from e
-        msg = decode(frames[1:], self._max_frame)
-        if type(msg) is not kind or msg.op != self._op or msg.seq != step:
-            raise GroupError(f"ring out of step: got {type(msg).__name__} op {msg.op} hop {msg.seq}")
-        return from_wire(msg.x)
-
-    def allreduce(self, x: np.ndarray) -> np.ndarray:
-        t0 = time.perf_counter()
-        self._op += 1
-        n, r = self.world, self.rank
-        flat = np.array(x, dtype=np.float32, copy=True).reshape(-1)
-        bounds = np.linspace(0, flat.size, n + 1).astype(int)
-        chunks = [flat[bounds[i]:bounds[i + 1]] for i in range(n)]  # views into flat
-        for step in range(n - 1):  # reduce-scatter: afterwards rank r owns chunk r+1
-            chunks[(r - step - 1) % n] += self._hop(Partial, step, chunks[(r - step) % n])
-        own = chunks[(r + 1) % n]
-        if self.wire_dtype == "bf16":
-            own[:] = from_bf16(to_bf16(own))  # round once at the owner so every rank agrees
-        for step in range(n - 1):  # allgather
-            chunks[(r - step) % n][:] = self._hop(Reduced, step, chunks[(r + 1 - step) % n])
-        self.stats.allreduce_count += 1
-        self.stats.allreduce_seconds += time.perf_counter() - t0
-        return flat.reshape(np.shape(x))
-
-    def close(self) -> None:
-        self._inbox.close(0)
-        self._right.close(0)
-        self._ctx.term()
