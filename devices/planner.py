@@ -7,10 +7,11 @@ Rules:
 - ratios: the split that equalises max(compute, disk streaming) over devices; a device
   streams only when giving its excess to others would be slower than reading it from disk.
 - wire dtype: bf16 when it predicts at least 3% lower token latency or TTFT than f32 (the
-  link's bytes matter), else f32, which sums exactly what the ranks computed; then int8
-  (blocks of 32 int8 codes, a quarter of f32's bytes) only where an f32 allreduce is bandwidth-bound (its bytes
-  cost more than its round trip and software) and it predicts >= 3% lower latency still. The
-  plan keeps every wire's prediction and says why it chose one.
+  link's bytes matter), else f32, which sums exactly what the ranks computed. int8 (blocks of
+  32 int8 codes, a quarter of f32's bytes) is opt-in (AUTO_INT8): where an f32 allreduce is
+  bandwidth-bound (its bytes cost more than its round trip and software) and int8 predicts
+  >= 3% lower latency still, the plan says so and how to opt in. The plan keeps every wire's
+  prediction and says why it chose one.
 - leave-out: workers are dropped greedily while dropping one predicts >= 1% lower latency
   (the master always stays: it holds the model file and the embedding; so do `keep` devices).
 """
@@ -31,6 +32,11 @@ from tpi.errors import BudgetError, ShapeError
 
 WIRE_WIN = 0.97  # a narrower wire only if it predicts >= 3% lower latency (or TTFT) than the current choice
 QK = 32  # the int8 wire quantizes blocks of 32 values along hidden
+# The planner suggests int8 but does not choose it: issue 18's bar (SmolLM2 logits correlation
+# >= 0.999 against the f32 wire, same greedy tokens) holds on the torch backend (0.9994-0.9998)
+# but not on ggml's (0.9985-0.9994, tokens part after 4-22 of 32: ggml's 8-bit activations
+# amplify any change to the residual; bf16 parts after 5 there too). tests/test_wire_int8_group.py.
+AUTO_INT8 = False
 LEAVE_OUT_WIN = 0.99  # drop a device only if the group without it predicts >= 1% lower latency
 
 
@@ -198,7 +204,7 @@ def _better(a: Prediction, b: Prediction) -> bool:
 
 
 def choose_wire(cfg: ModelConfig, links: Sequence[LinkProfile], params: CostParams,
-                preds: dict[str, Prediction]) -> tuple[str, str]:
+                preds: dict[str, Prediction], auto_int8: bool = AUTO_INT8) -> tuple[str, str]:
     """(wire dtype, why) from every wire's prediction; see the module doc for the rules."""
     if len(preds) == 1:
         return "f32", "f32 on the wire (one device: no allreduce)"
@@ -208,12 +214,18 @@ def choose_wire(cfg: ModelConfig, links: Sequence[LinkProfile], params: CostPara
     where = (f"an f32 allreduce spends {terms.bytes_s * 1e3:.2f} ms on bytes against "
              f"{(terms.latency_s + terms.overhead_s) * 1e3:.2f} ms of round trip and software")
     if "int8" in preds and terms.bandwidth_bound and _better(preds["int8"], preds[wire]):
-        return "int8", (f"int8 on the wire: the link is bandwidth-bound ({where}); predicts "
-                        f"{ms['int8']:.1f} ms/token against {ms[wire]:.1f} with {wire}")
+        if auto_int8:
+            return "int8", (f"int8 on the wire: the link is bandwidth-bound ({where}); predicts "
+                            f"{ms['int8']:.1f} ms/token against {ms[wire]:.1f} with {wire}")
+        suggest = (f"; the link is bandwidth-bound ({where}): int8 would predict {ms['int8']:.1f} ms/token, "
+                   "opt in with --wire-dtype int8 (lossy sums: docs/protocol.md)")
+    else:
+        suggest = ""
     if wire == "bf16":
-        return "bf16", f"bf16 on the wire: predicts {ms['bf16']:.1f} ms/token against {ms['f32']:.1f} with f32"
+        return "bf16", (f"bf16 on the wire: predicts {ms['bf16']:.1f} ms/token against {ms['f32']:.1f} with f32"
+                        + suggest)
     why = "not bandwidth-bound: " + where if not terms.bandwidth_bound else "a narrower wire saves < 3%"
-    return "f32", f"f32 on the wire (exact sums; {why})"
+    return "f32", f"f32 on the wire (exact sums; {why})" + suggest
 
 
 def _shift_away(ratios: Sequence[float], donors: Sequence[int], step: float) -> tuple[float, ...] | None:
