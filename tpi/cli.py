@@ -27,6 +27,7 @@ LocalWorkers = Annotated[int, typer.Option("--local-workers", help="also start N
 ConfigDir = Annotated[Path, typer.Option("--config-dir", help="where keys and the join secret live", envvar="TPI_CONFIG_DIR")]
 CacheDir = Annotated[Path, typer.Option("--cache-dir", help="where shards are cached", envvar="TPI_CACHE_DIR")]
 Insecure = Annotated[bool, typer.Option("--insecure", help="no encryption or authentication (benchmarks only)")]
+WireDtype = Annotated[Optional[str], typer.Option("--wire-dtype", help="partial sums on the wire: f32 (exact), bf16, or int8 (lossy blocks of 32, a quarter of f32's bytes; only on request) (default: the planner's choice of f32 or bf16)")]
 DEFAULT_CONFIG_DIR = Path.home() / ".config" / "tpi"
 # Optional modules -> the pip extra that installs them (pyproject.toml); the base install is the worker's.
 MODULE_EXTRAS = {"torch": "all", "fastapi": "all", "uvicorn": "all", "jinja2": "all",
@@ -105,6 +106,7 @@ def run(
     backend: Backend = "auto",
     memory_budget: Budget = None,
     local_workers: LocalWorkers = 0,
+    wire_dtype: WireDtype = None,
     config_dir: ConfigDir = DEFAULT_CONFIG_DIR,
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
     insecure: Insecure = False,
@@ -119,7 +121,7 @@ def run(
     try:
         group = start_group(GroupOptions(
             model=model, local_workers=local_workers, host="127.0.0.1", context=context, threads=threads,
-            backend=backend, memory_budget=parse_size(memory_budget), insecure=insecure,
+            backend=backend, memory_budget=parse_size(memory_budget), wire_dtype=wire_dtype, insecure=insecure,
             config_dir=config_dir, cache_dir=cache_dir), say=lambda m: typer.echo(m, err=True))
         engine = group.engine
         tok = engine.tokenizer

@@ -52,6 +52,18 @@ class GroupOptions:
     announce: bool = False  # announce the group on the LAN (mDNS) so `tpi join --token T` finds it (tpi serve)
 
 
+    def __post_init__(self) -> None:
+        check_wire_dtype(self.wire_dtype)
+
+
+def check_wire_dtype(wire_dtype: str | None) -> None:
+    """TpiError unless wire_dtype is None (the planner's choice) or a wire the allreduce carries."""
+    from tpi.transport.wire import REDUCE_DTYPES
+
+    if wire_dtype is not None and wire_dtype not in REDUCE_DTYPES:
+        raise TpiError(f"--wire-dtype {wire_dtype!r} is not a wire dtype; use one of {', '.join(REDUCE_DTYPES)}")
+
+
 @dataclass
 class DeviceInfo:
     rank: int
@@ -344,6 +356,9 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
     opts = replace(opts, backend=backend, worker_backend=worker_backend)
     source = open_model(opts.model)
     cfg = source.config
+    if opts.wire_dtype == "int8" and cfg.hidden % 32:
+        raise GroupError(f"the int8 wire needs a hidden size that is a multiple of 32; {cfg.name} has "
+                         f"{cfg.hidden}: use --wire-dtype f32 or bf16")
     context = resolve_context(cfg, opts.context)
     world = max(opts.devices, 1 + opts.local_workers)
     if world > cfg.n_heads:

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import msgpack
 import numpy as np
 
 from tpi.errors import ProtocolError
+from tpi.transport.wire import INT8_BLOCK, REDUCE_DTYPES, from_bf16, to_bf16  # noqa: F401 (re-exported)
 
-PROTOCOL_VERSION = 1
+# 2: the int8 block wire dtype (Partial/Reduced and Assign.wire_dtype)
+PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_FRAME = 256 << 20
 MAX_NDIM = 8
@@ -32,9 +34,9 @@ WIRE_DTYPES: dict[str, np.dtype] = {
     "i64": np.dtype("<i8"),
     "u8": np.dtype("u1"),
     "i8": np.dtype("i1"),
+    "int8": INT8_BLOCK,  # blocks of 32 int8 codes + a bf16 scale (transport/wire.py); shape counts blocks
 }
 _NAME_OF = {dt: name for name, dt in WIRE_DTYPES.items()}
-REDUCE_DTYPES = ("f32", "bf16")
 
 
 # A Stop whose reason starts with this asks workers to join again at once (the master re-plans
@@ -66,26 +68,6 @@ def wire_dtype_of(a: np.ndarray) -> str:
             f"dtype {a.dtype} cannot travel on the wire; use one of {', '.join(WIRE_DTYPES)}"
         )
     return name
-
-
-def to_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    u = x.view(np.uint32)
-    r = np.right_shift(u, 16)  # in-place steps after this: one temporary on the hot path
-    np.bitwise_and(r, 1, out=r)
-    r += 0x7FFF
-    r += u
-    out = np.right_shift(r, 16, out=r).astype(np.uint16)
-    if np.isnan(x).any():  # rounding could carry a NaN payload into inf; keep it a quiet NaN
-        nan = np.isnan(x)
-        out[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
-    return out
-
-
-def from_bf16(bits: np.ndarray) -> np.ndarray:
-    """bf16 bit patterns (uint16) -> float32, exact."""
-    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 # ---- field kinds: each validator returns the value or raises ProtocolError ----
@@ -151,8 +133,8 @@ def _need(cond: bool, what: str) -> None:
 
 
 def _check_reduce_tensor(x: np.ndarray) -> None:
-    if x.dtype != np.float32 and x.dtype != np.uint16:
-        raise ProtocolError(f"allreduce tensors must be f32 or bf16, got {x.dtype}")
+    if x.dtype != np.float32 and x.dtype != np.uint16 and x.dtype != INT8_BLOCK:
+        raise ProtocolError(f"allreduce tensors must be f32, bf16 or int8, got {wire_dtype_of(x)}")
 
 
 @_msg(1, ("name", "str"), ("profile", "dict"), ("cached_hashes", "strs"), ("proof", "bytes"))
@@ -189,7 +171,8 @@ class Assign(Message):
     def check(self) -> None:
         _need(0 < self.rank < self.world, f"rank {self.rank} out of range for world {self.world}")
         _need(self.data_port < 65536, "data port out of range")
-        _need(self.wire_dtype in REDUCE_DTYPES, f"wire dtype must be f32 or bf16, got {self.wire_dtype!r}")
+        _need(self.wire_dtype in REDUCE_DTYPES,
+              f"wire dtype must be one of {', '.join(REDUCE_DTYPES)}, got {self.wire_dtype!r}")
         _need(self.heartbeat_s > 0 and self.timeout_s > 0, "heartbeat interval and timeout must be > 0")
         _need(0 < len(self.peer_id) <= 64, "peer id must be 1..64 characters")
 
@@ -300,6 +283,17 @@ class Stop(Message):
 
 # ---- codec ----
 
+def encode_header(msg_type: int, seq: int, values: list, descs: list) -> bytes:
+    """The msgpack header frame; hot paths precompute it to compare received headers byte for byte."""
+    return msgpack.packb([PROTOCOL_VERSION, msg_type, seq, values, descs], use_bin_type=True)
+
+
+def header_packer() -> Callable[[int, int, list, list], bytes]:
+    """encode_header with one reused msgpack Packer (half the cost); for a single thread's use."""
+    pack = msgpack.Packer(use_bin_type=True).pack
+    return lambda msg_type, seq, values, descs: pack([PROTOCOL_VERSION, msg_type, seq, values, descs])
+
+
 def encode(msg: Message) -> list:
     """Message -> multipart frames [header, buffers...]; arrays go out without copying."""
     values, bufs, descs = [], [], []
@@ -312,9 +306,7 @@ def encode(msg: Message) -> list:
         else:
             values.append(v)
     try:
-        header = msgpack.packb(
-            [PROTOCOL_VERSION, msg.TYPE, getattr(msg, "seq", 0), values, descs], use_bin_type=True
-        )
+        header = encode_header(msg.TYPE, getattr(msg, "seq", 0), values, descs)
     except (TypeError, ValueError, OverflowError) as e:
         raise ProtocolError(f"{type(msg).__name__} cannot be encoded: {e}; send plain numbers, "
                             "strings, lists and dicts") from e
