@@ -55,8 +55,9 @@ def test_plan_with_the_int8_wire_prints_every_wire_and_keeps_the_choice(devices_
                            env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     assert "int8 on the wire (model prediction)" in result.output and "fixed by the options" in result.output
+    rows = [line.split()[0] for line in result.output.splitlines() if line.strip()]
     for wire in ("f32", "bf16", "int8"):
-        assert f"│ {wire} " in result.output  # a row of the wire table
+        assert wire in rows  # a row of the wire table (plain text: the runner's output is not a terminal)
 
 
 def test_plan_reads_only_the_metadata_of_a_gguf_file(devices_file, tiny_llama_q4_0):
