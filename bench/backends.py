@@ -39,13 +39,13 @@ class BenchConfig:
 
 
 def build(cfg_bench: BenchConfig, backend: str):
-    """A single-device engine (as tpi.group builds rank 0), optionally cut to the first layers."""
+    """A single-device engine (as tpi.master.group builds rank 0), optionally cut to the first layers."""
     from tpi.devices.slicing import plan_shards
-    from tpi.engine import make_layers
+    from tpi.model.backends import make_layers
     from tpi.formats import open_model
-    from tpi.generate import Engine
-    from tpi.model import ResidentWeights, Transformer
-    from tpi.shard import iter_rank_blocks
+    from tpi.master.generate import Engine
+    from tpi.model.transformer import ResidentWeights, Transformer
+    from tpi.master.shard import iter_rank_blocks
 
     source = open_model(cfg_bench.model)
     cfg = source.config

@@ -99,7 +99,7 @@ def predicted(plan, prompt_tokens: int, kv_position: int) -> dict:
 
 
 def run_config(cfg: dict) -> dict:
-    from tpi.group import GroupOptions, start_group
+    from tpi.master.group import GroupOptions, start_group
     from tpi.transport.security import master_token
 
     tmp = Path(cfg["tmp"])

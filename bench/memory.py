@@ -105,7 +105,7 @@ def run_config(cfg: dict) -> dict:
     """Start the group, prefill, time decode steps; streaming figures over the decode steps."""
     import functools
 
-    from tpi.group import GroupOptions, start_group
+    from tpi.master.group import GroupOptions, start_group
     from tpi.scheduler.store import ShardStore
 
     if cfg["warm"]:  # bench-only: released blocks stay in the page cache
@@ -174,10 +174,10 @@ def cold_read_mb_s(path: Path, limit: int = 1 << 30) -> float:
 
 def block_costs(store_path: Path, threads: int, backend: str, reps: int = 3) -> dict:
     """Median ms to read the largest block cold, warm, and to prepare it as a streamed block is."""
-    from tpi.config import config_from_dict
-    from tpi.engine import make_layers
+    from tpi.model.config import config_from_dict
+    from tpi.model.backends import make_layers
     from tpi.scheduler.store import ShardStore
-    from tpi.shard import shard_from_dict
+    from tpi.master.shard import shard_from_dict
 
     with ShardStore.open(store_path) as store:
         key, nbytes = max(((k, n) for k, n in store.block_sizes() if k != "globals"), key=lambda kn: kn[1])
@@ -185,7 +185,7 @@ def block_costs(store_path: Path, threads: int, backend: str, reps: int = 3) -> 
         layers = make_layers(backend, cfg, shard_from_dict(store.meta["shard"], cfg), 8, threads)
         prepare = layers.to_runtime  # torch: the int4 repack of the block just read
         if hasattr(layers, "runtime_for"):  # ggml: map the kernel-layout copy written by the streamed runs
-            from tpi.weights import kernel_layout_store
+            from tpi.model.weights import kernel_layout_store
 
             packed = kernel_layout_store(store, layers)
             stream = layers.runtime_for(packed)[1]

@@ -120,7 +120,7 @@ def _comm_bytes(stats) -> int:
 
 
 def run_config(cfg: dict) -> dict:
-    from tpi.group import GroupOptions, start_group
+    from tpi.master.group import GroupOptions, start_group
 
     tmp = Path(cfg["tmp"])
     common = dict(model=cfg["model"], config_dir=tmp / "config", cache_dir=tmp / "cache", insecure=cfg["insecure"],
@@ -157,7 +157,7 @@ def _serve_through_proxy(cfg: dict, common: dict, tmp: Path, helpers: list):
     """Start the master, then (once it listens) the proxy and a `tpi join` routed through it."""
     import threading
 
-    from tpi.group import GroupOptions, start_group
+    from tpi.master.group import GroupOptions, start_group
     from tpi.transport.security import master_token
 
     port, proxy_port = free_port_pair(), free_port_pair()

@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from tpi.config import ModelConfig
+from tpi.model.blocks import GLOBALS, attn_key, mlp_key
+from tpi.model.config import ModelConfig
 from tpi.devices.profile import DeviceProfile
 from tpi.devices.slicing import RankShard
 from tpi.scheduler.window import WindowPlan, plan_window
@@ -59,7 +60,7 @@ class WeightProfile:
         return dict(self.bytes_per_weight)[matrix]
 
     def for_shard(self, shard: RankShard) -> "WeightProfile":
-        """This rank's bytes: a column shard that splits its matrix's blocks is held as Q8_0 (tpi.shard)."""
+        """This rank's bytes: a column shard that splits its matrix's blocks is held as Q8_0 (tpi.master.shard)."""
         def off_block(cols: range, block: int) -> bool:
             return bool(cols.start % block or cols.stop % block)
 
@@ -91,7 +92,7 @@ class CostParams:
     context: int = 2048  # KV cache preallocated per sequence, tokens
     prompt_tokens: int = 128  # prompt length for TTFT
     kv_position: int = 512  # position at which token latency is predicted
-    kv_bytes_per_elem: int = 4  # fp32 KV cache (tpi.layers_torch: bf16 attention is 3-6x slower on AVX2)
+    kv_bytes_per_elem: int = 4  # fp32 KV cache (tpi.model.layers_torch: bf16 attention is 3-6x slower on AVX2)
     logit_bytes_per_elem: int = 2  # ranks return bf16 logit slices
     layer_overhead_s: float = 150e-6  # per layer per token, all ops of the layer
     message_overhead_s: float = 30e-6  # software cost per message through the master
@@ -156,8 +157,8 @@ def block_sizes(cfg: ModelConfig, load: RankLoad) -> list[tuple[str, int]]:
     """The rank's blocks in execution order, as the window planner wants them."""
     blocks = []
     for i in range(cfg.n_layers):
-        blocks += [(f"layers.{i}.attn", load.attn_block_bytes), (f"layers.{i}.mlp", load.mlp_block_bytes)]
-    blocks.append(("lm_head", load.head_bytes))
+        blocks += [(attn_key(i), load.attn_block_bytes), (mlp_key(i), load.mlp_block_bytes)]
+    blocks.append((GLOBALS, load.head_bytes))
     return blocks
 
 

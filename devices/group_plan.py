@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from tpi.config import ModelConfig
+from tpi.model.config import ModelConfig
 from tpi.devices.costmodel import CostParams, LinkProfile, WeightProfile
 from tpi.devices.planner import GroupPlan, PlanDevice, plan_group, plan_with_ratios
 from tpi.devices.profile import DeviceProfile
@@ -46,15 +46,13 @@ class RealPlan:
     refused: tuple[tuple[int, str], ...]  # (candidate index, reason for the device's user)
 
 
-def weight_profile_of(source) -> WeightProfile | None:
+def weight_profile_of(source) -> WeightProfile:
     """Each matrix's bytes per weight by its real type (mean over layers) and the blocks along K of
-    wo and w_down (max over layers), from the source's headers; None if the source cannot tell."""
-    from tpi.config import layer_name
+    wo and w_down (max over layers), from the source's headers (a tpi.formats.ModelSource)."""
+    from tpi.model.config import layer_name
     from tpi.quant.formats import bytes_per_weight, ggml_type_info, is_ggml, k_block
 
-    fmt_of = getattr(source, "weight_fmt", None)
-    if fmt_of is None:
-        return None
+    fmt_of = source.weight_fmt
     cfg = source.config
     h, q, kv, ff = cfg.hidden, cfg.q_dim, cfg.kv_dim, cfg.intermediate
     shapes = {"wq": (q, h), "wk": (kv, h), "wv": (kv, h), "wo": (h, q), "w_gate": (ff, h), "w_up": (ff, h),
@@ -76,18 +74,14 @@ def weight_profile_of(source) -> WeightProfile | None:
 def weight_format_of(source) -> str:
     """'int4' (the profile's int4 matmul rate) for weights under 6 bits (Q4/Q5/K-quants below Q6_K,
     q4g32), else 'bf16' (the conservative rate)."""
-    profile = weight_profile_of(source)
-    if profile is None:
-        return "int4" if getattr(source, "quant", None) in ("Q4_0", "Q4_1", "Q5_0", "Q5_1") else "bf16"
-    return "int4" if profile["w_gate"] < 0.75 else "bf16"
+    return "int4" if weight_profile_of(source)["w_gate"] < 0.75 else "bf16"
 
 
 def load_transient_bytes(source, cfg: ModelConfig) -> int:
     """Rank 0's extra memory while cutting shards: the model file's pages it maps and reads, plus
     the int32 unpack buffer of the largest matrix (the vocabulary one) when kernels are prepared."""
-    path = getattr(source, "path", None)
     try:
-        file_bytes = Path(path).stat().st_size if path is not None and Path(path).is_file() else 0
+        file_bytes = Path(source.path).stat().st_size if Path(source.path).is_file() else 0
     except OSError:
         file_bytes = 0
     return int(file_bytes + 4 * cfg.vocab * cfg.hidden)

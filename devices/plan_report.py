@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from tpi.config import ModelConfig
+from tpi.model.config import ModelConfig
 from tpi.devices.costmodel import (WIRE_BYTES, CostParams, LinkProfile, Prediction, WeightProfile, compare_allreduce,
                                    star_terms, wire_convert_s)
 from tpi.devices.planner import GroupPlan, PlanDevice, plan_group
@@ -218,7 +218,7 @@ def plan_command(model: str | ModelConfig, devices_path: Path | str, *, weight_f
 
         sys.stdout.write(json.dumps(plan_json(plan), indent=1) + "\n")
     elif console is None:
-        from tpi.table_text import print_tables
+        from tpi.cli.table_text import print_tables
 
         print_tables(*tables)
     else:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from tpi.config import ModelConfig
+from tpi.model.config import ModelConfig
 from tpi.devices.costmodel import (
     GB, WIRE_BYTES, CostParams, LinkProfile, Prediction, matmul_gflops, predict, runtime_bytes,
     star_terms, weight_profile,

@@ -38,7 +38,7 @@ class DeviceProfile:
     cores: int
     total_memory_bytes: int
     free_memory_bytes: int
-    backend: str  # "ggml" | "numpy" | "torch": what the device chose (tpi.engine.resolve_backend), and what
+    backend: str  # "ggml" | "numpy" | "torch": what the device chose (tpi.model.backends.resolve_backend), and what
     # the figures below measured (its own kernels)
     int4_gflops: float  # decode (one token) int4-weight matmul throughput
     bf16_gflops: float  # decode (one token) bf16-weight matmul throughput

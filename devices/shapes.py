@@ -1,7 +1,7 @@
 """Published model dimensions, so `tpi plan` can predict a split without any weights."""
 from __future__ import annotations
 
-from tpi.config import ModelConfig, RopeScaling
+from tpi.model.config import ModelConfig, RopeScaling
 from tpi.errors import ModelFormatError
 
 

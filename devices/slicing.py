@@ -10,7 +10,7 @@ order, so rank 0 holds the first heads / columns / rows.
 
 Column-split matrices (wo along q_dim, w_down along the intermediate dim) keep whole blocks of
 their GGUF type along K: `plan_cuts` uses 256-column units for K-quants where every device can
-have one, else 32 (and those shards are re-quantized to Q8_0 when cut, tpi.shard.cut_cols).
+have one, else 32 (and those shards are re-quantized to Q8_0 when cut, tpi.master.shard.cut_cols).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from tpi.config import ModelConfig
+from tpi.model.config import ModelConfig
 from tpi.errors import ShapeError
 
 QUANT_GROUP = 32  # the smallest block along K (q4g32, Q4_0, Q8_0 ...): every reduced-dim boundary is a multiple

@@ -37,7 +37,7 @@ GROUP = 32
 FORMATS = (Q4G32, Q8, BF16, F32)
 # q4g32 with qweight already in torch's int4pack byte order for one CPU capability
 # (tpi.quant.kernels.int4pack_layout). Device-local only: a streamed torch engine writes them
-# once beside its shard (tpi.weights.kernel_layout_store); never sharded, sent or dequantized.
+# once beside its shard (tpi.model.weights.kernel_layout_store); never sharded, sent or dequantized.
 Q4G32_PREPACKED = {"AVX2": "q4g32-avx2", "DEFAULT": "q4g32-default"}
 GGML_PREFIX = "ggml:"
 

@@ -4,7 +4,7 @@ A weight ggml repacks (Q4_0, Q4_K, IQ4_NL, N % 8 == 0, AVX2) computes ~1.3x fast
 interleaved layout, but repacking costs ~140 ms per Llama-2-7B layer (10x its compute) and even
 copying ready-repacked bytes costs more than computing them (20-24 ms against 15 ms per layer).
 So a streamed block's repacked tensors are the file's own pages: the shard's kernel-layout copy
-(tpi.weights.kernel_layout_store) holds the repacked bytes, and the loader maps them with
+(tpi.model.weights.kernel_layout_store) holds the repacked bytes, and the loader maps them with
 MAP_FIXED | MAP_POPULATE over page-aligned room inside a CPU_REPACK buffer, at the tensor's address
 in that buffer. ggml sees an ordinary repacked tensor (its buffer type and traits are its own);
 the pages stay the page cache's. When the block is released the room is mapped anonymous again

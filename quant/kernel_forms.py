@@ -1,6 +1,6 @@
 """What the torch / numpy kernels hold: GGUF-typed weights converted to q4g32 / q8 / bf16, q|k|v and
 gate|up parts stacked (one kernel where their converted formats agree), and whole blocks in that
-form for a device-local kernel-layout copy of a shard (tpi.weights.kernel_layout_store).
+form for a device-local kernel-layout copy of a shard (tpi.model.weights.kernel_layout_store).
 
 numpy only; gguf is imported when a GGUF-typed weight is converted.
 """
@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from tpi.errors import ShapeError
+from tpi.model.blocks import UNFUSED
 from tpi.quant.formats import F32, Q4G32_PREPACKED, QTensor, concat_rows, fmt_nbytes, ggml_type_info, is_ggml
 
 _PREPACKED_FORMATS = frozenset(Q4G32_PREPACKED.values())  # int4-pack order: rows cannot be stacked as bytes
@@ -58,11 +59,6 @@ class RowConcat:
 
     def __call__(self, x):
         return self.cat([p(x) for p in self.parts])
-
-
-# A block's fused key -> the keys its parts keep when their fmts differ (tpi.shard).
-UNFUSED = {"wqkv": ("wq", "wk", "wv"), "wgu": ("wgate", "wup")}
-UNFUSED_PARTS = frozenset(p for parts in UNFUSED.values() for p in parts)
 
 
 def _stackable(qts: list[QTensor]) -> bool:

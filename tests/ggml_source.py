@@ -1,7 +1,7 @@
 """Models for the ggml tests, cut the way tpi cuts them, and GGUF-typed fixtures made by ggml itself.
 
 `model_blocks` opens a model with tpi's own loader (GGUF types kept native) and cuts every rank's
-blocks as a group does (tpi.shard, with column cuts on each tensor's block); `quantize_rows` and
+blocks as a group does (tpi.master.shard, with column cuts on each tensor's block); `quantize_rows` and
 `llama_quantize` make weights and whole models with llama.cpp's own quantizers (the K-quants that
 gguf's numpy quantizer lacks).
 """
@@ -42,7 +42,7 @@ def model_blocks(path: Path | str, ratios=(1.0,)) -> ModelBlocks:
     from tpi.devices.group_plan import weight_profile_of
     from tpi.devices.slicing import plan_cuts
     from tpi.formats import open_model
-    from tpi.shard import iter_rank_blocks
+    from tpi.master.shard import iter_rank_blocks
 
     source = open_model(str(path))
     profile = weight_profile_of(source)

@@ -7,9 +7,9 @@ import pytest
 from fastapi.testclient import TestClient
 from test_service_fakes import FakeEngine, device_lost, expected_text
 
-from tpi.api import create_app
-from tpi.sampler import SamplingParams
-from tpi.service import GenerationRequest, GenerationService
+from tpi.serve.api import create_app
+from tpi.master.sampler import SamplingParams
+from tpi.serve.service import GenerationRequest, GenerationService
 
 KEY = "sk-test-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}

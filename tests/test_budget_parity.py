@@ -19,15 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tpi.engine import make_layers
+from tpi.model.backends import make_layers
 from tpi.errors import BudgetError
-from tpi.generate import Engine
-from tpi.group import GroupOptions, start_group
-from tpi.model import Transformer
+from tpi.master.generate import Engine
+from tpi.master.group import GroupOptions, start_group
+from tpi.model.transformer import Transformer
 from tpi.scheduler.store import ShardStore
-from tpi.shard import shard_from_dict
-from tpi.config import config_from_dict
-from tpi.weights import GLOBALS, open_store_weights, plan_memory, planned_block_sizes
+from tpi.master.shard import shard_from_dict
+from tpi.model.config import config_from_dict
+from tpi.model.blocks import GLOBALS
+from tpi.model.weights import open_store_weights, plan_memory, planned_block_sizes
 
 CONTEXT = 64
 PROMPT = "The capital of France is Paris. The capital of Italy is"

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from tpi.engine import EngineOptions, build_local_engine
+from tpi.master.engine import EngineOptions, build_local_engine
 
 TOKENS = [5, 9, 33, 120, 7, 64, 2, 18]
 
@@ -63,3 +63,35 @@ def test_unknown_quant_type_is_one_error_naming_the_choices(tmp_path, tiny_hf):
     proc = run_convert(tiny_hf("tiny_llama_f32"), tmp_path / "x.tpis", "--quant", "q3")
     assert proc.returncode == 1
     assert "error: --quant 'q3' is not a type tpi can write; use one of F16, Q4_0" in proc.stderr
+
+
+def test_converted_int4_model_is_planned_as_int4_with_its_sources_bytes(tmp_path, tiny_gguf):
+    """A .tpis is planned with its own types (the planner once probed sources with getattr and counted
+    a converted int4 file as bf16): the new format keeps the GGUF types, an old tpi-native-1 file holds
+    q4g32, and both are int4 to the cost model with the bytes the source has."""
+    from tpi.devices.group_plan import weight_format_of, weight_profile_of
+    from tpi.formats import open_model
+    from tpi.master.convert import convert
+    from tpi.model.blocks import EMBED
+    from tpi.model.config import config_to_dict
+    from tpi.quant.formats import QTensor
+    from tpi.quant.kernel_forms import to_kernel_format
+    from tpi.scheduler.store import ShardStore, write_store
+
+    src = open_model(tiny_gguf("tiny_llama_q4_0"))
+    assert src.weight_fmt("layers.0.w_gate") == "ggml:Q4_0"
+    out = tmp_path / "m.tpis"
+    convert(src, out)
+    native = open_model(out)
+    assert weight_format_of(src) == weight_format_of(native) == "int4"
+    assert weight_profile_of(native) == weight_profile_of(src)
+
+    old = tmp_path / "old.tpis"  # the first native format: q4g32 blocks (what torch ran), always fused
+    store = ShardStore.open(out)
+    blocks = ((k, {n: to_kernel_format(t) if isinstance(t, QTensor) and n != EMBED else t
+                   for n, t in store.load(k, copy=False).items()}) for k in store.keys())
+    write_store(old, {"format": "tpi-native-1", "config": config_to_dict(src.config), "tokenizer": "gguf"}, blocks)
+    legacy = open_model(old)
+    assert legacy.weight_fmt("layers.0.w_gate") == "q4g32"
+    assert weight_format_of(legacy) == "int4"
+    assert weight_profile_of(legacy)["w_gate"] == 0.5 + 2 * 2 / 32  # 4 bits, a bf16 scale and zero per 32

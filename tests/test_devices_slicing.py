@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tpi.config import ModelConfig
+from tpi.model.config import ModelConfig
 from tpi.devices.slicing import (
     RankShard, check_partition, largest_remainder, plan_cuts, plan_shards, split_aligned, split_heads,
 )

@@ -16,7 +16,7 @@ import pytest
 from netns_lan import LanUnavailable, lan
 from test_reliability_support import TPI, device_profile, tpi_env
 
-from tpi.sampler import SamplingParams
+from tpi.master.sampler import SamplingParams
 from tpi.transport import security
 from tpi.transport.discovery import SERVICE_TYPE, group_id
 
@@ -191,7 +191,7 @@ def test_serve_prints_the_short_form_beside_the_explicit_one(lan_groups):
 
 
 def test_one_master_and_two_workers_discover_each_other_and_answer_as_one_device(lan_groups):
-    from tpi.group import GroupOptions, start_group
+    from tpi.master.group import GroupOptions, start_group
 
     answer, status = lan_groups["answers"]["A"]
     names = {d["name"]: d["address"] for d in status["group"]["devices"]}

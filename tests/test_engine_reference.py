@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tpi.engine import EngineOptions, build_local_engine
+from tpi.master.engine import EngineOptions, build_local_engine
 
 TOKENS = [3, 17, 99, 5, 64, 200, 31, 7, 150, 42, 8, 77]
 GGUF_VARIANTS = [
@@ -65,7 +65,7 @@ def test_incremental_decode_equals_one_full_forward(tiny_gguf):
 
 
 def test_prompt_reuses_cached_prefix(tiny_gguf):
-    from tpi.sampler import SamplingParams
+    from tpi.master.sampler import SamplingParams
 
     engine = engine_for(tiny_gguf("tiny_llama_q4_0"))
     engine.reuse_prefix = True
@@ -142,7 +142,7 @@ def test_smollm2_logits_track_llama_cpp(chat, smollm2_engine, smollm2_llama):
 
 @pytest.mark.slow
 def test_chat_template_tokens_equal_llama_cpp_tokenization(smollm2_engine, smollm2_llama):
-    from tpi.tokenizer import render_chat
+    from tpi.model.tokenizer import render_chat
 
     tok = smollm2_engine.tokenizer
     text = render_chat(tok.chat_template, CHATS[2], "", "")

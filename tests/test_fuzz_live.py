@@ -29,8 +29,8 @@ from zmq.utils.monitor import recv_monitor_message
 from test_reliability_support import device_profile, free_port_pair, join
 
 from tpi.errors import ProtocolError
-from tpi.group import GroupOptions, start_group
-from tpi.sampler import SamplingParams
+from tpi.master.group import GroupOptions, start_group
+from tpi.master.sampler import SamplingParams
 from tpi.transport import protocol as p
 from tpi.transport import security
 from tpi.transport.link import LinkSettings, WorkerLink

@@ -8,7 +8,7 @@ from model_factory import TINY_VARIANTS
 from tpi.errors import ModelFormatError
 from tpi.formats.gguf import open_gguf
 from tpi.formats.gguf_file import GGUFArray, GGUFFile, GGUFFormatError
-from tpi.formats.native import _copy_metadata
+from tpi.master.convert import _copy_metadata
 
 
 def assert_same_metadata(ours: GGUFFile, ref: gguf.GGUFReader) -> None:

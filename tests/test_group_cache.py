@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from test_reliability_support import device_profile
 
-from tpi.group import GroupOptions, start_group
+from tpi.master.group import GroupOptions, start_group
 
 pytestmark = pytest.mark.slow
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tpi.group import GroupOptions, start_group
-from tpi.sampler import SamplingParams
+from tpi.master.group import GroupOptions, start_group
+from tpi.master.sampler import SamplingParams
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ import pytest
 import zmq
 
 from tpi.errors import GroupError
-from tpi.group import GroupOptions, start_group
+from tpi.master.group import GroupOptions, start_group
 from tpi.transport import security
 from tpi.transport.link import LinkSettings, WorkerLink
 from tpi.transport.protocol import Hello, Refuse, decode, encode

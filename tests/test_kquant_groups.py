@@ -2,7 +2,7 @@
 
 The model (hidden 512, 8 query / 2 KV heads, intermediate 1024) has wo in Q4_K: 2 blocks of 256
 along K, so 2 devices cut wo on its blocks, while 3 or 4 devices cannot, and the ranks whose wo
-columns split a block get a Q8_0 copy of them (tpi.shard.cut_cols). w_down (4 blocks) splits
+columns split a block get a Q8_0 copy of them (tpi.master.shard.cut_cols). w_down (4 blocks) splits
 natively in every case. Real `tpi join` workers on loopback, numpy backend on every rank (the ggml
 layers are another helper's; numpy runs the same shards). Same assertions as test_group_parity.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from test_group_parity import assert_same_output, grouped_run, run_engine
 
-from tpi.group import GroupOptions, start_group
+from tpi.master.group import GroupOptions, start_group
 from tpi.scheduler.store import ShardStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::ResourceWarning")]

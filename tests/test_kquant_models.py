@@ -16,7 +16,7 @@ import pytest
 from tpi.devices.slicing import plan_shards
 from tpi.formats import open_model
 from tpi.quant import formats as F
-from tpi.shard import iter_rank_blocks
+from tpi.master.shard import iter_rank_blocks
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -118,8 +118,8 @@ def test_tpi_run_answers_on_a_q4_k_m_file(kquant_gguf, tmp_path):
 
 
 def test_converted_mix_gives_back_every_tensor_byte_for_byte(kquant_gguf, tmp_path):
-    from tpi.config import layer_name
-    from tpi.formats.native import convert
+    from tpi.model.config import layer_name
+    from tpi.master.convert import convert
 
     path = kquant_gguf("Q4_K_M", "qwen2_512")
     source = open_model(path)
@@ -139,7 +139,7 @@ def test_converted_mix_gives_back_every_tensor_byte_for_byte(kquant_gguf, tmp_pa
 
 
 def test_column_cut_off_the_block_requantizes_to_q8_0_and_on_it_slices_bytes(kquant_gguf):
-    from tpi.shard import cut_cols
+    from tpi.master.shard import cut_cols
 
     source = open_model(kquant_gguf("Q4_K_M", "qwen2_512"))
     wo = source.load("layers.0.wo")  # [512, 512] Q4_K

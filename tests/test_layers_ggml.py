@@ -17,9 +17,9 @@ import pytest
 
 from ggml_source import LLAMA_FTYPES, ModelBlocks, llama_quantize, model_blocks
 from model_factory import write_tiny_gguf
-from tpi.config import RopeScaling
+from tpi.model.config import RopeScaling
 from tpi.errors import ShapeError
-from tpi.model import ResidentWeights, Transformer
+from tpi.model.transformer import ResidentWeights, Transformer
 from tpi.quant.ggml_lib import ggml_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not ggml_available()[0], reason="ggml not loadable here")]
@@ -48,7 +48,7 @@ class LlamaCpp:
 
 def ggml_engine(src: ModelBlocks, cfg=None, threads: int = 1, whole_graph: bool = True) -> Transformer:
     """A single-device Transformer over GgmlLayers with every block resident."""
-    from tpi.layers_ggml import GgmlLayers
+    from tpi.model.layers_ggml import GgmlLayers
 
     cfg = cfg or src.config
     shard = src.shards[0]
@@ -158,7 +158,7 @@ def test_linear_rope_scaling(tiny_llama_f32):
 
 
 def test_llama3_factors_of_an_hf_config_are_the_gguf_ones(tiny_llama3_rope):
-    from tpi.ggml_blocks import rope_frequency_factors
+    from tpi.model.ggml_blocks import rope_frequency_factors
 
     cfg = model_blocks(tiny_llama3_rope).config
     hf = replace(cfg, rope_freq_factors=None, rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64))
@@ -214,9 +214,9 @@ def test_perplexity_within_half_a_percent_of_llama_cpp(smollm2, english_ids, tmp
 
 
 def test_an_architecture_without_graphs_is_refused_with_the_fix():
-    from tpi.config import ModelConfig
+    from tpi.model.config import ModelConfig
     from tpi.errors import UnsupportedArchitectureError
-    from tpi.layers_ggml import GgmlLayers
+    from tpi.model.layers_ggml import GgmlLayers
 
     cfg = ModelConfig("gemma3", 64, 128, 1, 2, 1, 32, 100, 64, 1e-6, 1e4)
     with pytest.raises(UnsupportedArchitectureError, match="--backend numpy"):

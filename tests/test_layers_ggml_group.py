@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from ggml_source import ModelBlocks, model_blocks
-from tpi.model import ResidentWeights, Transformer
+from tpi.model.transformer import ResidentWeights, Transformer
 from tpi.quant.ggml_lib import ggml_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not ggml_available()[0], reason="ggml not loadable here")]
@@ -63,7 +63,7 @@ class Group:
     """N ranks of GgmlLayers on a GGUF, run in lockstep; forward returns the whole vocabulary."""
 
     def __init__(self, src: ModelBlocks):
-        from tpi.layers_ggml import GgmlLayers
+        from tpi.model.layers_ggml import GgmlLayers
 
         self.src, cfg = src, src.config
         self.shards = src.shards

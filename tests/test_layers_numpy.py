@@ -16,16 +16,16 @@ import pytest
 from model_factory import TINY_VARIANTS
 from reference import ROPE_ADJACENT, RefLayer, RefModel, load_gguf_reference
 
-from tpi.config import layer_name
+from tpi.model.config import layer_name
 from tpi.devices.slicing import plan_shards
-from tpi.engine import make_layers
+from tpi.model.backends import make_layers
 from tpi.formats import open_model
-from tpi.generate import Engine
-from tpi.layers_numpy import NumpyLayers
-from tpi.model import ResidentWeights, Transformer
+from tpi.master.generate import Engine
+from tpi.model.layers_numpy import NumpyLayers
+from tpi.model.transformer import ResidentWeights, Transformer
 from tpi.quant.formats import dequantize
 from tpi.quant.kernel_forms import to_kernel_format
-from tpi.shard import iter_rank_blocks
+from tpi.master.shard import iter_rank_blocks
 
 TIGHT = 2e-5
 IMPORT_BOUND = 6e-2
@@ -34,7 +34,7 @@ CONTEXT = 64
 
 
 def build_engine(path, backend: str, ratios=(1.0,), context: int = CONTEXT, source=None) -> Engine:
-    """A single-device engine assembled as tpi.group does for rank 0, minus the tokenizer.
+    """A single-device engine assembled as tpi.master.group does for rank 0, minus the tokenizer.
 
     source: the model at path already opened by tpi.formats.open_model (reused: opening SmolLM2 takes seconds).
     """

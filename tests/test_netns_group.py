@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from test_reliability_support import device_profile
 
-from tpi.group import GroupOptions, start_group
-from tpi.sampler import SamplingParams
+from tpi.master.group import GroupOptions, start_group
+from tpi.master.sampler import SamplingParams
 from tpi.transport import security
 
 pytestmark = pytest.mark.slow
@@ -34,8 +34,8 @@ MASTER = """
 import json, sys
 from pathlib import Path
 import numpy as np
-from tpi.group import GroupOptions, start_group
-from tpi.sampler import SamplingParams
+from tpi.master.group import GroupOptions, start_group
+from tpi.master.sampler import SamplingParams
 model, host, port, config_dir, cache_dir, out, prompt = sys.argv[1:]
 group = start_group(GroupOptions(model=model, devices=2, ratios=(0.5, 0.5), host=host, port=int(port),
                                  threads=1, config_dir=Path(config_dir), cache_dir=Path(cache_dir), join_timeout_s=120),

@@ -1,4 +1,4 @@
-"""Streaming from a kernel-layout copy of the shard (tpi.weights.kernel_layout_store).
+"""Streaming from a kernel-layout copy of the shard (tpi.model.weights.kernel_layout_store).
 
 A streamed torch engine reads q4g32 blocks whose qweight is already in torch's int4pack order,
 so a block prepares zero-copy instead of being repacked every time it is loaded. The copy must
@@ -17,7 +17,8 @@ from tpi.scheduler.store import ShardStore, write_store
 torch = pytest.importorskip("torch")
 
 from tpi.quant.kernels import KernelBackendError, TorchBackend, prepack_q4  # noqa: E402
-from tpi.weights import EMBED, GLOBALS, kernel_layout_store  # noqa: E402
+from tpi.model.blocks import EMBED, GLOBALS  # noqa: E402
+from tpi.model.weights import kernel_layout_store  # noqa: E402
 
 
 def _q4(rng, n: int, k: int) -> F.QTensor:

@@ -3,7 +3,7 @@
 One multi-process case (slow): the master (rank 0) reports twice the speed of its local worker,
 so the planner gives it about 2/3 of the model; a third device joins over `tpi join` reporting
 a hopeless speed and is refused with the planner's reason. The 2-device group must produce the
-single-device engine's greedy tokens (tpi.engine.build_local_engine), and Group.status() must
+single-device engine's greedy tokens (tpi.master.engine.build_local_engine), and Group.status() must
 carry each device's handshake profile, share and link figures.
 
 Greedy tokens are compared where they can be: a group rounds each rank's partial sums to bf16
@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from tpi.devices.profile import DeviceProfile
-from tpi.engine import EngineOptions, build_local_engine
-from tpi.group import GroupOptions, start_group
-from tpi.sampler import SamplingParams
+from tpi.master.engine import EngineOptions, build_local_engine
+from tpi.master.group import GroupOptions, start_group
+from tpi.master.sampler import SamplingParams
 
 pytestmark = pytest.mark.slow
 

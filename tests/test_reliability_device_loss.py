@@ -22,11 +22,11 @@ import pytest
 from fastapi.testclient import TestClient
 from test_reliability_support import device_profile, free_port_pair, join
 
-from tpi.api import create_app
+from tpi.serve.api import create_app
 from tpi.errors import GroupError
-from tpi.group import GroupOptions, start_group
-from tpi.sampler import SamplingParams
-from tpi.service import GenerationRequest, GenerationService
+from tpi.master.group import GroupOptions, start_group
+from tpi.master.sampler import SamplingParams
+from tpi.serve.service import GenerationRequest, GenerationService
 from tpi.transport.link import LinkSettings
 from tpi.transport.security import master_token
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tpi.generate import StopStringFilter
-from tpi.sampler import SamplingParams, apply_repeat_penalty, sample
+from tpi.master.generate import StopStringFilter
+from tpi.master.sampler import SamplingParams, apply_repeat_penalty, sample
 
 LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -1.0, 3.0], dtype=np.float32)
 

@@ -6,10 +6,9 @@ import threading
 import pytest
 
 from test_service_fakes import FakeEngine, device_lost, expected_text
-from tpi.errors import GroupError
-from tpi.generate import ContextOverflowError
-from tpi.sampler import SamplingParams
-from tpi.service import GenerationRequest, GenerationService, QueueFullError, RequestError, stop_strings
+from tpi.errors import ContextOverflowError, GroupError, QueueFullError, RequestError
+from tpi.master.sampler import SamplingParams
+from tpi.serve.service import GenerationRequest, GenerationService, stop_strings
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -1,4 +1,4 @@
-"""Fakes for service, API and TUI tests (no tests here): a scripted stand-in for tpi.generate.Engine."""
+"""Fakes for service, API and TUI tests (no tests here): a scripted stand-in for tpi.master.generate.Engine."""
 from __future__ import annotations
 
 import queue
@@ -6,7 +6,7 @@ import threading
 from types import SimpleNamespace
 
 from tpi.errors import GroupError
-from tpi.generate import Generation
+from tpi.master.generate import Generation
 
 WORDS = ("alpha ", "beta ", "gamma ", "delta ", "epsilon ", "zeta ", "eta ", "theta ")
 

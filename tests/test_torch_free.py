@@ -42,10 +42,10 @@ sys.meta_path[:] = [_NoTorchPathFinder if f is PathFinder else f for f in sys.me
 '''
 # Everything a torch-free worker imports (tpi join --backend numpy).
 WORKER_MODULES = (
-    "tpi.config", "tpi.rope", "tpi.model", "tpi.shard", "tpi.quant.formats", "tpi.quant.kernels",
-    "tpi.layers_numpy", "tpi.layers_ggml", "tpi.engine", "tpi.weights", "tpi.worker", "tpi.cli", "tpi.transport.link",
+    "tpi.model.config", "tpi.model.rope", "tpi.model.transformer", "tpi.master.shard", "tpi.quant.formats", "tpi.quant.kernels",
+    "tpi.model.layers_numpy", "tpi.model.layers_ggml", "tpi.model.backends", "tpi.model.weights", "tpi.worker", "tpi.cli", "tpi.transport.link",
     "tpi.transport.protocol", "tpi.scheduler.store", "tpi.scheduler.prefetch", "tpi.scheduler.window",
-    "tpi.formats", "tpi.generate",
+    "tpi.formats", "tpi.master.generate",
 )
 GREEDY_STEPS = 12
 
@@ -58,11 +58,11 @@ def greedy_tokens(path, backend: str, prompt: list[int], steps: int = GREEDY_STE
     """
     if engine is None:
         from tpi.devices.slicing import plan_shards
-        from tpi.engine import make_layers
+        from tpi.model.backends import make_layers
         from tpi.formats import open_model
-        from tpi.generate import Engine
-        from tpi.model import ResidentWeights, Transformer
-        from tpi.shard import iter_rank_blocks
+        from tpi.master.generate import Engine
+        from tpi.model.transformer import ResidentWeights, Transformer
+        from tpi.master.shard import iter_rank_blocks
 
         source = open_model(str(path)) if source is None else source
         cfg = source.config
@@ -140,7 +140,7 @@ def test_worker_modules_import_without_torch(blocker_dir):
 
 def test_torch_backend_without_torch_names_the_extra_to_install(blocker_dir, tiny_gguf):
     code = (
-        "from tpi.engine import make_layers\nfrom tpi.formats import open_model\n"
+        "from tpi.model.backends import make_layers\nfrom tpi.formats import open_model\n"
         "from tpi.devices.slicing import plan_shards\nfrom tpi.errors import TpiError\n"
         f"cfg = open_model({str(tiny_gguf('tiny_qwen2_q4_0_tied'))!r}).config\n"
         "try:\n    make_layers('torch', cfg, plan_shards(cfg, [1.0])[0], 16, None)\n"
@@ -197,7 +197,7 @@ def test_torch_free_numpy_decode_on_smollm2_gives_the_torch_backends_tokens(bloc
 
 def group_run(model, prompt: list[int], tmp_path: Path, backend: str, ratios=None) -> tuple[np.ndarray, list[int], int]:
     """Master (this process, `backend`) plus one local numpy worker: prompt logits, greedy tokens, worker pid."""
-    from tpi.group import GroupOptions, start_group
+    from tpi.master.group import GroupOptions, start_group
 
     group = start_group(GroupOptions(
         model=str(model), local_workers=1, worker_backend="numpy", backend=backend, host="127.0.0.1",

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from test_service_fakes import FakeEngine, expected_text
 
-from tpi.chat_backends import ChatOptions, LocalChat, TurnResult
-from tpi.service import GenerationService
-from tpi.tui import ChatSession, run_command, run_plain, status_line
+from tpi.serve.chat_backends import ChatOptions, LocalChat, TurnResult
+from tpi.serve.service import GenerationService
+from tpi.serve.tui import ChatSession, run_command, run_plain, status_line
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from conftest import SMOLLM2_CHAT_PROMPT
 
-from tpi.group import GroupOptions, start_group
-from tpi.sampler import SamplingParams
+from tpi.master.group import GroupOptions, start_group
+from tpi.master.sampler import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ def run_group(model: Path, wire: str, backend: str, tmp: Path) -> list[tuple[np.
 
 @pytest.mark.parametrize("backend", sorted(BAR))
 def test_int8_wire_keeps_smollm2_close_to_the_f32_wire(smollm2, tmp_path, backend):
-    if backend == "ggml" and importlib.util.find_spec("tpi.layers_ggml") is None:
+    if backend == "ggml" and importlib.util.find_spec("tpi.model.layers_ggml") is None:
         pytest.skip("this tpi has no ggml backend")
     min_corr, same_tokens = BAR[backend]
     f32 = run_group(smollm2, "f32", backend, tmp_path)

@@ -29,3 +29,27 @@ class GroupError(TpiError):
 
 class BudgetError(TpiError):
     """A memory budget cannot hold what it must."""
+
+
+class ContextOverflowError(TpiError):
+    """The prompt does not fit the context."""
+
+
+class RequestError(TpiError):
+    """A request the engine cannot run as given (bad limits, closed service)."""
+
+
+class QueueFullError(TpiError):
+    """Every queue slot is taken; the caller should retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NotReadyError(TpiError):
+    """The group is still forming (or failed to): no engine to run on yet (HTTP 503)."""
+
+
+class GroupUnavailableError(NotReadyError):
+    """The group lost a device and cannot run a request until it recovers (HTTP 503)."""

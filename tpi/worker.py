@@ -20,7 +20,7 @@ class WorkerOptions:
     name: str
     cache_dir: Path  # shard cache, keyed by content hash
     key_dir: Path  # this device's CURVE keypair
-    backend: str = "auto"  # tpi.engine.resolve_backend picks: ggml, else numpy
+    backend: str = "auto"  # tpi.model.backends.resolve_backend picks: ggml, else numpy
     threads: int | None = None
     memory_budget: int | None = None
     insecure: bool = False
@@ -66,7 +66,7 @@ def _import_backend(backend: str) -> None:
     seconds on a busy machine, which would starve the heartbeat thread once admitted."""
     if backend == "torch":
         try:
-            import tpi.layers_torch  # noqa: F401
+            import tpi.model.layers_torch  # noqa: F401
         except ImportError:
             pass  # make_layers reports the missing torch with the fix once the shard is assigned
 
@@ -197,12 +197,12 @@ def _log_transfer(transfer, had_file: bool) -> None:
 
 
 def _load_model(path: Path, assign, opts: WorkerOptions):
-    from tpi.config import config_from_dict
-    from tpi.engine import make_layers
-    from tpi.model import Transformer
+    from tpi.model.config import config_from_dict
+    from tpi.model.backends import make_layers
+    from tpi.model.transformer import Transformer
     from tpi.scheduler.store import ShardStore
-    from tpi.shard import shard_from_dict
-    from tpi.weights import open_store_weights
+    from tpi.master.shard import shard_from_dict
+    from tpi.model.weights import open_store_weights
 
     a = assign.assignment
     cfg = config_from_dict(a.get("config"))

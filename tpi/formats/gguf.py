@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tpi.config import ARCHITECTURES, ModelConfig, RopeScaling, layer_name
+from tpi.model.config import ARCHITECTURES, ModelConfig, RopeScaling, layer_name
+from tpi.model.rope import ADJACENT_PAIR_ARCHS, adjacent_pair_index
 from tpi.errors import ModelFormatError, UnsupportedArchitectureError
 from tpi.formats.gguf_file import GGUFFile, GGUFFormatError
 
@@ -21,7 +22,6 @@ _LAYER_NAMES = {
     "mlp_norm": "ffn_norm.weight",
     "w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
 }
-ADJACENT_PAIR_ARCHS = ("llama", "mistral")  # GGUF archs whose q/k rows llama.cpp permuted
 _GLOBAL_NAMES = {"embed": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"}
 
 
@@ -87,16 +87,6 @@ def open_gguf(path: Path) -> GGUFFile:
         ) from None
 
 
-def adjacent_pair_index(n_heads: int, head_dim: int) -> np.ndarray:
-    """Row gather turning rotate-half (HF) q/k order into adjacent-pair order, tpi's RoPE layout.
-
-    Adjacent-pair row h*hd + 2j + s holds rotate-half row h*hd + s*hd/2 + j (s in {0, 1}).
-    """
-    g = np.arange(n_heads * head_dim)
-    h, rem = g // head_dim, g % head_dim
-    return h * head_dim + (rem % 2) * (head_dim // 2) + rem // 2
-
-
 class GGUFSource:
     """A GGUF model file opened lazily; tensors are imported on demand."""
 
@@ -119,9 +109,6 @@ class GGUFSource:
 
     def metadata(self, key: str, default=None):
         return self.reader.value(key, default)
-
-    def metadata_keys(self) -> list[str]:
-        return list(self.reader.metadata)
 
     def gguf_name(self, name: str) -> str:
         if name.startswith("layers."):
@@ -166,6 +153,6 @@ class GGUFSource:
         return out
 
     def tokenizer(self):
-        from tpi.tokenizer import LlamaCppTokenizer
+        from tpi.model.tokenizer import LlamaCppTokenizer
 
         return LlamaCppTokenizer(self.path, self.metadata)

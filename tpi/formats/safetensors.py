@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tpi.config import ARCHITECTURES, ModelConfig, RopeScaling
+from tpi.model.config import ARCHITECTURES, ModelConfig, RopeScaling
 from tpi.errors import ModelFormatError, UnsupportedArchitectureError
-from tpi.formats.gguf import adjacent_pair_index
+from tpi.model.rope import adjacent_pair_index
 from tpi.quant.formats import BF16, F32, GGML_QUANTIZABLE, GGML_TYPES, QTensor, ggml_fmt, quant_error, quantize
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32}
@@ -195,7 +195,7 @@ class HFSource:
         return qt
 
     def tokenizer(self):
-        from tpi.tokenizer import HFTokenizer
+        from tpi.model.tokenizer import HFTokenizer
 
         return HFTokenizer(self.path)
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tpi.config import ModelConfig
+from tpi.model.blocks import GLOBALS, layer_keys
+from tpi.model.config import ModelConfig
 
 
 class NullCommunicator:
@@ -71,7 +72,7 @@ class Transformer:
         self.weights = weights  # get(key) -> prepared block; release(key)
         self.comm = comm or NullCommunicator()
         self.stats = ForwardStats()
-        self._keys = [(f"L{i}.attn", f"L{i}.mlp") for i in range(cfg.n_layers)]
+        self._keys = layer_keys(cfg.n_layers)
 
     def forward(self, h_np: np.ndarray, start: int, all_positions: bool = False) -> np.ndarray:
         """h_np: (T, hidden) float32 embeddings at positions start.. -> (T or 1, vocab_local) logits."""
@@ -100,8 +101,8 @@ class Transformer:
             part = L.mlp(h, W.get(km))
             W.release(km)
             ar += self._sum_into(h, part)
-        logits = L.logits(h, W.get("globals"), all_positions)
-        W.release("globals")
+        logits = L.logits(h, W.get(GLOBALS), all_positions)
+        W.release(GLOBALS)
         return logits, ar
 
     def _sum_into(self, h, part) -> float:

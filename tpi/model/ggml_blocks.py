@@ -12,12 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tpi.config import ModelConfig
+from tpi.model.config import ModelConfig
 from tpi.errors import ShapeError, UnsupportedArchitectureError
-from tpi.formats.gguf import ADJACENT_PAIR_ARCHS, adjacent_pair_index
 from tpi.quant.ggml_graph import Context, Tensor
 from tpi.quant.ggml_lib import ROPE_NEOX, ROPE_NORMAL
-from tpi.rope import inverse_frequencies
+from tpi.model.rope import ADJACENT_PAIR_ARCHS, adjacent_pair_index, inverse_frequencies
 
 F32_BYTES, F16_BYTES = 4, 2
 GRAPH_ARCHS = ("llama", "mistral", "qwen2")  # the blocks below are these architectures' (llama.cpp's llm_build_*)

@@ -1,9 +1,11 @@
 """Model configuration: one frozen dataclass; architectures differ only by a few flags."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from tpi.errors import UnsupportedArchitectureError
+
+PREFILL_CHUNK = 512  # tokens per forward pass at most; bounds activation memory on every rank
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,6 @@ class ModelConfig:
     def group_size(self) -> int:
         """Query heads per KV head (GQA)."""
         return self.n_heads // self.n_kv_heads
-
-    def with_context(self, context: int) -> "ModelConfig":
-        return replace(self, context=context)
 
     def validate(self) -> "ModelConfig":
         if self.arch not in ARCHITECTURES:

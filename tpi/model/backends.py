@@ -1,21 +1,7 @@
-"""Build a ready-to-run engine on this device: open the model, cut rank 0's blocks, prepare kernels."""
+"""Which kernel backend a device runs (ggml, numpy, torch) and the layers object that computes with it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from tpi.errors import TpiError
-
-DEFAULT_CONTEXT = 4096
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    model: str | None = None  # path; None = embedded default
-    context: int | None = None  # None = min(model context, DEFAULT_CONTEXT)
-    threads: int | None = None
-    backend: str = "auto"
-    memory_budget: int | None = None  # bytes; None = no streaming
-
 
 AUTO_BACKENDS = ("ggml", "numpy")  # what --backend auto tries, best first; torch only when asked by name
 BACKEND_EXTRAS = {"ggml": "worker-fast", "torch": "all"}  # the pip extra that brings each optional backend
@@ -51,13 +37,6 @@ def backend_choice_note(requested: str, chosen: str) -> str:
     return f"kernel backend: {chosen} ({'; '.join(['auto', *notes])})"
 
 
-def resolve_context(cfg, requested: int | None) -> int:
-    ctx = requested or min(cfg.context, DEFAULT_CONTEXT)
-    if ctx < 8:
-        raise TpiError(f"--context {ctx} is too small; use at least 8")
-    return ctx
-
-
 def make_layers(backend: str, cfg, shard, context: int, threads: int | None):
     """The per-block maths for a backend: the one place that picks ggml, torch or numpy."""
     backend = resolve_backend(backend)
@@ -65,26 +44,18 @@ def make_layers(backend: str, cfg, shard, context: int, threads: int | None):
         from tpi.quant.ggml_lib import load_ggml
 
         load_ggml()  # GgmlUnavailableError (a TpiError naming the fix) when ggml cannot run here
-        from tpi.layers_ggml import GgmlLayers
+        from tpi.model.layers_ggml import GgmlLayers
 
         return GgmlLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads)
     if backend == "torch":
         try:
-            from tpi.layers_torch import TorchLayers
+            from tpi.model.layers_torch import TorchLayers
         except ImportError:
             raise TpiError("torch is not installed; install the full engine with pip install 'tpi[all]'") from None
         return TorchLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads)
     if backend == "numpy":
-        from tpi.layers_numpy import NumpyLayers
+        from tpi.model.layers_numpy import NumpyLayers
 
         return NumpyLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads)
     raise TpiError(f"unknown backend '{backend}'; use ggml, torch or numpy")
 
-
-def build_local_engine(opts: EngineOptions):
-    """A group of one: every block of the model on this device (streamed under a budget)."""
-    from tpi.group import GroupOptions, start_group
-
-    group = start_group(GroupOptions(model=opts.model, context=opts.context, threads=opts.threads,
-                                     backend=opts.backend, memory_budget=opts.memory_budget))
-    return group.engine

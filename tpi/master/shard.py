@@ -1,10 +1,7 @@
 """Cut a model source into per-rank blocks: the weights a rank needs, in execution order.
 
-Block keys: "L{i}.attn", "L{i}.mlp" for each layer, then "globals". Each block is a flat dict of
-QTensors (matrices) and float32 vectors. q|k|v fuse into "wqkv" and gate|up into "wgu" where the
-parts share one fmt (and K); otherwise they stay apart as "wq", "wk", "wv" / "wgate", "wup"
-(a Q4_K_M file keeps attn_v in Q6_K on some layers). Biases always fuse into "bqkv" (float32).
-Column shards (wo, wdown) are cut on the tensor's block; a boundary inside a block re-quantizes
+The blocks' keys, names and fused order are tpi.model.blocks'. Each block is a flat dict of
+QTensors (matrices) and float32 vectors. Column shards (wo, wdown) are cut on the tensor's block; a boundary inside a block re-quantizes
 that rank's slice to Q8_0 (32-element blocks), which the planner avoids where it can.
 """
 from __future__ import annotations
@@ -14,22 +11,14 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from tpi.config import ModelConfig, layer_name
+from tpi.model.config import ModelConfig, layer_name
 from tpi.devices.slicing import RankShard
 from tpi.quant.formats import QTensor, concat_rows, dequantize, k_block, quantize, slice_cols, slice_rows
-from tpi.quant.kernel_forms import UNFUSED
+from tpi.model.blocks import EMBED, FUSED, GLOBALS, attn_key, mlp_key
 
 log = logging.getLogger(__name__)
 
 REQUANT_FMT = "ggml:Q8_0"  # where a column shard boundary splits a 256-element block
-
-
-def block_keys(n_layers: int) -> list[str]:
-    """Execution order of a forward pass."""
-    keys = []
-    for i in range(n_layers):
-        keys += [f"L{i}.attn", f"L{i}.mlp"]
-    return keys + ["globals"]
 
 
 def _rows(x, r: range):
@@ -52,7 +41,7 @@ def _fuse_or_keep(fused: str, parts: Sequence) -> dict:
         return {fused: np.concatenate(parts).astype(np.float32)}
     if len({(p.fmt, p.shape[1]) for p in parts}) == 1:
         return {fused: concat_rows(list(parts))}
-    return dict(zip(UNFUSED[fused], parts))
+    return dict(zip(FUSED[fused], parts))
 
 
 def _attn_block(t: dict, s: RankShard, bias: bool, requantized: set) -> dict:
@@ -84,18 +73,18 @@ def iter_rank_blocks(source, cfg: ModelConfig, shards: Sequence[RankShard]) -> I
     for i in range(cfg.n_layers):
         names = ["attn_norm", "wq", "wk", "wv", "wo"] + (["bq", "bk", "bv"] if cfg.qkv_bias else [])
         t = {n: source.load(layer_name(i, n)) for n in names}
-        yield f"L{i}.attn", [_attn_block(t, s, cfg.qkv_bias, requantized) for s in shards]
+        yield attn_key(i), [_attn_block(t, s, cfg.qkv_bias, requantized) for s in shards]
         t = {n: source.load(layer_name(i, n)) for n in ("mlp_norm", "w_gate", "w_up", "w_down")}
-        yield f"L{i}.mlp", [_mlp_block(t, s, requantized) for s in shards]
+        yield mlp_key(i), [_mlp_block(t, s, requantized) for s in shards]
     for name, fmt in sorted(requantized):
         log.info("re-quantized %s shards to Q8_0: a shard boundary splits a %d-element %s block", name,
                  k_block(fmt), fmt)
-    embed = source.load("embed")
+    embed = source.load(EMBED)
     head = embed if cfg.tied_embeddings else source.load("lm_head")
     norm = source.load("norm")
     globs = [{"norm": norm, "lm_head": _rows(head, s.vocab)} for s in shards]
-    globs[0]["embed"] = embed
-    yield "globals", globs
+    globs[0][EMBED] = embed
+    yield GLOBALS, globs
 
 
 def shard_to_dict(s: RankShard) -> dict:

@@ -25,13 +25,12 @@ from dataclasses import replace
 
 import numpy as np
 
-from tpi.generate import PREFILL_CHUNK
-from tpi.model import ResidentWeights
+from tpi.model.blocks import EMBED, GLOBALS  # rank 0's embedding is mapped, not copied
+from tpi.model.config import PREFILL_CHUNK
+from tpi.model.transformer import ResidentWeights
 
 log = logging.getLogger(__name__)
 
-GLOBALS = "globals"
-EMBED = "embed"  # the tensor in rank 0's globals block that is mapped, not copied
 MiB = 1 << 20
 Q4G32 = "q4g32"  # tpi.quant.formats.Q4G32, named here so this module stays import-light
 

@@ -1,6 +1,6 @@
 """Per-rank transformer block maths on ggml, llama.cpp's kernel library: one graph per block.
 
-Each attention block and each MLP block runs as ONE ggml graph (tpi.ggml_blocks), so Python runs
+Each attention block and each MLP block runs as ONE ggml graph (tpi.model.ggml_blocks), so Python runs
 once per block, not once per op; between them the model adds the block's output (after the
 allreduce in a group). Decode graphs (one token) are built the first time a block runs and kept
 on the block, reading their inputs in place from buffers this object owns:
@@ -21,9 +21,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from tpi.config import ModelConfig
+from tpi.model.blocks import EMBED, GLOBALS, attn_key, mlp_key
+from tpi.model.config import ModelConfig
 from tpi.errors import ShapeError
-from tpi.ggml_blocks import (OPS_PER_MLP, BlockSpec, StepTensors, build_attention, build_logits, build_mlp,
+from tpi.model.ggml_blocks import (OPS_PER_MLP, BlockSpec, StepTensors, build_attention, build_logits, build_mlp,
                              rope_frequency_factors)
 from tpi.quant.ggml_backend import GgmlBackend, can_repack, gather_rows, weight_type
 from tpi.quant.ggml_graph import Context, Graph, SharedComputeBuffer
@@ -35,7 +36,6 @@ from tpi.quant.ggml_stream import (copied_repacked, drop, mapped_repacked, page_
 
 ACT = np.float32
 KV_BUCKET = 256  # attended cache rows are a multiple of this (llama.cpp pads n_kv the same way)
-EMBED = "embed"  # rank 0's embedding table: looked up on the host, never multiplied
 
 
 # The rows of each q/k-bearing tensor in rotate-half order (BlockSpec.rotate_half_rows is for q|k|v).
@@ -335,7 +335,7 @@ class GgmlLayers:
             return None
         step = self._step(h, start)
         t, n_kv = step.tokens, self._n_kv(start + step.tokens)
-        vocab = blocks["globals"]["lm_head"].out_features
+        vocab = blocks[GLOBALS]["lm_head"].out_features
         if t > 1:
             ctx, out = self._whole_graph(blocks, step, n_kv, last_only=not all_positions)
             graph = Graph(ctx, [out], [(t if all_positions else 1, vocab)], galloc=self._shared.ptr)
@@ -355,13 +355,13 @@ class GgmlLayers:
         ctx = Context(ops, graph_size=2 * ops + 16)
         x, last = step.x, self.cfg.n_layers - 1
         for i in range(self.cfg.n_layers):
-            attn = build_attention(ctx, self.spec, blocks[f"L{i}.attn"], replace(step, x=x), self._k[i], self._v[i],
+            attn = build_attention(ctx, self.spec, blocks[attn_key(i)], replace(step, x=x), self._k[i], self._v[i],
                                    n_kv, self._rope_factors)
             if i == last and last_only and step.tokens > 1:  # as llama.cpp: only the output row goes on
                 x, attn = (ctx.view(a, (self.cfg.hidden, 1), (a.nb[1],), (step.tokens - 1) * a.nb[1]) for a in (x, attn))
             x = ctx.add(x, attn)  # the residual, as add_ adds a block's output between block graphs
-            x = ctx.add(x, build_mlp(ctx, self.spec, blocks[f"L{i}.mlp"], x))
-        return ctx, build_logits(ctx, self.spec, blocks["globals"], x, last_only)
+            x = ctx.add(x, build_mlp(ctx, self.spec, blocks[mlp_key(i)], x))
+        return ctx, build_logits(ctx, self.spec, blocks[GLOBALS], x, last_only)
 
     def logits(self, h: np.ndarray, glob: GgmlBlock, all_positions: bool) -> np.ndarray:
         """Final norm and this rank's vocabulary slice: (T or 1, vocab_local) float32 numpy (a copy)."""

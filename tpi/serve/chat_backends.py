@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from tpi.errors import TpiError
-from tpi.service import GenerationRequest, GenerationService, ServiceEvent, sampling_params
+from tpi.serve.service import GenerationRequest, GenerationService, ServiceEvent, sampling_params
 
 
 @dataclass(frozen=True)

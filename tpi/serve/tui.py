@@ -1,6 +1,6 @@
 """`tpi chat`: a rich chat TUI on a terminal, plain text lines through a pipe.
 
-Both modes share `ChatSession` (history, commands, save); a backend from tpi.chat_backends runs
+Both modes share `ChatSession` (history, commands, save); a backend from tpi.serve.chat_backends runs
 the answers. Ctrl-C during an answer cancels that answer only; the history stays as before it.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tpi.chat_backends import ChatOptions, TurnResult
+from tpi.serve.chat_backends import ChatOptions, TurnResult
 from tpi.errors import TpiError
 
 HELP = "/reset  /system TEXT  /stats  /devices  /save FILE  /quit"

@@ -114,8 +114,8 @@ def run(
     stats_json: Annotated[Optional[Path], typer.Option("--stats-json", help="write stats as JSON to this file")] = None,
 ) -> None:
     """Run one chat turn (or raw completion), streaming the answer to stdout."""
-    from tpi.group import GroupOptions, start_group
-    from tpi.sampler import SamplingParams
+    from tpi.master.group import GroupOptions, start_group
+    from tpi.master.sampler import SamplingParams
 
     group = None
     try:
@@ -169,7 +169,7 @@ def engine_stats(engine) -> dict:
 def print_stats(report: dict) -> None:
     from rich.table import Table
 
-    from tpi.table_text import print_tables
+    from tpi.cli.table_text import print_tables
 
     table = Table(title="tpi stats", show_header=True)
     table.add_column("metric")
@@ -188,7 +188,7 @@ def perplexity(
     backend: Backend = "auto",
 ) -> None:
     """Perplexity over one window of a text file (llama.cpp's method); the last number printed is it."""
-    from tpi.engine import EngineOptions, build_local_engine
+    from tpi.master.engine import EngineOptions, build_local_engine
 
     try:
         if not file.is_file():
@@ -206,7 +206,7 @@ def window_perplexity(engine, ids: list[int]) -> float:
     """exp(mean negative log-likelihood) of every token after the first."""
     import numpy as np
 
-    from tpi.generate import PREFILL_CHUNK
+    from tpi.model.config import PREFILL_CHUNK
 
     if len(ids) < 2:
         raise TpiError("the text has fewer than 2 tokens; give a longer file")
@@ -234,18 +234,13 @@ def convert(
     from rich.table import Table
 
     from tpi.formats import open_model
-    from tpi.formats.native import convert as convert_model
+    from tpi.master.convert import convert as convert_model
 
     console = Console(stderr=True)
     if out is None:  # `tpi convert OUT` converts the embedded default model
         model, out = None, Path(model or "model.tpis")
     try:
-        source = open_model(model, quant=quant, measure_error=True)
-        if keep_bf16_above is not None:
-            if not getattr(source, "quant", None):
-                raise TpiError("--keep-bf16-above applies to --quant of a Hugging Face folder; GGUF tensors "
-                               "are kept in their own types, exactly, so nothing is lossy to keep")
-            source.keep_bf16_above = keep_bf16_above
+        source = open_model(model, quant=quant, measure_error=True, keep_bf16_above=keep_bf16_above)
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("converting", total=None)
             notes = convert_model(source, out, lambda key, i, n: bar.update(task, completed=i, total=n, description=key))
@@ -264,9 +259,9 @@ def convert(
 
 def _register_subcommands() -> None:
     """Commands that live in their own modules (chat, group, devices) register themselves."""
-    from tpi import cli_chat, cli_devices, cli_group
+    from tpi.cli import chat, devices, group
 
-    for module in (cli_chat, cli_group, cli_devices):
+    for module in (chat, group, devices):
         module.register(app)
 
 

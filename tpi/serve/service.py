@@ -15,29 +15,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from tpi.errors import TpiError
-from tpi.generate import ContextOverflowError, Generation
-from tpi.sampler import SamplingParams
+from tpi.errors import ContextOverflowError, NotReadyError, QueueFullError, RequestError, TpiError
+from tpi.master.generate import Generation
+from tpi.master.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_SIZE = 8  # waiting requests (the running one is not counted)
-
-
-class QueueFullError(TpiError):
-    """Every queue slot is taken; the caller should retry after `retry_after_s`."""
-
-    def __init__(self, message: str, retry_after_s: int):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class NotReadyError(TpiError):
-    """The group is still forming (or failed to): no engine to run on yet."""
-
-
-class RequestError(TpiError):
-    """A request the engine cannot run as given (bad limits, closed service)."""
 
 
 @dataclass(frozen=True)

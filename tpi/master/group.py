@@ -33,7 +33,7 @@ class GroupOptions:
     port: int = 0  # 0 = any free port
     context: int | None = None
     threads: int | None = None
-    backend: str = "auto"  # kernel backend of rank 0: auto (tpi.engine.resolve_backend), ggml, numpy or torch
+    backend: str = "auto"  # kernel backend of rank 0: auto (tpi.model.backends.resolve_backend), ggml, numpy or torch
     worker_backend: str = "auto"  # backend of the local workers
     memory_budget: int | None = None  # rank 0's budget in bytes
     worker_memory_budget: int | None = None  # each local worker's budget
@@ -89,14 +89,14 @@ class Group:
         self.token = token
         self.assigns = assigns or {}  # rank -> (Assign as sent, shard path): what a rejoining device gets
         self.opts = opts or GroupOptions()
-        self.state = "serving"  # serving | recovering | re-planning | degraded (tpi.recovery)
+        self.state = "serving"  # serving | recovering | re-planning | degraded (tpi.master.recovery)
         self.supervisor = None
         self.announcer = None  # tpi.transport.discovery.Announcer while the group is announced on the LAN
         self._closed = False
 
     def supervise(self, say=log.info) -> None:
         """From a thread: refuse late joins, take a lost device back, or re-plan without it."""
-        from tpi.recovery import GroupSupervisor
+        from tpi.master.recovery import GroupSupervisor
 
         self.supervisor = GroupSupervisor(self, say)
         self.supervisor.start()
@@ -169,9 +169,9 @@ def _write_stores(source, cfg, shards, paths: dict[int, Path], rank0_sink) -> No
     Each store is written by its own thread from a small queue, so every source tensor is
     read and imported once however many ranks there are.
     """
-    from tpi.config import config_to_dict
+    from tpi.model.config import config_to_dict
     from tpi.scheduler.store import write_store
-    from tpi.shard import iter_rank_blocks, shard_to_dict
+    from tpi.master.shard import iter_rank_blocks, shard_to_dict
 
     queues = {r: queue.Queue(maxsize=2) for r in paths}
     errors: dict[int, BaseException] = {}
@@ -323,7 +323,7 @@ def _fixed_shards(source, cfg, ratios, say):
     from tpi.devices.slicing import plan_cuts
 
     profile = weight_profile_of(source)
-    cuts = plan_cuts(cfg, ratios, *((profile.wo_block, profile.down_block) if profile else ()))
+    cuts = plan_cuts(cfg, ratios, profile.wo_block, profile.down_block)
     if cuts.requantized:
         say(f"{' and '.join(cuts.requantized)} shards are re-quantized to Q8_0: their blocks cannot be split "
             f"{len(ratios)} ways")
@@ -335,20 +335,22 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
 
     The planner picks ratios and wire dtype when opts.ratios is None and there are workers, or
     whenever on_plan (called with the GroupPlan before anything loads) is given. A given link
-    (re-planning a running group, tpi.recovery) is used as it is, left open on failure, and the
+    (re-planning a running group, tpi.master.recovery) is used as it is, left open on failure, and the
     group it returns is not supervised: the caller is.
     """
-    from tpi.config import config_to_dict
-    from tpi.engine import backend_choice_note, make_layers, resolve_backend, resolve_context
+    from tpi.model.config import config_to_dict
+    from tpi.master.engine import resolve_context
+    from tpi.model.backends import backend_choice_note, make_layers, resolve_backend
     from tpi.formats import open_model
-    from tpi.generate import Engine
-    from tpi.model import ResidentWeights, Transformer
+    from tpi.master.generate import Engine
+    from tpi.model.blocks import EMBED, GLOBALS
+    from tpi.model.transformer import ResidentWeights, Transformer
     from tpi.scheduler.store import ShardStore
-    from tpi.shard import shard_to_dict
+    from tpi.master.shard import shard_to_dict
     from tpi.transport.protocol import Assign
     from tpi.transport.transfer import shard_hash
     from tpi.scheduler.overhead import rss_bytes
-    from tpi.weights import open_store_weights
+    from tpi.model.weights import open_store_weights
 
     backend, worker_backend = resolve_backend(opts.backend), resolve_backend(opts.worker_backend)
     if link is None:  # a re-plan (given link) keeps the choice reported at start
@@ -447,8 +449,8 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
                                          setup_rss=setup_rss)
         else:
             weights = ResidentWeights(resident)
-        embed = weights.get("globals")["embed"]
-        weights.release("globals")
+        embed = weights.get(GLOBALS)[EMBED]
+        weights.release(GLOBALS)
         comm = None
         if world > 1:
             say("sending shards and waiting for every device to load…")

@@ -36,9 +36,9 @@ def sigint_ignored_by_children(active: bool, say):
 
 def start_master(model, local_workers: int, context, threads, backend: str, say,
                  config_dir: Path | None = None, cache_dir: Path | None = None):
-    """Rank 0's engine plus its status and closer: a loopback group when tpi.group exists, else one device."""
+    """Rank 0's engine plus its status and closer: a loopback group when tpi.master.group exists, else one device."""
     try:
-        from tpi.group import GroupOptions, start_group
+        from tpi.master.group import GroupOptions, start_group
     except ImportError:
         start_group = None
     if start_group is not None:
@@ -49,10 +49,10 @@ def start_master(model, local_workers: int, context, threads, backend: str, say,
             group = start_group(opts, say=say)
         return group.engine, group.status, group.close
     if local_workers:
-        raise TpiError("--local-workers needs the tensor-parallel group (tpi.group), which this install lacks")
+        raise TpiError("--local-workers needs the tensor-parallel group (tpi.master.group), which this install lacks")
     import platform
 
-    from tpi.engine import EngineOptions, build_local_engine
+    from tpi.master.engine import EngineOptions, build_local_engine
 
     engine = build_local_engine(EngineOptions(model, context, threads, backend))
     name = platform.node() or "master"
@@ -77,8 +77,8 @@ def chat(
     cache_dir: CacheDirOpt = None,
 ) -> None:
     """Chat with the model: a TUI on a terminal, one prompt per line through a pipe."""
-    from tpi.chat_backends import ChatOptions, LocalChat, RemoteChat
-    from tpi.tui import ChatSession, run_plain, run_tui
+    from tpi.serve.chat_backends import ChatOptions, LocalChat, RemoteChat
+    from tpi.serve.tui import ChatSession, run_plain, run_tui
 
     opts = ChatOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     close, service, code = (lambda: None), None, 0
@@ -88,7 +88,7 @@ def chat(
         if url:
             chat_backend = RemoteChat(url, api_key=api_key)
         else:
-            from tpi.service import GenerationService
+            from tpi.serve.service import GenerationService
 
             engine, status, close = start_master(model, local_workers, context, threads, backend,
                                                  lambda m: typer.echo(m, err=True), config_dir, cache_dir)

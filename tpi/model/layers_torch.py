@@ -14,8 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tpi.config import ModelConfig
-from tpi.quant.kernel_forms import UNFUSED_PARTS, prepare_unfused
+from tpi.model.config import ModelConfig
+from tpi.model.blocks import EMBED, UNFUSED_PARTS
+from tpi.quant.kernel_forms import prepare_unfused
 from tpi.quant.kernels import get_backend
 
 ACT = torch.bfloat16  # activations into the packed kernels
@@ -24,7 +25,7 @@ KV = torch.float32  # KV cache, queries and attention
 
 def rope_table(cfg: ModelConfig, context: int) -> torch.Tensor:
     """Complex rotations [context, head_dim/2] for adjacent-pair RoPE (llama3 scaling folded in)."""
-    from tpi.rope import inverse_frequencies
+    from tpi.model.rope import inverse_frequencies
 
     inv = torch.from_numpy(inverse_frequencies(cfg))  # [hd/2] float64
     angles = torch.outer(torch.arange(context, dtype=torch.float64), inv)
@@ -78,7 +79,7 @@ class TorchLayers:
                 out[name] = torch.tensor(value, dtype=torch.float32)  # small; copied off the mmap
                 if name.endswith("norm"):
                     out[name] *= self._norm_gain  # see _norm
-            elif name == "embed":
+            elif name == EMBED:
                 out[name] = value  # looked up by row on the host, never multiplied
             else:
                 out[name] = self.kernels.prepare(value)

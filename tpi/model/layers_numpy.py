@@ -1,6 +1,6 @@
 """Per-rank transformer block maths on numpy alone: float32 activations, residual, norms and RoPE.
 
-The torch-free twin of tpi.layers_torch.TorchLayers (same interface, same semantics), for devices
+The torch-free twin of tpi.model.layers_torch.TorchLayers (same interface, same semantics), for devices
 where torch cannot be installed. Nothing on this path imports torch: the linear kernels come from
 the numpy backend of tpi.quant.kernels, everything else is a handful of vectorised numpy ops.
 """
@@ -10,10 +10,11 @@ import contextlib
 
 import numpy as np
 
-from tpi.config import ModelConfig
-from tpi.quant.kernel_forms import UNFUSED_PARTS, prepare_unfused
+from tpi.model.config import ModelConfig
+from tpi.model.blocks import EMBED, UNFUSED_PARTS
+from tpi.quant.kernel_forms import prepare_unfused
 from tpi.quant.kernels import get_backend
-from tpi.rope import inverse_frequencies
+from tpi.model.rope import inverse_frequencies
 
 ACT = np.float32
 
@@ -74,7 +75,7 @@ class NumpyLayers:
                 continue
             if isinstance(value, np.ndarray) and value.ndim == 1:
                 out[name] = np.array(value, dtype=ACT)  # small; copied off the mmap
-            elif name == "embed":
+            elif name == EMBED:
                 out[name] = value  # looked up by row on the host, never multiplied
             else:
                 out[name] = self.kernels.prepare(value)

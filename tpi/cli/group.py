@@ -51,9 +51,9 @@ def serve(
         "it without an address; only a hash of the master's public key is announced")] = True,
 ) -> None:
     """Be the master: serve the API at once, wait for devices, ship their shards, then answer."""
-    from tpi.api import serve_api
-    from tpi.group import GroupOptions
-    from tpi.service import GenerationService
+    from tpi.serve.api import serve_api
+    from tpi.master.group import GroupOptions
+    from tpi.serve.service import GenerationService
 
     try:
         parsed = tuple(float(r) for r in ratios.split(",")) if ratios else None
@@ -121,7 +121,7 @@ def served_model_id(model: str | None) -> str:
 def show_plan(plan) -> None:
     """Print the planner's table for the real group (stderr), before any weight loads."""
     from tpi.devices.plan_report import render_allreduce, render_plan
-    from tpi.table_text import print_tables
+    from tpi.cli.table_text import print_tables
 
     print_tables(render_plan(plan), render_allreduce(plan), stderr=True)
 
@@ -140,7 +140,7 @@ class GroupFormation:
         threading.Thread(target=self._form, args=(server,), name="tpi-group-formation", daemon=True).start()
 
     def _form(self, server) -> None:
-        from tpi.group import start_group
+        from tpi.master.group import start_group
 
         try:
             self.group = start_group(self.opts, say=self._say, on_plan=show_plan)
@@ -197,7 +197,7 @@ def join(
     import logging
 
     from tpi.devices.profile import handshake_profile
-    from tpi.engine import backend_choice_note, resolve_backend
+    from tpi.model.backends import backend_choice_note, resolve_backend
     from tpi.worker import WorkerOptions, run_worker
 
     try:

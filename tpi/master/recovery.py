@@ -21,17 +21,12 @@ import threading
 import time
 from dataclasses import replace
 
-from tpi.errors import GroupError, TpiError
-from tpi.service import NotReadyError
+from tpi.errors import GroupError, GroupUnavailableError, TpiError
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often the supervisor looks at lost devices while no join arrives
 MAX_EVENTS = 32  # the newest group events kept for /health
-
-
-class GroupUnavailableError(NotReadyError):
-    """The group lost a device and cannot run a request until it recovers (HTTP 503)."""
 
 
 class UnavailableCommunicator:
@@ -203,7 +198,7 @@ class GroupSupervisor:
 
     def _replan(self, lost_names: str) -> None:
         """Ask the remaining workers to join again and form a smaller group over them."""
-        from tpi.group import start_group
+        from tpi.master.group import start_group
         from tpi.transport.protocol import REJOIN_PREFIX
 
         survivors = [d for d in self.group.devices[1:] if d.state != "lost"]

@@ -42,7 +42,7 @@ def plan(
 ) -> None:
     """Will MODEL run on these devices, and how fast? Prints the plan and predictions; loads no weights."""
     from tpi.devices.plan_report import plan_command
-    from tpi.group import check_wire_dtype
+    from tpi.master.group import check_wire_dtype
 
     try:
         if weights not in (None, "int4", "bf16"):
@@ -119,7 +119,7 @@ def devices(
     """List the devices of a running group: profile, assigned share, memory and link figures."""
     if ctx.invoked_subcommand is not None:
         return
-    from tpi.table_text import print_tables
+    from tpi.cli.table_text import print_tables
 
     try:
         status = fetch_status(url, api_key)
@@ -141,10 +141,10 @@ def devices_profile(
     """Measure this device again (a few seconds) and cache it for `tpi join`."""
     from rich.table import Table
 
-    from tpi.table_text import print_tables
+    from tpi.cli.table_text import print_tables
 
     from tpi.devices.profile import cached_or_measured
-    from tpi.engine import resolve_backend
+    from tpi.model.backends import resolve_backend
 
     try:
         backend = resolve_backend(backend)

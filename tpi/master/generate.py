@@ -8,15 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tpi.errors import TpiError
-from tpi.sampler import SamplingParams, sample
-
-PREFILL_CHUNK = 512  # tokens per prefill pass; bounds activation memory on every rank
-
-
-class ContextOverflowError(TpiError):
-    """The prompt does not fit the context."""
-
+from tpi.errors import ContextOverflowError
+from tpi.model.config import PREFILL_CHUNK
+from tpi.master.sampler import SamplingParams, sample
 
 @dataclass
 class Generation:

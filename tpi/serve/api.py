@@ -16,14 +16,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from tpi.errors import TpiError
-from tpi.generate import ContextOverflowError, Generation
-from tpi.service import (
+from tpi.errors import ContextOverflowError, NotReadyError, QueueFullError, RequestError, TpiError
+from tpi.master.generate import Generation
+from tpi.serve.service import (
     GenerationRequest,
     GenerationService,
-    NotReadyError,
-    QueueFullError,
-    RequestError,
     ServiceEvent,
     sampling_params,
     stop_strings,

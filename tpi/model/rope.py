@@ -5,7 +5,9 @@ import math
 
 import numpy as np
 
-from tpi.config import ModelConfig
+from tpi.model.config import ModelConfig
+
+ADJACENT_PAIR_ARCHS = ("llama", "mistral")  # GGUF archs whose q/k rows llama.cpp permuted
 
 
 def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
@@ -31,3 +33,13 @@ def _llama3(inv: np.ndarray, factor: float, low: float, high: float, original: i
     smooth = np.clip((original / wavelen - low) / (high - low), 0.0, 1.0)
     blended = (1 - smooth) * inv / factor + smooth * inv
     return np.where(wavelen < high_wavelen, inv, np.where(wavelen > low_wavelen, inv / factor, blended))
+
+
+def adjacent_pair_index(n_heads: int, head_dim: int) -> np.ndarray:
+    """Row gather turning rotate-half (HF) q/k order into adjacent-pair order, tpi's RoPE layout.
+
+    Adjacent-pair row h*hd + 2j + s holds rotate-half row h*hd + s*hd/2 + j (s in {0, 1}).
+    """
+    g = np.arange(n_heads * head_dim)
+    h, rem = g // head_dim, g % head_dim
+    return h * head_dim + (rem % 2) * (head_dim // 2) + rem // 2
