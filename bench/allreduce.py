@@ -1,17 +1,22 @@
-"""Allreduce latency: tpi's star vs a ring over the same ZeroMQ links vs torch.distributed gloo.
+"""Allreduce latency: tpi's star against a bare pyzmq echo on the same path (paired), a ring, and gloo.
 
-    python bench/allreduce.py [--hidden 576,1536,4096,8192] [--delays-ms 0,1,5] [--worlds 2,3] [--smoke]
+    python bench/allreduce.py [--hidden 576,2048,4096] [--wires f32,bf16,int8] [--delays-ms 0,1,5]
+                              [--worlds 2,3] [--curve] [--no-ring] [--no-gloo] [--smoke]
 
 Every rank is its own process on TCP loopback, partials are [1, hidden] fp32 (a decode step),
 and times are per call on rank 1 (send partial .. hold the sum). A delay d > 0 puts
 tests/netproxy.py's DelayProxy (its own process) on every link a rank connects through, so
-each hop costs d one way; d = 0 is direct loopback, no proxy. The anchor column is a bare
-pyzmq DEALER->ROUTER echo of a frame of the same size over the same path, measured in the
-same run, because this machine is shared and its loopback round trip varies 2-3x by the minute.
+each hop costs d one way; d = 0 is direct loopback, no proxy.
 
-gloo runs only at d = 0: its ranks publish their listening addresses through the store and
-connect to each other directly, so a proxy could only sit between them by rewriting gloo's
-address records in the store.
+The anchor is paired: rank 1 also holds a bare pyzmq DEALER connected (through a proxy of its own
+when delayed) to an echo ROUTER in another process, and alternates blocks of echo round trips of a
+frame of the partial's wire bytes with blocks of star allreduces. Both see the same minutes of
+this shared machine; the ratio is the median over blocks of (star block median / echo block
+median).
+
+The ring and gloo run after the star, unpaired. gloo runs only at d = 0: its ranks publish their
+listening addresses through the store and connect to each other directly, so a proxy could only
+sit between them by rewriting gloo's address records in the store. Neither has a int8 wire.
 """
 from __future__ import annotations
 
@@ -54,7 +59,21 @@ def _timed(call, warmup: int, iters: int) -> list[float]:
     return times
 
 
-# ---- rank processes (spawned); each puts (role, {case index: [seconds]}) on `out` -----------------
+def wire_nbytes(hidden: int, wire: str) -> int:
+    """Bytes of one [1, hidden] partial on the wire."""
+    from tpi.transport.wire import WIRE_BYTES_PER_VALUE
+
+    return int(hidden * WIRE_BYTES_PER_VALUE[wire])
+
+
+# A case: (hidden, wire, warm-up calls, rounds, calls per block); a rank runs warmup + rounds * block.
+
+def _calls(case) -> int:
+    _, _, warmup, rounds, block = case
+    return warmup + rounds * block
+
+
+# ---- rank processes (spawned); each puts (role, {case index: result}) on `out` -------------------
 
 def run_proxy(targets: list[int], delay_s: float, ports) -> None:
     """One DelayProxy per target port; report the listening ports, then forward until killed."""
@@ -81,49 +100,78 @@ def star_master(world: int, cases: list, curve: bool, key_dir: str, ports, out) 
     for rank in range(1, world):
         link.admit(joins[f"w{rank}"], Assign(rank=rank, world=world, shard_hash="", shard_size=0))
     comm = link.communicator("f32", ready_timeout_s=_TIMEOUT_S)
-    res = {}
-    for i, (hidden, wire, warmup, iters) in enumerate(cases):
-        comm.wire_dtype = wire  # both sides switch at the same case boundary
+    for i, case in enumerate(cases):
+        comm.wire_dtype = case[1]  # both sides switch at the same case boundary
         comm.broadcast_step(Step.of_sequence(0, 1, np.zeros((1, 1), np.float32), request_id=i))
-        x = partial_for(hidden, 0)
-        res[i] = _timed(lambda: comm.allreduce(x), warmup, iters)
+        x = partial_for(case[0], 0)
+        for _ in range(_calls(case)):
+            comm.allreduce(x)
     comm.broadcast_stop("benchmark done")
-    out.put(("star-master", res))
+    out.put(("star-master", {}))
     time.sleep(0.5)  # let the Stop leave before the sockets close
     link.close()
 
 
 def star_worker(rank: int, connect: str, data_endpoint: str | None, token: str, key_dir: str, curve: bool,
-                cases: list, out) -> None:
+                cases: list, echo_endpoint: str | None, echo_key: bytes | None, out) -> None:
+    """A star rank; rank 1 alternates blocks of star allreduces with blocks of bare echo round trips."""
+    import zmq
+
     from tpi.transport.keeper import LinkSettings
-    from tpi.transport.worker_link import WorkerLink
     from tpi.transport.protocol import Step
+    from tpi.transport.worker_link import WorkerLink
 
     link = WorkerLink(connect, token, Path(key_dir), insecure=not curve, settings=LinkSettings(join_timeout_s=60),
                       data_endpoint=data_endpoint)
     link.join(f"w{rank}", {}, [])
     comm = link.communicator()
+    echo = None
+    if echo_endpoint:
+        ctx = zmq.Context()
+        echo = ctx.socket(zmq.DEALER)
+        echo.linger = 0
+        echo.rcvtimeo = int(_TIMEOUT_S * 1000)
+        if echo_key is not None:
+            echo.curve_publickey, echo.curve_secretkey = zmq.curve_keypair()
+            echo.curve_serverkey = echo_key
+        echo.connect(echo_endpoint)
     res = {}
-    for i, (hidden, wire, warmup, iters) in enumerate(cases):
+    for i, (hidden, wire, warmup, rounds, block) in enumerate(cases):
         step = comm.recv_step()
         assert isinstance(step, Step) and step.request_id == i, step
         comm.wire_dtype = wire
         x = partial_for(hidden, rank)
-        res[i] = _timed(lambda: comm.allreduce(x), warmup, iters)
+        if echo is None:
+            res[i] = _timed(lambda: comm.allreduce(x), warmup, rounds * block)
+            continue
+        frame = np.zeros(wire_nbytes(hidden, wire), np.uint8).tobytes()
+
+        def round_trip() -> None:
+            echo.send(frame, copy=False)
+            echo.recv(copy=False)
+        _timed(round_trip, warmup, 0)
+        star = _timed(lambda: comm.allreduce(x), warmup, 0)
+        star, anchor = [], []
+        for _ in range(rounds):  # paired: the same minutes for both
+            anchor.append(_timed(round_trip, 0, block))
+            star.append(_timed(lambda: comm.allreduce(x), 0, block))
+        res[i] = {"star": star, "echo": anchor}
     comm.recv_step()  # the Stop
     out.put((f"star-{rank}", res))
+    if echo is not None:
+        ctx.destroy(linger=0)
     link.close()
 
 
 def ring_rank(rank: int, world: int, endpoints: list[str], cases: list, out) -> None:
-    from tpi.transport.allreduce import RingAllreduce
+    from tpi.transport.ring import RingAllreduce
 
     ring = RingAllreduce(rank, world, endpoints, "f32", timeout_s=_TIMEOUT_S)
     res = {}
-    for i, (hidden, wire, warmup, iters) in enumerate(cases):
+    for i, (hidden, wire, warmup, rounds, block) in enumerate(cases):
         ring.wire_dtype = wire
         x = partial_for(hidden, rank)
-        res[i] = _timed(lambda: ring.allreduce(x), warmup, iters)
+        res[i] = _timed(lambda: ring.allreduce(x), warmup, rounds * block)
     out.put((f"ring-{rank}", res))
     time.sleep(0.5)  # the last hop to the right neighbour must leave before close
     ring.close()
@@ -136,46 +184,31 @@ def gloo_rank(rank: int, world: int, init_file: str, cases: list, out) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     res = {}
-    for i, (hidden, wire, warmup, iters) in enumerate(cases):
+    for i, (hidden, wire, warmup, rounds, block) in enumerate(cases):
         x = torch.from_numpy(partial_for(hidden, rank)).to(torch.bfloat16 if wire == "bf16" else torch.float32)
-        res[i] = _timed(lambda: dist.all_reduce(x), warmup, iters)  # in place; values grow, time does not
+        res[i] = _timed(lambda: dist.all_reduce(x), warmup, rounds * block)  # in place; values grow, time does not
     dist.barrier()
     out.put((f"gloo-{rank}", res))
     dist.destroy_process_group()
 
 
-def echo_server(ports, stop_after: int) -> None:
-    """Bare pyzmq ROUTER that sends every frame straight back: the anchor round trip."""
+def echo_server(ports, curve: bool) -> None:
+    """Bare pyzmq ROUTER that sends every frame straight back: the anchor round trip (killed when done).
+
+    With curve the link is CURVE-encrypted as the star's is (no ZAP handler: any client key)."""
     import zmq
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 0
+    public = None
+    if curve:
+        public, secret = zmq.curve_keypair()
+        sock.curve_server, sock.curve_secretkey = True, secret
     port = sock.bind_to_random_port("tcp://127.0.0.1")
-    ports.put(port)
-    for _ in range(stop_after):
+    ports.put((port, public))
+    while True:
         sock.send_multipart(sock.recv_multipart(copy=False), copy=False)
-    ctx.destroy(linger=0)
-
-
-def echo_client(endpoint: str, cases: list, out) -> None:
-    import zmq
-
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.rcvtimeo = int(_TIMEOUT_S * 1000)
-    sock.connect(endpoint)
-    res = {}
-    for i, (hidden, wire, warmup, iters) in enumerate(cases):
-        frame = np.zeros(hidden * (2 if wire == "bf16" else 4), np.uint8).tobytes()
-
-        def round_trip() -> None:
-            sock.send(frame, copy=False)
-            sock.recv(copy=False)
-        res[i] = _timed(round_trip, warmup, iters)
-    out.put(("zmq-1", res))
-    ctx.destroy(linger=0)
 
 
 # ---- orchestration -------------------------------------------------------------------------------
@@ -187,7 +220,7 @@ class Run:
         self.ctx = mp.get_context("spawn")
         self.out = self.ctx.Queue()
         self.procs: list = []
-        self.helpers: list = []  # proxies: killed, never awaited
+        self.helpers: list = []  # proxies and the echo server: killed, never awaited
 
     def start(self, target, *args, helper: bool = False):
         p = self.ctx.Process(target=target, args=args, daemon=True)
@@ -226,23 +259,27 @@ class Run:
                 p.join()
 
 
-def bench_star(world: int, cases: list, delay_s: float, curve: bool, tmp: Path) -> list[float]:
+def bench_star(world: int, cases: list, delay_s: float, curve: bool, tmp: Path) -> dict:
+    """{case index: {"star": [[s per call] per block], "echo": [...]}} measured on rank 1."""
     run = Run()
     try:
         ports = run.ctx.Queue()
+        run.start(echo_server, ports, curve, helper=True)
+        echo_port, echo_key = ports.get(timeout=60)
         run.start(star_master, world, cases, curve, str(tmp / "master"), ports, run.out)
         port, data_port, token = ports.get(timeout=60)
         if delay_s > 0:
-            port, data_port = run.proxy([port, data_port], delay_s)
+            port, data_port, echo_port = run.proxy([port, data_port, echo_port], delay_s)
         for rank in range(1, world):
+            echo = f"tcp://127.0.0.1:{echo_port}" if rank == 1 else None
             run.start(star_worker, rank, f"127.0.0.1:{port}", f"tcp://127.0.0.1:{data_port}", token,
-                      str(tmp / f"w{rank}"), curve, cases, run.out)
+                      str(tmp / f"w{rank}"), curve, cases, echo, echo_key, run.out)
         return run.collect(world)["star-1"]
     finally:
         run.close()
 
 
-def bench_ring(world: int, cases: list, delay_s: float) -> list[float]:
+def bench_ring(world: int, cases: list, delay_s: float) -> dict:
     run = Run()
     try:
         real = [_free_port() for _ in range(world)]
@@ -255,7 +292,7 @@ def bench_ring(world: int, cases: list, delay_s: float) -> list[float]:
         run.close()
 
 
-def bench_gloo(world: int, cases: list, tmp: Path) -> list[float]:
+def bench_gloo(world: int, cases: list, tmp: Path) -> dict:
     run = Run()
     try:
         init_file = tmp / f"gloo-{world}"
@@ -266,40 +303,35 @@ def bench_gloo(world: int, cases: list, tmp: Path) -> list[float]:
         run.close()
 
 
-def bench_echo(cases: list, delay_s: float) -> list[float]:
-    run = Run()
-    try:
-        ports = run.ctx.Queue()
-        run.start(echo_server, ports, sum(w + n for _, _, w, n in cases), helper=True)
-        port = ports.get(timeout=60)
-        if delay_s > 0:
-            (port,) = run.proxy([port], delay_s)
-        run.start(echo_client, f"tcp://127.0.0.1:{port}", cases, run.out)
-        return run.collect(1)["zmq-1"]
-    finally:
-        run.close()
-
-
-def iterations(delay_s: float, smoke: bool) -> tuple[int, int]:
-    """(warm-up, timed) calls per case: ~0.5 s of hops per case when delayed."""
+def iterations(delay_s: float, smoke: bool) -> tuple[int, int, int]:
+    """(warm-up calls, rounds, calls per block) per case: ~0.5 s of hops per case when delayed."""
     if smoke:
-        return 3, 10
+        return 3, 2, 5
     if delay_s == 0:
-        return 100, 600
-    return 5, max(30, int(0.5 / (2 * delay_s)))
+        return 100, 20, 40
+    return 5, 6, max(5, int(0.5 / (2 * delay_s) / 6))
 
 
 def stats(times: list[float]) -> tuple[float, float]:
     return median(times) * 1e6, float(np.percentile(times, 90)) * 1e6
 
 
+def paired(res: dict) -> tuple[float, float, float, float]:
+    """(echo median, star median, star p90 in µs, median over blocks of star/echo block medians)."""
+    star = [t for block in res["star"] for t in block]
+    echo = [t for block in res["echo"] for t in block]
+    per_block = [median(s) / median(e) for s, e in zip(res["star"], res["echo"])]
+    return median(echo) * 1e6, median(star) * 1e6, float(np.percentile(star, 90)) * 1e6, median(per_block)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", default="576,1536,4096,8192", help="hidden sizes at N=2")
+    ap.add_argument("--hidden", default="576,2048,4096", help="hidden sizes at N=2")
     ap.add_argument("--delays-ms", default="0,1,5", help="one-way delays; 0 = direct loopback")
     ap.add_argument("--worlds", default="2,3", help="group sizes; N > 2 runs hidden 4096 f32 only")
-    ap.add_argument("--wires", default="f32,bf16")
+    ap.add_argument("--wires", default="f32,bf16,int8")
     ap.add_argument("--curve", action="store_true", help="CURVE-encrypt the star links (default off, as --insecure)")
+    ap.add_argument("--no-ring", action="store_true")
     ap.add_argument("--no-gloo", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="N=2, two sizes, 0 and 1 ms, few calls")
     args = ap.parse_args()
@@ -308,43 +340,48 @@ def main() -> None:
     worlds = [int(w) for w in args.worlds.split(",")]
     wires = args.wires.split(",")
     if args.smoke:
-        hiddens, delays, worlds, wires = [576, 4096], [0.0, 0.001], [2], ["f32", "bf16"]
+        hiddens, delays, worlds = [576, 4096], [0.0, 0.001], [2]
+    load_start = machine_info().get("load_avg_1m", "?")
     rows = []
     with tempfile.TemporaryDirectory(prefix="tpi-bench-ar-") as tmp_dir:
         tmp = Path(tmp_dir)
         for world in worlds:
             grid = [(h, w) for h in hiddens for w in wires] if world == 2 else [(4096, "f32")]
             for delay in delays:
-                warmup, iters = iterations(delay, args.smoke)
-                cases = [(h, w, warmup, iters) for h, w in grid]
+                cases = [(h, w, *iterations(delay, args.smoke)) for h, w in grid]
+                unpaired = [c for c in cases if c[1] != "int8"]  # the ring and gloo have no int8 wire
+                gloo_on = delay == 0 and not args.no_gloo
                 label = f"N={world}, {delay * 1e3:g} ms"
-                print(f"running {label}: pyzmq echo, star, ring" + (", gloo" if delay == 0 else ""),
-                      file=sys.stderr, flush=True)
-                echo = bench_echo(cases, delay)
+                print(f"running {label}: star paired with pyzmq echo" + ("" if args.no_ring else ", ring")
+                      + (", gloo" if gloo_on else ""), file=sys.stderr, flush=True)
                 star = bench_star(world, cases, delay, args.curve, tmp / f"star-{world}-{delay}")
-                ring = bench_ring(world, cases, delay)
-                gloo = bench_gloo(world, cases, tmp) if delay == 0 and not args.no_gloo else None
-                for i, (h, w) in enumerate(grid):
-                    rtt, s, r = stats(echo[i]), stats(star[i]), stats(ring[i])
-                    g = stats(gloo[i]) if gloo else ("-", "-")
-                    rows.append([world, f"{delay * 1e3:g}", h, w, rtt[0], s[0], s[1], ratio(s[0], rtt[0]),
-                                 r[0], r[1], ratio(s[0], r[0]), g[0], g[1],
-                                 ratio(s[0], g[0]) if gloo else "-"])
+                ring = {} if args.no_ring or not unpaired else bench_ring(world, unpaired, delay)
+                gloo = bench_gloo(world, unpaired, tmp) if gloo_on and unpaired else {}
+                for i, (h, w, *_) in enumerate(cases):
+                    rtt, s_med, s_p90, pair = paired(star[i])
+                    j = unpaired.index(cases[i]) if cases[i] in unpaired else None
+                    r = stats(ring[j]) if j is not None and ring else ("-", "-")
+                    g = stats(gloo[j]) if j is not None and gloo else ("-", "-")
+                    rows.append([world, f"{delay * 1e3:g}", h, w, wire_nbytes(h, w), rtt, s_med, s_p90, f"{pair:.2f}x",
+                                 r[0], ratio(s_med, r[0]) if r[0] != "-" else "-",
+                                 g[0], ratio(s_med, g[0]) if g[0] != "-" else "-"])
     info = machine_info()
     print_table(
         "Allreduce latency per call (µs), rank 1, TCP loopback",
-        ["N", "one-way delay ms", "hidden", "wire", "pyzmq RTT", "star median", "star p90", "star/RTT ratio",
-         "ring median", "ring p90", "star/ring ratio", "gloo median", "gloo p90", "star/gloo ratio"],
+        ["N", "one-way delay ms", "hidden", "wire", "bytes", "pyzmq echo", "star median", "star p90",
+         "star/echo (paired)", "ring median", "star/ring", "gloo median", "star/gloo"],
         rows,
-        notes=["pyzmq RTT = bare DEALER->ROUTER echo of a frame of the same bytes on the same path, same run "
-               "(the floor of any allreduce that needs a round trip). delay 0 = direct loopback; delay > 0 = "
-               "DelayProxy (own process) on every link, one way each direction.",
-               f"star {'with CURVE' if args.curve else 'insecure (no CURVE)'}, MasterLink/WorkerLink as tpi "
-               "serve uses them; ring = tpi.transport.allreduce.RingAllreduce (benchmark-only); gloo = "
-               "torch.distributed all_reduce, file:// store, 1 torch thread, only at delay 0 (see the module doc).",
-               f"target: star median <= 80 µs at hidden 4096 on loopback. Calls per case: "
-               f"{iterations(0.0, args.smoke)[1]} at 0 ms, fewer when delayed.",
-               f"machine: {info}",
+        notes=["pyzmq echo = bare DEALER->ROUTER echo of a frame of the partial's wire bytes on the same path, "
+               "from the same process as star rank 1, in blocks alternating with the star's (the floor of any "
+               "allreduce that needs a round trip). star/echo = median over blocks of the ratio of block medians. "
+               "delay 0 = direct loopback; delay > 0 = DelayProxy (own process) on every link, one way each way.",
+               f"star and echo {'both with CURVE' if args.curve else 'both insecure (no CURVE)'}, the star's "
+               "MasterLink/WorkerLink as tpi serve uses them; ring = tpi.transport.ring.RingAllreduce (benchmark-only); gloo = torch.distributed "
+               "all_reduce, file:// store, 1 torch thread, only at delay 0 (see the module doc); both unpaired.",
+               "target (issue 18): star <= 1.4x the bare echo at hidden 4096 f32 on loopback. Calls per case "
+               "at 0 ms: {1} blocks of {2} after {0} warm-up calls; fewer when delayed.".format(
+                   *iterations(0.0, args.smoke)),
+               f"machine: {info}; load average (1 min) {load_start} at the start",
                "command: python bench/allreduce.py " + " ".join(sys.argv[1:])],
     )
 

@@ -97,14 +97,16 @@ def print_machine(info: dict | None = None) -> None:
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 
-def run_proxy(listen_port: int, target_port: int, delay_s: float) -> None:
-    """Forward 127.0.0.1:listen (control) and listen+1 (data) to the master with one-way delay."""
+def run_proxy(listen_port: int, target_port: int, delay_s: float, mbit_s: float | None = None) -> None:
+    """Forward 127.0.0.1:listen (control) and listen+1 (data) to the master with one-way delay
+    (and that bandwidth each way, when given)."""
     import time
 
     sys.path.insert(0, str(TESTS))
     from netproxy import DelayProxy
 
-    proxies = [DelayProxy(listen_port + i, "127.0.0.1", target_port + i, delay_s).start() for i in (0, 1)]
+    proxies = [DelayProxy(listen_port + i, "127.0.0.1", target_port + i, delay_s, mbit_s=mbit_s).start()
+               for i in (0, 1)]
     print("ready", flush=True)
     try:
         while True:

@@ -53,6 +53,8 @@ SHAPES = {
     # Qwen2.5-1.5B: real vocab, tied embeddings, q/k/v biases
     "qwen2-1.5b": SyntheticShape("qwen2-1.5b", "qwen2", 1536, 8960, 28, 12, 2, 151936, tied=True,
                                  rope_theta=1e6, rms_eps=1e-6),
+    # issue 18's 0.8B Llama-shaped target: TinyLlama's widths (intermediate 5632, 32000 vocab), 16 layers
+    "llama-0.8b": SyntheticShape("llama-0.8b", "llama", 2048, 5632, 16, 32, 4, 32000),
     # Llama-2-7B: 32 heads of 128, no GQA, 32000 vocab (layers are often cut with --layers)
     "llama2-7b": SyntheticShape("llama2-7b", "llama", 4096, 11008, 32, 32, 32, 32000),
     # smoke-test sizes: same code path, seconds to write

@@ -1,12 +1,18 @@
 """Tensor-parallel decode: one device vs a 2-device group on loopback and through a delayed link.
 
-    python bench/tp.py [--model PATH] [--tokens 32] [--smoke] [--insecure]
+    python bench/tp.py [--model PATH | --synthetic llama-0.8b] [--backend torch] [--wires f32,bf16,int8]
+                       [--tokens 32] [--rounds 1] [--delays-ms 1,5] [--smoke] [--insecure]
 
 Each configuration runs in its own process (so peak RSS is per configuration), the group's
 worker in another (`tpi join`, one thread). The delayed links put tests/netproxy.py's
 DelayProxy, in a process of its own, between the worker and both master ports (control and
-data). The star allreduce's floor is 2 hops x one-way latency x 2 allreduces x layers per
-token; the table shows it next to what was measured.
+data). Every group row runs once per wire dtype of the partial sums (--wires). With --rounds R
+the whole list of configurations runs R times in turn, and each row reports the median over
+rounds of its ms/token and of its ratio to the best single device of the same round.
+
+The star allreduce's floor is 2 hops x one-way latency x 2 allreduces x layers per token; the
+table shows it next to what was measured. --synthetic llama-0.8b is issue 18's 0.8B Llama-shaped
+Q4_0 target (random weights, bench/synthetic.py).
 """
 from __future__ import annotations
 
@@ -45,32 +51,40 @@ def free_port_pair() -> int:
     raise RuntimeError("no two adjacent free ports on 127.0.0.1")
 
 
+def _zmq_echo(ports) -> None:
+    import zmq
+
+    sock = zmq.Context().socket(zmq.ROUTER)
+    ports.put(sock.bind_to_random_port("tcp://127.0.0.1"))
+    while True:
+        sock.send_multipart(sock.recv_multipart(copy=False), copy=False)
+
+
 def loopback_rtt_s(rounds: int = 300, size: int = 4096) -> float:
-    """Median TCP round trip of a small message on loopback (a 1-layer activation is ~2 KiB)."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    cli = socket.create_connection(srv.getsockname())
-    peer, _ = srv.accept()
-    for s in (cli, peer):
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    msg, times = b"x" * size, []
+    """Median pyzmq round trip of a small message to another process on loopback (the star's floor;
+    a plain socket round trip within one process is ~10x shorter and no floor of anything here)."""
+    import multiprocessing as mp
+
+    import zmq
+
+    ctx = mp.get_context("spawn")
+    ports = ctx.Queue()
+    server = ctx.Process(target=_zmq_echo, args=(ports,), daemon=True)
+    server.start()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
     try:
+        sock.connect(f"tcp://127.0.0.1:{ports.get(timeout=60)}")
+        msg, times = b"x" * size, []
         for _ in range(rounds):
             t = time.perf_counter()
-            cli.sendall(msg)
-            got = 0
-            while got < size:
-                got += len(peer.recv(size - got))
-            peer.sendall(msg)
-            got = 0
-            while got < size:
-                got += len(cli.recv(size - got))
+            sock.send(msg)
+            sock.recv()
             times.append(time.perf_counter() - t)
     finally:
-        for s in (cli, peer, srv):
-            s.close()
-    return median(times)
+        sock.close()
+        server.kill()
+    return median(times[rounds // 10:])
 
 
 # ---- one configuration (child process) ----------------------------------------------------------
@@ -110,7 +124,9 @@ def run_config(cfg: dict) -> dict:
 
     tmp = Path(cfg["tmp"])
     common = dict(model=cfg["model"], config_dir=tmp / "config", cache_dir=tmp / "cache", insecure=cfg["insecure"],
-                  threads=cfg["threads"])
+                  threads=cfg["threads"], backend=cfg["backend"], worker_backend=cfg["backend"])
+    if cfg["kind"] != "single":
+        common["wire_dtype"] = cfg["wire"]
     helpers: list[subprocess.Popen] = []
     worker_pid = None
     try:
@@ -167,11 +183,12 @@ def _serve_through_proxy(cfg: dict, common: dict, tmp: Path, helpers: list):
     listening.wait(timeout=300)
     if "error" not in box:
         proxy = subprocess.Popen([sys.executable, __file__, "--proxy", str(proxy_port), str(port),
-                                  str(cfg["delay_s"])], stdout=subprocess.PIPE, text=True)
+                                  str(cfg["delay_s"]), str(cfg.get("mbit") or 0)], stdout=subprocess.PIPE, text=True)
         helpers.append(proxy)
         assert proxy.stdout.readline().strip() == "ready", "the delay proxy did not start"
         cmd = [sys.executable, "-m", "tpi", "join", f"127.0.0.1:{proxy_port}", "--token", master_token(tmp / "config"),
                "--data-endpoint", f"127.0.0.1:{proxy_port + 1}", "--name", "proxied", "--threads", "1",
+               "--backend", cfg["backend"],
                "--cache-dir", str(tmp / "worker-cache"), "--key-dir", str(tmp / "worker-keys")]
         if cfg.get("smoke"):  # the ratios are fixed, so the worker's profile is unused: skip measuring it
             (tmp / "no-profile.json").write_text("{}")
@@ -185,19 +202,41 @@ def _serve_through_proxy(cfg: dict, common: dict, tmp: Path, helpers: list):
 
 # ---- orchestration --------------------------------------------------------------------------------
 
+def configurations(args, cores: int) -> list[tuple[str, str, int, float, str, float]]:
+    """(label, kind, threads, one-way delay s, wire, Mbit/s or 0) in run order; group rows once per wire."""
+    wires = args.wires.split(",")
+    delays = [float(d) / 1e3 for d in args.delays_ms.split(",") if d][: 1 if args.smoke else None]
+    configs = [] if args.smoke else [(f"1 device, {cores} threads", "single", cores, 0.0, "-", 0.0)]
+    configs += [("1 device, 1 thread", "single", 1, 0.0, "-", 0.0)]
+    # smoke: the proxied row covers the group path; plain loopback groups are what the tests start
+    configs += [] if args.smoke else [(f"N=2 loopback, 1 thread each, {w}", "loopback", 1, 0.0, w, 0.0)
+                                      for w in wires]
+    configs += [(f"N=2 via proxy {d * 1e3:g} ms one-way, {w}", "proxy", 1, d, w, 0.0) for d in delays for w in wires]
+    if args.mbit and delays and not args.smoke:  # a bandwidth-bound link: where a narrow wire pays
+        configs += [(f"N=2 via proxy {delays[0] * 1e3:g} ms one-way, {args.mbit:g} Mbit, {w}", "proxy", 1,
+                     delays[0], w, args.mbit) for w in wires]
+    return configs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="GGUF file (default: embedded SmolLM2-135M Q4_1)")
+    ap.add_argument("--synthetic", help="a random-weight shape of bench/synthetic.py instead, e.g. llama-0.8b")
+    ap.add_argument("--backend", default="torch", help="kernel backend of every rank (tpi --backend)")
+    ap.add_argument("--wires", default="f32,bf16,int8", help="wire dtypes of the group rows")
     ap.add_argument("--tokens", type=int, default=32, help="decode steps timed per configuration")
+    ap.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, in turn")
     ap.add_argument("--delays-ms", default="1,5", help="one-way delays of the proxied links")
+    ap.add_argument("--mbit", type=float, default=10.0,
+                    help="also the first delay capped at this bandwidth each way (0: no such rows)")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, few tokens: checks the bench runs")
     ap.add_argument("--insecure", action="store_true", help="no CURVE encryption on the group links")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--proxy", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--proxy", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.proxy:
-        run_proxy(int(args.proxy[0]), int(args.proxy[1]), float(args.proxy[2]))
+        run_proxy(int(args.proxy[0]), int(args.proxy[1]), float(args.proxy[2]), float(args.proxy[3]) or None)
         return
     if args.child:
         print("RESULT " + json.dumps(run_config(json.loads(args.child))), flush=True)
@@ -206,55 +245,70 @@ def main() -> None:
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="tpi-bench-tp-") as tmp_dir:
         tmp = Path(tmp_dir)
-        model = args.model or (smoke_model(tmp) if args.smoke else None)
+        if args.synthetic:
+            from synthetic import cached_model
+
+            model = str(cached_model(args.synthetic, log=lambda m: print(m, file=sys.stderr)))
+        else:
+            model = args.model or (smoke_model(tmp) if args.smoke else None)
         tokens = 4 if args.smoke else args.tokens
-        delays = [float(d) / 1e3 for d in args.delays_ms.split(",") if d][: 1 if args.smoke else None]
         rtt = loopback_rtt_s()
-        configs = [] if args.smoke else [(f"1 device, {cores} threads", "single", cores, 0.0)]
-        configs += [("1 device, 1 thread", "single", 1, 0.0)]
-        # smoke: the proxied row covers the group path; plain loopback groups are what the tests start
-        configs += [] if args.smoke else [("N=2 loopback, 1 thread each", "loopback", 1, 0.0)]
-        configs += [(f"N=2 via proxy {d * 1e3:g} ms one-way", "proxy", 1, d) for d in delays]
-        results = []
-        for i, (label, kind, threads, delay) in enumerate(configs):
-            cfg = {"kind": kind, "threads": threads, "delay_s": delay, "model": model, "tokens": tokens,
-                   "insecure": args.insecure, "tmp": str(tmp / f"c{i}"), "smoke": args.smoke}
-            print(f"running: {label}", file=sys.stderr, flush=True)
-            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], stdout=subprocess.PIPE,
-                                 text=True, check=True, timeout=1800)
-            line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
-            results.append({"label": label, "kind": kind, "delay_s": delay, **json.loads(line[len("RESULT "):])})
-    report(results, rtt, args)
+        configs = configurations(args, cores)
+        results: list[list[dict]] = []  # per round, per configuration
+        for round_ in range(args.rounds):
+            row = []
+            for i, (label, kind, threads, delay, wire, mbit) in enumerate(configs):
+                cfg = {"kind": kind, "threads": threads, "delay_s": delay, "model": model, "tokens": tokens,
+                       "insecure": args.insecure, "tmp": str(tmp / f"c{i}"), "smoke": args.smoke,
+                       "backend": args.backend, "wire": wire, "mbit": mbit}
+                print(f"running (round {round_ + 1}/{args.rounds}): {label}", file=sys.stderr, flush=True)
+                out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], stdout=subprocess.PIPE,
+                                     text=True, check=True, timeout=1800)
+                line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+                row.append({"label": label, "kind": kind, "delay_s": delay, "wire": wire,
+                            **json.loads(line[len("RESULT "):])})
+            results.append(row)
+    report(results, rtt, args, model)
 
 
-def report(results: list[dict], rtt: float, args) -> None:
-    # Anchor: the faster single-device run (2 threads can lose badly to 1 on a busy 2-core machine).
-    anchor = min(r["token_s"] for r in results if r["kind"] == "single")
+def report(rounds: list[list[dict]], rtt: float, args, model: str | None) -> None:
+    # Anchor: the faster single-device run of the same round (2 threads can lose badly to 1 on a busy 2-core machine).
+    anchors = [min(r["token_s"] for r in row if r["kind"] == "single") for row in rounds]
     rows = []
-    for r in results:
+    for i, r in enumerate(rounds[0]):
+        runs = [row[i] for row in rounds]
+        token_s = median([x["token_s"] for x in runs])
+        vs = median([x["token_s"] / a for x, a in zip(runs, anchors)])
         layers, n = r["layers"], r["tokens"]
         one_way = r["delay_s"] + rtt / 2 if r["kind"] != "single" else 0.0
         ideal = 2 * one_way * 2 * layers  # star: 2 hops per allreduce, 2 allreduces per layer
         rss = [f"{b / 2**20:.0f}" for b in r["rss"]]
-        rows.append([r["label"], r["token_s"] * 1e3, ratio(r["token_s"], anchor),
-                     r["allreduce_s"] / n / layers * 1e3 if r["kind"] != "single" else "-",
+        ar = median([x["allreduce_s"] for x in runs]) / n / layers * 1e3
+        rows.append([r["label"], token_s * 1e3, f"{vs:.2f}x",
+                     ar if r["kind"] != "single" else "-",
                      ideal / layers * 1e3 if ideal else "-", ideal * 1e3 if ideal else "-",
                      r["bytes"] / n / 1024, " / ".join(rss)])
     print_machine()
-    layers = results[0]["layers"]
+    layers = rounds[0][0]["layers"]
+    name = Path(model).name if model else "SmolLM2-135M (embedded)"
     print_table(
-        f"Decode per token, {results[0]['prompt_tokens']}-token prompt, median of {results[0]['tokens']} tokens",
+        f"Decode per token, {name}, backend {args.backend}, {rounds[0][0]['prompt_tokens']}-token prompt, "
+        f"median of {rounds[0][0]['tokens']} tokens" + (f", median of {len(rounds)} rounds" if len(rounds) > 1 else ""),
         ["configuration", "ms/token", "vs best 1 device", "allreduce ms/layer", "ideal ms/layer", "ideal ms/token",
          "KiB/token", "peak RSS MiB (rank 0 / 1)"],
         rows,
         notes=[f"ideal = star allreduce floor: 2 hops x one-way latency x 2 allreduces x {layers} layers; "
-               f"loopback one-way latency taken as half the measured {rtt * 1e6:.0f} us TCP round trip.",
+               f"loopback one-way latency taken as half the measured {rtt * 1e6:.0f} us pyzmq round trip between "
+               "two processes.",
                "allreduce time is rank 0's wait inside allreduce (includes waiting for the slower rank's compute).",
-               "KiB/token counts rank 0's sent + received data-channel bytes (step, partials, sums, logits).",
+               "KiB/token counts rank 0's sent + received data-channel bytes (step, partials, sums, logits); "
+               "the wire (f32, bf16, int8) is that of the partial sums. A Mbit row caps each direction of each "
+               "proxied connection at that rate (its ideal column counts latency only, not bytes).",
                f"{'CURVE off (--insecure)' if args.insecure else 'CURVE on'}. Shared, noisy machine: "
-               "other jobs were running; compare ratios, not absolutes."])
+               "other jobs were running; compare ratios (each to the best single device of its own round).",
+               "command: python bench/tp.py " + " ".join(sys.argv[1:])])
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps(rounds, indent=2))
 
 
 if __name__ == "__main__":

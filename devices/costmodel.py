@@ -13,7 +13,8 @@ Token latency (decode, one token):
 Star allreduce of B bytes over N ranks: max worker RTT (two one-way hops) + the master's link
 carrying 2(N-1) messages of B bytes (N-1 each way at once when `master_full_duplex`; the default
 is the half-duplex, shared-medium case of Wi-Fi), or a slower worker's own 2 messages, plus a
-per-message software overhead.
+per-message software overhead. B is hidden x the wire dtype's bytes per value (f32 4, bf16 2,
+int8 1.0625); a narrower wire adds its conversions (`wire_convert_s`) to every allreduce.
 """
 from __future__ import annotations
 
@@ -25,11 +26,17 @@ from tpi.model.config import ModelConfig
 from tpi.devices.profile import DeviceProfile
 from tpi.devices.slicing import RankShard
 from tpi.scheduler.window import WindowPlan, plan_window
+from tpi.transport.wire import WIRE_BYTES_PER_VALUE as WIRE_BYTES
 
 # Bytes per weight when a model's own types are not known: q4g32 = 4-bit nibble + bf16 scale
 # and zero per 32 weights.
 WEIGHT_BYTES = {"int4": 0.5 + 4 / 32, "bf16": 2.0}
-WIRE_BYTES = {"f32": 4, "bf16": 2}
+# One conversion of n values between f32 and a wire dtype (numpy, tpi.transport.wire) costs
+# fixed + n * per_value seconds. Calibrated in place, not in a loop: bench/allreduce.py's loopback
+# rows at N=2 (load ~1) put a bf16 allreduce 65-95 us and an int8 one 180-240 us above the f32 one
+# at hidden 576-4096, for 4 conversions each; a hot numpy loop takes 2-4x less (bf16 to+from
+# 12-20 us, int8 30-60 us), as every call on the star's path does. f32 travels as it is.
+WIRE_CONVERT_S = {"f32": (0.0, 0.0), "bf16": (18e-6, 2e-9), "int8": (45e-6, 4e-9)}
 GB = 1e9
 MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head")
 Q8_0_BYTES = 34 / 32  # a column shard re-quantized because its boundary splits a block
@@ -169,17 +176,49 @@ def window_for(cfg: ModelConfig, load: RankLoad, budget_bytes: int, params: Cost
     )
 
 
-def allreduce_star_s(nbytes: int, links: Sequence[LinkProfile], params: CostParams) -> float:
-    """One star allreduce of nbytes per rank; links[0] is the master's own uplink."""
+@dataclass(frozen=True)
+class StarTerms:
+    """One star allreduce split into its terms (seconds); their sum is the prediction."""
+
+    latency_s: float  # the slowest worker's round trip
+    bytes_s: float  # the busiest link carrying the messages' bytes
+    overhead_s: float  # per-message software cost through the master
+
+    @property
+    def total_s(self) -> float:
+        return self.latency_s + self.bytes_s + self.overhead_s
+
+    @property
+    def bandwidth_bound(self) -> bool:
+        """The bytes cost more than the round trip and the software around it."""
+        return self.bytes_s > self.latency_s + self.overhead_s
+
+
+def star_terms(nbytes: float, links: Sequence[LinkProfile], params: CostParams) -> StarTerms:
+    """The terms of one star allreduce of nbytes per rank; links[0] is the master's own uplink."""
     n = len(links)
     if n <= 1:
-        return 0.0
+        return StarTerms(0.0, 0.0, 0.0)
     workers = links[1:]
     latency = max(l.rtt_s for l in workers)  # worker -> master, master -> worker
     messages = (n - 1) if params.master_full_duplex else 2 * (n - 1)
     master_bytes = messages * nbytes / links[0].bandwidth_bytes_s
     worker_bytes = max(2 * nbytes / l.bandwidth_bytes_s for l in workers)
-    return latency + max(master_bytes, worker_bytes) + 2 * (n - 1) * params.message_overhead_s
+    return StarTerms(latency, max(master_bytes, worker_bytes), 2 * (n - 1) * params.message_overhead_s)
+
+
+def allreduce_star_s(nbytes: float, links: Sequence[LinkProfile], params: CostParams) -> float:
+    """One star allreduce of nbytes per rank on the network (conversions excluded)."""
+    return star_terms(nbytes, links, params).total_s
+
+
+def wire_convert_s(values: int, n_ranks: int, wire_dtype: str) -> float:
+    """Conversions on one allreduce's critical path: a worker's partial, the master's N-1 partials
+    and its sum, the worker's sum (N + 2 of them); 0 for f32 and for one device."""
+    if n_ranks <= 1:
+        return 0.0
+    fixed, per_value = WIRE_CONVERT_S[wire_dtype]
+    return (n_ranks + 2) * (fixed + values * per_value)
 
 
 def allreduce_ring_s(nbytes: int, links: Sequence[LinkProfile], params: CostParams) -> float:
@@ -254,12 +293,13 @@ def _step_comm_s(cfg: ModelConfig, shards: Sequence[RankShard], links: Sequence[
     n = len(links)
     if n <= 1:
         return 0.0, 0.0
-    wire = WIRE_BYTES[params.wire_dtype]
-    hidden_bytes = tokens * cfg.hidden * wire
+    values = tokens * cfg.hidden
     master_bw = links[0].bandwidth_bytes_s
     max_half_rtt = max(l.rtt_s for l in links[1:]) / 2
-    broadcast = max_half_rtt + (n - 1) * (hidden_bytes / master_bw + params.message_overhead_s)
-    one = allreduce_star_s(hidden_bytes, links, params)
+    # the step's hidden states travel in f32 whatever the wire (once per step, not per layer)
+    broadcast = max_half_rtt + (n - 1) * (4 * values / master_bw + params.message_overhead_s)
+    one = (allreduce_star_s(values * WIRE_BYTES[params.wire_dtype], links, params)
+           + wire_convert_s(values, n, params.wire_dtype))
     logit_bytes = sum(len(s.vocab) for s in shards[1:]) * params.logit_bytes_per_elem
     gather = max_half_rtt + logit_bytes / master_bw + (n - 1) * params.message_overhead_s
     return broadcast + 2 * cfg.n_layers * one + gather, one

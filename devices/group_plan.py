@@ -162,5 +162,7 @@ def plan_summary(plan: GroupPlan) -> dict[str, Any]:
     """Group-level prediction for Group.status()."""
     p = plan.prediction
     return {"weight_format": plan.weight_format, "granularity": plan.granularity, "wire_dtype": plan.wire_dtype,
+            "wire_reason": plan.wire_reason,
+            "predicted_token_ms_by_wire": {w: round(q.token_latency_s * 1e3, 3) for w, q in plan.wire_options},
             "predicted_token_ms": round(p.token_latency_s * 1e3, 3), "predicted_ttft_s": round(p.ttft_s, 4),
             "bound_by": p.bottleneck, "left_out": [list(x) for x in plan.excluded]}

@@ -8,7 +8,8 @@ from typing import Any, Sequence
 from rich.table import Table
 
 from tpi.model.config import ModelConfig
-from tpi.devices.costmodel import WIRE_BYTES, CostParams, LinkProfile, Prediction, WeightProfile, compare_allreduce
+from tpi.devices.costmodel import (WIRE_BYTES, CostParams, LinkProfile, Prediction, WeightProfile, compare_allreduce,
+                                   star_terms, wire_convert_s)
 from tpi.devices.planner import GroupPlan, PlanDevice, plan_group
 from tpi.devices.profile import DeviceProfile
 from tpi.devices.shapes import model_shape
@@ -138,13 +139,35 @@ def render_plan(plan: GroupPlan, prediction: Prediction | None = None) -> Table:
     return table
 
 
+def render_wires(plan: GroupPlan) -> Table | None:
+    """Each wire dtype's predicted allreduce and token latency for this plan (None for one device)."""
+    if len(plan.devices) < 2 or not plan.wire_options:
+        return None
+    links = [d.link for d in plan.devices]
+    table = Table(title="wire dtype of the partial sums (model prediction; decode allreduce of one token)")
+    for col in ("wire", "bytes", "network ms", "conversions ms", "allreduce ms", "comm ms/token", "token ms",
+                "TTFT s", ""):
+        table.add_column(col, justify="left" if col in ("wire", "") else "right")
+    for wire, pred in plan.wire_options:
+        nbytes = plan.config.hidden * WIRE_BYTES[wire]
+        net = star_terms(nbytes, links, pred.params).total_s
+        conv = wire_convert_s(plan.config.hidden, len(links), wire)
+        mark = "chosen" if wire == plan.wire_dtype else (
+            f"{pred.token_latency_s / plan.prediction.token_latency_s:.2f}x the chosen token time")
+        table.add_row(wire, f"{nbytes:.0f}", f"{net * 1e3:.2f}", f"{conv * 1e3:.2f}", f"{pred.allreduce_s * 1e3:.2f}",
+                      f"{pred.comm_per_token_s * 1e3:.1f}", f"{pred.token_latency_s * 1e3:.1f}", f"{pred.ttft_s:.2f}",
+                      mark)
+    table.caption = plan.wire_reason
+    return table
+
+
 def render_allreduce(plan: GroupPlan) -> Table | None:
     """Star vs ring for one decode allreduce of this group (None for a single device)."""
     links = [d.link for d in plan.devices]
     if len(links) < 2:
         return None
     params = plan.prediction.params
-    nbytes = plan.config.hidden * WIRE_BYTES[params.wire_dtype]
+    nbytes = int(plan.config.hidden * WIRE_BYTES[params.wire_dtype])
     cmp = compare_allreduce(nbytes, links, params)
     table = Table(title=f"one decode allreduce ({nbytes} bytes, {cmp.n_ranks} ranks, model prediction)")
     table.add_column("algorithm")
@@ -188,5 +211,6 @@ def plan_command(model: str | ModelConfig, devices_path: Path | str, *, weight_f
 
 
 def plan_tables(plan: GroupPlan) -> list[Table]:
-    """The tables `tpi plan` and `tpi serve` show for a plan: the ranks, and the allreduce (for a group)."""
-    return [t for t in (render_plan(plan), render_allreduce(plan)) if t is not None]
+    """The tables `tpi plan` and `tpi serve` show for a plan: the ranks, the wire dtypes and the allreduce
+    (the last two for a group)."""
+    return [t for t in (render_plan(plan), render_wires(plan), render_allreduce(plan)) if t is not None]

@@ -3,6 +3,8 @@
 netem is missing on these machines, so tests and benchmarks emulate a slower link with this.
 Each accepted connection gets one thread per direction reading from its source, and one per
 direction writing each chunk once its delay has passed, so delay does not cap throughput.
+An optional bandwidth caps each direction of each connection: a chunk leaves once the link
+has carried the chunks before it at that rate, then travels the delay.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ class _Pipe:
     """One direction of one connection: read, hold for the delay, write."""
 
     def __init__(self, src: socket.socket, dst: socket.socket, delay_s: float,
-                 record: list | None, lock: threading.Lock):
+                 record: list | None, lock: threading.Lock, bytes_per_s: float | None = None):
         self._src, self._dst, self._delay = src, dst, delay_s
+        self._rate, self._free_at = bytes_per_s, 0.0  # when the capped link has sent what it holds
         self._record, self._lock = record, lock
         self._queue: collections.deque = collections.deque()
         self._ready = threading.Condition()
@@ -35,8 +38,12 @@ class _Pipe:
                 if self._record is not None:
                     with self._lock:
                         self._record.append(data)
+                sent = time.monotonic()
+                if self._rate:
+                    self._free_at = max(sent, self._free_at) + len(data) / self._rate
+                    sent = self._free_at
                 with self._ready:
-                    self._queue.append((time.monotonic() + self._delay, data))
+                    self._queue.append((sent + self._delay, data))
                     self._ready.notify()
         except OSError:
             pass  # the other side closed or stop() shut the socket: the pipe just ends
@@ -63,12 +70,14 @@ class _Pipe:
 
 
 class DelayProxy:
-    """Forward 127.0.0.1:listen_port to target_host:target_port with one-way delay each way."""
+    """Forward 127.0.0.1:listen_port to target_host:target_port with one-way delay each way
+    (and, with mbit_s, that bandwidth each way of each connection)."""
 
     def __init__(self, listen_port: int, target_host: str, target_port: int,
-                 one_way_delay_s: float = 0.0, record_to: list | None = None):
+                 one_way_delay_s: float = 0.0, record_to: list | None = None, mbit_s: float | None = None):
         self._target = (target_host, target_port)
         self._delay = one_way_delay_s
+        self._rate = mbit_s * 1e6 / 8 if mbit_s else None
         self._record = record_to
         self._lock = threading.Lock()
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -112,8 +121,8 @@ class DelayProxy:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._conns += [client, upstream]
-            self._pipes.append(_Pipe(client, upstream, self._delay, self._record, self._lock))
-            self._pipes.append(_Pipe(upstream, client, self._delay, self._record, self._lock))
+            self._pipes.append(_Pipe(client, upstream, self._delay, self._record, self._lock, self._rate))
+            self._pipes.append(_Pipe(upstream, client, self._delay, self._record, self._lock, self._rate))
 
     def stop(self) -> None:
         """Close the listener and every forwarded connection, and join the threads."""

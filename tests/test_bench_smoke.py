@@ -132,13 +132,17 @@ def test_allreduce_smoke_has_star_ring_gloo_and_the_anchor():
     except (AssertionError, subprocess.TimeoutExpired):
         out = run_bench("allreduce.py", "--smoke", timeout=60)
     (header, rows), = assert_well_formed(out)
-    for col in ("pyzmq RTT", "star median", "ring median", "gloo median", "star/RTT ratio"):
+    for col in ("pyzmq echo", "star median", "ring median", "gloo median", "star/echo (paired)"):
         assert col in header
     delays = {r[header.index("one-way delay ms")] for r in rows}
     assert delays == {"0", "1"}
-    for r in rows:  # latencies are positive numbers; gloo only without delay
-        assert float(r[header.index("star median")]) > 0
-        assert (r[header.index("gloo median")] == "-") == (r[header.index("one-way delay ms")] != "0")
+    assert {r[header.index("wire")] for r in rows} == {"f32", "bf16", "int8"}
+    for r in rows:  # latencies are positive numbers; gloo only without delay, ring and gloo without int8
+        assert float(r[header.index("star median")]) > 0 and float(r[header.index("pyzmq echo")]) > 0
+        assert r[header.index("star/echo (paired)")].endswith("x")
+        q8 = r[header.index("wire")] == "int8"
+        assert (r[header.index("gloo median")] == "-") == (r[header.index("one-way delay ms")] != "0" or q8)
+        assert (r[header.index("ring median")] == "-") == q8
 
 
 @pytest.mark.slow
@@ -154,7 +158,7 @@ def test_paper_smoke_compares_tpi_with_accelerate_offload(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", [
-    "tp.py", "memory.py", "costmodel.py", "backends.py",
+    "tp.py", "memory.py", "costmodel.py", "backends.py", "star_floor.py",
 ])
 def test_other_benchmarks_smoke(script):
     if not (BENCH / script).exists():

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from tpi.devices.costmodel import (
-    CostParams, LinkProfile, allreduce_ring_s, allreduce_star_s, compare_allreduce, predict, rank_load,
+    WIRE_CONVERT_S, CostParams, LinkProfile, allreduce_ring_s, allreduce_star_s, compare_allreduce, predict,
+    rank_load, star_terms, wire_convert_s,
 )
 from tpi.devices.profile import DeviceProfile
 from tpi.devices.shapes import model_shape, parameter_count
@@ -83,11 +84,27 @@ def test_small_budget_streams_and_disk_bounds_latency():
     assert p.bottleneck.startswith("disk")
 
 
-def test_bf16_wire_halves_allreduce_bytes():
+@pytest.mark.parametrize("wire,bytes_per_value", [("bf16", 2), ("int8", 34 / 32)])
+def test_narrow_wires_cut_allreduce_bytes_and_add_their_conversions(wire, bytes_per_value):
     shards = plan_shards(SMOL, [0.5, 0.5])
     links = [LinkProfile(0.0, 1e6)] * 2  # bandwidth-bound, zero latency
     f32 = predict(SMOL, shards, [profile()] * 2, links, [8 << 30] * 2, CostParams(message_overhead_s=0))
-    bf16 = predict(SMOL, shards, [profile()] * 2, links, [8 << 30] * 2,
-                   CostParams(message_overhead_s=0, wire_dtype="bf16"))
-    assert bf16.allreduce_s == pytest.approx(f32.allreduce_s / 2)
+    narrow = predict(SMOL, shards, [profile()] * 2, links, [8 << 30] * 2,
+                     CostParams(message_overhead_s=0, wire_dtype=wire))
     assert f32.allreduce_s == pytest.approx(2 * SMOL.hidden * 4 / 1e6)
+    fixed, per_value = WIRE_CONVERT_S[wire]
+    convert = 4 * (fixed + SMOL.hidden * per_value)  # N + 2 conversions on the critical path, N = 2
+    assert convert > 0 and wire_convert_s(SMOL.hidden, 2, wire) == pytest.approx(convert)
+    assert narrow.allreduce_s == pytest.approx(f32.allreduce_s * bytes_per_value / 4 + convert)
+    assert narrow.token_latency_s < f32.token_latency_s
+
+
+def test_star_terms_say_when_the_bytes_dominate():
+    slow = [LinkProfile.from_ms_mbit(1, 300)] * 8
+    fast = [LinkProfile.from_ms_mbit(1, 10_000)] * 8
+    params = CostParams(message_overhead_s=30e-6)
+    assert star_terms(8192 * 4, slow, params).bandwidth_bound
+    assert not star_terms(8192 * 4, fast, params).bandwidth_bound
+    t = star_terms(8192 * 4, slow, params)
+    assert t.total_s == pytest.approx(allreduce_star_s(8192 * 4, slow, params))
+    assert t.bytes_s == pytest.approx(2 * 7 * 8192 * 4 / 37.5e6)

@@ -92,3 +92,8 @@ def test_plan_command_plans_what_its_tables_show(tmp_path):
     assert "token latency" in out and "star (used)" in out
     for name in plan.names:
         assert name in out
+    # the wire table: every wire's prediction, the chosen one marked, and the reason
+    assert "wire dtype of the partial sums" in out and "int8 would predict" in out
+    for wire, pred in plan.wire_options:
+        assert f"{pred.token_latency_s * 1e3:.1f}" in out
+    assert "chosen" in out and "x the chosen token time" in out

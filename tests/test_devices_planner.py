@@ -1,11 +1,13 @@
 """Planner: ratios follow speed within memory, slow links sit out, wire dtype, infeasible plans."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from tpi.devices.costmodel import CostParams, LinkProfile
 from tpi.devices.planner import (
-    PlanDevice, _ratio_within, balance_ratios, device_time_s, plan_group,
+    PlanDevice, _ratio_within, balance_ratios, choose_wire, device_time_s, plan_group,
 )
 from tpi.devices.profile import DeviceProfile
 from tpi.devices.shapes import model_shape
@@ -89,6 +91,40 @@ def test_wire_dtype_is_bf16_only_when_bytes_matter():
     forced = plan_group(QWEN7, [device("a", 50, link=lan), device("b", 50, link=lan)], wire_dtype="f32")
     assert forced.wire_dtype == "f32"
     assert forced.prediction.comm_per_token_s > slow.prediction.comm_per_token_s
+
+
+def test_int8_wire_is_suggested_only_where_the_link_is_bandwidth_bound_and_chosen_only_when_asked():
+    slow = LinkProfile.from_ms_mbit(1, 300)
+    laptops = [device(f"l{i}", 100, mem_gb=8, link=slow) for i in range(8)]
+    params = CostParams(weight_format="int4")
+    plan = plan_group(LLAMA70, laptops, params)
+    preds = dict(plan.wire_options)
+    assert set(preds) == {"f32", "bf16", "int8"} and plan.wire_dtype == "bf16"  # int8 is opt-in (AUTO_INT8)
+    assert preds["int8"].token_latency_s < 0.97 * min(preds["f32"].token_latency_s, preds["bf16"].token_latency_s)
+    assert "bandwidth-bound" in plan.wire_reason and "opt in with --wire-dtype int8" in plan.wire_reason
+    assert f"int8 would predict {preds['int8'].token_latency_s * 1e3:.1f}" in plan.wire_reason
+    links = [d.link for d in plan.devices]
+    wire, why = choose_wire(LLAMA70, links, params, preds, auto_int8=True)  # the rule, were int8 automatic
+    assert wire == "int8" and why.startswith("int8 on the wire: the link is bandwidth-bound")
+    asked = plan_group(LLAMA70, laptops, params, wire_dtype="int8")
+    assert asked.wire_dtype == "int8" and asked.prediction.token_latency_s < plan.prediction.token_latency_s
+    # a fast link: the same group keeps exact sums, and says it is not bandwidth-bound
+    lan = [device(f"l{i}", 100, mem_gb=8, link=LinkProfile.from_ms_mbit(1, 100_000)) for i in range(8)]
+    fast = plan_group(LLAMA70, lan, CostParams(weight_format="int4"))
+    assert fast.wire_dtype == "f32" and "not bandwidth-bound" in fast.wire_reason and "int8" not in fast.wire_reason
+    # 1 ms at 1 Gbit for a 7B: bf16 saves >= 3%, but the bytes do not dominate, so no int8
+    one_gbit = LinkProfile.from_ms_mbit(1, 1000)
+    mid = plan_group(QWEN7, [device("a", 50, link=one_gbit), device("b", 50, link=one_gbit)])
+    assert mid.wire_dtype == "bf16" and "int8" in dict(mid.wire_options)
+
+
+def test_int8_wire_needs_whole_blocks_of_the_hidden_size():
+    odd = replace(QWEN7, hidden=3580, name="odd")  # not a multiple of 32
+    slow = LinkProfile.from_ms_mbit(1, 1000)
+    plan = plan_group(odd, [device("a", 50, link=slow), device("b", 50, link=slow)])
+    assert "int8" not in dict(plan.wire_options) and plan.wire_dtype == "bf16"
+    with pytest.raises(BudgetError, match="multiple of 32"):
+        plan_group(odd, [device("a", 50, link=slow), device("b", 50, link=slow)], wire_dtype="int8")
 
 
 def test_single_device_plan_has_no_communication():

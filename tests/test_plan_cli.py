@@ -50,6 +50,16 @@ def test_plan_named_shape_prints_the_table_and_who_sits_out(devices_file):
     assert "left out phone" in result.output  # 20 ms per allreduce x 64 allreduces cannot pay off
 
 
+def test_plan_with_the_int8_wire_prints_every_wire_and_keeps_the_choice(devices_file):
+    result = RUNNER.invoke(app, ["plan", "llama-3-8b", "--devices", str(devices_file), "--wire-dtype", "int8"],
+                           env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "int8 on the wire (model prediction)" in result.output and "fixed by the options" in result.output
+    rows = [line.split()[0] for line in result.output.splitlines() if line.strip()]
+    for wire in ("f32", "bf16", "int8"):
+        assert wire in rows  # a row of the wire table (plain text: the runner's output is not a terminal)
+
+
 def test_plan_reads_only_the_metadata_of_a_gguf_file(devices_file, tiny_llama_q4_0):
     result = RUNNER.invoke(app, ["plan", str(tiny_llama_q4_0), "--devices", str(devices_file), "--context", "256"],
                            env={"COLUMNS": "250"})
@@ -87,6 +97,7 @@ def test_plan_json_is_the_plan_for_scripts(devices_file):
 @pytest.mark.parametrize("args, needle", [
     (["plan", "llama-9-9000b"], "unknown model shape"),
     (["plan", "llama-3-8b", "--weights", "fp8"], "--weights"),
+    (["plan", "llama-3-8b", "--wire-dtype", "q8"], "use one of f32, bf16, int8"),
     (["plan", "llama-3-70b", "--no-streaming", "--weights", "bf16"], "GB"),  # 140 GB of bf16 on 20 GB
 ])
 def test_plan_errors_are_one_line_with_the_fix(devices_file, args, needle):

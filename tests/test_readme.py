@@ -43,7 +43,7 @@ SINGLE = [
     "tpi plan llama-2-70b --devices examples/devices.toml",
 ]
 GROUP = [
-    "tpi serve MODEL.gguf --devices 2 --port 7610",
+    "tpi serve MODEL.gguf --devices 2 --port 7610 --keep-all",
     "curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
     """-d '{"model": "tpi", "messages": [{"role": "user", "content": "Hello!"}], "stream": true}'""",
     "tpi chat --url http://127.0.0.1:8000",

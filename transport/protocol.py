@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import msgpack
 import numpy as np
 
 from tpi.errors import ProtocolError, VersionMismatch
-from tpi.quant.formats import bf16_bits_to_f32 as from_bf16  # noqa: F401 (the one bf16 codec)
-from tpi.quant.formats import f32_to_bf16_bits as to_bf16  # noqa: F401
+from tpi.transport.wire import INT8_BLOCK, REDUCE_DTYPES, from_bf16, to_bf16  # noqa: F401 (re-exported)
 
-# 2: typed controls (Step rows and flags, Truncate, Stop.rejoin, Probe/ProbeEcho, Assign's own fields)
-PROTOCOL_VERSION = 2
+# 2: the int8 block wire dtype (Partial/Reduced and Assign.wire_dtype)
+# 3: typed controls (Step rows and flags, Truncate, Stop.rejoin, Probe/ProbeEcho, Assign's own fields)
+PROTOCOL_VERSION = 3
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_FRAME = 256 << 20
 MAX_NDIM = 8
@@ -35,9 +35,9 @@ WIRE_DTYPES: dict[str, np.dtype] = {
     "i64": np.dtype("<i8"),
     "u8": np.dtype("u1"),
     "i8": np.dtype("i1"),
+    "int8": INT8_BLOCK,  # blocks of 32 int8 codes + a bf16 scale (transport/wire.py); shape counts blocks
 }
 _NAME_OF = {dt: name for name, dt in WIRE_DTYPES.items()}
-REDUCE_DTYPES = ("f32", "bf16")
 
 
 
@@ -115,8 +115,8 @@ def _need(cond: bool, what: str) -> None:
 
 
 def _check_reduce_tensor(x: np.ndarray) -> None:
-    if x.dtype != np.float32 and x.dtype != np.uint16:
-        raise ProtocolError(f"allreduce tensors must be f32 or bf16, got {x.dtype}")
+    if x.dtype != np.float32 and x.dtype != np.uint16 and x.dtype != INT8_BLOCK:
+        raise ProtocolError(f"allreduce tensors must be f32, bf16 or int8, got {wire_dtype_of(x)}")
 
 
 @_msg(1, ("name", "str"), ("profile", "dict"), ("cached_hashes", "strs"), ("proof", "bytes"))
@@ -159,7 +159,8 @@ class Assign(Message):
     def check(self) -> None:
         _need(0 < self.rank < self.world, f"rank {self.rank} out of range for world {self.world}")
         _need(self.data_port < 65536, "data port out of range")
-        _need(self.wire_dtype in REDUCE_DTYPES, f"wire dtype must be f32 or bf16, got {self.wire_dtype!r}")
+        _need(self.wire_dtype in REDUCE_DTYPES,
+              f"wire dtype must be one of {', '.join(REDUCE_DTYPES)}, got {self.wire_dtype!r}")
         _need(self.heartbeat_s > 0 and self.timeout_s > 0, "heartbeat interval and timeout must be > 0")
         _need(0 < len(self.peer_id) <= 64, "peer id must be 1..64 characters")
 
@@ -326,6 +327,17 @@ class ProbeEcho(Message):
 
 # ---- codec ----
 
+def encode_header(msg_type: int, seq: int, values: list, descs: list) -> bytes:
+    """The msgpack header frame; hot paths precompute it to compare received headers byte for byte."""
+    return msgpack.packb([PROTOCOL_VERSION, msg_type, seq, values, descs], use_bin_type=True)
+
+
+def header_packer() -> Callable[[int, int, list, list], bytes]:
+    """encode_header with one reused msgpack Packer (half the cost); for a single thread's use."""
+    pack = msgpack.Packer(use_bin_type=True).pack
+    return lambda msg_type, seq, values, descs: pack([PROTOCOL_VERSION, msg_type, seq, values, descs])
+
+
 def encode(msg: Message) -> list:
     """Message -> multipart frames [header, buffers...]; arrays go out without copying."""
     values, bufs, descs = [], [], []
@@ -338,9 +350,7 @@ def encode(msg: Message) -> list:
         else:
             values.append(v)
     try:
-        header = msgpack.packb(
-            [PROTOCOL_VERSION, msg.TYPE, getattr(msg, "seq", 0), values, descs], use_bin_type=True
-        )
+        header = encode_header(msg.TYPE, getattr(msg, "seq", 0), values, descs)
     except (TypeError, ValueError, OverflowError) as e:
         raise ProtocolError(f"{type(msg).__name__} cannot be encoded: {e}; send plain numbers, "
                             "strings, lists and dicts") from e

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tpi.cli.options import DEFAULT_CACHE_DIR, Backend, CacheDir, Threads, reports_errors
+from tpi.cli.options import DEFAULT_CACHE_DIR, Backend, CacheDir, Threads, WireDtype, reports_errors
 from tpi.errors import GroupError, TpiError
 
 devices_app = typer.Typer(help="Devices of a running group, and this device's profile.")
@@ -38,17 +38,17 @@ def plan(
     context: Annotated[int, typer.Option("--context", "-c", help="context length to plan the KV cache for")] = 2048,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="prompt length for the TTFT prediction")] = 128,
     no_streaming: Annotated[bool, typer.Option("--no-streaming", help="refuse plans that stream weights from disk")] = False,
-    wire_dtype: Annotated[Optional[str], typer.Option("--wire-dtype", help="f32 or bf16 (default: the planner's choice)")] = None,
+    wire_dtype: WireDtype = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan and prediction as JSON (for scripts)")] = False,
 ) -> None:
     """Will MODEL run on these devices, and how fast? Prints the plan and predictions; loads no weights."""
     from tpi.cli.table_text import print_tables
     from tpi.devices.plan_report import plan_command, plan_json, plan_tables
+    from tpi.master.options import check_wire_dtype
 
     if weights not in (None, "int4", "bf16"):
         raise TpiError(f"--weights {weights!r} must be int4 or bf16")
-    if wire_dtype not in (None, "f32", "bf16"):
-        raise TpiError(f"--wire-dtype {wire_dtype!r} must be f32 or bf16")
+    check_wire_dtype(wire_dtype)
     if context < 8 or prompt_tokens < 1 or prompt_tokens > context:
         raise TpiError("--context must be >= 8 and --prompt-tokens between 1 and the context")
     cfg, file_format, profile = load_model_config(model)

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from tpi.cli.options import (DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Backend, Budget, CacheDir, ConfigDir, Context,
-                             Insecure, LocalWorkers, ModelArg, Threads, parse_size, reports_errors, say)
+                             Insecure, LocalWorkers, ModelArg, Threads, WireDtype, parse_size, reports_errors, say)
 from tpi.errors import TpiError
 
 token_app = typer.Typer(help="Manage the join token.", no_args_is_help=True)
@@ -28,7 +28,7 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option("--api-key", help="require this Bearer key on the API (not on /health)", envvar="TPI_API_KEY")] = None,
     queue_size: Annotated[int, typer.Option("--queue-size", help="requests that may wait while one runs; more get 429")] = 8,
     prompt_cache: Annotated[bool, typer.Option("--prompt-cache", help="reuse the previous request's cached prefix (faster multi-turn; answers may differ in the last bits)")] = False,
-    wire_dtype: Annotated[Optional[str], typer.Option("--wire-dtype", help="allreduce wire dtype: f32 or bf16 (default: the planner's choice)")] = None,
+    wire_dtype: WireDtype = None,
     ratios: Annotated[Optional[str], typer.Option("--ratios", help="split ratios by rank, e.g. 2,1 (default: planned from device profiles)")] = None,
     keep_all: Annotated[bool, typer.Option("--keep-all", help="never leave a joined device out, even if the planner predicts it slows the group")] = False,
     threads: Threads = None,

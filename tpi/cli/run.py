@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from tpi.cli.options import (DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Backend, Budget, CacheDir, ConfigDir, Context,
-                             Insecure, LocalWorkers, ModelArg, Threads, parse_size, reports_errors, say)
+                             Insecure, LocalWorkers, ModelArg, Threads, WireDtype, parse_size, reports_errors, say)
 from tpi.errors import TpiError
 
 
@@ -33,6 +33,7 @@ def run(
     backend: Backend = "auto",
     memory_budget: Budget = None,
     local_workers: LocalWorkers = 0,
+    wire_dtype: WireDtype = None,
     config_dir: ConfigDir = DEFAULT_CONFIG_DIR,
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
     insecure: Insecure = False,
@@ -46,7 +47,7 @@ def run(
 
     group = start_group(GroupOptions(
         model=model, local_workers=local_workers, host="127.0.0.1", context=context, threads=threads,
-        backend=backend, memory_budget=parse_size(memory_budget), insecure=insecure,
+        backend=backend, memory_budget=parse_size(memory_budget), wire_dtype=wire_dtype, insecure=insecure,
         config_dir=config_dir, cache_dir=cache_dir), on_event=say)
     try:
         engine = group.engine

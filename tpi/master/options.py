@@ -4,6 +4,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tpi.errors import TpiError
+from tpi.transport.wire import REDUCE_DTYPES
+
+
+def check_wire_dtype(wire_dtype: str | None) -> None:
+    """TpiError unless wire_dtype is None (the planner's choice) or a wire the allreduce carries."""
+    if wire_dtype is not None and wire_dtype not in REDUCE_DTYPES:
+        raise TpiError(f"--wire-dtype {wire_dtype!r} is not a wire dtype; use one of {', '.join(REDUCE_DTYPES)}")
+
 
 @dataclass(frozen=True)
 class GroupOptions:
@@ -32,6 +41,9 @@ class GroupOptions:
     rejoin_timeout_s: float = 30.0  # how long a lost device has to rejoin before the group re-plans
     replan: bool = True  # re-plan over the remaining devices when a lost one does not rejoin
     announce: bool = False  # announce the group on the LAN (mDNS) so `tpi join --token T` finds it (tpi serve)
+
+    def __post_init__(self) -> None:
+        check_wire_dtype(self.wire_dtype)
 
     @property
     def world(self) -> int:

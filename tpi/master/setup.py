@@ -104,6 +104,9 @@ def _open(opts: GroupOptions) -> _Model:
     """Step 1: the model, its context and the group size it can be split into."""
     source = open_model(opts.model)
     cfg = source.config
+    if opts.wire_dtype == "int8" and cfg.hidden % 32:
+        raise GroupError(f"the int8 wire needs a hidden size that is a multiple of 32; {cfg.name} has "
+                         f"{cfg.hidden}: use --wire-dtype f32 or bf16")
     world = opts.world
     if world > cfg.n_heads:
         raise GroupError(f"{world} devices but the model has {cfg.n_heads} query heads; use at most {cfg.n_heads}")
