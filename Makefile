@@ -4,6 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.tpi-installed
 
+# Test processes (pytest-xdist): the suite is about half single-threaded work, so 2 fill 2 cores.
+TEST_WORKERS ?= 2
+TEST_ARGS := -q -n $(TEST_WORKERS) --dist loadgroup
+
 .PHONY: setup demo chat test test-fast bench clean
 
 $(STAMP): pyproject.toml
@@ -24,10 +28,10 @@ chat: $(STAMP)
 	$(BIN)/tpi chat --local-workers 1
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest $(TEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest $(TEST_ARGS) -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

