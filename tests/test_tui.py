@@ -153,11 +153,14 @@ def test_chat_tui_streams_handles_commands_and_ctrl_c_under_tmux(tmp_path):
         tmux.send("/stats", "Enter")
         tmux.wait_for(lambda s: "decode_tok_s" in s and "history_messages" in s, 30, "/stats")
         tmux.send("/reset", "Enter")
-        tmux.wait_for(lambda s: "conversation cleared" in s, 30, "/reset")
+        # the next prompt, not just the message: keys typed before it is drawn can be lost on a busy machine
+        tmux.wait_for(lambda s: "conversation cleared" in s and "you ›" in s.split("conversation cleared")[-1], 30,
+                      "/reset and the next prompt")
 
         marker = tmux.screen().count("tok/s")
         tmux.send("Write a very long story about a dragon who learns to bake bread.", "Enter")
-        tmux.wait_for(lambda s: len(s.split("bake bread.")[-1].split()) > 12, 120, "the story to stream")
+        tmux.wait_for(lambda s: "bake bread." in s and len(s.split("bake bread.")[-1].split()) > 12, 120,
+                      "the story to stream")
         tmux.send("C-c")
         tmux.wait_for(lambda s: "answer stopped" in s, 60, "Ctrl-C to stop the answer")
 
