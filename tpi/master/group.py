@@ -340,7 +340,7 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
     """
     from tpi.model.config import config_to_dict
     from tpi.master.engine import resolve_context
-    from tpi.model.backends import backend_choice_note, make_layers, resolve_backend
+    from tpi.model.backends import backend_choice_note, check_runs, make_layers, resolve_backend
     from tpi.formats import open_model
     from tpi.master.generate import Engine
     from tpi.model.blocks import EMBED, GLOBALS
@@ -358,6 +358,8 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
     opts = replace(opts, backend=backend, worker_backend=worker_backend)
     source = open_model(opts.model)
     cfg = source.config
+    for b in {backend, worker_backend} if opts.local_workers else {backend}:
+        check_runs(b, cfg.arch)  # before any device waits on this group
     if opts.wire_dtype == "int8" and cfg.hidden % 32:
         raise GroupError(f"the int8 wire needs a hidden size that is a multiple of 32; {cfg.name} has "
                          f"{cfg.hidden}: use --wire-dtype f32 or bf16")
