@@ -200,7 +200,7 @@ def english_ids(smollm2) -> list[int]:
 
 @pytest.mark.parametrize("ftype", [None, "Q4_K_M"])
 def test_perplexity_within_half_a_percent_of_llama_cpp(smollm2, english_ids, tmp_path, ftype):
-    from tpi.cli import window_perplexity
+    from tpi.master.perplexity import window_perplexity
 
     path = smollm2 if ftype is None else llama_quantize(smollm2, tmp_path / f"smollm2-{ftype}.gguf", ftype)
     src = model_blocks(path)

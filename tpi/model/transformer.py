@@ -13,18 +13,7 @@ import numpy as np
 
 from tpi.model.blocks import GLOBALS, POST_ATTN_NORM, POST_MLP_NORM, layer_keys
 from tpi.model.config import ModelConfig
-
-
-class NullCommunicator:
-    """The communicator of a group of one."""
-
-    rank, world = 0, 1
-
-    def allreduce(self, x: np.ndarray) -> np.ndarray:
-        return x
-
-    def gather(self, x: np.ndarray) -> list[np.ndarray]:
-        return [x]
+from tpi.transport.comm import Communicator, NullCommunicator
 
 
 class ResidentWeights:
@@ -66,7 +55,7 @@ class ForwardStats:
 class Transformer:
     """A rank's share of the model: layers -> partial sums -> allreduce -> logits slice."""
 
-    def __init__(self, cfg: ModelConfig, layers, weights, comm=None):
+    def __init__(self, cfg: ModelConfig, layers, weights, comm: Communicator | None = None):
         self.cfg = cfg
         self.layers = layers  # TorchLayers / NumpyLayers: the per-block maths
         self.weights = weights  # get(key) -> prepared block; release(key)
