@@ -19,10 +19,10 @@ llama_cpp = pytest.importorskip("llama_cpp")
 FAMILIES = ("gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3")
 
 
-def one_error_line(model, tmp) -> str:
+def one_error_line(model, tmp, *extra: str) -> str:
     """The single `error:` line of a `tpi run` that must refuse the model (exit code 1, no traceback)."""
     result = CliRunner().invoke(app, ["run", str(model), "-p", "hi", "-n", "1", "--cache-dir", str(tmp / "cache"),
-                                      "--config-dir", str(tmp / "config")])
+                                      "--config-dir", str(tmp / "config"), *extra])
     assert result.exit_code == 1 and "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr
@@ -77,3 +77,26 @@ def test_hf_folder_of_an_unknown_family_names_what_tpi_runs(tmp_path):
     line = one_error_line(hf_folder(tmp_path, "bert"), tmp_path)
     assert "unknown model architecture 'bert'" in line
     assert all(arch in line for arch in FAMILIES), line
+
+
+@pytest.mark.parametrize("extra", [("--backend", "torch"), ("--backend", "torch", "--local-workers", "1")])
+def test_the_torch_backend_refuses_the_new_families_before_any_device_waits(extra, family_gguf, tmp_path):
+    line = one_error_line(family_gguf("qwen3"), tmp_path, *extra)
+    assert "torch backend does not run qwen3 models" in line and "--backend ggml" in line
+
+
+def test_a_torch_only_device_is_left_out_of_a_group_running_a_torch_less_family():
+    """`--backend torch` computes llama, mistral and qwen2 only: a joiner that offers torch is refused, with
+    the fix, while the master plans the rest; for qwen2 the same device is planned."""
+    from dataclasses import replace
+
+    from test_plan_group import LAN, PARAMS, QWEN7, profile
+    from tpi.devices.group_plan import Candidate, plan_real_group
+
+    ggml = replace(profile("desk", 100), backend="ggml")
+    cands = [Candidate("phone", profile("phone", 100).to_dict(), LAN), Candidate("desk", ggml.to_dict(), LAN)]
+    real = plan_real_group(replace(QWEN7, arch="qwen3"), ggml, None, cands, PARAMS)
+    (index, reason), = real.refused
+    assert index == 0 and "torch backend does not run qwen3" in reason and "join with --backend ggml" in reason
+    assert real.ranks == (1,)
+    assert plan_real_group(QWEN7, ggml, None, cands, PARAMS).refused == ()
