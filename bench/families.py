@@ -15,8 +15,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from common import machine_info, print_table  # noqa: E402
-from single_device import run  # noqa: E402
+from common import print_table  # noqa: E402
+from single_device import COLUMNS, run, run_notes  # noqa: E402
 
 DEFAULT_CACHE = Path.home() / ".cache" / "tpi" / "bench"
 QWEN3 = dict(arch="qwen3", hidden=1024, intermediate=3072, n_layers=8, n_heads=16, n_kv_heads=8, head_dim=128,
@@ -61,15 +61,8 @@ def main() -> None:
     for label, path in models.items():
         rows += [[label, *row] for row in run(str(path), args.threads, args.rounds, args.prompt, args.decode,
                                               ("ggml",))]
-    print_table(
-        f"issue-19 families, single device: {args.threads} threads, prompt {args.prompt}, decode {args.decode}",
-        ["model", "engine", "prefill tok/s", "ratio", "decode tok/s", "ratio", "TTFT ms", "speedup"],
-        rows,
-        notes=[f"medians of {args.rounds} alternating rounds, each engine in its own process; ratio = engine / "
-               "llama.cpp (flash attention off, llama-cpp-python's default), paired per round",
-               f"machine: {machine_info()}", "command: python bench/families.py " + " ".join(sys.argv[1:])],
-    )
-
+    print_table(f"issue-19 families, single device: {args.threads} threads, prompt {args.prompt}, decode {args.decode}",
+                ["model", *COLUMNS], rows, notes=run_notes(args.rounds, "families.py"))
 
 if __name__ == "__main__":
     main()
