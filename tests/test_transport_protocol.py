@@ -23,13 +23,16 @@ SAMPLES = [
     p.ShardChunk("f" * 64, 8, 5, 1234, np.frombuffer(b"hello", np.uint8)),
     p.ShardChunk("f" * 64, 8, 5, 1234, np.empty(0, np.uint8)),
     p.Ready(),
-    p.Step(7, 12, 3, {"temperature": 0.0}, np.arange(12, dtype=np.float32).reshape(3, 4), seq=9),
+    p.Step.of_sequence(12, 3, np.arange(12, dtype=np.float32).reshape(3, 4), request_id=7,
+                       extra={"temperature": 0.0}, seq=9),
+    p.Step(7, [2, 0], [40, 12], [1, 4], [1, 4], {}, np.arange(20, dtype=np.float32).reshape(5, 4), seq=9),
     p.Partial(4, np.ones((1, 8), np.float32), seq=9),
     p.Partial(4, np.ones((1, 8), np.uint16), seq=9),
     p.Reduced(4, np.full((2, 3), 7.5, np.float32), seq=9),
     p.Logits(5, np.arange(10, dtype=np.uint16), seq=9),
     p.Heartbeat(),
     p.Reset(7),
+    p.Truncate(2, 40),
     p.Stop("bye"),
 ]
 
@@ -115,7 +118,7 @@ def test_bad_dtype_or_shape_is_refused(desc):
 
 
 def test_oversize_frame_is_refused_before_use():
-    msg = p.Step(1, 0, 1, {}, np.zeros(1024, np.float32))
+    msg = p.Step.of_sequence(0, 1, np.zeros((1, 1024), np.float32))
     with pytest.raises(ProtocolError, match="frame limit"):
         p.decode([bytes(f) for f in p.encode(msg)], max_frame=1000)
 
@@ -146,6 +149,27 @@ def test_bool_is_not_accepted_as_an_integer_field():
         p.decode([msgpack.packb([v, t, seq, [True], descs])])
 
 
+@pytest.mark.parametrize("runs", [
+    ([0, 0], [0, 5], [1, 1], [1, 1]),  # a slot twice
+    ([0], [0], [0], [0]),  # an empty run
+    ([0], [0], [2], [3]),  # more logits rows than rows
+    ([0, 1], [0, 0], [1, 1], [1]),  # one list short
+    ([0], [-1], [2], [1]),  # a negative position
+])
+def test_a_step_whose_runs_do_not_fit_its_rows_is_refused(runs):
+    slots, starts, counts, outputs = runs
+    x = np.zeros((2, 4), np.float32)
+    frames = [bytes(f) for f in p.encode(p.Step(1, slots, starts, counts, outputs, {}, x))]
+    with pytest.raises(ProtocolError):
+        p.decode(frames)
+
+
+def test_a_step_listing_other_rows_than_it_carries_is_refused():
+    frames = [bytes(f) for f in p.encode(p.Step(1, [0, 1], [0, 3], [2, 1], [1, 1], {}, np.zeros((4, 8), np.float32)))]
+    with pytest.raises(ProtocolError, match="rows its runs list"):
+        p.decode(frames)
+
+
 def test_unencodable_field_is_a_protocol_error():
     with pytest.raises(ProtocolError, match="cannot be encoded"):
         p.encode(p.Hello("x", {"big": 2**70}, [], b""))
@@ -153,7 +177,7 @@ def test_unencodable_field_is_a_protocol_error():
 
 def test_unencodable_dtype_is_a_protocol_error():
     with pytest.raises(ProtocolError, match="cannot travel"):
-        p.encode(p.Step(1, 0, 1, {}, np.zeros(3, np.float64)))
+        p.encode(p.Step.of_sequence(0, 3, np.zeros(3, np.float64)))
 
 
 def test_bf16_rounding_matches_torch():

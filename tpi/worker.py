@@ -212,7 +212,10 @@ def _load_model(path: Path, assign, opts: WorkerOptions):
         raise GroupError(f"the master assigned an invalid context {context}")
     store = ShardStore.open(path)
     t0 = time.perf_counter()
-    layers = make_layers(opts.backend, cfg, shard, context, opts.threads)
+    slots = int(a.get("slots", 1))
+    if not 0 < slots <= 1024:
+        raise GroupError(f"the master assigned an invalid number of KV slots {slots}")
+    layers = make_layers(opts.backend, cfg, shard, context, opts.threads, slots=slots)
     weights = open_store_weights(store, layers, cfg, shard, context, opts.memory_budget)
     log.info("loaded shard in %.1fs", time.perf_counter() - t0)
     return Transformer(cfg, layers, weights), store
@@ -223,6 +226,8 @@ def _serve_steps(model, comm, master_lost=lambda: None, stopped: list | None = N
 
     The Stop's reason is appended to `stopped` when given.
     """
+    from tpi.model.rows import Rows
+
     steps = 0
     while True:
         header, x = comm.recv_step()
@@ -231,11 +236,18 @@ def _serve_steps(model, comm, master_lost=lambda: None, stopped: list | None = N
             if stopped is not None:
                 stopped.append(header.get("reason", ""))
             return steps
-        if kind == "reset":
-            continue  # positions restart at 0: cached keys/values are simply overwritten
+        if kind == "reset":  # the group recovered: every sequence prefills from position 0 again
+            for slot in range(model.kv.slots):
+                model.truncate(slot, 0)
+            continue
+        if kind == "truncate":
+            model.truncate(header["slot"], header["keep"])
+            continue
+        rows = Rows(tuple(header["slots"]), tuple(header["starts"]), tuple(header["counts"]), tuple(header["outputs"]))
         try:
-            logits = model.forward(x, int(header["start_pos"]), bool(header.get("all", False)))
-            comm.gather(logits, header.get("logits_dtype"))
+            logits = model.forward(x, rows)
+            if rows.n_outputs:
+                comm.gather(logits, header.get("logits_dtype"))
         except GroupError as e:
             if master_lost():
                 raise

@@ -22,7 +22,7 @@ import numpy as np
 import zmq
 
 from tpi.errors import GroupError, ProtocolError
-from tpi.transport.protocol import (WIRE_DTYPES, Logits, Message, Partial, Ready, Reduced, Reset, Step, Stop,
+from tpi.transport.protocol import (WIRE_DTYPES, Logits, Message, Partial, Ready, Reduced, Reset, Step, Stop, Truncate,
                                     decode, encode, header_packer)
 from tpi.transport.wire import REDUCE_DTYPES, from_bf16, from_wire, to_bf16, to_wire, wire_shape
 
@@ -362,17 +362,30 @@ class StarMaster:
         return out
 
     def broadcast_step(self, header: dict, x: np.ndarray) -> None:
-        """Start a step on every worker: header has request_id, start_pos, n_tokens (+ extras)."""
-        extra = {k: v for k, v in header.items() if k not in ("request_id", "start_pos", "n_tokens")}
+        """Start a step on every worker. header: request_id and either the runs of rows (slots, starts,
+        counts, outputs: tpi.model.rows.Rows) or one sequence in slot 0 (start_pos, n_tokens, all);
+        other keys travel as extras."""
+        extra = {k: v for k, v in header.items() if k not in _STEP_KEYS}
         self._seq += 1
         self._op = 0
-        self._send_all(encode(Step(header["request_id"], header["start_pos"], header["n_tokens"],
-                                   extra, np.ascontiguousarray(x), self._seq)))
+        x = np.ascontiguousarray(x)
+        if "slots" in header:
+            step = Step(header["request_id"], list(header["slots"]), list(header["starts"]), list(header["counts"]),
+                        list(header["outputs"]), extra, x, self._seq)
+        else:
+            step = Step.of_sequence(header["start_pos"], header["n_tokens"], x, all_logits=bool(header.get("all")),
+                                    request_id=header["request_id"], extra=extra, seq=self._seq)
+        step.check()  # a malformed step is this side's bug: refuse it before any worker sees it
+        self._send_all(encode(step))
         self.stats.steps += 1
 
     def broadcast_reset(self, request_id: int) -> None:
-        """Tell every reachable worker to drop its KV cache (lost ones are skipped)."""
+        """Tell every reachable worker to drop every KV slot (lost ones are skipped)."""
         self._send_all(encode(Reset(request_id)), best_effort=True)
+
+    def broadcast_truncate(self, slot: int, keep: int) -> None:
+        """Tell every worker to forget positions keep.. of a KV slot."""
+        self._send_all(encode(Truncate(slot, keep)))
 
     def broadcast_stop(self, reason: str) -> None:
         """Tell every reachable worker to leave its step loop (lost ones are skipped)."""
@@ -495,7 +508,7 @@ class StarWorker:
                                      f"{payload.dtype} partial of shape {payload.shape}: versions differ?")
                 out = from_wire(msg.x.copy())  # valid, though not encoded as this side would
                 break
-            if isinstance(msg, (Step, Reset, Stop)):
+            if isinstance(msg, (Step, Reset, Truncate, Stop)):
                 # The master gave up on this step (a device was lost) and moved on: keep the
                 # control for the next recv_step() and fail this step.
                 self._held = msg
@@ -528,16 +541,26 @@ class StarWorker:
         return None
 
     def recv_step(self) -> tuple[dict, np.ndarray | None]:
-        """Wait for the next control: ({'kind': 'step', ...}, x) or reset/stop with None."""
+        """Wait for the next control: ({'kind': 'step', ...}, x) or reset/truncate/stop with None.
+
+        A step's dict has request_id, its runs (slots, starts, counts, outputs), start_pos and
+        n_tokens (of one sequence) and its extras.
+        """
         while True:
             msg, self._held = (self._held, None) if self._held is not None else (self._recv("step"), None)
             if isinstance(msg, Step):
                 self._seq, self._op = msg.seq, 0
                 self.stats.steps += 1
-                return {"kind": "step", "request_id": msg.request_id, "start_pos": msg.start_pos,
+                return {"kind": "step", "request_id": msg.request_id, "slots": msg.slots, "starts": msg.starts,
+                        "counts": msg.counts, "outputs": msg.outputs, "start_pos": msg.start_pos,
                         "n_tokens": msg.n_tokens, **msg.extra}, msg.x
             if isinstance(msg, Reset):
                 return {"kind": "reset", "request_id": msg.request_id}, None
+            if isinstance(msg, Truncate):
+                return {"kind": "truncate", "slot": msg.slot, "keep": msg.keep}, None
             if isinstance(msg, Stop):
                 return {"kind": "stop", "reason": msg.reason}, None
             log.debug("dropped stale %s while waiting for a step", type(msg).__name__)
+
+
+_STEP_KEYS = frozenset({"request_id", "slots", "starts", "counts", "outputs", "start_pos", "n_tokens", "all"})

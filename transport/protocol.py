@@ -18,7 +18,8 @@ from tpi.errors import ProtocolError
 from tpi.transport.wire import INT8_BLOCK, REDUCE_DTYPES, from_bf16, to_bf16  # noqa: F401 (re-exported)
 
 # 2: the int8 block wire dtype (Partial/Reduced and Assign.wire_dtype)
-PROTOCOL_VERSION = 2
+# 3: Step carries runs of rows (slots, starts, counts, outputs); Truncate
+PROTOCOL_VERSION = 3
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_FRAME = 256 << 20
 MAX_NDIM = 8
@@ -93,6 +94,7 @@ _KIND_OK = {
     "bool": lambda v: isinstance(v, bool),
     "dict": lambda v: isinstance(v, dict) and _is_plain(v, 0),
     "strs": lambda v: isinstance(v, list) and all(isinstance(e, str) for e in v),
+    "uints": lambda v: isinstance(v, list) and all(type(e) is int and e >= 0 for e in v),
 }
 
 
@@ -216,17 +218,51 @@ class Ready(Message):
     """Worker -> master on the data channel: connected and loaded, ready for steps."""
 
 
-@_msg(7, ("request_id", "int"), ("start_pos", "uint"), ("n_tokens", "uint"), ("extra", "dict"),
-      ("x", "tensor"))
+MAX_STEP_RUNS = 1024  # sequences in one step, far above any --parallel
+
+
+@_msg(7, ("request_id", "int"), ("slots", "uints"), ("starts", "uints"), ("counts", "uints"),
+      ("outputs", "uints"), ("extra", "dict"), ("x", "tensor"))
 class Step(Message):
-    """Master -> workers: run one forward step on these hidden states."""
+    """Master -> workers: run one forward step on these hidden states.
+
+    The rows of x (T, hidden) are runs, one per sequence, in order: run i has counts[i] rows at
+    positions starts[i].., cached in KV slot slots[i]; its last outputs[i] rows return logits
+    (tpi.model.rows.Rows is the same thing on the model's side).
+    """
 
     request_id: int
-    start_pos: int
-    n_tokens: int
+    slots: list
+    starts: list
+    counts: list
+    outputs: list
     extra: dict
     x: np.ndarray
     seq: int = 0
+
+    @classmethod
+    def of_sequence(cls, start: int, n_tokens: int, x: np.ndarray, *, all_logits: bool = False, slot: int = 0,
+                    request_id: int = 0, extra: dict | None = None, seq: int = 0) -> "Step":
+        """One sequence's step: its last row's logits, or every row's."""
+        return cls(request_id, [slot], [start], [n_tokens], [n_tokens if all_logits else 1], extra or {}, x, seq)
+
+    @property
+    def start_pos(self) -> int:
+        return self.starts[0]
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(self.counts)
+
+    def check(self) -> None:
+        n = len(self.slots)
+        _need(0 < n <= MAX_STEP_RUNS and len(self.starts) == len(self.counts) == len(self.outputs) == n,
+              f"a step needs 1..{MAX_STEP_RUNS} runs with one slot, start, count and output count each")
+        _need(len(set(self.slots)) == n, f"a step lists a KV slot twice: {self.slots}")
+        _need(all(c > 0 and o <= c for c, o in zip(self.counts, self.outputs)),
+              "every run needs at least one row and at most as many logits rows")
+        _need(self.x.ndim >= 1 and self.x.shape[0] == sum(self.counts),
+              f"step hidden states {list(self.x.shape)} do not hold the {sum(self.counts)} rows its runs list")
 
 
 @_msg(8, ("op", "uint"), ("x", "tensor"))
@@ -269,7 +305,7 @@ class Heartbeat(Message):
 
 @_msg(12, ("request_id", "int"))
 class Reset(Message):
-    """Master -> workers: drop the KV cache (a new conversation or a re-prefill)."""
+    """Master -> workers: drop every KV slot (the group recovered: every sequence prefills again)."""
 
     request_id: int
 
@@ -279,6 +315,14 @@ class Stop(Message):
     """Master -> workers: shut down; worker -> master: I am leaving."""
 
     reason: str
+
+
+@_msg(16, ("slot", "uint"), ("keep", "uint"))
+class Truncate(Message):
+    """Master -> workers: forget positions keep.. of a KV slot (a rolled-back speculation, a freed slot)."""
+
+    slot: int
+    keep: int
 
 
 # ---- codec ----

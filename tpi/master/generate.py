@@ -10,6 +10,7 @@ import numpy as np
 
 from tpi.errors import ContextOverflowError
 from tpi.model.config import PREFILL_CHUNK
+from tpi.model.rows import Rows
 from tpi.master.sampler import SamplingParams, sample
 
 @dataclass
@@ -97,22 +98,39 @@ class Engine:
 
         return dequantize(take_rows(self.embed_table, np.asarray(ids, dtype=np.int64)))  # (T, hidden)
 
-    def forward(self, ids: Sequence[int], start: int, all_positions: bool = False) -> np.ndarray:
-        """Run tokens at positions start.. on every rank; returns (T or 1, vocab) float32 logits."""
-        if start + len(ids) > self.context:
-            raise ContextOverflowError(f"{start + len(ids)} tokens exceed the context of {self.context}")
+    def step(self, ids: Sequence[int], rows: Rows) -> np.ndarray:
+        """Run a step's rows (tokens ids, runs of sequences in KV slots) on every rank: (outputs, vocab)
+        float32 logits of the rows each run asks for (tpi.model.rows.Rows)."""
+        self.model.kv.admit(rows)  # ShapeError here, before any worker sees the step
         h = self.embed(ids)
         comm = self.comm
         if comm.world > 1:
-            comm.broadcast_step({"request_id": 0, "start_pos": start, "n_tokens": len(ids), "all": all_positions}, h)
-        local = self.model.forward(h, start, all_positions)
-        self.cached = self.cached[:start] + list(ids)
-        if comm.world == 1:
+            comm.broadcast_step({"request_id": 0, "slots": list(rows.slots), "starts": list(rows.starts),
+                                 "counts": list(rows.counts), "outputs": list(rows.outputs)}, h)
+        local = self.model.forward(h, rows)
+        if comm.world == 1 or not rows.n_outputs:
             return local
         return np.concatenate(comm.gather(local), axis=-1)
 
+    def truncate(self, slot: int, keep: int) -> None:
+        """Forget positions keep.. of a KV slot on every rank (a rolled-back speculation, a freed slot)."""
+        self.model.truncate(slot, keep)
+        if self.comm.world > 1:
+            self.comm.broadcast_truncate(slot, keep)
+
+    def forward(self, ids: Sequence[int], start: int, all_positions: bool = False) -> np.ndarray:
+        """Run tokens at positions start.. of KV slot 0 on every rank; returns (T or 1, vocab) float32 logits."""
+        if start + len(ids) > self.context:
+            raise ContextOverflowError(f"{start + len(ids)} tokens exceed the context of {self.context}")
+        logits = self.step(ids, Rows.sequence(start, len(ids), all_positions))
+        self.cached = self.cached[:start] + list(ids)
+        return logits
+
     def reset(self) -> None:
+        """Forget every slot's cached tokens (this rank; the caller tells the workers)."""
         self.cached = []
+        for slot in range(self.model.kv.slots):
+            self.model.truncate(slot, 0)
 
     def prefill(self, ids: Sequence[int]) -> tuple[np.ndarray, int]:
         """Compute the prompt, reusing the cached common prefix. Returns last logits and tokens computed."""

@@ -32,6 +32,7 @@ class GroupOptions:
     host: str = "0.0.0.0"
     port: int = 0  # 0 = any free port
     context: int | None = None
+    slots: int = 1  # KV slots of `context` positions on every rank: sequences served at once (--parallel)
     threads: int | None = None
     backend: str = "auto"  # kernel backend of rank 0: auto (tpi.model.backends.resolve_backend), ggml, numpy or torch
     worker_backend: str = "auto"  # backend of the local workers
@@ -406,7 +407,7 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
                 on_plan(real.plan)
         ratios = real.plan.ratios if real else (opts.ratios or tuple([1.0 / world] * world))
         shards = real.plan.shards if real else _fixed_shards(source, cfg, ratios, say)
-        layers = make_layers(opts.backend, cfg, shards[0], context, threads)
+        layers = make_layers(opts.backend, cfg, shards[0], context, threads, slots=opts.slots)
 
         shard_dir = opts.cache_dir / "master"
         shard_dir.mkdir(parents=True, exist_ok=True)
@@ -430,7 +431,8 @@ def start_group(opts: GroupOptions, say=log.info, on_plan=None, link=None) -> Gr
         devices = [DeviceInfo(0, "master", "local", shard_to_dict(shards[0]), dict(master_profile))]
         for rank, j in enumerate(joins, start=1):
             st = stores[rank]
-            assignment = {"config": config_to_dict(cfg), "shard": shard_to_dict(shards[rank]), "context": context}
+            assignment = {"config": config_to_dict(cfg), "shard": shard_to_dict(shards[rank]), "context": context,
+                          "slots": opts.slots}
             sent = link.admit(j, Assign(rank, world, shard_hash(st.path), st.nbytes, wire_dtype,
                                         assignment=assignment), st.path)
             assigns[rank] = (sent, st.path)

@@ -52,6 +52,9 @@ class UnavailableCommunicator:
     def broadcast_reset(self, request_id: int) -> None:
         self._comm.broadcast_reset(request_id)
 
+    def broadcast_truncate(self, slot: int, keep: int) -> None:
+        raise GroupUnavailableError(self.reason)
+
     def broadcast_stop(self, reason: str) -> None:
         self._comm.broadcast_stop(reason)
 

@@ -20,7 +20,7 @@ from tpi.model.rope import ADJACENT_PAIR_ARCHS, adjacent_pair_index, inverse_fre
 
 F32_BYTES, F16_BYTES = 4, 2
 GRAPH_ARCHS = ("llama", "mistral", "qwen2")  # the blocks below are these architectures' (llama.cpp's llm_build_*)
-OPS_PER_ATTENTION = 40  # tensors an attention graph creates, before its per-segment extras
+OPS_PER_ATTENTION = 40  # tensors an attention graph creates, before its per-run and per-segment extras
 OPS_PER_SEGMENT = 8
 OPS_PER_MLP = 12
 
@@ -114,19 +114,32 @@ class BlockSpec:
         qk = (heads + per_head[None, :]).reshape(-1)
         return np.concatenate([qk, np.arange(self.q_dim + self.kv_dim, self.q_dim + 2 * self.kv_dim)])
 
-    def attention_ops(self) -> int:
-        return OPS_PER_ATTENTION + OPS_PER_SEGMENT * len(self.segments)
+    def attention_ops(self, runs: int = 1) -> int:
+        return OPS_PER_ATTENTION + runs * (OPS_PER_SEGMENT * len(self.segments) + 1)
+
+
+@dataclass(frozen=True)
+class AttnRun:
+    """One sequence's rows in a step: rows row0.. attend to n_kv cache rows from kv_row0 (its KV slot)."""
+
+    row0: int
+    rows: int
+    kv_row0: int
+    n_kv: int
+    mask: Tensor  # F16 [n_kv, rows]: 0 where a row may look, -inf elsewhere
 
 
 @dataclass(frozen=True)
 class StepTensors:
-    """A forward pass's inputs as graph leaves: x [hidden, T], pos I32 [T], idx I64 [T], mask F16."""
+    """A forward step's inputs as graph leaves: x [hidden, T], pos I32 [T], idx I64 [T] (KV rows written),
+    the runs of rows that attend together, and out I32 [n] (rows whose logits are wanted; None: all)."""
 
     x: Tensor
     pos: Tensor
     idx: Tensor
-    mask: Tensor  # [n_kv, T] for a prefill; [context] for decode, viewed to the bucket's n_kv
+    runs: tuple[AttnRun, ...]
     tokens: int
+    out: Tensor | None = None
 
 
 def _norm(ctx: Context, x: Tensor, w: Tensor, eps: float) -> Tensor:
@@ -157,8 +170,12 @@ def _qkv(ctx: Context, s: BlockSpec, blk: dict, xn: Tensor, t: int) -> tuple[Ten
 
 
 def build_attention(ctx: Context, s: BlockSpec, blk: dict, step: StepTensors, k_cache: Tensor, v_cache: Tensor,
-                    n_kv: int, rope_factors: Tensor | None) -> Tensor:
-    """This rank's partial attention output [hidden, T]; writes rows idx of the layer's KV cache."""
+                    rope_factors: Tensor | None) -> Tensor:
+    """This rank's partial attention output [hidden, T]; writes rows idx of the layer's KV cache.
+
+    Each run (a sequence) is its own flash-attention call over its own slot's rows of the cache, so
+    a row's attention is computed exactly as when its sequence runs alone: same rows, same n_kv.
+    """
     t, hd = step.tokens, s.head_dim
     xn = _norm(ctx, step.x, blk["attn_norm"], s.eps)
     q, k, v = _qkv(ctx, s, blk, xn, t)
@@ -167,15 +184,18 @@ def build_attention(ctx: Context, s: BlockSpec, blk: dict, step: StepTensors, k_
     k = ctx.reshape(ctx.rope(k, step.pos, *rope), s.kv_dim, t)
     k_all = ctx.set_rows(k_cache, k, step.idx)  # views of the caches, ordered after the writes
     v_all = ctx.set_rows(v_cache, v, step.idx)
-    mask = step.mask if step.mask.ne[0] == n_kv else ctx.view(step.mask, (n_kv, 1), (n_kv * F16_BYTES,), 0)
     cache_row = s.kv_dim * F16_BYTES
     out = None
-    for q0, q1, kv0, kv1 in s.segments:
-        qs = q if (q0, q1) == (0, s.n_q) else ctx.view(q, (hd, q1 - q0, t), (q.nb[1], q.nb[2]), q0 * q.nb[1])
-        ks = ctx.view(k_all, (hd, n_kv, kv1 - kv0), (cache_row, hd * F16_BYTES), kv0 * hd * F16_BYTES)
-        vs = ctx.view(v_all, (hd, n_kv, kv1 - kv0), (cache_row, hd * F16_BYTES), kv0 * hd * F16_BYTES)
-        o = ctx.flash_attn(ctx.permute(qs, 0, 2, 1, 3), ks, vs, mask, 1.0 / math.sqrt(hd))  # [hd, heads, T]
-        out = o if out is None else ctx.concat(out, o, 1)
+    for run in step.runs:
+        o_run = None
+        for q0, q1, kv0, kv1 in s.segments:
+            qs = ctx.view(q, (hd, q1 - q0, run.rows), (q.nb[1], q.nb[2]), q0 * q.nb[1] + run.row0 * q.nb[2])
+            at = run.kv_row0 * cache_row + kv0 * hd * F16_BYTES
+            ks = ctx.view(k_all, (hd, run.n_kv, kv1 - kv0), (cache_row, hd * F16_BYTES), at)
+            vs = ctx.view(v_all, (hd, run.n_kv, kv1 - kv0), (cache_row, hd * F16_BYTES), at)
+            o = ctx.flash_attn(ctx.permute(qs, 0, 2, 1, 3), ks, vs, run.mask, 1.0 / math.sqrt(hd))  # [hd, heads, rows]
+            o_run = o if o_run is None else ctx.concat(o_run, o, 1)
+        out = o_run if out is None else ctx.concat(out, o_run, 2)
     return ctx.mul_mat(blk["wo"].tensor, ctx.reshape(out, s.q_dim, t))
 
 
@@ -189,9 +209,8 @@ def build_mlp(ctx: Context, s: BlockSpec, blk: dict, x: Tensor) -> Tensor:
     return ctx.mul_mat(blk["wdown"].tensor, act)
 
 
-def build_logits(ctx: Context, s: BlockSpec, glob: dict, x: Tensor, last_only: bool) -> Tensor:
-    """This rank's vocabulary slice [vocab_local, T or 1] of the final-normed hidden states."""
-    t = x.ne[1]
-    if last_only and t > 1:
-        x = ctx.view(x, (s.hidden, 1), (x.nb[1],), (t - 1) * x.nb[1])
+def build_logits(ctx: Context, s: BlockSpec, glob: dict, x: Tensor, out: Tensor | None) -> Tensor:
+    """This rank's vocabulary slice [vocab_local, n] of the final-normed hidden states of rows out (all: None)."""
+    if out is not None:
+        x = ctx.get_rows(x, out)
     return ctx.mul_mat(glob["lm_head"].tensor, _norm(ctx, x, glob["norm"], s.eps))
