@@ -2,13 +2,16 @@
 
 The reference is the same model running each sequence alone, with the same chunks of its prompt.
 
-The rule for ggml (bit-identical where shapes allow): a row's attention is its own flash-attention
-run over its own slot with the n_kv it has alone, and the elementwise ops are per row, so a row
-differs from its lone twin only through the matmuls. ggml computes a row of a batched matmul exactly
-as a lone row for Q4_0, Q4_1, Q5_0, Q8_0 and IQ4_NL weights (measured for 1..130 rows); K-quants
-(from 4-8 rows) and F16/BF16/F32 (from 2 rows) switch to other kernels that round differently. The
-models here (SmolLM2: Q4_1 + Q8_0; tiny Q4_0 / Q8_0) are of the first kind: every logit must be
-equal, bit for bit. numpy's float32 BLAS may round a batched row differently: within 1e-5.
+The bit-identity rule for ggml: a row's attention is its own flash-attention call over its own slot
+with the rows and n_kv it has alone (so even the one-row split of KV across threads at n_kv >= 512 is
+the same), and the elementwise ops are per row, so a row differs from its lone twin only through the
+matmuls, whose kernel ggml (0.25.3) picks by the row count: Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights
+round a row of a batched matmul exactly as a lone row at every count; F32/F16/BF16/IQ4_NL (sgemm from
+2 rows), unrepacked K-quants (tiled from 8 rows) and repacked Q4_K (gemm per 4 rows) round differently,
+so on those models a batched row matches its lone twin to float tolerance and greedy tokens differ
+only at near-ties (the serving tests state that rule). The models here (SmolLM2: Q4_1 + Q8_0; tiny
+Q4_0) are of the first kind: every logit must be equal, bit for bit. numpy's float32 BLAS may round a
+batched row differently: within 1e-5.
 """
 from __future__ import annotations
 

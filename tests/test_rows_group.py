@@ -12,7 +12,8 @@ import pytest
 
 from test_rows import CHUNK, DECODE
 from tpi.errors import ShapeError
-from tpi.master.group import GroupOptions, start_group
+from tpi.master.options import GroupOptions
+from tpi.master.setup import start_group
 from tpi.model.rows import Rows
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,7 @@ class EngineSteps:
         return self.engine.step(ids, rows)
 
     def truncate(self, slot, keep):
-        self.engine.truncate(slot, keep)
+        self.engine.truncate(keep, slot)
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,14 @@ from typing import Callable, ClassVar, Sequence
 import msgpack
 import numpy as np
 
-from tpi.errors import ProtocolError
+from tpi.errors import ProtocolError, VersionMismatch
 from tpi.transport.wire import INT8_BLOCK, REDUCE_DTYPES, from_bf16, to_bf16  # noqa: F401 (re-exported)
 
 # 2: the int8 block wire dtype (Partial/Reduced and Assign.wire_dtype)
-# 3: Step carries runs of rows (slots, starts, counts, outputs); Truncate
-PROTOCOL_VERSION = 3
+# 3: typed controls (Step rows and flags, Truncate, Stop.rejoin, Probe/ProbeEcho, Assign's own fields)
+# 4: Assign.slots (KV slots per rank) and steps over many slots (continuous batching)
+PROTOCOL_VERSION = 4
+MAX_SLOTS = 1024  # KV slots per rank, and so sequences in one step: far above any --parallel
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_FRAME = 256 << 20
 MAX_NDIM = 8
@@ -39,26 +41,6 @@ WIRE_DTYPES: dict[str, np.dtype] = {
 }
 _NAME_OF = {dt: name for name, dt in WIRE_DTYPES.items()}
 
-
-# A Stop whose reason starts with this asks workers to join again at once (the master re-plans
-# the group and will send each a new Assign); any other Stop ends the group.
-REJOIN_PREFIX = "rejoin: "
-
-
-def is_rejoin(stop_reason: str | None) -> bool:
-    """True when a Stop's reason asks the worker to join again rather than leave."""
-    return bool(stop_reason) and stop_reason.startswith(REJOIN_PREFIX)
-
-
-class VersionMismatch(ProtocolError):
-    """The peer speaks another protocol version."""
-
-    def __init__(self, peer_version: object):
-        self.peer_version = peer_version
-        super().__init__(
-            f"peer speaks protocol version {peer_version!r}, this tpi speaks {PROTOCOL_VERSION}; "
-            "install the same tpi version on every device"
-        )
 
 
 def wire_dtype_of(a: np.ndarray) -> str:
@@ -154,23 +136,32 @@ class Hello(Message):
 
 
 @_msg(2, ("rank", "uint"), ("world", "uint"), ("shard_hash", "str"), ("shard_size", "uint"),
-      ("wire_dtype", "str"), ("peer_id", "str"), ("data_port", "uint"), ("heartbeat_s", "float"),
-      ("timeout_s", "float"), ("assignment", "dict"))
+      ("wire_dtype", "str"), ("config", "dict"), ("shard", "dict"), ("context", "uint"),
+      ("peer_id", "str"), ("data_port", "uint"), ("heartbeat_s", "float"), ("timeout_s", "float"),
+      ("slots", "uint"))
 class Assign(Message):
-    """Master -> worker: admitted; your rank, world, shard and data channel (link fills the last four)."""
+    """Master -> worker: admitted; your rank, world, shard and data channel (link fills the last four).
+
+    shard_hash is the shard store's content hash (tpi.scheduler.store, computed once when it is
+    written); config is tpi.model.config.config_to_dict, shard tpi.devices.slicing.shard_to_dict.
+    """
 
     rank: int
     world: int
     shard_hash: str
     shard_size: int
     wire_dtype: str = "f32"
+    config: dict = field(default_factory=dict)
+    shard: dict = field(default_factory=dict)
+    context: int = 0
     peer_id: str = ""
     data_port: int = 0
     heartbeat_s: float = 1.0
     timeout_s: float = 10.0
-    assignment: dict = field(default_factory=dict)
+    slots: int = 1  # KV slots of `context` positions each: sequences the group runs at once
 
     def check(self) -> None:
+        _need(0 < self.slots <= MAX_SLOTS, f"KV slots must be 1..{MAX_SLOTS}, got {self.slots}")
         _need(0 < self.rank < self.world, f"rank {self.rank} out of range for world {self.world}")
         _need(self.data_port < 65536, "data port out of range")
         _need(self.wire_dtype in REDUCE_DTYPES,
@@ -218,33 +209,32 @@ class Ready(Message):
     """Worker -> master on the data channel: connected and loaded, ready for steps."""
 
 
-MAX_STEP_RUNS = 1024  # sequences in one step, far above any --parallel
+ALL_LOGITS = 1  # Step flag: logits of every row, not only of each sequence's last row
 
 
-@_msg(7, ("request_id", "int"), ("slots", "uints"), ("starts", "uints"), ("counts", "uints"),
-      ("outputs", "uints"), ("extra", "dict"), ("x", "tensor"))
+@_msg(7, ("request_id", "int"), ("flags", "uint"), ("slots", "uints"), ("starts", "uints"), ("counts", "uints"),
+      ("x", "tensor"))
 class Step(Message):
     """Master -> workers: run one forward step on these hidden states.
 
-    The rows of x (T, hidden) are runs, one per sequence, in order: run i has counts[i] rows at
-    positions starts[i].., cached in KV slot slots[i]; its last outputs[i] rows return logits
-    (tpi.model.rows.Rows is the same thing on the model's side).
+    The rows of x (T, hidden) belong to sequences in order: sequence i has counts[i] rows at
+    positions starts[i].., cached in KV slot slots[i] (tpi.model.rows.Rows on the model's side). Each
+    sequence's last row returns logits, or with ALL_LOGITS every row (issue 18's speculative check: one
+    sequence with k+1 rows). Continuous batching (issue 17) puts several sequences in one step.
     """
 
     request_id: int
+    flags: int
     slots: list
     starts: list
     counts: list
-    outputs: list
-    extra: dict
     x: np.ndarray
     seq: int = 0
 
     @classmethod
-    def of_sequence(cls, start: int, n_tokens: int, x: np.ndarray, *, all_logits: bool = False, slot: int = 0,
-                    request_id: int = 0, extra: dict | None = None, seq: int = 0) -> "Step":
-        """One sequence's step: its last row's logits, or every row's."""
-        return cls(request_id, [slot], [start], [n_tokens], [n_tokens if all_logits else 1], extra or {}, x, seq)
+    def of_sequence(cls, start: int, n_tokens: int, x: np.ndarray, *, all_logits: bool = False,
+                    slot: int = 0, request_id: int = 0) -> "Step":
+        return cls(request_id, ALL_LOGITS if all_logits else 0, [slot], [start], [n_tokens], x)
 
     @property
     def start_pos(self) -> int:
@@ -252,17 +242,21 @@ class Step(Message):
 
     @property
     def n_tokens(self) -> int:
-        return sum(self.counts)
+        return self.counts[0]
+
+    @property
+    def all_logits(self) -> bool:
+        return bool(self.flags & ALL_LOGITS)
 
     def check(self) -> None:
         n = len(self.slots)
-        _need(0 < n <= MAX_STEP_RUNS and len(self.starts) == len(self.counts) == len(self.outputs) == n,
-              f"a step needs 1..{MAX_STEP_RUNS} runs with one slot, start, count and output count each")
+        _need(0 < n <= MAX_SLOTS and len(self.starts) == len(self.counts) == n,
+              f"a step needs 1..{MAX_SLOTS} sequences with one slot, start and count each")
         _need(len(set(self.slots)) == n, f"a step lists a KV slot twice: {self.slots}")
-        _need(all(c > 0 and o <= c for c, o in zip(self.counts, self.outputs)),
-              "every run needs at least one row and at most as many logits rows")
-        _need(self.x.ndim >= 1 and self.x.shape[0] == sum(self.counts),
-              f"step hidden states {list(self.x.shape)} do not hold the {sum(self.counts)} rows its runs list")
+        _need(all(c > 0 for c in self.counts), "every sequence in a step needs at least one row")
+        _need(self.x.ndim == 2 and self.x.shape[0] == sum(self.counts) > 0,
+              f"step hidden states {list(self.x.shape)} do not hold the {sum(self.counts)} rows its header lists")
+        _need(self.flags & ~ALL_LOGITS == 0, f"unknown step flags {self.flags:#x}")
 
 
 @_msg(8, ("op", "uint"), ("x", "tensor"))
@@ -303,26 +297,40 @@ class Heartbeat(Message):
     """Either direction on the control channel: I am alive."""
 
 
-@_msg(12, ("request_id", "int"))
-class Reset(Message):
-    """Master -> workers: drop every KV slot (the group recovered: every sequence prefills again)."""
-
-    request_id: int
-
-
-@_msg(13, ("reason", "str"))
-class Stop(Message):
-    """Master -> workers: shut down; worker -> master: I am leaving."""
-
-    reason: str
-
-
-@_msg(16, ("slot", "uint"), ("keep", "uint"))
+@_msg(12, ("slot", "uint"), ("keep", "uint"))
 class Truncate(Message):
-    """Master -> workers: forget positions keep.. of a KV slot (a rolled-back speculation, a freed slot)."""
+    """Master -> workers: forget positions keep.. of a KV slot (keep 0: a new conversation); a step in
+    flight is abandoned. The KV rollback of speculative steps (issue 18) and of a freed slot (17)."""
 
     slot: int
     keep: int
+
+
+@_msg(13, ("reason", "str"), ("rejoin", "bool"))
+class Stop(Message):
+    """Master -> workers: leave the step loop, and with rejoin join again at once (the group is re-planned
+    and each gets a new Assign); worker -> master: I am leaving."""
+
+    reason: str
+    rejoin: bool = False
+
+
+@_msg(14, ("offset", "uint"), ("payload", "tensor"))
+class Probe(Message):
+    """Master -> joined device on the control channel: echo this at once (link round trip and bandwidth)."""
+
+    offset: int
+    payload: np.ndarray
+
+    def check(self) -> None:
+        _need(self.payload.dtype == np.uint8 and self.payload.ndim == 1, "probe payload must be 1-D u8")
+
+
+@_msg(15, ("offset", "uint"))
+class ProbeEcho(Message):
+    """Device -> master: the echo of Probe `offset`, without its payload."""
+
+    offset: int
 
 
 # ---- codec ----
@@ -411,7 +419,7 @@ def decode(frames: Sequence[object], max_frame: int = DEFAULT_MAX_FRAME) -> Mess
     if cls is None:
         _fail(f"unknown message type {type_code!r}")
     if version != PROTOCOL_VERSION and cls is not Refuse:
-        raise VersionMismatch(version)
+        raise VersionMismatch(version, PROTOCOL_VERSION)
     if not (type(seq) is int and seq >= 0):
         _fail(f"sequence number must be a non-negative int, got {seq!r}")
     if not (isinstance(values, list) and isinstance(descs, list)):

@@ -38,27 +38,34 @@ class StepInputs:
 
     x [T, hidden] f32 residual, pos I32 [T] (RoPE), idx I64 [T] (KV rows written: slot * context +
     position), out I32 [n] (rows whose logits are wanted; the last row when none are), and per run
-    a mask F16 [rows, n_kv] of its slot's cache rows (0 up to each row's position, -inf after).
+    a mask F16 [rows, n_kv] of its slot's cache rows (0 up to each row's position, -inf after; window:
+    a local layer's mask also hides keys window or more positions back, 0 for none). post [T, hidden]
+    carries a summed block output through a post-norm (gemma3).
     """
 
-    def __init__(self, shape: tuple, hidden: int, x: np.ndarray | None = None):
+    def __init__(self, shape: tuple, hidden: int, x: np.ndarray | None = None, window: int = 0):
         tokens, runs, n_out = shape
         self.shape, self.serial = shape, next(_serials)  # the serial tells graphs of equal shapes apart
         self.x = np.zeros((tokens, hidden), ACT) if x is None else x
         self.pos = np.zeros(tokens, np.int32)
         self.idx = np.zeros(tokens, np.int64)
         self.out = np.full(max(1, n_out), tokens - 1, np.int32)
+        self.post = np.zeros((tokens, hidden), ACT)
+        self.window = window
         self.masks = [np.full((count, n_kv), -np.inf, np.float16) for count, _, n_kv in runs]
-        self.ctx = Context(4 + len(runs))
+        self.masks_swa = [np.full((count, n_kv), -np.inf, np.float16) for count, _, n_kv in runs] if window else []
+        self.ctx = Context(5 + 2 * len(runs))
         ctx = self.ctx
         row0 = 0
         attn_runs = []
-        for (count, kv_row0, n_kv), mask in zip(runs, self.masks):
-            attn_runs.append(AttnRun(row0, count, kv_row0, n_kv, ctx.input(mask)))
+        for i, ((count, kv_row0, n_kv), mask) in enumerate(zip(runs, self.masks)):
+            swa = ctx.input(self.masks_swa[i]) if window else None
+            attn_runs.append(AttnRun(row0, count, kv_row0, n_kv, ctx.input(mask), swa))
             row0 += count
         out = ctx.input(self.out) if n_out < tokens else None
         self.step = StepTensors(ctx.input(self.x), ctx.input(self.pos), ctx.input(self.idx), tuple(attn_runs),
                                 tokens, out)
+        self.post_in = ctx.input(self.post)
         self._cols = [np.arange(n_kv, dtype=np.int32) for _, _, n_kv in runs]
 
     @property
@@ -76,6 +83,9 @@ class StepInputs:
         self.idx += self.pos
         if rows.n_outputs:
             np.copyto(self.out, rows.output_rows)
-        for first, count, mask, cols in zip(rows.first_rows, rows.counts, self.masks, self._cols):
-            pos = self.pos[first:first + count, None]
-            np.copyto(mask, np.where(cols[None, :] <= pos, np.float16(0), np.float16(-np.inf)))
+        for i, (first, count, mask, cols) in enumerate(zip(rows.first_rows, rows.counts, self.masks, self._cols)):
+            back = self.pos[first:first + count, None] - cols[None, :]  # (rows, n_kv): query - key position
+            np.copyto(mask, np.where(back >= 0, np.float16(0), np.float16(-np.inf)))
+            if self.window:
+                np.copyto(self.masks_swa[i], np.where((back >= 0) & (back < self.window), np.float16(0),
+                                                      np.float16(-np.inf)))

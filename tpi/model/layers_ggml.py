@@ -19,10 +19,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from tpi.model.blocks import EMBED, GLOBALS, attn_key, mlp_key
+from tpi.model.blocks import EMBED, GLOBALS, POST_ATTN_NORM, POST_MLP_NORM, QK_NORMS, attn_key, mlp_key
 from tpi.model.config import ModelConfig
 from tpi.errors import ShapeError
-from tpi.model.ggml_blocks import OPS_PER_MLP, BlockSpec, build_attention, build_logits, build_mlp, rope_frequency_factors
+from tpi.model.ggml_blocks import (OPS_PER_MLP, BlockSpec, build_attention, build_logits, build_mlp, build_post_norm,
+                                   rope_frequency_factors)
 from tpi.model.ggml_steps import StepInputs, step_shape
 from tpi.model.rows import Rows, as_rows
 from tpi.quant.ggml_backend import GgmlBackend, can_repack, gather_rows, weight_type
@@ -38,10 +39,12 @@ KEEP_ROWS = 16  # steps of up to this many rows keep their graphs (decode rows, 
 KEPT_SHAPES = 2  # graphs kept per block and kind (and step inputs kept, x2): the current shape and the last
 
 
-# The rows of each q/k-bearing tensor in rotate-half order (BlockSpec.rotate_half_rows is for q|k|v).
+# The rows of each q/k-bearing tensor in rotate-half order (BlockSpec.rotate_half_rows is for q|k|v;
+# the per-head q/k norm weights take the order within one head).
 _QK_ROWS = {
     "wqkv": lambda rows, s: rows, "bqkv": lambda rows, s: rows,
     "wq": lambda rows, s: rows[:s.q_dim], "wk": lambda rows, s: rows[s.q_dim:s.q_dim + s.kv_dim] - s.q_dim,
+    **{name: lambda rows, s: s.head_rotate_half() for name in QK_NORMS},
 }
 
 
@@ -105,6 +108,7 @@ class GgmlLayers:
         self._v = [self._const.input(a, F16) for a in self.v_cache]
         factors = rope_frequency_factors(cfg)
         self._rope_factors = None if factors is None else self._const.input(factors)
+        self.window = cfg.sliding_window if cfg.swa_layers else 0
         self._kept: dict[tuple, StepInputs] = {}  # step shape -> its inputs (small steps, newest last)
         self._pass: tuple[Rows, StepInputs] | None = None  # the step being computed
         self._shared = SharedComputeBuffer()
@@ -250,8 +254,8 @@ class GgmlLayers:
     def _new_inputs(self, rows: Rows, h: np.ndarray) -> StepInputs:
         shape = step_shape(rows, self.context)
         if rows.tokens > KEEP_ROWS:  # its own copy: h may be a read-only network buffer
-            return StepInputs(shape, self.cfg.hidden, np.array(h, dtype=ACT, order="C"))
-        inputs = self._kept.pop(shape, None) or StepInputs(shape, self.cfg.hidden)
+            return StepInputs(shape, self.cfg.hidden, np.array(h, dtype=ACT, order="C"), self.window)
+        inputs = self._kept.pop(shape, None) or StepInputs(shape, self.cfg.hidden, window=self.window)
         self._kept[shape] = inputs
         while len(self._kept) > 2 * KEPT_SHAPES:
             self._kept.pop(next(iter(self._kept)))
@@ -282,7 +286,7 @@ class GgmlLayers:
         inputs = self._inputs(h, as_rows(rows, h.shape[0]))
         step = inputs.step
         return self._run(blk, "attn", inputs, self.spec.attention_ops(len(step.runs)), lambda ctx: build_attention(
-            ctx, self.spec, blk, step, self._k[layer], self._v[layer], self._rope_factors),
+            ctx, self.spec, blk, step, self._k[layer], self._v[layer], self._rope_factors, layer),
             (step.tokens, self.cfg.hidden))
 
     def mlp(self, h: np.ndarray, blk: GgmlBlock) -> np.ndarray:
@@ -291,6 +295,15 @@ class GgmlLayers:
         step = inputs.step
         return self._run(blk, "mlp", inputs, OPS_PER_MLP, lambda ctx: build_mlp(ctx, self.spec, blk, step.x),
                          (step.tokens, self.cfg.hidden))
+
+    def post_norm(self, total: np.ndarray, blk: GgmlBlock, name: str) -> np.ndarray:
+        """A block's output summed over the ranks, (T, hidden) f32, through the block's post-norm."""
+        inputs = self._inputs(total, None) if self._pass is None else self._pass[1]
+        if inputs.tokens != total.shape[0]:
+            inputs = self._inputs(total, None)
+        np.copyto(inputs.post, total)
+        return self._run(blk, name, inputs, OPS_PER_MLP, lambda ctx: build_post_norm(
+            ctx, self.spec, blk, name, inputs.post_in), (inputs.tokens, self.cfg.hidden))
 
     def _logits_rows(self, h: np.ndarray, rows: Rows | bool) -> Rows:
         """Rows, or all_positions of one sequence (the current step's when it is one)."""
@@ -329,16 +342,22 @@ class GgmlLayers:
 
     def _whole_graph(self, blocks: dict, step):
         """(context, logits) of every layer and the logits slice as one graph over step's inputs."""
-        ops = self.cfg.n_layers * (self.spec.attention_ops(len(step.runs)) + OPS_PER_MLP + 2) + OPS_PER_MLP + 2
+        ops = self.cfg.n_layers * (self.spec.attention_ops(len(step.runs)) + OPS_PER_MLP + 6) + OPS_PER_MLP + 2
         ctx = Context(ops, graph_size=2 * ops + 16)
         x, last = step.x, self.cfg.n_layers - 1
+
+        def post(blk, name, out):  # gemma3's post-norms, as post_norm between block graphs
+            return build_post_norm(ctx, self.spec, blk, name, out) if name in blk else out
+
         for i in range(self.cfg.n_layers):
-            attn = build_attention(ctx, self.spec, blocks[attn_key(i)], replace(step, x=x), self._k[i], self._v[i],
-                                   self._rope_factors)
+            blk = blocks[attn_key(i)]
+            attn = build_attention(ctx, self.spec, blk, replace(step, x=x), self._k[i], self._v[i],
+                                   self._rope_factors, i)
             if i == last and step.out is not None:  # as llama.cpp: only the output rows go on
                 x, attn = ctx.get_rows(x, step.out), ctx.get_rows(attn, step.out)
-            x = ctx.add(x, attn)  # the residual, as add_ adds a block's output between block graphs
-            x = ctx.add(x, build_mlp(ctx, self.spec, blocks[mlp_key(i)], x))
+            x = ctx.add(x, post(blk, POST_ATTN_NORM, attn))  # the residual, as add_ adds between block graphs
+            blk = blocks[mlp_key(i)]
+            x = ctx.add(x, post(blk, POST_MLP_NORM, build_mlp(ctx, self.spec, blk, x)))
         return ctx, build_logits(ctx, self.spec, blocks[GLOBALS], x, None)
 
     def logits(self, h: np.ndarray, glob: GgmlBlock, rows: Rows | bool) -> np.ndarray:

@@ -43,6 +43,13 @@ class Rows:
         """One sequence's rows: the last one's logits, or every row's."""
         return cls((int(slot),), (int(start),), (int(count),), (int(count) if all_logits else 1,))
 
+    @classmethod
+    def of_runs(cls, slots, starts, counts, all_logits: bool = False) -> "Rows":
+        """A step's runs (a protocol Step's slots, starts, counts): each run's last row's logits, or every row's."""
+        counts = tuple(int(c) for c in counts)
+        return cls(tuple(int(s) for s in slots), tuple(int(s) for s in starts), counts,
+                   counts if all_logits else (1,) * len(counts))
+
     @property
     def tokens(self) -> int:
         return sum(self.counts)
