@@ -111,3 +111,17 @@ def test_family_reference_follows_llama_cpp_on_gemma3_270m_past_the_window(gemma
     # reference with the window ignored gives 0.871, with window 128 0.989, so the window is checked.
     assert np.corrcoef(ours, theirs)[0, 1] >= 0.999
     assert int(np.argmax(ours)) == int(np.argmax(theirs))
+
+
+def test_tpi_reads_gemma3_270m_tokens_and_stops_as_llama_cpp(gemma3_270m, english_tokens):
+    from tpi.formats import open_model
+
+    tok = open_model(str(gemma3_270m)).tokenizer()
+    assert tok.encode(TEXT.read_text(), add_bos=True, special=False) == english_tokens
+    vocab_only = llama_cpp.Llama(model_path=str(gemma3_270m), vocab_only=True, verbose=False)
+    try:
+        eog = {i for i in range(vocab_only.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab_only._model.vocab, i)}
+        names = {vocab_only._model.token_get_text(i) for i in eog}
+    finally:
+        vocab_only.close()
+    assert tok.stop_ids == eog and names == {"<eos>", "<end_of_turn>", "</s>"}
