@@ -61,7 +61,9 @@ class Engine:
     def embed(self, ids: Sequence[int]) -> np.ndarray:
         from tpi.quant.formats import dequantize, take_rows
 
-        return dequantize(take_rows(self.embed_table, np.asarray(ids, dtype=np.int64)))  # (T, hidden)
+        h = dequantize(take_rows(self.embed_table, np.asarray(ids, dtype=np.int64)))  # (T, hidden) float32
+        scale = self.cfg.embed_scale
+        return h if scale == 1.0 else h * np.float32(scale)  # gemma3: sqrtf(hidden), in fp32 as llama.cpp
 
     def forward(self, ids: Sequence[int], start: int, all_positions: bool = False) -> np.ndarray:
         """Run tokens at positions start.. on every rank; returns (T or 1, vocab) float32 logits."""

@@ -24,7 +24,7 @@ from tpi.errors import GroupError
 from tpi.model.config import ModelConfig, config_to_dict, layer_name
 from tpi.scheduler.store import write_store
 from tpi.quant.formats import QTensor, concat_rows, dequantize, k_block, quantize, slice_cols, slice_rows
-from tpi.model.blocks import EMBED, FUSED, GLOBALS, attn_key, mlp_key
+from tpi.model.blocks import EMBED, FUSED, GLOBALS, POST_ATTN_NORM, POST_MLP_NORM, QK_NORMS, attn_key, mlp_key
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _attn_block(t: dict, s: RankShard, bias: bool, requantized: set) -> dict:
            "wo": wo}
     if bias:
         blk |= _fuse_or_keep("bqkv", [_rows(t["bq"], s.q_rows), _rows(t["bk"], s.kv_rows), _rows(t["bv"], s.kv_rows)])
-    return blk
+    return blk | {n: t[n] for n in (*QK_NORMS, POST_ATTN_NORM) if n in t}  # whole on every rank
 
 
 def _mlp_block(t: dict, s: RankShard, requantized: set) -> dict:
@@ -72,7 +72,7 @@ def _mlp_block(t: dict, s: RankShard, requantized: set) -> dict:
     if redone:
         requantized.add(("w_down", t["w_down"].fmt))
     return {"mlp_norm": t["mlp_norm"], **_fuse_or_keep("wgu", [_rows(t["w_gate"], s.inter), _rows(t["w_up"], s.inter)]),
-            "wdown": wdown}
+            "wdown": wdown} | ({POST_MLP_NORM: t[POST_MLP_NORM]} if POST_MLP_NORM in t else {})
 
 
 def iter_rank_blocks(source, cfg: ModelConfig, shards: Sequence[RankShard]) -> Iterator[tuple[str, list[dict]]]:
@@ -81,11 +81,14 @@ def iter_rank_blocks(source, cfg: ModelConfig, shards: Sequence[RankShard]) -> I
     Rank 0 (the master) also gets the embedding in its globals block.
     """
     requantized: set[tuple[str, str]] = set()
+    family = cfg.family
+    attn_names = ["attn_norm", "wq", "wk", "wv", "wo"] + (["bq", "bk", "bv"] if cfg.qkv_bias else []) + (
+        list(QK_NORMS) if family.qk_norm else []) + ([POST_ATTN_NORM] if family.post_norms else [])
+    mlp_names = ["mlp_norm", "w_gate", "w_up", "w_down"] + ([POST_MLP_NORM] if family.post_norms else [])
     for i in range(cfg.n_layers):
-        names = ["attn_norm", "wq", "wk", "wv", "wo"] + (["bq", "bk", "bv"] if cfg.qkv_bias else [])
-        t = {n: source.load(layer_name(i, n)) for n in names}
+        t = {n: source.load(layer_name(i, n)) for n in attn_names}
         yield attn_key(i), [_attn_block(t, s, cfg.qkv_bias, requantized) for s in shards]
-        t = {n: source.load(layer_name(i, n)) for n in ("mlp_norm", "w_gate", "w_up", "w_down")}
+        t = {n: source.load(layer_name(i, n)) for n in mlp_names}
         yield mlp_key(i), [_mlp_block(t, s, requantized) for s in shards]
     for name, fmt in sorted(requantized):
         log.info("re-quantized %s shards to Q8_0: a shard boundary splits a %d-element %s block", name,
