@@ -109,9 +109,9 @@ def describe_device(d: dict) -> str:
         parts.append(f"({d['address']})")
     if d.get("state"):
         parts.append(str(d["state"]))
-    share = d.get("share") or {}
-    if "n_q_heads" in share:
-        parts.append(f"{share['n_q_heads']} heads")
+    heads = (d.get("share") or {}).get("q_heads")  # [start, stop), as devices.slicing.shard_to_dict writes it
+    if heads:
+        parts.append(f"{heads[1] - heads[0]} heads")
     return " ".join(parts)
 
 
