@@ -54,3 +54,42 @@ def test_no_import_statement_in_the_inner_rooms_names_the_outer_layer():
                 found += [f"{f.relative_to(ROOT)}:{node.lineno} {n}" for n in names if _is_outer(n)]
     assert found == []
     assert _is_outer("tpi.serve.api") and _is_outer("rich") and not _is_outer("tpi.master")  # the check can fail
+
+
+def _unexplained_imports(path: Path, root: Path = ROOT) -> list[str]:
+    """Function-level imports with no reason: none on the line, none above the import run, no ImportError guard."""
+    lines = path.read_text().splitlines()
+    tree = ast.parse("\n".join(lines), str(path))
+    guarded = {n.lineno for t in ast.walk(tree) if isinstance(t, ast.Try)
+               and any(isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                       for h in t.handlers)
+               for n in ast.walk(t) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    out = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or node.lineno in guarded:
+                continue
+            span = lines[node.lineno - 1:node.end_lineno]
+            j = node.lineno - 2  # walk up over the rest of this import run and blank lines
+            while j >= 0 and (lines[j].strip() == "" or lines[j].lstrip().startswith(("import ", "from "))):
+                span.append(lines[j])
+                j -= 1
+            if not any("#" in s for s in span) and not (j >= 0 and lines[j].lstrip().startswith("#")):
+                out.append(f"{path.relative_to(root)}:{node.lineno} {lines[node.lineno - 1].strip()}")
+    return out
+
+
+def test_imports_inside_functions_in_the_inner_rooms_say_why():
+    """Top-level imports show a module's place; a lazy one is kept only for start-up time or a load-time
+    circle, with that reason in a comment (on the line or above the import run)."""
+    found = [hit for room in INNER for f in sorted((ROOT / room).glob("*.py")) for hit in _unexplained_imports(f)]
+    assert found == [], "move these imports to the top of the module, or say in a comment why they are lazy"
+
+
+def test_the_reason_check_finds_a_bare_lazy_import(tmp_path):
+    f = tmp_path / "probe.py"
+    f.write_text("def a():\n    import json\n\n\ndef b():\n    import gguf  # 0.3 s\n\n\n"
+                 "def c():\n    try:\n        import torch\n    except ImportError:\n        pass\n")
+    assert _unexplained_imports(f, tmp_path) == ["probe.py:2 import json"]
