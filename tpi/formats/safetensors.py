@@ -13,7 +13,8 @@ from tpi.errors import ModelFormatError, UnsupportedArchitectureError
 from tpi.model.rope import adjacent_pair_index
 from tpi.model.tokenizer import HFTokenizer
 from tpi.quant.gguf_import import ImportNote
-from tpi.quant.formats import BF16, F32, GGML_QUANTIZABLE, GGML_TYPES, QTensor, ggml_fmt, quant_error, quantize
+from tpi.quant.formats import (BF16, F32, GGML_QUANTIZABLE, GGML_TYPES, QTensor, bf16_bits_to_f32, ggml_fmt, quant_error,
+                               quantize)
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32}
 _LAYER = {
@@ -200,5 +201,5 @@ class HFSource:
 
 def _to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
-        return (a.astype(np.uint32) << 16).view(np.float32)
+        return bf16_bits_to_f32(a)
     return a.astype(np.float32)
