@@ -81,7 +81,7 @@ def measure(engine, tokens: int) -> dict:
     logits = engine.forward(ids, 0)  # warm-up: first-touch allocations, kernel init
     engine.forward([int(np.argmax(logits[-1]))], len(ids))
     engine.reset()
-    comm_stats = getattr(engine.comm, "stats", None)
+    comm_stats = engine.comm.stats  # every Communicator keeps CommStats
     t = time.perf_counter()
     logits = engine.forward(ids, 0)
     prefill_s = time.perf_counter() - t
@@ -100,7 +100,7 @@ def measure(engine, tokens: int) -> dict:
 
 
 def _comm_bytes(stats) -> int:
-    return 0 if stats is None else stats.bytes_sent + stats.bytes_received
+    return stats.bytes_sent + stats.bytes_received
 
 
 def run_config(cfg: dict) -> dict:
