@@ -36,10 +36,11 @@ SMOLLM2_CHAT_PROMPT = (
 )
 
 
-# Modules whose module-scoped fixture is costly (a LAN of groups, a fresh venv, served groups): under xdist
-# their tests share one worker, so the fixture is built once. Other tests are scheduled one by one.
+# Modules whose module-scoped fixture is costly (a LAN of groups, a fresh venv, served groups, llama.cpp's
+# Gemma 3 perplexity): under xdist their tests share one worker, so the fixture is built once. Other tests
+# are scheduled one by one.
 KEEP_TOGETHER = ("tests/test_discovery.py", "tests/test_fresh_worker.py", "tests/test_api_server.py",
-                 "tests/test_security_group.py")
+                 "tests/test_security_group.py", "tests/test_family_gemma3_270m.py", "tests/test_rows_group.py")
 
 
 @pytest.hookimpl(optionalhook=True)
