@@ -47,6 +47,10 @@ def serve(
     replan: Annotated[bool, typer.Option(
         "--replan/--no-replan", help="re-plan over the remaining devices when a lost one does not rejoin "
         "(else the group reports itself degraded and answers 503)")] = True,
+    resume_timeout: Annotated[Optional[float], typer.Option(
+        "--resume-timeout", help="seconds a request interrupted by a device loss waits for the group to serve "
+        "again before it fails (default: the rejoin timeout + 120 s for a re-plan; a group that cannot "
+        "re-form fails it at once)")] = None,
     announce: Annotated[bool, typer.Option(
         "--announce/--no-announce", help="announce the group on the LAN (mDNS) so `tpi join --token T` finds "
         "it without an address; only a hash of the master's public key is announced")] = True,
@@ -65,7 +69,7 @@ def serve(
                         ratios=parsed, wire_dtype=wire_dtype, insecure=insecure, config_dir=config_dir,
                         cache_dir=cache_dir, leave_out=not keep_all,
                         link_settings=link_settings(heartbeat_timeout), rejoin_timeout_s=rejoin_timeout,
-                        replan=replan, announce=announce, always_plan=True)
+                        replan=replan, resume_timeout_s=resume_timeout, announce=announce, always_plan=True)
     forming = GroupFormation(opts)
     service = GenerationService(None, status=forming.status, queue_size=queue_size, model_name=served_model_id(model))
     def ready(engine) -> None:

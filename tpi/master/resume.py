@@ -1,0 +1,148 @@
+"""A lost device costs a pause, not the answer: resume an interrupted sequence on the re-formed group.
+
+When a step fails because the group lost a device (tpi.errors.GroupError from the communicator, or
+GroupUnavailableError while the supervisor recovers), `Resumer.run` lets go of the engine, waits for the
+group to serve again (the device rejoined from its cache, or a re-plan without it), computes the
+sequence's history again and goes on sampling from the same `SequenceState`: same RNG, same text
+decoder and stop filter, so the client sees a pause and then the rest of the stream.
+
+Bit-identical replay: a step of fewer than 64 query rows runs ggml's flash attention row by row, as a
+one-token decode step does (64 or more take its tiled path: GGML_FA_TILE_Q, which rounds differently),
+so the replay runs the prompt as the first prefill did, the streamed tokens in chunks of REPLAY_CHUNK
+rows, and the last one alone: every rank's cache and the next logits are the undisturbed run's, bit for
+bit, and a greedy answer is identical.
+
+The request fails (GroupUnavailableError, a 503) only when the group degrades (no group can be formed),
+or does not serve again within GroupOptions.resume_bound_s.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from tpi.errors import GroupError, GroupUnavailableError
+from tpi.master.events import RequestResumed
+from tpi.master.generate import Generation, SequenceState, run_sequence
+
+log = logging.getLogger(__name__)
+
+REPLAY_CHUNK = 32  # rows per replay step: below ggml's 64-row flash-attention tile (see the docstring)
+POLL_S = 0.05
+
+
+class Resumer:
+    """Runs sequences on a group's engine, pausing them across a device loss (one per group)."""
+
+    def __init__(self, group, report: Callable[[object], None]):
+        self.group = group
+        self.report = report  # the supervisor's: RequestResumed joins the group's events on /health
+        self.paused: dict | None = None  # while a request waits: since (unix time), cause
+
+    def status(self) -> dict:
+        return {"paused": dict(self.paused)} if self.paused else {}
+
+    def run(self, engine, seq: SequenceState, emit: Callable[[str], None],
+            cancel: threading.Event | None = None) -> Generation:
+        """run_sequence, resumed after every device loss the group recovers from; see the module docstring."""
+        kept: list[str] = []  # every piece streamed, across resumptions
+
+        def keep(piece: str) -> None:
+            kept.append(piece)
+            emit(piece)
+
+        resumed_at = None  # (when the pause began, its cause) after a loss
+        while True:
+            with engine.lock:
+                epoch = engine.epoch
+                try:
+                    if resumed_at is None:
+                        out = run_sequence(engine, seq, keep, cancel)
+                    else:
+                        out = self._resume(engine, seq, keep, cancel, *resumed_at)
+                    out.text = "".join(kept)
+                    return out
+                except (GroupError, GroupUnavailableError) as e:
+                    failure, began = e, time.monotonic()
+            cause = self._wait(engine, epoch, failure, cancel)
+            if cancel is not None and cancel.is_set():  # cancelled during the pause: end it here
+                seq.out.finish_reason, seq.out.text = "cancelled", "".join(kept)
+                return seq.out
+            resumed_at = (began, cause)
+
+    def _resume(self, engine, seq: SequenceState, emit, cancel, began: float, cause: str) -> Generation:
+        """Compute the history again on the re-formed group (see the module docstring), then go on."""
+        replayed = replay(engine, seq)
+        paused = time.monotonic() - began
+        seq.out.pauses.append({"paused_s": round(paused, 3), "cause": cause, "replayed_tokens": replayed})
+        self.report(RequestResumed(round(paused, 2), cause, replayed))
+        log.info("request resumed after %.2fs (%s); %d tokens re-prefilled", paused, cause, replayed)
+        with _reusing_cache(engine):  # the last token runs alone, as the undisturbed decode step did
+            return run_sequence(engine, seq, emit, cancel)
+
+    def _wait(self, engine, epoch: int, failure: Exception, cancel: threading.Event | None) -> str:
+        """Block until the group serves on a new communicator; returns the pause's cause.
+
+        Raises the failure itself when the group saw no loss (a device that is slow, not gone), and
+        GroupUnavailableError when the group degrades or does not re-form within the bound.
+        """
+        group, opts = self.group, self.group.opts
+        start = time.monotonic()
+        grace = start + _grace_s(group)
+        cause = group.reason or str(failure)
+        self.paused = {"since": time.time(), "cause": cause}
+        try:
+            while True:
+                if cancel is not None and cancel.is_set():
+                    return cause
+                state = group.state
+                if state != "serving":
+                    cause = group.reason or cause
+                    self.paused["cause"] = cause
+                if state == "degraded":
+                    raise GroupUnavailableError(f"the request stopped: the group cannot re-form ({group.reason})")
+                if state == "serving" and engine.epoch != epoch:
+                    return cause
+                now = time.monotonic()
+                if state == "serving" and now > grace:
+                    raise failure  # no loss: the step failed for another reason, as it did before
+                if now - start > opts.resume_bound_s:
+                    raise GroupUnavailableError(
+                        f"the request stopped: the group did not serve again within {opts.resume_bound_s:.0f}s "
+                        f"after {cause}")
+                time.sleep(POLL_S)
+        finally:
+            self.paused = None
+
+
+def replay(engine, seq: SequenceState) -> int:
+    """Put seq's history but its last token into every rank's cache, as the undisturbed run computed it.
+
+    Returns the tokens computed. Nothing is replayed before the first token: run_sequence prefills the
+    prompt itself then."""
+    if not seq.tokens:
+        return 0
+    engine.reset()
+    engine.prefill(seq.prompt)  # chunked from 0, as the first prefill ran
+    history = seq.history()
+    for start in range(len(seq.prompt), len(history) - 1, REPLAY_CHUNK):
+        engine.forward(history[start : min(start + REPLAY_CHUNK, len(history) - 1)], start)
+    return len(history) - 1
+
+
+@contextlib.contextmanager
+def _reusing_cache(engine):
+    """Let the next prefill reuse the cache just replayed (the engine's lock is held)."""
+    saved, engine.reuse_prefix = engine.reuse_prefix, True
+    try:
+        yield
+    finally:
+        engine.reuse_prefix = saved
+
+
+def _grace_s(group) -> float:
+    """How long a failed step may wait for the supervisor to notice a loss: one heartbeat timeout."""
+    settings = getattr(group.link, "settings", None)
+    return 1.0 + (settings.timeout_s if settings is not None else 10.0)
