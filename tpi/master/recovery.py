@@ -133,9 +133,9 @@ class GroupSupervisor:
             self.lost_since[d.rank] = self.clock()
             names = ", ".join(f"{x.name} (rank {x.rank})" for x in self.group.lost_devices())
             then = "then re-planning over the other devices" if self.opts.replan else "re-planning is off"
+            self.report(DeviceLost(d.name, d.rank, d.reason, self.opts.rejoin_timeout_s))
             self._unavailable("recovering", f"the group lost device {names}: {d.reason}; waiting up to "
                                             f"{self.opts.rejoin_timeout_s:.0f}s for it to rejoin, {then}")
-            self.report(DeviceLost(d.name, d.rank, d.reason, self.opts.rejoin_timeout_s))
 
     def _watch_local_workers(self) -> None:
         """A local worker whose process ended is lost at once, and started again (it rejoins from its cache)."""
