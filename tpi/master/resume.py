@@ -74,9 +74,11 @@ class Resumer:
 
     def _resume(self, engine, seq: SequenceState, emit, cancel, began: float, cause: str) -> Generation:
         """Compute the history again on the re-formed group (see the module docstring), then go on."""
+        t0 = time.monotonic()
         replayed = replay(engine, seq)
         paused = time.monotonic() - began
-        seq.out.pauses.append({"paused_s": round(paused, 3), "cause": cause, "replayed_tokens": replayed})
+        seq.out.pauses.append({"paused_s": round(paused, 3), "cause": cause, "replayed_tokens": replayed,
+                               "replay_s": round(time.monotonic() - t0, 3)})
         self.report(RequestResumed(round(paused, 2), cause, replayed))
         log.info("request resumed after %.2fs (%s); %d tokens re-prefilled", paused, cause, replayed)
         with _reusing_cache(engine):  # the last token runs alone, as the undisturbed decode step did
