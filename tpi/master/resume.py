@@ -6,11 +6,13 @@ group to serve again (the device rejoined from its cache, or a re-plan without i
 sequence's history again and goes on sampling from the same `SequenceState`: same RNG, same text
 decoder and stop filter, so the client sees a pause and then the rest of the stream.
 
-Bit-identical replay: a step of fewer than 64 query rows runs ggml's flash attention row by row, as a
-one-token decode step does (64 or more take its tiled path: GGML_FA_TILE_Q, which rounds differently),
-so the replay runs the prompt as the first prefill did, the streamed tokens in chunks of REPLAY_CHUNK
-rows, and the last one alone: every rank's cache and the next logits are the undisturbed run's, bit for
-bit, and a greedy answer is identical.
+Bit-identical replay: ggml computes each row of a small step exactly as a one-token decode step does,
+but not of a large one: flash attention over 64 or more query rows takes a tiled path (GGML_FA_TILE_Q),
+and a matmul on weights ggml repacked (CPU_REPACK: Q4_0, Q4_K, IQ4_NL) over 4 or more rows takes gemm
+instead of gemv (ggml-cpu/repack.cpp); both round differently. So the replay runs the prompt as the
+first prefill did, the streamed tokens in steps of `replay_chunk` rows (32, or 3 with repacked weight
+types), and the last one alone: every rank's cache and the next logits are the undisturbed run's, bit
+for bit (tests/test_resume_replay.py), and a greedy answer is identical.
 
 The request fails (GroupUnavailableError, a 503) only when the group degrades (no group can be formed),
 or does not serve again within GroupOptions.resume_bound_s.
@@ -30,15 +32,18 @@ from tpi.master.generate import Generation, SequenceState, run_sequence
 log = logging.getLogger(__name__)
 
 REPLAY_CHUNK = 32  # rows per replay step: below ggml's 64-row flash-attention tile (see the docstring)
+REPACKED_CHUNK = 3  # ... and below the 4 rows from which ggml multiplies repacked weights by gemm
+REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})  # tpi.quant.ggml_backend.REPACK_TYPES, by name
 POLL_S = 0.05
 
 
 class Resumer:
     """Runs sequences on a group's engine, pausing them across a device loss (one per group)."""
 
-    def __init__(self, group, report: Callable[[object], None]):
+    def __init__(self, group, report: Callable[[object], None], chunk: int = REPLAY_CHUNK):
         self.group = group
         self.report = report  # the supervisor's: RequestResumed joins the group's events on /health
+        self.chunk = chunk  # rows per replay step (replay_chunk)
         self.paused: dict | None = None  # while a request waits: since (unix time), cause
 
     def status(self) -> dict:
@@ -75,7 +80,7 @@ class Resumer:
     def _resume(self, engine, seq: SequenceState, emit, cancel, began: float, cause: str) -> Generation:
         """Compute the history again on the re-formed group (see the module docstring), then go on."""
         t0 = time.monotonic()
-        replayed = replay(engine, seq)
+        replayed = replay(engine, seq, self.chunk)
         paused = time.monotonic() - began
         seq.out.pauses.append({"paused_s": round(paused, 3), "cause": cause, "replayed_tokens": replayed,
                                "replay_s": round(time.monotonic() - t0, 3)})
@@ -119,7 +124,18 @@ class Resumer:
             self.paused = None
 
 
-def replay(engine, seq: SequenceState) -> int:
+def replay_chunk(source) -> int:
+    """Rows per replay step for a model (tpi.formats.ModelSource): see the module docstring."""
+    from tpi.model.config import layer_name
+    from tpi.quant.formats import ggml_type_info, is_ggml
+
+    names = [layer_name(i, m) for i in range(source.config.n_layers)
+             for m in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
+    types = {ggml_type_info(f).name for f in map(source.weight_fmt, names) if is_ggml(f)}
+    return REPACKED_CHUNK if types & REPACKED_TYPES else REPLAY_CHUNK
+
+
+def replay(engine, seq: SequenceState, chunk: int = REPLAY_CHUNK) -> int:
     """Put seq's history but its last token into every rank's cache, as the undisturbed run computed it.
 
     Returns the tokens computed. Nothing is replayed before the first token: run_sequence prefills the
@@ -129,8 +145,8 @@ def replay(engine, seq: SequenceState) -> int:
     engine.reset()
     engine.prefill(seq.prompt)  # chunked from 0, as the first prefill ran
     history = seq.history()
-    for start in range(len(seq.prompt), len(history) - 1, REPLAY_CHUNK):
-        engine.forward(history[start : min(start + REPLAY_CHUNK, len(history) - 1)], start)
+    for start in range(len(seq.prompt), len(history) - 1, chunk):
+        engine.forward(history[start : min(start + chunk, len(history) - 1)], start)
     return len(history) - 1
 
 
