@@ -128,6 +128,9 @@ def test_local_worker_killed_mid_stream_resumes_with_the_same_text(pair):
     kinds = [e["event"] for e in status["events"]]
     assert {"lost", "restarted", "rejoined", "resumed"} <= set(kinds), kinds
     assert service.snapshot()["pauses"] == 1
+    (proc,) = group.procs  # the restarted worker got the token through its environment, not its argv
+    assert proc.restarts == 1 and group.token.encode() not in open(f"/proc/{proc.pid}/cmdline", "rb").read()
+    assert f"TPI_TOKEN={group.token}".encode() in open(f"/proc/{proc.pid}/environ", "rb").read()
 
     # Seeded sampling continues from the same RNG state: the same text as undisturbed.
     sampled = SamplingParams(temperature=0.8, top_p=0.95, seed=7)

@@ -58,30 +58,30 @@ class Resumer:
             kept.append(piece)
             emit(piece)
 
-        resumed_at = None  # (when the pause began, its cause) after a loss
+        pause: dict = {}  # from a failed step until the replay is done: since (monotonic), cause
         while True:
             with engine.lock:
                 epoch = engine.epoch
                 try:
-                    if resumed_at is None:
-                        out = run_sequence(engine, seq, keep, cancel)
+                    if pause:
+                        out = self._resume(engine, seq, keep, cancel, pause)
                     else:
-                        out = self._resume(engine, seq, keep, cancel, *resumed_at)
+                        out = run_sequence(engine, seq, keep, cancel)
                     out.text = "".join(kept)
                     return out
                 except (GroupError, GroupUnavailableError) as e:
-                    failure, began = e, time.monotonic()
-            cause = self._wait(engine, epoch, failure, cancel)
+                    failure = e
+                    pause.setdefault("since", time.monotonic())  # a loss during the replay extends the pause
+            pause["cause"] = self._wait(engine, epoch, failure, cancel)
             if cancel is not None and cancel.is_set():  # cancelled during the pause: end it here
                 seq.out.finish_reason, seq.out.text = "cancelled", "".join(kept)
                 return seq.out
-            resumed_at = (began, cause)
 
-    def _resume(self, engine, seq: SequenceState, emit, cancel, began: float, cause: str) -> Generation:
+    def _resume(self, engine, seq: SequenceState, emit, cancel, pause: dict) -> Generation:
         """Compute the history again on the re-formed group (see the module docstring), then go on."""
         t0 = time.monotonic()
         replayed = replay(engine, seq, self.chunk)
-        paused = time.monotonic() - began
+        paused, cause = time.monotonic() - pause.pop("since"), pause.pop("cause")
         seq.out.pauses.append({"paused_s": round(paused, 3), "cause": cause, "replayed_tokens": replayed,
                                "replay_s": round(time.monotonic() - t0, 3)})
         self.report(RequestResumed(round(paused, 2), cause, replayed))
