@@ -20,6 +20,7 @@ import threading
 import time
 
 import pytest
+from netns_lan import ip
 from test_reliability_support import device_profile, tpi_env
 from test_resume_local import Stream, timeline
 
@@ -35,10 +36,6 @@ PORT = 7741
 TIMEOUT_S = 2.0  # heartbeat timeout of the group
 HOLD_S = 3.0  # how long the worker's link stays down: past the heartbeat timeout
 HANG_S = 60.0
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=20)
 
 
 @pytest.fixture

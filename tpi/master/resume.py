@@ -28,6 +28,8 @@ from collections.abc import Callable
 from tpi.errors import GroupError, GroupUnavailableError
 from tpi.master.events import RequestResumed
 from tpi.master.generate import Generation, SequenceState, run_sequence
+from tpi.model.config import layer_name
+from tpi.quant.formats import ggml_type_info, is_ggml
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +128,6 @@ class Resumer:
 
 def replay_chunk(source) -> int:
     """Rows per replay step for a model (tpi.formats.ModelSource): see the module docstring."""
-    from tpi.model.config import layer_name
-    from tpi.quant.formats import ggml_type_info, is_ggml
-
     names = [layer_name(i, m) for i in range(source.config.n_layers)
              for m in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
     types = {ggml_type_info(f).name for f in map(source.weight_fmt, names) if is_ggml(f)}
