@@ -19,7 +19,9 @@ from test_reliability_support import device_profile, free_port_pair
 
 from tpi.master import GroupOptions, start_group
 from tpi.master.sampler import SamplingParams
+from tpi.serve.chat_backends import ChatOptions, LocalChat
 from tpi.serve.service import GenerationRequest, GenerationService
+from tpi.serve.tui import ChatSession, run_command
 from tpi.transport.keeper import LinkSettings
 
 pytestmark = pytest.mark.slow
@@ -128,6 +130,10 @@ def test_local_worker_killed_mid_stream_resumes_with_the_same_text(pair):
     kinds = [e["event"] for e in status["events"]]
     assert {"lost", "restarted", "rejoined", "resumed"} <= set(kinds), kinds
     assert service.snapshot()["pauses"] == 1
+    stats = gen.stats()  # what `tpi run --stats` prints
+    assert stats["paused_s"] > 0 and "local-1 (rank 1): its connection closed" in stats["pause_cause"]
+    tui = dict(run_command(ChatSession(LocalChat(service), ChatOptions()), "/stats").rows)  # the TUI's /stats
+    assert tui["pauses"] == "1" and "connection closed" in tui["last_pause"], tui
     (proc,) = group.procs  # the restarted worker got the token through its environment, not its argv
     assert proc.restarts == 1 and group.token.encode() not in open(f"/proc/{proc.pid}/cmdline", "rb").read()
     assert f"TPI_TOKEN={group.token}".encode() in open(f"/proc/{proc.pid}/environ", "rb").read()
