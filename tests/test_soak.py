@@ -46,7 +46,7 @@ def rss_bytes(pid: int) -> int:
 
 
 def local_worker_pid(master_pid: int) -> int:
-    """The pid of the `tpi join` process the master started (its child)."""
+    """The pid of the local worker process the master started (its child)."""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -54,7 +54,7 @@ def local_worker_pid(master_pid: int) -> int:
                 cmd = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat.rpartition(")")[2].split()[1]) == master_pid and b"join" in cmd:
+            if int(stat.rpartition(")")[2].split()[1]) == master_pid and b"local-1" in cmd:
                 return int(entry.name)
     raise AssertionError("the master's local worker is not running")
 

@@ -200,32 +200,42 @@ def join(
         "--reconnect-timeout", help="seconds to keep reconnecting to a lost master before giving up")] = 60.0,
 ) -> None:
     """Join a group as a worker: fetch and cache the shard, then compute steps until stopped."""
+    try:  # a KeyboardInterrupt is how a user leaves the group
+        token = read_token(token, token_file)
+        if heartbeat_timeout is not None and heartbeat_timeout <= 0:
+            raise TpiError(f"--heartbeat-timeout {heartbeat_timeout} must be positive (seconds)")
+        run_join(master, token, name, cache_dir, key_dir, threads=threads, backend=backend,
+                 memory_budget=parse_size(memory_budget), insecure=insecure, profile_file=profile_file,
+                 discover_timeout=discover_timeout, data_endpoint=data_endpoint,
+                 heartbeat_timeout=heartbeat_timeout, reconnect_timeout=reconnect_timeout)
+    except KeyboardInterrupt:
+        typer.echo("left the group", err=True)
+
+
+def run_join(master: str | None, token: str, name: str, cache_dir: Path, key_dir: Path, *, threads: int | None,
+             backend: str, memory_budget: int | None, insecure: bool, profile_file: Path | None,
+             discover_timeout: float = 15.0, data_endpoint: str | None = None,
+             heartbeat_timeout: float | None = None, reconnect_timeout: float = 60.0) -> None:
+    """`tpi join` once its options are read (also a local worker's, tpi.cli.local_worker)."""
     import logging
 
     from tpi.devices.profile import handshake_profile
     from tpi.model.backends import backend_choice_note, resolve_backend
     from tpi.worker import WorkerOptions, run_worker
 
-    try:  # a KeyboardInterrupt is how a user leaves the group
-        token = read_token(token, token_file)
-        if heartbeat_timeout is not None and heartbeat_timeout <= 0:
-            raise TpiError(f"--heartbeat-timeout {heartbeat_timeout} must be positive (seconds)")
-        budget = parse_size(memory_budget)
-        requested, backend = backend, resolve_backend(backend)
-        logging.getLogger("tpi.worker").info(backend_choice_note(requested, backend))
-        if master is None:
-            from tpi.transport.discovery import find_master
+    requested, backend = backend, resolve_backend(backend)
+    logging.getLogger("tpi.worker").info(backend_choice_note(requested, backend))
+    if master is None:
+        from tpi.transport.discovery import find_master
 
-            master = find_master(token, discover_timeout).endpoint
-        profile = handshake_profile(cache_dir / "profile", backend=backend, threads=threads, name=name,
-                                    memory_budget=budget, profile_file=profile_file)
-        run_worker(WorkerOptions(master=master, token=token, name=name, cache_dir=cache_dir / "shards",
-                                 key_dir=key_dir, backend=backend, threads=threads,
-                                 memory_budget=budget, insecure=insecure, profile=profile,
-                                 data_endpoint=data_endpoint, heartbeat_timeout_s=heartbeat_timeout,
-                                 reconnect_s=max(0.0, reconnect_timeout)))
-    except KeyboardInterrupt:
-        typer.echo("left the group", err=True)
+        master = find_master(token, discover_timeout).endpoint
+    profile = handshake_profile(cache_dir / "profile", backend=backend, threads=threads, name=name,
+                                memory_budget=memory_budget, profile_file=profile_file)
+    run_worker(WorkerOptions(master=master, token=token, name=name, cache_dir=cache_dir / "shards",
+                             key_dir=key_dir, backend=backend, threads=threads,
+                             memory_budget=memory_budget, insecure=insecure, profile=profile,
+                             data_endpoint=data_endpoint, heartbeat_timeout_s=heartbeat_timeout,
+                             reconnect_s=max(0.0, reconnect_timeout)))
 
 
 def read_token(token: str, token_file: Path | None) -> str:

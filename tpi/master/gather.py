@@ -53,7 +53,7 @@ def spawn_local_workers(opts: GroupOptions, port: int, token: str, threads: int,
     procs = []
     env = dict(os.environ, TPI_TOKEN=token)  # never in argv: any local user can read a command line (ps)
     for i in range(opts.local_workers):
-        cmd = [sys.executable, "-m", "tpi", "join", f"127.0.0.1:{port}",
+        cmd = [sys.executable, "-m", "tpi.cli.local_worker", f"127.0.0.1:{port}",
                "--name", f"local-{i + 1}", "--cache-dir", str(opts.cache_dir / f"local-{i + 1}"),
                "--key-dir", str(opts.config_dir / f"local-{i + 1}"), "--threads", str(threads),
                "--backend", opts.worker_backend]
