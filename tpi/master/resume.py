@@ -10,7 +10,7 @@ Bit-identical replay: ggml computes each row of a small step exactly as a one-to
 but not of a large one: flash attention over 64 or more query rows takes a tiled path (GGML_FA_TILE_Q),
 and a matmul on weights ggml repacked (CPU_REPACK: Q4_0, Q4_K, IQ4_NL) over 4 or more rows takes gemm
 instead of gemv (ggml-cpu/repack.cpp); both round differently. So the replay runs the prompt as the
-first prefill did, the streamed tokens in steps of `replay_chunk` rows (32, or 3 with repacked weight
+first prefill did, the streamed tokens in steps of `replay_chunk` rows (63, or 3 with repacked weight
 types), and the last one alone: every rank's cache and the next logits are the undisturbed run's, bit
 for bit (tests/test_resume_replay.py), and a greedy answer is identical.
 
@@ -33,7 +33,7 @@ from tpi.quant.formats import ggml_type_info, is_ggml
 
 log = logging.getLogger(__name__)
 
-REPLAY_CHUNK = 32  # rows per replay step: below ggml's 64-row flash-attention tile (see the docstring)
+REPLAY_CHUNK = 63  # rows per replay step: below ggml's 64-row flash-attention tile (see the docstring)
 REPACKED_CHUNK = 3  # ... and below the 4 rows from which ggml multiplies repacked weights by gemm
 REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})  # tpi.quant.ggml_backend.REPACK_TYPES, by name
 POLL_S = 0.05
