@@ -23,6 +23,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug lo
 
 def setup_logging(verbose: bool = False) -> None:
     """Log lines on stderr, as every tpi command shows them."""
+    # imported when the command runs: keeps `tpi --help` fast
     from rich.console import Console
     from rich.logging import RichHandler
 
