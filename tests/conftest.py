@@ -40,7 +40,8 @@ SMOLLM2_CHAT_PROMPT = (
 # Gemma 3 perplexity): under xdist their tests share one worker, so the fixture is built once. Other tests
 # are scheduled one by one.
 KEEP_TOGETHER = ("tests/test_discovery.py", "tests/test_fresh_worker.py", "tests/test_api_server.py",
-                 "tests/test_security_group.py", "tests/test_family_gemma3_270m.py", "tests/test_rows_group.py")
+                 "tests/test_security_group.py", "tests/test_family_gemma3_270m.py", "tests/test_rows_group.py",
+                 "tests/test_resume_local.py")
 
 
 @pytest.hookimpl(optionalhook=True)
