@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_reliability_support import api_url, serve, wait_healthy
+from test_reliability_support import api_url, free_port_pair, serve, wait_healthy
 
 from tpi.scheduler.overhead import rss_bytes
 
@@ -95,7 +95,8 @@ def send(http: httpx.Client, url: str, i: int) -> tuple[str, str, str]:
 
 
 def test_soak_every_request_is_served_or_refused_and_rss_stays_bounded(smollm2, tmp_path):
-    master = serve(smollm2, tmp_path, "soak-master", "--queue-size", str(QUEUE_SIZE), "--local-workers", "1")
+    master = serve(smollm2, tmp_path, "soak-master", "--queue-size", str(QUEUE_SIZE), "--local-workers", "1",
+                   "--port", str(free_port_pair()))  # not the default 7610: other groups may run at once
     kill_at = random.Random(os.getpid()).randrange(WARM_UP + 10, SEQUENTIAL - 10)  # a request in the middle
     counts: Counter = Counter()
     answers: dict[str, str] = {}
