@@ -122,8 +122,9 @@ def serve(cfg: dict) -> None:
 class Child:
     def __init__(self, label: str, cfg: dict):
         self.label, self.cfg = label, cfg
+        env = dict(os.environ, **cfg.get("env", {}))  # a variant's settings reach its worker process too
         self.proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(cfg)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, text=True, env=env)
         self.times: list[list[float]] = []
 
     def ask(self, line: str):
@@ -148,6 +149,10 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=8, help="tokens per block")
     ap.add_argument("--prompt", choices=sorted(PROMPTS), default="story")
     ap.add_argument("--insecure", action="store_true", help="no CURVE on the group links (default: CURVE on)")
+    ap.add_argument("--variant", action="append", default=[], metavar="WIRE:NAME=VALUE[;NAME=VALUE]",
+                    help="also a group row with these environment variables (an A/B of a setting), e.g. "
+                         "f32:TPI_SPIN_US=0")
+    ap.add_argument("--no-single", action="store_true", help="leave out the tpi 1-device row")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -158,17 +163,21 @@ def main() -> None:
 
         args.model = str(cached_model(args.synthetic, log=lambda m: print(m, file=sys.stderr)))
     total = args.blocks * args.block
-    labels = [("llama.cpp", f"llama.cpp, {args.threads} threads", args.threads, "-"),
-              ("single", f"tpi 1 device, {args.threads} threads", args.threads, "-")]
-    labels += [("group", f"tpi N=2 loopback, 1 thread each, {w}", 1, w) for w in args.wires.split(",") if w]
+    labels = [("llama.cpp", f"llama.cpp, {args.threads} threads", args.threads, "-", {})]
+    labels += [] if args.no_single else [("single", f"tpi 1 device, {args.threads} threads", args.threads, "-", {})]
+    labels += [("group", f"tpi N=2 loopback, 1 thread each, {w}", 1, w, {}) for w in args.wires.split(",") if w]
+    for v in args.variant:
+        wire, _, settings = v.partition(":")
+        env = dict(kv.split("=", 1) for kv in settings.split(";") if kv)
+        labels.append(("group", f"tpi N=2 loopback, 1 thread each, {wire}, {settings}", 1, wire, env))
     with tempfile.TemporaryDirectory(prefix="tpi-bench-tp-paired-") as tmp:
         children = []
         try:
-            for i, (kind, label, threads, wire) in enumerate(labels):  # started one by one: no load races
+            for i, (kind, label, threads, wire, env) in enumerate(labels):  # started one by one: no load races
                 print(f"starting: {label}", file=sys.stderr, flush=True)
                 child = Child(label, {"kind": kind, "threads": threads, "wire": wire, "model": args.model,
                                       "prompt": args.prompt, "insecure": args.insecure, "tmp": f"{tmp}/c{i}",
-                                      "context_tokens": total})
+                                      "context_tokens": total, "env": env})
                 child.answer()
                 children.append(child)
             loads = [os.getloadavg()[0]]
@@ -177,9 +186,8 @@ def main() -> None:
                 for child in children[k:] + children[:k]:
                     child.times.append(child.ask(str(args.block)))
                 loads.append(os.getloadavg()[0])
-                print(f"round {b + 1}/{args.blocks}: " + ", ".join(
-                    f"{c.label.split(',')[0]}{'' if c.cfg['wire'] == '-' else ' ' + c.cfg['wire']} "
-                    f"{median(c.times[-1]) * 1e3:.1f}" for c in children), file=sys.stderr, flush=True)
+                print(f"round {b + 1}/{args.blocks}: " + ", ".join(f"{median(c.times[-1]) * 1e3:.1f}" for c in children)
+                      + " ms/token", file=sys.stderr, flush=True)
             finals = [c.ask("end") for c in children]
         finally:
             for c in children:

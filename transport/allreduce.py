@@ -5,6 +5,11 @@ blocks); the master adds its own partial and the received ones in fp32, in rank 
 sends the sum back in the wire dtype. With bf16 or int8 the master rounds the sum once and uses
 that rounded value itself, so every rank holds bit-identical state.
 
+Two ranks with the f32 wire exchange instead (`exchange`): each posts its partial the moment it
+has it and adds the two itself, master's first (x0 + x1, the star's own sum, so the same bits on
+both ranks): a worker waits one hop for its sum instead of two. The messages and bytes are the
+star's; the master's Partial simply goes where its Reduced went.
+
 Hot path: both ends know the exact header of the message they await (version, type, step,
 op, dtype, shape), so a received header is validated by one byte comparison and its buffer
 is received straight into a preallocated array (`recv_into`), checked for its exact size.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import replace
 from typing import Callable
@@ -37,6 +43,9 @@ _get = zmq.backend.cython._zmq.Socket.get
 _RCVMORE, _SNDMORE = zmq.RCVMORE, zmq.SNDMORE
 _PARTIAL, _REDUCED = Partial.TYPE, Reduced.TYPE
 _ZERO_COPY_MIN = 1 << 16  # pyzmq copies smaller frames anyway; a zero-copy Frame costs more there
+# TPI_STAR_ONLY=1 keeps two ranks on the star too: bench/tp_paired.py's A/B row (every rank
+# must agree; a local group's workers inherit the master's environment)
+STAR_ONLY = os.environ.get("TPI_STAR_ONLY") == "1"
 
 
 def _nbytes(frames: list) -> int:
@@ -90,6 +99,11 @@ def _size_error(sock: zmq.Socket, n: int, nbytes: int, more: bool = True) -> str
     extra = _drain(sock) if more else 0
     return (f"buffer of {n} bytes where its header needs {nbytes}" if n != nbytes
             else f"{extra} buffer frame(s) more than its header lists")
+
+
+def exchange(world: int, wire_dtype: str) -> bool:
+    """Whether an allreduce swaps partials (two ranks, f32 wire) rather than going through the star."""
+    return world == 2 and wire_dtype == "f32" and not STAR_ONLY
 
 
 def _exact_bf16_or_self(x: np.ndarray) -> np.ndarray:
@@ -292,8 +306,9 @@ class StarMaster:
                 raise GroupError(f"device {self._names[rank]} (rank {rank}) is unreachable: {reason}") from e
             self.stats.bytes_sent += size
 
-    def _send_sum(self, head: bytes, wire: np.ndarray) -> None:
-        sock, copy = self._sock, wire.nbytes < _ZERO_COPY_MIN
+    def _send_sum(self, head: bytes, wire: np.ndarray, copy: bool = False) -> None:
+        """head + wire to every worker; copy: always copy wire (the caller reuses its buffer)."""
+        sock, copy = self._sock, copy or wire.nbytes < _ZERO_COPY_MIN
         try:
             for rid in self._ids:  # ROUTER_MANDATORY: the id's send raises for a vanished peer
                 _send(sock, rid, _SNDMORE, True, False)
@@ -314,7 +329,11 @@ class StarMaster:
         f32 = wire_dtype == "f32"
         shape = x.shape if f32 else wire_shape(x.shape, wire_dtype)
         descs = [[wire_dtype, list(shape)]]
-        part_head, sum_head = header(_PARTIAL, seq, [op], descs), header(_REDUCED, seq, [op], descs)
+        part_head = header(_PARTIAL, seq, [op], descs)
+        swap = exchange(self.world, wire_dtype)
+        if swap:  # my partial goes out now (copied: x is a graph's output buffer, reused by the next graph)
+            x = np.ascontiguousarray(x, np.float32)
+            self._send_sum(part_head, x, copy=True)
         parts = self._collect_partials(part_head, WIRE_DTYPES[wire_dtype], shape)
         acc = None
         for rank in range(1, self.world):
@@ -329,7 +348,8 @@ class StarMaster:
         if acc is None:
             acc = np.array(x, dtype=np.float32)
         wire = acc if f32 else to_wire(acc, wire_dtype)
-        self._send_sum(sum_head, wire)
+        if not swap:
+            self._send_sum(header(_REDUCED, seq, [op], descs), wire)
         out = acc if f32 else from_wire(wire)
         self.stats.allreduce_count += 1
         self.stats.allreduce_seconds += time.perf_counter() - t0
@@ -424,13 +444,17 @@ class StarWorker:
         part_head = self._next_part[1] if self._next_part[0] == key else None
         if part_head is None:
             part_head = self._header(_PARTIAL, seq, [op], [[wire_dtype, list(payload.shape)]])
+        swap = exchange(self.world, wire_dtype)  # then the master's partial comes back, not the sum
         _send(sock, part_head, _SNDMORE, True, False)
-        _send(sock, payload, 0, nbytes < _ZERO_COPY_MIN, False)
+        # copied when swapping: the master's partial may be here before mine has left, and x is a
+        # graph's output buffer, which the next graph reuses
+        _send(sock, payload, 0, swap or nbytes < _ZERO_COPY_MIN, False)
         # While the partial travels: what the sum will look like, where it lands (f32 sums in the
         # array returned; bf16/int8 ones in a reused buffer, then widened), and the header of the
         # next allreduce's partial if it has the same shape (the usual case: 2 per layer).
         descs = [[wire_dtype, list(payload.shape)]]
-        sum_head = self._header(_REDUCED, seq, [op], descs)
+        sum_head = part_head if swap else self._header(_REDUCED, seq, [op], descs)
+        kind = Partial if swap else Reduced
         self._next_part = ((seq, op + 1, wire_dtype, payload.shape), self._header(_PARTIAL, seq, [op + 1], descs))
         if f32:
             buf = np.empty(nbytes, np.uint8)
@@ -454,18 +478,19 @@ class StarWorker:
                 n = sock.recv_into(buf)
                 stats.bytes_received += len(head) + n
                 if n == nbytes and not _get(sock, _RCVMORE):
-                    out = typed if f32 else from_wire(typed)
+                    out = np.add(typed, payload, out=typed) if swap else typed if f32 else from_wire(typed)
                     break
-                log.warning("dropped malformed data message from the master: Reduced %s",
+                log.warning("dropped malformed data message from the master: %s %s", kind.__name__,
                             _size_error(sock, n, nbytes))
                 continue
             stats.bytes_received += len(head)
             msg = self._finish(head, frame.more)
-            if isinstance(msg, Reduced) and msg.op == op and msg.seq == seq:
+            if type(msg) is kind and msg.op == op and msg.seq == seq:
                 if msg.x.dtype != payload.dtype or msg.x.shape != payload.shape:
-                    raise GroupError(f"the master sent a {msg.x.dtype} sum of shape {msg.x.shape} for a "
-                                     f"{payload.dtype} partial of shape {payload.shape}: versions differ?")
-                out = from_wire(msg.x.copy())  # valid, though not encoded as this side would
+                    raise GroupError(f"the master sent a {msg.x.dtype} {kind.__name__} of shape {msg.x.shape} for "
+                                     f"a {payload.dtype} partial of shape {payload.shape}: versions differ?")
+                # valid, though not encoded as this side would
+                out = np.add(msg.x, payload) if swap else from_wire(msg.x.copy())
                 break
             if isinstance(msg, (Step, Truncate, Stop)):
                 # The master gave up on this step (a device was lost) and moved on: keep the
