@@ -10,7 +10,8 @@ Token latency (decode, one token):
   compute_i = weight flops / measured GFLOP/s + attention over the KV cache / memory bandwidth
               + a fixed per-layer overhead (Python and op dispatch; DESIGN §8 measured ~0.15 ms)
   stream_i  = bytes the window plan streams per token / disk read speed
-Star allreduce of B bytes over N ranks: max worker RTT (two one-way hops) + the master's link
+Star allreduce of B bytes over N ranks: max worker RTT (two one-way hops; one for two ranks on
+the f32 wire, which swap partials) + the master's link
 carrying 2(N-1) messages of B bytes (N-1 each way at once when `master_full_duplex`; the default
 is the half-duplex, shared-medium case of Wi-Fi), or a slower worker's own 2 messages, plus a
 per-message software overhead. B is hidden x the wire dtype's bytes per value (f32 4, bf16 2,
@@ -300,6 +301,8 @@ def _step_comm_s(cfg: ModelConfig, shards: Sequence[RankShard], links: Sequence[
     broadcast = max_half_rtt + (n - 1) * (4 * values / master_bw + params.message_overhead_s)
     one = (allreduce_star_s(values * WIRE_BYTES[params.wire_dtype], links, params)
            + wire_convert_s(values, n, params.wire_dtype))
+    if n == 2 and params.wire_dtype == "f32":  # two ranks swap partials: one hop, not a round trip
+        one -= links[1].rtt_s / 2               # (tpi.transport.allreduce.exchange)
     logit_bytes = sum(len(s.vocab) for s in shards[1:]) * params.logit_bytes_per_elem
     gather = max_half_rtt + logit_bytes / master_bw + (n - 1) * params.message_overhead_s
     return broadcast + 2 * cfg.n_layers * one + gather, one
