@@ -57,6 +57,10 @@ BENCHMARKS = (
     Benchmark("tp_llama08b", "tp.py", ("--insecure", "--synthetic", "llama-0.8b", "--wires", "f32,int8",
                                        "--delays-ms", "", "--tokens", "16", "--rounds", "2"),
               "tensor-parallel decode of a random 0.8B Llama-shaped Q4_0: 1 device vs N=2 on loopback"),
+    # the same target paired: every engine alive, decoding in turns; SCHED_FIFO stands in for an idle machine
+    Benchmark("tp_paired_llama08b", "tp_paired.py", ("--realtime", "--blocks", "16", "--block", "8",
+                                                     "--variant", "f32:TPI_STAR_ONLY=1"),
+              "issue 18's 0.8B target: llama.cpp, one tpi device and N=2 loopback groups decoding in turns"),
     Benchmark("memory", "memory.py", (), "peak RSS per device against the budget (torch)"),
     Benchmark("memory_ggml", "memory.py", ("--backend", "ggml", "--repeats", "3"),
               "peak RSS per device against the budget (ggml)"),

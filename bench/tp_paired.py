@@ -1,7 +1,8 @@
 """Issue 18's 0.8B target: llama.cpp, one tpi device and 2-device loopback groups, decoding in turns.
 
     python bench/tp_paired.py [--synthetic llama-0.8b] [--wires f32,bf16,int8] [--blocks 12] [--block 8]
-                              [--prompt story] [--insecure] [--threads 2]
+                              [--prompt story] [--insecure] [--threads 2] [--realtime]
+                              [--variant f32:TPI_STAR_ONLY=1] [--smoke]
 
 Every engine is started once, in its own process (a group: the master here, its worker in another,
 one ggml thread each), prefills the prompt, and then waits. The engines then decode in turns, a
@@ -24,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import median, peak_rss_bytes, print_machine, print_table  # noqa: E402
+from common import median, peak_rss_bytes, print_machine, print_table, smoke_model  # noqa: E402
 from tp import PROMPTS  # noqa: E402
 
 
@@ -153,11 +154,24 @@ def main() -> None:
                     help="also a group row with these environment variables (an A/B of a setting), e.g. "
                          "f32:TPI_SPIN_US=0")
     ap.add_argument("--no-single", action="store_true", help="leave out the tpi 1-device row")
+    ap.add_argument("--realtime", action="store_true",
+                    help="run every engine under SCHED_FIFO (as `chrt -f 1`): stands in for an idle machine when "
+                         "other jobs share the cores (needs root or CAP_SYS_NICE; a note and no change otherwise)")
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, 2 rounds of 2 tokens: checks the bench runs")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         serve(json.loads(args.child))
         return
+    if args.realtime:
+        try:  # inherited by every engine process and its threads
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        except (AttributeError, OSError) as e:
+            args.realtime = False
+            print(f"note: SCHED_FIFO refused ({e}); running at normal priority", file=sys.stderr)
+    tmp_models = tempfile.TemporaryDirectory(prefix="tpi-bench-tp-paired-model-")
+    if args.smoke:
+        args.model, args.blocks, args.block, args.wires = smoke_model(Path(tmp_models.name)), 2, 2, "f32"
     if args.model is None:
         from synthetic import cached_model
 
@@ -197,6 +211,7 @@ def main() -> None:
                         c.proc.wait(timeout=60)
                     except subprocess.TimeoutExpired:
                         c.proc.kill()
+    tmp_models.cleanup()
     report(children, finals, args, loads)
 
 
@@ -224,7 +239,9 @@ def report(children: list[Child], finals: list[dict], args, loads: list[float]) 
                "allreduce ms/layer: rank 0's time inside its 2 allreduces per layer (includes waiting for the "
                "slower rank's compute); KiB/token: rank 0's data-channel bytes, sent + received.",
                f"{'CURVE off (--insecure)' if args.insecure else 'CURVE on (the default)'}; load average (1 min) "
-               f"{min(loads):.1f}-{max(loads):.1f} during the rounds: a shared 2-core machine.",
+               f"{min(loads):.1f}-{max(loads):.1f} during the rounds: a shared 2-core machine"
+               + ("; every engine under SCHED_FIFO (--realtime), so the other jobs wait while it runs." if args.realtime
+                  else "; normal priority, so the other jobs' load lands on these numbers."),
                "command: python bench/tp_paired.py " + " ".join(sys.argv[1:])])
 
 
