@@ -167,7 +167,6 @@ def main() -> None:
         try:  # inherited by every engine process and its threads
             os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
         except (AttributeError, OSError) as e:
-            args.realtime = False
             print(f"note: SCHED_FIFO refused ({e}); running at normal priority", file=sys.stderr)
     tmp_models = tempfile.TemporaryDirectory(prefix="tpi-bench-tp-paired-model-")
     if args.smoke:
@@ -215,6 +214,14 @@ def main() -> None:
     report(children, finals, args, loads)
 
 
+def realtime() -> bool:
+    """Whether this process (and so every engine it started) runs under a real-time policy."""
+    try:
+        return os.sched_getscheduler(0) in (os.SCHED_FIFO, os.SCHED_RR)
+    except (AttributeError, OSError):
+        return False
+
+
 def report(children: list[Child], finals: list[dict], args, loads: list[float]) -> None:
     anchor = [median(t) for t in children[0].times]  # llama.cpp's block medians
     rows = []
@@ -240,8 +247,8 @@ def report(children: list[Child], finals: list[dict], args, loads: list[float]) 
                "slower rank's compute); KiB/token: rank 0's data-channel bytes, sent + received.",
                f"{'CURVE off (--insecure)' if args.insecure else 'CURVE on (the default)'}; load average (1 min) "
                f"{min(loads):.1f}-{max(loads):.1f} during the rounds: a shared 2-core machine"
-               + ("; every engine under SCHED_FIFO (--realtime), so the other jobs wait while it runs." if args.realtime
-                  else "; normal priority, so the other jobs' load lands on these numbers."),
+               + ("; every engine under SCHED_FIFO (--realtime or chrt), so the other jobs wait while it runs."
+                  if realtime() else "; normal priority, so the other jobs' load lands on these numbers."),
                "command: python bench/tp_paired.py " + " ".join(sys.argv[1:])])
 
 
