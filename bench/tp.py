@@ -2,6 +2,7 @@
 
     python bench/tp.py [--model PATH | --synthetic llama-0.8b] [--backend torch] [--wires f32,bf16,int8]
                        [--tokens 32] [--rounds 1] [--delays-ms 1,5] [--smoke] [--insecure]
+                       [--prompt story] [--llama-cpp]
 
 Each configuration runs in its own process (so peak RSS is per configuration), the group's
 worker in another (`tpi join`, one thread). The delayed links put tests/netproxy.py's
@@ -10,9 +11,11 @@ data). Every group row runs once per wire dtype of the partial sums (--wires). W
 the whole list of configurations runs R times in turn, and each row reports the median over
 rounds of its ms/token and of its ratio to the best single device of the same round.
 
-The star allreduce's floor is 2 hops x one-way latency x 2 allreduces x layers per token; the
-table shows it next to what was measured. --synthetic llama-0.8b is issue 18's 0.8B Llama-shaped
-Q4_0 target (random weights, bench/synthetic.py).
+The allreduce's floor is hops x one-way latency x 2 allreduces x layers per token (1 hop for two
+ranks on the f32 wire, which swap partials; 2 for the star's round trip); the table shows it next
+to what was measured. --synthetic llama-0.8b is issue 18's 0.8B Llama-shaped Q4_0 target (random
+weights, bench/synthetic.py); --llama-cpp adds llama-cpp-python's decode and a tok/s ratio to it
+(bench/tp_paired.py measures that target with every engine alive, in turns).
 """
 from __future__ import annotations
 
@@ -111,23 +114,16 @@ def _comm_bytes(stats) -> int:
 def measure_llama_cpp(model: str, threads: int, tokens: int, prompt: str) -> dict:
     """llama-cpp-python's own decode of the same prompt (the anchor of issue 18's 0.8B target)."""
     from single_device import LlamaCppRunner
+    from single_device import measure as measure_runner
 
     from tpi.formats.gguf import GGUFSource
 
     source = GGUFSource(Path(model))
     ids = source.tokenizer().encode(PROMPTS[prompt], add_bos=True, special=True)
     runner = LlamaCppRunner(model, threads, len(ids) + tokens + 16)
-    tok = runner.prefill(ids)
-    runner.step(tok, len(ids))  # warm-up, as measure() does
-    t = time.perf_counter()
-    tok = runner.prefill(ids)
-    prefill_s = time.perf_counter() - t
-    per_token = []
-    for i in range(tokens):
-        t = time.perf_counter()
-        tok = runner.step(tok, len(ids) + i)
-        per_token.append(time.perf_counter() - t)
-    return {"prompt_tokens": len(ids), "prefill_s": prefill_s, "token_s": median(per_token), "tokens": tokens,
+    runner.step(runner.prefill(ids), len(ids))  # warm-up, as measure() does
+    _, decode_tps, prefill_s = measure_runner(runner, ids, tokens)
+    return {"prompt_tokens": len(ids), "prefill_s": prefill_s, "token_s": 1.0 / decode_tps, "tokens": tokens,
             "allreduce_s": 0.0, "bytes": 0, "layers": source.config.n_layers,
             "rss": [peak_rss_bytes()]}
 
@@ -304,7 +300,8 @@ def report(rounds: list[list[dict]], rtt: float, args, model: str | None) -> Non
         layers, n = r["layers"], r["tokens"]
         group = r["kind"] not in ("single", "llama.cpp")
         one_way = r["delay_s"] + rtt / 2 if group else 0.0
-        ideal = 2 * one_way * 2 * layers  # star: 2 hops per allreduce, 2 allreduces per layer
+        hops = 1 if r["wire"] == "f32" else 2  # two ranks on f32 swap partials; the star's round trip otherwise
+        ideal = hops * one_way * 2 * layers  # 2 allreduces per layer
         rss = [f"{b / 2**20:.0f}" for b in r["rss"]]
         ar = median([x["allreduce_s"] for x in runs]) / n / layers * 1e3
         rows.append([r["label"], token_s * 1e3, f"{vs:.2f}x", *vs_cpp,
@@ -320,7 +317,8 @@ def report(rounds: list[list[dict]], rtt: float, args, model: str | None) -> Non
         ["configuration", "ms/token", "vs best 1 device", *(["tok/s vs llama.cpp"] if cpp[0] else []), "allreduce ms/layer", "ideal ms/layer", "ideal ms/token",
          "KiB/token", "peak RSS MiB (rank 0 / 1)"],
         rows,
-        notes=[f"ideal = star allreduce floor: 2 hops x one-way latency x 2 allreduces x {layers} layers; "
+        notes=[f"ideal = allreduce floor: hops x one-way latency x 2 allreduces x {layers} layers, 1 hop with the f32 "
+               "wire (the two ranks swap partials), 2 with bf16/int8 (the star's round trip); "
                f"loopback one-way latency taken as half the measured {rtt * 1e6:.0f} us pyzmq round trip between "
                "two processes.",
                "allreduce time is rank 0's wait inside allreduce (includes waiting for the slower rank's compute).",
