@@ -261,7 +261,7 @@ class Step(Message):
 
 @_msg(8, ("op", "uint"), ("x", "tensor"))
 class Partial(Message):
-    """Worker -> master: my partial sum for allreduce number ``op`` of step ``seq``."""
+    """A rank's partial sum for allreduce ``op`` of step ``seq``: worker -> master (both ways in a swap)."""
 
     op: int
     x: np.ndarray
