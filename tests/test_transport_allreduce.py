@@ -223,6 +223,40 @@ def test_worker_follows_the_master_when_it_abandons_a_step(tmp_path):
     assert np.array_equal(out, np.full(4, 3.0, np.float32)) and np.array_equal(box["sum"], out)
 
 
+def test_two_ranks_on_f32_swap_partials_so_the_worker_never_waits_for_the_master(tmp_path):
+    """The master posts its partial before it looks for the worker's: the worker's allreduce ends while
+    the master is held before collecting (through the star this would deadlock), with the star's sum."""
+    master = MasterLink("127.0.0.1:0", tmp_path / "m", settings=FAST)
+    worker = WorkerLink(f"127.0.0.1:{master.port}", master.token, tmp_path / "w", settings=FAST)
+    x0, x1 = partial_for(1, 0), partial_for(1, 1)
+    worker_done, box = threading.Event(), {}
+
+    def run_worker():
+        worker.join("w1", {}, [])
+        comm = worker.communicator()
+        comm.recv_step()
+        box["sum"] = comm.allreduce(x1)
+        worker_done.set()
+
+    t = threading.Thread(target=run_worker)
+    t.start()
+    master.admit(master.next_join(timeout=10), Assign(rank=1, world=2, shard_hash="", shard_size=0))
+    comm = master.communicator("f32", ready_timeout_s=10)
+    collect = comm._collect_partials
+
+    def held(*args):
+        assert worker_done.wait(timeout=20), "the worker waited for the master to collect"
+        return collect(*args)
+
+    comm._collect_partials = held
+    comm.broadcast_step(Step.of_sequence(0, 1, np.zeros((1, 4), np.float32), request_id=1))
+    out = comm.allreduce(x0)
+    t.join(timeout=10)
+    worker.close()
+    master.close()
+    assert np.array_equal(out, x0 + x1) and box["sum"].tobytes() == out.tobytes()
+
+
 @pytest.mark.parametrize("wire", ["f32", "bf16"])
 def test_hot_path_drops_partials_and_sums_of_the_wrong_size_or_frame_count(tmp_path, caplog, wire):
     """Messages whose header is exactly the awaited one but whose buffer is wrong: logged, dropped.
