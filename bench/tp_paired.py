@@ -121,6 +121,8 @@ def serve(cfg: dict) -> None:
 # ---- orchestration --------------------------------------------------------------------------------
 
 class Child:
+    """One engine process, asked over its stdin to decode blocks."""
+
     def __init__(self, label: str, cfg: dict):
         self.label, self.cfg = label, cfg
         env = dict(os.environ, **cfg.get("env", {}))  # a variant's settings reach its worker process too
@@ -152,7 +154,7 @@ def main() -> None:
     ap.add_argument("--insecure", action="store_true", help="no CURVE on the group links (default: CURVE on)")
     ap.add_argument("--variant", action="append", default=[], metavar="WIRE:NAME=VALUE[;NAME=VALUE]",
                     help="also a group row with these environment variables (an A/B of a setting), e.g. "
-                         "f32:TPI_SPIN_US=0")
+                         "f32:TPI_STAR_ONLY=1 (two ranks through the star instead of the partial swap)")
     ap.add_argument("--no-single", action="store_true", help="leave out the tpi 1-device row")
     ap.add_argument("--realtime", action="store_true",
                     help="run every engine under SCHED_FIFO (as `chrt -f 1`): stands in for an idle machine when "
