@@ -35,6 +35,16 @@ class RankShard:
     kv_heads: tuple[int, ...]  # global KV heads this rank needs (replicated across ranks when shared)
     inter: range  # intermediate columns: rows of w_gate/w_up, columns of w_down
     vocab: range  # lm_head rows
+    experts: range = range(0)  # MoE: the experts this rank holds (tpi.model.moe.ExpertShare)
+    expert_ff: range = range(0)  # MoE: the columns of each of them
+
+    def expert_share(self, cfg: ModelConfig):
+        """This rank's experts as a tpi.model.moe.ExpertShare, or None for a dense model."""
+        if not cfg.is_moe:
+            return None
+        from tpi.model.moe import ExpertShare
+
+        return ExpertShare(cfg.n_experts, cfg.expert_ff, self.experts, self.expert_ff)
 
     @property
     def q_rows(self) -> range:

@@ -37,6 +37,11 @@ class ModelConfig:
     qkv_bias: bool = False
     tied_embeddings: bool = False
     name: str = "model"
+    # Mixture of experts (qwen3moe): every layer's MLP is n_experts experts of expert_ff columns, of
+    # which a router picks n_experts_used per token (tpi.model.moe). 0 for dense models.
+    n_experts: int = 0
+    n_experts_used: int = 0
+    expert_ff: int = 0
 
     @property
     def q_dim(self) -> int:
@@ -45,6 +50,10 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
 
     @property
     def group_size(self) -> int:
@@ -57,6 +66,8 @@ class ModelConfig:
                 f"unknown model architecture '{self.arch}'; tpi supports {', '.join(sorted(ARCHITECTURES))}"
             )
         assert self.n_heads % self.n_kv_heads == 0, "query heads must be a multiple of KV heads"
+        assert (self.n_experts == 0 and self.n_experts_used == 0) or (
+            0 < self.n_experts_used <= self.n_experts and self.expert_ff > 0), "experts: 0 < used <= count, ff > 0"
         return self
 
 
@@ -68,6 +79,7 @@ ARCHITECTURES: dict[str, dict] = {
     "llama": {"qkv_bias": False},
     "mistral": {"qkv_bias": False},
     "qwen2": {"qkv_bias": True},
+    "qwen3moe": {"qkv_bias": False},  # Qwen3's attention; every MLP a mixture of experts (tpi.model.moe)
 }
 
 # Canonical tensor names, independent of file format. {i} is the layer index.
@@ -112,6 +124,9 @@ def config_from_dict(d: dict) -> ModelConfig:
         for k in ("hidden", "intermediate", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab", "context"):
             if not isinstance(kw.get(k), int) or kw[k] <= 0:
                 raise ProtocolError(f"model config field {k} must be a positive integer")
+        for k in ("n_experts", "n_experts_used", "expert_ff"):
+            if not isinstance(kw.get(k, 0), int) or kw.get(k, 0) < 0:
+                raise ProtocolError(f"model config field {k} must be a non-negative integer")
         return ModelConfig(**kw).validate()
     except (TypeError, AssertionError) as e:
         raise ProtocolError(f"invalid model config: {e}") from None

@@ -14,12 +14,14 @@ import numpy as np
 
 from tpi.model.config import ModelConfig
 from tpi.errors import ShapeError, UnsupportedArchitectureError
+from tpi.model.moe import ROUTER
+from tpi.model.moe_ggml import build_moe, moe_ops
 from tpi.quant.ggml_graph import Context, Tensor
 from tpi.quant.ggml_lib import ROPE_NEOX, ROPE_NORMAL
 from tpi.model.rope import ADJACENT_PAIR_ARCHS, adjacent_pair_index, inverse_frequencies
 
 F32_BYTES, F16_BYTES = 4, 2
-GRAPH_ARCHS = ("llama", "mistral", "qwen2")  # the blocks below are these architectures' (llama.cpp's llm_build_*)
+GRAPH_ARCHS = ("llama", "mistral", "qwen2", "qwen3moe")  # the blocks below are these architectures' (llama.cpp's llm_build_*)
 OPS_PER_ATTENTION = 40  # tensors an attention graph creates, before its per-segment extras
 OPS_PER_SEGMENT = 8
 OPS_PER_MLP = 12
@@ -78,6 +80,7 @@ class BlockSpec:
     rope_ctx_orig: int
     segments: tuple[tuple[int, int, int, int], ...]
     rope_mode: int = ROPE_NORMAL  # NEOX for archs llama.cpp runs rotate-half (q/k rows re-ordered to match)
+    experts_used: int = 0  # MoE: experts the router picks per token (k); 0 for a dense MLP
 
     @property
     def q_dim(self) -> int:
@@ -99,7 +102,8 @@ class BlockSpec:
         return cls(cfg.hidden, cfg.head_dim, n_q, max(q_to_kv) + 1, cfg.rms_eps, cfg.rope_theta,
                    1.0 / cfg.rope_scaling.factor if linear else 1.0,
                    cfg.rope_scaling.original_context if cfg.rope_scaling.kind else cfg.context,
-                   attention_segments(tuple(q_to_kv)), ROPE_NORMAL if cfg.arch in ADJACENT_PAIR_ARCHS else ROPE_NEOX)
+                   attention_segments(tuple(q_to_kv)), ROPE_NORMAL if cfg.arch in ADJACENT_PAIR_ARCHS else ROPE_NEOX,
+                   cfg.n_experts_used)
 
     def rotate_half_rows(self) -> np.ndarray | None:
         """Row order turning this rank's fused q|k|v rows from tpi's adjacent pairs into rotate-half.
@@ -116,6 +120,9 @@ class BlockSpec:
 
     def attention_ops(self) -> int:
         return OPS_PER_ATTENTION + OPS_PER_SEGMENT * len(self.segments)
+
+    def mlp_ops(self) -> int:
+        return moe_ops(self.experts_used) if self.experts_used else OPS_PER_MLP
 
 
 @dataclass(frozen=True)
@@ -180,7 +187,9 @@ def build_attention(ctx: Context, s: BlockSpec, blk: dict, step: StepTensors, k_
 
 
 def build_mlp(ctx: Context, s: BlockSpec, blk: dict, x: Tensor) -> Tensor:
-    """This rank's partial MLP output [hidden, T]: down(silu(gate(xn)) * up(xn))."""
+    """This rank's partial MLP output [hidden, T]: down(silu(gate(xn)) * up(xn)), or its experts'."""
+    if ROUTER in blk:
+        return build_moe(ctx, blk, x, s.experts_used, s.eps)
     xn = _norm(ctx, x, blk["mlp_norm"], s.eps)
     if "wgu" in blk:
         act = ctx.swiglu(ctx.mul_mat(blk["wgu"].tensor, xn))  # rows gate | up -> [inter, T]

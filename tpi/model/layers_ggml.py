@@ -26,6 +26,8 @@ from tpi.model.config import ModelConfig
 from tpi.errors import ShapeError
 from tpi.model.ggml_blocks import (OPS_PER_MLP, BlockSpec, StepTensors, build_attention, build_logits, build_mlp,
                              rope_frequency_factors)
+from tpi.model.moe import EXPERT_TENSORS, ROUTER, ExpertShare
+from tpi.model.moe_ggml import MoeRunner, check_expert_block
 from tpi.quant.ggml_backend import GgmlBackend, can_repack, gather_rows, weight_type
 from tpi.quant.ggml_graph import Context, Graph, SharedComputeBuffer
 from tpi.quant.ggml_lib import F16
@@ -127,7 +129,7 @@ class GgmlLayers:
     name = "ggml"
 
     def __init__(self, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...], context: int, threads: int | None,
-                 repack: bool = True, whole_graph: bool = True):
+                 repack: bool = True, whole_graph: bool = True, experts: ExpertShare | None = None):
         self.cfg = cfg
         self.runtime = CpuRuntime(threads)
         self.kernels = GgmlBackend(runtime=self.runtime, repack=repack)
@@ -148,6 +150,18 @@ class GgmlLayers:
         self._rows = self.spec.rotate_half_rows()
         self.whole_graph = whole_graph
         self._whole: tuple[int, dict, Graph] | None = None
+        self.experts = experts or (ExpertShare.whole_model(cfg.n_experts, cfg.expert_ff) if cfg.is_moe else None)
+        # MoE blocks whose chosen experts may live elsewhere (placement B) run router and experts apart
+        self.moe: MoeRunner | None = None
+        if self.experts is not None and not self.experts.all_experts:
+            self.split_experts()
+
+    def split_experts(self, cache=None) -> None:
+        """Run MoE blocks as a router graph, then a graph of the chosen local experts (placement B, or
+        experts streamed through `cache`, which then hears of every use)."""
+        self.moe = MoeRunner(self.experts, self.cfg.hidden, self.cfg.n_experts_used, self.cfg.rms_eps,
+                             self.runtime, self._shared, cache)
+        self.whole_graph = False
 
     # ---- weights -------------------------------------------------------------------------
     @staticmethod
@@ -175,8 +189,12 @@ class GgmlLayers:
                 out[name] = value
             elif name in vectors:
                 out[name] = out.ctx.input(np.array(value, dtype=ACT))  # small; copied off the map
+            elif name in EXPERT_TENSORS:
+                out[name] = self.kernels.weight(value, experts=self.experts.n_local)
             else:
                 out[name] = weight(name, value)
+        if ROUTER in out:
+            check_expert_block(out, self.experts, self.cfg.hidden)
         return out
 
     # ---- streaming -------------------------------------------------------------------------
@@ -322,7 +340,9 @@ class GgmlLayers:
     def mlp(self, h: np.ndarray, blk: GgmlBlock) -> np.ndarray:
         """h: (T, hidden) f32 -> this rank's partial MLP output (T, hidden) f32."""
         step = self._x(h)
-        return self._run(blk, ("mlp",), OPS_PER_MLP, lambda ctx: build_mlp(ctx, self.spec, blk, step.x),
+        if self.moe is not None and ROUTER in blk:
+            return self.moe.decode(blk, step.x) if step.tokens == 1 else self.moe.prefill(blk, step.x)
+        return self._run(blk, ("mlp",), self.spec.mlp_ops(), lambda ctx: build_mlp(ctx, self.spec, blk, step.x),
                          (step.tokens, self.cfg.hidden))
 
     def forward_all(self, h: np.ndarray, blocks: dict, start: int, all_positions: bool) -> np.ndarray | None:
@@ -351,7 +371,7 @@ class GgmlLayers:
 
     def _whole_graph(self, blocks: dict, step: StepTensors, n_kv: int, last_only: bool):
         """(context, logits) of every layer and the logits slice as one graph over step's inputs."""
-        ops = self.cfg.n_layers * (self.spec.attention_ops() + OPS_PER_MLP + 2) + OPS_PER_MLP
+        ops = self.cfg.n_layers * (self.spec.attention_ops() + self.spec.mlp_ops() + 2) + OPS_PER_MLP
         ctx = Context(ops, graph_size=2 * ops + 16)
         x, last = step.x, self.cfg.n_layers - 1
         for i in range(self.cfg.n_layers):
