@@ -191,14 +191,24 @@ class ShardCuts:
     shards: tuple[RankShard, ...]
     wo_align: int  # wo column (q_dim) boundaries are multiples of this
     down_align: int  # w_down column (intermediate) boundaries are multiples of this
-    requantized: tuple[str, ...]  # "wo" / "w_down": cut off their block, re-quantized to Q8_0 at the cut
+    requantized: tuple[str, ...]  # "wo" / "w_down" / "w_down_exps": cut off their block, re-quantized to Q8_0
+    experts: object = None  # MoE: the placement's tpi.devices.experts.ExpertCuts
+    experts_reason: str = ""  # why that placement
 
 
 def plan_cuts(cfg: ModelConfig, ratios: Sequence[float], wo_block: int = QUANT_GROUP,
-              down_block: int = QUANT_GROUP) -> ShardCuts:
+              down_block: int = QUANT_GROUP, experts=None, experts_reason: str = "") -> ShardCuts:
     """Shards whose wo / w_down boundaries fall on those matrices' blocks along K (32 or 256) where
     the split has room for it; where it has not (fewer whole blocks than devices), that matrix is cut
-    on 32 instead and re-quantized to Q8_0 (a 32-element block type) when the shards are cut."""
+    on 32 instead and re-quantized to Q8_0 (a 32-element block type) when the shards are cut.
+
+    A MoE model's experts go as `experts` (tpi.devices.experts.ExpertCuts) places them; None picks
+    the placement with the shorter predicted MoE layer for ranks as fast as their ratios.
+    """
+    if cfg.is_moe and experts is None:
+        from tpi.devices.experts import choose_placement
+
+        experts, experts_reason = choose_placement(cfg, ratios, [1.0 / r for r in ratios], 0.5625, 0.5625)
     requantized = []
 
     def aligned(what: str, block: int, split) -> tuple[int, tuple[range, ...]]:
@@ -213,13 +223,22 @@ def plan_cuts(cfg: ModelConfig, ratios: Sequence[float], wo_block: int = QUANT_G
 
     wo_align, heads = aligned("wo", wo_block, lambda a: split_heads(cfg.n_heads, cfg.head_dim, ratios, a))
     down_align, inter = aligned("w_down", down_block, lambda a: split_aligned(cfg.intermediate, ratios, a))
-    return ShardCuts(plan_shards(cfg, ratios, heads=heads, inter=inter), wo_align, down_align, tuple(requantized))
+    if experts is not None and experts.requantized:
+        requantized.append("w_down_exps")
+    shards = plan_shards(cfg, ratios, heads=heads, inter=inter, experts=experts)
+    return ShardCuts(shards, wo_align, down_align, tuple(requantized), experts, experts_reason)
 
 
 def plan_shards(cfg: ModelConfig, ratios: Sequence[float], align: int = QUANT_GROUP, *,
-                heads: Sequence[range] | None = None, inter: Sequence[range] | None = None) -> tuple[RankShard, ...]:
+                heads: Sequence[range] | None = None, inter: Sequence[range] | None = None,
+                experts=None) -> tuple[RankShard, ...]:
     """Every rank's heads, KV heads, intermediate and vocab slices for the given split ratios
-    (heads and inter: already split, e.g. on 256-element blocks by plan_cuts)."""
+    (heads and inter: already split, e.g. on 256-element blocks by plan_cuts; experts: a MoE
+    placement's ExpertCuts, by default every expert split by the ratios)."""
+    if cfg.is_moe and experts is None:
+        from tpi.devices.experts import SPLIT, split_experts
+
+        experts = split_experts(cfg, ratios, SPLIT)
     if cfg.n_kv_heads < 1 or cfg.n_heads % cfg.n_kv_heads:
         raise ShapeError(f"{cfg.n_heads} query heads are not a multiple of {cfg.n_kv_heads} KV heads")
     heads = heads or split_heads(cfg.n_heads, cfg.head_dim, ratios, align)
@@ -228,7 +247,8 @@ def plan_shards(cfg: ModelConfig, ratios: Sequence[float], align: int = QUANT_GR
     group = cfg.group_size
     shards = tuple(
         RankShard(rank=r, head_dim=cfg.head_dim, group_size=group, q_heads=heads[r],
-                  kv_heads=kv_heads_for(heads[r], group), inter=inter[r], vocab=vocab[r])
+                  kv_heads=kv_heads_for(heads[r], group), inter=inter[r], vocab=vocab[r],
+                  experts=experts.experts[r] if experts else range(0), expert_ff=experts.ff[r] if experts else range(0))
         for r in range(len(ratios))
     )
     check_partition(cfg, shards, align)
@@ -249,6 +269,18 @@ def check_partition(cfg: ModelConfig, shards: Sequence[RankShard], align: int = 
     covers([s.q_heads for s in shards], cfg.n_heads, "query-head")
     covers([s.inter for s in shards], cfg.intermediate, "intermediate")
     covers([s.vocab for s in shards], cfg.vocab, "vocab")
+    if cfg.is_moe:  # every (expert, column) on exactly one rank: a grid of expert ranges x column ranges
+        def overlap(a: range, b: range) -> bool:
+            return a.start < b.stop and b.start < a.stop
+
+        area = sum(len(s.experts) * len(s.expert_ff) for s in shards)
+        inside = all(0 <= s.experts.start < s.experts.stop <= cfg.n_experts
+                     and 0 <= s.expert_ff.start < s.expert_ff.stop <= cfg.expert_ff for s in shards)
+        clash = any(overlap(a.experts, b.experts) and overlap(a.expert_ff, b.expert_ff)
+                    for i, a in enumerate(shards) for b in shards[i + 1:])
+        if area != cfg.n_experts * cfg.expert_ff or not inside or clash:
+            raise ShapeError(f"expert shards {[(s.experts, s.expert_ff) for s in shards]} do not cover "
+                             f"{cfg.n_experts} experts x {cfg.expert_ff} columns exactly once")
     for s in shards:
         if s.q_rows.start % align or s.q_rows.stop % align:
             raise ShapeError(f"rank {s.rank}: wo columns {s.q_rows} are not {align}-aligned")

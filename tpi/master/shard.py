@@ -13,7 +13,8 @@ import numpy as np
 
 from tpi.model.config import ModelConfig, layer_name
 from tpi.devices.slicing import RankShard
-from tpi.quant.formats import QTensor, concat_rows, dequantize, k_block, quantize, slice_cols, slice_rows
+from tpi.quant.formats import QTensor, concat_rows, dequantize, k_block, quantize, slice_cols, slice_rows, take_rows
+from tpi.model.moe import DOWN_EXPS, GATE_EXPS, MOE_CANONICAL, ROUTER, UP_EXPS
 from tpi.model.blocks import EMBED, FUSED, GLOBALS, attn_key, mlp_key
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,22 @@ def _mlp_block(t: dict, s: RankShard, requantized: set) -> dict:
             "wdown": wdown}
 
 
+def _moe_block(t: dict, s: RankShard, cfg: ModelConfig, requantized: set) -> dict:
+    """A rank's MoE MLP: the whole router, and its experts' rows (gate / up: rows f0..f1 of each
+    expert's slab; down: each expert's hidden rows, columns f0..f1), zero-copy where contiguous."""
+    ff, h = cfg.expert_ff, cfg.hidden
+    e0, e1, f0, f1 = s.experts.start, s.experts.stop, s.expert_ff.start, s.expert_ff.stop
+    if (f0, f1) == (0, ff):
+        gate, up = (slice_rows(t[n], e0 * ff, e1 * ff) for n in ("w_gate_exps", "w_up_exps"))
+    else:
+        rows = (np.arange(e0, e1)[:, None] * ff + np.arange(f0, f1)[None, :]).reshape(-1)
+        gate, up = (take_rows(t[n], rows) for n in ("w_gate_exps", "w_up_exps"))
+    down, redone = cut_cols(slice_rows(t["w_down_exps"], e0 * h, e1 * h), s.expert_ff)
+    if redone:
+        requantized.add(("w_down_exps", t["w_down_exps"].fmt))
+    return {"mlp_norm": t["mlp_norm"], ROUTER: t["router"], GATE_EXPS: gate, UP_EXPS: up, DOWN_EXPS: down}
+
+
 def iter_rank_blocks(source, cfg: ModelConfig, shards: Sequence[RankShard]) -> Iterator[tuple[str, list[dict]]]:
     """Yield (key, [block for each rank]) in execution order, loading each source tensor once.
 
@@ -74,6 +91,10 @@ def iter_rank_blocks(source, cfg: ModelConfig, shards: Sequence[RankShard]) -> I
         names = ["attn_norm", "wq", "wk", "wv", "wo"] + (["bq", "bk", "bv"] if cfg.qkv_bias else [])
         t = {n: source.load(layer_name(i, n)) for n in names}
         yield attn_key(i), [_attn_block(t, s, cfg.qkv_bias, requantized) for s in shards]
+        if cfg.is_moe:
+            t = {n: source.load(layer_name(i, n)) for n in ("mlp_norm", *MOE_CANONICAL)}
+            yield mlp_key(i), [_moe_block(t, s, cfg, requantized) for s in shards]
+            continue
         t = {n: source.load(layer_name(i, n)) for n in ("mlp_norm", "w_gate", "w_up", "w_down")}
         yield mlp_key(i), [_mlp_block(t, s, requantized) for s in shards]
     for name, fmt in sorted(requantized):
@@ -93,6 +114,7 @@ def shard_to_dict(s: RankShard) -> dict:
         "rank": s.rank, "head_dim": s.head_dim, "group_size": s.group_size,
         "q_heads": [s.q_heads.start, s.q_heads.stop], "kv_heads": list(s.kv_heads),
         "inter": [s.inter.start, s.inter.stop], "vocab": [s.vocab.start, s.vocab.stop],
+        "experts": [s.experts.start, s.experts.stop], "expert_ff": [s.expert_ff.start, s.expert_ff.stop],
     }
 
 
@@ -105,6 +127,7 @@ def shard_from_dict(d: dict, cfg: ModelConfig) -> RankShard:
             rank=int(d["rank"]), head_dim=int(d["head_dim"]), group_size=int(d["group_size"]),
             q_heads=range(*map(int, d["q_heads"])), kv_heads=tuple(int(k) for k in d["kv_heads"]),
             inter=range(*map(int, d["inter"])), vocab=range(*map(int, d["vocab"])),
+            experts=range(*map(int, d.get("experts", (0, 0)))), expert_ff=range(*map(int, d.get("expert_ff", (0, 0)))),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ProtocolError(f"malformed shard assignment: {e!r}") from None
@@ -113,6 +136,8 @@ def shard_from_dict(d: dict, cfg: ModelConfig) -> RankShard:
         and 0 <= s.q_heads.start and s.q_heads.stop <= cfg.n_heads and len(s.kv_heads) > 0
         and 0 <= s.inter.start < s.inter.stop <= cfg.intermediate
         and 0 <= s.vocab.start < s.vocab.stop <= cfg.vocab
+        and (not cfg.is_moe or (0 <= s.experts.start < s.experts.stop <= cfg.n_experts
+                                and 0 <= s.expert_ff.start < s.expert_ff.stop <= cfg.expert_ff))
     )
     if not ok:
         raise ProtocolError(f"shard assignment {d} does not fit the model; master and worker disagree")

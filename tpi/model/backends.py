@@ -46,8 +46,13 @@ def make_layers(backend: str, cfg, shard, context: int, threads: int | None):
         load_ggml()  # GgmlUnavailableError (a TpiError naming the fix) when ggml cannot run here
         from tpi.model.layers_ggml import GgmlLayers
 
-        return GgmlLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads)
+        return GgmlLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads,
+                          experts=shard.expert_share(cfg))
     if backend == "torch":
+        if cfg.is_moe:
+            from tpi.model.moe import torch_refusal
+
+            raise torch_refusal(cfg)
         try:
             from tpi.model.layers_torch import TorchLayers
         except ImportError:
@@ -56,6 +61,7 @@ def make_layers(backend: str, cfg, shard, context: int, threads: int | None):
     if backend == "numpy":
         from tpi.model.layers_numpy import NumpyLayers
 
-        return NumpyLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads)
+        return NumpyLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads,
+                           experts=shard.expert_share(cfg))
     raise TpiError(f"unknown backend '{backend}'; use ggml, torch or numpy")
 

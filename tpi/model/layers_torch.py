@@ -38,6 +38,10 @@ class TorchLayers:
     name = "torch"
 
     def __init__(self, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...], context: int, threads: int | None):
+        if cfg.is_moe:
+            from tpi.model.moe import torch_refusal
+
+            raise torch_refusal(cfg)
         if threads:
             torch.set_num_threads(threads)
         self.cfg = cfg

@@ -65,6 +65,14 @@ class ExpertShare:
         return [(i, int(e) - e0) for i, e in enumerate(chosen) if e0 <= e < e1]
 
 
+def torch_refusal(cfg) -> "TpiError":
+    """The one error for a MoE model on the torch backend, which has no expert kernels."""
+    from tpi.errors import TpiError
+
+    return TpiError(f"the torch backend does not run mixture-of-experts models ({cfg.name}, {cfg.arch}); "
+                    "use --backend ggml (or numpy)")
+
+
 def softmax_f32(logits: np.ndarray) -> np.ndarray:
     """Softmax along the last axis in float32, max subtracted first (as ggml's soft_max)."""
     z = logits - logits.max(axis=-1, keepdims=True)
