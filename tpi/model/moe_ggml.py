@@ -82,6 +82,28 @@ def check_expert_block(blk: dict, share: ExpertShare, hidden: int) -> None:
         raise ShapeError(f"the router is {list(blk[ROUTER].tensor.ne[:2])}, the model has {share.n_experts} experts")
 
 
+def padded_slots(per_token: list, weights: np.ndarray, m: int, used: list[int], n_local: int):
+    """(ids I32 (T, m), weights F32 (T, m, 1)): each token's local experts, then weight-0 padding.
+
+    Padding picks experts the batch uses anyway (no extra bytes read) and never one the token already
+    has: ggml's repacked mul_mat_id counts at most T rows per expert, and a token naming an expert
+    twice overruns its table.
+    """
+    t = len(per_token)
+    ids = np.empty((t, m), np.int32)
+    w = np.zeros((t, m, 1), np.float32)
+    spare = used + [e for e in range(n_local) if e not in set(used)]
+    for i, slots in enumerate(per_token):
+        mine = [e for _, e in slots]
+        pad = [e for e in spare if e not in mine][: m - len(mine)]
+        ids[i] = mine + pad
+        for j, (slot, _) in enumerate(slots):
+            w[i, j, 0] = weights[i, slot]
+    if ids.min() < 0 or ids.max() >= n_local or any(len(set(row)) != m for row in ids.tolist()):
+        raise ShapeError(f"expert ids out of range or repeated for {n_local} local experts; this is a tpi bug")
+    return ids, w
+
+
 class MoeRunner:
     """Runs MoE blocks split in two graphs (router, then the local chosen experts), for placement B
     and for streamed experts; `cache` (tpi.scheduler.experts.ExpertCache or None) hears which
@@ -147,14 +169,7 @@ class MoeRunner:
         m = max((len(s) for s in per_token), default=0)
         if m == 0:
             return np.zeros((t, self.hidden), np.float32)
-        # Tokens with fewer local experts than m repeat one of theirs (or any used one) at weight 0.
-        ids = np.full((t, m), used[0], np.int32)
-        w = np.zeros((t, m, 1), np.float32)
-        for i, slots in enumerate(per_token):
-            for j, (slot, local) in enumerate(slots):
-                ids[i, j], w[i, j, 0] = local, weights[i, slot]
-            if slots:
-                ids[i, len(slots):] = slots[0][1]
+        ids, w = padded_slots(per_token, weights, m, used, self.share.n_local)
         ops = OPS_PER_EXPERTS + 2 * m + 4
         ctx = Context(ops, graph_size=2 * ops + 16)
         xn = _norm(ctx, x, blk["mlp_norm"], self.eps)
