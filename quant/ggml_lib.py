@@ -114,6 +114,10 @@ _SIGNATURES = {
     "ggml_prec_set_acc": ("base", _bool, (P, _i32)),
     "ggml_swiglu": ("base", P, (P, P)),
     "ggml_swiglu_split": ("base", P, (P, P, P)),
+    "ggml_geglu": ("base", P, (P, P)),
+    "ggml_geglu_split": ("base", P, (P, P, P)),
+    "ggml_scale": ("base", P, (P, P, _f32)),
+    "ggml_tanh": ("base", P, (P, P)),
     # mixture of experts (llama.cpp's build_moe_ffn)
     "ggml_mul_mat_id": ("base", P, (P, P, P, P)),
     "ggml_soft_max": ("base", P, (P, P)),

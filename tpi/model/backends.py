@@ -5,6 +5,7 @@ from tpi.errors import TpiError
 
 AUTO_BACKENDS = ("ggml", "numpy")  # what --backend auto tries, best first; torch only when asked by name
 BACKEND_EXTRAS = {"ggml": "worker-fast", "torch": "all"}  # the pip extra that brings each optional backend
+TORCH_ARCHS = ("llama", "mistral", "qwen2")  # the families TorchLayers computes; ggml and numpy run them all
 
 
 def resolve_backend(requested: str) -> str:
@@ -53,6 +54,9 @@ def make_layers(backend: str, cfg, shard, context: int, threads: int | None):
             from tpi.model.moe import torch_refusal
 
             raise torch_refusal(cfg)
+        if cfg.arch not in TORCH_ARCHS:
+            raise TpiError(f"the torch backend does not run {cfg.arch} models (it runs {', '.join(TORCH_ARCHS)}); "
+                           "use --backend ggml (the default) or --backend numpy")
         try:
             from tpi.model.layers_torch import TorchLayers
         except ImportError:

@@ -11,20 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tpi.model.blocks import GLOBALS, layer_keys
+from tpi.model.blocks import GLOBALS, POST_ATTN_NORM, POST_MLP_NORM, layer_keys
 from tpi.model.config import ModelConfig
-
-
-class NullCommunicator:
-    """The communicator of a group of one."""
-
-    rank, world = 0, 1
-
-    def allreduce(self, x: np.ndarray) -> np.ndarray:
-        return x
-
-    def gather(self, x: np.ndarray) -> list[np.ndarray]:
-        return [x]
+from tpi.transport.comm import Communicator, NullCommunicator
 
 
 class ResidentWeights:
@@ -66,7 +55,7 @@ class ForwardStats:
 class Transformer:
     """A rank's share of the model: layers -> partial sums -> allreduce -> logits slice."""
 
-    def __init__(self, cfg: ModelConfig, layers, weights, comm=None):
+    def __init__(self, cfg: ModelConfig, layers, weights, comm: Communicator | None = None):
         self.cfg = cfg
         self.layers = layers  # TorchLayers / NumpyLayers: the per-block maths
         self.weights = weights  # get(key) -> prepared block; release(key)
@@ -95,23 +84,33 @@ class Transformer:
                 return logits, 0.0
         ar = 0.0
         for i, (ka, km) in enumerate(self._keys):
-            part = L.attention(h, W.get(ka), i, start)
+            # released before the allreduce so the loader can refill the window meanwhile; a post-norm
+            # vector is a prepared copy, not file pages, so it stays valid
+            blk = W.get(ka)
+            part = L.attention(h, blk, i, start)
             W.release(ka)
-            ar += self._sum_into(h, part)
-            part = L.mlp(h, W.get(km))
+            ar += self._sum_into(h, part, blk, POST_ATTN_NORM)
+            blk = W.get(km)
+            part = L.mlp(h, blk)
             W.release(km)
-            ar += self._sum_into(h, part)
+            ar += self._sum_into(h, part, blk, POST_MLP_NORM)
         logits = L.logits(h, W.get(GLOBALS), all_positions)
         W.release(GLOBALS)
         return logits, ar
 
-    def _sum_into(self, h, part) -> float:
-        """Add the group's sum of every rank's `part` to the residual h; returns allreduce seconds."""
+    def _sum_into(self, h, part, blk, post_norm: str) -> float:
+        """Add the group's sum of every rank's `part` to the residual h; returns allreduce seconds.
+
+        A post-norm (gemma3) is not linear, so it applies to the sum, on every rank alike.
+        """
+        L, spent = self.layers, 0.0
         if self.comm.world == 1:
-            self.layers.add_(h, part)
-            return 0.0
-        t = time.perf_counter()
-        total = self.comm.allreduce(self.layers.to_numpy(part))
-        spent = time.perf_counter() - t
-        self.layers.add_(h, total)
+            total = part
+        else:
+            t = time.perf_counter()
+            total = self.comm.allreduce(L.to_numpy(part))
+            spent = time.perf_counter() - t
+        if post_norm in blk:
+            total = L.post_norm(total, blk, post_norm)
+        L.add_(h, total)
         return spent
