@@ -31,6 +31,10 @@ SAMPLES = 4_000  # otherwise routings drawn (fixed seed: the plan is determinist
 # one more graph launch and a few numpy touches per MoE layer (bench/moe.py measures it).
 SPLIT_PATH_S = 60e-6
 Q8_0_BYTES = 34 / 32
+Q4_K_BYTES, Q6_K_BYTES = 144 / 256, 210 / 256  # Q4_K_M: gate / up Q4_K, down Q6_K (most layers)
+# A device of mean speed reads decode weights at this rate when the plan has no profiles (dual-channel
+# DDR4 class); only the two placements' ratio depends on it, against the fixed split-path cost.
+NOMINAL_BYTES_S = 20e9
 
 
 @dataclass(frozen=True)
@@ -147,3 +151,26 @@ def choose_placement(cfg: ModelConfig, ratios: Sequence[float], seconds_per_byte
     why = "every expert split across ranks" if best == SPLIT else "whole experts per rank"
     extra = "; down_exps re-quantized to Q8_0 at the cut" if cuts.requantized else ""
     return cuts, f"{why}: predicts the shorter MoE layer ({text}){extra}"
+
+
+def place_experts(cfg: ModelConfig, ratios: Sequence[float], placement: str | None = None,
+                  down_block: int = QUANT_GROUP, streaming: bool = False) -> tuple[ExpertCuts, str]:
+    """(cuts, why): `placement` as asked (--experts), else the cost model's choice for ranks as fast
+    as their ratios, at Q4_K_M's bytes per weight (the choice compares the two at the same bytes)."""
+    if placement is not None:
+        cuts = split_experts(cfg, ratios, placement, down_block)
+        return cuts, f"{'every expert split across ranks' if placement == SPLIT else 'whole experts per rank'}: asked for (--experts {placement})"
+    n = len(ratios)
+    seconds_per_byte = [1.0 / (r * n * NOMINAL_BYTES_S) for r in ratios]  # faster devices got larger ratios
+    return choose_placement(cfg, ratios, seconds_per_byte, Q4_K_BYTES, Q6_K_BYTES, down_block, streaming)
+
+
+def active_experts(cfg: ModelConfig, shard) -> float:
+    """Experts (at this rank's columns) a decode token runs on `shard`: all k when every expert is here
+    (one device, split); whole experts: the busiest rank's expected count, as for ranks holding as
+    many experts as this one (the critical path the cost model predicts)."""
+    k, n_local = cfg.n_experts_used, len(shard.experts)
+    if n_local >= cfg.n_experts:
+        return float(k)
+    ranks = max(1, round(cfg.n_experts / n_local))
+    return min(float(k), k / ranks * imbalance(cfg.n_experts, k, ranks))

@@ -197,18 +197,21 @@ class ShardCuts:
 
 
 def plan_cuts(cfg: ModelConfig, ratios: Sequence[float], wo_block: int = QUANT_GROUP,
-              down_block: int = QUANT_GROUP, experts=None, experts_reason: str = "") -> ShardCuts:
+              down_block: int = QUANT_GROUP, experts=None, experts_reason: str = "", *,
+              placement: str | None = None, streaming: bool = False) -> ShardCuts:
     """Shards whose wo / w_down boundaries fall on those matrices' blocks along K (32 or 256) where
     the split has room for it; where it has not (fewer whole blocks than devices), that matrix is cut
     on 32 instead and re-quantized to Q8_0 (a 32-element block type) when the shards are cut.
 
-    A MoE model's experts go as `experts` (tpi.devices.experts.ExpertCuts) places them; None picks
-    the placement with the shorter predicted MoE layer for ranks as fast as their ratios.
+    A MoE model's experts go as `experts` (tpi.devices.experts.ExpertCuts) places them, or as
+    `placement` ("split" / "whole", --experts) names; neither: tpi.devices.experts.place_experts picks
+    the placement with the shorter predicted MoE layer for ranks as fast as their ratios (whole
+    experts when they stream from disk).
     """
     if cfg.is_moe and experts is None:
-        from tpi.devices.experts import choose_placement
+        from tpi.devices.experts import place_experts
 
-        experts, experts_reason = choose_placement(cfg, ratios, [1.0 / r for r in ratios], 0.5625, 0.5625)
+        experts, experts_reason = place_experts(cfg, ratios, placement, down_block, streaming)
     requantized = []
 
     def aligned(what: str, block: int, split) -> tuple[int, tuple[range, ...]]:
