@@ -85,6 +85,11 @@ def engine_stats(engine) -> dict:
     if plan is not None:
         out |= {"pinned_blocks": len(plan.pinned), "streamed_blocks": len(plan.streamed), "window": plan.window}
         out |= engine.model.weights.token_stats()
+    cache = getattr(engine.model.layers, "expert_cache", None)  # MoE experts streamed (tpi.scheduler.experts)
+    if cache is not None:
+        e = cache.stats()
+        out |= {"expert_uses": e.uses, "expert_hits": e.hits, "expert_hit_rate": e.hit_rate,
+                "expert_bytes_read": e.bytes_read, "hot_experts_per_block": cache.hot}
     return out
 
 

@@ -61,12 +61,15 @@ class GgmlBlock(dict):
         self.ctx = ctx  # owns the vector tensors
         self.graphs: dict[tuple, Graph] = {}
         self.pages: list[tuple[int, int]] = []
+        self.expert_cache = None  # a streamed MoE block: its experts map in through it (tpi.scheduler.experts)
 
     def populate(self) -> None:
         populate(self.pages)
 
     def release(self) -> None:
         drop(self.pages)
+        if self.expert_cache is not None:
+            self.expert_cache.release(self)
 
 
 def _arrays(block: dict):
@@ -169,6 +172,7 @@ class GgmlLayers:
         self.experts = experts or (ExpertShare.whole_model(cfg.n_experts, cfg.expert_ff) if cfg.is_moe else None)
         # MoE blocks whose chosen experts may live elsewhere (placement B) run router and experts apart
         self.moe: MoeRunner | None = None
+        self.expert_cache = None  # tpi.scheduler.experts.ExpertCache when experts stream (runtime_for)
         if self.experts is not None and not self.experts.all_experts:
             self.split_experts()
 
@@ -197,7 +201,9 @@ class GgmlLayers:
         return {name: gather_rows(v, _QK_ROWS[name](self._rows, self.spec)) if name in _QK_ROWS else v
                 for name, v in block.items()}
 
-    def _block(self, block: dict, weight) -> GgmlBlock:
+    def _block(self, block: dict, weight, expert_weight=None) -> GgmlBlock:
+        """A stored block bound as ggml tensors: matrices through `weight`, expert tensors (3-D) through
+        `expert_weight` (default: resident, repacked where ggml repacks them)."""
         vectors = [n for n, v in block.items() if isinstance(v, np.ndarray) and v.ndim == 1]
         out = GgmlBlock(Context(max(1, len(vectors))))
         for name, value in block.items():
@@ -206,12 +212,15 @@ class GgmlLayers:
             elif name in vectors:
                 out[name] = out.ctx.input(np.array(value, dtype=ACT))  # small; copied off the map
             elif name in EXPERT_TENSORS:
-                out[name] = self.kernels.weight(value, experts=self.experts.n_local)
+                out[name] = (expert_weight or self._expert_weight)(value)
             else:
                 out[name] = weight(name, value)
         if ROUTER in out:
             check_expert_block(out, self.experts, self.cfg.hidden)
         return out
+
+    def _expert_weight(self, qt):
+        return self.kernels.weight(qt, experts=self.experts.n_local)
 
     # ---- streaming -------------------------------------------------------------------------
     @property
@@ -221,11 +230,11 @@ class GgmlLayers:
         if not (self.kernels.repack and remap_supported() and self.kernels.lib.has_avx2):
             return None
         lib = self.kernels.lib
-        name = f"ggml-{lib.version}-{lib.commit.split('-')[0]}-repack"
+        name = f"ggml-{lib.version}-{lib.commit.split('-')[0]}-repack" + ("-experts-stored" if self.cfg.is_moe else "")
 
-        def prepare(block: dict) -> dict:
-            return {n: v if n == EMBED or isinstance(v, np.ndarray) else repacked_rows(self.kernels, v)
-                    for n, v in self._rotate_half(block).items()}
+        def prepare(block: dict) -> dict:  # expert tensors stay as stored: streamed, they are read in place
+            return {n: v if n == EMBED or n in EXPERT_TENSORS or isinstance(v, np.ndarray)
+                    else repacked_rows(self.kernels, v) for n, v in self._rotate_half(block).items()}
 
         return name, prepare
 
@@ -260,6 +269,14 @@ class GgmlLayers:
             store.populate_array(data)
             return replace(w, pages=page_range(array_address(data), data.nbytes))
 
+        def mapped_experts(qt):
+            """Expert tensors bound where they lie and not mapped in: the expert cache maps in the chosen ones."""
+            w = kernels.weight(qt, repack=False, experts=self.experts.n_local)
+            data = qt.arrays.get("data")
+            if data is None or not _in_map(store, data):
+                return w
+            return replace(w, pages=(array_address(data), data.nbytes))
+
         def streamed(block: dict) -> GgmlBlock:
             """Mapped and built the first time; later uses only map its pages in again (no mapping,
             Python object or graph per token: those cost the compute thread ~3 ms a block). A block
@@ -269,12 +286,21 @@ class GgmlLayers:
             if blk is not None:
                 blk.populate()
                 return blk
-            blk = self._block(block if from_layout else self._rotate_half(block), mapped)
-            weights = [w for w in blk.values() if hasattr(w, "pages")]
-            if all(w.pages for w in weights):  # every weight is file pages: nothing stays resident
-                blk.pages = [w.pages for w in weights]
+            blk = self._block(block if from_layout else self._rotate_half(block), mapped, mapped_experts)
+            weights = {n: w for n, w in blk.items() if hasattr(w, "pages")}
+            if all(w.pages for w in weights.values()):  # every weight is file pages: nothing stays resident
+                blk.pages = [w.pages for n, w in weights.items() if n not in EXPERT_TENSORS]
+                if ROUTER in blk and self.expert_cache is not None:
+                    self.expert_cache.add_block(blk, [blk[n].pages for n in EXPERT_TENSORS], self.experts.n_local)
+                    blk.expert_cache = self.expert_cache
                 built[key] = blk
             return blk
+
+        if self.cfg.is_moe:  # experts stream one by one: the router runs apart and tells the cache
+            from tpi.scheduler.experts import ExpertCache
+
+            self.expert_cache = ExpertCache()
+            self.split_experts(self.expert_cache)
 
         if not from_layout:
             return self.to_runtime, streamed
