@@ -96,3 +96,18 @@ def test_tpi_plan_predicts_qwen3_30b_a3b(tmp_path):
     assert len(plan["devices"]) == 2 and 15e9 < held < 20e9
     assert held / 128 * 8 / 2 <= read < held / 8
     assert experts["placement"] in ("split", "whole") and "MoE layer" in experts["reason"]
+
+
+def test_numpy_streams_under_a_budget_and_torch_refuses(moe_q4, tmp_path):
+    """The torch-free fallback runs MoE alone and streamed alike; torch says in one line what to use."""
+    alone_np, _ = tpi_run(tmp_path, str(moe_q4), "--backend", "numpy")
+    refused, _ = tpi_run(tmp_path, str(moe_q4), "--backend", "numpy", "--memory-budget", "1MiB")
+    floor = float(MIN_BUDGET.search(refused.stderr).group(1))
+    proc, stats = tpi_run(tmp_path, str(moe_q4), "--backend", "numpy", "--memory-budget", f"{floor + 0.5:.1f}MiB")
+    assert alone_np.returncode == proc.returncode == 0, proc.stderr[-2000:]
+    assert stats["streamed_blocks"] > 0 and proc.stdout == alone_np.stdout
+    torch, _ = tpi_run(tmp_path, str(moe_q4), "--backend", "torch")
+    assert torch.returncode != 0
+    assert [l for l in torch.stderr.splitlines() if l.startswith("error:")] == [
+        "error: the torch backend does not run mixture-of-experts models (tiny-qwen3moe-f32, qwen3moe); "
+        "use --backend ggml (or numpy)"]
