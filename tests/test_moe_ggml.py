@@ -22,6 +22,7 @@ import pytest
 
 from ggml_source import model_blocks
 from test_family_engines import CONTEXT, LlamaCpp, chat_ids, corr, greedy, layers_class, one_device, tpi_greedy
+from test_family_engines import single  # noqa: F401 (the fixture: one device's rows and tokens per backend)
 from test_layers_ggml_group import Group, assert_single_device_output
 from tpi.model.blocks import mlp_key
 from tpi.quant.ggml_lib import ggml_available
@@ -58,20 +59,6 @@ def test_numpy_moe_follows_llama_cpp_on_f32(name, family_gguf):
     theirs = greedy(lambda ids, start: ref.eval(ids), prompt)
     ours = tpi_greedy(one_device(src, "numpy"), src, prompt)
     assert min(corr(a, b) for a, b in zip(ours[0], theirs[0])) >= MIN_CORRELATION and ours[1] == theirs[1]
-
-
-@pytest.fixture(scope="module")
-def single():
-    """(path, backend) -> one device's (logits rows, greedy tokens), computed once."""
-    made = {}
-
-    def get(path, backend: str):
-        if (path, backend) not in made:
-            src = model_blocks(path)
-            made[path, backend] = tpi_greedy(one_device(src, backend), src, chat_ids(path))
-        return made[path, backend]
-
-    return get
 
 
 def placed_group(path, ratios, placement: str, backend: str = "ggml") -> Group:
