@@ -8,7 +8,8 @@ Two ways to run a block:
   lives on this rank (one device, placement A) and nothing streams: the numbers are llama.cpp's.
 - split (`MoeRunner`): a router graph hands the chosen experts to Python, which keeps those that live
   here (placement B) and tells the expert cache (streaming) before an expert graph runs only them.
-  Decode graphs are kept per block: the router graph, and one expert graph per local count m (1..k).
+  Decode graphs are kept per block and step-input shape: the router graph, and one expert graph per
+  local count m (1..k).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tpi.quant.ggml_graph import Context, Graph, Tensor
 
 OPS_PER_ROUTER = 16  # norm 2, router 11 (argsort counts 2), slack
 OPS_PER_EXPERTS = 12  # reshape, 3 mul_mat_id, swiglu, mul, cont, slack; plus 2 per slot
+KEPT = 2  # step-input shapes whose decode graphs a block keeps (tpi.model.layers_ggml.KEPT_SHAPES)
 
 
 def moe_ops(k: int) -> int:
@@ -118,16 +120,22 @@ class MoeRunner:
         self._ids_t = {m: self._inputs.input(a) for m, a in self._ids.items()}
         self._weights_t = {m: self._inputs.input(a) for m, a in self._weights.items()}
         self._zeros = np.zeros((1, hidden), np.float32)
+        self._serials: list[int] = []  # step inputs whose decode graphs are kept
 
     # ---- one token: kept graphs --------------------------------------------------------------
-    def decode(self, blk, x: Tensor) -> np.ndarray:
-        """The block's partial output (1, hidden) for the token in x [hidden, 1] (a view of a kept buffer)."""
-        graph = blk.graphs.get(("router",))
+    def decode(self, blk, x: Tensor, serial: int) -> np.ndarray:
+        """The block's partial output (1, hidden) for the token in x [hidden, 1], the buffer of the step
+        inputs numbered `serial` (graphs are kept per serial, the last KEPT of them)."""
+        if serial not in self._serials:
+            self._serials = (self._serials + [serial])[-KEPT:]
+        for key in [k for k in blk.graphs if k[0] in ("moe-router", "moe-experts") and k[-1] not in self._serials]:
+            del blk.graphs[key]  # built over step inputs that are gone
+        graph = blk.graphs.get(("moe-router", serial))
         if graph is None:
             ctx = Context(OPS_PER_ROUTER + 2, graph_size=2 * OPS_PER_ROUTER + 16)
             chosen, weights = build_router(ctx, blk, _norm(ctx, x, blk["mlp_norm"], self.eps), self.k)
-            graph = blk.graphs[("router",)] = Graph(ctx, [ctx.cont(chosen), ctx.reshape(weights, self.k, 1)],
-                                                     [(1, self.k), (1, self.k)])
+            graph = blk.graphs[("moe-router", serial)] = Graph(
+                ctx, [ctx.cont(chosen), ctx.reshape(weights, self.k, 1)], [(1, self.k), (1, self.k)])
         self.runtime.compute(graph)
         chosen, weights = graph.outputs
         slots = self.share.local_slots(chosen[0])
@@ -140,13 +148,13 @@ class MoeRunner:
         for j, (slot, local) in enumerate(slots):
             ids[0, j] = local
             w[0, j, 0] = weights[0, slot]
-        graph = blk.graphs.get(("experts", m))
+        graph = blk.graphs.get(("moe-experts", m, serial))
         if graph is None:
             ops = OPS_PER_EXPERTS + 2 * m + 2
             ctx = Context(ops, graph_size=2 * ops + 16)
             xn = _norm(ctx, x, blk["mlp_norm"], self.eps)
             out = build_experts(ctx, blk, xn, self._ids_t[m], self._weights_t[m])
-            graph = blk.graphs[("experts", m)] = Graph(ctx, [out], [(1, self.hidden)])
+            graph = blk.graphs[("moe-experts", m, serial)] = Graph(ctx, [out], [(1, self.hidden)])
         self.runtime.compute(graph)
         if self.cache is not None:
             self.cache.done(blk)

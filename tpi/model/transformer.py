@@ -13,6 +13,7 @@ import numpy as np
 
 from tpi.model.blocks import GLOBALS, POST_ATTN_NORM, POST_MLP_NORM, layer_keys
 from tpi.model.config import ModelConfig
+from tpi.model.rows import KVSlots, Rows, as_rows
 from tpi.transport.comm import Communicator, NullCommunicator
 
 
@@ -62,24 +63,36 @@ class Transformer:
         self.comm = comm or NullCommunicator()
         self.stats = ForwardStats()
         self._keys = layer_keys(cfg.n_layers)
+        self.kv = KVSlots(getattr(layers, "slots", 1), layers.context)  # what each KV slot holds
 
-    def forward(self, h_np: np.ndarray, start: int, all_positions: bool = False) -> np.ndarray:
-        """h_np: (T, hidden) float32 embeddings at positions start.. -> (T or 1, vocab_local) logits."""
+    def forward(self, h_np: np.ndarray, rows: Rows | int, all_positions: bool = False) -> np.ndarray:
+        """h_np: (T, hidden) float32 embeddings of a step's rows -> (outputs, vocab_local) logits.
+
+        rows: the step's Rows (tpi.model.rows), or the start position of one sequence in KV slot 0
+        whose last row (every row with all_positions) returns logits.
+        """
+        rows = as_rows(rows, np.shape(h_np)[0], all_positions)
+        self.kv.admit(rows)  # ShapeError before this rank computes a step it cannot
         t0 = time.perf_counter()
         L = self.layers
         with L.forward_context():
-            logits, ar = self._layers(L.hidden_from_numpy(h_np), start, all_positions)
+            logits, ar = self._layers(L.hidden_from_numpy(h_np, rows), rows)
+        self.kv.advance(rows)
         st = self.stats
         st.allreduce_s += ar
         st.compute_s += time.perf_counter() - t0 - ar
         st.passes += 1
         return logits
 
-    def _layers(self, h, start: int, all_positions: bool):
+    def truncate(self, slot: int, keep: int) -> None:
+        """Forget positions keep.. of a KV slot (a rolled-back speculation, a freed slot)."""
+        self.kv.truncate(slot, keep)
+
+    def _layers(self, h, rows: Rows):
         L, W = self.layers, self.weights
         whole = getattr(L, "forward_all", None)  # ggml: a group of one may run the step as one graph
         if whole is not None and self.comm.world == 1 and isinstance(W, ResidentWeights):
-            logits = whole(h, W.blocks, start, all_positions)
+            logits = whole(h, W.blocks, rows)
             if logits is not None:
                 return logits, 0.0
         ar = 0.0
@@ -87,14 +100,14 @@ class Transformer:
             # released before the allreduce so the loader can refill the window meanwhile; a post-norm
             # vector is a prepared copy, not file pages, so it stays valid
             blk = W.get(ka)
-            part = L.attention(h, blk, i, start)
+            part = L.attention(h, blk, i, rows)
             W.release(ka)
             ar += self._sum_into(h, part, blk, POST_ATTN_NORM)
             blk = W.get(km)
             part = L.mlp(h, blk)
             W.release(km)
             ar += self._sum_into(h, part, blk, POST_MLP_NORM)
-        logits = L.logits(h, W.get(GLOBALS), all_positions)
+        logits = L.logits(h, W.get(GLOBALS), rows)
         W.release(GLOBALS)
         return logits, ar
 
