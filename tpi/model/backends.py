@@ -54,7 +54,7 @@ def make_layers(backend: str, cfg, shard, context: int, threads: int | None, slo
                           experts=shard.expert_share(cfg))
     if backend == "torch":
         if cfg.is_moe:
-            from tpi.model.moe import torch_refusal
+            from tpi.model.moe import torch_refusal  # only on this refusal path: no numpy-side module at start-up
 
             raise torch_refusal(cfg)
         if cfg.arch not in TORCH_ARCHS:

@@ -28,6 +28,7 @@ from tpi.model.ggml_steps import StepInputs, step_shape
 from tpi.model.rows import Rows, as_rows
 from tpi.model.moe import EXPERT_TENSORS, ROUTER, ExpertShare
 from tpi.model.moe_ggml import MoeRunner, check_expert_block
+from tpi.scheduler.experts import ExpertCache
 from tpi.quant.ggml_backend import GgmlBackend, can_repack, gather_rows, weight_type
 from tpi.quant.ggml_graph import Context, Graph, SharedComputeBuffer
 from tpi.quant.ggml_lib import F16
@@ -249,8 +250,6 @@ class GgmlLayers:
             return blk
 
         if self.cfg.is_moe:  # experts stream one by one: the router runs apart and tells the cache
-            from tpi.scheduler.experts import ExpertCache
-
             self.expert_cache = ExpertCache()
             self.split_experts(self.expert_cache)
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tpi.errors import TpiError
+
 ROUTER, GATE_EXPS, UP_EXPS, DOWN_EXPS = "router", "wgate_exps", "wup_exps", "wdown_exps"
 EXPERT_TENSORS = (GATE_EXPS, UP_EXPS, DOWN_EXPS)
 # Canonical per-layer names of a MoE MLP (tpi.model.config.layer_name) -> the name inside a block.
@@ -65,10 +67,8 @@ class ExpertShare:
         return [(i, int(e) - e0) for i, e in enumerate(chosen) if e0 <= e < e1]
 
 
-def torch_refusal(cfg) -> "TpiError":
+def torch_refusal(cfg) -> TpiError:
     """The one error for a MoE model on the torch backend, which has no expert kernels."""
-    from tpi.errors import TpiError
-
     return TpiError(f"the torch backend does not run mixture-of-experts models ({cfg.name}, {cfg.arch}); "
                     "use --backend ggml (or numpy)")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tpi.errors import ShapeError
 from tpi.model.moe import DOWN_EXPS, GATE_EXPS, ROUTER, UP_EXPS, ExpertShare, route
 from tpi.quant.formats import dequantize, slice_rows
 
@@ -19,8 +20,6 @@ def prepare_moe(kernels, block: dict, share: ExpertShare, hidden: int) -> dict:
     router = block[ROUTER]
     router = router if isinstance(router, np.ndarray) else dequantize(router)
     if router.shape != (share.n_experts, hidden):
-        from tpi.errors import ShapeError
-
         raise ShapeError(f"the router is {list(router.shape)}, the model has {share.n_experts} experts of {hidden}")
     rows = {GATE_EXPS: share.ff_local, UP_EXPS: share.ff_local, DOWN_EXPS: hidden}
     experts = []

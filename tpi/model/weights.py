@@ -25,7 +25,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from tpi.model.blocks import EMBED, GLOBALS  # rank 0's embedding is mapped, not copied
+from tpi.model.blocks import EMBED, GLOBALS, mlp_key  # rank 0's embedding is mapped, not copied
 from tpi.model.config import PREFILL_CHUNK
 from tpi.model.transformer import ResidentWeights
 
@@ -315,8 +315,6 @@ class StreamedWeights:
 def hot_experts(plan, store, cfg, shard) -> int:
     """Experts each streamed MoE block keeps mapped between tokens: as many as the budget's slack holds
     over every streamed MoE block (the window already counts a whole block per slot)."""
-    from tpi.model.blocks import mlp_key
-
     moe = [mlp_key(i) for i in range(cfg.n_layers) if mlp_key(i) in plan.streamed]
     if not moe or not shard.experts:
         return 0
