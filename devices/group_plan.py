@@ -15,6 +15,7 @@ from tpi.devices.costmodel import CostParams, LinkProfile, WeightProfile
 from tpi.devices.planner import GroupPlan, PlanDevice, plan_group, plan_with_ratios
 from tpi.devices.profile import DeviceProfile
 from tpi.errors import GroupError, ProtocolError
+from tpi.model.backends import backend_refusal
 
 # A device that did not answer the link probe is planned as if on home Wi-Fi.
 ASSUMED_LINK = LinkProfile.from_ms_mbit(5.0, 100.0)
@@ -123,6 +124,10 @@ def plan_real_group(cfg: ModelConfig, master: DeviceProfile, master_budget: int 
             profile = DeviceProfile.from_dict(c.profile)
         except ProtocolError as exc:
             refused.append((i, f"its device profile is invalid ({exc}); run `tpi devices profile` on it and join again"))
+            continue
+        why = backend_refusal(profile.backend, cfg.arch)
+        if why:
+            refused.append((i, why.replace("use --backend", "join with --backend")))
             continue
         name = c.name if c.name not in names else f"{c.name}#{i + 1}"
         names.add(name)

@@ -109,5 +109,5 @@ def test_numpy_streams_under_a_budget_and_torch_refuses(moe_q4, tmp_path):
     torch, _ = tpi_run(tmp_path, str(moe_q4), "--backend", "torch")
     assert torch.returncode != 0
     assert [l for l in torch.stderr.splitlines() if l.startswith("error:")] == [
-        "error: the torch backend does not run mixture-of-experts models (tiny-qwen3moe-f32, qwen3moe); "
-        "use --backend ggml (or numpy)"]
+        "error: the torch backend does not run qwen3moe models (it runs llama, mistral, qwen2); "
+        "use --backend ggml (the default) or --backend numpy"]

@@ -92,8 +92,8 @@ def read_config(reader: GGUFFile, path: Path) -> ModelConfig:
     n_rot = int(reader.value(f"{arch}.rope.dimension_count", head_dim))
     if n_rot != head_dim:
         raise UnsupportedArchitectureError(
-            f"{path}: partial rotary embeddings ({arch}.rope.dimension_count {n_rot} of head_dim {head_dim}) "
-            "are not supported yet")
+            f"{path}: partial rotary embeddings ({arch}.rope.dimension_count {n_rot} of head_dim {head_dim}, as in "
+            "Phi-4-mini) are not supported yet; use a model that rotates whole heads (Phi-3 does)")
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
         raise ModelFormatError(f"{path}: tensor token_embd.weight is missing")

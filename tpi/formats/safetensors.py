@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tpi.model.config import ARCHITECTURES, ModelConfig, RopeScaling
+from tpi.model.config import ARCHITECTURES, ModelConfig, RopeScaling, supported_architectures
 from tpi.errors import ModelFormatError, UnsupportedArchitectureError
 from tpi.model.rope import adjacent_pair_index
 from tpi.quant.formats import BF16, F32, GGML_QUANTIZABLE, GGML_TYPES, QTensor, ggml_fmt, quant_error, quantize
@@ -23,6 +23,7 @@ _LAYER = {
     "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
 }
 _GLOBAL = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
+HF_ARCHS = ("llama", "mistral", "qwen2")  # the others (qwen3, gemma3, phi3) load from GGUF
 
 
 def read_hf_config(folder: Path, names: set[str]) -> ModelConfig:
@@ -31,9 +32,13 @@ def read_hf_config(folder: Path, names: set[str]) -> ModelConfig:
         raise ModelFormatError(f"{folder}: config.json is missing; a Hugging Face model folder needs it")
     c = json.loads(path.read_text())
     arch = c.get("model_type")
-    if arch not in ARCHITECTURES:
+    if arch not in HF_ARCHS:
+        known = arch in ARCHITECTURES or arch == "gemma3_text"
         raise UnsupportedArchitectureError(
-            f"{folder}: unknown model architecture '{arch}'; tpi supports {', '.join(sorted(ARCHITECTURES))}"
+            f"{folder}: tpi reads {arch} models from GGUF files only; convert the folder with llama.cpp's "
+            "convert_hf_to_gguf.py" if known else
+            f"{folder}: unknown model architecture '{arch}'; tpi runs {supported_architectures()} "
+            f"(from a Hugging Face folder: {', '.join(HF_ARCHS)})"
         )
     try:
         hidden, n_heads = int(c["hidden_size"]), int(c["num_attention_heads"])

@@ -24,7 +24,7 @@ from tpi.master.group import Admission, DeviceInfo, Group, Members
 from tpi.master.options import EngineOptions, GroupOptions
 from tpi.master.recovery import GroupSupervisor
 from tpi.master.shard import store_key, write_stores
-from tpi.model.backends import backend_choice_note, make_layers, resolve_backend
+from tpi.model.backends import backend_choice_note, check_runs, make_layers, resolve_backend
 from tpi.model.blocks import EMBED, GLOBALS
 from tpi.model.config import config_to_dict
 from tpi.model.transformer import ResidentWeights, Transformer
@@ -105,6 +105,8 @@ def _open(opts: GroupOptions) -> _Model:
     """Step 1: the model, its context and the group size it can be split into."""
     source = open_model(opts.model)
     cfg = source.config
+    for b in {opts.backend, opts.worker_backend} if opts.local_workers else {opts.backend}:
+        check_runs(b, cfg.arch)  # before any device waits on this group
     if opts.wire_dtype == "int8" and cfg.hidden % 32:
         raise GroupError(f"the int8 wire needs a hidden size that is a multiple of 32; {cfg.name} has "
                          f"{cfg.hidden}: use --wire-dtype f32 or bf16")

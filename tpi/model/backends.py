@@ -38,6 +38,21 @@ def backend_choice_note(requested: str, chosen: str) -> str:
     return f"kernel backend: {chosen} ({'; '.join(['auto', *notes])})"
 
 
+def backend_refusal(backend: str, arch: str) -> str | None:
+    """Why a backend cannot run an architecture's models, or None when it can."""
+    if backend == "torch" and arch not in TORCH_ARCHS:
+        return (f"the torch backend does not run {arch} models (it runs {', '.join(TORCH_ARCHS)}); "
+                "use --backend ggml (the default) or --backend numpy")
+    return None
+
+
+def check_runs(backend: str, arch: str) -> None:
+    """TpiError naming the fix when a (resolved) backend cannot run an architecture."""
+    why = backend_refusal(backend, arch)
+    if why:
+        raise TpiError(why)
+
+
 def make_layers(backend: str, cfg, shard, context: int, threads: int | None, slots: int = 1):
     """The per-block maths for a backend: the one place that picks ggml, torch or numpy.
 
@@ -52,14 +67,8 @@ def make_layers(backend: str, cfg, shard, context: int, threads: int | None, slo
 
         return GgmlLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads, slots=slots,
                           experts=shard.expert_share(cfg))
+    check_runs(backend, cfg.arch)
     if backend == "torch":
-        if cfg.is_moe:
-            from tpi.model.moe import torch_refusal  # only on this refusal path: no numpy-side module at start-up
-
-            raise torch_refusal(cfg)
-        if cfg.arch not in TORCH_ARCHS:
-            raise TpiError(f"the torch backend does not run {cfg.arch} models (it runs {', '.join(TORCH_ARCHS)}); "
-                           "use --backend ggml (the default) or --backend numpy")
         try:
             from tpi.model.layers_torch import TorchLayers
         except ImportError:

@@ -43,10 +43,6 @@ class TorchLayers:
 
     def __init__(self, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...], context: int, threads: int | None,
                  slots: int = 1):
-        if cfg.is_moe:
-            from tpi.model.moe import torch_refusal  # backends.make_layers refuses first; direct users too
-
-            raise torch_refusal(cfg)
         if slots != 1:
             raise TpiError(f"the torch backend runs one sequence at a time, not {slots} (--parallel); "
                            "use --backend ggml or numpy, or --parallel 1")

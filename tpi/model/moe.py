@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tpi.errors import TpiError
 
 ROUTER, GATE_EXPS, UP_EXPS, DOWN_EXPS = "router", "wgate_exps", "wup_exps", "wdown_exps"
 EXPERT_TENSORS = (GATE_EXPS, UP_EXPS, DOWN_EXPS)
@@ -65,12 +64,6 @@ class ExpertShare:
         """(slot, local expert) of a token's chosen experts that live here, in slot order."""
         e0, e1 = self.experts.start, self.experts.stop
         return [(i, int(e) - e0) for i, e in enumerate(chosen) if e0 <= e < e1]
-
-
-def torch_refusal(cfg) -> TpiError:
-    """The one error for a MoE model on the torch backend, which has no expert kernels."""
-    return TpiError(f"the torch backend does not run mixture-of-experts models ({cfg.name}, {cfg.arch}); "
-                    "use --backend ggml (or numpy)")
 
 
 def softmax_f32(logits: np.ndarray) -> np.ndarray:
