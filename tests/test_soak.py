@@ -19,6 +19,8 @@ import httpx
 import pytest
 from test_reliability_support import api_url, serve, wait_healthy
 
+from tpi.scheduler.overhead import rss_bytes
+
 pytestmark = pytest.mark.slow
 
 SEQUENTIAL = 80
@@ -29,14 +31,6 @@ MAX_TOKENS = 4
 WARM_UP = 10
 RSS_BOUND = 24 << 20  # over the 70 sequential and 36 burst requests after warm-up
 PROMPTS = ("The capital of France is", "Water boils at", "Tell me a colour.", "One, two, three,")
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process, from /proc/PID/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
 
 
 def request_for(i: int) -> tuple[str, dict, str]:

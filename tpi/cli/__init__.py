@@ -18,6 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tensor-paral
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    # imported when the command runs: keeps `tpi --help` fast
     from rich.console import Console
     from rich.logging import RichHandler
 

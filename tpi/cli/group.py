@@ -53,6 +53,7 @@ def serve(
         "it without an address; only a hash of the master's public key is announced")] = True,
 ) -> None:
     """Be the master: serve the API at once, wait for devices, ship their shards, then answer."""
+    # imported when the command runs: keeps `tpi --help` fast
     from tpi.master import GroupOptions
     from tpi.serve.api import serve_api
     from tpi.serve.service import GenerationService
@@ -101,6 +102,7 @@ def _leave_on_sigterm(signum, frame) -> None:
 
 def link_settings(heartbeat_timeout_s: float):
     """LinkSettings for a --heartbeat-timeout: beats every quarter of it (at most 1 s apart)."""
+    # imported when the command runs: keeps `tpi --help` fast
     from tpi.transport.keeper import LinkSettings
 
     if heartbeat_timeout_s <= 0:
@@ -110,6 +112,7 @@ def link_settings(heartbeat_timeout_s: float):
 
 def served_model_id(model: str | None) -> str:
     """The id /v1/models shows: the model file's name without its extension."""
+    # imported when the command runs: keeps `tpi --help` fast
     from tpi.formats import DEFAULT_MODEL_FILE
 
     return Path(model or DEFAULT_MODEL_FILE).name.removesuffix(".gguf").removesuffix(".tpis")
@@ -117,6 +120,7 @@ def served_model_id(model: str | None) -> str:
 
 def show_plan(plan) -> None:
     """Print the planner's table for the real group (stderr), before any weight loads."""
+    # imported when the command runs: keeps `tpi --help` fast
     from tpi.cli.table_text import print_tables
     from tpi.devices.plan_report import plan_tables
 
@@ -137,6 +141,7 @@ class GroupFormation:
         threading.Thread(target=self._form, args=(server,), name="tpi-group-formation", daemon=True).start()
 
     def _form(self, server) -> None:
+        # imported when the command runs: keeps `tpi --help` fast
         from tpi.master import start_group
 
         try:
@@ -148,6 +153,7 @@ class GroupFormation:
             server.should_exit = True  # serve exits and reports the error
 
     def on_event(self, event) -> None:
+        # imported when the command runs: keeps `tpi --help` fast
         from tpi.master.events import DeviceJoined, GroupPlanned, WaitingForDevices
 
         if isinstance(event, WaitingForDevices):
@@ -197,6 +203,7 @@ def join(
         "--reconnect-timeout", help="seconds to keep reconnecting to a lost master before giving up")] = 60.0,
 ) -> None:
     """Join a group as a worker: fetch and cache the shard, then compute steps until stopped."""
+    # imported when the command runs: keeps `tpi --help` fast
     import logging
 
     from tpi.devices.profile import handshake_profile
@@ -211,7 +218,7 @@ def join(
         requested, backend = backend, resolve_backend(backend)
         logging.getLogger("tpi.worker").info(backend_choice_note(requested, backend))
         if master is None:
-            from tpi.transport.discovery import find_master
+            from tpi.transport.discovery import find_master  # zeroconf: only without an address
 
             master = find_master(token, discover_timeout).endpoint
         profile = handshake_profile(cache_dir / "profile", backend=backend, threads=threads, name=name,
@@ -227,6 +234,7 @@ def join(
 
 def read_token(token: str, token_file: Path | None) -> str:
     """The join token from --token / TPI_TOKEN, or from --token-file ('-' = stdin); TpiError when absent."""
+    # imported when the command runs: keeps `tpi --help` fast
     import sys
 
     if token_file is not None:
@@ -241,7 +249,7 @@ def read_token(token: str, token_file: Path | None) -> str:
             raise TpiError(f"the token file {token_file} is empty; write the token tpi serve printed into it")
     if not token:
         raise TpiError("no join token; pass the token tpi serve printed with --token, TPI_TOKEN or --token-file")
-    from tpi.transport.security import parse_token
+    from tpi.transport.security import parse_token  # lazy: keeps `tpi --help` fast
 
     parse_token(token)  # a mistyped token fails now, before the device spends seconds measuring itself
     return token.strip()
@@ -250,6 +258,7 @@ def read_token(token: str, token_file: Path | None) -> str:
 @token_app.command("show")
 def token_show(config_dir: ConfigDir = DEFAULT_CONFIG_DIR) -> None:
     """Print the current join token."""
+    # imported when the command runs: keeps `tpi --help` fast
     from tpi.transport.security import master_token
 
     typer.echo(master_token(config_dir))
@@ -258,6 +267,7 @@ def token_show(config_dir: ConfigDir = DEFAULT_CONFIG_DIR) -> None:
 @token_app.command("rotate")
 def token_rotate(config_dir: ConfigDir = DEFAULT_CONFIG_DIR) -> None:
     """Issue a new join token; devices already admitted stay admitted."""
+    # imported when the command runs: keeps `tpi --help` fast
     from tpi.transport.security import rotate_token
 
     typer.echo(rotate_token(config_dir))

@@ -11,7 +11,10 @@ import numpy as np
 from tpi.model.config import ARCHITECTURES, ModelConfig, RopeScaling, supported_architectures
 from tpi.errors import ModelFormatError, UnsupportedArchitectureError
 from tpi.model.rope import adjacent_pair_index
-from tpi.quant.formats import BF16, F32, GGML_QUANTIZABLE, GGML_TYPES, QTensor, ggml_fmt, quant_error, quantize
+from tpi.model.tokenizer import HFTokenizer
+from tpi.quant.gguf_import import ImportNote
+from tpi.quant.formats import (BF16, F32, GGML_QUANTIZABLE, GGML_TYPES, QTensor, bf16_bits_to_f32, ggml_fmt, quant_error,
+                               quantize)
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32}
 _LAYER = {
@@ -188,8 +191,6 @@ class HFSource:
 
     def _quantized(self, name: str, ref: np.ndarray, dtype: str) -> QTensor:
         """ref in the --quant type (bf16 instead where its error is above keep_bf16_above), noted."""
-        from tpi.quant.gguf_import import ImportNote
-
         qt = quantize(ref, ggml_fmt(self.quant))
         measure = self.measure_error or self.keep_bf16_above is not None
         err = quant_error(ref, qt) if measure else None
@@ -200,12 +201,10 @@ class HFSource:
         return qt
 
     def tokenizer(self):
-        from tpi.model.tokenizer import HFTokenizer
-
         return HFTokenizer(self.path)
 
 
 def _to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
-        return (a.astype(np.uint32) << 16).view(np.float32)
+        return bf16_bits_to_f32(a)
     return a.astype(np.float32)

@@ -17,6 +17,7 @@ from tpi.master.generate import Generation, SequenceState, run_sequence
 from tpi.master.sampler import SamplingParams
 from tpi.model.config import PREFILL_CHUNK
 from tpi.model.rows import Rows
+from tpi.quant.formats import dequantize, take_rows
 from tpi.transport.protocol import ALL_LOGITS, Step
 
 DEFAULT_CONTEXT = 4096
@@ -60,8 +61,6 @@ class Engine:
         return self.model.comm
 
     def embed(self, ids: Sequence[int]) -> np.ndarray:
-        from tpi.quant.formats import dequantize, take_rows
-
         h = dequantize(take_rows(self.embed_table, np.asarray(ids, dtype=np.int64)))  # (T, hidden) float32
         scale = self.cfg.embed_scale
         return h if scale == 1.0 else h * np.float32(scale)  # gemma3: sqrtf(hidden), in fp32 as llama.cpp

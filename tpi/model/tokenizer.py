@@ -19,7 +19,7 @@ END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "
 
 def render_chat(template: str, messages: list[dict], bos: str, eos: str, add_generation_prompt: bool = True) -> str:
     """Render a Hugging Face style Jinja chat template in a sandbox."""
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError  # only chat templates need jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str):
@@ -104,7 +104,7 @@ class LlamaCppTokenizer(Tokenizer):
 
     def __init__(self, path: Path, metadata):
         try:
-            import llama_cpp
+            import llama_cpp  # optional: GGUF tokenizers only
         except ImportError:
             raise ModelFormatError("llama-cpp-python is needed to tokenize GGUF models; pip install 'tpi[all]'") from None
         self._llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
@@ -134,7 +134,7 @@ class HFTokenizer(Tokenizer):
     """`tokenizers` with the chat template and special tokens from tokenizer_config.json."""
 
     def __init__(self, folder: Path):
-        from tokenizers import Tokenizer as HFTok
+        from tokenizers import Tokenizer as HFTok  # optional: Hugging Face folders only
 
         tj = folder / "tokenizer.json"
         if not tj.is_file():
