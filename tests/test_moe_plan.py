@@ -88,7 +88,8 @@ def test_the_expert_cache_maps_in_chosen_experts_and_keeps_the_hot_ones(tmp_path
         data = np.frombuffer(m, np.uint8)
         blk = object()
         cache = ExpertCache(hot=1)
-        cache.add_block(blk, [(array_address(data) + t * 4 * page, 4 * page) for t in range(3)], 4)
+        cache.add_block(blk, [(array_address(data) + t * 4 * page, 4 * page, t * 4 * page) for t in range(3)], 4,
+                        f.fileno())
         cache.use(blk, [2, 0])
         cache.use(blk, [2])  # still mapped in the same pass: a hit
         cache.release(blk)  # expert 2 is the most used: it stays mapped

@@ -244,7 +244,8 @@ class GgmlLayers:
             if all(w.pages for w in weights.values()):  # every weight is file pages: nothing stays resident
                 blk.pages = [w.pages for n, w in weights.items() if n not in EXPERT_TENSORS]
                 if ROUTER in blk and self.expert_cache is not None:
-                    self.expert_cache.add_block(blk, [blk[n].pages for n in EXPERT_TENSORS], self.experts.n_local)
+                    tensors = [(*blk[n].pages, store.file_offset(block[n].arrays["data"])) for n in EXPERT_TENSORS]
+                    self.expert_cache.add_block(blk, tensors, self.experts.n_local, fd)
                     blk.expert_cache = self.expert_cache
                 built[key] = blk
             return blk

@@ -29,9 +29,11 @@ import numpy as np
 
 from tpi.errors import ModelFormatError
 from tpi.model.blocks import EMBED, GLOBALS, mlp_key  # rank 0's embedding is mapped, not copied
+from tpi.model.moe import EXPERT_TENSORS
 from tpi.model.transformer import ResidentWeights
 from tpi.quant.formats import Q4G32, Q4G32_PREPACKED, slice_rows
 from tpi.quant.kernel_forms import kernel_block
+from tpi.scheduler.experts import ExpertStreamingStore
 from tpi.scheduler.budget import activation_bytes, kv_cache_bytes, plan_budget, resident_block_sizes
 from tpi.scheduler.overhead import runtime_overhead_bytes
 from tpi.scheduler.prefetch import BlockScheduler
@@ -330,8 +332,9 @@ def open_store_weights(store, layers, cfg, shard, context: int, budget: int | No
     if hasattr(layers, "runtime_for"):  # ggml computes on weights where they lie: streamed blocks stay map views
         pinned, stream = layers.runtime_for(packed)
         cache = getattr(layers, "expert_cache", None)
-        if cache is not None:
+        if cache is not None:  # MoE: experts map in one by one, through the cache, not with their block
             cache.hot = hot_experts(plan, packed, cfg, shard)
+            mapped = ExpertStreamingStore(mapped, EXPERT_TENSORS)
     scheduler = BlockScheduler(mapped, plan, pinned, copy=not hasattr(layers, "runtime_for"),
                                stream_to_runtime=stream)
     return StreamedWeights(scheduler, plan, packed, owned=packed if packed is not store else None)
