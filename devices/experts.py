@@ -31,6 +31,11 @@ SAMPLES = 4_000  # otherwise routings drawn (fixed seed: the plan is determinist
 # one more graph launch and a few numpy touches per MoE layer (bench/moe.py measures it).
 SPLIT_PATH_S = 60e-6
 Q8_0_BYTES = 34 / 32
+# Split experts only when they predict a MoE layer at least 10% shorter than whole ones. Calibrated in
+# place (bench/moe.py, 4B synthetic, 2 ranks of 1 thread, 3 rounds): split predicted 7% shorter
+# (0.612 vs 0.655 ms: its Q6_K down cut 512 / 256) but decoded 9% slower (13.7 vs 14.2 tok/s);
+# the bytes model misses split's extra cost (every rank runs every chosen expert: k small matmuls).
+SPLIT_WIN = 0.9
 Q4_K_BYTES, Q6_K_BYTES = 144 / 256, 210 / 256  # Q4_K_M: gate / up Q4_K, down Q6_K (most layers)
 # A device of mean speed reads decode weights at this rate when the plan has no profiles (dual-channel
 # DDR4 class); only the two placements' ratio depends on it, against the fixed split-path cost.
@@ -147,6 +152,10 @@ def choose_placement(cfg: ModelConfig, ratios: Sequence[float], seconds_per_byte
     if streaming and WHOLE in options:
         return options[WHOLE][0], f"experts whole per rank: they stream from disk, whole experts cache best ({text} per MoE layer)"
     best = min(options, key=lambda p: options[p][1])
+    if best == SPLIT and WHOLE in options and options[SPLIT][1] > SPLIT_WIN * options[WHOLE][1]:
+        # within the margin the bytes model misses (bench/moe.py: whole measured faster there)
+        return options[WHOLE][0], (f"whole experts per rank: split predicts a MoE layer less than "
+                                   f"{1 - SPLIT_WIN:.0%} shorter ({text}), within what its extra matmuls cost")
     cuts = options[best][0]
     why = "every expert split across ranks" if best == SPLIT else "whole experts per rank"
     extra = "; down_exps re-quantized to Q8_0 at the cut" if cuts.requantized else ""

@@ -55,6 +55,9 @@ def test_the_cost_model_splits_resident_experts_and_keeps_streamed_ones_whole():
     assert cuts.placement == SPLIT and "shorter MoE layer" in why  # balanced; whole: 1.51x on the busiest rank
     cuts, why = place_experts(cfg, (1 / 3,) * 3, streaming=True)
     assert cuts.placement == WHOLE and "stream" in why
+    # Q6_K down_exps (256-column blocks): 768 columns split 512 / 256, within the 10% margin of whole
+    cuts, why = place_experts(cfg, (0.5, 0.5), down_block=256)
+    assert cuts.placement == WHOLE and "less than 10% shorter" in why
     cuts, why = place_experts(cfg, (0.5, 0.5), "whole")
     assert cuts.placement == WHOLE and "--experts whole" in why
 
