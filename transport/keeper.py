@@ -47,7 +47,7 @@ class PeerRecord:
     name: str
     address: str
     device_key: bytes
-    state: str = "pending"  # pending | admitted | lost
+    state: str = "pending"  # pending | admitted | lost | closed (its connection closed before admission)
     last_seen: float = 0.0
     peer_id: str = ""
 

@@ -48,6 +48,10 @@ def serve(
     replan: Annotated[bool, typer.Option(
         "--replan/--no-replan", help="re-plan over the remaining devices when a lost one does not rejoin "
         "(else the group reports itself degraded and answers 503)")] = True,
+    resume_timeout: Annotated[Optional[float], typer.Option(
+        "--resume-timeout", help="seconds a request interrupted by a device loss waits for the group to serve "
+        "again before it fails (default: the rejoin timeout + 120 s for a re-plan; a group that cannot "
+        "re-form fails it at once)")] = None,
     announce: Annotated[bool, typer.Option(
         "--announce/--no-announce", help="announce the group on the LAN (mDNS) so `tpi join --token T` finds "
         "it without an address; only a hash of the master's public key is announced")] = True,
@@ -67,7 +71,7 @@ def serve(
                         ratios=parsed, wire_dtype=wire_dtype, experts=experts, insecure=insecure, config_dir=config_dir,
                         cache_dir=cache_dir, leave_out=not keep_all,
                         link_settings=link_settings(heartbeat_timeout), rejoin_timeout_s=rejoin_timeout,
-                        replan=replan, announce=announce, always_plan=True)
+                        replan=replan, resume_timeout_s=resume_timeout, announce=announce, always_plan=True)
     forming = GroupFormation(opts)
     service = GenerationService(None, status=forming.status, queue_size=queue_size, model_name=served_model_id(model))
     def ready(engine) -> None:
@@ -203,6 +207,23 @@ def join(
         "--reconnect-timeout", help="seconds to keep reconnecting to a lost master before giving up")] = 60.0,
 ) -> None:
     """Join a group as a worker: fetch and cache the shard, then compute steps until stopped."""
+    try:  # a KeyboardInterrupt is how a user leaves the group
+        token = read_token(token, token_file)
+        if heartbeat_timeout is not None and heartbeat_timeout <= 0:
+            raise TpiError(f"--heartbeat-timeout {heartbeat_timeout} must be positive (seconds)")
+        run_join(master, token, name, cache_dir, key_dir, threads=threads, backend=backend,
+                 memory_budget=parse_size(memory_budget), insecure=insecure, profile_file=profile_file,
+                 discover_timeout=discover_timeout, data_endpoint=data_endpoint,
+                 heartbeat_timeout=heartbeat_timeout, reconnect_timeout=reconnect_timeout)
+    except KeyboardInterrupt:
+        typer.echo("left the group", err=True)
+
+
+def run_join(master: str | None, token: str, name: str, cache_dir: Path, key_dir: Path, *, threads: int | None,
+             backend: str, memory_budget: int | None, insecure: bool, profile_file: Path | None,
+             discover_timeout: float = 15.0, data_endpoint: str | None = None,
+             heartbeat_timeout: float | None = None, reconnect_timeout: float = 60.0) -> None:
+    """`tpi join` once its options are read (also a local worker's, tpi.cli.local_worker)."""
     # imported when the command runs: keeps `tpi --help` fast
     import logging
 
@@ -210,26 +231,19 @@ def join(
     from tpi.model.backends import backend_choice_note, resolve_backend
     from tpi.worker import WorkerOptions, run_worker
 
-    try:  # a KeyboardInterrupt is how a user leaves the group
-        token = read_token(token, token_file)
-        if heartbeat_timeout is not None and heartbeat_timeout <= 0:
-            raise TpiError(f"--heartbeat-timeout {heartbeat_timeout} must be positive (seconds)")
-        budget = parse_size(memory_budget)
-        requested, backend = backend, resolve_backend(backend)
-        logging.getLogger("tpi.worker").info(backend_choice_note(requested, backend))
-        if master is None:
-            from tpi.transport.discovery import find_master  # zeroconf: only without an address
+    requested, backend = backend, resolve_backend(backend)
+    logging.getLogger("tpi.worker").info(backend_choice_note(requested, backend))
+    if master is None:
+        from tpi.transport.discovery import find_master  # zeroconf: only without an address
 
-            master = find_master(token, discover_timeout).endpoint
-        profile = handshake_profile(cache_dir / "profile", backend=backend, threads=threads, name=name,
-                                    memory_budget=budget, profile_file=profile_file)
-        run_worker(WorkerOptions(master=master, token=token, name=name, cache_dir=cache_dir / "shards",
-                                 key_dir=key_dir, backend=backend, threads=threads,
-                                 memory_budget=budget, insecure=insecure, profile=profile,
-                                 data_endpoint=data_endpoint, heartbeat_timeout_s=heartbeat_timeout,
-                                 reconnect_s=max(0.0, reconnect_timeout)))
-    except KeyboardInterrupt:
-        typer.echo("left the group", err=True)
+        master = find_master(token, discover_timeout).endpoint
+    profile = handshake_profile(cache_dir / "profile", backend=backend, threads=threads, name=name,
+                                memory_budget=memory_budget, profile_file=profile_file)
+    run_worker(WorkerOptions(master=master, token=token, name=name, cache_dir=cache_dir / "shards",
+                             key_dir=key_dir, backend=backend, threads=threads,
+                             memory_budget=memory_budget, insecure=insecure, profile=profile,
+                             data_endpoint=data_endpoint, heartbeat_timeout_s=heartbeat_timeout,
+                             reconnect_s=max(0.0, reconnect_timeout)))
 
 
 def read_token(token: str, token_file: Path | None) -> str:

@@ -23,6 +23,7 @@ from tpi.master.gather import (collect_joins, idle_cores, join_command, measured
 from tpi.master.group import Admission, DeviceInfo, Group, Members
 from tpi.master.options import EngineOptions, GroupOptions
 from tpi.master.recovery import GroupSupervisor
+from tpi.master.resume import Resumer, replay_chunk
 from tpi.master.shard import store_key, write_stores
 from tpi.model.backends import backend_choice_note, check_runs, make_layers, resolve_backend
 from tpi.model.blocks import EMBED, GLOBALS
@@ -53,6 +54,7 @@ def start_group(opts: GroupOptions, on_event=log_event, link: MasterLink | None 
     reforming = link is not None
     opts = _with_backends(opts, report=not reforming)
     model = _open(opts)
+    chunk = replay_chunk(model.source)  # before rank 0 lets go of the source (under a budget)
     net = _Network(link, own=not reforming)
     try:
         joins, master_profile = _gather(opts, model, net, on_event)
@@ -68,7 +70,9 @@ def start_group(opts: GroupOptions, on_event=log_event, link: MasterLink | None 
     group = Group(engine, members, net.link, net.procs, opts, net.announcer)
     if net.link is not None and not reforming:  # formed: late joins are refused, lost devices recovered
         reform = lambda o: start_group(o, on_event, net.link)  # noqa: E731
-        group.supervise(GroupSupervisor(group, on_event, reform))
+        supervisor = GroupSupervisor(group, on_event, reform)
+        engine.resume = Resumer(group, supervisor.report, chunk)
+        group.supervise(supervisor)
     return group
 
 
