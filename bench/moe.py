@@ -130,17 +130,17 @@ def main() -> None:
         from family_models import FAMILY_VARIANTS, write_family_gguf
 
         args.rounds, args.decode = 1, 4
-        tmp_model = Path(tempfile.mkdtemp(prefix="tpi-bench-moe-")) / "moe.gguf"
-        args.model = str(write_family_gguf(tmp_model, **FAMILY_VARIANTS["qwen3moe_8x2"]))
-    elif not args.model:
-        from moe_model import cached_moe_model
-
-        args.model = str(cached_moe_model(args.cache_dir, log=lambda m: print(m, file=sys.stderr)))
-    configs = configurations(args, Path(args.model).stat().st_size)
-    if args.only:
-        configs = [c for c in configs if any(c[0].startswith(p) for p in args.only.split(",")) or c[0] == "llama.cpp"]
-    results: dict[str, list[dict]] = {label: [] for label, _ in configs}
     with tempfile.TemporaryDirectory(prefix="tpi-bench-moe-") as tmp:
+        if args.smoke:
+            args.model = str(write_family_gguf(Path(tmp) / "moe.gguf", **FAMILY_VARIANTS["qwen3moe_8x2"]))
+        elif not args.model:
+            from moe_model import cached_moe_model
+
+            args.model = str(cached_moe_model(args.cache_dir, log=lambda m: print(m, file=sys.stderr)))
+        configs = configurations(args, Path(args.model).stat().st_size)
+        if args.only:
+            configs = [c for c in configs if any(c[0].startswith(p) for p in args.only.split(",")) or c[0] == "llama.cpp"]
+        results: dict[str, list[dict]] = {label: [] for label, _ in configs}
         for r in range(args.rounds):
             for i, (label, cfg) in enumerate(configs):
                 cfg = cfg | {"model": args.model, "tokens": args.decode, "tmp": str(Path(tmp) / f"c{i}")}
