@@ -71,6 +71,9 @@ BENCHMARKS = (
     Benchmark("allreduce_curve", "allreduce.py", ("--curve", "--delays-ms", "0", "--worlds", "2", "--no-ring",
                                                   "--no-gloo"), "allreduce latency with CURVE on star and echo"),
     Benchmark("star_floor", "star_floor.py", (), "what bounds the star on one host: libzmq vs plain TCP prototypes"),
+    # issue 19's MoE targets: synthetic Qwen3-MoE 4B (0.63B per token) Q4_K_M, written once by bench/moe_model.py
+    Benchmark("moe", "moe.py", ("--rounds", "3"),
+              "Qwen3-MoE decode vs llama.cpp: one device, a loopback group per expert placement, streamed experts"),
     Benchmark("costmodel", "costmodel.py", ("--insecure",), "cost model predictions vs measured runs"),
     Benchmark("paper", "paper.py", (), "the TPI-LLM paper's table: transformers+accelerate offload vs tpi"),
 )

@@ -23,6 +23,7 @@ ConfigDir = Annotated[Path, typer.Option("--config-dir", help="where keys and th
 CacheDir = Annotated[Path, typer.Option("--cache-dir", help="where shards are cached", envvar="TPI_CACHE_DIR")]
 Insecure = Annotated[bool, typer.Option("--insecure", help="no encryption or authentication (benchmarks only)")]
 WireDtype = Annotated[Optional[str], typer.Option("--wire-dtype", help="partial sums on the wire: f32 (exact), bf16, or int8 (lossy blocks of 32, a quarter of f32's bytes; only on request) (default: the planner's choice of f32 or bf16)")]
+Experts = Annotated[Optional[str], typer.Option("--experts", help="MoE models: split (every expert's columns across the devices: balanced per token) or whole (whole experts per device: less to read when they stream) (default: the cost model's choice)")]
 DEFAULT_CONFIG_DIR = Path.home() / ".config" / "tpi"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "tpi"
 # Optional modules -> the pip extra that installs them (pyproject.toml); the base install is the worker's.
