@@ -1,0 +1,135 @@
+"""Continuous batching through the service and the OpenAI API (issue 17): `--parallel N` KV slots.
+
+The reference is the same model answering each request alone (a one-slot engine, Engine.generate).
+Identity rule: a batched row's logits equal its lone twin's bit for bit when the matmul kernels round
+a batched row as a lone one (tests/test_rows.py: Q4_0/Q4_1/Q5_x/Q8_0 weights at every row count;
+the tiny models here are Q4_0 and SmolLM2 is Q4_1 + Q8_0), so greedy tokens must be equal, every
+one. On K-quant or F16 weights the near-tie rule of tests/test_layers_ggml_group.py would apply
+instead (tokens equal up to the first step whose top-2 logits are closer than the rounding).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import uvicorn
+
+from tpi.master.options import EngineOptions
+from tpi.master.sampler import SamplingParams
+from tpi.master.setup import build_local_engine
+from tpi.serve.api import bind_listener, create_app
+from tpi.serve.service import GenerationRequest, GenerationService
+
+CONTEXT = 256
+QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Count from one to five.",
+             "Why is the sky blue? Answer in one long sentence, with every detail you know of."]
+MAX_TOKENS = [12, 20, 9, 16]  # per request: they finish at different steps and free their slots
+
+
+class ApiServer:
+    """The OpenAI API over a service, served by uvicorn on a loopback port in this process."""
+
+    def __init__(self, service: GenerationService):
+        sock = bind_listener("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def chat_ids(tokenizer, question: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}])
+
+
+def alone(engine, question: str, max_tokens: int) -> str:
+    """The text one greedy request gets on its own."""
+    ids = chat_ids(engine.tokenizer, question)
+    return engine.generate(ids, SamplingParams(temperature=0.0), max_tokens).text
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_gguf):
+    return str(tiny_gguf("tiny_llama_q4_0", smollm2_tokenizer=True))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    return build_local_engine(EngineOptions(model=tiny_model, context=CONTEXT, backend="ggml", threads=1))
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model):
+    engine = build_local_engine(EngineOptions(model=tiny_model, context=CONTEXT, backend="ggml", threads=1, slots=4))
+    service = GenerationService(engine, queue_size=2, prefill_budget=16)
+    api = ApiServer(service)
+    yield service, api
+    api.close()
+    service.close()
+
+
+def ask(client, question: str, max_tokens: int) -> str:
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
+                                       max_tokens=max_tokens, temperature=0)
+    assert r.usage.completion_tokens <= max_tokens
+    return r.choices[0].message.content
+
+
+def test_four_concurrent_greedy_requests_each_get_their_lone_answer(served, reference):
+    service, api = served
+    want = [alone(reference, q, n) for q, n in zip(QUESTIONS, MAX_TOKENS)]
+    assert len(set(want)) == 4 and all(want), want  # four different answers to tell apart
+    steps0 = service.batch.steps
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda qn: ask(api.client, *qn), zip(QUESTIONS, MAX_TOKENS)))
+    assert got == want
+    # they ran together: fewer steps than tokens plus prompt chunks one after another would take
+    alone_steps = sum(MAX_TOKENS) + sum(-(-len(chat_ids(reference.tokenizer, q)) // 16) for q in QUESTIONS)
+    assert service.batch.steps - steps0 < alone_steps * 0.6
+
+
+def test_a_disconnected_stream_frees_its_slot_and_the_others_go_on_unchanged(served, reference):
+    service, api = served
+    want = [alone(reference, q, n) for q, n in zip(QUESTIONS[:2], MAX_TOKENS[:2])]
+    before = service.snapshot()["cancelled"]
+    with ThreadPoolExecutor(2) as pool:
+        others = [pool.submit(ask, api.client, q, n) for q, n in zip(QUESTIONS[:2], MAX_TOKENS[:2])]
+        stream = api.client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": QUESTIONS[3]}], max_tokens=200, temperature=0,
+            stream=True, extra_body={"ignore_eos": True})
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break
+        stream.close()  # the client goes away mid-answer
+        assert [f.result() for f in others] == want
+    deadline = time.monotonic() + 30
+    while service.snapshot()["running"] or service.snapshot()["cancelled"] == before:
+        assert time.monotonic() < deadline, service.snapshot()
+        time.sleep(0.05)
+    snap = service.snapshot()
+    assert snap["cancelled"] == before + 1 and snap["slots"] == 4 and snap["queued"] == 0
+
+
+def test_requests_past_the_slots_queue_and_past_the_queue_get_429(served, reference):
+    service, api = served
+    req = GenerationRequest(tuple(chat_ids(reference.tokenizer, QUESTIONS[0])), SamplingParams(temperature=0.0),
+                            60, ignore_eos=True)
+    tickets = [service.submit(req) for _ in range(6)]  # 4 slots + a queue of 2
+    health = api.client._client.get(api.url + "/health").json()
+    assert health["running"] + health["queued"] == 6 and health["slots"] == 4
+    with pytest.raises(openai.RateLimitError) as e:
+        api.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert int(e.value.response.headers["Retry-After"]) >= 1
+    texts = {t.result(timeout=120).text for t in tickets}
+    assert len(texts) == 1  # the same greedy request gives the same answer in any slot, queued or not
