@@ -90,6 +90,7 @@ class CostParams:
     weight_format: str = "int4"  # "int4" | "bf16"
     wire_dtype: str = "f32"  # "f32" | "bf16"
     context: int = 2048  # KV cache preallocated per sequence, tokens
+    slots: int = 1  # sequences served at once, each with its own KV cache (tpi serve --parallel)
     prompt_tokens: int = 128  # prompt length for TTFT
     kv_position: int = 512  # position at which token latency is predicted
     kv_bytes_per_elem: int = 4  # fp32 KV cache (tpi.model.layers_torch: bf16 attention is 3-6x slower on AVX2)
@@ -105,7 +106,7 @@ class CostParams:
     def __post_init__(self) -> None:
         assert self.weight_format in WEIGHT_BYTES, f"weight_format must be one of {tuple(WEIGHT_BYTES)}"
         assert self.wire_dtype in WIRE_BYTES, f"wire_dtype must be one of {tuple(WIRE_BYTES)}"
-        assert self.context >= 1 and self.prompt_tokens >= 1 and 0 <= self.kv_position <= self.context
+        assert self.context >= 1 and self.slots >= 1 and self.prompt_tokens >= 1 and 0 <= self.kv_position <= self.context
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ def rank_load(cfg: ModelConfig, shard: RankShard, params: CostParams) -> RankLoa
     wb = weight_profile(params).for_shard(shard)
     attn_bytes = h * (q_rows * (wb["wq"] + wb["wo"]) + kv_rows * (wb["wk"] + wb["wv"]))
     mlp_bytes = h * inter * (wb["w_gate"] + wb["w_up"] + wb["w_down"])
-    kv = 2 * L * kv_rows * params.context * params.kv_bytes_per_elem
+    kv = 2 * L * kv_rows * params.context * params.slots * params.kv_bytes_per_elem
     # Prefill activations in fp32: residual + normed input + qkv + attention scores + gate/up.
     p = params.prompt_tokens
     act = 4 * p * (3 * h + q_rows + 2 * kv_rows + 2 * inter) + 4 * shard.n_q_heads * p * p + 4 * len(shard.vocab)

@@ -109,7 +109,7 @@ def _layer_bytes(cfg: ModelConfig, params: CostParams) -> float:
 
 def _kv_bytes(cfg: ModelConfig, ratio: float, params: CostParams) -> float:
     """KV cache for a share of the heads; at least one KV head (GQA heads are replicated)."""
-    full = 2 * cfg.n_layers * cfg.kv_dim * params.context * params.kv_bytes_per_elem
+    full = 2 * cfg.n_layers * cfg.kv_dim * params.context * params.slots * params.kv_bytes_per_elem
     return max(ratio * full, full / cfg.n_kv_heads)
 
 

@@ -17,6 +17,7 @@ import openai
 import pytest
 import uvicorn
 
+from tpi.cli.devices import render_devices
 from tpi.master.options import EngineOptions
 from tpi.master.sampler import SamplingParams
 from tpi.master.setup import build_local_engine
@@ -90,13 +91,23 @@ def test_four_concurrent_greedy_requests_each_get_their_lone_answer(served, refe
     service, api = served
     want = [alone(reference, q, n) for q, n in zip(QUESTIONS, MAX_TOKENS)]
     assert len(set(want)) == 4 and all(want), want  # four different answers to tell apart
-    steps0 = service.batch.steps
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda qn: ask(api.client, *qn), zip(QUESTIONS, MAX_TOKENS)))
     assert got == want
-    # they ran together: fewer steps than tokens plus prompt chunks one after another would take
-    alone_steps = sum(MAX_TOKENS) + sum(-(-len(chat_ids(reference.tokenizer, q)) // 16) for q in QUESTIONS)
-    assert service.batch.steps - steps0 < alone_steps * 0.6
+
+
+def test_requests_admitted_together_share_their_steps(served, reference):
+    service, _ = served
+    prompts = [chat_ids(reference.tokenizer, q) for q in QUESTIONS]
+    with service.engine.lock:  # the loop admits all four before its first step
+        tickets = [service.submit(GenerationRequest(tuple(p), SamplingParams(temperature=0.0), n))
+                   for p, n in zip(prompts, MAX_TOKENS)]
+        while service.snapshot()["running"] < 4:
+            time.sleep(0.01)
+        steps0 = service.batch.steps
+    assert [t.result(timeout=120).text for t in tickets] == [alone(reference, q, n) for q, n in zip(QUESTIONS, MAX_TOKENS)]
+    # one step per token of the longest answer plus the prompt chunks of 16 (every prompt read in turn)
+    assert service.batch.steps - steps0 <= max(MAX_TOKENS) + -(-sum(map(len, prompts)) // 16) + 1
 
 
 def test_a_disconnected_stream_frees_its_slot_and_the_others_go_on_unchanged(served, reference):
@@ -128,6 +139,8 @@ def test_requests_past_the_slots_queue_and_past_the_queue_get_429(served, refere
     tickets = [service.submit(req) for _ in range(6)]  # 4 slots + a queue of 2
     health = api.client._client.get(api.url + "/health").json()
     assert health["running"] + health["queued"] == 6 and health["slots"] == 4
+    caption = render_devices(health).caption  # what `tpi devices` prints under its table
+    assert f"{health['running']} running in 4 slots, {health['queued']} queued" in caption
     with pytest.raises(openai.RateLimitError) as e:
         api.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert int(e.value.response.headers["Retry-After"]) >= 1

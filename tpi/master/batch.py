@@ -27,6 +27,17 @@ from tpi.model.rows import Rows
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_BUDGET = 128  # prompt tokens per step while others decode (SARATHI's chunk)
+MAX_DEFAULT_SLOTS = 4  # --parallel's default at most: a home group's concurrent users
+KV_SHARE = 4  # the default gives the KV caches at most 1/KV_SHARE of the memory there is
+
+
+def default_slots(cfg, context: int, backend: str, room_bytes: int) -> int:
+    """--parallel's default: as many whole-model KV caches (F16 on ggml, f32 elsewhere) as fit in
+    1/KV_SHARE of room_bytes (free memory, or --memory-budget), 1..MAX_DEFAULT_SLOTS; 1 on torch."""
+    if backend == "torch":
+        return 1
+    per_slot = 2 * cfg.n_layers * cfg.kv_dim * context * (2 if backend == "ggml" else 4)
+    return max(1, min(MAX_DEFAULT_SLOTS, room_bytes // KV_SHARE // per_slot))
 
 
 @dataclass

@@ -15,6 +15,8 @@ from tpi.devices.group_plan import device_status, plan_summary, weight_profile_o
 from tpi.devices.slicing import RankShard, plan_cuts, shard_to_dict
 from tpi.errors import GroupError
 from tpi.formats import open_model
+from tpi.devices.profile import memory_bytes
+from tpi.master.batch import default_slots
 from tpi.master.engine import Engine, resolve_context
 from tpi.master.events import (CuttingShards, GroupEvent, GroupPlanned, GroupReady, SendingShards,
                                ShardsReady, ShardsRequantized, WaitingForDevices)
@@ -53,6 +55,10 @@ def start_group(opts: GroupOptions, on_event=log_event, link: MasterLink | None 
     reforming = link is not None
     opts = _with_backends(opts, report=not reforming)
     model = _open(opts)
+    if opts.slots == 0:  # --parallel's default, from memory (a re-formed group keeps its number)
+        room = opts.memory_budget or memory_bytes()[1]
+        opts = replace(opts, slots=default_slots(model.cfg, model.context, opts.backend, room))
+        log.info("serving %d sequence(s) at once (--parallel)", opts.slots)
     net = _Network(link, own=not reforming)
     try:
         joins, master_profile = _gather(opts, model, net, on_event)

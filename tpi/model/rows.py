@@ -9,6 +9,7 @@ The same step costs the same two allreduces per layer whatever its number of row
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -139,3 +140,20 @@ class KVSlots:
             raise ShapeError(f"cannot truncate KV slot {slot} to {keep} positions: this group runs "
                              f"{self.slots} slot(s)")
         self.lengths[slot] = min(self.lengths[slot], keep)
+
+
+def slots_refusal(error: Exception, plan: Callable[[int], object], slots: int) -> Exception:
+    """The error to raise when `slots` KV caches do not fit: error itself, extended with the largest
+    number of slots that does fit (plan(n) plans with n slots, raising an error of error's type when
+    they do not fit), or saying that not even one does."""
+    if slots <= 1:
+        return error
+    for n in range(slots - 1, 0, -1):
+        try:
+            plan(n)
+        except type(error):
+            continue
+        else:
+            return type(error)(f"{error}; {slots} KV caches (--parallel {slots}) do not fit: the most that "
+                               f"fit are {n}, use --parallel {n}")
+    return type(error)(f"{error}; not even one KV cache fits (--parallel 1)")

@@ -179,6 +179,7 @@ def plan_memory(store, layers, cfg, shard, context: int, budget: int, *, runtime
     kernel-layout copy, so no repack transient (default: whether these layers use one).
     """
     from tpi.errors import BudgetError
+    from tpi.model.rows import slots_refusal
     from tpi.scheduler.overhead import runtime_overhead_bytes
     from tpi.scheduler.window import plan_window
 
@@ -189,11 +190,13 @@ def plan_memory(store, layers, cfg, shard, context: int, budget: int, *, runtime
     if runtime_overhead is None:
         runtime_overhead = max(0, runtime_overhead_bytes() - kv_resident)
 
-    def plan(for_budget: int):
+    slots = getattr(layers, "slots", 1)  # kv_total holds every slot's cache (tpi serve --parallel)
+
+    def plan(for_budget: int, kv: int = kv_total):
         return plan_window(
             planned_block_sizes(store, embed_mapped=True, layers=layers),
             for_budget,
-            kv_cache_bytes=kv_total,
+            kv_cache_bytes=kv,
             activation_bytes=activation_bytes(cfg, shard, context) + converting,
             runtime_overhead_bytes=runtime_overhead,
             always_pinned=[GLOBALS] if GLOBALS in store.keys() else [],
@@ -209,7 +212,10 @@ def plan_memory(store, layers, cfg, shard, context: int, budget: int, *, runtime
             f"{setup_rss / MiB:.1f} MiB ({setup_rss} bytes = what this process held while opening the "
             f"model); raise --memory-budget to at least {setup_rss / MiB:.1f} MiB"
         )
-    return plan(budget)
+    try:
+        return plan(budget)
+    except BudgetError as e:
+        raise slots_refusal(e, lambda n: plan(budget, kv_total * n // slots), slots) from None
 
 
 def _owned_copy(t):

@@ -136,13 +136,13 @@ class GenerationService:
         self.context = engine.context
         self.model_name = self.model_name or engine.cfg.name
         self.tokenizer = engine.tokenizer
-        if engine.slots > 1:
+        if getattr(engine, "slots", 1) > 1:  # an engine without slots runs one sequence
             self.batch = Batch(engine, self.prefill_budget)
         self.engine = engine
 
     @property
     def slots(self) -> int:
-        return self.engine.slots if self.engine is not None else 1
+        return self.batch.engine.slots if self.batch is not None else 1
 
     def require_engine(self) -> None:
         if self.engine is None:
