@@ -146,3 +146,49 @@ def test_requests_past_the_slots_queue_and_past_the_queue_get_429(served, refere
     assert int(e.value.response.headers["Retry-After"]) >= 1
     texts = {t.result(timeout=120).text for t in tickets}
     assert len(texts) == 1  # the same greedy request gives the same answer in any slot, queued or not
+
+
+def test_a_slot_reuses_a_cached_prefix_and_answers_as_a_cold_run(served, reference):
+    """--prompt-cache per slot: a second turn that starts with the first turn's tokens skips them. On
+    Q4_0-class weights the reused rows are the rows a cold run computes (the rule above), so the answer is
+    the cold run's; on other weights it may differ in the last bits, as --prompt-cache says."""
+    service, _ = served
+    first = chat_ids(reference.tokenizer, QUESTIONS[0])
+    service.engine.reuse_prefix = True
+    try:
+        turn1 = service.submit(GenerationRequest(tuple(first), SamplingParams(temperature=0.0), 8)).result(timeout=60)
+        second = first + turn1.tokens + chat_ids(reference.tokenizer, QUESTIONS[1])[1:]
+        turn2 = service.submit(GenerationRequest(tuple(second), SamplingParams(temperature=0.0), 8)).result(timeout=60)
+    finally:
+        service.engine.reuse_prefix = False
+    assert turn2.prefill_tokens <= len(second) - len(first)  # the first turn's prompt was not read again
+    cold = reference.generate(second, SamplingParams(temperature=0.0), 8)
+    assert turn2.tokens == cold.tokens and turn2.text == cold.text
+
+
+@pytest.mark.slow
+def test_a_two_device_group_batches_four_requests_as_it_runs_each_alone(tiny_model, tmp_path):
+    from tpi.master.options import GroupOptions
+    from tpi.master.setup import start_group
+
+    group = start_group(GroupOptions(model=tiny_model, local_workers=1, slots=4, context=CONTEXT, threads=1,
+                                     backend="ggml", worker_backend="ggml", insecure=True, wire_dtype="f32",
+                                     config_dir=tmp_path / "config", cache_dir=tmp_path / "cache"))
+    try:
+        engine = group.engine
+        want = [alone(engine, q, n) for q, n in zip(QUESTIONS, MAX_TOKENS)]  # this group, one request at a time
+        service = GenerationService(engine, queue_size=2, prefill_budget=16)
+        try:
+            prompts = [chat_ids(engine.tokenizer, q) for q in QUESTIONS]
+            steps0 = engine.model.comm.stats.steps
+            with engine.lock:
+                tickets = [service.submit(GenerationRequest(tuple(p), SamplingParams(temperature=0.0), n))
+                           for p, n in zip(prompts, MAX_TOKENS)]
+                while service.snapshot()["running"] < 4:
+                    time.sleep(0.01)
+            assert [t.result(timeout=120).text for t in tickets] == want
+            assert engine.model.comm.stats.steps - steps0 < sum(MAX_TOKENS)  # the worker saw shared steps
+        finally:
+            service.close()
+    finally:
+        group.close()
