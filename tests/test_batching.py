@@ -192,3 +192,65 @@ def test_a_two_device_group_batches_four_requests_as_it_runs_each_alone(tiny_mod
             service.close()
     finally:
         group.close()
+
+
+@pytest.mark.slow
+def test_a_soak_of_mixed_requests_at_concurrency_six_loses_none_and_rss_stays_bounded(served, reference):
+    """240 requests, 6 at a time (4 slots + a queue of 2): plain, streamed, streams dropped mid-answer,
+    sampled, with stop strings, too long (400); each is answered or refused clearly, none hangs."""
+    from tpi.scheduler.overhead import rss_bytes
+
+    service, api = served
+    before = service.snapshot()
+    long_prompt = "word " * (CONTEXT + 10)
+
+    def one(i: int) -> str:
+        kind = i % 6
+        msgs = [{"role": "user", "content": QUESTIONS[i % 4] + f" #{i}"}]
+        try:
+            if kind == 0:
+                r = api.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=1 + i % 24, temperature=0)
+                assert r.choices[0].finish_reason in ("stop", "length")
+                return "answered"
+            if kind in (1, 2):
+                stream = api.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4 + i % 20,
+                                                            temperature=0.8, seed=i, stream=True)
+                chunks = 0
+                for _ in stream:
+                    chunks += 1
+                    if kind == 2 and chunks == 3:
+                        stream.close()  # the client goes away
+                        return "dropped"
+                return "answered"
+            if kind == 3:
+                r = api.client.completions.create(model="tiny", prompt=QUESTIONS[i % 4], max_tokens=6, stop=["e", "a"])
+                assert all(s not in r.choices[0].text for s in ("e", "a")), repr(r.choices[0].text)
+                return "answered"
+            if kind == 4:
+                with pytest.raises(openai.BadRequestError, match="context"):
+                    api.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": long_prompt}])
+                return "refused"
+            r = api.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0,
+                                                   extra_body={"ignore_eos": True})
+            assert r.usage.completion_tokens == 12
+            return "answered"
+        except openai.RateLimitError as e:  # past the slots and the queue: a clear refusal with a wait
+            assert int(e.response.headers["Retry-After"]) >= 1
+            return "busy"
+
+    with ThreadPoolExecutor(6) as pool:
+        warm = list(pool.map(one, range(40)))
+        rss_warm = rss_bytes()
+        rest = list(pool.map(one, range(40, 240)))
+    outcomes = warm + rest
+    assert len(outcomes) == 240 and outcomes.count("refused") == 40
+    assert outcomes.count("answered") >= 150, {k: outcomes.count(k) for k in set(outcomes)}
+    deadline = time.monotonic() + 30
+    while service.snapshot()["running"] or service.snapshot()["queued"]:
+        assert time.monotonic() < deadline, service.snapshot()
+        time.sleep(0.05)
+    snap = service.snapshot()
+    ran = {k: snap[k] - before[k] for k in ("submitted", "completed", "cancelled", "failed", "rejected")}
+    assert ran["failed"] == 0 and ran["submitted"] == ran["completed"] + ran["cancelled"]
+    assert ran["rejected"] == outcomes.count("busy")
+    assert rss_bytes() - rss_warm < 64 << 20  # 200 more requests hold no memory of theirs
