@@ -62,7 +62,7 @@ def alone(engine, question: str, max_tokens: int) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_gguf):
-    return str(tiny_gguf("tiny_llama_q4_0", smollm2_tokenizer=True))
+    return str(tiny_gguf("tiny_llama_q4_0"))  # its own small BPE vocabulary and a ChatML template
 
 
 @pytest.fixture(scope="module")
