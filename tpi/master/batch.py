@@ -71,7 +71,8 @@ class Batch:
         self.engine = engine
         self.prefill_budget = prefill_budget
         self.slots = [Slot(i) for i in range(engine.slots)]
-        self.steps = 0
+        self.steps = self.rows = 0  # steps run, rows they carried
+        self.step_s = 0.0  # seconds in engine.step
 
     @property
     def running(self) -> int:
@@ -125,6 +126,7 @@ class Batch:
         outputs = tuple(int(len(s.cached) + n == len(s.run.seq.history())) for s, n in plan)
         rows = Rows(tuple(s.index for s, _ in plan), tuple(len(s.cached) for s, _ in plan),
                     tuple(n for _, n in plan), outputs)
+        t0 = time.perf_counter()
         try:
             logits = self.engine.step(ids, rows)
         except TpiError as e:  # the group failed this step: every sequence in it fails, the slots are suspect
@@ -133,6 +135,8 @@ class Batch:
                 self._fail(s, e)
             raise
         self.steps += 1
+        self.rows += len(ids)
+        self.step_s += time.perf_counter() - t0
         at = 0
         for (s, _), chunk, out in zip(plan, chunks, outputs):
             s.cached += chunk

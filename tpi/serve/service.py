@@ -309,6 +309,8 @@ class GenerationService:
                 "total_prompt_tokens": st.prompt_tokens,
                 "total_completion_tokens": st.completion_tokens,
                 "last": dict(st.last),
+                **({"batch": {"steps": self.batch.steps, "rows": self.batch.rows,
+                              "step_seconds": round(self.batch.step_s, 6)}} if self.batch is not None else {}),
             }
 
     def status(self) -> dict:
