@@ -27,6 +27,7 @@ import numpy as np
 
 from tpi.model.blocks import EMBED, GLOBALS  # rank 0's embedding is mapped, not copied
 from tpi.model.config import PREFILL_CHUNK
+from tpi.model.rows import slots_refusal
 from tpi.model.transformer import ResidentWeights
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,6 @@ def plan_memory(store, layers, cfg, shard, context: int, budget: int, *, runtime
     kernel-layout copy, so no repack transient (default: whether these layers use one).
     """
     from tpi.errors import BudgetError
-    from tpi.model.rows import slots_refusal
     from tpi.scheduler.overhead import runtime_overhead_bytes
     from tpi.scheduler.window import plan_window
 
