@@ -254,3 +254,27 @@ def test_a_soak_of_mixed_requests_at_concurrency_six_loses_none_and_rss_stays_bo
     assert ran["failed"] == 0 and ran["submitted"] == ran["completed"] + ran["cancelled"]
     assert ran["rejected"] == outcomes.count("busy")
     assert rss_bytes() - rss_warm < 64 << 20  # 200 more requests hold no memory of theirs
+
+
+def test_an_error_in_one_sequence_ends_only_that_sequence(tiny_model, reference):
+    from tpi.master.batch import Batch, Running
+    from tpi.master.generate import SequenceState
+
+    engine = build_local_engine(EngineOptions(model=tiny_model, context=CONTEXT, backend="ggml", threads=1, slots=2))
+    batch, ends = Batch(engine, prefill_budget=16), {}
+
+    def start(i: int, on_text) -> None:
+        seq = SequenceState.start(chat_ids(engine.tokenizer, QUESTIONS[i]), SamplingParams(temperature=0.0),
+                                  MAX_TOKENS[i], engine.tokenizer)
+        batch.admit(Running(seq, on_text, lambda gen, err: ends.__setitem__(i, (gen, err)), lambda: False))
+
+    def broken(piece: str) -> None:
+        raise RuntimeError("the receiver of this answer broke")
+
+    start(0, broken)
+    start(1, lambda piece: None)
+    while batch.running:
+        batch.step()
+    (gen0, err0), (gen1, err1) = ends[0], ends[1]
+    assert gen0 is None and "receiver of this answer broke" in str(err0)
+    assert err1 is None and gen1.text == alone(reference, QUESTIONS[1], MAX_TOKENS[1])

@@ -129,8 +129,8 @@ class Batch:
         t0 = time.perf_counter()
         try:
             logits = self.engine.step(ids, rows)
-        except TpiError as e:  # the group failed this step: every sequence in it fails, the slots are suspect
-            for s, _ in plan:
+        except TpiError as e:  # the group failed this step: what every slot holds is suspect, every sequence fails
+            for s in self.slots:
                 s.cached = []
                 self._fail(s, e)
             raise

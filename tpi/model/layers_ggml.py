@@ -298,9 +298,9 @@ class GgmlLayers:
 
     def post_norm(self, total: np.ndarray, blk: GgmlBlock, name: str) -> np.ndarray:
         """A block's output summed over the ranks, (T, hidden) f32, through the block's post-norm."""
-        inputs = self._inputs(total, None) if self._pass is None else self._pass[1]
-        if inputs.tokens != total.shape[0]:
-            inputs = self._inputs(total, None)
+        inputs = self._pass[1] if self._pass is not None else None  # the step whose block this is
+        if inputs is None or inputs.tokens != total.shape[0]:
+            raise ShapeError(f"a post-norm of {total.shape[0]} rows outside a step of as many rows")
         np.copyto(inputs.post, total)
         return self._run(blk, name, inputs, OPS_PER_MLP, lambda ctx: build_post_norm(
             ctx, self.spec, blk, name, inputs.post_in), (inputs.tokens, self.cfg.hidden))
