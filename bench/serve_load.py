@@ -141,6 +141,36 @@ def bench_setup(label: str, args: list[str], concurrencies: list[int], rounds: i
     return rows
 
 
+def step_profile(model: str | None, threads: int, context: int, counts: list[int], reps: int) -> list:
+    """In process, one device: ms of a decode step of k sequences (one row each, k KV slots) against a
+    k-token prompt chunk of one sequence (the same matmul rows, one attention run), and against one row."""
+    from tpi.master import EngineOptions, build_local_engine
+    from tpi.model.rows import Rows
+
+    engine = build_local_engine(EngineOptions(model=model, context=context, threads=threads, backend="ggml",
+                                              slots=max(counts)))
+    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[0]}])
+    for slot in range(max(counts)):
+        engine.step(prompt, Rows.of_runs([slot], [0], [len(prompt)]))
+    at = len(prompt)
+
+    def timed(ids, rows) -> float:
+        t0 = time.perf_counter()
+        engine.step(ids, rows)
+        return time.perf_counter() - t0
+
+    times = {("rows", k): [] for k in counts} | {("chunk", k): [] for k in counts}
+    for _ in range(reps):  # interleaved rounds: noise hits every shape alike
+        for k in counts:
+            for kind, rows in (("rows", Rows.of_runs(list(range(k)), [at] * k, [1] * k)),
+                               ("chunk", Rows.of_runs([0], [at], [k]))):
+                timed([5] * k, rows)  # a new shape builds its graph: not timed
+                times[kind, k] += [timed([5] * k, rows) for _ in range(3)]
+    one = median(times["rows", counts[0]])
+    return [[k, f"{1e3 * median(times['rows', k]):.1f}", f"{median(times['rows', k]) / one:.2f}x",
+             f"{1e3 * median(times['chunk', k]):.1f}", f"{k * one / median(times['rows', k]):.2f}x"] for k in counts]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF (default: the embedded SmolLM2)")
@@ -151,6 +181,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads of the one-device server")
     ap.add_argument("--group-threads", type=int, default=1, help="threads of each process of the 2-device group")
     ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--step-profile", action="store_true",
+                    help="also time one device's step by rows in process (what bounds the one-device ratio)")
     a = ap.parse_args()
     concurrencies = [int(c) for c in a.concurrency.split(",")]
     parallel = str(max(concurrencies))
@@ -167,6 +199,13 @@ def main() -> None:
                  "ITL p50 ms", "ITL p95 ms", "rows/step", "ms/step"], rows,
                 [f"{a.tokens}-token greedy chat requests, medians of {a.rounds} interleaved rounds",
                  f"machine: {machine_info()}", "command: python bench/serve_load.py " + " ".join(sys.argv[1:])])
+    if a.step_profile:
+        print_table(f"one device's step by rows ({a.threads} thread(s), in process)",
+                    ["rows", "k sequences, 1 row each: ms", "vs 1 row", "one sequence, k-token chunk: ms",
+                     "throughput gain possible"],
+                    step_profile(a.model, a.threads, a.context, [1, 2, 4, 8], a.rounds + 1),
+                    ["a step of k rows costs about what a k-token chunk of one sequence costs: the matmuls,"
+                     " not the batching, set the one-device ratio"])
 
 
 if __name__ == "__main__":
