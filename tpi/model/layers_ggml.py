@@ -25,7 +25,7 @@ from tpi.errors import ShapeError
 from tpi.model.ggml_blocks import (OPS_PER_MLP, BlockSpec, build_attention, build_logits, build_mlp, build_post_norm,
                                    rope_frequency_factors)
 from tpi.model.ggml_steps import StepInputs, step_shape
-from tpi.model.rows import Rows, as_rows
+from tpi.model.rows import Rows, as_rows, kv_zeros
 from tpi.quant.ggml_backend import GgmlBackend, can_repack, gather_rows, weight_type
 from tpi.quant.ggml_graph import Context, Graph, SharedComputeBuffer
 from tpi.quant.ggml_lib import F16
@@ -101,8 +101,8 @@ class GgmlLayers:
         kv_dim = self.spec.kv_dim
         # (slots * context, kv_dim) per layer, slot s at rows s * context..: llama.cpp's cache once per
         # slot; np.zeros pages are resident once written
-        self.k_cache = [np.zeros((slots * context, kv_dim), np.float16) for _ in range(cfg.n_layers)]
-        self.v_cache = [np.zeros((slots * context, kv_dim), np.float16) for _ in range(cfg.n_layers)]
+        self.k_cache = [kv_zeros((slots * context, kv_dim), np.float16) for _ in range(cfg.n_layers)]
+        self.v_cache = [kv_zeros((slots * context, kv_dim), np.float16) for _ in range(cfg.n_layers)]
         self._const = Context(2 * cfg.n_layers + 1)
         self._k = [self._const.input(a, F16) for a in self.k_cache]
         self._v = [self._const.input(a, F16) for a in self.v_cache]
