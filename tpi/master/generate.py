@@ -28,6 +28,7 @@ class Generation:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     ttft_s: float = 0.0
+    pauses: list[dict] = field(default_factory=list)  # device losses survived: paused_s, cause (tpi.master.resume)
 
     @property
     def decode_tokens(self) -> int:
@@ -44,6 +45,8 @@ class Generation:
             "decode_tok_s": self.decode_tokens / self.decode_s if self.decode_s else 0.0,
             "ttft_s": self.ttft_s,
             "finish_reason": self.finish_reason,
+            "paused_s": sum(p["paused_s"] for p in self.pauses),
+            "pause_cause": "; ".join(p["cause"] for p in self.pauses),
         }
 
 
