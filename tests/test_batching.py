@@ -136,14 +136,15 @@ def test_requests_past_the_slots_queue_and_past_the_queue_get_429(served, refere
     service, api = served
     req = GenerationRequest(tuple(chat_ids(reference.tokenizer, QUESTIONS[0])), SamplingParams(temperature=0.0),
                             60, ignore_eos=True)
-    tickets = [service.submit(req) for _ in range(6)]  # 4 slots + a queue of 2
-    health = api.client._client.get(api.url + "/health").json()
-    assert health["running"] + health["queued"] == 6 and health["slots"] == 4
-    caption = render_devices(health).caption  # what `tpi devices` prints under its table
-    assert f"{health['running']} running in 4 slots, {health['queued']} queued" in caption
-    with pytest.raises(openai.RateLimitError) as e:
-        api.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    assert int(e.value.response.headers["Retry-After"]) >= 1
+    with service.engine.lock:  # no step runs meanwhile: the six hold their places
+        tickets = [service.submit(req) for _ in range(6)]  # 4 slots + a queue of 2
+        health = api.client._client.get(api.url + "/health").json()
+        assert health["running"] + health["queued"] == 6 and health["slots"] == 4
+        caption = render_devices(health).caption  # what `tpi devices` prints under its table
+        assert f"{health['running']} running in 4 slots, {health['queued']} queued" in caption
+        with pytest.raises(openai.RateLimitError) as e:
+            api.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert int(e.value.response.headers["Retry-After"]) >= 1
     texts = {t.result(timeout=120).text for t in tickets}
     assert len(texts) == 1  # the same greedy request gives the same answer in any slot, queued or not
 
