@@ -93,6 +93,7 @@ class CostParams:
     weight_format: str = "int4"  # "int4" | "bf16"
     wire_dtype: str = "f32"  # "f32" | "bf16"
     context: int = 2048  # KV cache preallocated per sequence, tokens
+    slots: int = 1  # sequences served at once, each with its own KV cache (tpi serve --parallel)
     prompt_tokens: int = 128  # prompt length for TTFT
     kv_position: int = 512  # position at which token latency is predicted
     kv_bytes_per_elem: int = 4  # fp32 KV cache (tpi.model.layers_torch: bf16 attention is 3-6x slower on AVX2)
@@ -110,7 +111,7 @@ class CostParams:
     def __post_init__(self) -> None:
         assert self.weight_format in WEIGHT_BYTES, f"weight_format must be one of {tuple(WEIGHT_BYTES)}"
         assert self.wire_dtype in WIRE_BYTES, f"wire_dtype must be one of {tuple(WIRE_BYTES)}"
-        assert self.context >= 1 and self.prompt_tokens >= 1 and 0 <= self.kv_position <= self.context
+        assert self.context >= 1 and self.slots >= 1 and self.prompt_tokens >= 1 and 0 <= self.kv_position <= self.context
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ def rank_load(cfg: ModelConfig, shard: RankShard, params: CostParams) -> RankLoa
         mlp_bytes = 4 * h * cfg.n_experts + experts
         inter = round(chosen * len(shard.expert_ff))  # columns a token multiplies (activations, flops)
         mlp_params = 3 * inter * h + h * cfg.n_experts
-    kv = kv_cache_bytes(cfg, shard.n_kv_heads, params.context, params.kv_bytes_per_elem)
+    kv = kv_cache_bytes(cfg, shard.n_kv_heads, params.context, params.kv_bytes_per_elem) * params.slots
     # What the rank's own window plan budgets (tpi.scheduler.budget): a prefill pass of the prompt.
     act = activation_bytes(cfg, shard, params.context, chunk=min(params.prompt_tokens, PREFILL_CHUNK))
     return RankLoad(

@@ -113,7 +113,7 @@ def _layer_bytes(cfg: ModelConfig, params: CostParams) -> float:
 
 def _kv_bytes(cfg: ModelConfig, ratio: float, params: CostParams) -> float:
     """KV cache for a share of the heads; at least one KV head (GQA heads are replicated)."""
-    full = kv_cache_bytes(cfg, cfg.n_kv_heads, params.context, params.kv_bytes_per_elem)
+    full = kv_cache_bytes(cfg, cfg.n_kv_heads, params.context, params.kv_bytes_per_elem) * params.slots
     return max(ratio * full, full / cfg.n_kv_heads)
 
 

@@ -106,10 +106,15 @@ def render_devices(status: dict):
             f"{_num(plan.get('predicted_peak_bytes'), '{:.2f}', GB)} / {_num(plan.get('budget_bytes'), '{:.2f}', GB)}",
             _num(link.get("rtt_ms"), "{:.2f}"), _num(link.get("mbit_s"), "{:.0f}"),
         )
+    lines = []
+    if "slots" in status:  # the service's load: /health of tpi serve
+        lines.append(f"requests: {status.get('running', 0)} running in {status['slots']} slots, "
+                     f"{status.get('queued', 0)} queued")
     if summary:
-        table.caption = (f"predicted {summary.get('predicted_token_ms', '?')} ms/token, bound by "
-                         f"{summary.get('bound_by', '?')}; {summary.get('weight_format', '?')} weights, "
-                         f"{summary.get('wire_dtype', '?')} on the wire")
+        lines.append(f"predicted {summary.get('predicted_token_ms', '?')} ms/token, bound by "
+                     f"{summary.get('bound_by', '?')}; {summary.get('weight_format', '?')} weights, "
+                     f"{summary.get('wire_dtype', '?')} on the wire")
+    table.caption = "\n".join(lines) or None
     return table
 
 

@@ -60,11 +60,10 @@ class StopStringFilter:
 
     def push(self, piece: str) -> str:
         self.pending += piece
-        for s in self.stops:
-            i = self.pending.find(s)
-            if i >= 0:
-                out, self.pending, self.hit = self.pending[:i], "", True
-                return out
+        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if found:  # the text ends where the first stop string begins, whichever it is
+            out, self.pending, self.hit = self.pending[:min(found)], "", True
+            return out
         hold = 0
         for s in self.stops:
             for n in range(min(len(s) - 1, len(self.pending)), 0, -1):

@@ -32,7 +32,7 @@ class GroupOptions:
     host: str = "0.0.0.0"
     port: int = 0  # 0 = any free port
     context: int | None = None
-    slots: int = 1  # KV slots of `context` positions on every rank: sequences served at once (--parallel)
+    slots: int = 1  # KV slots of `context` positions on every rank: sequences served at once (--parallel; 0: from memory)
     threads: int | None = None
     backend: str = "auto"  # kernel backend of rank 0: auto (tpi.model.backends.resolve_backend), ggml, numpy or torch
     worker_backend: str = "auto"  # backend of the local workers

@@ -15,6 +15,8 @@ from tpi.devices.group_plan import device_status, plan_summary, weight_profile_o
 from tpi.devices.slicing import RankShard, plan_cuts, shard_to_dict
 from tpi.errors import GroupError
 from tpi.formats import open_model
+from tpi.devices.profile import memory_bytes
+from tpi.master.batch import default_slots
 from tpi.master.engine import Engine, resolve_context
 from tpi.master.events import (CuttingShards, ExpertsPlaced, GroupEvent, GroupPlanned, GroupReady, SendingShards,
                                ShardsReady, ShardsRequantized, WaitingForDevices)
@@ -54,6 +56,13 @@ def start_group(opts: GroupOptions, on_event=log_event, link: MasterLink | None 
     reforming = link is not None
     opts = _with_backends(opts, report=not reforming)
     model = _open(opts)
+    if opts.slots == 0:  # --parallel's default (a re-formed group keeps its number)
+        # from memory on one device; 1 in a group: batched sequences do not resume after a device loss yet
+        # (tpi.master.resume runs one sequence), and one request's pause beats every request's failure
+        room = opts.memory_budget or memory_bytes()[1]
+        slots = 1 if opts.world > 1 else default_slots(model.cfg, model.context, opts.backend, room)
+        opts = replace(opts, slots=slots)
+        log.info("serving %d sequence(s) at once (--parallel)", opts.slots)
     chunk = replay_chunk(model.source)  # before rank 0 lets go of the source (under a budget)
     net = _Network(link, own=not reforming)
     try:

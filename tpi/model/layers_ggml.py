@@ -25,7 +25,7 @@ from tpi.errors import ShapeError
 from tpi.model.ggml_blocks import (OPS_PER_MLP, BlockSpec, build_attention, build_logits, build_mlp, build_post_norm,
                                    rope_frequency_factors)
 from tpi.model.ggml_steps import StepInputs, step_shape
-from tpi.model.rows import Rows, as_rows
+from tpi.model.rows import Rows, as_rows, kv_zeros
 from tpi.model.moe import EXPERT_TENSORS, ROUTER, ExpertShare
 from tpi.model.moe_ggml import MoeRunner, check_expert_block
 from tpi.scheduler.experts import ExpertCache
@@ -108,8 +108,8 @@ class GgmlLayers:
         kv_dim = self.spec.kv_dim
         # (slots * context, kv_dim) per layer, slot s at rows s * context..: llama.cpp's cache once per
         # slot; np.zeros pages are resident once written
-        self.k_cache = [np.zeros((slots * context, kv_dim), np.float16) for _ in range(cfg.n_layers)]
-        self.v_cache = [np.zeros((slots * context, kv_dim), np.float16) for _ in range(cfg.n_layers)]
+        self.k_cache = [kv_zeros((slots * context, kv_dim), np.float16) for _ in range(cfg.n_layers)]
+        self.v_cache = [kv_zeros((slots * context, kv_dim), np.float16) for _ in range(cfg.n_layers)]
         self._const = Context(2 * cfg.n_layers + 1)
         self._k = [self._const.input(a, F16) for a in self.k_cache]
         self._v = [self._const.input(a, F16) for a in self.v_cache]
@@ -347,9 +347,9 @@ class GgmlLayers:
 
     def post_norm(self, total: np.ndarray, blk: GgmlBlock, name: str) -> np.ndarray:
         """A block's output summed over the ranks, (T, hidden) f32, through the block's post-norm."""
-        inputs = self._inputs(total, None) if self._pass is None else self._pass[1]
-        if inputs.tokens != total.shape[0]:
-            inputs = self._inputs(total, None)
+        inputs = self._pass[1] if self._pass is not None else None  # the step whose block this is
+        if inputs is None or inputs.tokens != total.shape[0]:
+            raise ShapeError(f"a post-norm of {total.shape[0]} rows outside a step of as many rows")
         np.copyto(inputs.post, total)
         return self._run(blk, name, inputs, OPS_PER_MLP, lambda ctx: build_post_norm(
             ctx, self.spec, blk, name, inputs.post_in), (inputs.tokens, self.cfg.hidden))

@@ -14,7 +14,7 @@ from tpi.model.config import ModelConfig
 from tpi.model.blocks import EMBED, UNFUSED_PARTS
 from tpi.model.moe import ROUTER, ExpertShare
 from tpi.model.moe_numpy import moe_mlp, prepare_moe
-from tpi.model.rows import Rows, as_rows
+from tpi.model.rows import Rows, as_rows, kv_zeros
 from tpi.quant.kernel_forms import prepare_unfused
 from tpi.quant.kernels import get_backend
 from tpi.model.rope import inverse_frequencies
@@ -71,8 +71,8 @@ class NumpyLayers:
         self.rope = {False: rope_cos_sin(cfg, context)}  # local layer? -> (cos, sin)
         if cfg.sliding_window and cfg.swa_layers:
             self.rope[True] = rope_cos_sin(cfg, context, local=True)
-        self.k_cache = np.zeros((slots, cfg.n_layers, self.nkv, context, self.hd), dtype=ACT)  # (slots, L, kv, S, hd)
-        self.v_cache = np.zeros_like(self.k_cache)  # zeros: pages are only touched once written
+        self.k_cache = kv_zeros((slots, cfg.n_layers, self.nkv, context, self.hd), ACT)  # (slots, L, kv, S, hd)
+        self.v_cache = kv_zeros(self.k_cache.shape, ACT)  # pages are only touched once written
         self.eps = cfg.rms_eps
         self.scale = ACT(cfg.scale)
 

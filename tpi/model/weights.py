@@ -27,9 +27,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from tpi.errors import ModelFormatError
+from tpi.errors import BudgetError, ModelFormatError
 from tpi.model.blocks import EMBED, GLOBALS, mlp_key  # rank 0's embedding is mapped, not copied
 from tpi.model.moe import EXPERT_TENSORS
+from tpi.model.rows import slots_refusal
 from tpi.model.transformer import ResidentWeights
 from tpi.quant.formats import Q4G32, Q4G32_PREPACKED, slice_rows
 from tpi.quant.kernel_forms import kernel_block
@@ -152,10 +153,18 @@ def plan_memory(store, layers, cfg, shard, context: int, budget: int, *, runtime
     converting = 0 if prepacked else conversion_bytes(store, layers)
     if runtime_overhead is None:
         runtime_overhead = max(0, runtime_overhead_bytes() - kv_resident)
-    return plan_budget(planned_block_sizes(store, embed_mapped=True, layers=layers), budget, kv_cache=kv_total,
-                       activations=activation_bytes(cfg, shard, context) + converting,
-                       runtime_overhead=runtime_overhead, setup_rss=setup_rss,
-                       always_pinned=[GLOBALS] if GLOBALS in store.keys() else [])
+    slots = getattr(layers, "slots", 1)  # kv_total holds every slot's cache (tpi serve --parallel)
+
+    def plan(kv: int):
+        return plan_budget(planned_block_sizes(store, embed_mapped=True, layers=layers), budget, kv_cache=kv,
+                           activations=activation_bytes(cfg, shard, context) + converting,
+                           runtime_overhead=runtime_overhead, setup_rss=setup_rss,
+                           always_pinned=[GLOBALS] if GLOBALS in store.keys() else [])
+
+    try:
+        return plan(kv_total)
+    except BudgetError as e:  # with fewer KV caches (--parallel) it may fit: say how many
+        raise slots_refusal(e, lambda n: plan(kv_total * n // slots), slots) from None
 
 
 def _owned_copy(t):

@@ -147,7 +147,8 @@ def create_app(service: GenerationService, *, api_key: str | None = None, model_
         group = service.status()
         ok = service.engine is not None and group.get("state") in ("serving", "ready")
         return {"status": "ok" if ok else group.get("state", "starting"), "model": model_id,
-                "busy": snap["busy"], "queued": snap["queued"], "group": group}
+                "busy": snap["busy"], "slots": snap["slots"], "running": snap["running"], "queued": snap["queued"],
+                "group": group}
 
     @app.get("/v1/models", dependencies=auth)
     async def models():
