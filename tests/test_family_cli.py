@@ -119,8 +119,13 @@ def test_tpi_run_streams_under_a_memory_budget_and_answers_the_same(name, family
     found = MINIMUM.search(err.replace("\n", " "))
     assert code == 1 and found, err
     block = float(found.group(2)) * {"KiB": 1 << 10, "MiB": 1 << 20}[found.group(3)]
-    budget = int(found.group(1)) + int(block)  # room for one more block
-    code, out, err, stats = tpi_run(path, tmp_path, "--memory-budget", str(budget))
+    # The budget counts this (pytest) process's RSS, which moves between two in-process runs by
+    # about a tiny model's block: from room for one more block down to the minimum, the first
+    # budget that runs must stream (a refused one says so; the loop stops at the first that runs).
+    for budget in (int(found.group(1)) + int(block), int(found.group(1)) + int(block) // 2, int(found.group(1))):
+        code, out, err, stats = tpi_run(path, tmp_path, "--memory-budget", str(budget))
+        if code == 0 and stats["streamed_blocks"] > 0:
+            break
     assert code == 0, err
     assert stats["streamed_blocks"] > 0 and stats["pinned_blocks"] >= 1, stats  # GLOBALS always stays
     assert out == answers(name)[0]
