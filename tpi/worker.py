@@ -234,7 +234,8 @@ def _serve_steps(model, comm, master_lost=lambda: None, stopped: list | None = N
         if kind == "reset":
             continue  # positions restart at 0: cached keys/values are simply overwritten
         try:
-            logits = model.forward(x, int(header["start_pos"]), bool(header.get("all", False)))
+            logits = model.forward(x, int(header["start_pos"]), bool(header.get("all", False)),
+                                   bool(header.get("exact", False)))
             comm.gather(logits, header.get("logits_dtype"))
         except GroupError as e:
             if master_lost():

@@ -10,7 +10,7 @@ import numpy as np
 
 from tpi.errors import ContextOverflowError
 from tpi.model.config import PREFILL_CHUNK
-from tpi.master.sampler import SamplingParams, sample
+from tpi.master.sampler import SamplingParams, sample, sequence_seed, token_rng
 
 @dataclass
 class Generation:
@@ -22,6 +22,7 @@ class Generation:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     ttft_s: float = 0.0
+    speculation: dict = field(default_factory=dict)  # SpeculationStats.as_dict() when a speculator ran
 
     @property
     def decode_tokens(self) -> int:
@@ -38,6 +39,7 @@ class Generation:
             "decode_tok_s": self.decode_tokens / self.decode_s if self.decode_s else 0.0,
             "ttft_s": self.ttft_s,
             "finish_reason": self.finish_reason,
+            **self.speculation,
         }
 
 
@@ -86,6 +88,7 @@ class Engine:
         # batched prefill, so a repeated request may sample differently. Off by default: the same
         # request gives the same answer. Multi-turn chat turns it on.
         self.reuse_prefix = False
+        self.speculator = None  # tpi.master.speculation.Speculator: drafts verified k+1 rows per forward
         self.lock = threading.Lock()
 
     @property
@@ -97,15 +100,20 @@ class Engine:
 
         return dequantize(take_rows(self.embed_table, np.asarray(ids, dtype=np.int64)))  # (T, hidden)
 
-    def forward(self, ids: Sequence[int], start: int, all_positions: bool = False) -> np.ndarray:
-        """Run tokens at positions start.. on every rank; returns (T or 1, vocab) float32 logits."""
+    def forward(self, ids: Sequence[int], start: int, all_positions: bool = False, exact: bool = False) -> np.ndarray:
+        """Run tokens at positions start.. on every rank; returns (T or 1, vocab) float32 logits.
+
+        exact: the rows are decode steps (a verify pass): each row's logits are bit for bit what a
+        one-token forward at its position gives (tpi.model.transformer).
+        """
         if start + len(ids) > self.context:
             raise ContextOverflowError(f"{start + len(ids)} tokens exceed the context of {self.context}")
         h = self.embed(ids)
         comm = self.comm
         if comm.world > 1:
-            comm.broadcast_step({"request_id": 0, "start_pos": start, "n_tokens": len(ids), "all": all_positions}, h)
-        local = self.model.forward(h, start, all_positions)
+            comm.broadcast_step({"request_id": 0, "start_pos": start, "n_tokens": len(ids), "all": all_positions,
+                                 "exact": exact}, h)
+        local = self.model.forward(h, start, all_positions, exact)
         self.cached = self.cached[:start] + list(ids)
         if comm.world == 1:
             return local
@@ -146,19 +154,24 @@ class Engine:
                 "shorten the prompt or raise --context"
             )
         max_tokens = min(max_tokens, self.context - len(prompt))
-        rng = np.random.default_rng(params.seed)
+        seed = sequence_seed(params.seed)
         stream, stops = self.tokenizer.stream(), StopStringFilter(stop)
         out = Generation(prompt_tokens=len(prompt))
         history = list(prompt)
         emit = on_text or (lambda s: None)
+        spec = self.speculator
+        from tpi.master.speculation import SpeculationStats
+
+        spec_stats = SpeculationStats()
         with self.lock:
             t0 = time.perf_counter()
             logits, out.prefill_tokens = self.prefill(prompt)
             out.prefill_s = time.perf_counter() - t0
             t1 = time.perf_counter()
             pieces = []
+            pending = [sample(logits, params, history, token_rng(seed, len(history)))]
             for n in range(max_tokens):
-                tok = sample(logits, params, history, rng)
+                tok = pending.pop(0)
                 if n == 0:
                     out.ttft_s = time.perf_counter() - t0
                     t1 = time.perf_counter()
@@ -177,12 +190,21 @@ class Engine:
                 if cancel is not None and cancel.is_set():
                     out.finish_reason = "cancelled"
                     break
-                if n + 1 < max_tokens:
-                    logits = self.forward([tok], len(history) - 1)[-1]
+                if n + 1 < max_tokens and not pending:
+                    pending = self._decode_step(history, params, seed, max_tokens - n - 1, spec_stats)
             out.decode_s = time.perf_counter() - t1
             tail = "" if stops.hit else stops.push(stream.flush()) + stops.flush()
             if tail:
                 pieces.append(tail)
                 emit(tail)
             out.text = "".join(pieces)
+            if spec is not None:
+                out.speculation = spec_stats.as_dict()
         return out
+
+    def _decode_step(self, history: list[int], params: SamplingParams, seed: int, budget: int, stats) -> list[int]:
+        """The tokens after history (history[-1] not yet cached): one forward, plain or speculative."""
+        if self.speculator is not None:
+            return self.speculator.step(self, history, params, seed, budget, stats)
+        logits = self.forward([history[-1]], len(history) - 1)[-1]
+        return [sample(logits, params, history, token_rng(seed, len(history)))]

@@ -14,6 +14,7 @@ import numpy as np
 
 from tpi.model.config import ModelConfig
 from tpi.errors import ShapeError, UnsupportedArchitectureError
+from tpi.model.ggml_exact import mul_mat
 from tpi.quant.ggml_graph import Context, Tensor
 from tpi.quant.ggml_lib import ROPE_NEOX, ROPE_NORMAL
 from tpi.model.rope import ADJACENT_PAIR_ARCHS, adjacent_pair_index, inverse_frequencies
@@ -23,6 +24,7 @@ GRAPH_ARCHS = ("llama", "mistral", "qwen2")  # the blocks below are these archit
 OPS_PER_ATTENTION = 40  # tensors an attention graph creates, before its per-segment extras
 OPS_PER_SEGMENT = 8
 OPS_PER_MLP = 12
+OPS_PER_EXACT_ROW = 24  # per exact row: a chunk's view, mul_mat and concat for each matmul; row views
 
 
 def attention_segments(q_to_kv: tuple[int, ...]) -> tuple[tuple[int, int, int, int], ...]:
@@ -114,8 +116,15 @@ class BlockSpec:
         qk = (heads + per_head[None, :]).reshape(-1)
         return np.concatenate([qk, np.arange(self.q_dim + self.kv_dim, self.q_dim + 2 * self.kv_dim)])
 
-    def attention_ops(self) -> int:
-        return OPS_PER_ATTENTION + OPS_PER_SEGMENT * len(self.segments)
+    def attention_ops(self, exact_rows: int = 0) -> int:
+        """Tensors an attention graph creates (exact_rows: a pass of that many exact rows)."""
+        per_call = OPS_PER_SEGMENT * len(self.segments)
+        return OPS_PER_ATTENTION + per_call + exact_rows * (OPS_PER_EXACT_ROW + per_call)
+
+
+def mlp_ops(exact_rows: int = 0) -> int:
+    """Tensors an MLP (or logits) graph creates."""
+    return OPS_PER_MLP + exact_rows * OPS_PER_EXACT_ROW
 
 
 @dataclass(frozen=True)
@@ -127,18 +136,23 @@ class StepTensors:
     idx: Tensor
     mask: Tensor  # [n_kv, T] for a prefill; [context] for decode, viewed to the bucket's n_kv
     tokens: int
+    row_kv: tuple[int, ...] = ()  # exact rows (tpi.model.ggml_exact): each row's own decode n_kv
+
+    @property
+    def exact(self) -> bool:
+        return bool(self.row_kv)
 
 
 def _norm(ctx: Context, x: Tensor, w: Tensor, eps: float) -> Tensor:
     return ctx.mul(ctx.rms_norm(x, eps), w)
 
 
-def _qkv(ctx: Context, s: BlockSpec, blk: dict, xn: Tensor, t: int) -> tuple[Tensor, Tensor, Tensor]:
+def _qkv(ctx: Context, s: BlockSpec, blk: dict, xn: Tensor, t: int, exact: bool) -> tuple[Tensor, Tensor, Tensor]:
     """q [hd, n_q, T], k [hd, n_kv, T] (views or reshapes) and v [kv_dim, T], biases added."""
     hd, q_dim, kv_dim = s.head_dim, s.q_dim, s.kv_dim
     bias = blk.get("bqkv")
     if "wqkv" in blk:
-        qkv = ctx.mul_mat(blk["wqkv"].tensor, xn)  # [q_dim + 2 kv_dim, T]
+        qkv = mul_mat(ctx, blk["wqkv"], xn, exact)  # [q_dim + 2 kv_dim, T]
         if bias is not None:
             qkv = ctx.add(qkv, bias)
         row = qkv.nb[1]
@@ -148,7 +162,7 @@ def _qkv(ctx: Context, s: BlockSpec, blk: dict, xn: Tensor, t: int) -> tuple[Ten
         return q, k, v
     parts = []
     for name, offset, width in (("wq", 0, q_dim), ("wk", q_dim, kv_dim), ("wv", q_dim + kv_dim, kv_dim)):
-        y = ctx.mul_mat(blk[name].tensor, xn)
+        y = mul_mat(ctx, blk[name], xn, exact)
         if bias is not None:
             y = ctx.add(y, ctx.view(bias, (width,), (), offset * F32_BYTES))
         parts.append(y)
@@ -161,37 +175,53 @@ def build_attention(ctx: Context, s: BlockSpec, blk: dict, step: StepTensors, k_
     """This rank's partial attention output [hidden, T]; writes rows idx of the layer's KV cache."""
     t, hd = step.tokens, s.head_dim
     xn = _norm(ctx, step.x, blk["attn_norm"], s.eps)
-    q, k, v = _qkv(ctx, s, blk, xn, t)
+    q, k, v = _qkv(ctx, s, blk, xn, t, step.exact)
     rope = (rope_factors, hd, s.rope_mode, s.rope_ctx_orig, s.rope_base, s.rope_scale)
     q = ctx.rope(q, step.pos, *rope)  # contiguous [hd, n_q, T]
     k = ctx.reshape(ctx.rope(k, step.pos, *rope), s.kv_dim, t)
     k_all = ctx.set_rows(k_cache, k, step.idx)  # views of the caches, ordered after the writes
     v_all = ctx.set_rows(v_cache, v, step.idx)
-    mask = step.mask if step.mask.ne[0] == n_kv else ctx.view(step.mask, (n_kv, 1), (n_kv * F16_BYTES,), 0)
+    if step.exact:  # one call per row over its own decode n_kv, as that row's decode step attends
+        out = None
+        for i, row_kv in enumerate(step.row_kv):
+            q_row = ctx.view(q, (hd, s.n_q, 1), (q.nb[1], q.nb[2]), i * q.nb[2])
+            mask = ctx.view(step.mask, (row_kv, 1), (row_kv * F16_BYTES,), i * step.mask.nb[1])
+            o = _attend(ctx, s, q_row, k_all, v_all, mask, row_kv, 1)
+            out = o if out is None else ctx.concat(out, o, 2)
+    else:
+        mask = step.mask if step.mask.ne[0] == n_kv else ctx.view(step.mask, (n_kv, 1), (n_kv * F16_BYTES,), 0)
+        out = _attend(ctx, s, q, k_all, v_all, mask, n_kv, t)
+    return mul_mat(ctx, blk["wo"], ctx.reshape(out, s.q_dim, t), step.exact)
+
+
+def _attend(ctx: Context, s: BlockSpec, q: Tensor, k_all: Tensor, v_all: Tensor, mask: Tensor, n_kv: int,
+            t: int) -> Tensor:
+    """Flash attention of q [hd, n_q, t] over the first n_kv cache rows, per GQA segment -> [hd, n_q, t]."""
+    hd = s.head_dim
     cache_row = s.kv_dim * F16_BYTES
     out = None
     for q0, q1, kv0, kv1 in s.segments:
         qs = q if (q0, q1) == (0, s.n_q) else ctx.view(q, (hd, q1 - q0, t), (q.nb[1], q.nb[2]), q0 * q.nb[1])
         ks = ctx.view(k_all, (hd, n_kv, kv1 - kv0), (cache_row, hd * F16_BYTES), kv0 * hd * F16_BYTES)
         vs = ctx.view(v_all, (hd, n_kv, kv1 - kv0), (cache_row, hd * F16_BYTES), kv0 * hd * F16_BYTES)
-        o = ctx.flash_attn(ctx.permute(qs, 0, 2, 1, 3), ks, vs, mask, 1.0 / math.sqrt(hd))  # [hd, heads, T]
+        o = ctx.flash_attn(ctx.permute(qs, 0, 2, 1, 3), ks, vs, mask, 1.0 / math.sqrt(hd))  # [hd, heads, t]
         out = o if out is None else ctx.concat(out, o, 1)
-    return ctx.mul_mat(blk["wo"].tensor, ctx.reshape(out, s.q_dim, t))
+    return out
 
 
-def build_mlp(ctx: Context, s: BlockSpec, blk: dict, x: Tensor) -> Tensor:
+def build_mlp(ctx: Context, s: BlockSpec, blk: dict, x: Tensor, exact: bool = False) -> Tensor:
     """This rank's partial MLP output [hidden, T]: down(silu(gate(xn)) * up(xn))."""
     xn = _norm(ctx, x, blk["mlp_norm"], s.eps)
     if "wgu" in blk:
-        act = ctx.swiglu(ctx.mul_mat(blk["wgu"].tensor, xn))  # rows gate | up -> [inter, T]
+        act = ctx.swiglu(mul_mat(ctx, blk["wgu"], xn, exact))  # rows gate | up -> [inter, T]
     else:
-        act = ctx.swiglu_split(ctx.mul_mat(blk["wgate"].tensor, xn), ctx.mul_mat(blk["wup"].tensor, xn))
-    return ctx.mul_mat(blk["wdown"].tensor, act)
+        act = ctx.swiglu_split(mul_mat(ctx, blk["wgate"], xn, exact), mul_mat(ctx, blk["wup"], xn, exact))
+    return mul_mat(ctx, blk["wdown"], act, exact)
 
 
-def build_logits(ctx: Context, s: BlockSpec, glob: dict, x: Tensor, last_only: bool) -> Tensor:
+def build_logits(ctx: Context, s: BlockSpec, glob: dict, x: Tensor, last_only: bool, exact: bool = False) -> Tensor:
     """This rank's vocabulary slice [vocab_local, T or 1] of the final-normed hidden states."""
     t = x.ne[1]
     if last_only and t > 1:
         x = ctx.view(x, (s.hidden, 1), (x.nb[1],), (t - 1) * x.nb[1])
-    return ctx.mul_mat(glob["lm_head"].tensor, _norm(ctx, x, glob["norm"], s.eps))
+    return mul_mat(ctx, glob["lm_head"], _norm(ctx, x, glob["norm"], s.eps), exact)

@@ -25,7 +25,8 @@ from tpi.model.blocks import EMBED, GLOBALS, attn_key, mlp_key
 from tpi.model.config import ModelConfig
 from tpi.errors import ShapeError
 from tpi.model.ggml_blocks import (OPS_PER_MLP, BlockSpec, StepTensors, build_attention, build_logits, build_mlp,
-                             rope_frequency_factors)
+                                   mlp_ops, rope_frequency_factors)
+from tpi.model.ggml_exact import decode_kv
 from tpi.quant.ggml_backend import GgmlBackend, can_repack, gather_rows, weight_type
 from tpi.quant.ggml_graph import Context, Graph, SharedComputeBuffer
 from tpi.quant.ggml_lib import F16
@@ -111,13 +112,15 @@ class _DecodeInputs:
         self.visible = end
 
 
-def _prefill_inputs(h: np.ndarray, start: int, n_kv: int) -> tuple[StepTensors, Context]:
-    """Inputs of a T-token pass at positions start..: query i sees cache rows up to start + i."""
+def _prefill_inputs(h: np.ndarray, start: int, n_kv: int, row_kv: tuple[int, ...] = ()) -> tuple[StepTensors, Context]:
+    """Inputs of a T-token pass at positions start..: query i sees cache rows up to start + i.
+
+    row_kv: each row's own decode n_kv, for an exact pass (tpi.model.ggml_exact)."""
     t = h.shape[0]
     pos = np.arange(start, start + t, dtype=np.int32)
     mask = np.where(np.arange(n_kv)[None, :] <= pos[:, None], 0.0, -np.inf).astype(np.float16)  # (T, n_kv)
     ctx = Context(4)
-    step = StepTensors(ctx.input(h), ctx.input(pos), ctx.input(pos.astype(np.int64)), ctx.input(mask), t)
+    step = StepTensors(ctx.input(h), ctx.input(pos), ctx.input(pos.astype(np.int64)), ctx.input(mask), t, row_kv)
     return step, ctx
 
 
@@ -125,6 +128,7 @@ class GgmlLayers:
     """Computes one rank's share of attention and MLP blocks, and its logits slice, as ggml graphs."""
 
     name = "ggml"
+    exact_rows = True  # a many-row pass can compute each row as its decode step would (exact=True)
 
     def __init__(self, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...], context: int, threads: int | None,
                  repack: bool = True, whole_graph: bool = True):
@@ -269,7 +273,7 @@ class GgmlLayers:
     def _n_kv(self, end: int) -> int:
         return min(self.context, -(-end // KV_BUCKET) * KV_BUCKET)
 
-    def _step(self, h: np.ndarray, start: int) -> StepTensors:
+    def _step(self, h: np.ndarray, start: int, exact: bool = False) -> StepTensors:
         """The inputs of a pass of h's tokens at start.. (checked: ggml aborts on a row past the cache)."""
         t = h.shape[0]
         if not (isinstance(start, (int, np.integer)) and 0 <= start and start + t <= self.context):
@@ -280,9 +284,11 @@ class GgmlLayers:
                 np.copyto(self._decode.x, h)
             self._decode.move_to(int(start))
             return self._decode.step
-        if self._prefill is None or self._prefill[0] is not h or self._prefill[1] != start:
+        if (self._prefill is None or self._prefill[0] is not h or self._prefill[1] != start
+                or self._prefill[2].exact != exact):
             h = h if h.dtype == ACT and h.flags.c_contiguous else np.ascontiguousarray(h, dtype=ACT)
-            self._prefill = (h, start, *_prefill_inputs(h, int(start), self._n_kv(start + t)))
+            row_kv = tuple(decode_kv(p, self.context, KV_BUCKET) for p in range(start, start + t)) if exact else ()
+            self._prefill = (h, start, *_prefill_inputs(h, int(start), self._n_kv(start + t), row_kv))
         return self._prefill[2]
 
     def _run(self, blk: GgmlBlock, key: tuple, ops: int, build, shape: tuple[int, int]) -> np.ndarray:
@@ -301,31 +307,35 @@ class GgmlLayers:
         self.runtime.compute(graph)
         return graph.outputs[0].copy()
 
-    def attention(self, h: np.ndarray, blk: GgmlBlock, layer: int, start: int) -> np.ndarray:
-        """h: (T, hidden) f32 -> this rank's partial attention output (T, hidden) f32."""
-        step = self._step(h, start)
+    def attention(self, h: np.ndarray, blk: GgmlBlock, layer: int, start: int, exact: bool = False) -> np.ndarray:
+        """h: (T, hidden) f32 -> this rank's partial attention output (T, hidden) f32.
+
+        exact: each row computed as its one-token decode step would (tpi.model.ggml_exact)."""
+        step = self._step(h, start, exact)
         n_kv = self._n_kv(start + step.tokens)
-        return self._run(blk, ("attn", n_kv), self.spec.attention_ops(), lambda ctx: build_attention(
+        ops = self.spec.attention_ops(len(step.row_kv))
+        return self._run(blk, ("attn", n_kv), ops, lambda ctx: build_attention(
             ctx, self.spec, blk, step, self._k[layer], self._v[layer], n_kv, self._rope_factors),
             (step.tokens, self.cfg.hidden))
 
-    def _x(self, h: np.ndarray) -> StepTensors:
+    def _x(self, h: np.ndarray, exact: bool = False) -> StepTensors:
         """The inputs for a block that does not move the position (MLP, logits)."""
         if h.shape[0] == 1:
             if h is not self._decode.x:
                 np.copyto(self._decode.x, h)
             return self._decode.step
-        if self._prefill is not None and self._prefill[0] is h:
+        if self._prefill is not None and self._prefill[0] is h and self._prefill[2].exact == exact:
             return self._prefill[2]
-        return self._step(h, 0)  # a pass this object has not seen: positions do not matter here
+        return self._step(h, 0, exact)  # a pass this object has not seen: positions do not matter here
 
-    def mlp(self, h: np.ndarray, blk: GgmlBlock) -> np.ndarray:
+    def mlp(self, h: np.ndarray, blk: GgmlBlock, exact: bool = False) -> np.ndarray:
         """h: (T, hidden) f32 -> this rank's partial MLP output (T, hidden) f32."""
-        step = self._x(h)
-        return self._run(blk, ("mlp",), OPS_PER_MLP, lambda ctx: build_mlp(ctx, self.spec, blk, step.x),
-                         (step.tokens, self.cfg.hidden))
+        step = self._x(h, exact)
+        return self._run(blk, ("mlp",), mlp_ops(len(step.row_kv)),
+                         lambda ctx: build_mlp(ctx, self.spec, blk, step.x, step.exact), (step.tokens, self.cfg.hidden))
 
-    def forward_all(self, h: np.ndarray, blocks: dict, start: int, all_positions: bool) -> np.ndarray | None:
+    def forward_all(self, h: np.ndarray, blocks: dict, start: int, all_positions: bool,
+                    exact: bool = False) -> np.ndarray | None:
         """A group of one's whole pass as ONE graph: no Python and no thread wake-up between blocks.
 
         A decode step's graph is built once per n_kv bucket and kept; a prefill's is built per call
@@ -333,7 +343,7 @@ class GgmlLayers:
         """
         if not self.whole_graph:
             return None
-        step = self._step(h, start)
+        step = self._step(h, start, exact)
         t, n_kv = step.tokens, self._n_kv(start + step.tokens)
         vocab = blocks[GLOBALS]["lm_head"].out_features
         if t > 1:
@@ -351,7 +361,8 @@ class GgmlLayers:
 
     def _whole_graph(self, blocks: dict, step: StepTensors, n_kv: int, last_only: bool):
         """(context, logits) of every layer and the logits slice as one graph over step's inputs."""
-        ops = self.cfg.n_layers * (self.spec.attention_ops() + OPS_PER_MLP + 2) + OPS_PER_MLP
+        rows = len(step.row_kv)
+        ops = self.cfg.n_layers * (self.spec.attention_ops(rows) + mlp_ops(rows) + 2) + mlp_ops(rows)
         ctx = Context(ops, graph_size=2 * ops + 16)
         x, last = step.x, self.cfg.n_layers - 1
         for i in range(self.cfg.n_layers):
@@ -360,19 +371,20 @@ class GgmlLayers:
             if i == last and last_only and step.tokens > 1:  # as llama.cpp: only the output row goes on
                 x, attn = (ctx.view(a, (self.cfg.hidden, 1), (a.nb[1],), (step.tokens - 1) * a.nb[1]) for a in (x, attn))
             x = ctx.add(x, attn)  # the residual, as add_ adds a block's output between block graphs
-            x = ctx.add(x, build_mlp(ctx, self.spec, blocks[mlp_key(i)], x))
-        return ctx, build_logits(ctx, self.spec, blocks[GLOBALS], x, last_only)
+            x = ctx.add(x, build_mlp(ctx, self.spec, blocks[mlp_key(i)], x, step.exact))
+        return ctx, build_logits(ctx, self.spec, blocks[GLOBALS], x, last_only, step.exact)
 
-    def logits(self, h: np.ndarray, glob: GgmlBlock, all_positions: bool) -> np.ndarray:
+    def logits(self, h: np.ndarray, glob: GgmlBlock, all_positions: bool, exact: bool = False) -> np.ndarray:
         """Final norm and this rank's vocabulary slice: (T or 1, vocab_local) float32 numpy (a copy)."""
-        step = self._x(h)
+        step = self._x(h, exact)
         rows = step.tokens if all_positions else 1
         vocab = glob["lm_head"].out_features
         if step.tokens == 1:
             return self._run(glob, ("logits",), OPS_PER_MLP, lambda ctx: build_logits(
                 ctx, self.spec, glob, step.x, True), (1, vocab)).copy()
-        ctx = Context(OPS_PER_MLP, graph_size=2 * OPS_PER_MLP + 16)
-        graph = Graph(ctx, [build_logits(ctx, self.spec, glob, step.x, not all_positions)], [(rows, vocab)],
+        ops = mlp_ops(len(step.row_kv))
+        ctx = Context(ops, graph_size=2 * ops + 16)
+        graph = Graph(ctx, [build_logits(ctx, self.spec, glob, step.x, not all_positions, step.exact)], [(rows, vocab)],
                       galloc=self._shared.ptr)
         self.runtime.compute(graph)
         return graph.outputs[0].copy()

@@ -1,0 +1,219 @@
+"""Speculative decoding on the master: draft k tokens, verify k+1 positions in one forward of the group.
+
+A group pays its round trips per forward, whatever the rows it carries, so a forward that checks k
+drafted tokens and always yields at least one token of the target's own turns accepted drafts into
+tokens for free. `Speculator.step` is one decode forward: plain (k = 0) or a verify pass.
+
+k adapts (`--speculate auto`): `KPolicy` keeps the measured acceptance rate a (exponentially
+weighted) and the measured cost of a forward, t(r) = t1 + (r - 1) dt for r rows, and picks the k
+with the most expected tokens per second, E(k) / (t1 + k dt + k d), E(k) = 1 + a + ... + a^k
+(accepting each draft with probability a; d = drafting cost per token). k = 0 is plain decoding:
+chosen whenever no k pays, e.g. on open-ended text where lookups rarely match. While it speculates
+nothing, prompt lookup is still consulted (it costs microseconds) and its first guess scored
+against the token that came, so the rate stays measured and speculation comes back when the text
+starts repeating; a draft model, costlier, is probed with k = 1 every PROBE_EVERY plain steps.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tpi.errors import TpiError
+from tpi.master.acceptance import verify
+from tpi.master.sampler import SamplingParams, sample, token_rng
+
+MODES = ("auto", "off", "lookup")
+MAX_DRAFT = 8  # drafted tokens per verify pass at most (the default; --speculate lookup uses it as is)
+PROBE_EVERY = 16
+PRIOR_ACCEPT = (0.5, 4.0)  # (rate, weight in trials) before anything is measured
+DECAY = 0.95  # weight kept per new trial: the rate follows the last ~20 trials
+PRIOR_ROW_COST = 0.25  # extra rows cost this fraction of a one-row forward each until measured
+
+
+@dataclass(frozen=True)
+class SpeculationOptions:
+    mode: str = "auto"  # auto: adaptive k; lookup: prompt lookup at k = max_draft; off: plain decoding
+    draft: str | None = None  # path of a draft model (auto only); None: prompt lookup
+    max_draft: int = MAX_DRAFT
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise TpiError(f"--speculate {self.mode!r} is not a mode; use one of {', '.join(MODES)}")
+        if self.draft is not None and self.mode != "auto":
+            raise TpiError(f"--draft needs --speculate auto (it is {self.mode}): a draft model's k adapts "
+                           "to its acceptance; drop --draft for prompt lookup")
+        if not 1 <= self.max_draft <= 64:
+            raise TpiError(f"at most {self.max_draft} drafted tokens per pass: use 1 to 64")
+
+
+def expected_tokens(accept: float, k: int) -> float:
+    """Tokens one verify pass of k drafts yields when each draft is kept with probability accept."""
+    if accept >= 1.0:
+        return k + 1.0
+    return (1.0 - accept ** (k + 1)) / (1.0 - accept)
+
+
+def best_k(accept: float, t1: float, row_s: float, draft_s: float, max_k: int) -> int:
+    """The k in 0..max_k with the most expected tokens per second (0: do not speculate)."""
+    rates = [expected_tokens(accept, k) / (t1 + k * (row_s + draft_s)) for k in range(max_k + 1)]
+    return int(np.argmax(rates))
+
+
+class KPolicy:
+    """Measured acceptance and forward costs -> the next k (fixed at max_k when not adaptive)."""
+
+    def __init__(self, max_k: int, adaptive: bool = True):
+        self.max_k, self.adaptive = max_k, adaptive
+        self.hits, self.trials = PRIOR_ACCEPT[0] * PRIOR_ACCEPT[1], PRIOR_ACCEPT[1]
+        self.t1: float | None = None
+        self.row_s: float | None = None
+        self.draft_s = 0.0
+        self.plain_streak = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.hits / self.trials
+
+    def _trial(self, hits: int, trials: int) -> None:
+        keep = DECAY ** trials
+        self.hits = self.hits * keep + hits
+        self.trials = self.trials * keep + trials
+
+    def choose(self, available: int) -> int:
+        """k for the next forward when up to `available` drafts can be had."""
+        if available <= 0:
+            return 0
+        if not self.adaptive:
+            return min(self.max_k, available)
+        if self.t1 is None:
+            return 0  # measure a plain forward first
+        row_s = self.row_s if self.row_s is not None else PRIOR_ROW_COST * self.t1
+        return best_k(self.acceptance, self.t1, row_s, self.draft_s, min(self.max_k, available))
+
+    def record_plain(self, seconds: float) -> None:
+        self.t1 = seconds if self.t1 is None else 0.8 * self.t1 + 0.2 * seconds
+        self.plain_streak += 1
+
+    def record_verify(self, k: int, accepted: int, seconds: float, draft_seconds: float) -> None:
+        """A verify pass of k drafts kept `accepted` of them (a rejection ends the trials)."""
+        self._trial(accepted, accepted + (accepted < k))
+        self.plain_streak = 0
+        if self.t1 is not None:
+            extra = max(0.0, seconds - self.t1) / k
+            self.row_s = extra if self.row_s is None else 0.8 * self.row_s + 0.2 * extra
+        per = draft_seconds / k
+        self.draft_s = 0.8 * self.draft_s + 0.2 * per
+
+    def record_shadow(self, hit: bool) -> None:
+        """A draft that was not verified, scored against the token that came instead."""
+        self._trial(int(hit), 1)
+
+
+@dataclass
+class SpeculationStats:
+    """Counts over decode forwards (one request, or everything since start)."""
+
+    forwards: int = 0  # decode forwards, plain or verify
+    verify_forwards: int = 0
+    drafted: int = 0  # drafts verified
+    accepted: int = 0
+    tokens: int = 0  # tokens the decode forwards yielded
+
+    def add(self, other: "SpeculationStats") -> None:
+        for name in vars(self):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def as_dict(self) -> dict:
+        return {"spec_forwards": self.forwards, "spec_verify_forwards": self.verify_forwards,
+                "spec_drafted": self.drafted, "spec_accepted": self.accepted,
+                "spec_acceptance": self.accepted / self.drafted if self.drafted else 0.0,
+                "tokens_per_forward": self.tokens / self.forwards if self.forwards else 0.0}
+
+
+@dataclass
+class Speculator:
+    """One decode forward at a time: plain, or drafts verified in one pass."""
+
+    drafter: object  # tpi.master.drafters.PromptLookup / DraftModel
+    policy: KPolicy
+    mode: str = "auto"
+    totals: SpeculationStats = field(default_factory=SpeculationStats)
+    _shadow: tuple[int, int] | None = None  # (position, guessed token) of an unverified lookup guess
+
+    @classmethod
+    def from_options(cls, opts: SpeculationOptions, drafter) -> "Speculator | None":
+        if opts.mode == "off":
+            return None
+        return cls(drafter, KPolicy(opts.max_draft, adaptive=opts.mode == "auto"), opts.mode)
+
+    @property
+    def cheap_drafts(self) -> bool:
+        return getattr(self.drafter, "name", "") == "lookup"
+
+    def status(self) -> dict:
+        """For /health and --stats: mode, drafter, measured acceptance and tokens per forward."""
+        return {"mode": self.mode, "drafter": getattr(self.drafter, "label", getattr(self.drafter, "name", "?")),
+                "acceptance_estimate": round(self.policy.acceptance, 4), **self.totals.as_dict()}
+
+    def step(self, engine, history: Sequence[int], params: SamplingParams, seed: int, budget: int,
+             stats: SpeculationStats) -> list[int]:
+        """Forward history[-1] (and drafts after it); returns the 1..budget tokens that follow the history."""
+        n = len(history)  # position of the first new token; history[-1] sits at n - 1, not yet cached
+        room = min(budget - 1, engine.context - n)
+        self._score_shadow(history)
+        draft = None
+        if self.cheap_drafts:
+            draft = self.drafter.propose(history, min(room, self.policy.max_k))
+            k = self.policy.choose(len(draft.tokens))
+        else:
+            k = self.policy.choose(room)
+            if k == 0 and room > 0 and self.policy.plain_streak >= PROBE_EVERY:
+                k = 1
+            if k > 0:
+                draft = self.drafter.propose(history, k, params, lambda j: token_rng(seed, n + j, 1))
+                k = len(draft.tokens)
+        stats_now = SpeculationStats(forwards=1, verify_forwards=int(k > 0))
+        t0 = time.perf_counter()
+        if k == 0:
+            logits = engine.forward([history[-1]], n - 1)[-1]
+            self.policy.record_plain(time.perf_counter() - t0)
+            tokens = [sample(logits, params, history, token_rng(seed, n))]
+            if draft is not None and draft.tokens:
+                self._shadow = (n, draft.tokens[0])
+        else:
+            drafts = list(draft.tokens[:k])
+            rows = engine.forward([history[-1]] + drafts, n - 1, all_positions=True, exact=True)
+            seconds = time.perf_counter() - t0
+            dists = None if draft.dists is None else draft.dists[:k]
+            verdict = verify(rows, drafts, params, history, lambda j: token_rng(seed, n + j), dists)
+            self.policy.record_verify(k, verdict.accepted, seconds, draft.seconds)
+            stats_now.drafted, stats_now.accepted = k, verdict.accepted
+            tokens = list(verdict.tokens)
+        stats_now.tokens = len(tokens)
+        stats.add(stats_now)
+        self.totals.add(stats_now)
+        return tokens
+
+    def _score_shadow(self, history: Sequence[int]) -> None:
+        if self._shadow is not None:
+            pos, guess = self._shadow
+            if pos < len(history):
+                self.policy.record_shadow(history[pos] == guess)
+            self._shadow = None
+
+    def close(self) -> None:
+        self.drafter.close()
+
+
+def build_speculator(opts: SpeculationOptions, engine, threads: int | None = None, backend: str = "auto"):
+    """The Speculator for these options on this engine (None when off); loads a draft model if named."""
+    from tpi.master.drafters import DraftModel, PromptLookup
+
+    if opts.mode == "off":
+        return None
+    drafter = (DraftModel.open(opts.draft, engine.tokenizer, engine.context, threads, backend)
+               if opts.draft else PromptLookup())
+    return Speculator.from_options(opts, drafter)
