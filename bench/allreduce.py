@@ -87,8 +87,9 @@ def run_proxy(targets: list[int], delay_s: float, ports) -> None:
 
 
 def star_master(world: int, cases: list, curve: bool, key_dir: str, ports, out) -> None:
-    from tpi.transport.link import LinkSettings, MasterLink
-    from tpi.transport.protocol import Assign
+    from tpi.transport.keeper import LinkSettings
+    from tpi.transport.link import MasterLink
+    from tpi.transport.protocol import Assign, Step
 
     link = MasterLink("127.0.0.1:0", Path(key_dir), insecure=not curve, settings=LinkSettings(join_timeout_s=60))
     ports.put((link.port, link.data_port, link.token))
@@ -101,7 +102,7 @@ def star_master(world: int, cases: list, curve: bool, key_dir: str, ports, out) 
     comm = link.communicator("f32", ready_timeout_s=_TIMEOUT_S)
     for i, case in enumerate(cases):
         comm.wire_dtype = case[1]  # both sides switch at the same case boundary
-        comm.broadcast_step({"request_id": i, "start_pos": 0, "n_tokens": 1}, np.zeros((1, 1), np.float32))
+        comm.broadcast_step(Step.of_sequence(0, 1, np.zeros((1, 1), np.float32), request_id=i))
         x = partial_for(case[0], 0)
         for _ in range(_calls(case)):
             comm.allreduce(x)
@@ -116,7 +117,9 @@ def star_worker(rank: int, connect: str, data_endpoint: str | None, token: str, 
     """A star rank; rank 1 alternates blocks of star allreduces with blocks of bare echo round trips."""
     import zmq
 
-    from tpi.transport.link import LinkSettings, WorkerLink
+    from tpi.transport.keeper import LinkSettings
+    from tpi.transport.protocol import Step
+    from tpi.transport.worker_link import WorkerLink
 
     link = WorkerLink(connect, token, Path(key_dir), insecure=not curve, settings=LinkSettings(join_timeout_s=60),
                       data_endpoint=data_endpoint)
@@ -134,8 +137,8 @@ def star_worker(rank: int, connect: str, data_endpoint: str | None, token: str, 
         echo.connect(echo_endpoint)
     res = {}
     for i, (hidden, wire, warmup, rounds, block) in enumerate(cases):
-        header, _ = comm.recv_step()
-        assert header["kind"] == "step" and header["request_id"] == i, header
+        step = comm.recv_step()
+        assert isinstance(step, Step) and step.request_id == i, step
         comm.wire_dtype = wire
         x = partial_for(hidden, rank)
         if echo is None:

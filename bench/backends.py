@@ -43,7 +43,7 @@ def build(cfg_bench: BenchConfig, backend: str):
     from tpi.devices.slicing import plan_shards
     from tpi.model.backends import make_layers
     from tpi.formats import open_model
-    from tpi.master.generate import Engine
+    from tpi.master.engine import Engine
     from tpi.model.transformer import ResidentWeights, Transformer
     from tpi.master.shard import iter_rank_blocks
 

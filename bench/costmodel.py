@@ -6,7 +6,7 @@ Each configuration runs in its own process (peak RSS is per configuration): one 
 2-device loopback group, and a 2-device group whose worker reaches the master through
 tests/netproxy.py's DelayProxy (control and data ports, own process) at each delay; each with
 and without memory budgets. The prediction is the planner's own, made from the real profiles
-and link probes of that group (`start_group(on_plan=...)`), re-evaluated at the prompt length
+and link probes of that group (its GroupPlanned event), re-evaluated at the prompt length
 and KV position that were measured. Error = predicted / measured - 1.
 """
 from __future__ import annotations
@@ -99,21 +99,27 @@ def predicted(plan, prompt_tokens: int, kv_position: int) -> dict:
 
 
 def run_config(cfg: dict) -> dict:
-    from tpi.master.group import GroupOptions, start_group
+    from tpi.master import GroupOptions, start_group
+    from tpi.master.events import GroupPlanned, WaitingForDevices
     from tpi.transport.security import master_token
 
     tmp = Path(cfg["tmp"])
     common = dict(model=cfg["model"], config_dir=tmp / "config", cache_dir=Path(cfg["profile_cache"]),
-                  insecure=cfg["insecure"], threads=1, memory_budget=cfg["budget"])
+                  insecure=cfg["insecure"], threads=1, memory_budget=cfg["budget"], always_plan=True)
     plans: list = []
+
+    def planned(event) -> None:
+        if isinstance(event, GroupPlanned):
+            plans.append(event.plan)
+
     helpers: list[subprocess.Popen] = []
     worker_pid = None
     try:
         if cfg["kind"] == "single":
-            group = start_group(GroupOptions(**common), on_plan=plans.append)
+            group = start_group(GroupOptions(**common), on_event=planned)
         elif cfg["kind"] == "loopback":
             group = start_group(GroupOptions(**common, local_workers=1, host="127.0.0.1",
-                                             worker_memory_budget=cfg["budget"]), on_plan=plans.append)
+                                             worker_memory_budget=cfg["budget"]), on_event=planned)
             worker_pid = group.procs[0].pid
         else:  # worker -> DelayProxy (own process) -> master, control and data ports
             port, proxy_port = free_port_pair(), free_port_pair()
@@ -129,13 +135,14 @@ def run_config(cfg: dict) -> dict:
             cmd += ["--insecure"] if cfg["insecure"] else []
             listening = threading.Event()  # join only once the master listens: the proxy drops early connects
 
-            def say(message: str) -> None:
-                if message.startswith("waiting for"):
+            def say(event) -> None:
+                planned(event)
+                if isinstance(event, WaitingForDevices):
                     listening.set()
 
             box: dict = {}
             former = threading.Thread(target=lambda: box.update(group=start_group(GroupOptions(
-                **common, devices=2, host="127.0.0.1", port=port, join_timeout_s=120), say=say, on_plan=plans.append)))
+                **common, devices=2, host="127.0.0.1", port=port, join_timeout_s=120), on_event=say)))
             former.start()
             listening.wait(300)
             worker = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)

@@ -105,7 +105,7 @@ def run_config(cfg: dict) -> dict:
     """Start the group, prefill, time decode steps; streaming figures over the decode steps."""
     import functools
 
-    from tpi.master.group import GroupOptions, start_group
+    from tpi.master import GroupOptions, start_group
     from tpi.scheduler.store import ShardStore
 
     if cfg["warm"]:  # bench-only: released blocks stay in the page cache
@@ -177,7 +177,7 @@ def block_costs(store_path: Path, threads: int, backend: str, reps: int = 3) -> 
     from tpi.model.config import config_from_dict
     from tpi.model.backends import make_layers
     from tpi.scheduler.store import ShardStore
-    from tpi.master.shard import shard_from_dict
+    from tpi.devices.slicing import shard_from_dict
 
     with ShardStore.open(store_path) as store:
         key, nbytes = max(((k, n) for k, n in store.block_sizes() if k != "globals"), key=lambda kn: kn[1])

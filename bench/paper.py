@@ -91,7 +91,7 @@ def _measure_engine(engine, ids: list[int], tokens: int) -> tuple[float, float, 
 
 def run_tpi(cfg: dict) -> dict:
     """tpi under the same budget: 1 device (all threads) or a 2-device loopback group (1 thread each)."""
-    from tpi.master.group import GroupOptions, start_group
+    from tpi.master import GroupOptions, start_group
 
     tmp = Path(cfg["tmp"])
     context = len(cfg["ids"]) + cfg["tokens"] + 8

@@ -122,7 +122,7 @@ def _ggml_timers(layers):
 
 def profile_tpi(model: str, threads: int, ids: list[int], decode: int, backend: str, conn) -> None:
     """Child process: build the engine, time decode and prefill unprofiled, then profile both."""
-    from tpi.master.engine import EngineOptions, build_local_engine
+    from tpi.master import EngineOptions, build_local_engine
 
     eng = build_local_engine(EngineOptions(model=model, context=len(ids) + 3 * decode + 16, threads=threads,
                                            backend=backend))

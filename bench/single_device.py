@@ -28,7 +28,7 @@ def prompt_ids(vocab: int, n: int) -> list[int]:
 
 class TpiRunner:
     def __init__(self, model: str, threads: int, context: int, backend: str = "ggml"):
-        from tpi.master.engine import EngineOptions, build_local_engine
+        from tpi.master import EngineOptions, build_local_engine
 
         self.name = f"tpi {backend}"
         self.engine = build_local_engine(EngineOptions(model=model, context=context, threads=threads, backend=backend))

@@ -105,13 +105,13 @@ def tcp_server(ports, hidden: int, star: bool, tls_dir: str | None) -> None:
 
 def tpi_master(hidden: int, calls: int, key_dir: str, ports) -> None:
     from tpi.transport.link import MasterLink
-    from tpi.transport.protocol import Assign
+    from tpi.transport.protocol import Assign, Step
 
     link = MasterLink("127.0.0.1:0", Path(key_dir), insecure=True)
     ports.put((link.port, link.token))
     link.admit(link.next_join(timeout=60), Assign(rank=1, world=2, shard_hash="", shard_size=0))
     comm = link.communicator("f32", ready_timeout_s=60)
-    comm.broadcast_step({"request_id": 0, "start_pos": 0, "n_tokens": 1}, np.zeros((1, 1), np.float32))
+    comm.broadcast_step(Step.of_sequence(0, 1, np.zeros((1, 1), np.float32)))
     x = np.ones((1, hidden), np.float32)
     for _ in range(calls):
         comm.allreduce(x)
@@ -124,7 +124,7 @@ def tpi_master(hidden: int, calls: int, key_dir: str, ports) -> None:
 def measure(hidden: int, rounds: int, block: int, warmup: int, tmp: Path) -> dict[str, list[list[float]]]:
     import zmq
 
-    from tpi.transport.link import WorkerLink
+    from tpi.transport.worker_link import WorkerLink
 
     ctx = mp.get_context("spawn")
     procs, ports = [], ctx.Queue()

@@ -120,7 +120,7 @@ def _comm_bytes(stats) -> int:
 
 
 def run_config(cfg: dict) -> dict:
-    from tpi.master.group import GroupOptions, start_group
+    from tpi.master import GroupOptions, start_group
 
     tmp = Path(cfg["tmp"])
     common = dict(model=cfg["model"], config_dir=tmp / "config", cache_dir=tmp / "cache", insecure=cfg["insecure"],
@@ -157,20 +157,21 @@ def _serve_through_proxy(cfg: dict, common: dict, tmp: Path, helpers: list):
     """Start the master, then (once it listens) the proxy and a `tpi join` routed through it."""
     import threading
 
-    from tpi.master.group import GroupOptions, start_group
+    from tpi.master import GroupOptions, start_group
+    from tpi.master.events import WaitingForDevices
     from tpi.transport.security import master_token
 
     port, proxy_port = free_port_pair(), free_port_pair()
     listening, box = threading.Event(), {}
 
-    def say(message: str) -> None:
-        if "tpi join" in message:
+    def say(event) -> None:
+        if isinstance(event, WaitingForDevices):
             listening.set()
 
     def master() -> None:
         try:
             box["group"] = start_group(GroupOptions(**common, devices=2, host="127.0.0.1", port=port,
-                                                    ratios=(0.5, 0.5), join_timeout_s=300), say=say)
+                                                    ratios=(0.5, 0.5), join_timeout_s=300), on_event=say)
         except Exception as e:  # re-raised on the calling thread
             box["error"] = e
         listening.set()

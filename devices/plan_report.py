@@ -5,7 +5,6 @@ import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
-from rich.console import Console
 from rich.table import Table
 
 from tpi.model.config import ModelConfig
@@ -199,30 +198,19 @@ def plan_json(plan: GroupPlan) -> dict[str, Any]:
 
 def plan_command(model: str | ModelConfig, devices_path: Path | str, *, weight_format: str = "int4",
                  context: int = 2048, prompt_tokens: int = 128, allow_streaming: bool = True,
-                 wire_dtype: str | None = None, console: Console | None = None,
-                 weights: WeightProfile | None = None, as_json: bool = False) -> GroupPlan:
-    """Plan MODEL (a shape name or a ModelConfig) on the devices in a TOML file and print the prediction.
+                 wire_dtype: str | None = None, weights: WeightProfile | None = None) -> GroupPlan:
+    """Plan MODEL (a shape name or a ModelConfig) on the devices in a TOML file (`tpi plan` prints it).
 
     weights: the model file's own types (bytes per weight and column blocks); None: weight_format's.
-    as_json: print plan_json instead of the tables.
     """
     cfg = model_shape(model) if isinstance(model, str) else model
     devices = load_devices_file(devices_path)
     params = CostParams(weight_format=weight_format, context=context, prompt_tokens=prompt_tokens,
                         kv_position=min(context, 512), weights=weights)
-    plan = plan_group(cfg, devices, params, allow_streaming=allow_streaming, wire_dtype=wire_dtype)
-    tables = (render_plan(plan), render_wires(plan), render_allreduce(plan))
-    if as_json:
-        import json
-        import sys
+    return plan_group(cfg, devices, params, allow_streaming=allow_streaming, wire_dtype=wire_dtype)
 
-        sys.stdout.write(json.dumps(plan_json(plan), indent=1) + "\n")
-    elif console is None:
-        from tpi.cli.table_text import print_tables
 
-        print_tables(*tables)
-    else:
-        for table in tables:
-            if table is not None:
-                console.print(table)
-    return plan
+def plan_tables(plan: GroupPlan) -> list[Table]:
+    """The tables `tpi plan` and `tpi serve` show for a plan: the ranks, the wire dtypes and the allreduce
+    (the last two for a group)."""
+    return [t for t in (render_plan(plan), render_wires(plan), render_allreduce(plan)) if t is not None]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from tpi.model.config import ModelConfig
-from tpi.errors import ShapeError
+from tpi.errors import ProtocolError, ShapeError
 
 QUANT_GROUP = 32  # the smallest block along K (q4g32, Q4_0, Q8_0 ...): every reduced-dim boundary is a multiple
 
@@ -248,3 +248,33 @@ def check_partition(cfg: ModelConfig, shards: Sequence[RankShard], align: int = 
             raise ShapeError(f"rank {s.rank}: vocab slice {s.vocab} does not start on a multiple of {align}")
         if s.kv_heads != kv_heads_for(s.q_heads, cfg.group_size):
             raise ShapeError(f"rank {s.rank}: KV heads {s.kv_heads} do not match query heads {s.q_heads}")
+
+
+def shard_to_dict(s: RankShard) -> dict:
+    """Wire form of a RankShard (sent in the worker's assignment)."""
+    return {
+        "rank": s.rank, "head_dim": s.head_dim, "group_size": s.group_size,
+        "q_heads": [s.q_heads.start, s.q_heads.stop], "kv_heads": list(s.kv_heads),
+        "inter": [s.inter.start, s.inter.stop], "vocab": [s.vocab.start, s.vocab.stop],
+    }
+
+
+def shard_from_dict(d: dict, cfg: ModelConfig) -> RankShard:
+    """Inverse of shard_to_dict, checked against the model so a bad assignment fails clearly."""
+    try:
+        s = RankShard(
+            rank=int(d["rank"]), head_dim=int(d["head_dim"]), group_size=int(d["group_size"]),
+            q_heads=range(*map(int, d["q_heads"])), kv_heads=tuple(int(k) for k in d["kv_heads"]),
+            inter=range(*map(int, d["inter"])), vocab=range(*map(int, d["vocab"])),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ProtocolError(f"malformed shard assignment: {e!r}") from None
+    ok = (
+        s.head_dim == cfg.head_dim and s.group_size == cfg.group_size and len(s.q_heads) > 0
+        and 0 <= s.q_heads.start and s.q_heads.stop <= cfg.n_heads and len(s.kv_heads) > 0
+        and 0 <= s.inter.start < s.inter.stop <= cfg.intermediate
+        and 0 <= s.vocab.start < s.vocab.stop <= cfg.vocab
+    )
+    if not ok:
+        raise ProtocolError(f"shard assignment {d} does not fit the model; master and worker disagree")
+    return s

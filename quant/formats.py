@@ -167,13 +167,22 @@ class QuantError:
 
 
 def f32_to_bf16_bits(a: np.ndarray) -> np.ndarray:
-    """Round float32 to bf16 (nearest, ties to even); returns the uint16 bit patterns."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-    rounded = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
-    nan = np.isnan(a)
-    if nan.any():
-        rounded[nan] = 0x7FC0
-    return rounded
+    """Round float32 to bf16 (nearest, ties to even); returns the uint16 bit patterns.
+
+    The one bf16 codec (weights and the allreduce wire): a NaN stays a quiet NaN of its sign, where
+    rounding its payload could otherwise carry it into inf.
+    """
+    x = np.ascontiguousarray(a, dtype=np.float32)
+    u = x.view(np.uint32)
+    r = np.right_shift(u, 16)  # in-place steps after this: one temporary on the wire's hot path
+    np.bitwise_and(r, 1, out=r)
+    r += 0x7FFF
+    r += u
+    out = np.right_shift(r, 16, out=r).astype(np.uint16)
+    if np.isnan(x).any():
+        nan = np.isnan(x)
+        out[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    return out
 
 
 def bf16_bits_to_f32(u: np.ndarray) -> np.ndarray:

@@ -201,7 +201,8 @@ class Context:
         return self._binary(self.lib.ggml_mul, "mul", a, b)
 
     def rms_norm(self, x: Tensor, eps: float) -> Tensor:
-        if x.type != F32 or not x.contiguous(1) or not (eps > 0 and math.isfinite(eps)):
+        """RMS over each row of ne[0] (rows may be strided, as a head's slice of a fused q|k|v)."""
+        if x.type != F32 or x.nb[0] != 4 or not (eps > 0 and math.isfinite(eps)):
             raise _fail(f"rms_norm of {x} with eps {eps}")
         self._take(x)
         return self._wrap(self.lib.ggml_rms_norm(self.ptr, x.ptr, eps))
@@ -282,16 +283,41 @@ class Context:
 
     def swiglu(self, gate_up: Tensor) -> Tensor:
         """silu(first half of each row) * second half: the fused gate|up output."""
-        if gate_up.type != F32 or gate_up.ne[0] % 2 or not gate_up.contiguous(1):
-            raise _fail(f"swiglu of {gate_up}")
-        self._take(gate_up)
-        return self._wrap(self.lib.ggml_swiglu(self.ptr, gate_up.ptr))
+        return self._glu(self.lib.ggml_swiglu, "swiglu", gate_up)
 
     def swiglu_split(self, gate: Tensor, up: Tensor) -> Tensor:
+        return self._glu_split(self.lib.ggml_swiglu_split, "swiglu", gate, up)
+
+    def geglu(self, gate_up: Tensor) -> Tensor:
+        """gelu_tanh(first half of each row) * second half (ggml's CPU GELU reads an fp16 table)."""
+        return self._glu(self.lib.ggml_geglu, "geglu", gate_up)
+
+    def geglu_split(self, gate: Tensor, up: Tensor) -> Tensor:
+        return self._glu_split(self.lib.ggml_geglu_split, "geglu", gate, up)
+
+    def _glu(self, fn, what: str, gate_up: Tensor) -> Tensor:
+        if gate_up.type != F32 or gate_up.ne[0] % 2 or not gate_up.contiguous(1):
+            raise _fail(f"{what} of {gate_up}")
+        self._take(gate_up)
+        return self._wrap(fn(self.ptr, gate_up.ptr))
+
+    def _glu_split(self, fn, what: str, gate: Tensor, up: Tensor) -> Tensor:
         if gate.type != F32 or up.type != F32 or gate.ne != up.ne or not (gate.contiguous(1) and up.contiguous(1)):
-            raise _fail(f"swiglu of {gate} and {up}")
+            raise _fail(f"{what} of {gate} and {up}")
         self._take(gate, up)
-        return self._wrap(self.lib.ggml_swiglu_split(self.ptr, gate.ptr, up.ptr))
+        return self._wrap(fn(self.ptr, gate.ptr, up.ptr))
+
+    def scale(self, x: Tensor, s: float) -> Tensor:
+        if x.type != F32 or not x.contiguous() or not math.isfinite(s):
+            raise _fail(f"scaling {x} by {s}")
+        self._take(x)
+        return self._wrap(self.lib.ggml_scale(self.ptr, x.ptr, s))
+
+    def tanh(self, x: Tensor) -> Tensor:
+        if x.type != F32 or not x.contiguous():
+            raise _fail(f"tanh of {x}")
+        self._take(x)
+        return self._wrap(self.lib.ggml_tanh(self.ptr, x.ptr))
 
 
 class _ComputeBuffer:

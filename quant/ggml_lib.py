@@ -114,6 +114,10 @@ _SIGNATURES = {
     "ggml_prec_set_acc": ("base", _bool, (P, _i32)),
     "ggml_swiglu": ("base", P, (P, P)),
     "ggml_swiglu_split": ("base", P, (P, P, P)),
+    "ggml_geglu": ("base", P, (P, P)),
+    "ggml_geglu_split": ("base", P, (P, P, P)),
+    "ggml_scale": ("base", P, (P, P, _f32)),
+    "ggml_tanh": ("base", P, (P, P)),
     # graphs and allocation
     "ggml_new_graph_custom": ("base", P, (P, _sz, _bool)),
     "ggml_build_forward_expand": ("base", None, (P, P)),

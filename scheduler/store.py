@@ -438,3 +438,15 @@ class ShardStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def verified_content_hash(path: str | os.PathLike) -> str | None:
+    """The content hash of a complete, intact shard store (every block re-hashed); None for any other file.
+
+    A shard's one identity: written into its header once, sent in Assign, and the worker's cache key.
+    """
+    try:
+        with ShardStore.open(path, verify=True) as store:
+            return store.content_hash
+    except ModelFormatError:
+        return None

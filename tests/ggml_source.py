@@ -31,7 +31,8 @@ class ModelBlocks:
         return self.source.config
 
     def embed(self, ids) -> np.ndarray:
-        return dequantize(take_rows(self.embed_table, np.asarray(ids, dtype=np.int64)))
+        h = dequantize(take_rows(self.embed_table, np.asarray(ids, dtype=np.int64)))
+        return h * np.float32(self.config.embed_scale)  # gemma3: sqrtf(hidden); 1 elsewhere
 
     def matrix_types(self) -> set[str]:
         """GGUF types of the file's matrices."""

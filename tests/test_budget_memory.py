@@ -125,7 +125,7 @@ import json, sys
 from pathlib import Path
 import numpy as np
 from tpi.errors import TpiError
-from tpi.master.group import GroupOptions, start_group
+from tpi.master import GroupOptions, start_group
 from tpi.master.sampler import SamplingParams
 model, cache_dir, out, budget, worker_budget = sys.argv[1:]
 def size(text): return int(text) or None

@@ -21,11 +21,11 @@ import pytest
 
 from tpi.model.backends import make_layers
 from tpi.errors import BudgetError
-from tpi.master.generate import Engine
-from tpi.master.group import GroupOptions, start_group
+from tpi.master.engine import Engine
+from tpi.master import GroupOptions, start_group
 from tpi.model.transformer import Transformer
 from tpi.scheduler.store import ShardStore
-from tpi.master.shard import shard_from_dict
+from tpi.devices.slicing import shard_from_dict
 from tpi.model.config import config_from_dict
 from tpi.model.blocks import GLOBALS
 from tpi.model.weights import open_store_weights, plan_memory, planned_block_sizes

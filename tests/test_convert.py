@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from tpi.master.engine import EngineOptions, build_local_engine
+from tpi.master import EngineOptions, build_local_engine
 
 TOKENS = [5, 9, 33, 120, 7, 64, 2, 18]
 

@@ -6,7 +6,9 @@ import threading
 import pytest
 
 from netproxy import DelayProxy
-from tpi.transport.link import LinkSettings, MasterLink, WorkerLink
+from tpi.transport.keeper import LinkSettings
+from tpi.transport.link import MasterLink
+from tpi.transport.worker_link import WorkerLink
 from tpi.transport.protocol import Assign
 
 FAST = LinkSettings(heartbeat_s=0.1, timeout_s=2.0, step_timeout_s=10, join_timeout_s=5)

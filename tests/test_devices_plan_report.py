@@ -6,7 +6,7 @@ import io
 import pytest
 from rich.console import Console
 
-from tpi.devices.plan_report import EXAMPLE_DEVICES_TOML, load_devices_file, plan_command, render_plan
+from tpi.devices.plan_report import EXAMPLE_DEVICES_TOML, load_devices_file, plan_command, plan_tables, render_plan
 from tpi.devices.planner import plan_group
 from tpi.devices.shapes import model_shape
 from tpi.errors import GroupError
@@ -81,10 +81,12 @@ def test_render_plan_has_a_row_per_rank_and_a_summary(tmp_path):
     assert "token latency" in table.caption and "model prediction" in table.title
 
 
-def test_plan_command_prints_the_plan(tmp_path):
+def test_plan_command_plans_what_its_tables_show(tmp_path):
     buf = io.StringIO()
-    plan = plan_command("llama-2-70b", write(tmp_path, EXAMPLE_DEVICES_TOML),
-                        console=Console(file=buf, width=200))
+    plan = plan_command("llama-2-70b", write(tmp_path, EXAMPLE_DEVICES_TOML))
+    console = Console(file=buf, width=200)
+    for table in plan_tables(plan):
+        console.print(table)
     out = buf.getvalue()
     assert plan.model == "llama-2-70b" and len(plan.names) > 1
     assert "token latency" in out and "star (used)" in out

@@ -191,7 +191,7 @@ def test_serve_prints_the_short_form_beside_the_explicit_one(lan_groups):
 
 
 def test_one_master_and_two_workers_discover_each_other_and_answer_as_one_device(lan_groups):
-    from tpi.master.group import GroupOptions, start_group
+    from tpi.master import GroupOptions, start_group
 
     answer, status = lan_groups["answers"]["A"]
     names = {d["name"]: d["address"] for d in status["group"]["devices"]}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tpi.master.engine import EngineOptions, build_local_engine
+from tpi.master import EngineOptions, build_local_engine
 
 TOKENS = [3, 17, 99, 5, 64, 200, 31, 7, 150, 42, 8, 77]
 GGUF_VARIANTS = [

@@ -81,7 +81,7 @@ def test_the_worker_install_has_no_torch_and_names_the_extra_for_what_it_lacks(f
 
 def test_the_readmes_exact_join_from_a_fresh_torch_free_venv_joins_and_the_group_answers(fresh_worker_venv, smollm2,
                                                                                         tmp_path):
-    from tpi.master.group import GroupOptions, start_group
+    from tpi.master import GroupOptions, start_group
 
     *_, join = worker_block()
     assert join == "tpi join --token <TOKEN> --name phone --memory-budget 2GB"

@@ -29,11 +29,13 @@ from zmq.utils.monitor import recv_monitor_message
 from test_reliability_support import device_profile, free_port_pair, join
 
 from tpi.errors import ProtocolError
-from tpi.master.group import GroupOptions, start_group
+from tpi.master import GroupOptions, start_group
 from tpi.master.sampler import SamplingParams
+from tpi.scheduler.store import verified_content_hash
 from tpi.transport import protocol as p
 from tpi.transport import security
-from tpi.transport.link import LinkSettings, WorkerLink
+from tpi.transport.keeper import LinkSettings
+from tpi.transport.worker_link import WorkerLink
 from tpi.worker import SHARD_SUFFIX, WorkerOptions, _load_model, _serve_steps
 
 pytestmark = pytest.mark.slow
@@ -48,7 +50,7 @@ VALID = [
     p.Partial(4, np.ones((1, 128), np.float32), seq=9),
     p.Reduced(4, np.ones((1, 128), np.float32), seq=9),
     p.Logits(5, np.arange(10, dtype=np.uint16), seq=9),
-    p.Step(7, 12, 1, {}, np.ones((1, 128), np.float32), seq=9),
+    p.Step(7, 0, [0], [12], [1], np.ones((1, 128), np.float32), seq=9),
     p.Heartbeat(),
     p.Stop("bye"),
 ]
@@ -100,7 +102,7 @@ def hostile_worker(port: int, token: str, tmp, rng, counts: dict, box: dict) -> 
     try:
         assign = link.join(opts.name, device_profile("hostile"), [])
         dest = opts.cache_dir / f"{assign.shard_hash}{SHARD_SUFFIX}"
-        link.fetch_shard(dest, assign.shard_hash, assign.shard_size)
+        link.fetch_shard(dest, assign.shard_hash, assign.shard_size, verified_content_hash)
         model, _ = _load_model(dest, assign, opts)
         comm = link.communicator()
         junk = garbage(rng, oversize=False)
@@ -145,7 +147,7 @@ def test_ten_thousand_hostile_messages_leave_master_and_workers_serving_the_same
                              "master data (unadmitted, refused at handshake)", "worker control", "worker data",
                              "raw TCP connections of junk", "master control past MAXMSGSIZE (disconnected)")}
     box, hostile_box = {}, {}
-    former = threading.Thread(target=lambda: box.update(group=start_group(opts, say=lambda m: None)))
+    former = threading.Thread(target=lambda: box.update(group=start_group(opts, on_event=lambda e: None)))
     former.start()
     worker = join(port, token, tmp_path, "honest")
     hostile = threading.Thread(target=hostile_worker, args=(port, token, tmp_path, rng, counts, hostile_box))
@@ -192,8 +194,8 @@ def test_ten_thousand_hostile_messages_leave_master_and_workers_serving_the_same
 
         # the worker process, through the master's own sockets (between requests: data is ours)
         link = group.link
-        rid = next(r for r, peer in link._peers.items() if peer.name == "honest" and peer.state == "admitted")
-        peer_id = group.assigns[next(d.rank for d in group.devices if d.name == "honest")][0].peer_id.encode()
+        rid = next(r for r, peer in link.peers.admitted() if peer.name == "honest")
+        peer_id = group.peer_id(next(d.rank for d in group.devices if d.name == "honest")).encode()
         junk = garbage(rng, oversize=False)
         for _ in range(2000):
             frames = next(junk)
@@ -201,7 +203,7 @@ def test_ten_thousand_hostile_messages_leave_master_and_workers_serving_the_same
             counts["worker control"] += 1
         with engine.lock:
             for _ in range(2000):
-                link.data.send_multipart([peer_id, *next(junk)])
+                link.data.sock.send_multipart([peer_id, *next(junk)])
                 counts["worker data"] += 1
         time.sleep(1.0)  # let the worker chew through its queue before the next step
         deadline = time.monotonic() + 30  # and the master's keeper through the control batch

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from test_reliability_support import device_profile
 
-from tpi.master.group import GroupOptions, start_group
+from tpi.master import GroupOptions, start_group
+from tpi.master.events import WaitingForDevices
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,7 @@ TRANSFER_LINE = re.compile(r"shard: (\d+) bytes transferred")
 
 def serve_round(model: Path, tmp: Path, worker_cache: Path) -> tuple[np.ndarray, str]:
     """Serve a group of 2 with one `tpi join` process; returns (prompt logits, the worker's log)."""
-    said: list[str] = []
+    said: list = []
     box: dict = {}
 
     def master() -> None:
@@ -36,16 +37,16 @@ def serve_round(model: Path, tmp: Path, worker_cache: Path) -> tuple[np.ndarray,
             box["group"] = start_group(GroupOptions(
                 model=str(model), devices=2, ratios=(0.5, 0.5), host="127.0.0.1", threads=1,
                 config_dir=tmp / "master-config", cache_dir=tmp / "master-cache", join_timeout_s=120),
-                say=said.append)
+                on_event=said.append)
         except Exception as e:  # re-raised on the test thread below
             box["error"] = e
 
     thread = threading.Thread(target=master)
     thread.start()
     deadline = time.monotonic() + 60
-    while not any(JOIN_LINE.search(s) for s in said) and thread.is_alive() and time.monotonic() < deadline:
+    while not any(isinstance(e, WaitingForDevices) for e in said) and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
-    found = next((m for s in said if (m := JOIN_LINE.search(s))), None)
+    found = next((m for e in said if isinstance(e, WaitingForDevices) and (m := JOIN_LINE.search(str(e)))), None)
     assert found, f"the master printed no join command: {said} {box.get('error')}"
     log_path = worker_cache.parent / f"worker-{time.monotonic_ns()}.log"
     profile = tmp / "cached-profile.json"  # the ratios are fixed: a stated profile spares measuring the machine

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tpi.master.group import GroupOptions, start_group
+from tpi.master import GroupOptions, start_group
 from tpi.master.sampler import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -101,9 +101,9 @@ def assert_same_output(single, grouped, label: str) -> None:
     assert tokens[:same_until] == ref_tokens[:same_until], f"{label}: greedy tokens differ before a near-tie"
 
 
-def grouped_run(opts: GroupOptions, world: int, forced: list[int], say=None) -> tuple[np.ndarray, list[int]]:
+def grouped_run(opts: GroupOptions, world: int, forced: list[int], on_event=None) -> tuple[np.ndarray, list[int]]:
     """run_engine on a group started from opts (forced: the single device's tokens), then closed."""
-    group = start_group(opts, **({"say": say} if say else {}))
+    group = start_group(opts, **({"on_event": on_event} if on_event else {}))
     try:
         assert group.engine.comm.world == world
         return run_engine(group.engine, forced=forced)

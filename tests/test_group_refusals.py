@@ -17,9 +17,12 @@ import pytest
 import zmq
 
 from tpi.errors import GroupError
-from tpi.master.group import GroupOptions, start_group
+from tpi.master import GroupOptions, start_group
+from tpi.master.events import WaitingForDevices
+from tpi.scheduler.store import verified_content_hash
 from tpi.transport import security
-from tpi.transport.link import LinkSettings, WorkerLink
+from tpi.transport.keeper import LinkSettings
+from tpi.transport.worker_link import WorkerLink
 from tpi.transport.protocol import Hello, Refuse, decode, encode
 from tpi.worker import SHARD_SUFFIX, WorkerOptions, _load_model, _serve_steps
 
@@ -38,14 +41,14 @@ def worker_asking_for_the_wrong_shard_first(port: int, token: str, tmp: Path, bo
         assign = link.join(opts.name, {}, [OTHER_MODEL_HASH])
         try:
             # one byte: a single request, so no second refusal is still in flight for the next fetch
-            link.fetch_shard(tmp / "other.tpis", OTHER_MODEL_HASH, 1)
+            link.fetch_shard(tmp / "other.tpis", OTHER_MODEL_HASH, 1, verified_content_hash)
         except GroupError as e:
             box["hash_refusal"] = str(e)
         dest = opts.cache_dir / f"{assign.shard_hash}{SHARD_SUFFIX}"
-        link.fetch_shard(dest, assign.shard_hash, assign.shard_size)
+        link.fetch_shard(dest, assign.shard_hash, assign.shard_size, verified_content_hash)
         model, _ = _load_model(dest, assign, opts)
         model.comm = link.communicator()
-        box["steps"] = _serve_steps(model, model.comm)
+        box["steps"], _ = _serve_steps(model, model.comm)
     except Exception as e:  # reported by the test thread
         box["error"] = e
     finally:
@@ -74,7 +77,7 @@ def test_wrong_shard_old_protocol_and_full_group_are_refused_while_the_group_ser
     model = tiny_gguf("tiny_llama_q4_0")
     config_dir = tmp_path / "master-config"
     token = security.master_token(config_dir)  # the master loads the same keys, so the same token
-    said: list[str] = []
+    said: list = []
     box: dict = {}
     serving: dict = {}
 
@@ -83,16 +86,18 @@ def test_wrong_shard_old_protocol_and_full_group_are_refused_while_the_group_ser
             serving["group"] = start_group(GroupOptions(
                 model=str(model), devices=2, ratios=(0.5, 0.5), host="127.0.0.1", threads=1,
                 config_dir=config_dir, cache_dir=tmp_path / "master-cache", join_timeout_s=120),
-                say=said.append)
+                on_event=said.append)
         except Exception as e:  # re-raised below
             serving["error"] = e
 
     master_thread = threading.Thread(target=master)
     master_thread.start()
     deadline = time.monotonic() + 60
-    while not any("tpi join" in s for s in said) and master_thread.is_alive() and time.monotonic() < deadline:
+    while not any(isinstance(e, WaitingForDevices) for e in said) and master_thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
-    port = int(next(s for s in said if "tpi join" in s).split("tpi join ")[1].split()[0].rpartition(":")[2])
+    waiting = next(e for e in said if isinstance(e, WaitingForDevices))
+    port = waiting.port
+    assert f"tpi join 127.0.0.1:{port} --token {waiting.token}" in str(waiting)
     worker = threading.Thread(target=worker_asking_for_the_wrong_shard_first, args=(port, token, tmp_path, box))
     worker.start()
     master_thread.join(timeout=180)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 from test_group_parity import assert_same_output, grouped_run, run_engine
 
-from tpi.master.group import GroupOptions, start_group
+from tpi.master import GroupOptions, start_group
+from tpi.master.events import ShardsRequantized
 from tpi.scheduler.store import ShardStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::ResourceWarning")]
@@ -47,7 +48,7 @@ def single(q4_k_m, tmp_path_factory):
 def test_group_on_a_q4_k_m_mix_gives_single_device_tokens(world, ratios, worker_wo, q4_k_m, single, tmp_path):
     said = []
     grouped = grouped_run(options(q4_k_m, tmp_path, local_workers=world - 1, host="127.0.0.1", ratios=ratios),
-                          world, single[1], say=said.append)
+                          world, single[1], on_event=said.append)
     assert_same_output(single, grouped, f"Q4_K_M N={world} ratios={ratios}")
     stores = sorted((tmp_path / "cache" / "master").glob("*.tpis"), key=lambda p: p.stat().st_mtime)
     got = []
@@ -58,4 +59,5 @@ def test_group_on_a_q4_k_m_mix_gives_single_device_tokens(world, ratios, worker_
         store.close()
     assert [wo for _, wo, _ in sorted(got)] == worker_wo
     assert all(down in ("ggml:Q4_K", "ggml:Q6_K") for _, _, down in got)  # w_down always on its blocks
-    assert any("re-quantized to Q8_0" in line for line in said) == (world > 2)
+    requantized = [e for e in said if isinstance(e, ShardsRequantized)]
+    assert bool(requantized) == (world > 2) and all("re-quantized to Q8_0" in str(e) for e in requantized)

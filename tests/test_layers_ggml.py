@@ -200,7 +200,7 @@ def english_ids(smollm2) -> list[int]:
 
 @pytest.mark.parametrize("ftype", [None, "Q4_K_M"])
 def test_perplexity_within_half_a_percent_of_llama_cpp(smollm2, english_ids, tmp_path, ftype):
-    from tpi.cli import window_perplexity
+    from tpi.master.perplexity import window_perplexity
 
     path = smollm2 if ftype is None else llama_quantize(smollm2, tmp_path / f"smollm2-{ftype}.gguf", ftype)
     src = model_blocks(path)
@@ -211,13 +211,3 @@ def test_perplexity_within_half_a_percent_of_llama_cpp(smollm2, english_ids, tmp
     theirs = llama_cpp_perplexity(path, english_ids)
     print(f"SmolLM2 {ftype or 'Q4_1'}: perplexity ggml {ours:.4f}, llama.cpp {theirs:.4f}")
     assert abs(ours / theirs - 1) <= 0.005
-
-
-def test_an_architecture_without_graphs_is_refused_with_the_fix():
-    from tpi.model.config import ModelConfig
-    from tpi.errors import UnsupportedArchitectureError
-    from tpi.model.layers_ggml import GgmlLayers
-
-    cfg = ModelConfig("gemma3", 64, 128, 1, 2, 1, 32, 100, 64, 1e-6, 1e4)
-    with pytest.raises(UnsupportedArchitectureError, match="--backend numpy"):
-        GgmlLayers(cfg, 2, (0, 0), 64, 1)

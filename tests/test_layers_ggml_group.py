@@ -60,9 +60,10 @@ class ThreadComm:
 
 
 class Group:
-    """N ranks of GgmlLayers on a GGUF, run in lockstep; forward returns the whole vocabulary."""
+    """N ranks of GgmlLayers (or another layers class) on a GGUF, run in lockstep; forward returns the
+    whole vocabulary."""
 
-    def __init__(self, src: ModelBlocks):
+    def __init__(self, src: ModelBlocks, layers_class=None, context: int = CONTEXT):
         from tpi.model.layers_ggml import GgmlLayers
 
         self.src, cfg = src, src.config
@@ -70,7 +71,7 @@ class Group:
         hub = _Hub(len(self.shards))
         self.ranks = []
         for s, blocks in zip(self.shards, src.blocks):
-            layers = GgmlLayers(cfg, s.n_q_heads, s.q_to_local_kv, CONTEXT, 1)
+            layers = (layers_class or GgmlLayers)(cfg, s.n_q_heads, s.q_to_local_kv, context, 1)
             weights = ResidentWeights({k: layers.to_runtime(b) for k, b in blocks.items()})
             self.ranks.append(Transformer(cfg, layers, weights, ThreadComm(hub, s.rank) if len(self.shards) > 1 else None))
         self.pool = ThreadPoolExecutor(len(self.shards))
@@ -116,11 +117,11 @@ def assert_single_device_output(ref: tuple, got: tuple, label: str) -> int:
     top2 = np.sort(ref_rows, axis=-1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 2 * np.abs(rows - ref_rows).max(-1)
     print(f"{label}: min corr {corr:.6f}, max|diff| {diff / scale:.2%} of max|logit|, "
-          f"{int(clear.sum())}/{STEPS} choices clear of a near-tie")
+          f"{int(clear.sum())}/{len(rows)} choices clear of a near-tie")
     assert corr >= MIN_CORRELATION and diff <= MAX_ABS_DIFF_FRACTION * scale, label
     np.testing.assert_array_equal(rows.argmax(-1)[clear], ref_rows.argmax(-1)[clear], label)
-    assert clear.sum() >= STEPS // 3, f"{label}: too few clear choices to mean anything"
-    return int(np.argmin(clear)) if not clear.all() else STEPS
+    assert clear.sum() >= len(rows) // 3, f"{label}: too few clear choices to mean anything"
+    return int(np.argmin(clear)) if not clear.all() else len(rows)
 
 
 CASES = [(0.6, 0.4), (0.5, 0.3, 0.2), (0.4, 0.3, 0.2, 0.1)]

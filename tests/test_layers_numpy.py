@@ -20,7 +20,7 @@ from tpi.model.config import layer_name
 from tpi.devices.slicing import plan_shards
 from tpi.model.backends import make_layers
 from tpi.formats import open_model
-from tpi.master.generate import Engine
+from tpi.master.engine import Engine
 from tpi.model.layers_numpy import NumpyLayers
 from tpi.model.transformer import ResidentWeights, Transformer
 from tpi.quant.formats import dequantize

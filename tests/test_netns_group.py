@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from test_reliability_support import device_profile
 
-from tpi.master.group import GroupOptions, start_group
+from tpi.master import GroupOptions, start_group
 from tpi.master.sampler import SamplingParams
 from tpi.transport import security
 
@@ -34,12 +34,12 @@ MASTER = """
 import json, sys
 from pathlib import Path
 import numpy as np
-from tpi.master.group import GroupOptions, start_group
+from tpi.master import GroupOptions, start_group
 from tpi.master.sampler import SamplingParams
 model, host, port, config_dir, cache_dir, out, prompt = sys.argv[1:]
 group = start_group(GroupOptions(model=model, devices=2, ratios=(0.5, 0.5), host=host, port=int(port),
                                  threads=1, config_dir=Path(config_dir), cache_dir=Path(cache_dir), join_timeout_s=120),
-                    say=lambda m: print(m, file=sys.stderr, flush=True))
+                    on_event=lambda e: print(e, file=sys.stderr, flush=True))
 try:
     e = group.engine
     ids = e.tokenizer.encode(prompt, add_bos=True, special=True)

@@ -11,7 +11,7 @@ import numpy as np
 import zmq
 
 from tpi.transport.allreduce import StarMaster, StarWorker
-from tpi.transport.protocol import from_bf16, to_bf16
+from tpi.transport.protocol import Step, from_bf16, to_bf16
 
 
 def _gather_once(slice_: np.ndarray) -> tuple[np.ndarray, int]:
@@ -31,13 +31,12 @@ def _gather_once(slice_: np.ndarray) -> tuple[np.ndarray, int]:
         worker = StarWorker(dealer, 1, 2, "f32", lambda: None, step_timeout_s=10, max_frame=1 << 24)
 
         def work() -> None:
-            header, _ = worker.recv_step()
-            assert header["kind"] == "step"
+            assert isinstance(worker.recv_step(), Step)
             worker.gather(slice_)
 
         t = threading.Thread(target=work)
         t.start()
-        master.broadcast_step({"request_id": 1, "start_pos": 0, "n_tokens": 1}, np.zeros((1, 4), np.float32))
+        master.broadcast_step(Step.of_sequence(0, 1, np.zeros((1, 4), np.float32), request_id=1))
         parts = master.gather(np.zeros(1, np.float32))
         t.join(10)
         return parts[1], worker.stats.bytes_sent

@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 
 from tpi.devices.profile import DeviceProfile
-from tpi.master.engine import EngineOptions, build_local_engine
-from tpi.master.group import GroupOptions, start_group
+from tpi.master import EngineOptions, build_local_engine
+from tpi.master import GroupOptions, start_group
+from tpi.master.events import DeviceLeftOut, GroupPlanned, WaitingForDevices
 from tpi.master.sampler import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -56,8 +57,7 @@ def test_planned_uneven_group_matches_single_device_and_refuses_a_slow_device(ti
 
     snail = tmp_path / "snail.json"
     snail.write_text(json.dumps(profile("snail", 0.001)))
-    said: list[str] = []
-    plans: list = []
+    said: list = []
     box: dict = {}
 
     def serve() -> None:
@@ -66,7 +66,7 @@ def test_planned_uneven_group_matches_single_device_and_refuses_a_slow_device(ti
                 model=model, devices=3, local_workers=1, host="127.0.0.1", port=box["port"], leave_out=True,
                 profile=profile("master", 100.0), worker_profile=profile("ignored", 50.0),
                 config_dir=tmp_path / "config", cache_dir=tmp_path / "cache", join_timeout_s=120),
-                say=said.append, on_plan=plans.append)
+                on_event=said.append)
         except Exception as e:  # handed to the test thread
             box["error"] = e
 
@@ -77,7 +77,7 @@ def test_planned_uneven_group_matches_single_device_and_refuses_a_slow_device(ti
     master = threading.Thread(target=serve)
     master.start()
     deadline = time.monotonic() + 120  # the control port listens once the master says how to join
-    while not any("tpi join" in m for m in said) and master.is_alive() and time.monotonic() < deadline:
+    while not any(isinstance(e, WaitingForDevices) for e in said) and master.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     remote = subprocess.run(
         [sys.executable, "-m", "tpi", "join", f"127.0.0.1:{box['port']}", "--token", token, "--name", "snail",
@@ -91,8 +91,9 @@ def test_planned_uneven_group_matches_single_device_and_refuses_a_slow_device(ti
         # The slow device heard why it was turned away, and the group went on without it.
         assert remote.returncode != 0
         assert "left this device out" in remote.stderr and "ms/token" in remote.stderr
-        assert any(m.startswith("left out snail") for m in said)
-        plan, = plans
+        left_out = [e for e in said if isinstance(e, DeviceLeftOut)]
+        assert [e.name for e in left_out] == ["snail"] and str(left_out[0]).startswith("left out snail: ")
+        plan, = [e.plan for e in said if isinstance(e, GroupPlanned)]
         assert plan.names == ("master", "local-1")
         assert plan.ratios[0] == pytest.approx(2 / 3, abs=0.01)
         assert group.engine.comm.world == 2

@@ -24,10 +24,10 @@ from test_reliability_support import device_profile, free_port_pair, join
 
 from tpi.serve.api import create_app
 from tpi.errors import GroupError
-from tpi.master.group import GroupOptions, start_group
+from tpi.master import GroupOptions, start_group
 from tpi.master.sampler import SamplingParams
 from tpi.serve.service import GenerationRequest, GenerationService
-from tpi.transport.link import LinkSettings
+from tpi.transport.keeper import LinkSettings
 from tpi.transport.security import master_token
 
 pytestmark = pytest.mark.slow
@@ -81,7 +81,7 @@ def test_killed_worker_fails_the_request_then_rejoins_then_the_group_replans_the
 
     def form() -> None:
         try:
-            box["group"] = start_group(opts, say=said.append)
+            box["group"] = start_group(opts, on_event=said.append)
         except Exception as e:  # re-raised on the test thread
             box["error"] = e
 

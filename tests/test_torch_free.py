@@ -60,7 +60,7 @@ def greedy_tokens(path, backend: str, prompt: list[int], steps: int = GREEDY_STE
         from tpi.devices.slicing import plan_shards
         from tpi.model.backends import make_layers
         from tpi.formats import open_model
-        from tpi.master.generate import Engine
+        from tpi.master.engine import Engine
         from tpi.model.transformer import ResidentWeights, Transformer
         from tpi.master.shard import iter_rank_blocks
 
@@ -197,7 +197,7 @@ def test_torch_free_numpy_decode_on_smollm2_gives_the_torch_backends_tokens(bloc
 
 def group_run(model, prompt: list[int], tmp_path: Path, backend: str, ratios=None) -> tuple[np.ndarray, list[int], int]:
     """Master (this process, `backend`) plus one local numpy worker: prompt logits, greedy tokens, worker pid."""
-    from tpi.master.group import GroupOptions, start_group
+    from tpi.master import GroupOptions, start_group
 
     group = start_group(GroupOptions(
         model=str(model), local_workers=1, worker_backend="numpy", backend=backend, host="127.0.0.1",

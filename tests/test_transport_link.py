@@ -13,18 +13,30 @@ import zmq
 from netproxy import DelayProxy
 from tpi.errors import GroupError
 from tpi.transport import security
-from tpi.transport.link import LinkSettings, MasterLink, WorkerLink
-from tpi.transport.protocol import Assign, Hello, Refuse, ShardChunk, ShardRequest, decode, encode
-from tpi.transport.transfer import ShardServer, fetch_shard, shard_hash
+from tpi.transport.keeper import LinkSettings
+from tpi.transport.link import MasterLink
+from tpi.transport.worker_link import WorkerLink
+from tpi.transport.protocol import Assign, Hello, Refuse, ShardChunk, ShardRequest, Step, decode, encode
+from tpi.scheduler.store import verified_content_hash, write_store
+from tpi.transport.transfer import ShardServer, fetch_shard
 
 FAST = LinkSettings(heartbeat_s=0.1, timeout_s=0.6, step_timeout_s=10, join_timeout_s=3, chunk_bytes=64 << 10)
 
 
 @pytest.fixture
 def shard(tmp_path) -> Path:
-    path = tmp_path / "shard.bin"
-    path.write_bytes(np.random.default_rng(1).integers(0, 256, 700_000, dtype=np.uint8).tobytes())
+    """A real shard store (~0.9 MB of random blocks): its identity is its content hash."""
+    rng = np.random.default_rng(1)
+    path = tmp_path / "shard.tpis"
+    write_store(path, {"format": "test"},
+                ((f"L{i}.attn", {"w": rng.integers(0, 256, 100_000, dtype=np.uint8)}) for i in range(7)))
     return path
+
+
+def shard_hash(path: Path) -> str:
+    identity = verified_content_hash(path)
+    assert identity is not None
+    return identity
 
 
 @pytest.fixture
@@ -65,10 +77,10 @@ def test_device_with_token_joins_fetches_its_shard_then_finds_it_cached(master, 
     assert box["value"] == sent and join.name == "laptop" and join.cached_hashes == ("abc",)
     assert join.device_key == security.load_or_create_keypair(tmp_path / "w", "device").public
     dest = tmp_path / "cache" / "shard.bin"
-    stats = worker.fetch_shard(dest, sent.shard_hash, sent.shard_size)
+    stats = worker.fetch_shard(dest, sent.shard_hash, sent.shard_size, verified_content_hash)
     assert dest.read_bytes() == shard.read_bytes()
     assert stats.bytes_transferred == shard.stat().st_size and not stats.cached
-    again = worker.fetch_shard(dest, sent.shard_hash, sent.shard_size)
+    again = worker.fetch_shard(dest, sent.shard_hash, sent.shard_size, verified_content_hash)
     assert again.cached and again.bytes_transferred == 0
     worker.close()
 
@@ -81,7 +93,7 @@ def test_wrong_token_is_refused_and_receives_no_shard_bytes(master, shard, tmp_p
         worker.join("intruder", {}, [])
     dest = tmp_path / "cache" / "shard.bin"
     with pytest.raises(GroupError, match="refused"):
-        worker.fetch_shard(dest, shard_hash(shard), shard.stat().st_size)
+        worker.fetch_shard(dest, shard_hash(shard), shard.stat().st_size, verified_content_hash)
     assert not dest.exists() and not dest.with_name("shard.bin.part").exists()
     assert master.next_join(timeout=0.2) is None
     assert master.transfer_progress() == {}
@@ -180,10 +192,10 @@ def test_wire_shows_tensor_bytes_only_when_insecure(tmp_path, insecure):
         wt, wbox = _in_thread(lambda: worker.communicator().recv_step())
         comm = master.communicator("f32", ready_timeout_s=5)
         x = np.frombuffer(PATTERN * 4, np.float32).reshape(1, -1)
-        comm.broadcast_step({"request_id": 1, "start_pos": 0, "n_tokens": 1}, x)
+        comm.broadcast_step(Step.of_sequence(0, 1, x, request_id=1))
         wt.join()
-        header, got = wbox["value"]
-        assert header["kind"] == "step" and got.tobytes() == x.tobytes()
+        step = wbox["value"]
+        assert isinstance(step, Step) and step.x.tobytes() == x.tobytes()
         time.sleep(0.1)
         wire = ctl.recorded()
         secret = security.parse_token(master.token).secret
@@ -260,10 +272,10 @@ def test_interrupted_transfer_resumes_from_its_partial_file(shard, tmp_path):
     h, size, dest = shard_hash(shard), shard.stat().st_size, tmp_path / "d" / "s.bin"
     cut = FakeMaster(shard, fail_after=5)
     with pytest.raises(GroupError, match="dropped"):
-        fetch_shard(dest, h, size, cut.send, cut.recv, chunk_bytes=50_000)
+        fetch_shard(dest, h, size, cut.send, cut.recv, verified_content_hash, chunk_bytes=50_000)
     assert not dest.exists() and dest.with_name("s.bin.part").stat().st_size > 0
     fake = FakeMaster(shard)
-    stats = fetch_shard(dest, h, size, fake.send, fake.recv, chunk_bytes=50_000)
+    stats = fetch_shard(dest, h, size, fake.send, fake.recv, verified_content_hash, chunk_bytes=50_000)
     assert dest.read_bytes() == shard.read_bytes()
     assert stats.bytes_resumed >= 5 * 50_000 - 50_000 * 4  # at least what landed before the cut
     assert stats.bytes_resumed + stats.bytes_transferred == size and not stats.refetched
@@ -276,7 +288,7 @@ def test_corrupted_partial_file_is_detected_and_refetched(shard, tmp_path):
     good[300_000] ^= 0x55
     part.write_bytes(bytes(good))
     fake = FakeMaster(shard)
-    stats = fetch_shard(dest, h, size, fake.send, fake.recv, chunk_bytes=50_000)
+    stats = fetch_shard(dest, h, size, fake.send, fake.recv, verified_content_hash, chunk_bytes=50_000)
     assert dest.read_bytes() == shard.read_bytes()
     assert stats.bytes_resumed <= 300_000 and stats.bytes_transferred == size - stats.bytes_resumed
 
@@ -284,15 +296,16 @@ def test_corrupted_partial_file_is_detected_and_refetched(shard, tmp_path):
 def test_chunk_corrupted_in_transit_is_fetched_again(shard, tmp_path):
     fake = FakeMaster(shard, corrupt_chunk=2)
     dest = tmp_path / "s.bin"
-    fetch_shard(dest, shard_hash(shard), shard.stat().st_size, fake.send, fake.recv, chunk_bytes=50_000)
+    fetch_shard(dest, shard_hash(shard), shard.stat().st_size, fake.send, fake.recv, verified_content_hash,
+                chunk_bytes=50_000)
     assert dest.read_bytes() == shard.read_bytes()
 
 
 def test_shard_that_never_matches_its_hash_is_an_error(shard, tmp_path):
     fake = FakeMaster(shard, claimed_hash="0" * 64)  # the file changed after the plan hashed it
-    with pytest.raises(GroupError, match="sha256"):
+    with pytest.raises(GroupError, match="fails its identity check after a full refetch"):
         fetch_shard(tmp_path / "s.bin", "0" * 64, shard.stat().st_size, fake.send,
-                    lambda: fake.recv(), chunk_bytes=100_000)
+                    lambda: fake.recv(), verified_content_hash, chunk_bytes=100_000)
 
 
 def test_delay_proxy_delays_each_direction_and_stops_cleanly():

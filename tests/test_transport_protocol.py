@@ -17,20 +17,24 @@ from tpi.transport import security
 SAMPLES = [
     p.Hello("phone", {"gflops": 3.5, "cores": 8, "nested": {"a": [1, 2.0, None]}}, ["ab" * 32], b"\x01" * 32),
     p.Assign(rank=2, world=3, shard_hash="f" * 64, shard_size=123, wire_dtype="bf16", peer_id="abc",
-             data_port=7701, heartbeat_s=0.5, timeout_s=3.0, assignment={"heads": [0, 4]}),
+             data_port=7701, heartbeat_s=0.5, timeout_s=3.0, config={"hidden": 64}, shard={"heads": [0, 4]},
+             context=256),
     p.Refuse("wrong join token"),
     p.ShardRequest("f" * 64, 1 << 20, 4096, False),
     p.ShardChunk("f" * 64, 8, 5, 1234, np.frombuffer(b"hello", np.uint8)),
     p.ShardChunk("f" * 64, 8, 5, 1234, np.empty(0, np.uint8)),
     p.Ready(),
-    p.Step(7, 12, 3, {"temperature": 0.0}, np.arange(12, dtype=np.float32).reshape(3, 4), seq=9),
+    p.Step(7, p.ALL_LOGITS, [0], [12], [3], np.arange(12, dtype=np.float32).reshape(3, 4), seq=9),
     p.Partial(4, np.ones((1, 8), np.float32), seq=9),
     p.Partial(4, np.ones((1, 8), np.uint16), seq=9),
     p.Reduced(4, np.full((2, 3), 7.5, np.float32), seq=9),
     p.Logits(5, np.arange(10, dtype=np.uint16), seq=9),
     p.Heartbeat(),
-    p.Reset(7),
+    p.Truncate(0, 7),
     p.Stop("bye"),
+    p.Stop("re-planned", rejoin=True),
+    p.Probe(3, np.zeros(16, np.uint8)),
+    p.ProbeEcho(3),
 ]
 
 
@@ -115,7 +119,7 @@ def test_bad_dtype_or_shape_is_refused(desc):
 
 
 def test_oversize_frame_is_refused_before_use():
-    msg = p.Step(1, 0, 1, {}, np.zeros(1024, np.float32))
+    msg = p.Step.of_sequence(0, 1, np.zeros((1, 1024), np.float32), request_id=1)
     with pytest.raises(ProtocolError, match="frame limit"):
         p.decode([bytes(f) for f in p.encode(msg)], max_frame=1000)
 
@@ -140,10 +144,10 @@ def test_other_protocol_version_is_a_version_mismatch_but_refuse_still_reads():
 
 
 def test_bool_is_not_accepted_as_an_integer_field():
-    frames = [bytes(f) for f in p.encode(p.Reset(3))]
+    frames = [bytes(f) for f in p.encode(p.Truncate(0, 3))]
     v, t, seq, _, descs = msgpack.unpackb(frames[0])
     with pytest.raises(ProtocolError):
-        p.decode([msgpack.packb([v, t, seq, [True], descs])])
+        p.decode([msgpack.packb([v, t, seq, [0, True], descs])])
 
 
 def test_unencodable_field_is_a_protocol_error():
@@ -153,7 +157,7 @@ def test_unencodable_field_is_a_protocol_error():
 
 def test_unencodable_dtype_is_a_protocol_error():
     with pytest.raises(ProtocolError, match="cannot travel"):
-        p.encode(p.Step(1, 0, 1, {}, np.zeros(3, np.float64)))
+        p.encode(p.Step.of_sequence(0, 1, np.zeros((1, 3), np.float64)))
 
 
 def test_bf16_rounding_matches_torch():
@@ -209,3 +213,22 @@ def test_proof_is_bound_to_secret_and_device_key():
     assert security.proof_is_valid(proof, b"s" * 16, mk, dk)
     assert not security.proof_is_valid(proof, b"t" * 16, mk, dk)
     assert not security.proof_is_valid(proof, b"s" * 16, mk, other)
+
+
+def test_a_step_names_its_rows_and_flags_and_this_version_runs_one_sequence_per_step():
+    step = p.decode([bytes(f) for f in p.encode(p.Step.of_sequence(12, 3, np.zeros((3, 4), np.float32),
+                                                                      all_logits=True, request_id=7))])
+    assert (step.request_id, step.start_pos, step.n_tokens, step.all_logits, step.slots) == (7, 12, 3, True, [0])
+    x = np.zeros((3, 4), np.float32)
+    for bad, why in ((p.Step(0, 0, [0, 1], [0, 0], [1, 2], x), "one sequence"),
+                     (p.Step(0, 0, [1], [0], [3], x), "slot 0"),
+                     (p.Step(0, 0, [0], [0], [2], x), "rows its header lists"),
+                     (p.Step(0, 4, [0], [0], [3], x), "unknown step flags")):
+        with pytest.raises(ProtocolError, match=why):
+            p.decode([bytes(f) for f in p.encode(bad)])
+
+
+def test_rejoin_is_a_field_of_stop_not_a_prefix_of_its_reason():
+    stop = p.decode([bytes(f) for f in p.encode(p.Stop("rejoin: the group is re-planned", rejoin=False))])
+    assert stop.rejoin is False
+    assert p.decode([bytes(f) for f in p.encode(p.Stop("re-planned", rejoin=True))]).rejoin is True

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import SMOLLM2_CHAT_PROMPT
 
-from tpi.master.group import GroupOptions, start_group
+from tpi.master import GroupOptions, start_group
 from tpi.master.sampler import SamplingParams
 
 pytestmark = pytest.mark.slow

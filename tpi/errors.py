@@ -23,8 +23,21 @@ class ProtocolError(TpiError):
     """A wire message is malformed, oversized, or from another protocol version."""
 
 
+class VersionMismatch(ProtocolError):
+    """The peer speaks another protocol version."""
+
+    def __init__(self, peer_version: object, own_version: int):
+        self.peer_version = peer_version
+        super().__init__(f"peer speaks protocol version {peer_version!r}, this tpi speaks {own_version}; "
+                         "install the same tpi version on every device")
+
+
 class GroupError(TpiError):
     """The tensor-parallel group cannot run: a device was lost, refused, or misconfigured."""
+
+
+class NoAnswerError(GroupError):
+    """The master did not answer in time (it may be down, or still forming its group)."""
 
 
 class BudgetError(TpiError):

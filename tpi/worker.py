@@ -1,12 +1,23 @@
 """`tpi join`: a worker joins the group, caches its shard, and computes its share of every step."""
 from __future__ import annotations
 
+import json
 import logging
+import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from tpi.errors import GroupError, TpiError
+from tpi.devices.slicing import shard_from_dict
+from tpi.errors import GroupError, NoAnswerError, TpiError
+from tpi.model.backends import make_layers
+from tpi.model.config import config_from_dict
+from tpi.model.transformer import Transformer
+from tpi.model.weights import open_store_weights
+from tpi.scheduler.store import ShardStore, verified_content_hash
+from tpi.transport.keeper import LinkSettings, parse_endpoint
+from tpi.transport.worker_link import WorkerLink
+from tpi.transport.protocol import Step, Stop, Truncate
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +55,7 @@ def run_worker(opts: WorkerOptions) -> dict:
     """
     opts.cache_dir.mkdir(parents=True, exist_ok=True)
     _import_backend(opts.backend)
-    loaded: dict = {}  # what the previous round loaded: {"key": (shard_hash, assignment), "model": ...}
+    loaded: dict = {}  # what the previous round loaded: {"key": what the Assign asked for, "model": ...}
     total = {"rank": None, "steps": 0, "transfer": None, "rounds": 0}
     give_up_at = None  # while the master is lost: when to stop trying
     while True:
@@ -53,7 +64,7 @@ def run_worker(opts: WorkerOptions) -> dict:
         if outcome.kind == "stopped":
             return total
         if outcome.kind == "rejoin":
-            log.info("the master re-plans the group (%s); joining again", outcome.reason.removeprefix("rejoin: "))
+            log.info("the master re-plans the group (%s); joining again", outcome.reason)
             give_up_at = None
             continue
         if outcome.kind == "joined" or give_up_at is None:  # lost while serving: a fresh window
@@ -77,13 +88,9 @@ class RoundOutcome:
     reason: str = ""
 
 
-def _settings(opts: WorkerOptions):
-    from tpi.transport.link import LinkSettings
-
+def _settings(opts: WorkerOptions) -> LinkSettings:
     settings = opts.link_settings or LinkSettings()
     if opts.heartbeat_timeout_s is not None:
-        from dataclasses import replace
-
         settings = replace(settings, timeout_s=opts.heartbeat_timeout_s,
                            heartbeat_s=min(settings.heartbeat_s, opts.heartbeat_timeout_s / 4))
     return settings
@@ -91,9 +98,6 @@ def _settings(opts: WorkerOptions):
 
 def _serve_round(opts: WorkerOptions, loaded: dict, total: dict, reconnecting: bool) -> RoundOutcome:
     """One membership: join, get the shard and model ready, serve steps until stopped or lost."""
-    from tpi.transport.link import NoAnswerError, WorkerLink, parse_endpoint
-    from tpi.transport.protocol import is_rejoin
-
     data = "tcp://{}:{}".format(*parse_endpoint(opts.data_endpoint)) if opts.data_endpoint else None
     link = WorkerLink(opts.master, opts.token, opts.key_dir, insecure=opts.insecure, settings=_settings(opts),
                       data_endpoint=data, timeout_from_master=opts.heartbeat_timeout_s is None)
@@ -111,28 +115,25 @@ def _serve_round(opts: WorkerOptions, loaded: dict, total: dict, reconnecting: b
             comm = link.communicator()
             model.comm = comm
             log.info("ready: rank %d computing", assign.rank)
-            stopped: list[str] = []
-            total["steps"] += _serve_steps(model, comm, link.master_lost, stopped)
-            stop_reason = stopped[0]
+            steps, stop = _serve_steps(model, comm, link.master_lost)
+            total["steps"] += steps
         except GroupError:
-            lost, stop_reason = link.master_lost(), link.master_stopped()
+            lost, stop = link.master_lost(), link.master_stopped()
             if lost is None:
                 raise
-            if stop_reason is None:
+            if stop is None:
                 return RoundOutcome("joined", lost)
-        if is_rejoin(stop_reason):
-            return RoundOutcome("rejoin", stop_reason)
-        log.info("master stopped the group: %s", stop_reason)
-        return RoundOutcome("stopped", stop_reason)
+        if stop.rejoin:
+            return RoundOutcome("rejoin", stop.reason)
+        log.info("master stopped the group: %s", stop.reason)
+        return RoundOutcome("stopped", stop.reason)
     finally:
         link.close()
 
 
 def _ready_model(link, assign, opts: WorkerOptions, loaded: dict, total: dict):
     """The model for this assignment: the one already loaded when it is the same, else fetched and loaded."""
-    import json
-
-    key = (assign.shard_hash, json.dumps(assign.assignment, sort_keys=True))
+    key = (assign.shard_hash, json.dumps([assign.config, assign.shard, assign.context], sort_keys=True))
     dest = opts.cache_dir / f"{assign.shard_hash}{SHARD_SUFFIX}"
     if loaded.get("key") == key and dest.exists():
         log.info("shard: 0 bytes transferred (already loaded)")
@@ -141,14 +142,12 @@ def _ready_model(link, assign, opts: WorkerOptions, loaded: dict, total: dict):
         loaded.pop("model").weights.close()
         loaded.clear()
     had_file = dest.exists()
-    transfer = link.fetch_shard(dest, assign.shard_hash, assign.shard_size, progress=True)
+    transfer = link.fetch_shard(dest, assign.shard_hash, assign.shard_size, verified_content_hash, progress=True)
     _log_transfer(transfer, had_file)
     total["transfer"] = transfer
     try:
         model, _ = _load_model(dest, assign, opts)
     except TpiError as e:  # e.g. an impossible --memory-budget: the master reports why we left
-        from tpi.transport.protocol import Stop
-
         link.send(Stop(f"cannot load its shard: {e}"))
         raise
     loaded.update(key=key, model=model)
@@ -157,8 +156,6 @@ def _ready_model(link, assign, opts: WorkerOptions, loaded: dict, total: dict):
 
 def _wait_for_master(opts: WorkerOptions, reason: str, give_up_at: float) -> None:
     """Back off until the master's port answers again; GroupError once give_up_at has passed."""
-    from tpi.transport.link import parse_endpoint
-
     host, port = parse_endpoint(opts.master)
     delay = 0.5
     log.warning("trying to reach the master at %s:%d again (for %.0fs more)", host, port,
@@ -177,8 +174,6 @@ def _wait_for_master(opts: WorkerOptions, reason: str, give_up_at: float) -> Non
 
 
 def _port_answers(host: str, port: int, timeout: float) -> bool:
-    import socket
-
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
@@ -197,46 +192,34 @@ def _log_transfer(transfer, had_file: bool) -> None:
 
 
 def _load_model(path: Path, assign, opts: WorkerOptions):
-    from tpi.model.config import config_from_dict
-    from tpi.model.backends import make_layers
-    from tpi.model.transformer import Transformer
-    from tpi.scheduler.store import ShardStore
-    from tpi.master.shard import shard_from_dict
-    from tpi.model.weights import open_store_weights
-
-    a = assign.assignment
-    cfg = config_from_dict(a.get("config"))
-    shard = shard_from_dict(a.get("shard"), cfg)
-    context = int(a.get("context", 0))
-    if not 0 < context <= 1 << 20:
-        raise GroupError(f"the master assigned an invalid context {context}")
+    cfg = config_from_dict(assign.config)
+    shard = shard_from_dict(assign.shard, cfg)
+    if not 0 < assign.context <= 1 << 20:
+        raise GroupError(f"the master assigned an invalid context {assign.context}")
     store = ShardStore.open(path)
     t0 = time.perf_counter()
-    layers = make_layers(opts.backend, cfg, shard, context, opts.threads)
-    weights = open_store_weights(store, layers, cfg, shard, context, opts.memory_budget)
+    layers = make_layers(opts.backend, cfg, shard, assign.context, opts.threads)
+    weights = open_store_weights(store, layers, cfg, shard, assign.context, opts.memory_budget)
     log.info("loaded shard in %.1fs", time.perf_counter() - t0)
     return Transformer(cfg, layers, weights), store
 
 
-def _serve_steps(model, comm, master_lost=lambda: None, stopped: list | None = None) -> int:
-    """Compute steps until the master sends Stop; returns steps served (GroupError if the master is lost).
+def _serve_steps(model, comm, master_lost=lambda: None) -> tuple[int, Stop]:
+    """Compute steps until the master sends Stop; returns (steps served, the Stop).
 
-    The Stop's reason is appended to `stopped` when given.
+    GroupError if the master is lost.
     """
     steps = 0
     while True:
-        header, x = comm.recv_step()
-        kind = header["kind"]
-        if kind == "stop":
-            if stopped is not None:
-                stopped.append(header.get("reason", ""))
-            return steps
-        if kind == "reset":
-            continue  # positions restart at 0: cached keys/values are simply overwritten
+        msg = comm.recv_step()
+        if isinstance(msg, Stop):
+            return steps, msg
+        if isinstance(msg, Truncate):
+            continue  # a step's attention reads only positions below its own end: nothing is kept to drop
+        assert isinstance(msg, Step)
         try:
-            logits = model.forward(x, int(header["start_pos"]), bool(header.get("all", False)),
-                                   bool(header.get("exact", False)))
-            comm.gather(logits, header.get("logits_dtype"))
+            logits = model.forward(msg.x, msg.start_pos, msg.all_logits, msg.exact)
+            comm.gather(logits)
         except GroupError as e:
             if master_lost():
                 raise

@@ -15,14 +15,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 import zmq
 
 from tpi.errors import GroupError, ProtocolError
-from tpi.transport.protocol import (WIRE_DTYPES, Logits, Message, Partial, Ready, Reduced, Reset, Step, Stop,
+from tpi.transport.comm import CommStats
+from tpi.transport.protocol import (WIRE_DTYPES, Logits, Message, Partial, Ready, Reduced, Step, Stop, Truncate,
                                     decode, encode, header_packer)
 from tpi.transport.wire import REDUCE_DTYPES, from_bf16, from_wire, to_bf16, to_wire, wire_shape
 
@@ -36,18 +37,6 @@ _get = zmq.backend.cython._zmq.Socket.get
 _RCVMORE, _SNDMORE = zmq.RCVMORE, zmq.SNDMORE
 _PARTIAL, _REDUCED = Partial.TYPE, Reduced.TYPE
 _ZERO_COPY_MIN = 1 << 16  # pyzmq copies smaller frames anyway; a zero-copy Frame costs more there
-
-
-@dataclass
-class CommStats:
-    """Counters since creation (or the last reset_stats)."""
-
-    allreduce_count: int = 0
-    allreduce_seconds: float = 0.0
-    gather_count: int = 0
-    steps: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
 
 
 def _nbytes(frames: list) -> int:
@@ -112,21 +101,6 @@ def _exact_bf16_or_self(x: np.ndarray) -> np.ndarray:
     if np.bitwise_and(bits, 0xFFFF).any():
         return x
     return np.right_shift(bits, 16).astype(np.uint16)
-
-
-class NullCommunicator:
-    """One device: allreduce is the identity and gather returns the only slice."""
-
-    rank, world = 0, 1
-
-    def __init__(self) -> None:
-        self.stats = CommStats()
-
-    def allreduce(self, x: np.ndarray) -> np.ndarray:
-        return x
-
-    def gather(self, x: np.ndarray, wire_dtype: str | None = None) -> list[np.ndarray]:
-        return [x]
 
 
 class StarMaster:
@@ -361,28 +335,26 @@ class StarMaster:
         self.stats.allreduce_seconds += time.perf_counter() - t0
         return out
 
-    def broadcast_step(self, header: dict, x: np.ndarray) -> None:
-        """Start a step on every worker: header has request_id, start_pos, n_tokens (+ extras)."""
-        extra = {k: v for k, v in header.items() if k not in ("request_id", "start_pos", "n_tokens")}
+    def broadcast_step(self, step: Step) -> None:
+        """Start a step on every worker (numbered here: replies of an abandoned step never match it)."""
         self._seq += 1
         self._op = 0
-        self._send_all(encode(Step(header["request_id"], header["start_pos"], header["n_tokens"],
-                                   extra, np.ascontiguousarray(x), self._seq)))
+        self._send_all(encode(replace(step, x=np.ascontiguousarray(step.x), seq=self._seq)))
         self.stats.steps += 1
 
-    def broadcast_reset(self, request_id: int) -> None:
-        """Tell every reachable worker to drop its KV cache (lost ones are skipped)."""
-        self._send_all(encode(Reset(request_id)), best_effort=True)
+    def broadcast_truncate(self, slot: int, keep: int) -> None:
+        """Tell every reachable worker to forget positions keep.. of a KV slot (lost ones are skipped)."""
+        self._send_all(encode(Truncate(slot, keep)), best_effort=True)
 
-    def broadcast_stop(self, reason: str) -> None:
-        """Tell every reachable worker to leave its step loop (lost ones are skipped)."""
-        self._send_all(encode(Stop(reason)), best_effort=True)
+    def broadcast_stop(self, reason: str, rejoin: bool = False) -> None:
+        """Tell every reachable worker to leave its step loop, and to join again with rejoin (lost ones are skipped)."""
+        self._send_all(encode(Stop(reason, rejoin)), best_effort=True)
 
-    def gather(self, x: np.ndarray, wire_dtype: str | None = None) -> list[np.ndarray]:
-        """All ranks' arrays in rank order; wire_dtype 'bf16' rounds every slice (own included)."""
+    def gather(self, x: np.ndarray) -> list[np.ndarray]:
+        """All ranks' arrays in rank order."""
         self._op += 1
         parts = self._collect(self._op, Logits, "gather slice")
-        parts[0] = from_bf16(to_bf16(x)) if wire_dtype == "bf16" else x
+        parts[0] = x
         self.stats.gather_count += 1
         return [from_wire(p) for p in parts]
 
@@ -495,7 +467,7 @@ class StarWorker:
                                      f"{payload.dtype} partial of shape {payload.shape}: versions differ?")
                 out = from_wire(msg.x.copy())  # valid, though not encoded as this side would
                 break
-            if isinstance(msg, (Step, Reset, Stop)):
+            if isinstance(msg, (Step, Truncate, Stop)):
                 # The master gave up on this step (a device was lost) and moved on: keep the
                 # control for the next recv_step() and fail this step.
                 self._held = msg
@@ -515,29 +487,26 @@ class StarWorker:
         if since is not None and time.perf_counter() - since > self._step_timeout_s:
             raise GroupError(f"the master sent no {what} within {self._step_timeout_s:.0f}s")
 
-    def gather(self, x: np.ndarray, wire_dtype: str | None = None) -> None:
-        """Send my slice to the master (bf16-rounded if asked); workers get None.
+    def gather(self, x: np.ndarray) -> None:
+        """Send my slice to the master; workers get None.
 
         An fp32 slice whose every value is exactly a bf16 number (logits straight out of a torch
         output kernel) goes as bf16 bits: half the bytes, the same values.
         """
         self._op += 1
-        wire = to_bf16(x) if wire_dtype == "bf16" else _exact_bf16_or_self(x)
+        wire = _exact_bf16_or_self(x)
         self._send(encode(Logits(self._op, wire, self._seq)))
         self.stats.gather_count += 1
         return None
 
-    def recv_step(self) -> tuple[dict, np.ndarray | None]:
-        """Wait for the next control: ({'kind': 'step', ...}, x) or reset/stop with None."""
+    def recv_step(self) -> Step | Truncate | Stop:
+        """Wait for the master's next control: a Step to compute, a Truncate, or a Stop."""
         while True:
             msg, self._held = (self._held, None) if self._held is not None else (self._recv("step"), None)
             if isinstance(msg, Step):
                 self._seq, self._op = msg.seq, 0
                 self.stats.steps += 1
-                return {"kind": "step", "request_id": msg.request_id, "start_pos": msg.start_pos,
-                        "n_tokens": msg.n_tokens, **msg.extra}, msg.x
-            if isinstance(msg, Reset):
-                return {"kind": "reset", "request_id": msg.request_id}, None
-            if isinstance(msg, Stop):
-                return {"kind": "stop", "reason": msg.reason}, None
+                return msg
+            if isinstance(msg, (Truncate, Stop)):
+                return msg
             log.debug("dropped stale %s while waiting for a step", type(msg).__name__)

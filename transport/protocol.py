@@ -14,11 +14,12 @@ from typing import Callable, ClassVar, Sequence
 import msgpack
 import numpy as np
 
-from tpi.errors import ProtocolError
+from tpi.errors import ProtocolError, VersionMismatch
 from tpi.transport.wire import INT8_BLOCK, REDUCE_DTYPES, from_bf16, to_bf16  # noqa: F401 (re-exported)
 
 # 2: the int8 block wire dtype (Partial/Reduced and Assign.wire_dtype)
-PROTOCOL_VERSION = 2
+# 3: typed controls (Step rows and flags, Truncate, Stop.rejoin, Probe/ProbeEcho, Assign's own fields)
+PROTOCOL_VERSION = 3
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_FRAME = 256 << 20
 MAX_NDIM = 8
@@ -38,26 +39,6 @@ WIRE_DTYPES: dict[str, np.dtype] = {
 }
 _NAME_OF = {dt: name for name, dt in WIRE_DTYPES.items()}
 
-
-# A Stop whose reason starts with this asks workers to join again at once (the master re-plans
-# the group and will send each a new Assign); any other Stop ends the group.
-REJOIN_PREFIX = "rejoin: "
-
-
-def is_rejoin(stop_reason: str | None) -> bool:
-    """True when a Stop's reason asks the worker to join again rather than leave."""
-    return bool(stop_reason) and stop_reason.startswith(REJOIN_PREFIX)
-
-
-class VersionMismatch(ProtocolError):
-    """The peer speaks another protocol version."""
-
-    def __init__(self, peer_version: object):
-        self.peer_version = peer_version
-        super().__init__(
-            f"peer speaks protocol version {peer_version!r}, this tpi speaks {PROTOCOL_VERSION}; "
-            "install the same tpi version on every device"
-        )
 
 
 def wire_dtype_of(a: np.ndarray) -> str:
@@ -93,6 +74,7 @@ _KIND_OK = {
     "bool": lambda v: isinstance(v, bool),
     "dict": lambda v: isinstance(v, dict) and _is_plain(v, 0),
     "strs": lambda v: isinstance(v, list) and all(isinstance(e, str) for e in v),
+    "uints": lambda v: isinstance(v, list) and all(type(e) is int and e >= 0 for e in v),
 }
 
 
@@ -152,21 +134,27 @@ class Hello(Message):
 
 
 @_msg(2, ("rank", "uint"), ("world", "uint"), ("shard_hash", "str"), ("shard_size", "uint"),
-      ("wire_dtype", "str"), ("peer_id", "str"), ("data_port", "uint"), ("heartbeat_s", "float"),
-      ("timeout_s", "float"), ("assignment", "dict"))
+      ("wire_dtype", "str"), ("config", "dict"), ("shard", "dict"), ("context", "uint"),
+      ("peer_id", "str"), ("data_port", "uint"), ("heartbeat_s", "float"), ("timeout_s", "float"))
 class Assign(Message):
-    """Master -> worker: admitted; your rank, world, shard and data channel (link fills the last four)."""
+    """Master -> worker: admitted; your rank, world, shard and data channel (link fills the last four).
+
+    shard_hash is the shard store's content hash (tpi.scheduler.store, computed once when it is
+    written); config is tpi.model.config.config_to_dict, shard tpi.devices.slicing.shard_to_dict.
+    """
 
     rank: int
     world: int
     shard_hash: str
     shard_size: int
     wire_dtype: str = "f32"
+    config: dict = field(default_factory=dict)
+    shard: dict = field(default_factory=dict)
+    context: int = 0
     peer_id: str = ""
     data_port: int = 0
     heartbeat_s: float = 1.0
     timeout_s: float = 10.0
-    assignment: dict = field(default_factory=dict)
 
     def check(self) -> None:
         _need(0 < self.rank < self.world, f"rank {self.rank} out of range for world {self.world}")
@@ -216,17 +204,58 @@ class Ready(Message):
     """Worker -> master on the data channel: connected and loaded, ready for steps."""
 
 
-@_msg(7, ("request_id", "int"), ("start_pos", "uint"), ("n_tokens", "uint"), ("extra", "dict"),
+ALL_LOGITS = 1  # Step flag: logits of every row, not only of each sequence's last row
+EXACT_ROWS = 2  # Step flag: each row computed as its one-row decode step would, bit for bit (a verify pass)
+STEP_FLAGS = ALL_LOGITS | EXACT_ROWS
+
+
+@_msg(7, ("request_id", "int"), ("flags", "uint"), ("slots", "uints"), ("starts", "uints"), ("counts", "uints"),
       ("x", "tensor"))
 class Step(Message):
-    """Master -> workers: run one forward step on these hidden states."""
+    """Master -> workers: run one forward step on these hidden states.
+
+    The rows of x (T, hidden) belong to sequences in order: sequence i has counts[i] rows at
+    positions starts[i].., cached in KV slot slots[i]. This version runs one sequence per step in
+    slot 0 (issue 17 lifts that for batching; issue 18's speculative steps are one sequence with k+1
+    rows and ALL_LOGITS).
+    """
 
     request_id: int
-    start_pos: int
-    n_tokens: int
-    extra: dict
+    flags: int
+    slots: list
+    starts: list
+    counts: list
     x: np.ndarray
     seq: int = 0
+
+    @classmethod
+    def of_sequence(cls, start: int, n_tokens: int, x: np.ndarray, *, all_logits: bool = False,
+                    exact: bool = False, slot: int = 0, request_id: int = 0) -> "Step":
+        flags = (ALL_LOGITS if all_logits else 0) | (EXACT_ROWS if exact else 0)
+        return cls(request_id, flags, [slot], [start], [n_tokens], x)
+
+    @property
+    def start_pos(self) -> int:
+        return self.starts[0]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.counts[0]
+
+    @property
+    def all_logits(self) -> bool:
+        return bool(self.flags & ALL_LOGITS)
+
+    @property
+    def exact(self) -> bool:
+        return bool(self.flags & EXACT_ROWS)
+
+    def check(self) -> None:
+        _need(len(self.slots) == len(self.starts) == len(self.counts) == 1 and self.slots[0] == 0,
+              "a step carries one sequence in KV slot 0 in this tpi version")
+        _need(self.x.ndim == 2 and self.x.shape[0] == sum(self.counts) > 0,
+              f"step hidden states {list(self.x.shape)} do not hold the {sum(self.counts)} rows its header lists")
+        _need(self.flags & ~STEP_FLAGS == 0, f"unknown step flags {self.flags:#x}")
 
 
 @_msg(8, ("op", "uint"), ("x", "tensor"))
@@ -267,18 +296,40 @@ class Heartbeat(Message):
     """Either direction on the control channel: I am alive."""
 
 
-@_msg(12, ("request_id", "int"))
-class Reset(Message):
-    """Master -> workers: drop the KV cache (a new conversation or a re-prefill)."""
+@_msg(12, ("slot", "uint"), ("keep", "uint"))
+class Truncate(Message):
+    """Master -> workers: forget positions keep.. of a KV slot (keep 0: a new conversation); a step in
+    flight is abandoned. The KV rollback of speculative steps (issue 18) and of a freed slot (17)."""
 
-    request_id: int
+    slot: int
+    keep: int
 
 
-@_msg(13, ("reason", "str"))
+@_msg(13, ("reason", "str"), ("rejoin", "bool"))
 class Stop(Message):
-    """Master -> workers: shut down; worker -> master: I am leaving."""
+    """Master -> workers: leave the step loop, and with rejoin join again at once (the group is re-planned
+    and each gets a new Assign); worker -> master: I am leaving."""
 
     reason: str
+    rejoin: bool = False
+
+
+@_msg(14, ("offset", "uint"), ("payload", "tensor"))
+class Probe(Message):
+    """Master -> joined device on the control channel: echo this at once (link round trip and bandwidth)."""
+
+    offset: int
+    payload: np.ndarray
+
+    def check(self) -> None:
+        _need(self.payload.dtype == np.uint8 and self.payload.ndim == 1, "probe payload must be 1-D u8")
+
+
+@_msg(15, ("offset", "uint"))
+class ProbeEcho(Message):
+    """Device -> master: the echo of Probe `offset`, without its payload."""
+
+    offset: int
 
 
 # ---- codec ----
@@ -367,7 +418,7 @@ def decode(frames: Sequence[object], max_frame: int = DEFAULT_MAX_FRAME) -> Mess
     if cls is None:
         _fail(f"unknown message type {type_code!r}")
     if version != PROTOCOL_VERSION and cls is not Refuse:
-        raise VersionMismatch(version)
+        raise VersionMismatch(version, PROTOCOL_VERSION)
     if not (type(seq) is int and seq >= 0):
         _fail(f"sequence number must be a non-negative int, got {seq!r}")
     if not (isinstance(values, list) and isinstance(descs, list)):

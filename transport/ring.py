@@ -7,7 +7,7 @@ import numpy as np
 import zmq
 
 from tpi.errors import GroupError
-from tpi.transport.allreduce import CommStats
+from tpi.transport.comm import CommStats
 from tpi.transport.protocol import Partial, Reduced, decode, encode
 from tpi.transport.wire import from_bf16, from_wire, to_bf16, to_wire
 

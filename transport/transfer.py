@@ -1,15 +1,15 @@
-"""Shard streaming: chunked, crc32-checked, resumable, verified by the shard's sha256.
+"""Shard streaming: chunked, crc32-checked, resumable, verified against the shard's identity.
 
 The master side (``ShardServer``) answers ``ShardRequest`` with ``ShardChunk`` read from the
 registered file. The worker side (``fetch_shard``) downloads into ``dest + '.part'``; on a
 restart it first asks the master for checksums of what it already has, keeps the prefix
 that matches, then fetches the rest with a few requests in flight, and finally checks the
-whole file's sha256 against the hash the master assigned. The shard hash is the sha256 hex
-of the shard file (``shard_hash(path)``).
+file's identity against the one the master assigned. What the identity is belongs to the caller
+(`identity(path)`): for tpi's shards, the shard store's content hash, re-checked block by block
+(tpi.scheduler.store.verified_content_hash).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import zlib
@@ -37,15 +37,6 @@ class TransferStats:
     seconds: float
     cached: bool
     refetched: bool
-
-
-def shard_hash(path: Path) -> str:
-    """sha256 hex of a shard file: the content key used in Assign and the worker cache."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _crc_of_file_range(fd: int, offset: int, length: int) -> int:
@@ -115,6 +106,7 @@ class ShardServer:
 
 Send = Callable[[Message], None]
 Receive = Callable[[], Message]  # next reply from the master; raises GroupError on timeout/loss
+Identity = Callable[[Path], "str | None"]  # a complete file's identity, None when it is not a valid one
 
 
 def _expect_chunk(msg: Message) -> ShardChunk:
@@ -180,37 +172,37 @@ def _download(part: Path, start: int, size: int, expected_hash: str, chunk_bytes
     return moved
 
 
-def fetch_shard(dest: Path, expected_hash: str, size: int, send: Send, recv: Receive,
+def fetch_shard(dest: Path, expected_hash: str, size: int, send: Send, recv: Receive, identity: Identity,
                 chunk_bytes: int = 1 << 20, progress: bool = False) -> TransferStats:
-    """Make dest hold the shard with sha256 expected_hash, fetching only what is missing."""
+    """Make dest hold the shard whose identity is expected_hash, fetching only what is missing."""
     t0 = time.perf_counter()
     dest = Path(dest)
-    if dest.exists() and dest.stat().st_size == size and shard_hash(dest) == expected_hash:
+    if dest.exists() and dest.stat().st_size == size and identity(dest) == expected_hash:
         return TransferStats(0, 0, time.perf_counter() - t0, cached=True, refetched=False)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     if part.exists() and part.stat().st_size > size:
         part.unlink()
     try:
-        return _fetch_into(dest, part, expected_hash, size, send, recv, chunk_bytes, progress, t0)
+        return _fetch_into(dest, part, expected_hash, size, send, recv, identity, chunk_bytes, progress, t0)
     finally:
         if part.exists() and part.stat().st_size == 0:
             part.unlink()  # nothing arrived: leave no trace
 
 
 def _fetch_into(dest: Path, part: Path, expected_hash: str, size: int, send: Send, recv: Receive,
-                chunk_bytes: int, progress: bool, t0: float) -> TransferStats:
+                identity: Identity, chunk_bytes: int, progress: bool, t0: float) -> TransferStats:
     resumed = _verified_prefix(part, expected_hash, send, recv) if part.exists() else 0
     moved, refetched = 0, False
     with _progress_bar(progress, dest.name, size, resumed) as on_bytes:
         for attempt in range(2):
             moved += _download(part, resumed, size, expected_hash, chunk_bytes, send, recv, on_bytes)
-            if shard_hash(part) == expected_hash:
+            if identity(part) == expected_hash:
                 break
             if attempt == 1:
                 part.unlink()
                 raise GroupError(
-                    f"shard {dest.name} fails its sha256 check after a full refetch; "
+                    f"shard {dest.name} fails its identity check after a full refetch; "
                     "the master's shard file differs from its assignment: restart tpi serve"
                 )
             resumed, refetched = 0, True  # corrupt somewhere we did not detect: refetch all

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from tpi.quant.formats import bf16_bits_to_f32 as from_bf16  # noqa: F401 (the one bf16 codec)
+from tpi.quant.formats import f32_to_bf16_bits as to_bf16
+
 QK = 32  # values per int8 block
 INT8_BLOCK = np.dtype([("s", "<u2"), ("q", "i1", (QK,))])  # s: bf16 bits of the scale; itemsize 34
 assert INT8_BLOCK.itemsize == 2 + QK
@@ -24,26 +27,6 @@ WIRE_BYTES_PER_VALUE = {"f32": 4.0, "bf16": 2.0, "int8": INT8_BLOCK.itemsize / Q
 REDUCE_DTYPES = tuple(WIRE_BYTES_PER_VALUE)
 _Q = np.float32(127)
 _INV_Q = np.float32(1 / 127)
-
-
-def to_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    u = x.view(np.uint32)
-    r = np.right_shift(u, 16)  # in-place steps after this: one temporary on the hot path
-    np.bitwise_and(r, 1, out=r)
-    r += 0x7FFF
-    r += u
-    out = np.right_shift(r, 16, out=r).astype(np.uint16)
-    if np.isnan(x).any():  # rounding could carry a NaN payload into inf; keep it a quiet NaN
-        nan = np.isnan(x)
-        out[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
-    return out
-
-
-def from_bf16(bits: np.ndarray) -> np.ndarray:
-    """bf16 bit patterns (uint16) -> float32, exact."""
-    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def to_int8_blocks(x: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tpi.cli import Backend, Context, ModelArg, Threads, fail
+from tpi.cli.options import Backend, Context, ModelArg, Threads, reports_errors, say
 from tpi.errors import TpiError
 
 LocalWorkersOpt = Annotated[int, typer.Option("--local-workers", help="also start N worker processes on this machine (loopback group)", envvar="TPI_LOCAL_WORKERS")]
@@ -34,31 +34,19 @@ def sigint_ignored_by_children(active: bool, say):
         signal.signal(signal.SIGINT, previous)
 
 
-def start_master(model, local_workers: int, context, threads, backend: str, say,
-                 config_dir: Path | None = None, cache_dir: Path | None = None):
-    """Rank 0's engine plus its status and closer: a loopback group when tpi.master.group exists, else one device."""
-    try:
-        from tpi.master.group import GroupOptions, start_group
-    except ImportError:
-        start_group = None
-    if start_group is not None:
-        dirs = {k: v for k, v in (("config_dir", config_dir), ("cache_dir", cache_dir)) if v is not None}
-        opts = GroupOptions(model=model, local_workers=local_workers, host="127.0.0.1", context=context,
-                            threads=threads, backend=backend, **dirs)
-        with sigint_ignored_by_children(local_workers > 0, say):
-            group = start_group(opts, say=say)
-        return group.engine, group.status, group.close
-    if local_workers:
-        raise TpiError("--local-workers needs the tensor-parallel group (tpi.master.group), which this install lacks")
-    import platform
+def start_master(model, local_workers: int, context, threads, backend: str, config_dir: Path | None = None,
+                 cache_dir: Path | None = None):
+    """Rank 0's group on this machine (with local workers, a loopback group)."""
+    from tpi.master import GroupOptions, start_group
 
-    from tpi.master.engine import EngineOptions, build_local_engine
-
-    engine = build_local_engine(EngineOptions(model, context, threads, backend))
-    name = platform.node() or "master"
-    return engine, (lambda: {"state": "serving", "world": 1, "devices": [{"rank": 0, "name": name, "state": "ready"}]}), (lambda: None)
+    dirs = {k: v for k, v in (("config_dir", config_dir), ("cache_dir", cache_dir)) if v is not None}
+    opts = GroupOptions(model=model, local_workers=local_workers, host="127.0.0.1", context=context,
+                        threads=threads, backend=backend, **dirs)
+    with sigint_ignored_by_children(local_workers > 0, say):
+        return start_group(opts, on_event=say)
 
 
+@reports_errors
 def chat(
     model: ModelArg = None,
     local_workers: LocalWorkersOpt = 0,
@@ -81,7 +69,7 @@ def chat(
     from tpi.serve.tui import ChatSession, run_plain, run_tui
 
     opts = ChatOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    close, service, code = (lambda: None), None, 0
+    group, service, code = None, None, 0
     try:
         if max_tokens < 1:
             raise TpiError(f"--max-tokens {max_tokens} must be at least 1")
@@ -90,21 +78,19 @@ def chat(
         else:
             from tpi.serve.service import GenerationService
 
-            engine, status, close = start_master(model, local_workers, context, threads, backend,
-                                                 lambda m: typer.echo(m, err=True), config_dir, cache_dir)
-            service = GenerationService(engine, status=status)
+            group = start_master(model, local_workers, context, threads, backend, config_dir, cache_dir)
+            service = GenerationService(group.engine, status=group.status)
             chat_backend = LocalChat(service)
         session = ChatSession(chat_backend, opts, system=system)
         interactive = not plain and sys.stdin.isatty() and sys.stdout.isatty()
         code = run_tui(session) if interactive else run_plain(session)
-    except TpiError as e:
-        fail(e)
     except KeyboardInterrupt:
         code = 130
     finally:
         if service is not None:
             service.close()
-        close()
+        if group is not None:
+            group.close()
     raise typer.Exit(code)
 
 

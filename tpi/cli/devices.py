@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tpi.cli import DEFAULT_CACHE_DIR, Backend, CacheDir, Context, Threads, WireDtype, fail
+from tpi.cli.options import DEFAULT_CACHE_DIR, Backend, CacheDir, Threads, WireDtype, reports_errors
 from tpi.errors import GroupError, TpiError
 
 devices_app = typer.Typer(help="Devices of a running group, and this device's profile.")
@@ -30,6 +30,7 @@ def load_model_config(model: str):
     return model_shape(model), None, None
 
 
+@reports_errors
 def plan(
     model: Annotated[str, typer.Argument(help="GGUF file, Hugging Face folder, or a named shape (llama-2-70b, llama-3-8b, qwen2.5-72b, ...)")],
     devices: Annotated[Path, typer.Option("--devices", help="TOML file of [[device]] tables; the first is the master")],
@@ -41,21 +42,23 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="print the plan and prediction as JSON (for scripts)")] = False,
 ) -> None:
     """Will MODEL run on these devices, and how fast? Prints the plan and predictions; loads no weights."""
-    from tpi.devices.plan_report import plan_command
-    from tpi.master.group import check_wire_dtype
+    from tpi.cli.table_text import print_tables
+    from tpi.devices.plan_report import plan_command, plan_json, plan_tables
+    from tpi.master.options import check_wire_dtype
 
-    try:
-        if weights not in (None, "int4", "bf16"):
-            raise TpiError(f"--weights {weights!r} must be int4 or bf16")
-        check_wire_dtype(wire_dtype)
-        if context < 8 or prompt_tokens < 1 or prompt_tokens > context:
-            raise TpiError("--context must be >= 8 and --prompt-tokens between 1 and the context")
-        cfg, file_format, profile = load_model_config(model)
-        plan_command(cfg, devices, weight_format=weights or file_format or "int4", context=context,
-                     prompt_tokens=prompt_tokens, allow_streaming=not no_streaming, wire_dtype=wire_dtype,
-                     weights=None if weights else profile, as_json=as_json)
-    except TpiError as e:
-        fail(e)
+    if weights not in (None, "int4", "bf16"):
+        raise TpiError(f"--weights {weights!r} must be int4 or bf16")
+    check_wire_dtype(wire_dtype)
+    if context < 8 or prompt_tokens < 1 or prompt_tokens > context:
+        raise TpiError("--context must be >= 8 and --prompt-tokens between 1 and the context")
+    cfg, file_format, profile = load_model_config(model)
+    planned = plan_command(cfg, devices, weight_format=weights or file_format or "int4", context=context,
+                           prompt_tokens=prompt_tokens, allow_streaming=not no_streaming, wire_dtype=wire_dtype,
+                           weights=None if weights else profile)
+    if as_json:
+        typer.echo(json.dumps(plan_json(planned), indent=1))
+    else:
+        print_tables(*plan_tables(planned))
 
 
 def fetch_status(url: str, api_key: str | None, timeout_s: float = 5.0) -> dict:
@@ -110,6 +113,7 @@ def _num(value, fmt: str, scale: float = 1.0) -> str:
 
 
 @devices_app.callback(invoke_without_command=True)
+@reports_errors
 def devices(
     ctx: typer.Context,
     url: Annotated[str, typer.Option("--url", help="API address of the running tpi serve")] = "http://127.0.0.1:8000",
@@ -121,10 +125,7 @@ def devices(
         return
     from tpi.cli.table_text import print_tables
 
-    try:
-        status = fetch_status(url, api_key)
-    except TpiError as e:
-        fail(e)
+    status = fetch_status(url, api_key)
     if as_json:
         typer.echo(json.dumps(status, indent=1))
     else:
@@ -132,6 +133,7 @@ def devices(
 
 
 @devices_app.command("profile")
+@reports_errors
 def devices_profile(
     backend: Backend = "auto",
     threads: Threads = None,
@@ -146,11 +148,8 @@ def devices_profile(
     from tpi.devices.profile import cached_or_measured
     from tpi.model.backends import resolve_backend
 
-    try:
-        backend = resolve_backend(backend)
-        profile = cached_or_measured(cache_dir / "profile", backend=backend, threads=threads, refresh=True)
-    except TpiError as e:
-        fail(e)
+    backend = resolve_backend(backend)
+    profile = cached_or_measured(cache_dir / "profile", backend=backend, threads=threads, refresh=True)
     if as_json:
         typer.echo(json.dumps(profile.to_dict(), indent=1))
         return

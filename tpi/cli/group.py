@@ -9,13 +9,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from tpi.cli import (DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Backend, Budget, CacheDir, ConfigDir, Context, Insecure,
-                     LocalWorkers, ModelArg, Threads, WireDtype, fail, parse_size)
+from tpi.cli.options import (DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Backend, Budget, CacheDir, ConfigDir, Context,
+                             Insecure, LocalWorkers, ModelArg, Threads, WireDtype, parse_size, reports_errors, say)
 from tpi.errors import TpiError
 
 token_app = typer.Typer(help="Manage the join token.", no_args_is_help=True)
 
 
+@reports_errors
 def serve(
     model: ModelArg = None,
     devices: Annotated[int, typer.Option("--devices", "-d", help="total group size to wait for, this master included")] = 1,
@@ -51,24 +52,21 @@ def serve(
         "it without an address; only a hash of the master's public key is announced")] = True,
 ) -> None:
     """Be the master: serve the API at once, wait for devices, ship their shards, then answer."""
+    from tpi.master import GroupOptions
     from tpi.serve.api import serve_api
-    from tpi.master.group import GroupOptions
     from tpi.serve.service import GenerationService
 
     try:
         parsed = tuple(float(r) for r in ratios.split(",")) if ratios else None
     except ValueError:
-        fail(TpiError(f"--ratios '{ratios}' must be numbers separated by commas, e.g. 2,1"))
-    try:
-        opts = GroupOptions(model=model, devices=devices, local_workers=local_workers, host=host, port=port,
-                            context=context, threads=threads, backend=backend, memory_budget=parse_size(memory_budget),
-                            ratios=parsed, wire_dtype=wire_dtype, insecure=insecure, config_dir=config_dir,
-                            cache_dir=cache_dir, leave_out=not keep_all,
-                            link_settings=link_settings(heartbeat_timeout), rejoin_timeout_s=rejoin_timeout,
-                            replan=replan, announce=announce)
-    except TpiError as e:
-        fail(e)
-    forming = GroupFormation(opts, lambda m: typer.echo(m, err=True))
+        raise TpiError(f"--ratios '{ratios}' must be numbers separated by commas, e.g. 2,1") from None
+    opts = GroupOptions(model=model, devices=devices, local_workers=local_workers, host=host, port=port,
+                        context=context, threads=threads, backend=backend, memory_budget=parse_size(memory_budget),
+                        ratios=parsed, wire_dtype=wire_dtype, insecure=insecure, config_dir=config_dir,
+                        cache_dir=cache_dir, leave_out=not keep_all,
+                        link_settings=link_settings(heartbeat_timeout), rejoin_timeout_s=rejoin_timeout,
+                        replan=replan, announce=announce, always_plan=True)
+    forming = GroupFormation(opts)
     service = GenerationService(None, status=forming.status, queue_size=queue_size, model_name=served_model_id(model))
     def ready(engine) -> None:
         engine.reuse_prefix = prompt_cache
@@ -82,8 +80,6 @@ def serve(
         serve_api(service, api_host, api_port, api_key=api_key,
                   on_listening=lambda u: typer.echo(f"OpenAI-compatible API on {u}/v1 (GET /health shows the group)", err=True),
                   on_server=forming.start)
-    except TpiError as e:
-        fail(e)
     except ShutdownRequested:
         pass
     finally:
@@ -91,7 +87,7 @@ def serve(
         service.close()
         forming.close()
     if forming.error is not None:
-        fail(forming.error)
+        raise forming.error
 
 
 class ShutdownRequested(Exception):
@@ -104,7 +100,7 @@ def _leave_on_sigterm(signum, frame) -> None:
 
 def link_settings(heartbeat_timeout_s: float):
     """LinkSettings for a --heartbeat-timeout: beats every quarter of it (at most 1 s apart)."""
-    from tpi.transport.link import LinkSettings
+    from tpi.transport.keeper import LinkSettings
 
     if heartbeat_timeout_s <= 0:
         raise TpiError(f"--heartbeat-timeout {heartbeat_timeout_s} must be positive (seconds)")
@@ -120,42 +116,47 @@ def served_model_id(model: str | None) -> str:
 
 def show_plan(plan) -> None:
     """Print the planner's table for the real group (stderr), before any weight loads."""
-    from tpi.devices.plan_report import render_allreduce, render_plan
     from tpi.cli.table_text import print_tables
+    from tpi.devices.plan_report import plan_tables
 
-    print_tables(render_plan(plan), render_allreduce(plan), stderr=True)
+    print_tables(*plan_tables(plan), stderr=True)
 
 
 class GroupFormation:
     """Forms the group on a background thread while the API already answers /health."""
 
-    def __init__(self, opts, say):
-        self.opts, self.say = opts, say
+    def __init__(self, opts):
+        self.opts = opts
         self.group = None
         self.error: TpiError | None = None
         self.on_ready = None
-        self._state = {"state": "starting", "world": max(opts.devices, 1 + opts.local_workers), "devices": []}
+        self._state = {"state": "starting", "world": opts.world, "devices": []}
 
     def start(self, server) -> None:
         threading.Thread(target=self._form, args=(server,), name="tpi-group-formation", daemon=True).start()
 
     def _form(self, server) -> None:
-        from tpi.master.group import start_group
+        from tpi.master import start_group
 
         try:
-            self.group = start_group(self.opts, say=self._say, on_plan=show_plan)
+            self.group = start_group(self.opts, on_event=self.on_event)
             self.on_ready(self.group.engine)
         except TpiError as e:
             self.error = e
             self._state["state"] = "failed"
             server.should_exit = True  # serve exits and reports the error
 
-    def _say(self, message: str) -> None:
-        if message.startswith("waiting for"):
+    def on_event(self, event) -> None:
+        from tpi.master.events import DeviceJoined, GroupPlanned, WaitingForDevices
+
+        if isinstance(event, WaitingForDevices):
             self._state["state"] = "waiting for devices"
-        elif message.startswith("device joined"):
-            self._state["devices"].append(message.split(": ", 1)[1])
-        self.say(message)
+        elif isinstance(event, DeviceJoined):
+            self._state["devices"].append(f"{event.name} ({event.address}) [{event.count}/{event.needed}]")
+        if isinstance(event, GroupPlanned):
+            show_plan(event.plan)
+        else:
+            say(event)
 
     def status(self) -> dict:
         return self.group.status() if self.group is not None else dict(self._state)
@@ -165,6 +166,7 @@ class GroupFormation:
             self.group.close()
 
 
+@reports_errors
 def join(
     master: Annotated[Optional[str], typer.Argument(
         help="HOST:PORT printed by tpi serve (default: find the master of this token on the LAN by mDNS)")] = None,
@@ -200,7 +202,7 @@ def join(
     from tpi.model.backends import backend_choice_note, resolve_backend
     from tpi.worker import WorkerOptions, run_worker
 
-    try:
+    try:  # a KeyboardInterrupt is how a user leaves the group
         token = read_token(token, token_file)
         if heartbeat_timeout is not None and heartbeat_timeout <= 0:
             raise TpiError(f"--heartbeat-timeout {heartbeat_timeout} must be positive (seconds)")
@@ -218,8 +220,6 @@ def join(
                                  memory_budget=budget, insecure=insecure, profile=profile,
                                  data_endpoint=data_endpoint, heartbeat_timeout_s=heartbeat_timeout,
                                  reconnect_s=max(0.0, reconnect_timeout)))
-    except TpiError as e:
-        fail(e)
     except KeyboardInterrupt:
         typer.echo("left the group", err=True)
 

@@ -1,20 +1,24 @@
-"""Options of a single-device engine, the planned context, and a group of one built from them."""
+"""Rank 0's engine: embed tokens, run one step on every rank of the group, gather the logits.
+
+The engine runs one sequence at a time (slot 0) and knows which of its tokens every rank's KV cache
+holds (`cached`). A step is a typed `Step` (tpi.transport.protocol) whose rows carry a slot and a
+position; issue 17 (many sequences per step) and 18 (k+1 speculative rows per step, rejected rows
+rolled back with `truncate`) extend what one step carries, not this shape.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Sequence
 
-from tpi.errors import TpiError
+import numpy as np
+
+from tpi.errors import ContextOverflowError, TpiError
+from tpi.master.generate import Generation, SequenceState, run_sequence
+from tpi.master.sampler import SamplingParams
+from tpi.model.config import PREFILL_CHUNK
+from tpi.transport.protocol import Step
 
 DEFAULT_CONTEXT = 4096
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    model: str | None = None  # path; None = embedded default
-    context: int | None = None  # None = min(model context, DEFAULT_CONTEXT)
-    threads: int | None = None
-    backend: str = "auto"
-    memory_budget: int | None = None  # bytes; None = no streaming
 
 
 def resolve_context(cfg, requested: int | None) -> int:
@@ -24,10 +28,100 @@ def resolve_context(cfg, requested: int | None) -> int:
     return ctx
 
 
-def build_local_engine(opts: EngineOptions):
-    """A group of one: every block of the model on this device (streamed under a budget)."""
-    from tpi.master.group import GroupOptions, start_group
+def check_prompt(n_tokens: int, context: int) -> None:
+    """The one prompt check: at least one token, and room for at least one more in the context."""
+    if n_tokens == 0:
+        raise ContextOverflowError("the prompt is empty; give at least one token")
+    if n_tokens >= context:
+        raise ContextOverflowError(f"the prompt has {n_tokens} tokens but the context holds {context}; "
+                                   "shorten the prompt or raise --context")
 
-    group = start_group(GroupOptions(model=opts.model, context=opts.context, threads=opts.threads,
-                                     backend=opts.backend, memory_budget=opts.memory_budget))
-    return group.engine
+
+class Engine:
+    """Runs sequences on a model (one device or a whole group), one at a time."""
+
+    def __init__(self, cfg, tokenizer, model, embed, context: int):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.model = model  # rank 0's Transformer; its communicator reaches the workers
+        self.embed_table = embed  # QTensor [vocab, hidden]
+        self.context = context
+        self.cached: list[int] = []  # tokens whose keys/values sit in every rank's cache (slot 0)
+        # Reusing the cached prefix of the previous request saves its prefill, but the last
+        # prompt token then runs through the one-token path whose bf16 rounding differs from a
+        # batched prefill, so a repeated request may sample differently. Off by default: the same
+        # request gives the same answer. Multi-turn chat turns it on.
+        self.reuse_prefix = False
+        self.lock = threading.Lock()
+
+    @property
+    def comm(self):
+        return self.model.comm
+
+    def embed(self, ids: Sequence[int]) -> np.ndarray:
+        from tpi.quant.formats import dequantize, take_rows
+
+        h = dequantize(take_rows(self.embed_table, np.asarray(ids, dtype=np.int64)))  # (T, hidden) float32
+        scale = self.cfg.embed_scale
+        return h if scale == 1.0 else h * np.float32(scale)  # gemma3: sqrtf(hidden), in fp32 as llama.cpp
+
+    def forward(self, ids: Sequence[int], start: int, all_positions: bool = False, exact: bool = False) -> np.ndarray:
+        """Run tokens at positions start.. on every rank; returns (T or 1, vocab) float32 logits.
+
+        exact (a verify pass of speculative decoding): each row's logits are, bit for bit, what a
+        one-token forward at its position gives (tpi.model.transformer).
+        """
+        if start + len(ids) > self.context:
+            raise ContextOverflowError(f"{start + len(ids)} tokens exceed the context of {self.context}")
+        h = self.embed(ids)
+        self.comm.broadcast_step(Step.of_sequence(start, len(ids), h, all_logits=all_positions, exact=exact))
+        local = self.model.forward(h, start, all_positions, exact)
+        self.cached = self.cached[:start] + list(ids)
+        return np.concatenate(self.comm.gather(local), axis=-1)
+
+    def truncate(self, keep: int) -> None:
+        """Forget cached positions keep.. (a KV rollback): the next step starts at or before `keep`.
+
+        Ranks need no message for it today, because a step's attention reads only positions below its
+        own end; a rank that keeps cache bookkeeping (slots, issue 17) gets it as a Truncate control.
+        """
+        self.cached = self.cached[:keep]
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    def swap_comm(self, comm) -> None:
+        """Run the next steps through `comm` (recovery); every rank's cache is suspect, so it starts over."""
+        with self.lock:  # a running request fails within its timeout and lets go of the lock
+            self.model.comm = comm
+            self.reset()
+
+    def adopt(self, model, embed) -> None:
+        """Take over a re-planned group's rank 0 (model and embedding); the old weights are closed."""
+        with self.lock:
+            old, self.model, self.embed_table = self.model.weights, model, embed
+            self.reset()
+        old.close()
+
+    def prefill(self, ids: Sequence[int]) -> tuple[np.ndarray, int]:
+        """Compute the prompt, reusing the cached common prefix. Returns last logits and tokens computed."""
+        common = 0
+        for a, b in zip(self.cached if self.reuse_prefix else (), ids):
+            if a != b:
+                break
+            common += 1
+        start = min(common, len(ids) - 1)  # at least one token must run to get logits
+        logits = None
+        for i in range(start, len(ids), PREFILL_CHUNK):
+            logits = self.forward(ids[i : i + PREFILL_CHUNK], i)
+        return logits[-1], len(ids) - start
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams, max_tokens: int, *, stop: Sequence[str] = (),
+                 ignore_eos: bool = False, on_text: Callable[[str], None] | None = None,
+                 cancel: threading.Event | None = None) -> Generation:
+        """Sample up to max_tokens after the prompt, streaming text pieces to on_text."""
+        check_prompt(len(prompt), self.context)
+        seq = SequenceState.start(prompt, params, min(max_tokens, self.context - len(prompt)), self.tokenizer,
+                                  stop=stop, ignore_eos=ignore_eos)
+        with self.lock:
+            return run_sequence(self, seq, on_text or (lambda s: None), cancel)

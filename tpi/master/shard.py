@@ -1,24 +1,35 @@
-"""Cut a model source into per-rank blocks: the weights a rank needs, in execution order.
+"""Cutting shards: a model source into per-rank blocks, and those blocks into cached shard stores.
 
 The blocks' keys, names and fused order are tpi.model.blocks'. Each block is a flat dict of
 QTensors (matrices) and float32 vectors. Column shards (wo, wdown) are cut on the tensor's block; a boundary inside a block re-quantizes
 that rank's slice to Q8_0 (32-element blocks), which the planner avoids where it can.
+
+A shard store is cached under a key of the model file and the shard it holds (`store_key`); one pass
+over the model imports each tensor once and feeds every rank's store (`write_stores`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 
-from tpi.model.config import ModelConfig, layer_name
-from tpi.devices.slicing import RankShard
+from tpi.devices.slicing import RankShard, shard_to_dict
+from tpi.errors import GroupError
+from tpi.model.config import ModelConfig, config_to_dict, layer_name
+from tpi.scheduler.store import write_store
 from tpi.quant.formats import QTensor, concat_rows, dequantize, k_block, quantize, slice_cols, slice_rows
-from tpi.model.blocks import EMBED, FUSED, GLOBALS, attn_key, mlp_key
+from tpi.model.blocks import EMBED, FUSED, GLOBALS, POST_ATTN_NORM, POST_MLP_NORM, QK_NORMS, attn_key, mlp_key
 
 log = logging.getLogger(__name__)
 
 REQUANT_FMT = "ggml:Q8_0"  # where a column shard boundary splits a 256-element block
+STORE_FORMAT = 2  # bump when the block layout (tpi.model.blocks) changes: old cached stores go stale (2: GGUF types)
 
 
 def _rows(x, r: range):
@@ -53,7 +64,7 @@ def _attn_block(t: dict, s: RankShard, bias: bool, requantized: set) -> dict:
            "wo": wo}
     if bias:
         blk |= _fuse_or_keep("bqkv", [_rows(t["bq"], s.q_rows), _rows(t["bk"], s.kv_rows), _rows(t["bv"], s.kv_rows)])
-    return blk
+    return blk | {n: t[n] for n in (*QK_NORMS, POST_ATTN_NORM) if n in t}  # whole on every rank
 
 
 def _mlp_block(t: dict, s: RankShard, requantized: set) -> dict:
@@ -61,7 +72,7 @@ def _mlp_block(t: dict, s: RankShard, requantized: set) -> dict:
     if redone:
         requantized.add(("w_down", t["w_down"].fmt))
     return {"mlp_norm": t["mlp_norm"], **_fuse_or_keep("wgu", [_rows(t["w_gate"], s.inter), _rows(t["w_up"], s.inter)]),
-            "wdown": wdown}
+            "wdown": wdown} | ({POST_MLP_NORM: t[POST_MLP_NORM]} if POST_MLP_NORM in t else {})
 
 
 def iter_rank_blocks(source, cfg: ModelConfig, shards: Sequence[RankShard]) -> Iterator[tuple[str, list[dict]]]:
@@ -70,11 +81,14 @@ def iter_rank_blocks(source, cfg: ModelConfig, shards: Sequence[RankShard]) -> I
     Rank 0 (the master) also gets the embedding in its globals block.
     """
     requantized: set[tuple[str, str]] = set()
+    family = cfg.family
+    attn_names = ["attn_norm", "wq", "wk", "wv", "wo"] + (["bq", "bk", "bv"] if cfg.qkv_bias else []) + (
+        list(QK_NORMS) if family.qk_norm else []) + ([POST_ATTN_NORM] if family.post_norms else [])
+    mlp_names = ["mlp_norm", "w_gate", "w_up", "w_down"] + ([POST_MLP_NORM] if family.post_norms else [])
     for i in range(cfg.n_layers):
-        names = ["attn_norm", "wq", "wk", "wv", "wo"] + (["bq", "bk", "bv"] if cfg.qkv_bias else [])
-        t = {n: source.load(layer_name(i, n)) for n in names}
+        t = {n: source.load(layer_name(i, n)) for n in attn_names}
         yield attn_key(i), [_attn_block(t, s, cfg.qkv_bias, requantized) for s in shards]
-        t = {n: source.load(layer_name(i, n)) for n in ("mlp_norm", "w_gate", "w_up", "w_down")}
+        t = {n: source.load(layer_name(i, n)) for n in mlp_names}
         yield mlp_key(i), [_mlp_block(t, s, requantized) for s in shards]
     for name, fmt in sorted(requantized):
         log.info("re-quantized %s shards to Q8_0: a shard boundary splits a %d-element %s block", name,
@@ -87,33 +101,50 @@ def iter_rank_blocks(source, cfg: ModelConfig, shards: Sequence[RankShard]) -> I
     yield GLOBALS, globs
 
 
-def shard_to_dict(s: RankShard) -> dict:
-    """Wire form of a RankShard (sent in the worker's assignment)."""
-    return {
-        "rank": s.rank, "head_dim": s.head_dim, "group_size": s.group_size,
-        "q_heads": [s.q_heads.start, s.q_heads.stop], "kv_heads": list(s.kv_heads),
-        "inter": [s.inter.start, s.inter.stop], "vocab": [s.vocab.start, s.vocab.stop],
-    }
+def store_key(source, shard: RankShard, with_embed: bool) -> str:
+    """The cache name of a rank's store: the model file (path, size, mtime) and the shard it holds."""
+    st = Path(source.path).stat()
+    ident = {"v": STORE_FORMAT, "model": str(Path(source.path).resolve()), "size": st.st_size,
+             "mtime": st.st_mtime_ns, "shard": shard_to_dict(shard), "embed": with_embed}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def shard_from_dict(d: dict, cfg: ModelConfig) -> RankShard:
-    """Inverse of shard_to_dict, checked against the model so a bad assignment fails clearly."""
-    from tpi.errors import ProtocolError
+def write_stores(source, cfg: ModelConfig, shards: Sequence[RankShard], paths: dict[int, Path],
+                 rank0_sink: Callable[[str, dict], None]) -> None:
+    """One pass over the model: rank 0's blocks go to rank0_sink, ranks in `paths` to store files.
 
+    Each store is written by its own thread from a small queue, so every source tensor is
+    read and imported once however many ranks there are.
+    """
+    queues = {r: queue.Queue(maxsize=2) for r in paths}
+    errors: dict[int, BaseException] = {}
+
+    def feed(q: queue.Queue):
+        while (item := q.get()) is not None:
+            yield item
+
+    def write(rank: int) -> None:
+        meta = {"format": STORE_FORMAT, "config": config_to_dict(cfg), "shard": shard_to_dict(shards[rank])}
+        try:
+            write_store(paths[rank], meta, feed(queues[rank]))
+        except BaseException as e:  # reported after the pass; keep draining so the producer never blocks
+            errors[rank] = e
+            for _ in feed(queues[rank]):
+                pass
+
+    threads = [threading.Thread(target=write, args=(r,), daemon=True) for r in paths]
+    for t in threads:
+        t.start()
     try:
-        s = RankShard(
-            rank=int(d["rank"]), head_dim=int(d["head_dim"]), group_size=int(d["group_size"]),
-            q_heads=range(*map(int, d["q_heads"])), kv_heads=tuple(int(k) for k in d["kv_heads"]),
-            inter=range(*map(int, d["inter"])), vocab=range(*map(int, d["vocab"])),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise ProtocolError(f"malformed shard assignment: {e!r}") from None
-    ok = (
-        s.head_dim == cfg.head_dim and s.group_size == cfg.group_size and len(s.q_heads) > 0
-        and 0 <= s.q_heads.start and s.q_heads.stop <= cfg.n_heads and len(s.kv_heads) > 0
-        and 0 <= s.inter.start < s.inter.stop <= cfg.intermediate
-        and 0 <= s.vocab.start < s.vocab.stop <= cfg.vocab
-    )
-    if not ok:
-        raise ProtocolError(f"shard assignment {d} does not fit the model; master and worker disagree")
-    return s
+        for key, per_rank in iter_rank_blocks(source, cfg, shards):
+            rank0_sink(key, per_rank[0])
+            for r, q in queues.items():
+                q.put((key, per_rank[r]))
+    finally:
+        for q in queues.values():
+            q.put(None)
+        for t in threads:
+            t.join()
+    if errors:
+        rank, e = next(iter(errors.items()))
+        raise GroupError(f"writing the shard for rank {rank} failed: {e}") from e

@@ -5,6 +5,7 @@ from tpi.errors import TpiError
 
 AUTO_BACKENDS = ("ggml", "numpy")  # what --backend auto tries, best first; torch only when asked by name
 BACKEND_EXTRAS = {"ggml": "worker-fast", "torch": "all"}  # the pip extra that brings each optional backend
+TORCH_ARCHS = ("llama", "mistral", "qwen2")  # the families TorchLayers computes; ggml and numpy run them all
 
 
 def resolve_backend(requested: str) -> str:
@@ -48,6 +49,9 @@ def make_layers(backend: str, cfg, shard, context: int, threads: int | None):
 
         return GgmlLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads)
     if backend == "torch":
+        if cfg.arch not in TORCH_ARCHS:
+            raise TpiError(f"the torch backend does not run {cfg.arch} models (it runs {', '.join(TORCH_ARCHS)}); "
+                           "use --backend ggml (the default) or --backend numpy")
         try:
             from tpi.model.layers_torch import TorchLayers
         except ImportError:

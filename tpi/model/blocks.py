@@ -8,6 +8,8 @@ and the converted-model reader (tpi.formats.native) all speak this layout:
 - A block is a flat dict. q|k|v fuse into "wqkv" and gate|up into "wgu" (rows stacked in the order
   of FUSED) where the parts share one fmt and K; otherwise they stay apart under UNFUSED's names
   (a Q4_K_M file keeps attn_v in Q6_K on some layers). The q|k|v biases always fuse into "bqkv".
+- Norm vectors are whole on every rank: attn_norm, mlp_norm, the per-head q_norm / k_norm and the
+  post-norms (applied to a block's output after the ranks' partial sums are added up).
 """
 from __future__ import annotations
 
@@ -21,8 +23,11 @@ UNFUSED_PARTS = frozenset(p for parts in UNFUSED.values() for p in parts)
 
 # Canonical tensor name (tpi.model.config.LAYER_TENSORS) -> its name inside a block, where they differ.
 BLOCK_NAME = {"w_gate": "wgate", "w_up": "wup", "w_down": "wdown"}
-ATTN_TENSORS = ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "wo")
-MLP_TENSORS = ("mlp_norm", "w_gate", "w_up", "w_down")
+ATTN_TENSORS = ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "q_norm", "k_norm", "wo", "post_attn_norm")
+MLP_TENSORS = ("mlp_norm", "w_gate", "w_up", "w_down", "post_mlp_norm")
+QK_NORMS = ("q_norm", "k_norm")  # [head_dim], the same on every rank (qk_norm families)
+# The norm a block's summed output goes through before the residual add (post_norms families).
+POST_ATTN_NORM, POST_MLP_NORM = "post_attn_norm", "post_mlp_norm"
 
 
 def attn_key(layer: int) -> str:

@@ -1,9 +1,12 @@
 """One rank's transformer blocks as ggml graphs: attention, MLP and the logits slice.
 
 Shapes are in ggml order (ne[0] fastest): activations are [hidden, T], a weight [N, K] is ne [K, N].
-The graphs follow llama.cpp's own (src/llama-graph.cpp): rms_norm * w, q/k/v (+ bias), RoPE,
-set_rows into an F16 KV cache, flash attention with F32 accumulation over a view of the cache,
-output projection; rms_norm * w, gate|up, SwiGLU, down. So a rank's numbers are llama.cpp's.
+The graphs follow llama.cpp's own (src/llama-graph.cpp, src/models/<arch>.cpp): rms_norm * w, q/k/v
+(+ bias), per-head q/k rms_norm * w (qk_norm families), RoPE on the layer's base, q * scale (scale_q
+families), set_rows into an F16 KV cache, flash attention with F32 accumulation over a view of the
+cache (a local layer's mask hides keys past its window), output projection; rms_norm * w, gate|up,
+SwiGLU or GeGLU, down. So a rank's numbers are llama.cpp's. A post-norm (gemma3) applies to a
+block's output summed over the ranks: `build_post_norm`, outside the block graphs of a group.
 """
 from __future__ import annotations
 
@@ -12,19 +15,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tpi.model.blocks import QK_NORMS
 from tpi.model.config import ModelConfig
-from tpi.errors import ShapeError, UnsupportedArchitectureError
+from tpi.errors import ShapeError
 from tpi.model.ggml_exact import mul_mat
 from tpi.quant.ggml_graph import Context, Tensor
 from tpi.quant.ggml_lib import ROPE_NEOX, ROPE_NORMAL
-from tpi.model.rope import ADJACENT_PAIR_ARCHS, adjacent_pair_index, inverse_frequencies
+from tpi.model.rope import adjacent_pair_index, inverse_frequencies
 
 F32_BYTES, F16_BYTES = 4, 2
-GRAPH_ARCHS = ("llama", "mistral", "qwen2")  # the blocks below are these architectures' (llama.cpp's llm_build_*)
-OPS_PER_ATTENTION = 40  # tensors an attention graph creates, before its per-segment extras
+OPS_PER_ATTENTION = 48  # tensors an attention graph creates, before its per-segment extras
 OPS_PER_SEGMENT = 8
-OPS_PER_MLP = 12
-OPS_PER_EXACT_ROW = 24  # per exact row: a chunk's view, mul_mat and concat for each matmul; row views
+OPS_PER_MLP = 16
+OPS_PER_EXACT_ROW = 32  # per exact row: a chunk's view, mul_mat and concat for each matmul; row views
 
 
 def attention_segments(q_to_kv: tuple[int, ...]) -> tuple[tuple[int, int, int, int], ...]:
@@ -80,6 +83,12 @@ class BlockSpec:
     rope_ctx_orig: int
     segments: tuple[tuple[int, int, int, int], ...]
     rope_mode: int = ROPE_NORMAL  # NEOX for archs llama.cpp runs rotate-half (q/k rows re-ordered to match)
+    attn_scale: float = 1.0  # of q.k
+    scale_q: bool = False  # applied to q before attention (llama.cpp's gemma3 / phi3 order), not to the scores
+    gelu: bool = False  # GeGLU (gelu_tanh gate) instead of SwiGLU
+    swa_layers: frozenset = frozenset()  # local layers: window mask, their own RoPE base, no scaling
+    rope_base_swa: float = 10000.0
+    softcap: float = 0.0  # logits = c * tanh(logits / c) when c > 0
 
     @property
     def q_dim(self) -> int:
@@ -91,17 +100,21 @@ class BlockSpec:
 
     @classmethod
     def of(cls, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...]) -> "BlockSpec":
-        if cfg.arch not in GRAPH_ARCHS:
-            raise UnsupportedArchitectureError(
-                f"the ggml backend has no graphs for {cfg.arch} models yet (it runs {', '.join(GRAPH_ARCHS)}); "
-                "use --backend numpy")
         if len(q_to_kv) != n_q:
             raise ShapeError(f"{n_q} local query heads but a KV map of {len(q_to_kv)}")
         linear = cfg.rope_scaling.kind == "linear" and cfg.rope_freq_factors is None
+        family = cfg.family
         return cls(cfg.hidden, cfg.head_dim, n_q, max(q_to_kv) + 1, cfg.rms_eps, cfg.rope_theta,
                    1.0 / cfg.rope_scaling.factor if linear else 1.0,
                    cfg.rope_scaling.original_context if cfg.rope_scaling.kind else cfg.context,
-                   attention_segments(tuple(q_to_kv)), ROPE_NORMAL if cfg.arch in ADJACENT_PAIR_ARCHS else ROPE_NEOX)
+                   attention_segments(tuple(q_to_kv)), ROPE_NEOX if family.rope_neox else ROPE_NORMAL,
+                   cfg.scale, family.scale_q, family.activation == "gelu_tanh",
+                   frozenset(cfg.swa_layers) if cfg.sliding_window else frozenset(), cfg.rope_theta_swa,
+                   cfg.final_softcap)
+
+    def head_rotate_half(self) -> np.ndarray | None:
+        """Within one head: rotate-half element j <- adjacent-pair element (the q/k norm weights' order)."""
+        return np.argsort(adjacent_pair_index(1, self.head_dim)) if self.rope_mode == ROPE_NEOX else None
 
     def rotate_half_rows(self) -> np.ndarray | None:
         """Row order turning this rank's fused q|k|v rows from tpi's adjacent pairs into rotate-half.
@@ -123,7 +136,7 @@ class BlockSpec:
 
 
 def mlp_ops(exact_rows: int = 0) -> int:
-    """Tensors an MLP (or logits) graph creates."""
+    """Tensors an MLP, post-norm or logits graph creates (exact_rows: a pass of that many exact rows)."""
     return OPS_PER_MLP + exact_rows * OPS_PER_EXACT_ROW
 
 
@@ -136,6 +149,7 @@ class StepTensors:
     idx: Tensor
     mask: Tensor  # [n_kv, T] for a prefill; [context] for decode, viewed to the bucket's n_kv
     tokens: int
+    mask_swa: Tensor | None = None  # the same for local layers: also hides keys >= window positions back
     row_kv: tuple[int, ...] = ()  # exact rows (tpi.model.ggml_exact): each row's own decode n_kv
 
     @property
@@ -171,52 +185,70 @@ def _qkv(ctx: Context, s: BlockSpec, blk: dict, xn: Tensor, t: int, exact: bool)
 
 
 def build_attention(ctx: Context, s: BlockSpec, blk: dict, step: StepTensors, k_cache: Tensor, v_cache: Tensor,
-                    n_kv: int, rope_factors: Tensor | None) -> Tensor:
+                    n_kv: int, rope_factors: Tensor | None, layer: int) -> Tensor:
     """This rank's partial attention output [hidden, T]; writes rows idx of the layer's KV cache."""
     t, hd = step.tokens, s.head_dim
     xn = _norm(ctx, step.x, blk["attn_norm"], s.eps)
     q, k, v = _qkv(ctx, s, blk, xn, t, step.exact)
-    rope = (rope_factors, hd, s.rope_mode, s.rope_ctx_orig, s.rope_base, s.rope_scale)
+    if QK_NORMS[0] in blk:  # per head: each [hd] row of q and of k, one weight for every head
+        q = _norm(ctx, q, blk["q_norm"], s.eps)
+        k = _norm(ctx, k, blk["k_norm"], s.eps)
+    local = layer in s.swa_layers
+    if local:  # llama.cpp: rope.freq_base_swa, freq_scale_swa 1, no frequency factors
+        rope = (None, hd, s.rope_mode, s.rope_ctx_orig, s.rope_base_swa, 1.0)
+    else:
+        rope = (rope_factors, hd, s.rope_mode, s.rope_ctx_orig, s.rope_base, s.rope_scale)
     q = ctx.rope(q, step.pos, *rope)  # contiguous [hd, n_q, T]
     k = ctx.reshape(ctx.rope(k, step.pos, *rope), s.kv_dim, t)
+    kq_scale = s.attn_scale
+    if s.scale_q:
+        q, kq_scale = ctx.scale(q, s.attn_scale), 1.0
     k_all = ctx.set_rows(k_cache, k, step.idx)  # views of the caches, ordered after the writes
     v_all = ctx.set_rows(v_cache, v, step.idx)
+    mask = step.mask_swa if local else step.mask
     if step.exact:  # one call per row over its own decode n_kv, as that row's decode step attends
         out = None
         for i, row_kv in enumerate(step.row_kv):
             q_row = ctx.view(q, (hd, s.n_q, 1), (q.nb[1], q.nb[2]), i * q.nb[2])
-            mask = ctx.view(step.mask, (row_kv, 1), (row_kv * F16_BYTES,), i * step.mask.nb[1])
-            o = _attend(ctx, s, q_row, k_all, v_all, mask, row_kv, 1)
+            row_mask = ctx.view(mask, (row_kv, 1), (row_kv * F16_BYTES,), i * mask.nb[1])
+            o = _attend(ctx, s, q_row, k_all, v_all, row_mask, row_kv, 1, kq_scale)
             out = o if out is None else ctx.concat(out, o, 2)
     else:
-        mask = step.mask if step.mask.ne[0] == n_kv else ctx.view(step.mask, (n_kv, 1), (n_kv * F16_BYTES,), 0)
-        out = _attend(ctx, s, q, k_all, v_all, mask, n_kv, t)
+        if mask.ne[0] != n_kv:
+            mask = ctx.view(mask, (n_kv, 1), (n_kv * F16_BYTES,), 0)
+        out = _attend(ctx, s, q, k_all, v_all, mask, n_kv, t, kq_scale)
     return mul_mat(ctx, blk["wo"], ctx.reshape(out, s.q_dim, t), step.exact)
 
 
-def _attend(ctx: Context, s: BlockSpec, q: Tensor, k_all: Tensor, v_all: Tensor, mask: Tensor, n_kv: int,
-            t: int) -> Tensor:
+def _attend(ctx: Context, s: BlockSpec, q: Tensor, k_all: Tensor, v_all: Tensor, mask: Tensor, n_kv: int, t: int,
+            kq_scale: float) -> Tensor:
     """Flash attention of q [hd, n_q, t] over the first n_kv cache rows, per GQA segment -> [hd, n_q, t]."""
-    hd = s.head_dim
-    cache_row = s.kv_dim * F16_BYTES
+    hd, cache_row = s.head_dim, s.kv_dim * F16_BYTES
     out = None
     for q0, q1, kv0, kv1 in s.segments:
         qs = q if (q0, q1) == (0, s.n_q) else ctx.view(q, (hd, q1 - q0, t), (q.nb[1], q.nb[2]), q0 * q.nb[1])
         ks = ctx.view(k_all, (hd, n_kv, kv1 - kv0), (cache_row, hd * F16_BYTES), kv0 * hd * F16_BYTES)
         vs = ctx.view(v_all, (hd, n_kv, kv1 - kv0), (cache_row, hd * F16_BYTES), kv0 * hd * F16_BYTES)
-        o = ctx.flash_attn(ctx.permute(qs, 0, 2, 1, 3), ks, vs, mask, 1.0 / math.sqrt(hd))  # [hd, heads, t]
+        o = ctx.flash_attn(ctx.permute(qs, 0, 2, 1, 3), ks, vs, mask, kq_scale)  # [hd, heads, t]
         out = o if out is None else ctx.concat(out, o, 1)
     return out
 
 
 def build_mlp(ctx: Context, s: BlockSpec, blk: dict, x: Tensor, exact: bool = False) -> Tensor:
-    """This rank's partial MLP output [hidden, T]: down(silu(gate(xn)) * up(xn))."""
+    """This rank's partial MLP output [hidden, T]: down(act(gate(xn)) * up(xn)), act silu or gelu_tanh."""
     xn = _norm(ctx, x, blk["mlp_norm"], s.eps)
     if "wgu" in blk:
-        act = ctx.swiglu(mul_mat(ctx, blk["wgu"], xn, exact))  # rows gate | up -> [inter, T]
+        gate_up = mul_mat(ctx, blk["wgu"], xn, exact)  # rows gate | up -> [2 inter, T]
+        act = ctx.geglu(gate_up) if s.gelu else ctx.swiglu(gate_up)  # -> [inter, T]
     else:
-        act = ctx.swiglu_split(mul_mat(ctx, blk["wgate"], xn, exact), mul_mat(ctx, blk["wup"], xn, exact))
+        gate, up = mul_mat(ctx, blk["wgate"], xn, exact), mul_mat(ctx, blk["wup"], xn, exact)
+        act = ctx.geglu_split(gate, up) if s.gelu else ctx.swiglu_split(gate, up)
     return mul_mat(ctx, blk["wdown"], act, exact)
+
+
+def build_post_norm(ctx: Context, s: BlockSpec, blk: dict, name: str, x: Tensor) -> Tensor:
+    """A block's summed output [hidden, T] through its post-norm (gemma3), as llama.cpp's build_norm."""
+    return _norm(ctx, x, blk[name], s.eps)
 
 
 def build_logits(ctx: Context, s: BlockSpec, glob: dict, x: Tensor, last_only: bool, exact: bool = False) -> Tensor:
@@ -224,4 +256,7 @@ def build_logits(ctx: Context, s: BlockSpec, glob: dict, x: Tensor, last_only: b
     t = x.ne[1]
     if last_only and t > 1:
         x = ctx.view(x, (s.hidden, 1), (x.nb[1],), (t - 1) * x.nb[1])
-    return mul_mat(ctx, glob["lm_head"], _norm(ctx, x, glob["norm"], s.eps), exact)
+    out = mul_mat(ctx, glob["lm_head"], _norm(ctx, x, glob["norm"], s.eps), exact)
+    if s.softcap > 0:  # llama.cpp: scale, tanh, scale
+        out = ctx.scale(ctx.tanh(ctx.scale(out, 1.0 / s.softcap)), s.softcap)
+    return out

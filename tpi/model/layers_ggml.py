@@ -6,7 +6,7 @@ allreduce in a group). Decode graphs (one token) are built the first time a bloc
 on the block, reading their inputs in place from buffers this object owns:
   x     F32 [1, hidden]   the residual stream (hidden_from_numpy copies into it; add_ updates it)
   pos   I32 [1], idx I64 [1]   RoPE position and KV-cache row
-  mask  F16 [context]     0 up to the position, -inf after it
+  mask  F16 [context]     0 up to the position, -inf after it (mask_swa: also -inf a window back)
 Flash attention reads the first n_kv rows of the F16 caches, n_kv rounded up to 256 (as llama.cpp
 pads it), so a decode graph is rebuilt once per 256 positions. A prefill (T > 1) builds its graphs
 per call into one shared compute buffer. A group of one with resident blocks runs its whole pass
@@ -21,11 +21,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from tpi.model.blocks import EMBED, GLOBALS, attn_key, mlp_key
+from tpi.model.blocks import EMBED, GLOBALS, POST_ATTN_NORM, POST_MLP_NORM, QK_NORMS, attn_key, mlp_key
 from tpi.model.config import ModelConfig
 from tpi.errors import ShapeError
 from tpi.model.ggml_blocks import (OPS_PER_MLP, BlockSpec, StepTensors, build_attention, build_logits, build_mlp,
-                                   mlp_ops, rope_frequency_factors)
+                                   build_post_norm, mlp_ops, rope_frequency_factors)
 from tpi.model.ggml_exact import decode_kv
 from tpi.quant.ggml_backend import GgmlBackend, can_repack, gather_rows, weight_type
 from tpi.quant.ggml_graph import Context, Graph, SharedComputeBuffer
@@ -39,10 +39,12 @@ ACT = np.float32
 KV_BUCKET = 256  # attended cache rows are a multiple of this (llama.cpp pads n_kv the same way)
 
 
-# The rows of each q/k-bearing tensor in rotate-half order (BlockSpec.rotate_half_rows is for q|k|v).
+# The rows of each q/k-bearing tensor in rotate-half order (BlockSpec.rotate_half_rows is for q|k|v;
+# the per-head q/k norm weights take the order within one head).
 _QK_ROWS = {
     "wqkv": lambda rows, s: rows, "bqkv": lambda rows, s: rows,
     "wq": lambda rows, s: rows[:s.q_dim], "wk": lambda rows, s: rows[s.q_dim:s.q_dim + s.kv_dim] - s.q_dim,
+    **{name: lambda rows, s: s.head_rotate_half() for name in QK_NORMS},
 }
 
 
@@ -85,18 +87,23 @@ def _in_map(store, a: np.ndarray) -> bool:
 
 
 class _DecodeInputs:
-    """The one-token inputs every decode graph reads in place."""
+    """The one-token inputs every decode graph reads in place (window: a local layer's, 0 for none)."""
 
-    def __init__(self, hidden: int, context: int):
+    def __init__(self, hidden: int, context: int, window: int = 0):
         self.x = np.zeros((1, hidden), ACT)
         self.pos = np.zeros(1, np.int32)
         self.idx = np.zeros(1, np.int64)
         self.mask = np.full(context, -np.inf, np.float16)
+        self.window = window
+        self.mask_swa = np.full(context, -np.inf, np.float16) if window else None
+        self.post = np.zeros((1, hidden), ACT)  # a summed block output on its way through a post-norm
         self.visible = 0  # mask[:visible] == 0
         self.position = -1
-        self.ctx = Context(4)
+        self.ctx = Context(6)
+        swa = self.ctx.input(self.mask_swa) if window else None
         self.step = StepTensors(self.ctx.input(self.x), self.ctx.input(self.pos), self.ctx.input(self.idx),
-                                self.ctx.input(self.mask), 1)
+                                self.ctx.input(self.mask), 1, swa)
+        self.post_in = self.ctx.input(self.post)
 
     def move_to(self, position: int) -> None:
         if position == self.position:  # every layer of a pass after the first
@@ -110,17 +117,24 @@ class _DecodeInputs:
         elif end < self.visible:
             self.mask[end:self.visible] = -np.inf
         self.visible = end
+        if self.mask_swa is not None:  # the query sees keys p0 with position - p0 < window
+            self.mask_swa.fill(-np.inf)
+            self.mask_swa[max(0, end - self.window):end] = 0.0
 
 
-def _prefill_inputs(h: np.ndarray, start: int, n_kv: int, row_kv: tuple[int, ...] = ()) -> tuple[StepTensors, Context]:
-    """Inputs of a T-token pass at positions start..: query i sees cache rows up to start + i.
-
-    row_kv: each row's own decode n_kv, for an exact pass (tpi.model.ggml_exact)."""
+def _prefill_inputs(h: np.ndarray, start: int, n_kv: int, window: int = 0,
+                    row_kv: tuple[int, ...] = ()) -> tuple[StepTensors, Context]:
+    """Inputs of a T-token pass at positions start..: query i sees cache rows up to start + i (and on
+    local layers only the window rows before that). row_kv: each row's decode n_kv, for exact rows."""
     t = h.shape[0]
     pos = np.arange(start, start + t, dtype=np.int32)
-    mask = np.where(np.arange(n_kv)[None, :] <= pos[:, None], 0.0, -np.inf).astype(np.float16)  # (T, n_kv)
-    ctx = Context(4)
-    step = StepTensors(ctx.input(h), ctx.input(pos), ctx.input(pos.astype(np.int64)), ctx.input(mask), t, row_kv)
+    back = pos[:, None] - np.arange(n_kv)[None, :]  # (T, n_kv): query position - key position
+    mask = np.where(back >= 0, 0.0, -np.inf).astype(np.float16)
+    ctx = Context(5)
+    swa = None
+    if window:
+        swa = ctx.input(np.where((back >= 0) & (back < window), 0.0, -np.inf).astype(np.float16))
+    step = StepTensors(ctx.input(h), ctx.input(pos), ctx.input(pos.astype(np.int64)), ctx.input(mask), t, swa, row_kv)
     return step, ctx
 
 
@@ -128,7 +142,7 @@ class GgmlLayers:
     """Computes one rank's share of attention and MLP blocks, and its logits slice, as ggml graphs."""
 
     name = "ggml"
-    exact_rows = True  # a many-row pass can compute each row as its decode step would (exact=True)
+    _exact = False  # inside exact_rows(): a many-row pass computes each row as its decode step would
 
     def __init__(self, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...], context: int, threads: int | None,
                  repack: bool = True, whole_graph: bool = True):
@@ -146,7 +160,8 @@ class GgmlLayers:
         self._v = [self._const.input(a, F16) for a in self.v_cache]
         factors = rope_frequency_factors(cfg)
         self._rope_factors = None if factors is None else self._const.input(factors)
-        self._decode = _DecodeInputs(cfg.hidden, context)
+        self.window = cfg.sliding_window if cfg.swa_layers else 0
+        self._decode = _DecodeInputs(cfg.hidden, context, self.window)
         self._prefill: tuple[np.ndarray, int, StepTensors, Context] | None = None
         self._shared = SharedComputeBuffer()
         self._rows = self.spec.rotate_half_rows()
@@ -158,6 +173,15 @@ class GgmlLayers:
     def forward_context():
         """Nothing to switch around a ggml forward pass."""
         return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def exact_rows(self):
+        """Within: a pass of T rows gives each row the bits of a one-row pass (tpi.model.ggml_exact)."""
+        self._exact, self._prefill = True, None
+        try:
+            yield
+        finally:
+            self._exact, self._prefill = False, None
 
     def to_runtime(self, block: dict) -> GgmlBlock:
         """Stored block (QTensors + float32 vectors) -> ggml weight tensors (repacked where ggml
@@ -273,7 +297,7 @@ class GgmlLayers:
     def _n_kv(self, end: int) -> int:
         return min(self.context, -(-end // KV_BUCKET) * KV_BUCKET)
 
-    def _step(self, h: np.ndarray, start: int, exact: bool = False) -> StepTensors:
+    def _step(self, h: np.ndarray, start: int) -> StepTensors:
         """The inputs of a pass of h's tokens at start.. (checked: ggml aborts on a row past the cache)."""
         t = h.shape[0]
         if not (isinstance(start, (int, np.integer)) and 0 <= start and start + t <= self.context):
@@ -284,11 +308,10 @@ class GgmlLayers:
                 np.copyto(self._decode.x, h)
             self._decode.move_to(int(start))
             return self._decode.step
-        if (self._prefill is None or self._prefill[0] is not h or self._prefill[1] != start
-                or self._prefill[2].exact != exact):
+        if self._prefill is None or self._prefill[0] is not h or self._prefill[1] != start:
             h = h if h.dtype == ACT and h.flags.c_contiguous else np.ascontiguousarray(h, dtype=ACT)
-            row_kv = tuple(decode_kv(p, self.context, KV_BUCKET) for p in range(start, start + t)) if exact else ()
-            self._prefill = (h, start, *_prefill_inputs(h, int(start), self._n_kv(start + t), row_kv))
+            row_kv = tuple(decode_kv(p, self.context, KV_BUCKET) for p in range(start, start + t)) if self._exact else ()
+            self._prefill = (h, start, *_prefill_inputs(h, int(start), self._n_kv(start + t), self.window, row_kv))
         return self._prefill[2]
 
     def _run(self, blk: GgmlBlock, key: tuple, ops: int, build, shape: tuple[int, int]) -> np.ndarray:
@@ -307,35 +330,43 @@ class GgmlLayers:
         self.runtime.compute(graph)
         return graph.outputs[0].copy()
 
-    def attention(self, h: np.ndarray, blk: GgmlBlock, layer: int, start: int, exact: bool = False) -> np.ndarray:
-        """h: (T, hidden) f32 -> this rank's partial attention output (T, hidden) f32.
-
-        exact: each row computed as its one-token decode step would (tpi.model.ggml_exact)."""
-        step = self._step(h, start, exact)
+    def attention(self, h: np.ndarray, blk: GgmlBlock, layer: int, start: int) -> np.ndarray:
+        """h: (T, hidden) f32 -> this rank's partial attention output (T, hidden) f32."""
+        step = self._step(h, start)
         n_kv = self._n_kv(start + step.tokens)
-        ops = self.spec.attention_ops(len(step.row_kv))
-        return self._run(blk, ("attn", n_kv), ops, lambda ctx: build_attention(
-            ctx, self.spec, blk, step, self._k[layer], self._v[layer], n_kv, self._rope_factors),
+        return self._run(blk, ("attn", n_kv), self.spec.attention_ops(len(step.row_kv)), lambda ctx: build_attention(
+            ctx, self.spec, blk, step, self._k[layer], self._v[layer], n_kv, self._rope_factors, layer),
             (step.tokens, self.cfg.hidden))
 
-    def _x(self, h: np.ndarray, exact: bool = False) -> StepTensors:
+    def _x(self, h: np.ndarray) -> StepTensors:
         """The inputs for a block that does not move the position (MLP, logits)."""
         if h.shape[0] == 1:
             if h is not self._decode.x:
                 np.copyto(self._decode.x, h)
             return self._decode.step
-        if self._prefill is not None and self._prefill[0] is h and self._prefill[2].exact == exact:
+        if self._prefill is not None and self._prefill[0] is h:
             return self._prefill[2]
-        return self._step(h, 0, exact)  # a pass this object has not seen: positions do not matter here
+        return self._step(h, 0)  # a pass this object has not seen: positions do not matter here
 
-    def mlp(self, h: np.ndarray, blk: GgmlBlock, exact: bool = False) -> np.ndarray:
+    def mlp(self, h: np.ndarray, blk: GgmlBlock) -> np.ndarray:
         """h: (T, hidden) f32 -> this rank's partial MLP output (T, hidden) f32."""
-        step = self._x(h, exact)
+        step = self._x(h)
         return self._run(blk, ("mlp",), mlp_ops(len(step.row_kv)),
                          lambda ctx: build_mlp(ctx, self.spec, blk, step.x, step.exact), (step.tokens, self.cfg.hidden))
 
-    def forward_all(self, h: np.ndarray, blocks: dict, start: int, all_positions: bool,
-                    exact: bool = False) -> np.ndarray | None:
+    def post_norm(self, total: np.ndarray, blk: GgmlBlock, name: str) -> np.ndarray:
+        """A block's output summed over the ranks, (T, hidden) f32, through the block's post-norm."""
+        if total.shape[0] == 1:
+            np.copyto(self._decode.post, total)
+            return self._run(blk, (name,), OPS_PER_MLP, lambda ctx: build_post_norm(
+                ctx, self.spec, blk, name, self._decode.post_in), (1, self.cfg.hidden))
+        ctx = Context(OPS_PER_MLP, graph_size=2 * OPS_PER_MLP + 16)
+        x = ctx.input(np.ascontiguousarray(total, dtype=ACT))
+        graph = Graph(ctx, [build_post_norm(ctx, self.spec, blk, name, x)], [total.shape], galloc=self._shared.ptr)
+        self.runtime.compute(graph)
+        return graph.outputs[0].copy()
+
+    def forward_all(self, h: np.ndarray, blocks: dict, start: int, all_positions: bool) -> np.ndarray | None:
         """A group of one's whole pass as ONE graph: no Python and no thread wake-up between blocks.
 
         A decode step's graph is built once per n_kv bucket and kept; a prefill's is built per call
@@ -343,7 +374,7 @@ class GgmlLayers:
         """
         if not self.whole_graph:
             return None
-        step = self._step(h, start, exact)
+        step = self._step(h, start)
         t, n_kv = step.tokens, self._n_kv(start + step.tokens)
         vocab = blocks[GLOBALS]["lm_head"].out_features
         if t > 1:
@@ -362,21 +393,27 @@ class GgmlLayers:
     def _whole_graph(self, blocks: dict, step: StepTensors, n_kv: int, last_only: bool):
         """(context, logits) of every layer and the logits slice as one graph over step's inputs."""
         rows = len(step.row_kv)
-        ops = self.cfg.n_layers * (self.spec.attention_ops(rows) + mlp_ops(rows) + 2) + mlp_ops(rows)
+        ops = self.cfg.n_layers * (self.spec.attention_ops(rows) + mlp_ops(rows) + 6) + mlp_ops(rows)
         ctx = Context(ops, graph_size=2 * ops + 16)
         x, last = step.x, self.cfg.n_layers - 1
+
+        def post(blk, name, out):  # gemma3's post-norms, as post_norm between block graphs
+            return build_post_norm(ctx, self.spec, blk, name, out) if name in blk else out
+
         for i in range(self.cfg.n_layers):
-            attn = build_attention(ctx, self.spec, blocks[attn_key(i)], replace(step, x=x), self._k[i], self._v[i],
-                                   n_kv, self._rope_factors)
+            blk = blocks[attn_key(i)]
+            attn = build_attention(ctx, self.spec, blk, replace(step, x=x), self._k[i], self._v[i], n_kv,
+                                   self._rope_factors, i)
             if i == last and last_only and step.tokens > 1:  # as llama.cpp: only the output row goes on
                 x, attn = (ctx.view(a, (self.cfg.hidden, 1), (a.nb[1],), (step.tokens - 1) * a.nb[1]) for a in (x, attn))
-            x = ctx.add(x, attn)  # the residual, as add_ adds a block's output between block graphs
-            x = ctx.add(x, build_mlp(ctx, self.spec, blocks[mlp_key(i)], x, step.exact))
+            x = ctx.add(x, post(blk, POST_ATTN_NORM, attn))  # the residual, as add_ adds between block graphs
+            blk = blocks[mlp_key(i)]
+            x = ctx.add(x, post(blk, POST_MLP_NORM, build_mlp(ctx, self.spec, blk, x, step.exact)))
         return ctx, build_logits(ctx, self.spec, blocks[GLOBALS], x, last_only, step.exact)
 
-    def logits(self, h: np.ndarray, glob: GgmlBlock, all_positions: bool, exact: bool = False) -> np.ndarray:
+    def logits(self, h: np.ndarray, glob: GgmlBlock, all_positions: bool) -> np.ndarray:
         """Final norm and this rank's vocabulary slice: (T or 1, vocab_local) float32 numpy (a copy)."""
-        step = self._x(h, exact)
+        step = self._x(h)
         rows = step.tokens if all_positions else 1
         vocab = glob["lm_head"].out_features
         if step.tokens == 1:
@@ -384,7 +421,7 @@ class GgmlLayers:
                 ctx, self.spec, glob, step.x, True), (1, vocab)).copy()
         ops = mlp_ops(len(step.row_kv))
         ctx = Context(ops, graph_size=2 * ops + 16)
-        graph = Graph(ctx, [build_logits(ctx, self.spec, glob, step.x, not all_positions, step.exact)], [(rows, vocab)],
-                      galloc=self._shared.ptr)
+        graph = Graph(ctx, [build_logits(ctx, self.spec, glob, step.x, not all_positions, step.exact)],
+                      [(rows, vocab)], galloc=self._shared.ptr)
         self.runtime.compute(graph)
         return graph.outputs[0].copy()

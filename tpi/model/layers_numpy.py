@@ -19,10 +19,18 @@ from tpi.model.rope import inverse_frequencies
 ACT = np.float32
 
 
-def rope_cos_sin(cfg: ModelConfig, context: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [context, head_dim/2] float32 for adjacent-pair RoPE (angles computed in float64)."""
-    angles = np.outer(np.arange(context, dtype=np.float64), inverse_frequencies(cfg))
+def rope_cos_sin(cfg: ModelConfig, context: int, local: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [context, head_dim/2] float32 for adjacent-pair RoPE (angles computed in float64);
+    local: a sliding-window layer's (its own base, unscaled)."""
+    angles = np.outer(np.arange(context, dtype=np.float64), inverse_frequencies(cfg, local))
     return np.cos(angles).astype(ACT), np.sin(angles).astype(ACT)
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation (Gemma's gate), float32."""
+    inner = x * (1.0 + 0.044715 * x * x)
+    inner *= ACT(np.sqrt(2.0 / np.pi))
+    return 0.5 * x * (1.0 + np.tanh(inner))
 
 
 def limit_blas_threads(threads: int | None) -> None:
@@ -55,11 +63,13 @@ class NumpyLayers:
         self.kv_index = None if uniform else np.asarray(q_to_kv, dtype=np.intp)
         self.group = g if uniform else 1
         self.context = context
-        self.cos, self.sin = rope_cos_sin(cfg, context)
+        self.rope = {False: rope_cos_sin(cfg, context)}  # local layer? -> (cos, sin)
+        if cfg.sliding_window and cfg.swa_layers:
+            self.rope[True] = rope_cos_sin(cfg, context, local=True)
         self.k_cache = np.zeros((cfg.n_layers, self.nkv, context, self.hd), dtype=ACT)  # (L, kv, S, hd)
         self.v_cache = np.zeros_like(self.k_cache)  # zeros: pages are only touched once written
         self.eps = cfg.rms_eps
-        self.scale = ACT(1.0 / np.sqrt(self.hd))
+        self.scale = ACT(cfg.scale)
 
     # ---- weights -------------------------------------------------------------------------
     @staticmethod
@@ -96,15 +106,21 @@ class NumpyLayers:
         h += partial
 
     def _norm(self, h: np.ndarray, w: np.ndarray) -> np.ndarray:
-        ms = np.einsum("ti,ti->t", h, h) / h.shape[-1]  # (T,) mean square without a squared copy
-        return h * (1.0 / np.sqrt(ms + self.eps)).astype(ACT)[:, None] * w
+        """RMSNorm over the last axis of (..., d) times w [d]."""
+        ms = np.einsum("...i,...i->...", h, h) / h.shape[-1]  # mean square without a squared copy
+        return h * (1.0 / np.sqrt(ms + self.eps)).astype(ACT)[..., None] * w
 
-    def _rope(self, x: np.ndarray, start: int) -> np.ndarray:
+    def post_norm(self, total: np.ndarray, blk: dict, name: str) -> np.ndarray:
+        """A block's output summed over the ranks, (T, hidden), through the block's post-norm (gemma3)."""
+        return self._norm(total, blk[name])
+
+    def _rope(self, x: np.ndarray, start: int, local: bool) -> np.ndarray:
         """x: (T, heads, hd) f32, pairs (x[2j], x[2j+1]) -> rotated copy, same shape."""
         T, heads, hd = x.shape
         pairs = x.reshape(T, heads, hd // 2, 2)
         x0, x1 = pairs[..., 0], pairs[..., 1]
-        cos, sin = self.cos[start : start + T, None, :], self.sin[start : start + T, None, :]  # (T, 1, hd/2)
+        cos, sin = self.rope[local]
+        cos, sin = cos[start : start + T, None, :], sin[start : start + T, None, :]  # (T, 1, hd/2)
         out = np.empty_like(pairs)
         out[..., 0] = x0 * cos - x1 * sin
         out[..., 1] = x0 * sin + x1 * cos
@@ -120,21 +136,27 @@ class NumpyLayers:
         bias = blk.get("bqkv")
         if bias is not None:
             qkv += bias
-        qk = self._rope(qkv[:, : self.q_dim + self.kv_dim].reshape(T, nq + nkv, hd), start)  # (T, nq + nkv, hd)
+        qk = qkv[:, : self.q_dim + self.kv_dim].reshape(T, nq + nkv, hd)  # (T, nq + nkv, hd)
+        if "q_norm" in blk:  # per-head RMSNorm over hd, before RoPE
+            qk = np.concatenate([self._norm(qk[:, :nq], blk["q_norm"]), self._norm(qk[:, nq:], blk["k_norm"])], 1)
+        local = self.cfg.is_local(layer)
+        qk = self._rope(qk, start, local)
         kc, vc = self.k_cache[layer], self.v_cache[layer]  # (nkv, S, hd)
         kc[:, start:end] = qk[:, nq:].transpose(1, 0, 2)
         vc[:, start:end] = qkv[:, self.q_dim + self.kv_dim :].reshape(T, nkv, hd).transpose(1, 0, 2)
-        k, v = kc[:, :end], vc[:, :end]  # (nkv, end, hd) views of the cache
+        first = max(0, end - T + 1 - self.cfg.sliding_window) if local else 0  # no query sees keys before it
+        k, v = kc[:, first:end], vc[:, first:end]  # (nkv, end - first, hd) views of the cache
         if self.kv_index is not None:
             k, v = k[self.kv_index], v[self.kv_index]  # (nq, end, hd)
         heads = k.shape[0]
         q = (qk[:, :nq].transpose(1, 0, 2) * self.scale).reshape(heads, g * T, hd)  # (kv, g*T, hd)
-        scores = np.matmul(q, k.transpose(0, 2, 1))  # (kv, g*T, end)
-        if T > 1:  # query i sits at position start + i and sees keys up to it
-            mask = np.triu(np.full((T, end), -np.inf, dtype=ACT), k=start + 1)
-            scores = scores.reshape(heads, g, T, end)
-            scores += mask
-            scores = scores.reshape(heads, g * T, end)
+        scores = np.matmul(q, k.transpose(0, 2, 1))  # (kv, g*T, end - first)
+        if T > 1:  # query i sits at position start + i and sees keys up to it (local: window - 1 before it)
+            back = np.arange(start, end)[:, None] - np.arange(first, end)[None, :]  # (T, end - first)
+            hidden = (back < 0) | (local & (back >= self.cfg.sliding_window))
+            scores = scores.reshape(heads, g, T, end - first)
+            scores[:, :, hidden] = -np.inf
+            scores = scores.reshape(heads, g * T, end - first)
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
@@ -147,15 +169,19 @@ class NumpyLayers:
         gu = blk["wgu"](self._norm(h, blk["mlp_norm"]))  # (T, 2 * inter_local): gate | up
         inter = gu.shape[1] // 2
         gate, up = gu[:, :inter], gu[:, inter:]
-        # silu(x) = x * sigmoid(x), sigmoid via tanh: no overflow warning for large negative x
-        act = np.tanh(gate * 0.5)
-        act += 1.0
-        act *= 0.5
-        act *= gate
+        if self.cfg.family.activation == "gelu_tanh":
+            act = gelu_tanh(gate)
+        else:  # silu(x) = x * sigmoid(x), sigmoid via tanh: no overflow warning for large negative x
+            act = np.tanh(gate * 0.5)
+            act += 1.0
+            act *= 0.5
+            act *= gate
         act *= up
         return blk["wdown"](act)
 
     def logits(self, h: np.ndarray, glob: dict, all_positions: bool) -> np.ndarray:
         """Final norm and this rank's vocabulary slice: (T or 1, vocab_local) float32 numpy."""
         x = h if all_positions else h[-1:]
-        return np.asarray(glob["lm_head"](self._norm(x, glob["norm"])), dtype=ACT)
+        out = np.asarray(glob["lm_head"](self._norm(x, glob["norm"])), dtype=ACT)
+        c = self.cfg.final_softcap
+        return ACT(c) * np.tanh(out / ACT(c)) if c > 0 else out

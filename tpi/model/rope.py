@@ -5,14 +5,20 @@ import math
 
 import numpy as np
 
-from tpi.model.config import ModelConfig
+from tpi.model.config import ARCHITECTURES, ModelConfig
 
-ADJACENT_PAIR_ARCHS = ("llama", "mistral")  # GGUF archs whose q/k rows llama.cpp permuted
+# GGUF archs whose q/k rows llama.cpp's converter permuted into adjacent pairs
+ADJACENT_PAIR_ARCHS = tuple(a for a, family in ARCHITECTURES.items() if not family.rope_neox)
 
 
-def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
-    """Per-pair inverse frequencies [head_dim/2] (float64), with the model's scaling applied."""
+def inverse_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """Per-pair inverse frequencies [head_dim/2] (float64), with the model's scaling applied.
+
+    local: a sliding-window layer's, on its own base and unscaled (llama.cpp's freq_scale_swa 1).
+    """
     hd = cfg.head_dim
+    if local:
+        return 1.0 / (cfg.rope_theta_swa ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
     inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
     if cfg.rope_freq_factors is not None:  # GGUF stores llama3 scaling as divisors per pair
         factors = np.asarray(cfg.rope_freq_factors, dtype=np.float64)

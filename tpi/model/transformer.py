@@ -6,25 +6,15 @@ partial outputs are summed (allreduce), so h stays bit-identical on every rank.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from tpi.model.blocks import GLOBALS, layer_keys
+from tpi.model.blocks import GLOBALS, POST_ATTN_NORM, POST_MLP_NORM, layer_keys
 from tpi.model.config import ModelConfig
-
-
-class NullCommunicator:
-    """The communicator of a group of one."""
-
-    rank, world = 0, 1
-
-    def allreduce(self, x: np.ndarray) -> np.ndarray:
-        return x
-
-    def gather(self, x: np.ndarray) -> list[np.ndarray]:
-        return [x]
+from tpi.transport.comm import Communicator, NullCommunicator
 
 
 class ResidentWeights:
@@ -66,7 +56,7 @@ class ForwardStats:
 class Transformer:
     """A rank's share of the model: layers -> partial sums -> allreduce -> logits slice."""
 
-    def __init__(self, cfg: ModelConfig, layers, weights, comm=None):
+    def __init__(self, cfg: ModelConfig, layers, weights, comm: Communicator | None = None):
         self.cfg = cfg
         self.layers = layers  # TorchLayers / NumpyLayers: the per-block maths
         self.weights = weights  # get(key) -> prepared block; release(key)
@@ -79,78 +69,85 @@ class Transformer:
 
         exact (a verify pass of speculative decoding): every row computed exactly as a one-token
         forward at its position computes it. Kernels pick their algorithm by row count, so a batched
-        row can round differently; layers that can compute exact rows in one pass say so
-        (`exact_rows`, ggml: tpi.model.ggml_exact), the others run each block row by row.
+        row can round differently; layers that can compute exact rows in one pass have `exact_rows`
+        (ggml: tpi.model.ggml_exact), the others run each block row by row. Either way a pass makes
+        the same allreduces as a plain one, so ranks of different backends stay in step.
         """
         t0 = time.perf_counter()
         L = self.layers
         exact = exact and h_np.shape[0] > 1
-        with L.forward_context():
-            if exact and not getattr(L, "exact_rows", False):
-                logits, ar = self._rows_one_by_one(h_np, start, all_positions)
+        rows = getattr(L, "exact_rows", None)
+        with L.forward_context(), (rows() if exact and rows else contextlib.nullcontext()):
+            if exact and rows is None:
+                logits, ar = self._rows_one_by_one(L.hidden_from_numpy(h_np), start, all_positions)
             else:
-                logits, ar = self._layers(L.hidden_from_numpy(h_np), start, all_positions, exact)
+                logits, ar = self._layers(L.hidden_from_numpy(h_np), start, all_positions)
         st = self.stats
         st.allreduce_s += ar
         st.compute_s += time.perf_counter() - t0 - ar
         st.passes += 1
         return logits
 
-    def _layers(self, h, start: int, all_positions: bool, exact: bool = False):
+    def _layers(self, h, start: int, all_positions: bool):
         L, W = self.layers, self.weights
-        rows = {"exact": True} if exact else {}  # only layers with exact_rows see the flag
         whole = getattr(L, "forward_all", None)  # ggml: a group of one may run the step as one graph
         if whole is not None and self.comm.world == 1 and isinstance(W, ResidentWeights):
-            logits = whole(h, W.blocks, start, all_positions, **rows)
+            logits = whole(h, W.blocks, start, all_positions)
             if logits is not None:
                 return logits, 0.0
         ar = 0.0
         for i, (ka, km) in enumerate(self._keys):
-            part = L.attention(h, W.get(ka), i, start, **rows)
+            # released before the allreduce so the loader can refill the window meanwhile; a post-norm
+            # vector is a prepared copy, not file pages, so it stays valid
+            blk = W.get(ka)
+            part = L.attention(h, blk, i, start)
             W.release(ka)
-            ar += self._sum_into(h, part)
-            part = L.mlp(h, W.get(km), **rows)
+            ar += self._sum_into(h, part, blk, POST_ATTN_NORM)
+            blk = W.get(km)
+            part = L.mlp(h, blk)
             W.release(km)
-            ar += self._sum_into(h, part)
-        logits = L.logits(h, W.get(GLOBALS), all_positions, **rows)
+            ar += self._sum_into(h, part, blk, POST_MLP_NORM)
+        logits = L.logits(h, W.get(GLOBALS), all_positions)
         W.release(GLOBALS)
         return logits, ar
 
-    def _rows_one_by_one(self, h_np: np.ndarray, start: int, all_positions: bool):
-        """Exact rows on layers without them: each block runs once per row (its one-token path), and
-        the rows' partial sums still meet in one allreduce per block."""
+    def _rows_one_by_one(self, h, start: int, all_positions: bool):
+        """Exact rows on layers without them: each block runs once per row (its one-token path), in
+        order (row t + 1 attends over row t's keys), and the rows' partial sums meet in one allreduce."""
         L, W = self.layers, self.weights
-        h = np.array(h_np, dtype=np.float32)  # (T, hidden), the residual as numpy between blocks
 
-        def per_row(fn, *args) -> np.ndarray:
-            return np.concatenate([np.array(L.to_numpy(fn(L.hidden_from_numpy(h[t:t + 1]), *args(t))))
-                                   for t in range(h.shape[0])])
+        def per_row(fn, *args) -> object:
+            parts = [L.to_numpy(fn(h[t:t + 1], *args(t))) for t in range(h.shape[0])]
+            return L.hidden_from_numpy(np.concatenate([np.asarray(p, dtype=np.float32) for p in parts]))
 
         ar = 0.0
         for i, (ka, km) in enumerate(self._keys):
             blk = W.get(ka)
-            ar += self._sum_into(h, per_row(L.attention, lambda t: (blk, i, start + t)), _add_numpy)
+            part = per_row(L.attention, lambda t: (blk, i, start + t))
             W.release(ka)
+            ar += self._sum_into(h, part, blk, POST_ATTN_NORM)
             blk = W.get(km)
-            ar += self._sum_into(h, per_row(L.mlp, lambda t: (blk,)), _add_numpy)
+            part = per_row(L.mlp, lambda t: (blk,))
             W.release(km)
+            ar += self._sum_into(h, part, blk, POST_MLP_NORM)
         glob = W.get(GLOBALS)
-        logits = per_row(L.logits, lambda t: (glob, False))
+        rows = [np.asarray(L.logits(h[t:t + 1], glob, False)) for t in range(h.shape[0])]
         W.release(GLOBALS)
-        return (logits if all_positions else logits[-1:]), ar
+        return (np.concatenate(rows) if all_positions else rows[-1]), ar
 
-    def _sum_into(self, h, part, add=None) -> float:
-        """Add the group's sum of every rank's `part` to the residual h; returns allreduce seconds."""
-        add = add or self.layers.add_
+    def _sum_into(self, h, part, blk, post_norm: str) -> float:
+        """Add the group's sum of every rank's `part` to the residual h; returns allreduce seconds.
+
+        A post-norm (gemma3) is not linear, so it applies to the sum, on every rank alike.
+        """
+        L, spent = self.layers, 0.0
         if self.comm.world == 1:
-            add(h, part)
-            return 0.0
-        t = time.perf_counter()
-        total = self.comm.allreduce(part if isinstance(part, np.ndarray) else self.layers.to_numpy(part))
-        spent = time.perf_counter() - t
-        add(h, total)
+            total = part
+        else:
+            t = time.perf_counter()
+            total = self.comm.allreduce(L.to_numpy(part))
+            spent = time.perf_counter() - t
+        if post_norm in blk:
+            total = L.post_norm(total, blk, post_norm)
+        L.add_(h, total)
         return spent
-
-
-def _add_numpy(h: np.ndarray, part: np.ndarray) -> None:
-    np.add(h, part, out=h)

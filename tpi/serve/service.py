@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from tpi.errors import ContextOverflowError, NotReadyError, QueueFullError, RequestError, TpiError
+from tpi.errors import NotReadyError, QueueFullError, RequestError, TpiError
+from tpi.master.engine import check_prompt
 from tpi.master.generate import Generation
 from tpi.master.sampler import SamplingParams
 
@@ -141,13 +142,7 @@ class GenerationService:
     def check(self, request: GenerationRequest) -> None:
         """Raise ContextOverflowError or RequestError when the request cannot run on this context."""
         self.require_engine()
-        n = len(request.prompt_ids)
-        if n == 0:
-            raise ContextOverflowError("the prompt is empty; give at least one token")
-        if n >= self.context:
-            raise ContextOverflowError(
-                f"the prompt has {n} tokens but the context holds {self.context}; shorten the prompt or raise --context"
-            )
+        check_prompt(len(request.prompt_ids), self.context)
         if request.max_tokens < 1:
             raise RequestError(f"max_tokens is {request.max_tokens}; it must be at least 1")
         if request.max_tokens > self.context:
