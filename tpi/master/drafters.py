@@ -99,7 +99,8 @@ class DraftModel:
     @classmethod
     def open(cls, path: str, target_tokenizer, context: int, threads: int | None, backend: str = "auto") -> "DraftModel":
         """Load the draft model on this device and check its vocabulary against the target's."""
-        from tpi.master.engine import EngineOptions, build_local_engine
+        from tpi.master.options import EngineOptions
+        from tpi.master.setup import build_local_engine
 
         engine = build_local_engine(EngineOptions(path, context, threads, backend))
         try:

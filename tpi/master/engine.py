@@ -52,6 +52,7 @@ class Engine:
         # batched prefill, so a repeated request may sample differently. Off by default: the same
         # request gives the same answer. Multi-turn chat turns it on.
         self.reuse_prefix = False
+        self.speculator = None  # tpi.master.speculation.Speculator: k drafts verified per forward
         self.lock = threading.Lock()
 
     @property

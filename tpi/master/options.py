@@ -41,9 +41,18 @@ class GroupOptions:
     rejoin_timeout_s: float = 30.0  # how long a lost device has to rejoin before the group re-plans
     replan: bool = True  # re-plan over the remaining devices when a lost one does not rejoin
     announce: bool = False  # announce the group on the LAN (mDNS) so `tpi join --token T` finds it (tpi serve)
+    speculate: str = "off"  # auto | off | lookup (tpi.master.speculation); the CLI's default is auto
+    draft: str | None = None  # a draft model for speculation (--draft); None = prompt lookup
 
     def __post_init__(self) -> None:
         check_wire_dtype(self.wire_dtype)
+        self.speculation  # noqa: B018 -- refuses a bad --speculate / --draft before anything loads
+
+    @property
+    def speculation(self):
+        from tpi.master.speculation import SpeculationOptions
+
+        return SpeculationOptions(self.speculate, self.draft)
 
     @property
     def world(self) -> int:

@@ -153,6 +153,10 @@ class Speculator:
     def cheap_drafts(self) -> bool:
         return getattr(self.drafter, "name", "") == "lookup"
 
+    def new_stats(self) -> SpeculationStats:
+        """The counts of one request (added to totals as it goes)."""
+        return SpeculationStats()
+
     def status(self) -> dict:
         """For /health and --stats: mode, drafter, measured acceptance and tokens per forward."""
         return {"mode": self.mode, "drafter": getattr(self.drafter, "label", getattr(self.drafter, "name", "?")),
@@ -189,6 +193,7 @@ class Speculator:
             seconds = time.perf_counter() - t0
             dists = None if draft.dists is None else draft.dists[:k]
             verdict = verify(rows, drafts, params, history, lambda j: token_rng(seed, n + j), dists)
+            engine.truncate(n + verdict.accepted)  # rejected drafts' keys/values are overwritten by position
             self.policy.record_verify(k, verdict.accepted, seconds, draft.seconds)
             stats_now.drafted, stats_now.accepted = k, verdict.accepted
             tokens = list(verdict.tokens)

@@ -1,0 +1,143 @@
+"""Speculative decoding on one device: drafters, the acceptance rule, adaptive k, same tokens as plain.
+
+The reference for every decode test is the same engine with speculation off (plain decoding, which
+tests/test_engine_reference.py holds to llama.cpp); the acceptance rule's reference is the target
+distribution itself (a chi-square test over many seeds on a tiny model's logits).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tpi.errors import TpiError
+from tpi.master import GroupOptions, start_group
+from tpi.master.acceptance import verify
+from tpi.master.drafters import PromptLookup, check_same_vocabulary
+from tpi.master.sampler import SamplingParams, distribution, token_rng
+from tpi.master.speculation import KPolicy, SpeculationOptions, best_k, build_speculator, expected_tokens
+
+REPEATING = "one two three four five six seven eight. one two three four five six seven eight. one two"
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    look = PromptLookup()
+    seq = [5, 1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 4, 1, 2, 3]
+    assert look.propose(seq, 3).tokens == (7, 8, 4)  # the latest earlier "1 2 3" was followed by 7 8 4
+    assert look.propose(seq + [7, 8], 2).tokens == (4, 1)  # grows incrementally with the sequence
+    assert look.propose([1, 2, 3, 4], 3).tokens == ()  # another sequence: starts over, nothing repeats
+    assert look.propose([1, 2, 1, 2], 0).tokens == ()
+
+
+def test_expected_tokens_and_best_k():
+    assert expected_tokens(0.0, 5) == 1.0 and expected_tokens(1.0, 3) == 4.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert best_k(0.05, 1.0, 0.3, 0.0, 8) == 0  # drafts rarely kept: speculation does not pay
+    assert best_k(0.9, 1.0, 0.02, 0.0, 8) == 8  # a group: extra rows are nearly free
+    assert 0 < best_k(0.8, 1.0, 0.3, 0.0, 8) < 8
+
+
+def test_policy_turns_speculation_off_when_drafts_miss_and_back_on():
+    policy = KPolicy(8)
+    assert policy.choose(8) == 0  # a plain forward is measured first
+    policy.record_plain(0.010)
+    for _ in range(30):
+        policy.record_verify(4, 0, 0.014, 0.0)
+    assert policy.choose(8) == 0
+    for _ in range(60):
+        policy.record_shadow(True)
+    assert policy.choose(8) > 0
+    assert KPolicy(5, adaptive=False).choose(8) == 5
+
+
+def test_options_refuse_bad_input():
+    with pytest.raises(TpiError, match="--speculate"):
+        SpeculationOptions(mode="always")
+    with pytest.raises(TpiError, match="--draft"):
+        SpeculationOptions(mode="lookup", draft="x.gguf")
+
+
+class _Vocab:
+    def __init__(self, words):
+        self.words, self.vocab_size = words, len(words)
+
+    def token_bytes(self, i):
+        return self.words[i]
+
+
+def test_vocabulary_check_names_the_mismatch():
+    check_same_vocabulary(_Vocab([b"a", b"b"]), _Vocab([b"a", b"b"]), "d.gguf")
+    with pytest.raises(TpiError, match="vocabulary of 3 tokens"):
+        check_same_vocabulary(_Vocab([b"a", b"b"]), _Vocab([b"a", b"b", b"c"]), "d.gguf")
+    with pytest.raises(TpiError, match="spells token 1"):
+        check_same_vocabulary(_Vocab([b"a", b"b"]), _Vocab([b"a", b"x"]), "d.gguf")
+
+
+@pytest.fixture(scope="module")
+def smol_engine(smollm2, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("spec")
+    group = start_group(GroupOptions(model=str(smollm2), context=512, config_dir=tmp / "c", cache_dir=tmp / "k"))
+    yield group.engine
+    group.close()
+
+
+def generate(engine, mode: str, params: SamplingParams, prompt: str = REPEATING, n: int = 40):
+    engine.speculator = build_speculator(SpeculationOptions(mode=mode), engine)
+    try:
+        engine.reset()
+        ids = engine.tokenizer.encode(prompt, add_bos=True, special=True)
+        return engine.generate(ids, params, n, ignore_eos=True)
+    finally:
+        engine.speculator = None
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0),
+                                    SamplingParams(temperature=0.0, repeat_penalty=1.3),
+                                    SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=7)],
+                         ids=["greedy", "greedy-penalty", "sampled"])
+def test_speculation_gives_plain_decoding_tokens(params, smol_engine):
+    plain = generate(smol_engine, "off", params)
+    for mode in ("lookup", "auto"):
+        spec = generate(smol_engine, mode, params)
+        assert spec.tokens == plain.tokens, mode
+    stats = generate(smol_engine, "lookup", params).stats()
+    assert stats["spec_verify_forwards"] > 0 and stats["tokens_per_forward"] >= 1.0
+
+
+def test_lookup_on_repeating_text_yields_several_tokens_per_forward(smol_engine):
+    stats = generate(smol_engine, "lookup", SamplingParams(temperature=0.0)).stats()
+    assert stats["spec_acceptance"] > 0.5 and stats["tokens_per_forward"] > 2.0, stats
+
+
+def chi2_critical(df: int, z: float = 3.09) -> float:
+    """The chi-square value exceeded with probability ~1e-3 (z = 3.09), by Wilson and Hilferty."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def test_acceptance_rule_keeps_the_target_distribution(smol_engine):
+    """verify() with sampled drafts (q: a tempered distribution of the same logits, so it often
+    disagrees with p): the first token over many seeds follows p (chi-square), as the rule promises."""
+    engine = smol_engine
+    engine.reset()
+    ids = engine.tokenizer.encode("The weather today is", add_bos=True, special=True)
+    logits = engine.forward(ids, 0)[-1]
+    target = SamplingParams(temperature=1.0, top_k=8, top_p=1.0, min_p=0.0)
+    drafter = SamplingParams(temperature=2.5, top_k=8, top_p=1.0, min_p=0.0)
+    p_ids, p = distribution(logits, target, ids)
+    q = distribution(logits, drafter, ids)
+    rows = np.stack([logits, logits])  # the bonus row is not reached when the draft is rejected
+    counts = {int(t): 0 for t in p_ids}
+    trials, kept = 4000, 0
+    for seed in range(trials):
+        x = int(q[0][token_rng(seed, 0, 1).choice(len(q[1]), p=q[1])])
+        verdict = verify(rows, [x], target, ids, lambda j: token_rng(seed, len(ids) + j), [q])
+        counts[verdict.tokens[0]] += 1
+        kept += verdict.accepted
+    observed = np.array([counts[int(t)] for t in p_ids])
+    assert observed.sum() == trials  # nothing outside the target's support
+    expected = p * trials
+    small = expected < 5  # bins this thin are pooled, as the chi-square approximation needs
+    observed = np.append(observed[~small], observed[small].sum())
+    expected = np.append(expected[~small], expected[small].sum())
+    stat = float((((observed - expected) ** 2) / np.maximum(expected, 1e-9)).sum())
+    assert stat <= chi2_critical(len(observed) - 1), (observed, expected)
+    assert 0 < kept < trials  # both branches of the rule ran
