@@ -80,8 +80,29 @@ def smol_engine(smollm2, tmp_path_factory):
     group.close()
 
 
-def generate(engine, mode: str, params: SamplingParams, prompt: str = REPEATING, n: int = 40):
+class ScriptedDrafter:
+    """Drafts the given continuation with every third token wrong: both outcomes of the rule run."""
+
+    name = "lookup"  # cheap: consulted every step, as prompt lookup is
+
+    def __init__(self, prompt: list[int], tokens: list[int]):
+        self.script = prompt + tokens
+
+    def propose(self, history, k, *_):
+        from tpi.master.drafters import Draft
+
+        n = len(history)
+        out = [t if (n + j) % 3 else (t + 1) % 300 for j, t in enumerate(self.script[n:n + k])]
+        return Draft(tuple(out))
+
+    def close(self) -> None:
+        pass
+
+
+def generate(engine, mode: str, params: SamplingParams, prompt: str = REPEATING, n: int = 24, drafter=None):
     engine.speculator = build_speculator(SpeculationOptions(mode=mode), engine)
+    if drafter is not None:
+        engine.speculator.drafter = drafter
     try:
         engine.reset()
         ids = engine.tokenizer.encode(prompt, add_bos=True, special=True)
@@ -92,20 +113,25 @@ def generate(engine, mode: str, params: SamplingParams, prompt: str = REPEATING,
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0.0),
                                     SamplingParams(temperature=0.0, repeat_penalty=1.3),
-                                    SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=7)],
+                                    pytest.param(SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=7),
+                                                 marks=pytest.mark.slow)],
                          ids=["greedy", "greedy-penalty", "sampled"])
 def test_speculation_gives_plain_decoding_tokens(params, smol_engine):
     plain = generate(smol_engine, "off", params)
     for mode in ("lookup", "auto"):
-        spec = generate(smol_engine, mode, params)
-        assert spec.tokens == plain.tokens, mode
-    stats = generate(smol_engine, "lookup", params).stats()
-    assert stats["spec_verify_forwards"] > 0 and stats["tokens_per_forward"] >= 1.0
+        assert generate(smol_engine, mode, params).tokens == plain.tokens, mode
+    prompt = smol_engine.tokenizer.encode(REPEATING, add_bos=True, special=True)
+    scripted = generate(smol_engine, "lookup", params, drafter=ScriptedDrafter(prompt, plain.tokens))
+    assert scripted.tokens == plain.tokens
+    stats = scripted.stats()
+    assert 0 < stats["spec_accepted"] < stats["spec_drafted"] and stats["tokens_per_forward"] > 1.0, stats
 
 
 def test_lookup_on_repeating_text_yields_several_tokens_per_forward(smol_engine):
     stats = generate(smol_engine, "lookup", SamplingParams(temperature=0.0)).stats()
-    assert stats["spec_acceptance"] > 0.5 and stats["tokens_per_forward"] > 2.0, stats
+    # the model continues the pattern for 6 tokens (" three ... eight."), then leaves it: all 6 come
+    # from one verify pass
+    assert stats["spec_accepted"] >= 5 and stats["tokens_per_forward"] > 1.2, stats
 
 
 def chi2_critical(df: int, z: float = 3.09) -> float:
