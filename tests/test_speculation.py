@@ -12,9 +12,10 @@ import pytest
 from tpi.errors import TpiError
 from tpi.master import GroupOptions, start_group
 from tpi.master.acceptance import verify
-from tpi.master.drafters import PromptLookup, check_same_vocabulary
+from tpi.master.drafters import DraftModel, PromptLookup, check_same_vocabulary
 from tpi.master.sampler import SamplingParams, distribution, token_rng
-from tpi.master.speculation import KPolicy, SpeculationOptions, best_k, build_speculator, expected_tokens
+from tpi.master.speculation import (KPolicy, SpeculationOptions, Speculator, best_k, build_speculator,
+                                    expected_tokens)
 
 REPEATING = "one two three four five six seven eight. one two three four five six seven eight. one two"
 
@@ -167,3 +168,23 @@ def test_acceptance_rule_keeps_the_target_distribution(smol_engine):
     stat = float((((observed - expected) ** 2) / np.maximum(expected, 1e-9)).sum())
     assert stat <= chi2_critical(len(observed) - 1), (observed, expected)
     assert 0 < kept < trials  # both branches of the rule ran
+
+
+def test_draft_model_of_the_same_weights_is_always_right(smol_engine, smollm2, tiny_gguf):
+    """A draft model run on the master: greedy drafts of the target's own weights are all kept (a
+    verify row's logits are its decode step's), and the tokens are plain decoding's."""
+    params = SamplingParams(temperature=0.0)
+    plain = generate(smol_engine, "off", params)
+    draft = DraftModel.open(str(smollm2), smol_engine.tokenizer, 512, None)
+    smol_engine.speculator = Speculator(draft, KPolicy(4, adaptive=False), "auto")
+    try:
+        smol_engine.reset()
+        ids = smol_engine.tokenizer.encode(REPEATING, add_bos=True, special=True)
+        spec = smol_engine.generate(ids, params, 24, ignore_eos=True)
+    finally:
+        smol_engine.speculator = None
+        draft.close()
+    assert spec.tokens == plain.tokens
+    assert spec.speculation["spec_acceptance"] == 1.0 and spec.speculation["tokens_per_forward"] > 3
+    with pytest.raises(TpiError, match="vocabulary of 384 tokens"):
+        DraftModel.open(str(tiny_gguf("tiny_llama_q4_0")), smol_engine.tokenizer, 64, None)

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from tpi.cli.options import (DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Backend, Budget, CacheDir, ConfigDir, Context,
-                             Insecure, LocalWorkers, ModelArg, Threads, WireDtype, parse_size, reports_errors, say)
+                             Insecure, LocalWorkers, ModelArg, Threads, WireDtype, Speculate, Draft, parse_size, reports_errors, say)
 from tpi.errors import TpiError
 
 token_app = typer.Typer(help="Manage the join token.", no_args_is_help=True)
@@ -29,6 +29,8 @@ def serve(
     queue_size: Annotated[int, typer.Option("--queue-size", help="requests that may wait while one runs; more get 429")] = 8,
     prompt_cache: Annotated[bool, typer.Option("--prompt-cache", help="reuse the previous request's cached prefix (faster multi-turn; answers may differ in the last bits)")] = False,
     wire_dtype: WireDtype = None,
+    speculate: Speculate = "auto",
+    draft: Draft = None,
     ratios: Annotated[Optional[str], typer.Option("--ratios", help="split ratios by rank, e.g. 2,1 (default: planned from device profiles)")] = None,
     keep_all: Annotated[bool, typer.Option("--keep-all", help="never leave a joined device out, even if the planner predicts it slows the group")] = False,
     threads: Threads = None,
@@ -65,7 +67,7 @@ def serve(
                         ratios=parsed, wire_dtype=wire_dtype, insecure=insecure, config_dir=config_dir,
                         cache_dir=cache_dir, leave_out=not keep_all,
                         link_settings=link_settings(heartbeat_timeout), rejoin_timeout_s=rejoin_timeout,
-                        replan=replan, announce=announce, always_plan=True)
+                        replan=replan, announce=announce, always_plan=True, speculate=speculate, draft=draft)
     forming = GroupFormation(opts)
     service = GenerationService(None, status=forming.status, queue_size=queue_size, model_name=served_model_id(model))
     def ready(engine) -> None:

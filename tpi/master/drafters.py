@@ -99,9 +99,14 @@ class DraftModel:
     @classmethod
     def open(cls, path: str, target_tokenizer, context: int, threads: int | None, backend: str = "auto") -> "DraftModel":
         """Load the draft model on this device and check its vocabulary against the target's."""
+        from pathlib import Path
+
         from tpi.master.options import EngineOptions
         from tpi.master.setup import build_local_engine
 
+        if not Path(path).exists():
+            raise TpiError(f"--draft {path}: no such file; give a small GGUF model with the served model's "
+                           "vocabulary, or drop --draft to use prompt lookup")
         engine = build_local_engine(EngineOptions(path, context, threads, backend))
         try:
             check_same_vocabulary(target_tokenizer, engine.tokenizer, path)
