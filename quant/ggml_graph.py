@@ -267,6 +267,15 @@ class Context:
         self._take(dst, src, idx)
         return self._wrap(self.lib.ggml_set_rows(self.ptr, dst.ptr, src.ptr, idx.ptr))
 
+    def get_rows(self, a: Tensor, idx: Tensor) -> Tensor:
+        """F32 rows idx of a [n, T] -> [n, len(idx)] (a copy; idx I32 [len])."""
+        ok = (a.type == F32 and a.nb[0] == 4 and a.ne[2:] == (1, 1) and idx.type == I32
+              and idx.ne[1:] == (1, 1, 1) and idx.ne[0] >= 1)
+        if not ok:
+            raise _fail(f"get_rows of {a} at {idx}")
+        self._take(a, idx)
+        return self._wrap(self.lib.ggml_get_rows(self.ptr, a.ptr, idx.ptr))
+
     def flash_attn(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
         """q [hd, T, H], k/v F16 [hd, n_kv, Hkv], mask F16 [n_kv, T] -> [hd, H, T] (F32 accumulation)."""
         ok = (q.type == F32 and k.type == v.type == F16 and mask.type == F16 and mask.contiguous()

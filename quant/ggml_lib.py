@@ -110,6 +110,7 @@ _SIGNATURES = {
     "ggml_cont": ("base", P, (P, P)),
     "ggml_concat": ("base", P, (P, P, P, _i32)),
     "ggml_set_rows": ("base", P, (P, P, P, P)),
+    "ggml_get_rows": ("base", P, (P, P, P)),
     "ggml_flash_attn_ext": ("base", P, (P, P, P, P, P, _f32, _f32, _f32)),
     "ggml_prec_set_acc": ("base", _bool, (P, _i32)),
     "ggml_swiglu": ("base", P, (P, P)),

@@ -215,17 +215,27 @@ def test_proof_is_bound_to_secret_and_device_key():
     assert not security.proof_is_valid(proof, b"s" * 16, mk, other)
 
 
-def test_a_step_names_its_rows_and_flags_and_this_version_runs_one_sequence_per_step():
+def test_a_step_names_its_rows_and_flags_and_may_carry_several_slots():
     step = p.decode([bytes(f) for f in p.encode(p.Step.of_sequence(12, 3, np.zeros((3, 4), np.float32),
                                                                       all_logits=True, request_id=7))])
     assert (step.request_id, step.start_pos, step.n_tokens, step.all_logits, step.slots) == (7, 12, 3, True, [0])
     x = np.zeros((3, 4), np.float32)
-    for bad, why in ((p.Step(0, 0, [0, 1], [0, 0], [1, 2], x), "one sequence"),
-                     (p.Step(0, 0, [1], [0], [3], x), "slot 0"),
+    many = p.decode([bytes(f) for f in p.encode(p.Step(0, 0, [2, 0], [40, 0], [1, 2], x))])
+    assert (many.slots, many.starts, many.counts, many.all_logits) == ([2, 0], [40, 0], [1, 2], False)
+    for bad, why in ((p.Step(0, 0, [1, 1], [0, 0], [1, 2], x), "slot twice"),
+                     (p.Step(0, 0, [0, 1], [0, 0], [3, 0], x), "at least one row"),
                      (p.Step(0, 0, [0], [0], [2], x), "rows its header lists"),
                      (p.Step(0, 4, [0], [0], [3], x), "unknown step flags")):
         with pytest.raises(ProtocolError, match=why):
             p.decode([bytes(f) for f in p.encode(bad)])
+
+
+def test_an_assign_names_its_kv_slots():
+    a = p.Assign(rank=1, world=2, shard_hash="f" * 64, shard_size=1, peer_id="abc", slots=4)
+    assert p.decode([bytes(f) for f in p.encode(a)]).slots == 4
+    with pytest.raises(ProtocolError, match="KV slots"):
+        p.decode([bytes(f) for f in p.encode(p.Assign(rank=1, world=2, shard_hash="f" * 64, shard_size=1,
+                                                       peer_id="abc", slots=0))])
 
 
 def test_rejoin_is_a_field_of_stop_not_a_prefix_of_its_reason():

@@ -17,6 +17,7 @@ from tpi.model.weights import open_store_weights
 from tpi.scheduler.store import ShardStore, verified_content_hash
 from tpi.transport.keeper import LinkSettings, parse_endpoint
 from tpi.transport.worker_link import WorkerLink
+from tpi.model.rows import Rows
 from tpi.transport.protocol import Step, Stop, Truncate
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def _serve_round(opts: WorkerOptions, loaded: dict, total: dict, reconnecting: b
 
 def _ready_model(link, assign, opts: WorkerOptions, loaded: dict, total: dict):
     """The model for this assignment: the one already loaded when it is the same, else fetched and loaded."""
-    key = (assign.shard_hash, json.dumps([assign.config, assign.shard, assign.context], sort_keys=True))
+    key = (assign.shard_hash, json.dumps([assign.config, assign.shard, assign.context, assign.slots], sort_keys=True))
     dest = opts.cache_dir / f"{assign.shard_hash}{SHARD_SUFFIX}"
     if loaded.get("key") == key and dest.exists():
         log.info("shard: 0 bytes transferred (already loaded)")
@@ -198,7 +199,7 @@ def _load_model(path: Path, assign, opts: WorkerOptions):
         raise GroupError(f"the master assigned an invalid context {assign.context}")
     store = ShardStore.open(path)
     t0 = time.perf_counter()
-    layers = make_layers(opts.backend, cfg, shard, assign.context, opts.threads)
+    layers = make_layers(opts.backend, cfg, shard, assign.context, opts.threads, slots=assign.slots)
     weights = open_store_weights(store, layers, cfg, shard, assign.context, opts.memory_budget)
     log.info("loaded shard in %.1fs", time.perf_counter() - t0)
     return Transformer(cfg, layers, weights), store
@@ -215,10 +216,11 @@ def _serve_steps(model, comm, master_lost=lambda: None) -> tuple[int, Stop]:
         if isinstance(msg, Stop):
             return steps, msg
         if isinstance(msg, Truncate):
-            continue  # a step's attention reads only positions below its own end: nothing is kept to drop
+            model.truncate(msg.slot, msg.keep)
+            continue
         assert isinstance(msg, Step)
         try:
-            logits = model.forward(msg.x, msg.start_pos, msg.all_logits, msg.exact)
+            logits = model.forward(msg.x, Rows.of_runs(msg.slots, msg.starts, msg.counts, msg.all_logits, msg.exact))
             comm.gather(logits)
         except GroupError as e:
             if master_lost():

@@ -19,7 +19,9 @@ from tpi.transport.wire import INT8_BLOCK, REDUCE_DTYPES, from_bf16, to_bf16  # 
 
 # 2: the int8 block wire dtype (Partial/Reduced and Assign.wire_dtype)
 # 3: typed controls (Step rows and flags, Truncate, Stop.rejoin, Probe/ProbeEcho, Assign's own fields)
-PROTOCOL_VERSION = 3
+# 4: Assign.slots (KV slots per rank) and steps over many slots (continuous batching)
+PROTOCOL_VERSION = 4
+MAX_SLOTS = 1024  # KV slots per rank, and so sequences in one step: far above any --parallel
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_FRAME = 256 << 20
 MAX_NDIM = 8
@@ -135,7 +137,8 @@ class Hello(Message):
 
 @_msg(2, ("rank", "uint"), ("world", "uint"), ("shard_hash", "str"), ("shard_size", "uint"),
       ("wire_dtype", "str"), ("config", "dict"), ("shard", "dict"), ("context", "uint"),
-      ("peer_id", "str"), ("data_port", "uint"), ("heartbeat_s", "float"), ("timeout_s", "float"))
+      ("peer_id", "str"), ("data_port", "uint"), ("heartbeat_s", "float"), ("timeout_s", "float"),
+      ("slots", "uint"))
 class Assign(Message):
     """Master -> worker: admitted; your rank, world, shard and data channel (link fills the last four).
 
@@ -155,8 +158,10 @@ class Assign(Message):
     data_port: int = 0
     heartbeat_s: float = 1.0
     timeout_s: float = 10.0
+    slots: int = 1  # KV slots of `context` positions each: sequences the group runs at once
 
     def check(self) -> None:
+        _need(0 < self.slots <= MAX_SLOTS, f"KV slots must be 1..{MAX_SLOTS}, got {self.slots}")
         _need(0 < self.rank < self.world, f"rank {self.rank} out of range for world {self.world}")
         _need(self.data_port < 65536, "data port out of range")
         _need(self.wire_dtype in REDUCE_DTYPES,
@@ -215,9 +220,9 @@ class Step(Message):
     """Master -> workers: run one forward step on these hidden states.
 
     The rows of x (T, hidden) belong to sequences in order: sequence i has counts[i] rows at
-    positions starts[i].., cached in KV slot slots[i]. This version runs one sequence per step in
-    slot 0 (issue 17 lifts that for batching; issue 18's speculative steps are one sequence with k+1
-    rows and ALL_LOGITS).
+    positions starts[i].., cached in KV slot slots[i] (tpi.model.rows.Rows on the model's side). Each
+    sequence's last row returns logits, or with ALL_LOGITS every row (issue 18's speculative check: one
+    sequence with k+1 rows). Continuous batching (issue 17) puts several sequences in one step.
     """
 
     request_id: int
@@ -251,8 +256,11 @@ class Step(Message):
         return bool(self.flags & EXACT_ROWS)
 
     def check(self) -> None:
-        _need(len(self.slots) == len(self.starts) == len(self.counts) == 1 and self.slots[0] == 0,
-              "a step carries one sequence in KV slot 0 in this tpi version")
+        n = len(self.slots)
+        _need(0 < n <= MAX_SLOTS and len(self.starts) == len(self.counts) == n,
+              f"a step needs 1..{MAX_SLOTS} sequences with one slot, start and count each")
+        _need(len(set(self.slots)) == n, f"a step lists a KV slot twice: {self.slots}")
+        _need(all(c > 0 for c in self.counts), "every sequence in a step needs at least one row")
         _need(self.x.ndim == 2 and self.x.shape[0] == sum(self.counts) > 0,
               f"step hidden states {list(self.x.shape)} do not hold the {sum(self.counts)} rows its header lists")
         _need(self.flags & ~STEP_FLAGS == 0, f"unknown step flags {self.flags:#x}")

@@ -16,7 +16,8 @@ from tpi.errors import ContextOverflowError, TpiError
 from tpi.master.generate import Generation, SequenceState, run_sequence
 from tpi.master.sampler import SamplingParams
 from tpi.model.config import PREFILL_CHUNK
-from tpi.transport.protocol import Step
+from tpi.model.rows import Rows
+from tpi.transport.protocol import ALL_LOGITS, EXACT_ROWS, Step
 
 DEFAULT_CONTEXT = 4096
 
@@ -76,20 +77,47 @@ class Engine:
             raise ContextOverflowError(f"{start + len(ids)} tokens exceed the context of {self.context}")
         h = self.embed(ids)
         self.comm.broadcast_step(Step.of_sequence(start, len(ids), h, all_logits=all_positions, exact=exact))
-        local = self.model.forward(h, start, all_positions, exact)
+        local = self.model.forward(h, Rows.sequence(start, len(ids), all_positions, exact=exact))
         self.cached = self.cached[:start] + list(ids)
         return np.concatenate(self.comm.gather(local), axis=-1)
 
-    def truncate(self, keep: int) -> None:
-        """Forget cached positions keep.. (a KV rollback): the next step starts at or before `keep`.
+    def step(self, ids: Sequence[int], rows: Rows) -> np.ndarray:
+        """Run one step of many sequences' rows (tokens ids, in rows' order) on every rank: (outputs, vocab)
+        float32 logits, each sequence's last row's (every row's when rows ask for all of them).
 
-        Ranks need no message for it today, because a step's attention reads only positions below its
-        own end; a rank that keeps cache bookkeeping (slots, issue 17) gets it as a Truncate control.
+        Slot 0's `cached` is the one-sequence path's; a batching caller keeps its own per slot.
         """
-        self.cached = self.cached[:keep]
+        for slot, start, count in zip(rows.slots, rows.starts, rows.counts):
+            if start + count > self.context:
+                raise ContextOverflowError(f"{start + count} tokens of slot {slot} exceed the context of {self.context}")
+        self.model.kv.admit(rows)  # ShapeError here, before any worker sees the step
+        h = self.embed(ids)
+        n = len(rows.counts)
+        all_logits = rows.outputs == rows.counts and rows.counts != (1,) * n
+        if not all_logits and not set(rows.outputs) <= {0, 1}:
+            raise ValueError(f"a step returns each sequence's last row or every row, not {rows.outputs}")
+        sent = rows if all_logits else Rows.of_runs(rows.slots, rows.starts, rows.counts, exact=rows.exact)  # 1 each
+        flags = (ALL_LOGITS if all_logits else 0) | (EXACT_ROWS if rows.exact else 0)
+        self.comm.broadcast_step(Step(0, flags, list(rows.slots), list(rows.starts), list(rows.counts), h))
+        logits = np.concatenate(self.comm.gather(self.model.forward(h, sent)), axis=-1)
+        return logits if sent is rows else logits[[i for i, o in enumerate(rows.outputs) if o]]
+
+    @property
+    def slots(self) -> int:
+        return self.model.kv.slots
+
+    def truncate(self, keep: int, slot: int = 0) -> None:
+        """Forget positions keep.. of a KV slot on every rank (a KV rollback, a freed slot): the slot's
+        next step starts at or before `keep`."""
+        if slot == 0:
+            self.cached = self.cached[:keep]
+        self.model.truncate(slot, keep)
+        self.comm.broadcast_truncate(slot, keep)
 
     def reset(self) -> None:
-        self.truncate(0)
+        """Every slot empty on every rank (a new conversation in slot 0, a re-formed group)."""
+        for slot in range(self.slots):
+            self.truncate(0, slot)
 
     def swap_comm(self, comm) -> None:
         """Run the next steps through `comm` (recovery); every rank's cache is suspect, so it starts over."""

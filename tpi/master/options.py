@@ -22,6 +22,7 @@ class GroupOptions:
     host: str = "0.0.0.0"
     port: int = 0  # 0 = any free port
     context: int | None = None
+    slots: int = 1  # KV slots of `context` positions on every rank: sequences served at once (--parallel)
     threads: int | None = None
     backend: str = "auto"  # kernel backend of rank 0: auto (tpi.model.backends.resolve_backend), ggml, numpy or torch
     worker_backend: str = "auto"  # backend of the local workers
@@ -68,4 +69,5 @@ class EngineOptions:
     context: int | None = None  # None = min(model context, tpi.master.engine.DEFAULT_CONTEXT)
     threads: int | None = None
     backend: str = "auto"
+    slots: int = 1  # KV slots (sequences at once)
     memory_budget: int | None = None  # bytes; None = no streaming

@@ -58,9 +58,9 @@ def start_group(opts: GroupOptions, on_event=log_event, link: MasterLink | None 
     try:
         joins, master_profile = _gather(opts, model, net, on_event)
         split = _plan(opts, model, net.link, joins, master_profile, on_event)
-        layers = make_layers(opts.backend, model.cfg, split.shards[0], model.context, model.threads)
+        layers = make_layers(opts.backend, model.cfg, split.shards[0], model.context, model.threads, opts.slots)
         cut = _cut(opts, model, split, layers, on_event)
-        members = _admit(net.link, model, split, cut.stores, master_profile)
+        members = _admit(net.link, model, split, cut.stores, master_profile, opts.slots)
         engine = _rank0(opts, model, split, layers, cut, net.link, on_event)
         if not reforming:  # a re-formed group's rank 0 is adopted by the running engine, speculator and all
             engine.speculator = build_speculator(opts.speculation, engine, model.threads, opts.backend)
@@ -78,7 +78,8 @@ def start_group(opts: GroupOptions, on_event=log_event, link: MasterLink | None 
 def build_local_engine(opts: EngineOptions) -> Engine:
     """A group of one: every block of the model on this device (streamed under a budget)."""
     return start_group(GroupOptions(model=opts.model, context=opts.context, threads=opts.threads,
-                                    backend=opts.backend, memory_budget=opts.memory_budget)).engine
+                                    backend=opts.backend, memory_budget=opts.memory_budget,
+                                    slots=opts.slots)).engine
 
 
 # ---- step 0: what runs where ----
@@ -237,15 +238,16 @@ def _cut(opts: GroupOptions, model: _Model, split: _Split, layers, on_event) -> 
 
 # ---- step 5: admit the workers ----
 
-def _admit(link, model: _Model, split: _Split, stores: dict, master_profile: dict) -> Members:
-    """Step 5: send each kept device its Assign (rank, shard identity, config, context) and serve its shard."""
+def _admit(link, model: _Model, split: _Split, stores: dict, master_profile: dict, slots: int) -> Members:
+    """Step 5: send each kept device its Assign (rank, shard identity, config, context, KV slots) and serve
+    its shard."""
     devices = [DeviceInfo(0, "master", "local", shard_to_dict(split.shards[0]), dict(master_profile))]
     admissions = {}
     for rank, j in enumerate(split.joins, start=1):
         store = stores[rank]
         assign = Assign(rank, split.world, store.content_hash, store.nbytes, split.wire_dtype,
                         config=config_to_dict(model.cfg), shard=shard_to_dict(split.shards[rank]),
-                        context=model.context)
+                        context=model.context, slots=slots)
         admissions[rank] = Admission(link.admit(j, assign, store.path), store.path)
         devices.append(DeviceInfo(rank, j.name, j.address, shard_to_dict(split.shards[rank]), dict(j.profile)))
     if split.plan is None:

@@ -38,8 +38,11 @@ def backend_choice_note(requested: str, chosen: str) -> str:
     return f"kernel backend: {chosen} ({'; '.join(['auto', *notes])})"
 
 
-def make_layers(backend: str, cfg, shard, context: int, threads: int | None):
-    """The per-block maths for a backend: the one place that picks ggml, torch or numpy."""
+def make_layers(backend: str, cfg, shard, context: int, threads: int | None, slots: int = 1):
+    """The per-block maths for a backend: the one place that picks ggml, torch or numpy.
+
+    slots: KV caches of `context` positions each (sequences run at once; torch runs one).
+    """
     backend = resolve_backend(backend)
     if backend == "ggml":
         from tpi.quant.ggml_lib import load_ggml
@@ -47,7 +50,7 @@ def make_layers(backend: str, cfg, shard, context: int, threads: int | None):
         load_ggml()  # GgmlUnavailableError (a TpiError naming the fix) when ggml cannot run here
         from tpi.model.layers_ggml import GgmlLayers
 
-        return GgmlLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads)
+        return GgmlLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads, slots=slots)
     if backend == "torch":
         if cfg.arch not in TORCH_ARCHS:
             raise TpiError(f"the torch backend does not run {cfg.arch} models (it runs {', '.join(TORCH_ARCHS)}); "
@@ -56,10 +59,10 @@ def make_layers(backend: str, cfg, shard, context: int, threads: int | None):
             from tpi.model.layers_torch import TorchLayers
         except ImportError:
             raise TpiError("torch is not installed; install the full engine with pip install 'tpi[all]'") from None
-        return TorchLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads)
+        return TorchLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads, slots=slots)
     if backend == "numpy":
         from tpi.model.layers_numpy import NumpyLayers
 
-        return NumpyLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads)
+        return NumpyLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads, slots=slots)
     raise TpiError(f"unknown backend '{backend}'; use ggml, torch or numpy")
 

@@ -27,7 +27,7 @@ F32_BYTES, F16_BYTES = 4, 2
 OPS_PER_ATTENTION = 48  # tensors an attention graph creates, before its per-segment extras
 OPS_PER_SEGMENT = 8
 OPS_PER_MLP = 16
-OPS_PER_EXACT_ROW = 32  # per exact row: a chunk's view, mul_mat and concat for each matmul; row views
+OPS_PER_EXACT_ROW = 32  # per exact row: a chunk's view, mul_mat and concat for each matmul of a block
 
 
 def attention_segments(q_to_kv: tuple[int, ...]) -> tuple[tuple[int, int, int, int], ...]:
@@ -129,32 +129,40 @@ class BlockSpec:
         qk = (heads + per_head[None, :]).reshape(-1)
         return np.concatenate([qk, np.arange(self.q_dim + self.kv_dim, self.q_dim + 2 * self.kv_dim)])
 
-    def attention_ops(self, exact_rows: int = 0) -> int:
-        """Tensors an attention graph creates (exact_rows: a pass of that many exact rows)."""
-        per_call = OPS_PER_SEGMENT * len(self.segments)
-        return OPS_PER_ATTENTION + per_call + exact_rows * (OPS_PER_EXACT_ROW + per_call)
+    def attention_ops(self, runs: int = 1, exact_rows: int = 0) -> int:
+        """Tensors an attention graph creates (exact_rows: rows of an exact step, matmuls in chunks)."""
+        return OPS_PER_ATTENTION + runs * (OPS_PER_SEGMENT * len(self.segments) + 1) + exact_rows * OPS_PER_EXACT_ROW
 
 
 def mlp_ops(exact_rows: int = 0) -> int:
-    """Tensors an MLP, post-norm or logits graph creates (exact_rows: a pass of that many exact rows)."""
+    """Tensors an MLP, post-norm or logits graph creates (exact_rows: rows of an exact step)."""
     return OPS_PER_MLP + exact_rows * OPS_PER_EXACT_ROW
 
 
 @dataclass(frozen=True)
+class AttnRun:
+    """One sequence's rows in a step: rows row0.. attend to n_kv cache rows from kv_row0 (its KV slot)."""
+
+    row0: int
+    rows: int
+    kv_row0: int
+    n_kv: int
+    mask: Tensor  # F16 [n_kv, rows]: 0 where a row may look (its slot's positions up to its own), -inf elsewhere
+    mask_swa: Tensor | None = None  # the same for local layers: also hides keys >= window positions back
+
+
+@dataclass(frozen=True)
 class StepTensors:
-    """A forward pass's inputs as graph leaves: x [hidden, T], pos I32 [T], idx I64 [T], mask F16."""
+    """A forward step's inputs as graph leaves: x [hidden, T], pos I32 [T], idx I64 [T] (KV rows written),
+    the runs of rows that attend together, and out I32 [n] (rows whose logits are wanted; None: all)."""
 
     x: Tensor
     pos: Tensor
     idx: Tensor
-    mask: Tensor  # [n_kv, T] for a prefill; [context] for decode, viewed to the bucket's n_kv
+    runs: tuple[AttnRun, ...]
     tokens: int
-    mask_swa: Tensor | None = None  # the same for local layers: also hides keys >= window positions back
-    row_kv: tuple[int, ...] = ()  # exact rows (tpi.model.ggml_exact): each row's own decode n_kv
-
-    @property
-    def exact(self) -> bool:
-        return bool(self.row_kv)
+    out: Tensor | None = None
+    exact: bool = False  # matmuls in row chunks that keep one-row bits (tpi.model.ggml_exact)
 
 
 def _norm(ctx: Context, x: Tensor, w: Tensor, eps: float) -> Tensor:
@@ -185,8 +193,12 @@ def _qkv(ctx: Context, s: BlockSpec, blk: dict, xn: Tensor, t: int, exact: bool)
 
 
 def build_attention(ctx: Context, s: BlockSpec, blk: dict, step: StepTensors, k_cache: Tensor, v_cache: Tensor,
-                    n_kv: int, rope_factors: Tensor | None, layer: int) -> Tensor:
-    """This rank's partial attention output [hidden, T]; writes rows idx of the layer's KV cache."""
+                    rope_factors: Tensor | None, layer: int) -> Tensor:
+    """This rank's partial attention output [hidden, T]; writes rows idx of the layer's KV cache.
+
+    Each run (a sequence) is its own flash-attention call over its own slot's rows of the cache, so
+    a row's attention is computed as when its sequence runs alone: same query rows, same n_kv.
+    """
     t, hd = step.tokens, s.head_dim
     xn = _norm(ctx, step.x, blk["attn_norm"], s.eps)
     q, k, v = _qkv(ctx, s, blk, xn, t, step.exact)
@@ -205,33 +217,22 @@ def build_attention(ctx: Context, s: BlockSpec, blk: dict, step: StepTensors, k_
         q, kq_scale = ctx.scale(q, s.attn_scale), 1.0
     k_all = ctx.set_rows(k_cache, k, step.idx)  # views of the caches, ordered after the writes
     v_all = ctx.set_rows(v_cache, v, step.idx)
-    mask = step.mask_swa if local else step.mask
-    if step.exact:  # one call per row over its own decode n_kv, as that row's decode step attends
-        out = None
-        for i, row_kv in enumerate(step.row_kv):
-            q_row = ctx.view(q, (hd, s.n_q, 1), (q.nb[1], q.nb[2]), i * q.nb[2])
-            row_mask = ctx.view(mask, (row_kv, 1), (row_kv * F16_BYTES,), i * mask.nb[1])
-            o = _attend(ctx, s, q_row, k_all, v_all, row_mask, row_kv, 1, kq_scale)
-            out = o if out is None else ctx.concat(out, o, 2)
-    else:
-        if mask.ne[0] != n_kv:
-            mask = ctx.view(mask, (n_kv, 1), (n_kv * F16_BYTES,), 0)
-        out = _attend(ctx, s, q, k_all, v_all, mask, n_kv, t, kq_scale)
-    return mul_mat(ctx, blk["wo"], ctx.reshape(out, s.q_dim, t), step.exact)
-
-
-def _attend(ctx: Context, s: BlockSpec, q: Tensor, k_all: Tensor, v_all: Tensor, mask: Tensor, n_kv: int, t: int,
-            kq_scale: float) -> Tensor:
-    """Flash attention of q [hd, n_q, t] over the first n_kv cache rows, per GQA segment -> [hd, n_q, t]."""
-    hd, cache_row = s.head_dim, s.kv_dim * F16_BYTES
+    cache_row = s.kv_dim * F16_BYTES
     out = None
-    for q0, q1, kv0, kv1 in s.segments:
-        qs = q if (q0, q1) == (0, s.n_q) else ctx.view(q, (hd, q1 - q0, t), (q.nb[1], q.nb[2]), q0 * q.nb[1])
-        ks = ctx.view(k_all, (hd, n_kv, kv1 - kv0), (cache_row, hd * F16_BYTES), kv0 * hd * F16_BYTES)
-        vs = ctx.view(v_all, (hd, n_kv, kv1 - kv0), (cache_row, hd * F16_BYTES), kv0 * hd * F16_BYTES)
-        o = ctx.flash_attn(ctx.permute(qs, 0, 2, 1, 3), ks, vs, mask, kq_scale)  # [hd, heads, t]
-        out = o if out is None else ctx.concat(out, o, 1)
-    return out
+    for run in step.runs:
+        mask = run.mask_swa if local else run.mask
+        whole = (run.row0, run.rows) == (0, t)
+        o_run = None
+        for q0, q1, kv0, kv1 in s.segments:
+            qs = q if whole and (q0, q1) == (0, s.n_q) else ctx.view(
+                q, (hd, q1 - q0, run.rows), (q.nb[1], q.nb[2]), q0 * q.nb[1] + run.row0 * q.nb[2])
+            at = run.kv_row0 * cache_row + kv0 * hd * F16_BYTES
+            ks = ctx.view(k_all, (hd, run.n_kv, kv1 - kv0), (cache_row, hd * F16_BYTES), at)
+            vs = ctx.view(v_all, (hd, run.n_kv, kv1 - kv0), (cache_row, hd * F16_BYTES), at)
+            o = ctx.flash_attn(ctx.permute(qs, 0, 2, 1, 3), ks, vs, mask, kq_scale)  # [hd, heads, rows]
+            o_run = o if o_run is None else ctx.concat(o_run, o, 1)
+        out = o_run if out is None else ctx.concat(out, o_run, 2)
+    return mul_mat(ctx, blk["wo"], ctx.reshape(out, s.q_dim, t), step.exact)
 
 
 def build_mlp(ctx: Context, s: BlockSpec, blk: dict, x: Tensor, exact: bool = False) -> Tensor:
@@ -251,11 +252,11 @@ def build_post_norm(ctx: Context, s: BlockSpec, blk: dict, name: str, x: Tensor)
     return _norm(ctx, x, blk[name], s.eps)
 
 
-def build_logits(ctx: Context, s: BlockSpec, glob: dict, x: Tensor, last_only: bool, exact: bool = False) -> Tensor:
-    """This rank's vocabulary slice [vocab_local, T or 1] of the final-normed hidden states."""
-    t = x.ne[1]
-    if last_only and t > 1:
-        x = ctx.view(x, (s.hidden, 1), (x.nb[1],), (t - 1) * x.nb[1])
+def build_logits(ctx: Context, s: BlockSpec, glob: dict, x: Tensor, out_rows: Tensor | None,
+                 exact: bool = False) -> Tensor:
+    """This rank's vocabulary slice [vocab_local, n] of the final-normed hidden states of rows out_rows (None: all)."""
+    if out_rows is not None:
+        x = ctx.get_rows(x, out_rows)
     out = mul_mat(ctx, glob["lm_head"], _norm(ctx, x, glob["norm"], s.eps), exact)
     if s.softcap > 0:  # llama.cpp: scale, tanh, scale
         out = ctx.scale(ctx.tanh(ctx.scale(out, 1.0 / s.softcap)), s.softcap)

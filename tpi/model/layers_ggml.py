@@ -2,16 +2,14 @@
 
 Each attention block and each MLP block runs as ONE ggml graph (tpi.model.ggml_blocks), so Python runs
 once per block, not once per op; between them the model adds the block's output (after the
-allreduce in a group). Decode graphs (one token) are built the first time a block runs and kept
-on the block, reading their inputs in place from buffers this object owns:
-  x     F32 [1, hidden]   the residual stream (hidden_from_numpy copies into it; add_ updates it)
-  pos   I32 [1], idx I64 [1]   RoPE position and KV-cache row
-  mask  F16 [context]     0 up to the position, -inf after it (mask_swa: also -inf a window back)
-Flash attention reads the first n_kv rows of the F16 caches, n_kv rounded up to 256 (as llama.cpp
-pads it), so a decode graph is rebuilt once per 256 positions. A prefill (T > 1) builds its graphs
-per call into one shared compute buffer. A group of one with resident blocks runs its whole pass
-as one graph (forward_all): measured 1.16x (1 thread) and 1.24x (2 threads, loaded machine) the
-block-by-block decode on SmolLM2, bit-identical to it.
+allreduce in a group). A step is runs of rows, one per sequence (tpi.model.rows.Rows), each in its
+own KV slot: the caches hold `slots` regions of `context` rows. The graphs read their inputs in place
+from buffers made per step shape (tpi.model.ggml_steps): a step of up to KEEP_ROWS rows (decode rows,
+a speculative check) keeps its graphs on the block and reuses them while its shape stands (n_kv is
+rounded up to 256, as llama.cpp pads it, so a decode graph is rebuilt once per 256 positions); a
+larger step (a prompt chunk) builds its graphs per call into one shared compute buffer. A group of
+one with resident blocks runs its whole pass as one graph (forward_all): measured 1.16x (1 thread)
+and 1.24x (2 threads, loaded machine) the block-by-block decode on SmolLM2, bit-identical to it.
 Same interface as NumpyLayers / TorchLayers; activations at the seam are float32 numpy.
 """
 from __future__ import annotations
@@ -24,9 +22,10 @@ import numpy as np
 from tpi.model.blocks import EMBED, GLOBALS, POST_ATTN_NORM, POST_MLP_NORM, QK_NORMS, attn_key, mlp_key
 from tpi.model.config import ModelConfig
 from tpi.errors import ShapeError
-from tpi.model.ggml_blocks import (OPS_PER_MLP, BlockSpec, StepTensors, build_attention, build_logits, build_mlp,
-                                   build_post_norm, mlp_ops, rope_frequency_factors)
-from tpi.model.ggml_exact import decode_kv
+from tpi.model.ggml_blocks import (OPS_PER_MLP, BlockSpec, mlp_ops, build_attention, build_logits, build_mlp, build_post_norm,
+                                   rope_frequency_factors)
+from tpi.model.ggml_steps import StepInputs, step_shape
+from tpi.model.rows import Rows, as_rows
 from tpi.quant.ggml_backend import GgmlBackend, can_repack, gather_rows, weight_type
 from tpi.quant.ggml_graph import Context, Graph, SharedComputeBuffer
 from tpi.quant.ggml_lib import F16
@@ -36,7 +35,8 @@ from tpi.quant.ggml_stream import (copied_repacked, drop, mapped_repacked, page_
                                    repacked_rows)
 
 ACT = np.float32
-KV_BUCKET = 256  # attended cache rows are a multiple of this (llama.cpp pads n_kv the same way)
+KEEP_ROWS = 16  # steps of up to this many rows keep their graphs (decode rows, speculative checks)
+KEPT_SHAPES = 2  # graphs kept per block and kind (and step inputs kept, x2): the current shape and the last
 
 
 # The rows of each q/k-bearing tensor in rotate-half order (BlockSpec.rotate_half_rows is for q|k|v;
@@ -86,102 +86,47 @@ def _in_map(store, a: np.ndarray) -> bool:
     return True
 
 
-class _DecodeInputs:
-    """The one-token inputs every decode graph reads in place (window: a local layer's, 0 for none)."""
-
-    def __init__(self, hidden: int, context: int, window: int = 0):
-        self.x = np.zeros((1, hidden), ACT)
-        self.pos = np.zeros(1, np.int32)
-        self.idx = np.zeros(1, np.int64)
-        self.mask = np.full(context, -np.inf, np.float16)
-        self.window = window
-        self.mask_swa = np.full(context, -np.inf, np.float16) if window else None
-        self.post = np.zeros((1, hidden), ACT)  # a summed block output on its way through a post-norm
-        self.visible = 0  # mask[:visible] == 0
-        self.position = -1
-        self.ctx = Context(6)
-        swa = self.ctx.input(self.mask_swa) if window else None
-        self.step = StepTensors(self.ctx.input(self.x), self.ctx.input(self.pos), self.ctx.input(self.idx),
-                                self.ctx.input(self.mask), 1, swa)
-        self.post_in = self.ctx.input(self.post)
-
-    def move_to(self, position: int) -> None:
-        if position == self.position:  # every layer of a pass after the first
-            return
-        self.position = position
-        self.pos[0] = position
-        self.idx[0] = position
-        end = position + 1
-        if end > self.visible:
-            self.mask[self.visible:end] = 0.0
-        elif end < self.visible:
-            self.mask[end:self.visible] = -np.inf
-        self.visible = end
-        if self.mask_swa is not None:  # the query sees keys p0 with position - p0 < window
-            self.mask_swa.fill(-np.inf)
-            self.mask_swa[max(0, end - self.window):end] = 0.0
-
-
-def _prefill_inputs(h: np.ndarray, start: int, n_kv: int, window: int = 0,
-                    row_kv: tuple[int, ...] = ()) -> tuple[StepTensors, Context]:
-    """Inputs of a T-token pass at positions start..: query i sees cache rows up to start + i (and on
-    local layers only the window rows before that). row_kv: each row's decode n_kv, for exact rows."""
-    t = h.shape[0]
-    pos = np.arange(start, start + t, dtype=np.int32)
-    back = pos[:, None] - np.arange(n_kv)[None, :]  # (T, n_kv): query position - key position
-    mask = np.where(back >= 0, 0.0, -np.inf).astype(np.float16)
-    ctx = Context(5)
-    swa = None
-    if window:
-        swa = ctx.input(np.where((back >= 0) & (back < window), 0.0, -np.inf).astype(np.float16))
-    step = StepTensors(ctx.input(h), ctx.input(pos), ctx.input(pos.astype(np.int64)), ctx.input(mask), t, swa, row_kv)
-    return step, ctx
+def _exact_rows(step) -> int:
+    """Rows whose matmuls an exact step splits into chunks (0 for a plain step): sizes its graphs."""
+    return step.tokens if step.exact else 0
 
 
 class GgmlLayers:
     """Computes one rank's share of attention and MLP blocks, and its logits slice, as ggml graphs."""
 
     name = "ggml"
-    _exact = False  # inside exact_rows(): a many-row pass computes each row as its decode step would
+    exact_rows = True  # a step's rows.exact is computed in one pass (tpi.model.ggml_exact)
 
     def __init__(self, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...], context: int, threads: int | None,
-                 repack: bool = True, whole_graph: bool = True):
+                 repack: bool = True, whole_graph: bool = True, slots: int = 1):
         self.cfg = cfg
         self.runtime = CpuRuntime(threads)
         self.kernels = GgmlBackend(runtime=self.runtime, repack=repack)
         self.spec = BlockSpec.of(cfg, n_q, tuple(q_to_kv))
-        self.context = context
+        self.context, self.slots = context, slots
         kv_dim = self.spec.kv_dim
-        # (context, kv_dim) per layer, as llama.cpp's cache; np.zeros pages are resident once written
-        self.k_cache = [np.zeros((context, kv_dim), np.float16) for _ in range(cfg.n_layers)]
-        self.v_cache = [np.zeros((context, kv_dim), np.float16) for _ in range(cfg.n_layers)]
+        # (slots * context, kv_dim) per layer, slot s at rows s * context..: llama.cpp's cache once per
+        # slot; np.zeros pages are resident once written
+        self.k_cache = [np.zeros((slots * context, kv_dim), np.float16) for _ in range(cfg.n_layers)]
+        self.v_cache = [np.zeros((slots * context, kv_dim), np.float16) for _ in range(cfg.n_layers)]
         self._const = Context(2 * cfg.n_layers + 1)
         self._k = [self._const.input(a, F16) for a in self.k_cache]
         self._v = [self._const.input(a, F16) for a in self.v_cache]
         factors = rope_frequency_factors(cfg)
         self._rope_factors = None if factors is None else self._const.input(factors)
         self.window = cfg.sliding_window if cfg.swa_layers else 0
-        self._decode = _DecodeInputs(cfg.hidden, context, self.window)
-        self._prefill: tuple[np.ndarray, int, StepTensors, Context] | None = None
+        self._kept: dict[tuple, StepInputs] = {}  # step shape -> its inputs (small steps, newest last)
+        self._pass: tuple[Rows, StepInputs] | None = None  # the step being computed
         self._shared = SharedComputeBuffer()
         self._rows = self.spec.rotate_half_rows()
         self.whole_graph = whole_graph
-        self._whole: tuple[int, dict, Graph] | None = None
+        self._whole: dict[int, tuple[dict, Graph]] = {}  # inputs serial -> (blocks, whole-pass graph)
 
     # ---- weights -------------------------------------------------------------------------
     @staticmethod
     def forward_context():
         """Nothing to switch around a ggml forward pass."""
         return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def exact_rows(self):
-        """Within: a pass of T rows gives each row the bits of a one-row pass (tpi.model.ggml_exact)."""
-        self._exact, self._prefill = True, None
-        try:
-            yield
-        finally:
-            self._exact, self._prefill = False, None
 
     def to_runtime(self, block: dict) -> GgmlBlock:
         """Stored block (QTensors + float32 vectors) -> ggml weight tensors (repacked where ggml
@@ -275,15 +220,12 @@ class GgmlLayers:
         return lambda block: self._block(block, pinned), streamed
 
     # ---- tensors at the seam ---------------------------------------------------------------
-    def hidden_from_numpy(self, h: np.ndarray) -> np.ndarray:
-        """A float32 (T, hidden) residual the graphs can read in place (decode: the shared buffer)."""
+    def hidden_from_numpy(self, h: np.ndarray, rows: Rows | None = None) -> np.ndarray:
+        """A float32 (T, hidden) residual the graphs read in place: the buffer of the step's inputs."""
         h = np.asarray(h)
         if h.ndim != 2 or h.shape[1] != self.cfg.hidden or h.shape[0] < 1:
             raise ShapeError(f"hidden states must be (tokens, {self.cfg.hidden}), got {list(h.shape)}")
-        if h.shape[0] == 1:
-            np.copyto(self._decode.x, h)
-            return self._decode.x
-        return np.array(h, dtype=ACT, order="C")  # a copy: h may be a read-only network buffer
+        return self._inputs(h, as_rows(0 if rows is None else rows, h.shape[0]), begin=True).x
 
     @staticmethod
     def to_numpy(x: np.ndarray) -> np.ndarray:
@@ -293,34 +235,47 @@ class GgmlLayers:
     def add_(h: np.ndarray, partial: np.ndarray) -> None:
         np.add(h, partial, out=h)
 
-    # ---- blocks ----------------------------------------------------------------------------
-    def _n_kv(self, end: int) -> int:
-        return min(self.context, -(-end // KV_BUCKET) * KV_BUCKET)
+    # ---- step inputs -----------------------------------------------------------------------
+    def _inputs(self, h: np.ndarray, rows: Rows | None, begin: bool = False) -> StepInputs:
+        """The inputs of the step h belongs to, holding h's values (rows None: the current step's).
 
-    def _step(self, h: np.ndarray, start: int) -> StepTensors:
-        """The inputs of a pass of h's tokens at start.. (checked: ggml aborts on a row past the cache)."""
-        t = h.shape[0]
-        if not (isinstance(start, (int, np.integer)) and 0 <= start and start + t <= self.context):
-            raise ShapeError(f"positions {start}..{start + t - 1} are outside the KV cache of {self.context}; "
-                             "raise --context or start a new conversation")
-        if t == 1:
-            if h is not self._decode.x:
-                np.copyto(self._decode.x, h)
-            self._decode.move_to(int(start))
-            return self._decode.step
-        if self._prefill is None or self._prefill[0] is not h or self._prefill[1] != start:
-            h = h if h.dtype == ACT and h.flags.c_contiguous else np.ascontiguousarray(h, dtype=ACT)
-            row_kv = tuple(decode_kv(p, self.context, KV_BUCKET) for p in range(start, start + t)) if self._exact else ()
-            self._prefill = (h, start, *_prefill_inputs(h, int(start), self._n_kv(start + t), self.window, row_kv))
-        return self._prefill[2]
+        A new step (other rows) gets its shape's kept inputs, or fresh ones for a large step, and
+        writes its positions, KV rows and masks once; later blocks of the pass only copy h in when
+        the caller's h is not the inputs' own buffer.
+        """
+        cur = self._pass
+        if not begin and cur is not None and (rows is None or rows is cur[0] or rows == cur[0]) \
+                and cur[1].tokens == h.shape[0]:
+            inputs = cur[1]
+        else:
+            rows = rows if rows is not None else Rows.sequence(0, h.shape[0])  # positions matter not here
+            rows.check(self.slots, self.context)  # ggml aborts on a KV row past the cache
+            inputs = self._new_inputs(rows, h)
+            inputs.fill(rows, self.context)
+            self._pass = (rows, inputs)
+        if h is not inputs.x:
+            np.copyto(inputs.x, h)
+        return inputs
 
-    def _run(self, blk: GgmlBlock, key: tuple, ops: int, build, shape: tuple[int, int]) -> np.ndarray:
-        """Compute a block's graph: a kept one for one token, a once-used one (output copied) for more."""
-        if shape[0] == 1:
+    def _new_inputs(self, rows: Rows, h: np.ndarray) -> StepInputs:
+        shape = step_shape(rows, self.context)
+        if rows.tokens > KEEP_ROWS:  # its own copy: h may be a read-only network buffer
+            return StepInputs(shape, self.cfg.hidden, np.array(h, dtype=ACT, order="C"), self.window)
+        inputs = self._kept.pop(shape, None) or StepInputs(shape, self.cfg.hidden, window=self.window)
+        self._kept[shape] = inputs
+        while len(self._kept) > 2 * KEPT_SHAPES:
+            self._kept.pop(next(iter(self._kept)))
+        return inputs
+
+    def _run(self, blk: GgmlBlock, kind: str, inputs: StepInputs, ops: int, build, shape: tuple[int, int]) -> np.ndarray:
+        """Compute a block's graph: kept on the block for a small step, once-used (output copied) otherwise."""
+        if inputs.tokens <= KEEP_ROWS:
+            key = (kind, inputs.serial)
             graph = blk.graphs.get(key)
             if graph is None:
-                for stale in [k for k in blk.graphs if k[0] == key[0]]:
-                    del blk.graphs[stale]  # an attention graph of an older n_kv bucket
+                same = [k for k in blk.graphs if k[0] == kind]
+                for stale in same[:max(0, len(same) - KEPT_SHAPES + 1)]:
+                    del blk.graphs[stale]  # an older step shape (n_kv bucket, slots)
                 ctx = Context(ops, graph_size=2 * ops + 16)
                 graph = blk.graphs[key] = Graph(ctx, [build(ctx)], [shape])
             self.runtime.compute(graph)
@@ -330,70 +285,73 @@ class GgmlLayers:
         self.runtime.compute(graph)
         return graph.outputs[0].copy()
 
-    def attention(self, h: np.ndarray, blk: GgmlBlock, layer: int, start: int) -> np.ndarray:
-        """h: (T, hidden) f32 -> this rank's partial attention output (T, hidden) f32."""
-        step = self._step(h, start)
-        n_kv = self._n_kv(start + step.tokens)
-        return self._run(blk, ("attn", n_kv), self.spec.attention_ops(len(step.row_kv)), lambda ctx: build_attention(
-            ctx, self.spec, blk, step, self._k[layer], self._v[layer], n_kv, self._rope_factors, layer),
+    # ---- blocks ----------------------------------------------------------------------------
+    def attention(self, h: np.ndarray, blk: GgmlBlock, layer: int, rows: Rows | int) -> np.ndarray:
+        """h: (T, hidden) f32 at rows (or one sequence's start position) -> this rank's partial attention
+        output (T, hidden) f32."""
+        inputs = self._inputs(h, as_rows(rows, h.shape[0]))
+        step = inputs.step
+        ops = self.spec.attention_ops(len(step.runs), _exact_rows(step))
+        return self._run(blk, "attn", inputs, ops, lambda ctx: build_attention(
+            ctx, self.spec, blk, step, self._k[layer], self._v[layer], self._rope_factors, layer),
             (step.tokens, self.cfg.hidden))
-
-    def _x(self, h: np.ndarray) -> StepTensors:
-        """The inputs for a block that does not move the position (MLP, logits)."""
-        if h.shape[0] == 1:
-            if h is not self._decode.x:
-                np.copyto(self._decode.x, h)
-            return self._decode.step
-        if self._prefill is not None and self._prefill[0] is h:
-            return self._prefill[2]
-        return self._step(h, 0)  # a pass this object has not seen: positions do not matter here
 
     def mlp(self, h: np.ndarray, blk: GgmlBlock) -> np.ndarray:
         """h: (T, hidden) f32 -> this rank's partial MLP output (T, hidden) f32."""
-        step = self._x(h)
-        return self._run(blk, ("mlp",), mlp_ops(len(step.row_kv)),
-                         lambda ctx: build_mlp(ctx, self.spec, blk, step.x, step.exact), (step.tokens, self.cfg.hidden))
+        inputs = self._inputs(h, None)
+        step = inputs.step
+        return self._run(blk, "mlp", inputs, mlp_ops(_exact_rows(step)),
+                         lambda ctx: build_mlp(ctx, self.spec, blk, step.x, step.exact),
+                         (step.tokens, self.cfg.hidden))
 
     def post_norm(self, total: np.ndarray, blk: GgmlBlock, name: str) -> np.ndarray:
         """A block's output summed over the ranks, (T, hidden) f32, through the block's post-norm."""
-        if total.shape[0] == 1:
-            np.copyto(self._decode.post, total)
-            return self._run(blk, (name,), OPS_PER_MLP, lambda ctx: build_post_norm(
-                ctx, self.spec, blk, name, self._decode.post_in), (1, self.cfg.hidden))
-        ctx = Context(OPS_PER_MLP, graph_size=2 * OPS_PER_MLP + 16)
-        x = ctx.input(np.ascontiguousarray(total, dtype=ACT))
-        graph = Graph(ctx, [build_post_norm(ctx, self.spec, blk, name, x)], [total.shape], galloc=self._shared.ptr)
-        self.runtime.compute(graph)
-        return graph.outputs[0].copy()
+        inputs = self._inputs(total, None) if self._pass is None else self._pass[1]
+        if inputs.tokens != total.shape[0]:
+            inputs = self._inputs(total, None)
+        np.copyto(inputs.post, total)
+        return self._run(blk, name, inputs, OPS_PER_MLP, lambda ctx: build_post_norm(
+            ctx, self.spec, blk, name, inputs.post_in), (inputs.tokens, self.cfg.hidden))
 
-    def forward_all(self, h: np.ndarray, blocks: dict, start: int, all_positions: bool) -> np.ndarray | None:
+    def _logits_rows(self, h: np.ndarray, rows: Rows | bool) -> Rows:
+        """Rows, or all_positions of one sequence (the current step's when it is one)."""
+        if isinstance(rows, Rows):
+            return rows
+        cur = self._pass[0] if self._pass is not None and self._pass[1].tokens == h.shape[0] else None
+        one = cur is not None and len(cur.slots) == 1
+        return Rows.sequence(cur.starts[0] if one else 0, h.shape[0], bool(rows), cur.slots[0] if one else 0)
+
+    def forward_all(self, h: np.ndarray, blocks: dict, rows: Rows) -> np.ndarray | None:
         """A group of one's whole pass as ONE graph: no Python and no thread wake-up between blocks.
 
-        A decode step's graph is built once per n_kv bucket and kept; a prefill's is built per call
-        into the shared compute buffer. None (run block by block) when whole_graph is off.
+        A small step's graph is kept (per step shape, the last KEPT_SHAPES); a large one's is built
+        per call into the shared compute buffer. None (run block by block) when whole_graph is off.
         """
         if not self.whole_graph:
             return None
-        step = self._step(h, start)
-        t, n_kv = step.tokens, self._n_kv(start + step.tokens)
+        inputs = self._inputs(h, rows)
+        step, n_out = inputs.step, inputs.n_outputs
         vocab = blocks[GLOBALS]["lm_head"].out_features
-        if t > 1:
-            ctx, out = self._whole_graph(blocks, step, n_kv, last_only=not all_positions)
-            graph = Graph(ctx, [out], [(t if all_positions else 1, vocab)], galloc=self._shared.ptr)
+        rows_out = max(1, n_out)
+        if inputs.tokens > KEEP_ROWS:
+            ctx, out = self._whole_graph(blocks, step)
+            graph = Graph(ctx, [out], [(rows_out, vocab)], galloc=self._shared.ptr)
             self.runtime.compute(graph)
-            return graph.outputs[0].copy()
-        cached = self._whole
-        if cached is None or cached[0] != n_kv or cached[1] is not blocks:
-            self._whole = None  # its compute buffer goes before the next one is made
-            ctx, out = self._whole_graph(blocks, step, n_kv, last_only=True)
-            cached = self._whole = (n_kv, blocks, Graph(ctx, [out], [(1, vocab)]))
-        self.runtime.compute(cached[2])
-        return cached[2].outputs[0].copy()
+            return graph.outputs[0][:n_out].copy()
+        cached = self._whole.get(inputs.serial)
+        if cached is None or cached[0] is not blocks:
+            self._whole.pop(inputs.serial, None)
+            while len(self._whole) >= KEPT_SHAPES:
+                self._whole.pop(next(iter(self._whole)))  # its compute buffer goes before the next one is made
+            ctx, out = self._whole_graph(blocks, step)
+            cached = self._whole[inputs.serial] = (blocks, Graph(ctx, [out], [(rows_out, vocab)]))
+        self.runtime.compute(cached[1])
+        return cached[1].outputs[0][:n_out].copy()
 
-    def _whole_graph(self, blocks: dict, step: StepTensors, n_kv: int, last_only: bool):
+    def _whole_graph(self, blocks: dict, step):
         """(context, logits) of every layer and the logits slice as one graph over step's inputs."""
-        rows = len(step.row_kv)
-        ops = self.cfg.n_layers * (self.spec.attention_ops(rows) + mlp_ops(rows) + 6) + mlp_ops(rows)
+        exact = _exact_rows(step)
+        ops = self.cfg.n_layers * (self.spec.attention_ops(len(step.runs), exact) + mlp_ops(exact) + 6) + mlp_ops(exact) + 2
         ctx = Context(ops, graph_size=2 * ops + 16)
         x, last = step.x, self.cfg.n_layers - 1
 
@@ -402,26 +360,23 @@ class GgmlLayers:
 
         for i in range(self.cfg.n_layers):
             blk = blocks[attn_key(i)]
-            attn = build_attention(ctx, self.spec, blk, replace(step, x=x), self._k[i], self._v[i], n_kv,
+            attn = build_attention(ctx, self.spec, blk, replace(step, x=x), self._k[i], self._v[i],
                                    self._rope_factors, i)
-            if i == last and last_only and step.tokens > 1:  # as llama.cpp: only the output row goes on
-                x, attn = (ctx.view(a, (self.cfg.hidden, 1), (a.nb[1],), (step.tokens - 1) * a.nb[1]) for a in (x, attn))
+            if i == last and step.out is not None:  # as llama.cpp: only the output rows go on
+                x, attn = ctx.get_rows(x, step.out), ctx.get_rows(attn, step.out)
             x = ctx.add(x, post(blk, POST_ATTN_NORM, attn))  # the residual, as add_ adds between block graphs
             blk = blocks[mlp_key(i)]
             x = ctx.add(x, post(blk, POST_MLP_NORM, build_mlp(ctx, self.spec, blk, x, step.exact)))
-        return ctx, build_logits(ctx, self.spec, blocks[GLOBALS], x, last_only, step.exact)
+        return ctx, build_logits(ctx, self.spec, blocks[GLOBALS], x, None, step.exact)
 
-    def logits(self, h: np.ndarray, glob: GgmlBlock, all_positions: bool) -> np.ndarray:
-        """Final norm and this rank's vocabulary slice: (T or 1, vocab_local) float32 numpy (a copy)."""
-        step = self._x(h)
-        rows = step.tokens if all_positions else 1
+    def logits(self, h: np.ndarray, glob: GgmlBlock, rows: Rows | bool) -> np.ndarray:
+        """Final norm and this rank's vocabulary slice of the output rows (rows: the step's Rows, or
+        all_positions for one sequence): (n, vocab_local) float32 numpy (a copy)."""
+        inputs = self._inputs(h, self._logits_rows(h, rows))
+        step, n_out = inputs.step, inputs.n_outputs
         vocab = glob["lm_head"].out_features
-        if step.tokens == 1:
-            return self._run(glob, ("logits",), OPS_PER_MLP, lambda ctx: build_logits(
-                ctx, self.spec, glob, step.x, True), (1, vocab)).copy()
-        ops = mlp_ops(len(step.row_kv))
-        ctx = Context(ops, graph_size=2 * ops + 16)
-        graph = Graph(ctx, [build_logits(ctx, self.spec, glob, step.x, not all_positions, step.exact)],
-                      [(rows, vocab)], galloc=self._shared.ptr)
-        self.runtime.compute(graph)
-        return graph.outputs[0].copy()
+        if n_out == 0:
+            return np.zeros((0, vocab), ACT)
+        out = self._run(glob, "logits", inputs, mlp_ops(_exact_rows(step)) + 1, lambda ctx: build_logits(
+            ctx, self.spec, glob, step.x, step.out, step.exact), (n_out, vocab))
+        return out.copy() if inputs.tokens <= KEEP_ROWS else out

@@ -12,6 +12,7 @@ import numpy as np
 
 from tpi.model.config import ModelConfig
 from tpi.model.blocks import EMBED, UNFUSED_PARTS
+from tpi.model.rows import Rows, as_rows
 from tpi.quant.kernel_forms import prepare_unfused
 from tpi.quant.kernels import get_backend
 from tpi.model.rope import inverse_frequencies
@@ -49,7 +50,8 @@ class NumpyLayers:
 
     name = "numpy"
 
-    def __init__(self, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...], context: int, threads: int | None):
+    def __init__(self, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...], context: int, threads: int | None,
+                 slots: int = 1):
         limit_blas_threads(threads)
         self.cfg = cfg
         self.kernels = get_backend("numpy")
@@ -62,11 +64,11 @@ class NumpyLayers:
         uniform = self.nq % self.nkv == 0 and tuple(q_to_kv) == tuple(i // g for i in range(self.nq))
         self.kv_index = None if uniform else np.asarray(q_to_kv, dtype=np.intp)
         self.group = g if uniform else 1
-        self.context = context
+        self.context, self.slots = context, slots
         self.rope = {False: rope_cos_sin(cfg, context)}  # local layer? -> (cos, sin)
         if cfg.sliding_window and cfg.swa_layers:
             self.rope[True] = rope_cos_sin(cfg, context, local=True)
-        self.k_cache = np.zeros((cfg.n_layers, self.nkv, context, self.hd), dtype=ACT)  # (L, kv, S, hd)
+        self.k_cache = np.zeros((slots, cfg.n_layers, self.nkv, context, self.hd), dtype=ACT)  # (slots, L, kv, S, hd)
         self.v_cache = np.zeros_like(self.k_cache)  # zeros: pages are only touched once written
         self.eps = cfg.rms_eps
         self.scale = ACT(cfg.scale)
@@ -93,7 +95,7 @@ class NumpyLayers:
 
     # ---- tensors at the seam ---------------------------------------------------------------
     @staticmethod
-    def hidden_from_numpy(h: np.ndarray) -> np.ndarray:
+    def hidden_from_numpy(h: np.ndarray, rows: Rows | None = None) -> np.ndarray:
         # A copy: h may be a read-only network buffer, and the residual stream is updated in place.
         return np.array(h, dtype=ACT)
 
@@ -114,24 +116,26 @@ class NumpyLayers:
         """A block's output summed over the ranks, (T, hidden), through the block's post-norm (gemma3)."""
         return self._norm(total, blk[name])
 
-    def _rope(self, x: np.ndarray, start: int, local: bool) -> np.ndarray:
-        """x: (T, heads, hd) f32, pairs (x[2j], x[2j+1]) -> rotated copy, same shape."""
+    def _rope(self, x: np.ndarray, pos: np.ndarray, local: bool) -> np.ndarray:
+        """x: (T, heads, hd) f32 at positions pos (T,), pairs (x[2j], x[2j+1]) -> rotated copy, same shape."""
         T, heads, hd = x.shape
         pairs = x.reshape(T, heads, hd // 2, 2)
         x0, x1 = pairs[..., 0], pairs[..., 1]
         cos, sin = self.rope[local]
-        cos, sin = cos[start : start + T, None, :], sin[start : start + T, None, :]  # (T, 1, hd/2)
+        cos, sin = cos[pos, None, :], sin[pos, None, :]  # (T, 1, hd/2)
         out = np.empty_like(pairs)
         out[..., 0] = x0 * cos - x1 * sin
         out[..., 1] = x0 * sin + x1 * cos
         return out.reshape(T, heads, hd)
 
     # ---- blocks ----------------------------------------------------------------------------
-    def attention(self, h: np.ndarray, blk: dict, layer: int, start: int) -> np.ndarray:
-        """h: (T, hidden) f32 -> this rank's partial attention output (T, hidden) f32."""
+    def attention(self, h: np.ndarray, blk: dict, layer: int, rows: Rows | int) -> np.ndarray:
+        """h: (T, hidden) f32 at rows (or one sequence's start position) -> this rank's partial attention
+        output (T, hidden) f32. Each run of rows attends only to its own KV slot, up to its positions."""
         T = h.shape[0]
-        nq, nkv, hd, g = self.nq, self.nkv, self.hd, self.group
-        end = start + T
+        rows = as_rows(rows, T)
+        rows.check(self.slots, self.context)
+        nq, nkv, hd = self.nq, self.nkv, self.hd
         qkv = blk["wqkv"](self._norm(h, blk["attn_norm"]))  # (T, q_dim + 2 kv_dim)
         bias = blk.get("bqkv")
         if bias is not None:
@@ -140,16 +144,26 @@ class NumpyLayers:
         if "q_norm" in blk:  # per-head RMSNorm over hd, before RoPE
             qk = np.concatenate([self._norm(qk[:, :nq], blk["q_norm"]), self._norm(qk[:, nq:], blk["k_norm"])], 1)
         local = self.cfg.is_local(layer)
-        qk = self._rope(qk, start, local)
-        kc, vc = self.k_cache[layer], self.v_cache[layer]  # (nkv, S, hd)
-        kc[:, start:end] = qk[:, nq:].transpose(1, 0, 2)
-        vc[:, start:end] = qkv[:, self.q_dim + self.kv_dim :].reshape(T, nkv, hd).transpose(1, 0, 2)
-        first = max(0, end - T + 1 - self.cfg.sliding_window) if local else 0  # no query sees keys before it
+        qk = self._rope(qk, rows.positions, local)
+        v_new = qkv[:, self.q_dim + self.kv_dim :].reshape(T, nkv, hd)
+        o = np.empty((T, self.q_dim), ACT)
+        for slot, start, count, first in zip(rows.slots, rows.starts, rows.counts, rows.first_rows):
+            run, end = slice(first, first + count), start + count
+            kc, vc = self.k_cache[slot, layer], self.v_cache[slot, layer]  # (nkv, S, hd)
+            kc[:, start:end] = qk[run, nq:].transpose(1, 0, 2)
+            vc[:, start:end] = v_new[run].transpose(1, 0, 2)
+            o[run] = self._attend(qk[run, :nq], kc, vc, start, end, local)
+        return blk["wo"](o)  # (T, hidden)
+
+    def _attend(self, q: np.ndarray, kc: np.ndarray, vc: np.ndarray, start: int, end: int, local: bool) -> np.ndarray:
+        """One run's queries q (T, nq, hd) at start..end over its slot's caches (nkv, S, hd) -> (T, q_dim)."""
+        T, g, hd = q.shape[0], self.group, self.hd
+        first = max(0, start + 1 - self.cfg.sliding_window) if local else 0  # no query sees keys before it
         k, v = kc[:, first:end], vc[:, first:end]  # (nkv, end - first, hd) views of the cache
         if self.kv_index is not None:
             k, v = k[self.kv_index], v[self.kv_index]  # (nq, end, hd)
         heads = k.shape[0]
-        q = (qk[:, :nq].transpose(1, 0, 2) * self.scale).reshape(heads, g * T, hd)  # (kv, g*T, hd)
+        q = (q.transpose(1, 0, 2) * self.scale).reshape(heads, g * T, hd)  # (kv, g*T, hd)
         scores = np.matmul(q, k.transpose(0, 2, 1))  # (kv, g*T, end - first)
         if T > 1:  # query i sits at position start + i and sees keys up to it (local: window - 1 before it)
             back = np.arange(start, end)[:, None] - np.arange(first, end)[None, :]  # (T, end - first)
@@ -161,8 +175,7 @@ class NumpyLayers:
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
         o = np.matmul(scores, v)  # (kv, g*T, hd)
-        o = o.reshape(nq, T, hd).transpose(1, 0, 2).reshape(T, self.q_dim)
-        return blk["wo"](o)  # (T, hidden)
+        return o.reshape(self.nq, T, hd).transpose(1, 0, 2).reshape(T, self.q_dim)
 
     def mlp(self, h: np.ndarray, blk: dict) -> np.ndarray:
         """h: (T, hidden) f32 -> this rank's partial MLP output (T, hidden) f32."""
@@ -179,9 +192,13 @@ class NumpyLayers:
         act *= up
         return blk["wdown"](act)
 
-    def logits(self, h: np.ndarray, glob: dict, all_positions: bool) -> np.ndarray:
-        """Final norm and this rank's vocabulary slice: (T or 1, vocab_local) float32 numpy."""
-        x = h if all_positions else h[-1:]
+    def logits(self, h: np.ndarray, glob: dict, rows: Rows | bool) -> np.ndarray:
+        """Final norm and this rank's vocabulary slice of the output rows (rows: the step's Rows, or
+        all_positions of one sequence): (n, vocab_local) float32 numpy."""
+        if isinstance(rows, Rows):
+            x = h[rows.output_rows] if rows.n_outputs < h.shape[0] else h
+        else:
+            x = h if rows else h[-1:]
         out = np.asarray(glob["lm_head"](self._norm(x, glob["norm"])), dtype=ACT)
         c = self.cfg.final_softcap
         return ACT(c) * np.tanh(out / ACT(c)) if c > 0 else out

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tpi.errors import TpiError
 from tpi.model.config import ModelConfig
 from tpi.model.blocks import EMBED, UNFUSED_PARTS
+from tpi.model.rows import Rows, as_rows
 from tpi.quant.kernel_forms import prepare_unfused
 from tpi.quant.kernels import get_backend
 
@@ -37,7 +39,13 @@ class TorchLayers:
 
     name = "torch"
 
-    def __init__(self, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...], context: int, threads: int | None):
+    slots = 1  # one KV cache: the torch backend runs one sequence at a time
+
+    def __init__(self, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...], context: int, threads: int | None,
+                 slots: int = 1):
+        if slots != 1:
+            raise TpiError(f"the torch backend runs one sequence at a time, not {slots} (--parallel); "
+                           "use --backend ggml or numpy, or --parallel 1")
         if threads:
             torch.set_num_threads(threads)
         self.cfg = cfg
@@ -87,7 +95,7 @@ class TorchLayers:
 
     # ---- tensors at the seam ---------------------------------------------------------------
     @staticmethod
-    def hidden_from_numpy(h: np.ndarray) -> torch.Tensor:
+    def hidden_from_numpy(h: np.ndarray, rows: Rows | None = None) -> torch.Tensor:
         # A copy: h may be a read-only network buffer, and the residual stream is updated in place.
         return torch.from_numpy(np.array(h, dtype=np.float32))
 
@@ -106,9 +114,11 @@ class TorchLayers:
         return torch.div(h * w, rms, out=out)
 
     # ---- blocks ----------------------------------------------------------------------------
-    def attention(self, h: torch.Tensor, blk: dict, layer: int, start: int) -> torch.Tensor:
-        """h: (T, hidden) f32 -> this rank's partial attention output (T, hidden) bf16."""
+    def attention(self, h: torch.Tensor, blk: dict, layer: int, rows: Rows | int) -> torch.Tensor:
+        """h: (T, hidden) f32 of one sequence in slot 0 (Rows, or its start) -> this rank's partial
+        attention output (T, hidden) bf16."""
         T = h.shape[0]
+        start = _one_sequence(as_rows(rows, T))
         if T == 1 and self.kv_index is None:
             return self._decode_block(h, blk, layer, start)
         nq, nkv, hd = self.nq, self.nkv, self.hd
@@ -163,7 +173,20 @@ class TorchLayers:
         inter = gu.shape[1] // 2
         return blk["wdown"](F.silu(gu[:, :inter]) * gu[:, inter:])
 
-    def logits(self, h: torch.Tensor, glob: dict, all_positions: bool) -> np.ndarray:
-        """Final norm and this rank's vocabulary slice: (T or 1, vocab_local) float32 numpy."""
-        x = h if all_positions else h[-1:]
+    def logits(self, h: torch.Tensor, glob: dict, rows: Rows | bool) -> np.ndarray:
+        """Final norm and this rank's vocabulary slice of the output rows (rows: the step's Rows, or
+        all_positions): (n, vocab_local) float32 numpy."""
+        if isinstance(rows, Rows):
+            _one_sequence(rows)
+            x = h[h.shape[0] - rows.n_outputs:]
+        else:
+            x = h if rows else h[-1:]
         return glob["lm_head"](self._norm(x, glob["norm"])).float().numpy()
+
+
+def _one_sequence(rows: Rows) -> int:
+    """The start of a step's one sequence in KV slot 0; TpiError for a batched step."""
+    if rows.slots != (0,):
+        raise TpiError("the torch backend runs one sequence at a time in KV slot 0; "
+                       "use --backend ggml or numpy to batch sequences (--parallel)")
+    return rows.starts[0]
