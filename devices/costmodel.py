@@ -287,9 +287,10 @@ class Prediction:
         return "network" if self.comm_per_token_s > slowest.compute_s else f"compute ({slowest.name})"
 
 
-def _step_comm_s(cfg: ModelConfig, shards: Sequence[RankShard], links: Sequence[LinkProfile],
-                 tokens: int, params: CostParams) -> tuple[float, float]:
-    """(communication seconds for one step of `tokens` tokens, one allreduce of that step)."""
+def step_comm_s(cfg: ModelConfig, shards: Sequence[RankShard], links: Sequence[LinkProfile],
+                 tokens: int, params: CostParams, logit_rows: int = 1) -> tuple[float, float]:
+    """(communication seconds for one step of `tokens` tokens returning logit_rows rows of logits,
+    one allreduce of that step)."""
     n = len(links)
     if n <= 1:
         return 0.0, 0.0
@@ -300,7 +301,7 @@ def _step_comm_s(cfg: ModelConfig, shards: Sequence[RankShard], links: Sequence[
     broadcast = max_half_rtt + (n - 1) * (4 * values / master_bw + params.message_overhead_s)
     one = (allreduce_star_s(values * WIRE_BYTES[params.wire_dtype], links, params)
            + wire_convert_s(values, n, params.wire_dtype))
-    logit_bytes = sum(len(s.vocab) for s in shards[1:]) * params.logit_bytes_per_elem
+    logit_bytes = logit_rows * sum(len(s.vocab) for s in shards[1:]) * params.logit_bytes_per_elem
     gather = max_half_rtt + logit_bytes / master_bw + (n - 1) * params.message_overhead_s
     return broadcast + 2 * cfg.n_layers * one + gather, one
 
@@ -318,8 +319,8 @@ def predict(cfg: ModelConfig, shards: Sequence[RankShard], profiles: Sequence[De
     window_cache, when given, memoises window plans across calls (a planner scores many groups).
     """
     assert len(shards) == len(profiles) == len(links) == len(budgets), "one shard, profile, link, budget per rank"
-    comm_tok, one_ar = _step_comm_s(cfg, shards, links, 1, params)
-    comm_prefill, _ = _step_comm_s(cfg, shards, links, params.prompt_tokens, params)
+    comm_tok, one_ar = step_comm_s(cfg, shards, links, 1, params)
+    comm_prefill, _ = step_comm_s(cfg, shards, links, params.prompt_tokens, params)
     ranks = []
     for shard, prof, budget in zip(shards, profiles, budgets):
         load = rank_load(cfg, shard, params)
