@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ import numpy as np
 from tpi.errors import TpiError
 from tpi.master.acceptance import Dist
 from tpi.master.sampler import SamplingParams, distribution
+from tpi.model.config import PREFILL_CHUNK
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,7 @@ class DraftModel:
     @classmethod
     def open(cls, path: str, target_tokenizer, context: int, threads: int | None, backend: str = "auto") -> "DraftModel":
         """Load the draft model on this device and check its vocabulary against the target's."""
-        from pathlib import Path
-
+        # here, not at the top: setup builds the speculator, so it imports this module
         from tpi.master.options import EngineOptions
         from tpi.master.setup import build_local_engine
 
@@ -117,8 +118,6 @@ class DraftModel:
 
     def _catch_up(self, history: Sequence[int]) -> np.ndarray:
         """Logits after the whole history: computes only what the draft's cache lacks (at least the last token)."""
-        from tpi.model.config import PREFILL_CHUNK
-
         eng = self.engine
         common = 0
         for a, b in zip(eng.cached, history):

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tpi.errors import TpiError
+from tpi.master.speculation import SpeculationOptions
 from tpi.transport.wire import REDUCE_DTYPES
 
 
@@ -51,8 +52,6 @@ class GroupOptions:
 
     @property
     def speculation(self):
-        from tpi.master.speculation import SpeculationOptions
-
         return SpeculationOptions(self.speculate, self.draft)
 
     @property

@@ -23,6 +23,7 @@ import numpy as np
 
 from tpi.errors import TpiError
 from tpi.master.acceptance import verify
+from tpi.master.drafters import DraftModel, PromptLookup
 from tpi.master.sampler import SamplingParams, sample, token_rng
 
 MODES = ("auto", "off", "lookup")
@@ -215,8 +216,6 @@ class Speculator:
 
 def build_speculator(opts: SpeculationOptions, engine, threads: int | None = None, backend: str = "auto"):
     """The Speculator for these options on this engine (None when off); loads a draft model if named."""
-    from tpi.master.drafters import DraftModel, PromptLookup
-
     if opts.mode == "off":
         return None
     drafter = (DraftModel.open(opts.draft, engine.tokenizer, engine.context, threads, backend)

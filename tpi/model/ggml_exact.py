@@ -2,8 +2,8 @@
 
 A verify pass of speculative decoding runs k+1 decode positions in one forward; greedy output stays
 token for token plain decoding's only if each row computes what the one-token step would. ggml
-chooses kernels by row count, so a plain batched pass does not (ggml 0.25.3, ggml-cpu; measured
-with random weights of each type against row-by-row calls, tests/test_ggml_exact.py):
+chooses kernels by row count, so a plain batched pass does not (ggml 0.25.3, ggml-cpu; read in its
+sources and measured against row-by-row calls; tests/test_ggml_exact.py holds F16 and Q4_K_M to it):
 
 - mul_mat on F32 / F16 / BF16 and unrepacked IQ4_NL weights goes to llamafile's tinyBLAS at 2 rows
   or more (ggml-cpu.c, llamafile/sgemm.cpp), which sums in another order than ggml's vec_dot.
@@ -18,9 +18,10 @@ with random weights of each type against row-by-row calls, tests/test_ggml_exact
   split the bucket sets the chunk bounds.
 
 So an exact pass splits each mul_mat into row chunks that take the one-row kernel (`rows_per_call`),
-and runs flash attention once per row over that row's own n_kv, as a decode would. Everything else
-(norms, RoPE, set_rows, SwiGLU, adds) is computed row by row anyway. Weights are still read once
-per chunk, not once per row, except for the float types.
+and runs flash attention once per row over that row's own n_kv, as a decode would (one attention
+run per row: tpi.model.ggml_steps.step_shape). Everything else (norms, RoPE, set_rows, SwiGLU,
+adds) is computed row by row anyway. Weights are still read once per chunk, not once per row,
+except for the float types.
 """
 from __future__ import annotations
 
@@ -63,7 +64,3 @@ def mul_mat(ctx: Context, w, x: Tensor, exact: bool) -> Tensor:
         out = part if out is None else ctx.concat(out, part, 1)
     return out
 
-
-def decode_kv(position: int, context: int, bucket: int) -> int:
-    """Cache rows a decode step at `position` attends over: its end rounded up to the bucket."""
-    return min(context, -(-(position + 1) // bucket) * bucket)
