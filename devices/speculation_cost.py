@@ -15,7 +15,7 @@ from tpi.devices.costmodel import step_comm_s
 
 ASSUMED_ACCEPTANCE = 0.7  # per draft: prompt lookup on prompt-grounded work (edits, code, summaries)
 ROW_COST = 0.15  # extra compute per verified row, fraction of a one-row step (int4 decode is memory-bound)
-MAX_DRAFT = 8  # tpi.master.speculation.MAX_DRAFT
+MAX_DRAFT = 8  # drafted tokens per step at most (tpi.master.speculation; --speculate lookup drafts this many)
 
 
 def expected_tokens(acceptance: float, k: int) -> float:

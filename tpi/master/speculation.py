@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tpi.devices.speculation_cost import MAX_DRAFT, expected_tokens  # the planner's model of the same steps
 from tpi.errors import TpiError
 from tpi.master.acceptance import verify
 from tpi.master.drafters import DraftModel, PromptLookup
 from tpi.master.sampler import SamplingParams, sample, token_rng
 
 MODES = ("auto", "off", "lookup")
-MAX_DRAFT = 8  # drafted tokens per verify pass at most (the default; --speculate lookup uses it as is)
 PROBE_EVERY = 16
 PRIOR_ACCEPT = (0.5, 4.0)  # (rate, weight in trials) before anything is measured
 DECAY = 0.95  # weight kept per new trial: the rate follows the last ~20 trials
@@ -47,14 +47,7 @@ class SpeculationOptions:
             raise TpiError(f"--draft needs --speculate auto (it is {self.mode}): a draft model's k adapts "
                            "to its acceptance; drop --draft for prompt lookup")
         if not 1 <= self.max_draft <= 64:
-            raise TpiError(f"at most {self.max_draft} drafted tokens per pass: use 1 to 64")
-
-
-def expected_tokens(accept: float, k: int) -> float:
-    """Tokens one verify pass of k drafts yields when each draft is kept with probability accept."""
-    if accept >= 1.0:
-        return k + 1.0
-    return (1.0 - accept ** (k + 1)) / (1.0 - accept)
+            raise TpiError(f"{self.max_draft} drafted tokens per step is out of range: use 1 to 64")
 
 
 def best_k(accept: float, t1: float, row_s: float, draft_s: float, max_k: int) -> int:
