@@ -40,14 +40,20 @@ def test_expected_tokens_and_best_k():
 def test_policy_turns_speculation_off_when_drafts_miss_and_back_on():
     policy = KPolicy(8)
     assert policy.choose(8) == 0  # a plain forward is measured first
+    policy.record_plain(0.100)  # the first step of a shape builds its graphs: not a cost sample
+    assert policy.choose(8) == 0
     policy.record_plain(0.010)
     for _ in range(30):
         policy.record_verify(4, 0, 0.014, 0.0)
     assert policy.choose(8) == 0
+    for _ in range(16):
+        policy.record_plain(0.010)
+    assert policy.choose(8) == 1  # a probe now and then re-measures the costs
     for _ in range(60):
         policy.record_shadow(True)
     assert policy.choose(8) > 0
-    assert KPolicy(5, adaptive=False).choose(8) == 5
+    assert policy.choose(3) == 2  # step sizes 1, 2, 4, 8: few graph shapes
+    assert KPolicy(5, adaptive=False).choose(8) == 4
 
 
 def test_options_refuse_bad_input():

@@ -1,6 +1,6 @@
 """Drafters of speculative decoding: guess the next k tokens cheaply, on the master alone.
 
-- `PromptLookup` (the default): the last n tokens (n = 4 down to 2) matched against everything
+- `PromptLookup` (the default): the last n tokens (n = 8 down to 2) matched against everything
   before them, prompt included, and the tokens that followed the most recent match proposed. No
   second model; it pays on prompt-grounded work (edits, summaries, code) and proposes nothing
   where the text does not repeat.
@@ -37,7 +37,7 @@ class PromptLookup:
 
     name = "lookup"
 
-    def __init__(self, max_n: int = 4, min_n: int = 2):
+    def __init__(self, max_n: int = 8, min_n: int = 2):
         assert 1 <= min_n <= max_n
         self.max_n, self.min_n = max_n, min_n
         self._seq: list[int] = []

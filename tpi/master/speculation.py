@@ -56,6 +56,11 @@ def best_k(accept: float, t1: float, row_s: float, draft_s: float, max_k: int) -
     return int(np.argmax(rates))
 
 
+def _step_size(k: int) -> int:
+    """k rounded down to 0, 1, 2, 4 or 8: few step shapes, so their graphs stay built (tpi.model.layers_ggml)."""
+    return 1 << (k.bit_length() - 1) if k > 0 else 0
+
+
 class KPolicy:
     """Measured acceptance and forward costs -> the next k (fixed at max_k when not adaptive)."""
 
@@ -66,6 +71,7 @@ class KPolicy:
         self.row_s: float | None = None
         self.draft_s = 0.0
         self.plain_streak = 0
+        self._timed: set[int] = set()  # row counts seen once: the first step of a shape builds its graphs
 
     @property
     def acceptance(self) -> float:
@@ -81,25 +87,42 @@ class KPolicy:
         if available <= 0:
             return 0
         if not self.adaptive:
-            return min(self.max_k, available)
+            return _step_size(min(self.max_k, available))
         if self.t1 is None:
             return 0  # measure a plain forward first
-        row_s = self.row_s if self.row_s is not None else PRIOR_ROW_COST * self.t1
-        return best_k(self.acceptance, self.t1, row_s, self.draft_s, min(self.max_k, available))
+        k = best_k(self.acceptance, self.t1, self._row_s, self.draft_s, min(self.max_k, available))
+        if k == 0 and self.plain_streak >= PROBE_EVERY:
+            k = 1  # costs re-measured now and then: one slow step must not keep speculation off for good
+        return _step_size(k)
+
+    @property
+    def _row_s(self) -> float:
+        return self.row_s if self.row_s is not None else PRIOR_ROW_COST * self.t1
+
+    def _first_of_shape(self, rows: int) -> bool:
+        """Whether a step of this many rows is the first one timed (it built its graphs: not a cost sample)."""
+        first = rows not in self._timed
+        self._timed.add(rows)
+        return first
 
     def record_plain(self, seconds: float) -> None:
-        self.t1 = seconds if self.t1 is None else 0.8 * self.t1 + 0.2 * seconds
         self.plain_streak += 1
+        if self._first_of_shape(1):
+            return
+        # a slow outlier (another process, a graph rebuilt) moves the estimate at most 2x up per step
+        seconds = seconds if self.t1 is None else min(seconds, 2 * self.t1)
+        self.t1 = seconds if self.t1 is None else 0.8 * self.t1 + 0.2 * seconds
 
     def record_verify(self, k: int, accepted: int, seconds: float, draft_seconds: float) -> None:
         """A verify pass of k drafts kept `accepted` of them (a rejection ends the trials)."""
         self._trial(accepted, accepted + (accepted < k))
         self.plain_streak = 0
-        if self.t1 is not None:
-            extra = max(0.0, seconds - self.t1) / k
-            self.row_s = extra if self.row_s is None else 0.8 * self.row_s + 0.2 * extra
-        per = draft_seconds / k
-        self.draft_s = 0.8 * self.draft_s + 0.2 * per
+        self.draft_s = 0.8 * self.draft_s + 0.2 * draft_seconds / k
+        if self.t1 is None or self._first_of_shape(k + 1):
+            return
+        seconds = min(seconds, 2 * (self.t1 + k * self._row_s))
+        extra = max(0.0, seconds - self.t1) / k
+        self.row_s = extra if self.row_s is None else 0.8 * self.row_s + 0.2 * extra
 
     def record_shadow(self, hit: bool) -> None:
         """A draft that was not verified, scored against the token that came instead."""
@@ -168,8 +191,6 @@ class Speculator:
             k = self.policy.choose(len(draft.tokens))
         else:
             k = self.policy.choose(room)
-            if k == 0 and room > 0 and self.policy.plain_streak >= PROBE_EVERY:
-                k = 1
             if k > 0:
                 draft = self.drafter.propose(history, k, params, lambda j: token_rng(seed, n + j, 1))
                 k = len(draft.tokens)
@@ -187,7 +208,8 @@ class Speculator:
             seconds = time.perf_counter() - t0
             dists = None if draft.dists is None else draft.dists[:k]
             verdict = verify(rows, drafts, params, history, lambda j: token_rng(seed, n + j), dists)
-            engine.truncate(n + verdict.accepted)  # rejected drafts' keys/values are overwritten by position
+            if verdict.accepted < k:  # rejected drafts' keys/values: dropped on every rank, overwritten next
+                engine.truncate(n + verdict.accepted)
             self.policy.record_verify(k, verdict.accepted, seconds, draft.seconds)
             stats_now.drafted, stats_now.accepted = k, verdict.accepted
             tokens = list(verdict.tokens)

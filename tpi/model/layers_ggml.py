@@ -36,7 +36,8 @@ from tpi.quant.ggml_stream import (copied_repacked, drop, mapped_repacked, page_
 
 ACT = np.float32
 KEEP_ROWS = 16  # steps of up to this many rows keep their graphs (decode rows, speculative checks)
-KEPT_SHAPES = 2  # graphs kept per block and kind (and step inputs kept, x2): the current shape and the last
+KEPT_SHAPES = 4  # graphs kept per block and kind (and step inputs kept, x2), least recently used dropped:
+# a decode step and the speculative checks between them (tpi.master.speculation: 2, 3, 5 or 9 rows)
 
 
 # The rows of each q/k-bearing tensor in rotate-half order (BlockSpec.rotate_half_rows is for q|k|v;
@@ -271,13 +272,14 @@ class GgmlLayers:
         """Compute a block's graph: kept on the block for a small step, once-used (output copied) otherwise."""
         if inputs.tokens <= KEEP_ROWS:
             key = (kind, inputs.serial)
-            graph = blk.graphs.get(key)
+            graph = blk.graphs.pop(key, None)  # re-inserted below: the dict's order is least recent first
             if graph is None:
                 same = [k for k in blk.graphs if k[0] == kind]
                 for stale in same[:max(0, len(same) - KEPT_SHAPES + 1)]:
                     del blk.graphs[stale]  # an older step shape (n_kv bucket, slots)
                 ctx = Context(ops, graph_size=2 * ops + 16)
-                graph = blk.graphs[key] = Graph(ctx, [build(ctx)], [shape])
+                graph = Graph(ctx, [build(ctx)], [shape])
+            blk.graphs[key] = graph
             self.runtime.compute(graph)
             return graph.outputs[0]
         ctx = Context(ops, graph_size=2 * ops + 16)
@@ -338,13 +340,13 @@ class GgmlLayers:
             graph = Graph(ctx, [out], [(rows_out, vocab)], galloc=self._shared.ptr)
             self.runtime.compute(graph)
             return graph.outputs[0][:n_out].copy()
-        cached = self._whole.get(inputs.serial)
+        cached = self._whole.pop(inputs.serial, None)  # re-inserted below: least recent first
         if cached is None or cached[0] is not blocks:
-            self._whole.pop(inputs.serial, None)
             while len(self._whole) >= KEPT_SHAPES:
                 self._whole.pop(next(iter(self._whole)))  # its compute buffer goes before the next one is made
             ctx, out = self._whole_graph(blocks, step)
-            cached = self._whole[inputs.serial] = (blocks, Graph(ctx, [out], [(rows_out, vocab)]))
+            cached = (blocks, Graph(ctx, [out], [(rows_out, vocab)]))
+        self._whole[inputs.serial] = cached
         self.runtime.compute(cached[1])
         return cached[1].outputs[0][:n_out].copy()
 
