@@ -3,7 +3,7 @@
 Speculative decoding keeps greedy output token for token plain decoding's only if this holds. ggml
 picks kernels by row count (tpi.model.ggml_exact), so the reference is the engine's own decode path
 run one token at a time; an F16 model (tinyBLAS at >= 2 rows) and a Q4_K_M one (the tiled K-quant
-kernel at >= 8 rows, repacked Q4_K gemm) at 2 threads, with rows on both sides of a KV bucket edge
+kernel at >= 8 rows, repacked Q4_K gemm; and gemma3's sliding-window layers) at 2 threads, with rows on both sides of a KV bucket edge
 and past 512 cache rows (flash attention's split-KV path for one query row).
 """
 from __future__ import annotations
@@ -21,11 +21,12 @@ ROWS = 9  # a verify pass of 8 drafts: past the tiled kernel's 8-row threshold
 
 
 @pytest.fixture(scope="module")
-def exact_models(tiny_gguf, tiny_dir: Path) -> dict[str, Path]:
+def exact_models(tiny_gguf, family_gguf, tiny_dir: Path) -> dict[str, Path]:
     pytest.importorskip("llama_cpp")
     base = dict(arch="llama", hidden=256, intermediate=512, n_heads=4, n_kv_heads=2, context=1024)
     f16 = tiny_gguf(weight_type="F16", **base)
-    return {"F16": f16, "Q4_K_M": quantize_with_llama_cpp(f16, tiny_dir / "exact-q4km.gguf", "Q4_K_M")}
+    return {"F16": f16, "Q4_K_M": quantize_with_llama_cpp(f16, tiny_dir / "exact-q4km.gguf", "Q4_K_M"),
+            "gemma3 Q4_K_M": family_gguf("gemma3", q4_k_m=True)}  # sliding-window masks, post-norms
 
 
 def decode_rows(engine, history: list[int], tokens: list[int]) -> np.ndarray:
@@ -33,7 +34,7 @@ def decode_rows(engine, history: list[int], tokens: list[int]) -> np.ndarray:
     return np.stack([engine.forward([t], len(history) + i)[-1] for i, t in enumerate(tokens)])
 
 
-@pytest.mark.parametrize("ftype", ["F16", "Q4_K_M"])
+@pytest.mark.parametrize("ftype", ["F16", "Q4_K_M", "gemma3 Q4_K_M"])
 def test_exact_rows_are_decode_steps(ftype, exact_models, tmp_path):
     group = start_group(GroupOptions(model=str(exact_models[ftype]), context=1024, threads=2, backend="ggml",
                                      config_dir=tmp_path / "config", cache_dir=tmp_path / "cache"))
