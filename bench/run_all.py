@@ -57,6 +57,8 @@ BENCHMARKS = (
     Benchmark("tp_llama08b", "tp.py", ("--insecure", "--synthetic", "llama-0.8b", "--wires", "f32,int8",
                                        "--delays-ms", "", "--tokens", "16", "--rounds", "2"),
               "tensor-parallel decode of a random 0.8B Llama-shaped Q4_0: 1 device vs N=2 on loopback"),
+    Benchmark("tp_speculation", "tp.py", ("--speculation", "--backend", "ggml", "--tokens", "160", "--rounds", "3"),
+              "speculative decoding (prompt lookup, --speculate auto vs off): 1 device and N=2 via a 1 ms proxy"),
     Benchmark("memory", "memory.py", (), "peak RSS per device against the budget (torch)"),
     Benchmark("memory_ggml", "memory.py", ("--backend", "ggml", "--repeats", "3"),
               "peak RSS per device against the budget (ggml)"),
