@@ -192,7 +192,8 @@ def render_speculation(plan: GroupPlan, acceptance: float = ASSUMED_ACCEPTANCE) 
             " (assumed)" if a == acceptance else "")
         table.add_row(f"{a:.0%}", str(e.k), f"{e.tokens_per_step:.2f}", f"{e.step_s * 1e3:.1f}",
                       f"{e.token_s * 1e3:.1f}", mark)
-    table.caption = speculation_assumptions()
+    duplex = "wired, full duplex (--wired)" if plan.prediction.params.master_full_duplex else "one direction at a time"
+    table.caption = (f"{plan.wire_dtype} on the wire, the master's link {duplex}; " + speculation_assumptions())
     return table
 
 
@@ -222,7 +223,8 @@ def plan_json(plan: GroupPlan, acceptance: float = ASSUMED_ACCEPTANCE) -> dict[s
 
 def plan_command(model: str | ModelConfig, devices_path: Path | str, *, weight_format: str = "int4",
                  context: int = 2048, prompt_tokens: int = 128, allow_streaming: bool = True,
-                 wire_dtype: str | None = None, weights: WeightProfile | None = None) -> GroupPlan:
+                 wire_dtype: str | None = None, weights: WeightProfile | None = None,
+                 master_full_duplex: bool = False) -> GroupPlan:
     """Plan MODEL (a shape name or a ModelConfig) on the devices in a TOML file (`tpi plan` prints it).
 
     weights: the model file's own types (bytes per weight and column blocks); None: weight_format's.
@@ -230,7 +232,7 @@ def plan_command(model: str | ModelConfig, devices_path: Path | str, *, weight_f
     cfg = model_shape(model) if isinstance(model, str) else model
     devices = load_devices_file(devices_path)
     params = CostParams(weight_format=weight_format, context=context, prompt_tokens=prompt_tokens,
-                        kv_position=min(context, 512), weights=weights)
+                        kv_position=min(context, 512), weights=weights, master_full_duplex=master_full_duplex)
     return plan_group(cfg, devices, params, allow_streaming=allow_streaming, wire_dtype=wire_dtype)
 
 

@@ -40,6 +40,7 @@ def plan(
     no_streaming: Annotated[bool, typer.Option("--no-streaming", help="refuse plans that stream weights from disk")] = False,
     wire_dtype: WireDtype = None,
     acceptance: Annotated[float, typer.Option("--acceptance", help="assumed share of drafted tokens the model keeps, for the speculative-decoding rows (measured: tpi run --stats, spec_acceptance)")] = 0.7,
+    wired: Annotated[bool, typer.Option("--wired", help="the master's link is wired full duplex (sends and receives at once); default: Wi-Fi, one direction at a time")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan and prediction as JSON (for scripts)")] = False,
 ) -> None:
     """Will MODEL run on these devices, and how fast? Prints the plan and predictions; loads no weights."""
@@ -57,7 +58,7 @@ def plan(
     cfg, file_format, profile = load_model_config(model)
     planned = plan_command(cfg, devices, weight_format=weights or file_format or "int4", context=context,
                            prompt_tokens=prompt_tokens, allow_streaming=not no_streaming, wire_dtype=wire_dtype,
-                           weights=None if weights else profile)
+                           weights=None if weights else profile, master_full_duplex=wired)
     if as_json:
         typer.echo(json.dumps(plan_json(planned, acceptance), indent=1))
     else:
