@@ -5,17 +5,20 @@ drafted tokens and always yields at least one token of the target's own turns ac
 tokens for free. `Speculator.step` is one decode forward: plain (k = 0) or a verify pass.
 
 k adapts (`--speculate auto`): `KPolicy` keeps the measured acceptance rate a (exponentially
-weighted) and the measured cost of a forward, t(r) = t1 + (r - 1) dt for r rows, and picks the k
-with the most expected tokens per second, E(k) / (t1 + k dt + k d), E(k) = 1 + a + ... + a^k
-(accepting each draft with probability a; d = drafting cost per token). k = 0 is plain decoding:
-chosen whenever no k pays, e.g. on open-ended text where lookups rarely match. While it speculates
-nothing, prompt lookup is still consulted (it costs microseconds) and its first guess scored
-against the token that came, so the rate stays measured and speculation comes back when the text
-starts repeating; a draft model, costlier, is probed with k = 1 every PROBE_EVERY plain steps.
+weighted) and the measured cost of a step, t(r) = t1 + (r - 1) dt for r rows (medians of the last
+few steps; the first step of a shape builds its graphs and is no sample), and picks the k in 0, 1,
+2, 4, 8 with the most expected tokens per second, E(k) / (t1 + k dt + k d), E(k) = 1 + a + ... +
+a^k (each draft kept with probability a; d = drafting cost per token), when that beats plain
+decoding by GAIN_MARGIN. k = 0 is plain decoding: chosen whenever no k pays, e.g. on open-ended
+text where lookups rarely match, or on one CPU device where an extra row costs nearly a whole
+step. While it speculates nothing, prompt lookup is still consulted (it costs microseconds) and its
+first guess scored against the token that came, so the rate stays measured; every PROBE_EVERY
+plain steps one k = 1 step re-measures the costs.
 """
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +35,8 @@ PROBE_EVERY = 16
 PRIOR_ACCEPT = (0.5, 4.0)  # (rate, weight in trials) before anything is measured
 DECAY = 0.95  # weight kept per new trial: the rate follows the last ~20 trials
 PRIOR_ROW_COST = 0.25  # extra rows cost this fraction of a one-row forward each until measured
+COST_SAMPLES = 9  # step times kept: their median is the estimate
+GAIN_MARGIN = 1.1  # speculate only where it predicts at least this many times plain decoding's tokens/s
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,8 @@ class KPolicy:
     def __init__(self, max_k: int, adaptive: bool = True):
         self.max_k, self.adaptive = max_k, adaptive
         self.hits, self.trials = PRIOR_ACCEPT[0] * PRIOR_ACCEPT[1], PRIOR_ACCEPT[1]
-        self.t1: float | None = None
-        self.row_s: float | None = None
+        self._plain: deque[float] = deque(maxlen=COST_SAMPLES)  # seconds of recent plain steps
+        self._rows: deque[float] = deque(maxlen=COST_SAMPLES)  # extra seconds per row of recent verify steps
         self.draft_s = 0.0
         self.plain_streak = 0
         self._timed: set[int] = set()  # row counts seen once: the first step of a shape builds its graphs
@@ -91,9 +96,21 @@ class KPolicy:
         if self.t1 is None:
             return 0  # measure a plain forward first
         k = best_k(self.acceptance, self.t1, self._row_s, self.draft_s, min(self.max_k, available))
+        if k > 0 and expected_tokens(self.acceptance, k) / (self.t1 + k * (self._row_s + self.draft_s)) \
+                < GAIN_MARGIN / self.t1:
+            k = 0  # a predicted gain within the noise of the measurements is no gain
         if k == 0 and self.plain_streak >= PROBE_EVERY:
             k = 1  # costs re-measured now and then: one slow step must not keep speculation off for good
         return _step_size(k)
+
+    @property
+    def t1(self) -> float | None:
+        """Seconds of a plain step: the median of the recent ones (a slow outlier moves no median)."""
+        return float(np.median(self._plain)) if self._plain else None
+
+    @property
+    def row_s(self) -> float | None:
+        return float(np.median(self._rows)) if self._rows else None
 
     @property
     def _row_s(self) -> float:
@@ -107,22 +124,16 @@ class KPolicy:
 
     def record_plain(self, seconds: float) -> None:
         self.plain_streak += 1
-        if self._first_of_shape(1):
-            return
-        # a slow outlier (another process, a graph rebuilt) moves the estimate at most 2x up per step
-        seconds = seconds if self.t1 is None else min(seconds, 2 * self.t1)
-        self.t1 = seconds if self.t1 is None else 0.8 * self.t1 + 0.2 * seconds
+        if not self._first_of_shape(1):
+            self._plain.append(seconds)
 
     def record_verify(self, k: int, accepted: int, seconds: float, draft_seconds: float) -> None:
         """A verify pass of k drafts kept `accepted` of them (a rejection ends the trials)."""
         self._trial(accepted, accepted + (accepted < k))
         self.plain_streak = 0
         self.draft_s = 0.8 * self.draft_s + 0.2 * draft_seconds / k
-        if self.t1 is None or self._first_of_shape(k + 1):
-            return
-        seconds = min(seconds, 2 * (self.t1 + k * self._row_s))
-        extra = max(0.0, seconds - self.t1) / k
-        self.row_s = extra if self.row_s is None else 0.8 * self.row_s + 0.2 * extra
+        if self.t1 is not None and not self._first_of_shape(k + 1):
+            self._rows.append(max(0.0, seconds - self.t1) / k)
 
     def record_shadow(self, hit: bool) -> None:
         """A draft that was not verified, scored against the token that came instead."""
