@@ -8,21 +8,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tpi.scheduler.overhead import peak_rss_bytes  # noqa: F401 (re-exported: the benchmarks' one reader)
+
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
-
-
-def peak_rss_bytes(pid: int | None = None) -> int:
-    """VmHWM (peak resident set) of a live process; this one when pid is None. 0 if unreadable."""
-    status = Path(f"/proc/{pid or 'self'}/status")
-    try:
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass  # the process is gone or /proc is absent: report 0 rather than guess
-    return 0
 
 
 def machine_info() -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,34 +26,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import run_proxy, smoke_model  # noqa: E402
+
+from tpi.scheduler.overhead import peak_rss_bytes  # noqa: E402
+from tpi.transport.keeper import free_port_pair  # noqa: E402
 PROMPT = ("Tensor parallelism splits every layer of a language model across several devices, "
           "so that each one computes a share of the heads and of the MLP. Explain how")
 MB = 1 << 20
-
-
-def free_port_pair() -> int:
-    """A port P with P and P+1 both free on 127.0.0.1 (the master binds control P, data P+1)."""
-    for _ in range(50):
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            try:
-                b.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no two adjacent free ports on 127.0.0.1")
-
-
-def peak_rss(pid: int | None = None) -> int:
-    """VmHWM of a live process (this one when pid is None); 0 when unreadable."""
-    try:
-        for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass  # the process is gone: report 0 rather than guess
-    return 0
 
 
 # ---- one configuration (child process) ---------------------------------------------------
@@ -152,7 +129,7 @@ def run_config(cfg: dict) -> dict:
             group = box["group"]
         try:
             result = measure(group.engine, cfg["tokens"])
-            result["rss"] = [peak_rss()] + ([peak_rss(worker_pid)] if worker_pid else [])
+            result["rss"] = [peak_rss_bytes()] + ([peak_rss_bytes(worker_pid)] if worker_pid else [])
         finally:
             group.close()
         if len(helpers) == 2:

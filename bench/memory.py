@@ -34,7 +34,7 @@ import numpy as np
 
 BENCH = Path(__file__).parent
 sys.path.insert(0, str(BENCH))
-from common import machine_info, print_machine, print_table  # noqa: E402
+from common import machine_info, peak_rss_bytes, print_machine, print_table  # noqa: E402
 
 MB = 1 << 20
 LLAMA2_7B = dict(hidden=4096, intermediate=11008, heads=32, kv_heads=32)
@@ -94,13 +94,6 @@ def write_model(path: Path, shapes: dict, layers: int, vocab: int, context: int)
 
 # ---------------------------------------------------------------- one configuration (child process)
 
-def peak_rss(pid: int | str = "self") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def run_config(cfg: dict) -> dict:
     """Start the group, prefill, time decode steps; streaming figures over the decode steps."""
     import functools
@@ -123,7 +116,7 @@ def run_config(cfg: dict) -> dict:
         e = group.engine
         weights = e.model.weights
         logits, _ = e.prefill(list(range(3, 3 + cfg["prompt"])))
-        stats = getattr(weights, "token_stats", lambda: {})
+        stats = weights.token_stats  # resident and streamed weights both have it
         stats()  # the interval starts at the first decode step
         times, tok, pos = [], int(np.argmax(logits)), cfg["prompt"]
         for _ in range(cfg["tokens"]):
@@ -138,7 +131,7 @@ def run_config(cfg: dict) -> dict:
                 "bytes_read_per_token": s.get("bytes_read_per_token", 0),
                 "pinned": len(plan.pinned) if plan else None, "streamed": len(plan.streamed) if plan else 0,
                 "window": plan.window if plan else 0, "plan": plan.describe() if plan else "all pinned",
-                "peak_rss": peak_rss(), "worker_peak_rss": peak_rss(group.procs[0].pid) if workers else 0}
+                "peak_rss": peak_rss_bytes(), "worker_peak_rss": peak_rss_bytes(group.procs[0].pid) if workers else 0}
     finally:
         group.close()
 

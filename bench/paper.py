@@ -78,7 +78,7 @@ def _measure_engine(engine, ids: list[int], tokens: int) -> tuple[float, float, 
     t = time.perf_counter()
     logits = engine.forward(ids, 0)
     ttft = time.perf_counter() - t
-    stream_stats = getattr(engine.model.weights, "token_stats", dict)
+    stream_stats = engine.model.weights.token_stats
     stream_stats()  # reset: the decode steps only
     per_token, pos = [], len(ids)
     for _ in range(tokens):

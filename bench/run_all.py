@@ -45,6 +45,8 @@ BENCHMARKS = (
     Benchmark("single_device_qwen2", "single_device.py", ("--synthetic", "qwen2-1.5b", "--qtype", "Q4_K_M",
                                                           "--rounds", "5", "--backends", "ggml,torch"),
               "tpi (ggml, torch) vs llama-cpp-python, synthetic Qwen2-1.5B-shaped Q4_K_M (llama.cpp's mix)"),
+    Benchmark("families", "families.py", ("--threads", "1", "--rounds", "7"),
+              "tpi ggml vs llama-cpp-python on the issue-19 families: Gemma 3 270M, random Qwen3 (0.6B widths)"),
     # 1 thread: on a shared 2-core machine a 2-thread profile mostly measures threads waiting for a
     # descheduled one; the split by category is what this table is for.
     Benchmark("profile", "profile_decode.py", ("--threads", "1"),

@@ -184,15 +184,19 @@ def main() -> None:
     if args.smoke:
         args.rounds, args.prompt, args.decode = 1, 16, 4
     rows = run(args.model, args.threads, args.rounds, args.prompt, args.decode, tuple(args.backends.split(",")))
-    info = machine_info()
     print_table(
         f"Single device: {Path(args.model).name}, {args.threads} threads, prompt {args.prompt}, decode {args.decode}",
-        ["engine", "prefill tok/s", "ratio", "decode tok/s", "ratio", "TTFT ms", "speedup"],
-        rows,
-        notes=[f"medians of {args.rounds} alternating rounds, each engine in its own process; "
-               "ratio = engine / llama.cpp (flash attention off, llama-cpp-python's default)",
-               f"machine: {info}", "command: python bench/single_device.py " + " ".join(sys.argv[1:])],
-    )
+        COLUMNS, rows, notes=run_notes(args.rounds, "single_device.py"))
+
+
+COLUMNS = ["engine", "prefill tok/s", "ratio", "decode tok/s", "ratio", "TTFT ms", "speedup"]  # of run()'s rows
+
+
+def run_notes(rounds: int, script: str) -> list[str]:
+    """What a table of run()'s rows needs said under it: the method, the machine, the command."""
+    return [f"medians of {rounds} alternating rounds, each engine in its own process; "
+            "ratio = engine / llama.cpp (flash attention off, llama-cpp-python's default), paired per round",
+            f"machine: {machine_info()}", f"command: python bench/{script} " + " ".join(sys.argv[1:])]
 
 
 if __name__ == "__main__":

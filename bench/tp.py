@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,25 +34,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import median, peak_rss_bytes, print_machine, print_table, ratio, run_proxy, smoke_model  # noqa: E402
 
+from tpi.transport.keeper import free_port_pair  # noqa: E402
+
 PROMPT = ("Tensor parallelism splits every layer of a language model across several devices, "
           "so that each one computes a share of the heads and of the MLP. Explain how")
-
-
-def free_port_pair() -> int:
-    """A port P with P and P+1 both free on 127.0.0.1 (the master binds control P, data P+1)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-        return port
-    raise RuntimeError("no two adjacent free ports on 127.0.0.1")
 
 
 def _zmq_echo(ports) -> None:
@@ -102,7 +86,7 @@ def measure(engine, tokens: int) -> dict:
     logits = engine.forward(ids, 0)  # warm-up: first-touch allocations, kernel init
     engine.forward([int(np.argmax(logits[-1]))], len(ids))
     engine.reset()
-    comm_stats = getattr(engine.comm, "stats", None)
+    comm_stats = engine.comm.stats  # every Communicator keeps CommStats
     t = time.perf_counter()
     logits = engine.forward(ids, 0)
     prefill_s = time.perf_counter() - t
@@ -146,7 +130,7 @@ def measure_speculation(engine, tokens: int, rounds: int) -> dict:
 
 
 def _comm_bytes(stats) -> int:
-    return 0 if stats is None else stats.bytes_sent + stats.bytes_received
+    return stats.bytes_sent + stats.bytes_received
 
 
 def run_config(cfg: dict) -> dict:

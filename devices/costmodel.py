@@ -22,9 +22,10 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from tpi.model.blocks import GLOBALS, attn_key, mlp_key
-from tpi.model.config import ModelConfig
+from tpi.model.config import PREFILL_CHUNK, ModelConfig
 from tpi.devices.profile import DeviceProfile
 from tpi.devices.slicing import RankShard
+from tpi.scheduler.budget import activation_bytes, kv_cache_bytes
 from tpi.scheduler.window import WindowPlan, plan_window
 from tpi.transport.wire import WIRE_BYTES_PER_VALUE as WIRE_BYTES
 
@@ -142,10 +143,9 @@ def rank_load(cfg: ModelConfig, shard: RankShard, params: CostParams) -> RankLoa
     wb = weight_profile(params).for_shard(shard)
     attn_bytes = h * (q_rows * (wb["wq"] + wb["wo"]) + kv_rows * (wb["wk"] + wb["wv"]))
     mlp_bytes = h * inter * (wb["w_gate"] + wb["w_up"] + wb["w_down"])
-    kv = 2 * L * kv_rows * params.context * params.kv_bytes_per_elem
-    # Prefill activations in fp32: residual + normed input + qkv + attention scores + gate/up.
-    p = params.prompt_tokens
-    act = 4 * p * (3 * h + q_rows + 2 * kv_rows + 2 * inter) + 4 * shard.n_q_heads * p * p + 4 * len(shard.vocab)
+    kv = kv_cache_bytes(cfg, shard.n_kv_heads, params.context, params.kv_bytes_per_elem)
+    # What the rank's own window plan budgets (tpi.scheduler.budget): a prefill pass of the prompt.
+    act = activation_bytes(cfg, shard, params.context, chunk=min(params.prompt_tokens, PREFILL_CHUNK))
     return RankLoad(
         rank=shard.rank, attn_block_bytes=int(attn_bytes), mlp_block_bytes=int(mlp_bytes),
         head_bytes=int(head_params * wb["lm_head"]), weight_params=L * (attn_params + mlp_params) + head_params,

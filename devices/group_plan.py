@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from tpi.model.config import ModelConfig
+from tpi.model.config import ModelConfig, layer_name
 from tpi.devices.costmodel import CostParams, LinkProfile, WeightProfile
 from tpi.devices.planner import GroupPlan, PlanDevice, plan_group, plan_with_ratios
 from tpi.devices.profile import DeviceProfile
 from tpi.errors import GroupError, ProtocolError
+from tpi.model.backends import backend_refusal
+from tpi.quant.formats import bytes_per_weight, ggml_type_info, is_ggml, k_block
 
 # A device that did not answer the link probe is planned as if on home Wi-Fi.
 ASSUMED_LINK = LinkProfile.from_ms_mbit(5.0, 100.0)
@@ -49,9 +51,6 @@ class RealPlan:
 def weight_profile_of(source) -> WeightProfile:
     """Each matrix's bytes per weight by its real type (mean over layers) and the blocks along K of
     wo and w_down (max over layers), from the source's headers (a tpi.formats.ModelSource)."""
-    from tpi.model.config import layer_name
-    from tpi.quant.formats import bytes_per_weight, ggml_type_info, is_ggml, k_block
-
     fmt_of = source.weight_fmt
     cfg = source.config
     h, q, kv, ff = cfg.hidden, cfg.q_dim, cfg.kv_dim, cfg.intermediate
@@ -118,6 +117,10 @@ def plan_real_group(cfg: ModelConfig, master: DeviceProfile, master_budget: int 
             profile = DeviceProfile.from_dict(c.profile)
         except ProtocolError as exc:
             refused.append((i, f"its device profile is invalid ({exc}); run `tpi devices profile` on it and join again"))
+            continue
+        why = backend_refusal(profile.backend, cfg.arch)
+        if why:
+            refused.append((i, why.replace("use --backend", "join with --backend")))
             continue
         name = c.name if c.name not in names else f"{c.name}#{i + 1}"
         names.add(name)

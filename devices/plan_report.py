@@ -8,6 +8,7 @@ from typing import Any, Sequence
 from rich.table import Table
 
 from tpi.model.config import ModelConfig
+from tpi.devices.group_plan import device_status, plan_summary
 from tpi.devices.costmodel import (WIRE_BYTES, CostParams, LinkProfile, Prediction, WeightProfile, compare_allreduce,
                                    star_terms, wire_convert_s)
 from tpi.devices.planner import GroupPlan, PlanDevice, plan_group
@@ -199,8 +200,6 @@ def render_speculation(plan: GroupPlan, acceptance: float = ASSUMED_ACCEPTANCE) 
 
 def plan_json(plan: GroupPlan, acceptance: float = ASSUMED_ACCEPTANCE) -> dict[str, Any]:
     """The plan and its prediction as plain JSON (`tpi plan --json`): the group summary, one entry per rank."""
-    from tpi.devices.group_plan import device_status, plan_summary
-
     pred = plan.prediction
     out: dict[str, Any] = {"model": plan.model, **plan_summary(plan),
                            "predicted_tokens_per_s": round(pred.tokens_per_s, 3),

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from tpi.model.config import ModelConfig
+from tpi.scheduler.budget import kv_cache_bytes
 from tpi.devices.costmodel import (
     GB, WIRE_BYTES, CostParams, LinkProfile, Prediction, matmul_gflops, predict, runtime_bytes,
     star_terms, weight_profile,
@@ -109,7 +110,7 @@ def _layer_bytes(cfg: ModelConfig, params: CostParams) -> float:
 
 def _kv_bytes(cfg: ModelConfig, ratio: float, params: CostParams) -> float:
     """KV cache for a share of the heads; at least one KV head (GQA heads are replicated)."""
-    full = 2 * cfg.n_layers * cfg.kv_dim * params.context * params.kv_bytes_per_elem
+    full = kv_cache_bytes(cfg, cfg.n_kv_heads, params.context, params.kv_bytes_per_elem)
     return max(ratio * full, full / cfg.n_kv_heads)
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from tpi.errors import ProtocolError
+from tpi.scheduler.overhead import runtime_overhead_bytes
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +169,12 @@ def _kernel_seam_matmuls(backend: str, n: int, k: int, budget_s: float,
                          threads: int | None = None) -> tuple[float, float, float]:
     """Same three timings through tpi.quant.kernels for any other backend (ggml: its Q4_0 and BF16 kernels,
     Q4_0 repacked where ggml repacks it, on the engine's thread count)."""
+    # The kernels load only to measure: a worker with a cached profile never imports them.
     from tpi.quant.formats import BF16, QTensor, f32_to_bf16_bits, quantize
     from tpi.quant.kernels import get_backend
 
     if backend == "ggml":
-        from tpi.quant.ggml_backend import GgmlBackend
+        from tpi.quant.ggml_backend import GgmlBackend  # (only to measure)
 
         kernels = GgmlBackend(threads=threads)
     else:
@@ -270,7 +272,7 @@ def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, ba
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}")
     if backend == "torch" and threads:
-        import torch
+        import torch  # optional: only with --backend torch
 
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -300,8 +302,6 @@ def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, ba
     report("disk read", (len(shapes) + 1) / (len(shapes) + 2))
     disk = measure_disk_mb_s(Path(scratch_dir), 8 if quick else 32)
     total, free = memory_bytes()
-    from tpi.scheduler.overhead import runtime_overhead_bytes
-
     runtime = runtime_overhead_bytes()  # this process with the backend loaded, as the window plan counts it
     report("done", 1.0)
     return DeviceProfile(
@@ -316,12 +316,12 @@ def measure_profile(shapes: Sequence[tuple[int, int]] = DEFAULT_BENCH_SHAPES, ba
 def _compute_threads(backend: str, threads: int | None = None) -> int:
     """Threads the matmul benchmark ran on (torch's intra-op pool; ggml's CpuRuntime; numpy: one)."""
     if backend == "ggml":
-        from tpi.quant.ggml_runtime import usable_cores
+        from tpi.quant.ggml_runtime import usable_cores  # loads ggml: only on its backend
 
         return max(1, min(threads or usable_cores(), usable_cores()))
     if backend != "torch":
         return 1
-    import torch
+    import torch  # optional: only with --backend torch
 
     return max(1, torch.get_num_threads())
 
@@ -429,8 +429,6 @@ def handshake_profile(cache_dir: Path | str, *, backend: str = "numpy", threads:
     if name:
         profile = replace(profile, name=name[:128])
     if not profile.runtime_bytes:  # count this process, backend loaded, as its window plan will
-        from tpi.scheduler.overhead import runtime_overhead_bytes
-
         if backend == "torch":
             import torch  # noqa: F401
         profile = replace(profile, runtime_bytes=runtime_overhead_bytes())

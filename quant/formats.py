@@ -259,7 +259,7 @@ GGML_QUANTIZABLE = ("F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 
 
 def _quantize_ggml(w: np.ndarray, fmt: str) -> QTensor:
-    import gguf
+    import gguf  # ~0.3 s to import: only for the GGUF types numpy has no code for
 
     t = ggml_type_info(fmt)
     if t.name not in GGML_QUANTIZABLE:
@@ -283,7 +283,7 @@ def _dequantize_ggml(qt: QTensor) -> np.ndarray:
         blocks = np.ascontiguousarray(data).reshape(n, k // GROUP, 34)
         d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)  # [N, K/32, 1]
         return (blocks[..., 2:].view(np.int8) * d).reshape(n, k)
-    import gguf
+    import gguf  # ~0.3 s to import: only for the GGUF types numpy has no code for
 
     return np.asarray(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[name]), dtype=np.float32).reshape(n, k)
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from tpi.quant.formats import BF16 as BF16_FMT
 from tpi.quant.formats import F32 as F32_FMT
-from tpi.quant.formats import GROUP, Q4G32, Q8, bf16_bits_to_f32
+from tpi.quant.formats import GROUP, Q4G32, Q8, bf16_bits_to_f32, take_rows
 from tpi.quant.ggml_graph import Context, GgmlShapeError, Graph, Tensor, array_address
 from tpi.quant.ggml_runtime import CpuRuntime
 from tpi.quant.ggml_lib import BF16, F32, IQ4_NL, MATMUL_TYPES, Q4_0, Q4_1, Q4_K, Q8_0, TYPES, ggml_available, load_ggml
@@ -55,8 +55,6 @@ def gather_rows(w, idx: np.ndarray):
     """Rows idx of a weight (QTensor of any format, or a float32 vector): a byte gather, a copy."""
     if isinstance(w, np.ndarray):
         return w[idx]
-    from tpi.quant.formats import take_rows
-
     return take_rows(w, idx)
 
 
@@ -166,7 +164,7 @@ class GgmlBackend:
     def weight(self, qt, repack: bool | None = None) -> GgmlWeight:
         """qt (QTensor or float32 [N, K]) as a ggml tensor: zero copy, converted, or repacked."""
         if isinstance(qt, np.ndarray):
-            from tpi.quant.kernels import _as_qtensor
+            from tpi.quant.kernels import _as_qtensor  # kernels imports this module: no circle at load
 
             qt = _as_qtensor(qt)
         n, k = qt.shape

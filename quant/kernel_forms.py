@@ -13,6 +13,7 @@ import numpy as np
 
 from tpi.errors import ShapeError
 from tpi.model.blocks import UNFUSED
+from tpi.quant.gguf_import import KERNEL_FORMAT
 from tpi.quant.formats import F32, Q4G32_PREPACKED, QTensor, concat_rows, fmt_nbytes, ggml_type_info, is_ggml
 
 _PREPACKED_FORMATS = frozenset(Q4G32_PREPACKED.values())  # int4-pack order: rows cannot be stacked as bytes
@@ -40,8 +41,6 @@ def to_kernel_format(w: QTensor | np.ndarray) -> QTensor:
 def kernel_nbytes(qt) -> int:
     """Bytes of a weight once converted for the torch / numpy kernels (vectors and embeddings as they are)."""
     if isinstance(qt, QTensor) and is_ggml(qt.fmt):
-        from tpi.quant.gguf_import import KERNEL_FORMAT
-
         return fmt_nbytes(KERNEL_FORMAT[ggml_type_info(qt.fmt).name], qt.shape)
     return int(qt.nbytes)
 

@@ -5,13 +5,11 @@ import resource
 import sys
 from pathlib import Path
 
-_STATUS = Path("/proc/self/status")
-
-
-def _status_kib(field: str) -> int | None:
-    """A `VmXXX:  1234 kB` field of /proc/self/status in KiB, or None off Linux."""
+def _status_kib(field: str, pid: int | None = None) -> int | None:
+    """A `VmXXX:  1234 kB` field of /proc/PID/status (this process's by default) in KiB, or None
+    off Linux or for a process that is gone."""
     try:
-        text = _STATUS.read_text()
+        text = Path(f"/proc/{pid or 'self'}/status").read_text()
     except OSError:
         return None
     for line in text.splitlines():
@@ -25,16 +23,18 @@ def _maxrss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
-def rss_bytes() -> int:
-    """Resident set size now (VmRSS); falls back to the peak where /proc is missing."""
-    kib = _status_kib("VmRSS")
-    return kib * 1024 if kib is not None else _maxrss_bytes()
+def rss_bytes(pid: int | None = None) -> int:
+    """Resident set size now (VmRSS) of this process or `pid`; this process falls back to its peak where
+    /proc is missing, another reads 0 when it is gone."""
+    kib = _status_kib("VmRSS", pid)
+    return kib * 1024 if kib is not None else (_maxrss_bytes() if pid is None else 0)
 
 
-def peak_rss_bytes() -> int:
-    """High-water mark of the resident set (VmHWM)."""
-    kib = _status_kib("VmHWM")
-    return kib * 1024 if kib is not None else _maxrss_bytes()
+def peak_rss_bytes(pid: int | None = None) -> int:
+    """High-water mark of the resident set (VmHWM) of this process or `pid` (0 when it is gone): the
+    one peak-RSS reader of the CLI's --stats, the benchmarks and the tests."""
+    kib = _status_kib("VmHWM", pid)
+    return kib * 1024 if kib is not None else (_maxrss_bytes() if pid is None else 0)
 
 
 def runtime_overhead_bytes(margin: float = 0.1, floor: int = 16 << 20) -> int:

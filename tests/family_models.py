@@ -108,6 +108,8 @@ class FamilySpec:
     final_softcap: float | None = None
     rms_eps: float = 1e-6
     context: int = 4096
+    rope_dims: int | None = None  # phi3/llama rope.dimension_count; below head_dim = partial rotary (Phi-4-mini)
+    long_rope: bool = False  # phi3 128k: rope_factors_long / _short [rope_dims / 2] and the original context
 
     @property
     def hd(self) -> int:
@@ -180,6 +182,10 @@ def random_family_tensors(spec: FamilySpec) -> dict[str, np.ndarray]:
             t[p + "ffn_down.weight"] = mat(h, ff)
         if spec.arch == "gemma3":
             t[p + "post_ffw_norm.weight"] = norm(h)
+    if spec.long_rope:  # per-frequency divisors, >= 1 as in Phi-3-mini-128k
+        half = (spec.rope_dims or hd) // 2
+        t["rope_factors_long.weight"] = (1.0 + rng.random(half) * 20).astype(np.float32)
+        t["rope_factors_short.weight"] = (1.0 + rng.random(half) * 0.1).astype(np.float32)
     return t
 
 
@@ -198,7 +204,9 @@ def write_family_metadata(writer: gguf.GGUFWriter, spec: FamilySpec) -> None:
         writer.add_key_length(spec.hd)
         writer.add_value_length(spec.hd)
     else:
-        writer.add_rope_dimension_count(spec.hd)
+        writer.add_rope_dimension_count(spec.rope_dims or spec.hd)
+    if spec.long_rope:
+        writer.add_rope_scaling_orig_ctx_len(spec.context // 32)
     if spec.rope_linear_factor is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(spec.rope_linear_factor)

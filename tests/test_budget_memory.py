@@ -137,10 +137,7 @@ try:
 except TpiError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-def peak(pid="self"):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
+from tpi.scheduler.overhead import peak_rss_bytes as peak
 try:
     e = group.engine
     ids = e.tokenizer.encode("The capital of France is Paris. The capital of Italy is", add_bos=True, special=True)

@@ -75,7 +75,8 @@ def test_single_device_token_latency_is_compute_plus_kv_read_plus_overhead():
 def test_small_budget_streams_and_disk_bounds_latency():
     params = CostParams()
     (shard,) = plan_shards(SMOL, [1.0])
-    budget = (400 << 20) + (40 << 20) + 80 * 2**20  # overhead + KV + about 80 MiB for weights
+    load = rank_load(SMOL, shard, params)  # the KV cache and activations, as the rank's own budget counts them
+    budget = (400 << 20) + load.kv_cache_bytes + load.activation_bytes + 80 * 2**20  # + about 80 MiB of weights
     p = predict(SMOL, [shard], [profile(disk=50.0)], [LinkProfile(0, 1e9)], [budget], params)
     r = p.ranks[0]
     assert r.streamed_bytes > 0 and r.peak_memory_bytes <= budget

@@ -10,7 +10,8 @@ import threading
 import numpy as np
 import zmq
 
-from tpi.transport.allreduce import StarMaster, StarWorker
+from tpi.transport.allreduce import StarMaster
+from tpi.transport.star_worker import StarWorker
 from tpi.transport.protocol import Step, from_bf16, to_bf16
 
 

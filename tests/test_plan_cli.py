@@ -68,6 +68,25 @@ def test_plan_reads_only_the_metadata_of_a_gguf_file(devices_file, tiny_llama_q4
     assert "column shards cut on 32 (wo) and 32 (w_down)" in result.output
 
 
+def test_plan_of_a_converted_int4_model_uses_its_real_types(devices_file, tiny_llama_q4_0, tmp_path):
+    """A converted .tpis is planned as the int4 model it is (a getattr probe once planned it as bf16):
+    the same format, types and predictions as the GGUF it came from."""
+    from tpi.formats import open_model
+    from tpi.master.convert import convert
+
+    convert(open_model(tiny_llama_q4_0), tmp_path / "m.tpis")
+    plans = []
+    for model in (tiny_llama_q4_0, tmp_path / "m.tpis"):
+        result = RUNNER.invoke(app, ["plan", str(model), "--devices", str(devices_file), "--context", "256", "--json"])
+        assert result.exit_code == 0, result.output
+        plans.append(json.loads(result.output))
+    gguf, native = plans
+    assert native["weight_format"] == gguf["weight_format"] == "int4"
+    assert native["predicted_token_ms"] == gguf["predicted_token_ms"]
+    peaks = [[d["predicted_peak_bytes"] for d in p["devices"]] for p in plans]
+    assert peaks[0] and peaks[0] == peaks[1]
+
+
 def test_plan_into_a_pipe_is_plain_wide_text_with_every_cell_whole(devices_file):
     """Through a real pipe (not a terminal, COLUMNS unset): no cell is cut to fit 80 columns."""
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}

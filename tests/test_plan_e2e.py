@@ -27,6 +27,7 @@ from tpi.master import EngineOptions, build_local_engine
 from tpi.master import GroupOptions, start_group
 from tpi.master.events import DeviceLeftOut, GroupPlanned, WaitingForDevices
 from tpi.master.sampler import SamplingParams
+from tpi.transport.keeper import free_port_pair
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +73,7 @@ def test_planned_uneven_group_matches_single_device_and_refuses_a_slow_device(ti
 
     from tpi.transport.security import master_token
 
-    box["port"] = _free_port_pair()
+    box["port"] = free_port_pair()
     token = master_token(tmp_path / "config")
     master = threading.Thread(target=serve)
     master.start()
@@ -119,18 +120,3 @@ def test_planned_uneven_group_matches_single_device_and_refuses_a_slow_device(ti
     same_until = int(np.argmin(clear)) if not clear.all() else TOKENS
     assert tokens[:same_until] == ref_tokens[:same_until]
 
-
-def _free_port_pair() -> int:
-    """A port P with P and P+1 free on 127.0.0.1 (control and data)."""
-    import socket
-
-    for _ in range(50):
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            try:
-                b.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no two adjacent free ports")

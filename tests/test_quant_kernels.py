@@ -13,7 +13,6 @@ import pytest
 from tpi.errors import TpiError
 from tpi.quant import formats as F
 from tpi.quant.kernels import available_backends, get_backend, int4pack_layout, torch_available
-from tpi.quant.linear import QuantLinear
 
 # Tolerances, relative to max|reference|:
 #   torch: output is bf16 (half an ulp = 2^-8 relative) and f32 weights are rounded to bf16 -> 1e-2
@@ -26,18 +25,13 @@ ODD_SHAPES = [(7, 32), (8, 64), (100, 64), (24, 96)]  # N not a multiple of 16: 
 needs_torch = pytest.mark.skipif(not torch_available(), reason="torch not installed")
 
 
-def _run(backend_name: str, qt: F.QTensor, x: np.ndarray, bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _run(backend_name: str, qt: F.QTensor, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(backend output as float32, reference output) for activations x [T, K]."""
     backend = get_backend(backend_name)
     xin = backend.activations(x)
     x_ref = F.bf16_bits_to_f32(F.f32_to_bf16_bits(x)) if backend_name == "torch" else x
     ref = x_ref.astype(np.float64) @ F.dequantize(qt).astype(np.float64).T
-    if bias is None:
-        y = backend.to_f32(backend.prepare(qt)(xin))
-    else:
-        y = backend.to_f32(QuantLinear(qt, backend, bias)(xin))
-        ref = ref + bias
-    return y, ref
+    return backend.to_f32(backend.prepare(qt)(xin)), ref
 
 
 def _assert_close(y: np.ndarray, ref: np.ndarray, backend_name: str) -> None:
@@ -144,31 +138,15 @@ def test_numpy_backend_never_imports_torch():
         import numpy as np
         from tpi.quant import formats as F
         from tpi.quant.kernels import get_backend, torch_available
-        from tpi.quant.linear import QuantLinear
         backend = get_backend("numpy")
         for fmt in F.FORMATS:
             qt = F.quantize(np.ones((32, 64), np.float32), fmt)
-            y = QuantLinear(qt, backend, np.zeros(32, np.float32))(np.ones((1, 64), np.float32))
+            y = backend.prepare(qt)(backend.activations(np.ones((1, 64), np.float32)))
             assert y.shape == (1, 32)
         print("ok")
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr
-
-
-@pytest.mark.parametrize("backend_name", available_backends())
-def test_quant_linear_keeps_the_linear_interface_and_adds_bias(backend_name):
-    rng = np.random.default_rng(5)
-    qt = F.quantize(rng.standard_normal((32, 64)).astype(np.float32), F.Q4G32)
-    bias = rng.standard_normal(32).astype(np.float32)
-    layer = QuantLinear(qt, get_backend(backend_name), bias)
-    assert (layer.in_features, layer.out_features) == (64, 32)
-    assert layer.weight.shape == (32, 64) and layer.weight.fmt == F.Q4G32 and layer.weight.nbytes == qt.nbytes
-    x = rng.standard_normal((3, 64)).astype(np.float32)
-    _assert_close(*_run(backend_name, qt, x, bias), backend_name)
-    xin = get_backend(backend_name).activations(x)
-    assert np.array_equal(get_backend(backend_name).to_f32(layer.forward(xin)),
-                          get_backend(backend_name).to_f32(layer(xin)))
 
 
 def test_prepare_accepts_a_plain_float_matrix():

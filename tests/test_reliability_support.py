@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from tpi.devices.profile import DeviceProfile
+from tpi.transport.keeper import free_port_pair  # noqa: F401 (re-exported: the tests' one port pair)
 
 TPI = [sys.executable, "-m", "tpi"]
 API_LINE = re.compile(r"API on (http://[\d.]+:\d+)/v1")
@@ -29,23 +29,6 @@ def device_profile(name: str, int4_gflops: float = 50.0) -> dict:
                          free_memory_bytes=6 << 30, backend="torch", int4_gflops=int4_gflops,
                          bf16_gflops=int4_gflops / 2, prefill_gflops=int4_gflops, memory_gbs=10.0,
                          disk_mb_s=500.0, measured_at=1.7e9, runtime_bytes=400 << 20).to_dict()
-
-
-def free_port_pair() -> int:
-    """A port P with P and P+1 free (control and data channel)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port pair")
 
 
 def tpi_env() -> dict:

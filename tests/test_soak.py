@@ -1,15 +1,21 @@
-"""Soak: one `tpi serve` of the embedded SmolLM2 answers hundreds of requests and bursts.
+"""Soak: one `tpi serve` of the embedded SmolLM2 (with one local worker) answers hundreds of requests and
+bursts, and its worker is killed (-9) once, at a random request in the middle.
 
 80 sequential requests (completions, chat, streamed) and bursts of concurrent ones against
 a queue of 4. Every request must be served (200, well-formed, the same greedy text as
 its first answer) or refused with 429 and a Retry-After; an exception, a timeout or any other
-status fails the test. The client's counts must equal the server's own counters. The master's
+status fails the test: the kill costs a pause (the master restarts the worker, which rejoins from its
+cache, and the request in flight resumes), not a request. The client's counts must equal the server's
+own counters. The master's
 RSS (VmRSS) is sampled after warm-up and at the end; its growth must stay under RSS_BOUND, which
 allows ~0.3 MiB per request after warm-up (measured: under 1 MiB in all).
 """
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
 import threading
 import time
 from collections import Counter
@@ -18,6 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 from test_reliability_support import api_url, serve, wait_healthy
+
+from tpi.scheduler.overhead import rss_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -31,12 +39,18 @@ RSS_BOUND = 24 << 20  # over the 70 sequential and 36 burst requests after warm-
 PROMPTS = ("The capital of France is", "Water boils at", "Tell me a colour.", "One, two, three,")
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process, from /proc/PID/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
+def local_worker_pid(master_pid: int) -> int:
+    """The pid of the local worker process the master started (its child)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == master_pid and b"local-1" in cmd:
+                return int(entry.name)
+    raise AssertionError("the master's local worker is not running")
 
 
 def request_for(i: int) -> tuple[str, dict, str]:
@@ -81,7 +95,8 @@ def send(http: httpx.Client, url: str, i: int) -> tuple[str, str, str]:
 
 
 def test_soak_every_request_is_served_or_refused_and_rss_stays_bounded(smollm2, tmp_path):
-    master = serve(smollm2, tmp_path, "soak-master", "--queue-size", str(QUEUE_SIZE))
+    master = serve(smollm2, tmp_path, "soak-master", "--queue-size", str(QUEUE_SIZE), "--local-workers", "1")
+    kill_at = random.Random(os.getpid()).randrange(WARM_UP + 10, SEQUENTIAL - 10)  # a request in the middle
     counts: Counter = Counter()
     answers: dict[str, str] = {}
     lost: list[str] = []
@@ -109,6 +124,8 @@ def test_soak_every_request_is_served_or_refused_and_rss_stays_bounded(smollm2, 
             warm_rss = rss_bytes(master.popen.pid)
             peak_rss = warm_rss
             for i in range(WARM_UP, SEQUENTIAL):
+                if i == kill_at:  # while request i runs (its first tokens are computing)
+                    threading.Timer(0.05, os.kill, (local_worker_pid(master.popen.pid), signal.SIGKILL)).start()
                 record(i, http, url)
                 if i % 25 == 0:
                     peak_rss = max(peak_rss, rss_bytes(master.popen.pid))
@@ -131,13 +148,15 @@ def test_soak_every_request_is_served_or_refused_and_rss_stays_bounded(smollm2, 
             final_rss = rss_bytes(master.popen.pid)
             server = http.get(url + "/v1/tpi/status").json()["service"]
         elapsed = time.monotonic() - started
+        health = httpx.get(url + "/health", timeout=10).json()
         assert master.alive(), master.text()[-4000:]
     finally:
         master.stop()
 
     sent = SEQUENTIAL + BURSTS * BURST_SIZE
     growth = final_rss - warm_rss
-    print(f"\nsoak: {sent} requests in {elapsed:.0f}s: {counts['served']} served, {counts['refused']} refused "
+    print(f"\nsoak: worker killed at request {kill_at}; pauses {server['pauses']} ({server['last_pause'][:60]}); "
+          f"{sent} requests in {elapsed:.0f}s: {counts['served']} served, {counts['refused']} refused "
           f"with 429 (sequential: {sequential}); master RSS after warm-up {warm_rss / 2**20:.1f} MiB, "
           f"final {final_rss / 2**20:.1f} MiB, peak {peak_rss / 2**20:.1f} MiB, growth {growth / 2**20:+.1f} MiB "
           f"(bound {RSS_BOUND >> 20} MiB)")
@@ -148,3 +167,5 @@ def test_soak_every_request_is_served_or_refused_and_rss_stays_bounded(smollm2, 
     # The server counts the same: nothing failed or vanished on its side either.
     assert (server["completed"], server["rejected"], server["failed"]) == (counts["served"], counts["refused"], 0)
     assert growth < RSS_BOUND
+    events = [e["event"] for e in health["group"]["events"]]
+    assert {"lost", "restarted", "rejoined"} <= set(events) and health["status"] == "ok", health

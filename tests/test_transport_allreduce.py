@@ -103,15 +103,18 @@ def reference_sum(step: int, world: int, wire: str) -> np.ndarray:
 @pytest.mark.slow
 @pytest.mark.parametrize("n_workers,wire", [(1, "f32"), (2, "f32"), (1, "bf16"), (2, "bf16"), (2, "int8")])
 def test_star_allreduce_is_exact_and_identical_on_every_rank(tmp_path, n_workers, wire):
-    master, comm, procs, results = start_group(tmp_path, n_workers, wire)
     world = n_workers + 1
+    # References first: the bf16 one imports torch, which holds the GIL for seconds on a loaded
+    # machine; inside the group that starves the master's heartbeats past FAST's 0.8 s timeout.
+    refs = {step: reference_sum(step, world, wire) for step in range(1, 6)}
+    master, comm, procs, results = start_group(tmp_path, n_workers, wire)
     mine = []
     try:
         for step in range(1, 6):
             comm.broadcast_step(Step.of_sequence(step, 1, np.zeros((1, 4), np.float32), request_id=step))
             out = comm.allreduce(partial_for(step, 0))
             assert out.dtype == np.float32 and out.shape == SHAPE
-            ref = reference_sum(step, world, wire)
+            ref = refs[step]
             if wire == "int8":  # float64 reference: a code may land on the other side of a .5
                 assert code_steps(out, ref, ref) <= 2, f"step {step} differs from reference"
             else:

@@ -62,7 +62,8 @@ def test_quit_stops_reading_input(session, engine):
 
 
 def test_stats_and_devices_show_numbers_and_the_group(engine):
-    devices = [{"rank": 0, "name": "master", "state": "ready"}, {"rank": 1, "name": "phone", "state": "ready"}]
+    devices = [{"rank": 0, "name": "master", "state": "ready", "share": {"q_heads": [0, 6]}},
+               {"rank": 1, "name": "phone", "state": "ready", "share": {"q_heads": [6, 9]}}]
     svc = GenerationService(engine, status=lambda: {"devices": devices})
     try:
         s = ChatSession(LocalChat(svc), ChatOptions(max_tokens=2, temperature=0.0))
@@ -70,7 +71,7 @@ def test_stats_and_devices_show_numbers_and_the_group(engine):
     finally:
         svc.close()
     assert "completion_tokens: 2" in out and "completed: 1" in out
-    assert "2 device(s)" in out and "phone ready" in out
+    assert "2 device(s)" in out and "master ready 6 heads" in out and "phone ready 3 heads" in out
 
 
 def test_save_writes_the_conversation_as_json_or_markdown(session, tmp_path):

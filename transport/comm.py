@@ -2,7 +2,7 @@
 
 The model calls `allreduce` (sum of every rank's partial) and `gather` (every rank's logits slice);
 rank 0's engine also starts steps on the workers and ends them. Implementations: `NullCommunicator`
-(a group of one), tpi.transport.allreduce.StarMaster (rank 0) and StarWorker (ranks > 0), and
+(a group of one), tpi.transport.allreduce.StarMaster (rank 0) and star_worker.StarWorker (ranks > 0), and
 tpi.master.recovery.UnavailableCommunicator (a group that is recovering).
 """
 from __future__ import annotations

@@ -38,7 +38,7 @@ def group_id(token: str) -> str:
 
 def lan_addresses(host: str) -> list[str]:
     """The IPv4 addresses a master bound to `host` is reachable at, loopback excluded."""
-    import ifaddr
+    import ifaddr  # discovery's dependencies load only when a group announces or looks
 
     if host not in ("", "0.0.0.0"):
         return [] if ipaddress.ip_address(host).is_loopback else [host]
@@ -62,7 +62,7 @@ class Announcer:
         self._thread.start()
 
     def _register(self, port: int) -> None:
-        from zeroconf import IPVersion, ServiceInfo, Zeroconf
+        from zeroconf import IPVersion, ServiceInfo, Zeroconf  # (loaded on use, as above)
 
         short = self.group[:SHORT_ID]
         info = ServiceInfo(SERVICE_TYPE, f"tpi-{short}.{SERVICE_TYPE}", port=port,
@@ -112,7 +112,7 @@ class FoundMaster:
 
 def find_master(token: str, timeout_s: float = 15.0) -> FoundMaster:
     """The master this token pins, found by mDNS; GroupError naming the fix when none answers in time."""
-    from zeroconf import IPVersion, ServiceBrowser, ServiceStateChange, Zeroconf
+    from zeroconf import IPVersion, ServiceBrowser, ServiceStateChange, Zeroconf  # (loaded on use)
 
     gid = group_id(token)
     names: queue.Queue[str] = queue.Queue()
@@ -153,7 +153,7 @@ def find_master(token: str, timeout_s: float = 15.0) -> FoundMaster:
 
 def _resolve(zc, name: str, gid: str, deadline: float) -> FoundMaster | None:
     """The announcement's address if it carries this group's id and its port answers, else None."""
-    from zeroconf import ServiceInfo
+    from zeroconf import ServiceInfo  # (loaded on use)
 
     info = ServiceInfo(SERVICE_TYPE, name)
     if not info.request(zc, max(100, int((deadline - time.monotonic()) * 1000))):

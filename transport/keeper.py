@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -46,7 +47,7 @@ class PeerRecord:
     name: str
     address: str
     device_key: bytes
-    state: str = "pending"  # pending | admitted | lost
+    state: str = "pending"  # pending | admitted | lost | closed (its connection closed before admission)
     last_seen: float = 0.0
     peer_id: str = ""
 
@@ -58,6 +59,23 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise GroupError(f"address {text!r} is not HOST:PORT (for example 192.168.1.20:7700)")
     return host.strip("[]"), int(port)
+
+
+def free_port_pair(host: str = "127.0.0.1") -> int:
+    """A port P with P and P+1 both free: a master binds its control channel on P and data on P+1."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind((host, 0))
+            port = a.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind((host, port + 1))
+                except OSError:
+                    continue
+                return port
+    raise GroupError(f"no two adjacent free ports on {host}")
 
 
 def tune_socket(sock: zmq.Socket, settings: LinkSettings) -> None:

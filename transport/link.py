@@ -7,7 +7,8 @@ caller's thread owns it through a Communicator (allreduce.py), so shard streamin
 heartbeats never sit in front of a step and the hot path takes no locks.
 
 On the master the keeper routes control messages to the parts that own them:
-admission and auth (transport/admission.py), liveness (liveness.py), link probes (probe.py),
+admission and auth (transport/admission.py), liveness (liveness.py: heartbeats, and closed connections
+seen through a socket monitor), link probes (probe.py),
 shard serving (transfer.py), and the data plane: ranks and the communicator (dataplane.py).
 The worker's end is transport/worker_link.py.
 """
@@ -28,7 +29,7 @@ from tpi.transport.admission import Admission
 from tpi.transport.allreduce import StarMaster
 from tpi.transport.dataplane import DataPlane
 from tpi.transport.keeper import JoinRequest, Keeper, LinkSettings, PeerRecord, frame_meta, parse_endpoint, tune_socket
-from tpi.transport.liveness import PeerTable
+from tpi.transport.liveness import ConnectionWatch, PeerTable
 from tpi.transport.probe import LinkProbe, Prober
 from tpi.transport.protocol import (Assign, Heartbeat, Hello, Message, ProbeEcho, Refuse, ShardRequest, Stop, decode,
                                     encode)
@@ -72,6 +73,7 @@ class MasterLink(Keeper):
             raise
         self.host = host
         self.peers = PeerTable(settings.timeout_s)
+        self._watch = ConnectionWatch(self._control)
         self.data = DataPlane(data, settings, self.lost_peers)
         self.prober = Prober(self.call, self._send, lambda rid: self.peers.get(rid) is not None)
         self._joins: queue.Queue[JoinRequest] = queue.Queue()
@@ -141,6 +143,15 @@ class MasterLink(Keeper):
         """Time empty and payload round trips to a joined device; None if it does not echo in time."""
         return self.prober.measure(join, payload_bytes, rounds, timeout_s)
 
+    def lose(self, peer_id: str, reason: str) -> None:
+        """Count an admitted device lost now (its local process ended): its communicator fails at once."""
+        def run() -> None:
+            for _, peer in self.peers.admitted():
+                if peer.peer_id == peer_id:
+                    self._lose(peer, reason)
+
+        self.call(run)
+
     def lost_peers(self) -> dict[str, str]:
         """peer_id -> why it is lost (silent past the timeout, left, or misbehaved)."""
         return dict(self.peers.lost)
@@ -183,7 +194,7 @@ class MasterLink(Keeper):
 
     def _run(self) -> None:
         poller = zmq.Poller()
-        for sock in (self._control, self._wake_pull, self._zap):
+        for sock in (self._control, self._wake_pull, self._zap, self._watch.monitor):
             if sock is not None:
                 poller.register(sock, zmq.POLLIN)
         hb = self.settings.heartbeat_s
@@ -194,6 +205,8 @@ class MasterLink(Keeper):
                 self._zap.send_multipart(security.zap_reply(self._zap.recv_multipart(), self.admission.zap_allows))
             if self._wake_pull in events:
                 self._drain_commands()
+            if self._watch.monitor in events:
+                self._on_closed()
             if self._control in events:
                 self._drain_control()
             now = time.monotonic()
@@ -201,9 +214,17 @@ class MasterLink(Keeper):
                 next_beat = now + hb
                 self._beat(now)
         self._shards.close()
+        self._watch.close()
         self._control.close()  # linger 0, or GOODBYE_LINGER_MS once close() queued the goodbyes
         if self._zap is not None:
             self._zap.close(0)
+
+    def _on_closed(self) -> None:
+        for rid in self._watch.closed():
+            peer = self.peers.closed(rid)
+            if peer is not None:
+                self._lose(peer, "its connection closed (the process ended, or its host reset the link)")
+                self._shards.unregister(rid)
 
     def _beat(self, now: float) -> None:
         for peer, reason in self.peers.silent(now):
@@ -234,6 +255,9 @@ class MasterLink(Keeper):
         elif isinstance(msg, Hello):
             key = frame_meta(frames[-1], "User-Id").encode() if not self.insecure else b""
             self._on_hello(rid, msg, address, key)
+            if self.peers.get(rid) is not None:
+                self._on_closed()  # first the closes queued before this connection was accepted
+                self._watch.claim(rid, frames[-1])
         elif peer is None or not isinstance(msg, Heartbeat):
             log.warning("refused %s: %s before admission", who, type(msg).__name__)
             self._send(rid, Refuse(NOT_ADMITTED))

@@ -220,6 +220,7 @@ class _progress_bar:
     def __enter__(self) -> Callable[[int], None]:
         if not self._enabled:
             return lambda n: None
+        # rich draws the bar on a terminal only; a headless worker never imports it
         from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                                    TransferSpeedColumn)
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),

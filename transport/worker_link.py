@@ -15,7 +15,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from tpi.errors import GroupError, NoAnswerError, ProtocolError
 from tpi.transport import security
-from tpi.transport.allreduce import StarWorker
+from tpi.transport.star_worker import StarWorker
 from tpi.transport.keeper import Keeper, LinkSettings, parse_endpoint, tune_socket
 from tpi.transport.protocol import (Assign, Heartbeat, Hello, Message, Probe, ProbeEcho, Refuse, Stop, decode,
                                     encode)

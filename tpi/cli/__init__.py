@@ -18,6 +18,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tensor-paral
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    setup_logging(verbose)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log lines on stderr, as every tpi command shows them."""
+    # imported when the command runs: keeps `tpi --help` fast
     from rich.console import Console
     from rich.logging import RichHandler
 

@@ -37,6 +37,7 @@ def sigint_ignored_by_children(active: bool, say):
 def start_master(model, local_workers: int, context, threads, backend: str, config_dir: Path | None = None,
                  cache_dir: Path | None = None, speculate: str = "auto", draft: str | None = None):
     """Rank 0's group on this machine (with local workers, a loopback group)."""
+    # imported when the command runs: keeps `tpi --help` fast
     from tpi.master import GroupOptions, start_group
 
     dirs = {k: v for k, v in (("config_dir", config_dir), ("cache_dir", cache_dir)) if v is not None}
@@ -67,6 +68,7 @@ def chat(
     cache_dir: CacheDirOpt = None,
 ) -> None:
     """Chat with the model: a TUI on a terminal, one prompt per line through a pipe."""
+    # imported when the command runs: keeps `tpi --help` fast
     from tpi.serve.chat_backends import ChatOptions, LocalChat, RemoteChat
     from tpi.serve.tui import ChatSession, run_plain, run_tui
 
@@ -78,7 +80,7 @@ def chat(
         if url:
             chat_backend = RemoteChat(url, api_key=api_key)
         else:
-            from tpi.serve.service import GenerationService
+            from tpi.serve.service import GenerationService  # local mode only
 
             group = start_master(model, local_workers, context, threads, backend, config_dir, cache_dir, speculate,
                                  draft)

@@ -19,10 +19,11 @@ GB = 1e9
 def load_model_config(model: str):
     """(config, weight format, weight profile) of a GGUF/HF path (metadata only), or of a named
     shape like llama-2-70b (format and profile None)."""
+    # imported when the command runs: keeps `tpi --help` fast
     from tpi.devices.shapes import model_shape
 
     if Path(model).expanduser().exists():
-        from tpi.devices.group_plan import weight_format_of, weight_profile_of
+        from tpi.devices.group_plan import weight_format_of, weight_profile_of  # a file: read its headers
         from tpi.formats import open_model
 
         source = open_model(model)
@@ -44,6 +45,7 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="print the plan and prediction as JSON (for scripts)")] = False,
 ) -> None:
     """Will MODEL run on these devices, and how fast? Prints the plan and predictions; loads no weights."""
+    # imported when the command runs: keeps `tpi --help` fast
     from tpi.cli.table_text import print_tables
     from tpi.devices.plan_report import plan_command, plan_json, plan_tables
     from tpi.master.options import check_wire_dtype
@@ -84,6 +86,7 @@ def fetch_status(url: str, api_key: str | None, timeout_s: float = 5.0) -> dict:
 
 def render_devices(status: dict):
     """One row per device: profile, assigned share, memory and link figures."""
+    # imported when the command runs: keeps `tpi --help` fast
     from rich.table import Table
 
     group = status.get("group", status)
@@ -127,6 +130,7 @@ def devices(
     """List the devices of a running group: profile, assigned share, memory and link figures."""
     if ctx.invoked_subcommand is not None:
         return
+    # imported when the command runs: keeps `tpi --help` fast
     from tpi.cli.table_text import print_tables
 
     status = fetch_status(url, api_key)
@@ -145,6 +149,7 @@ def devices_profile(
     as_json: Annotated[bool, typer.Option("--json", help="print the profile as JSON (for tpi join --profile-file)")] = False,
 ) -> None:
     """Measure this device again (a few seconds) and cache it for `tpi join`."""
+    # imported when the command runs: keeps `tpi --help` fast
     from rich.table import Table
 
     from tpi.cli.table_text import print_tables

@@ -49,11 +49,16 @@ def serve(
     replan: Annotated[bool, typer.Option(
         "--replan/--no-replan", help="re-plan over the remaining devices when a lost one does not rejoin "
         "(else the group reports itself degraded and answers 503)")] = True,
+    resume_timeout: Annotated[Optional[float], typer.Option(
+        "--resume-timeout", help="seconds a request interrupted by a device loss waits for the group to serve "
+        "again before it fails (default: the rejoin timeout + 120 s for a re-plan; a group that cannot "
+        "re-form fails it at once)")] = None,
     announce: Annotated[bool, typer.Option(
         "--announce/--no-announce", help="announce the group on the LAN (mDNS) so `tpi join --token T` finds "
         "it without an address; only a hash of the master's public key is announced")] = True,
 ) -> None:
     """Be the master: serve the API at once, wait for devices, ship their shards, then answer."""
+    # imported when the command runs: keeps `tpi --help` fast
     from tpi.master import GroupOptions
     from tpi.serve.api import serve_api
     from tpi.serve.service import GenerationService
@@ -67,7 +72,8 @@ def serve(
                         ratios=parsed, wire_dtype=wire_dtype, insecure=insecure, config_dir=config_dir,
                         cache_dir=cache_dir, leave_out=not keep_all,
                         link_settings=link_settings(heartbeat_timeout), rejoin_timeout_s=rejoin_timeout,
-                        replan=replan, announce=announce, always_plan=True, speculate=speculate, draft=draft)
+                        replan=replan, resume_timeout_s=resume_timeout, announce=announce, always_plan=True,
+                        speculate=speculate, draft=draft)
     forming = GroupFormation(opts)
     service = GenerationService(None, status=forming.status, queue_size=queue_size, model_name=served_model_id(model))
     def ready(engine) -> None:
@@ -102,6 +108,7 @@ def _leave_on_sigterm(signum, frame) -> None:
 
 def link_settings(heartbeat_timeout_s: float):
     """LinkSettings for a --heartbeat-timeout: beats every quarter of it (at most 1 s apart)."""
+    # imported when the command runs: keeps `tpi --help` fast
     from tpi.transport.keeper import LinkSettings
 
     if heartbeat_timeout_s <= 0:
@@ -111,6 +118,7 @@ def link_settings(heartbeat_timeout_s: float):
 
 def served_model_id(model: str | None) -> str:
     """The id /v1/models shows: the model file's name without its extension."""
+    # imported when the command runs: keeps `tpi --help` fast
     from tpi.formats import DEFAULT_MODEL_FILE
 
     return Path(model or DEFAULT_MODEL_FILE).name.removesuffix(".gguf").removesuffix(".tpis")
@@ -118,6 +126,7 @@ def served_model_id(model: str | None) -> str:
 
 def show_plan(plan) -> None:
     """Print the planner's table for the real group (stderr), before any weight loads."""
+    # imported when the command runs: keeps `tpi --help` fast
     from tpi.cli.table_text import print_tables
     from tpi.devices.plan_report import plan_tables
 
@@ -138,6 +147,7 @@ class GroupFormation:
         threading.Thread(target=self._form, args=(server,), name="tpi-group-formation", daemon=True).start()
 
     def _form(self, server) -> None:
+        # imported when the command runs: keeps `tpi --help` fast
         from tpi.master import start_group
 
         try:
@@ -149,6 +159,7 @@ class GroupFormation:
             server.should_exit = True  # serve exits and reports the error
 
     def on_event(self, event) -> None:
+        # imported when the command runs: keeps `tpi --help` fast
         from tpi.master.events import DeviceJoined, GroupPlanned, WaitingForDevices
 
         if isinstance(event, WaitingForDevices):
@@ -198,36 +209,48 @@ def join(
         "--reconnect-timeout", help="seconds to keep reconnecting to a lost master before giving up")] = 60.0,
 ) -> None:
     """Join a group as a worker: fetch and cache the shard, then compute steps until stopped."""
+    try:  # a KeyboardInterrupt is how a user leaves the group
+        token = read_token(token, token_file)
+        if heartbeat_timeout is not None and heartbeat_timeout <= 0:
+            raise TpiError(f"--heartbeat-timeout {heartbeat_timeout} must be positive (seconds)")
+        run_join(master, token, name, cache_dir, key_dir, threads=threads, backend=backend,
+                 memory_budget=parse_size(memory_budget), insecure=insecure, profile_file=profile_file,
+                 discover_timeout=discover_timeout, data_endpoint=data_endpoint,
+                 heartbeat_timeout=heartbeat_timeout, reconnect_timeout=reconnect_timeout)
+    except KeyboardInterrupt:
+        typer.echo("left the group", err=True)
+
+
+def run_join(master: str | None, token: str, name: str, cache_dir: Path, key_dir: Path, *, threads: int | None,
+             backend: str, memory_budget: int | None, insecure: bool, profile_file: Path | None,
+             discover_timeout: float = 15.0, data_endpoint: str | None = None,
+             heartbeat_timeout: float | None = None, reconnect_timeout: float = 60.0) -> None:
+    """`tpi join` once its options are read (also a local worker's, tpi.cli.local_worker)."""
+    # imported when the command runs: keeps `tpi --help` fast
     import logging
 
     from tpi.devices.profile import handshake_profile
     from tpi.model.backends import backend_choice_note, resolve_backend
     from tpi.worker import WorkerOptions, run_worker
 
-    try:  # a KeyboardInterrupt is how a user leaves the group
-        token = read_token(token, token_file)
-        if heartbeat_timeout is not None and heartbeat_timeout <= 0:
-            raise TpiError(f"--heartbeat-timeout {heartbeat_timeout} must be positive (seconds)")
-        budget = parse_size(memory_budget)
-        requested, backend = backend, resolve_backend(backend)
-        logging.getLogger("tpi.worker").info(backend_choice_note(requested, backend))
-        if master is None:
-            from tpi.transport.discovery import find_master
+    requested, backend = backend, resolve_backend(backend)
+    logging.getLogger("tpi.worker").info(backend_choice_note(requested, backend))
+    if master is None:
+        from tpi.transport.discovery import find_master  # zeroconf: only without an address
 
-            master = find_master(token, discover_timeout).endpoint
-        profile = handshake_profile(cache_dir / "profile", backend=backend, threads=threads, name=name,
-                                    memory_budget=budget, profile_file=profile_file)
-        run_worker(WorkerOptions(master=master, token=token, name=name, cache_dir=cache_dir / "shards",
-                                 key_dir=key_dir, backend=backend, threads=threads,
-                                 memory_budget=budget, insecure=insecure, profile=profile,
-                                 data_endpoint=data_endpoint, heartbeat_timeout_s=heartbeat_timeout,
-                                 reconnect_s=max(0.0, reconnect_timeout)))
-    except KeyboardInterrupt:
-        typer.echo("left the group", err=True)
+        master = find_master(token, discover_timeout).endpoint
+    profile = handshake_profile(cache_dir / "profile", backend=backend, threads=threads, name=name,
+                                memory_budget=memory_budget, profile_file=profile_file)
+    run_worker(WorkerOptions(master=master, token=token, name=name, cache_dir=cache_dir / "shards",
+                             key_dir=key_dir, backend=backend, threads=threads,
+                             memory_budget=memory_budget, insecure=insecure, profile=profile,
+                             data_endpoint=data_endpoint, heartbeat_timeout_s=heartbeat_timeout,
+                             reconnect_s=max(0.0, reconnect_timeout)))
 
 
 def read_token(token: str, token_file: Path | None) -> str:
     """The join token from --token / TPI_TOKEN, or from --token-file ('-' = stdin); TpiError when absent."""
+    # imported when the command runs: keeps `tpi --help` fast
     import sys
 
     if token_file is not None:
@@ -242,7 +265,7 @@ def read_token(token: str, token_file: Path | None) -> str:
             raise TpiError(f"the token file {token_file} is empty; write the token tpi serve printed into it")
     if not token:
         raise TpiError("no join token; pass the token tpi serve printed with --token, TPI_TOKEN or --token-file")
-    from tpi.transport.security import parse_token
+    from tpi.transport.security import parse_token  # lazy: keeps `tpi --help` fast
 
     parse_token(token)  # a mistyped token fails now, before the device spends seconds measuring itself
     return token.strip()
@@ -251,6 +274,7 @@ def read_token(token: str, token_file: Path | None) -> str:
 @token_app.command("show")
 def token_show(config_dir: ConfigDir = DEFAULT_CONFIG_DIR) -> None:
     """Print the current join token."""
+    # imported when the command runs: keeps `tpi --help` fast
     from tpi.transport.security import master_token
 
     typer.echo(master_token(config_dir))
@@ -259,6 +283,7 @@ def token_show(config_dir: ConfigDir = DEFAULT_CONFIG_DIR) -> None:
 @token_app.command("rotate")
 def token_rotate(config_dir: ConfigDir = DEFAULT_CONFIG_DIR) -> None:
     """Issue a new join token; devices already admitted stay admitted."""
+    # imported when the command runs: keeps `tpi --help` fast
     from tpi.transport.security import rotate_token
 
     typer.echo(rotate_token(config_dir))

@@ -43,6 +43,7 @@ def run(
     stats_json: Annotated[Optional[Path], typer.Option("--stats-json", help="write stats as JSON to this file")] = None,
 ) -> None:
     """Run one chat turn (or raw completion), streaming the answer to stdout."""
+    # imported when the command runs: keeps `tpi --help` fast
     from tpi.master import GroupOptions, start_group
     from tpi.master.sampler import SamplingParams
     from tpi.scheduler.overhead import peak_rss_bytes
@@ -90,6 +91,7 @@ def engine_stats(engine) -> dict:
 
 
 def print_stats(report: dict) -> None:
+    # imported when the command runs: keeps `tpi --help` fast
     from rich.table import Table
 
     from tpi.cli.table_text import print_tables
@@ -111,6 +113,7 @@ def perplexity(
     backend: Backend = "auto",
 ) -> None:
     """Perplexity over one window of a text file (llama.cpp's method); the last number printed is it."""
+    # imported when the command runs: keeps `tpi --help` fast
     from tpi.master import EngineOptions, build_local_engine
     from tpi.master.perplexity import window_perplexity
 
@@ -131,6 +134,7 @@ def convert(
     keep_bf16_above: Annotated[Optional[float], typer.Option("--keep-bf16-above", help="with --quant: keep bf16 where the relative RMS error exceeds this")] = None,
 ) -> None:
     """Write a model as tpi's native file (GGUF types kept), with a per-tensor conversion report."""
+    # imported when the command runs: keeps `tpi --help` fast
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table

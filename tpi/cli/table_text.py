@@ -36,7 +36,7 @@ def print_tables(*tables: Table | None, stderr: bool = False) -> None:
     stream = sys.stderr if stderr else sys.stdout
     shown = [t for t in tables if t is not None]
     if stream.isatty():
-        from rich.console import Console
+        from rich.console import Console  # a terminal only
 
         console = Console(stderr=stderr)
         for t in shown:

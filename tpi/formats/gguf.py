@@ -11,6 +11,9 @@ from tpi.model.config import ARCHITECTURES, ModelConfig, RopeScaling, supported_
 from tpi.model.rope import adjacent_pair_index
 from tpi.errors import ModelFormatError, UnsupportedArchitectureError
 from tpi.formats.gguf_file import GGUFFile, GGUFFormatError
+from tpi.model.tokenizer import LlamaCppTokenizer
+from tpi.quant.formats import GGML_TYPES, ggml_fmt, slice_rows, take_rows
+from tpi.quant.gguf_import import import_tensor, unsupported_type
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +92,8 @@ def read_config(reader: GGUFFile, path: Path) -> ModelConfig:
     n_rot = int(reader.value(f"{arch}.rope.dimension_count", head_dim))
     if n_rot != head_dim:
         raise UnsupportedArchitectureError(
-            f"{path}: partial rotary embeddings ({arch}.rope.dimension_count {n_rot} of head_dim {head_dim}) "
-            "are not supported yet")
+            f"{path}: partial rotary embeddings ({arch}.rope.dimension_count {n_rot} of head_dim {head_dim}, as in "
+            "Phi-4-mini) are not supported yet; use a model that rotates whole heads (Phi-3 does)")
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
         raise ModelFormatError(f"{path}: tensor token_embd.weight is missing")
@@ -153,9 +156,6 @@ class GGUFSource:
         self.config = read_config(self.reader, path)
         self._tensors = {t.name: t for t in self.reader.tensors}
         self.notes: dict[str, object] = {}  # per-tensor import notes (every type is kept as it is)
-        from tpi.quant.formats import GGML_TYPES
-        from tpi.quant.gguf_import import unsupported_type
-
         for t in self.reader.tensors:  # refuse the file now, not after a group has formed
             if t.tensor_type.name not in GGML_TYPES:
                 raise ModelFormatError(f"{path}: {unsupported_type(t.tensor_type.name, tuple(reversed(t.shape)))}")
@@ -191,17 +191,12 @@ class GGUFSource:
 
     def weight_fmt(self, name: str) -> str:
         """The fmt `load(name)` gives this matrix ("ggml:Q4_K", "f32", ...), from the header alone."""
-        from tpi.quant.formats import ggml_fmt
-
         if not self.has(name):
             raise ModelFormatError(f"{self.path}: tensor {self.gguf_name(name)} is missing")
         return ggml_fmt(self.raw_type(name))  # every type was checked when the file was opened
 
     def load(self, name: str):
         """Canonical tensor -> QTensor (matrices) or float32 array (vectors)."""
-        from tpi.quant.formats import slice_rows, take_rows
-        from tpi.quant.gguf_import import import_tensor
-
         gname, rows = self._locate(name)
         t = self._tensors.get(gname)
         if t is None:
@@ -225,6 +220,4 @@ class GGUFSource:
         return out
 
     def tokenizer(self):
-        from tpi.model.tokenizer import LlamaCppTokenizer
-
         return LlamaCppTokenizer(self.path, self.metadata)

@@ -15,6 +15,9 @@ import numpy as np
 from tpi.model.blocks import BLOCK_NAME, GLOBALS, block_of, fused_name, part_rows
 from tpi.model.config import ModelConfig, config_from_dict
 from tpi.errors import ModelFormatError
+from tpi.model.tokenizer import HFTokenizer, LlamaCppTokenizer
+from tpi.quant.formats import slice_rows
+from tpi.scheduler.store import ShardStore
 
 NATIVE_FORMAT = "tpi-native-2"  # 2: GGUF-typed blocks, q|k|v and gate|up possibly unfused
 READABLE_FORMATS = ("tpi-native-1", NATIVE_FORMAT)  # 1: q4g32 / q8 / bf16 blocks, always fused
@@ -27,8 +30,6 @@ class NativeSource:
     kind = "native"
 
     def __init__(self, path: Path):
-        from tpi.scheduler.store import ShardStore
-
         self.store = ShardStore.open(path)
         meta = self.store.meta
         if meta.get("format") not in READABLE_FORMATS:
@@ -43,8 +44,6 @@ class NativeSource:
 
     def load(self, name: str):
         """A canonical tensor, sliced back out of its (possibly fused) block: views, no copy."""
-        from tpi.quant.formats import slice_rows
-
         cfg = self.config
         if not name.startswith("layers."):
             g = self._block(GLOBALS)
@@ -67,11 +66,8 @@ class NativeSource:
 
     def tokenizer(self):
         if self._kind == "hf":
-            from tpi.model.tokenizer import HFTokenizer
-
             return HFTokenizer(Path(str(self.path) + ".tokenizer"))
-        from tpi.formats.gguf import open_gguf
-        from tpi.model.tokenizer import LlamaCppTokenizer
+        from tpi.formats.gguf import open_gguf  # the gguf package loads only for a GGUF-tokenized model
 
         vocab = Path(str(self.path) + VOCAB_SUFFIX)
         if not vocab.is_file():

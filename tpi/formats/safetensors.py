@@ -8,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tpi.model.config import ARCHITECTURES, ModelConfig, RopeScaling
+from tpi.model.config import ARCHITECTURES, ModelConfig, RopeScaling, supported_architectures
 from tpi.errors import ModelFormatError, UnsupportedArchitectureError
 from tpi.model.rope import adjacent_pair_index
-from tpi.quant.formats import BF16, F32, GGML_QUANTIZABLE, GGML_TYPES, QTensor, ggml_fmt, quant_error, quantize
+from tpi.model.tokenizer import HFTokenizer
+from tpi.quant.gguf_import import ImportNote
+from tpi.quant.formats import (BF16, F32, GGML_QUANTIZABLE, GGML_TYPES, QTensor, bf16_bits_to_f32, ggml_fmt, quant_error,
+                               quantize)
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32}
 _LAYER = {
@@ -23,6 +26,7 @@ _LAYER = {
     "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
 }
 _GLOBAL = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
+HF_ARCHS = ("llama", "mistral", "qwen2")  # the others (qwen3, gemma3, phi3) load from GGUF
 
 
 def read_hf_config(folder: Path, names: set[str]) -> ModelConfig:
@@ -31,9 +35,13 @@ def read_hf_config(folder: Path, names: set[str]) -> ModelConfig:
         raise ModelFormatError(f"{folder}: config.json is missing; a Hugging Face model folder needs it")
     c = json.loads(path.read_text())
     arch = c.get("model_type")
-    if arch not in ARCHITECTURES:
+    if arch not in HF_ARCHS:
+        known = arch in ARCHITECTURES or arch == "gemma3_text"
         raise UnsupportedArchitectureError(
-            f"{folder}: unknown model architecture '{arch}'; tpi supports {', '.join(sorted(ARCHITECTURES))}"
+            f"{folder}: tpi reads {arch} models from GGUF files only; convert the folder with llama.cpp's "
+            "convert_hf_to_gguf.py" if known else
+            f"{folder}: unknown model architecture '{arch}'; tpi runs {supported_architectures()} "
+            f"(from a Hugging Face folder: {', '.join(HF_ARCHS)})"
         )
     try:
         hidden, n_heads = int(c["hidden_size"]), int(c["num_attention_heads"])
@@ -183,8 +191,6 @@ class HFSource:
 
     def _quantized(self, name: str, ref: np.ndarray, dtype: str) -> QTensor:
         """ref in the --quant type (bf16 instead where its error is above keep_bf16_above), noted."""
-        from tpi.quant.gguf_import import ImportNote
-
         qt = quantize(ref, ggml_fmt(self.quant))
         measure = self.measure_error or self.keep_bf16_above is not None
         err = quant_error(ref, qt) if measure else None
@@ -195,12 +201,10 @@ class HFSource:
         return qt
 
     def tokenizer(self):
-        from tpi.model.tokenizer import HFTokenizer
-
         return HFTokenizer(self.path)
 
 
 def _to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
-        return (a.astype(np.uint32) << 16).view(np.float32)
+        return bf16_bits_to_f32(a)
     return a.astype(np.float32)

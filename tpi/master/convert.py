@@ -1,16 +1,22 @@
 """`tpi convert`: cut a model as a group of one would and write it as tpi's native file (GGUF types kept)."""
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from tpi.devices.slicing import plan_shards
 from tpi.errors import ModelFormatError
 from tpi.formats.native import NATIVE_FORMAT, VOCAB_SUFFIX
+from tpi.master.shard import iter_rank_blocks
+from tpi.model.blocks import block_keys
 from tpi.model.config import config_to_dict
+from tpi.scheduler.store import write_store
 
 
 def _copy_metadata(reader, out: Path) -> None:
     """Write a GGUF with the source's key/values and no tensors (tokenizer and hyperparameters)."""
+    # The gguf package (~0.3 s to import) is needed only to write a GGUF model's vocabulary file.
     import gguf
 
     from tpi.formats.gguf_file import GGUFArray
@@ -33,11 +39,6 @@ def _copy_metadata(reader, out: Path) -> None:
 
 def convert(source, out: Path, progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Write `source` as native files; returns the per-tensor import notes."""
-    from tpi.devices.slicing import plan_shards
-    from tpi.scheduler.store import write_store
-    from tpi.master.shard import iter_rank_blocks
-    from tpi.model.blocks import block_keys
-
     cfg = source.config
     (shard,) = plan_shards(cfg, [1.0])
     total = len(block_keys(cfg.n_layers))
@@ -55,8 +56,6 @@ def convert(source, out: Path, progress: Callable[[str, int, int], None] | None 
     if source.kind == "gguf":
         _copy_metadata(source.reader, Path(str(out) + VOCAB_SUFFIX))
     else:
-        import shutil
-
         folder = Path(str(out) + ".tokenizer")
         folder.mkdir(exist_ok=True)
         for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -17,6 +17,7 @@ from tpi.master.generate import Generation, SequenceState, run_sequence
 from tpi.master.sampler import SamplingParams
 from tpi.model.config import PREFILL_CHUNK
 from tpi.model.rows import Rows
+from tpi.quant.formats import dequantize, take_rows
 from tpi.transport.protocol import ALL_LOGITS, EXACT_ROWS, Step
 
 DEFAULT_CONTEXT = 4096
@@ -55,14 +56,14 @@ class Engine:
         self.reuse_prefix = False
         self.speculator = None  # tpi.master.speculation.Speculator: k drafts verified per forward
         self.lock = threading.Lock()
+        self.epoch = 0  # counts communicator swaps: a step that failed before one may resume after it
+        self.resume = None  # tpi.master.resume.Resumer of a group that re-forms after a device loss
 
     @property
     def comm(self):
         return self.model.comm
 
     def embed(self, ids: Sequence[int]) -> np.ndarray:
-        from tpi.quant.formats import dequantize, take_rows
-
         h = dequantize(take_rows(self.embed_table, np.asarray(ids, dtype=np.int64)))  # (T, hidden) float32
         scale = self.cfg.embed_scale
         return h if scale == 1.0 else h * np.float32(scale)  # gemma3: sqrtf(hidden), in fp32 as llama.cpp
@@ -123,12 +124,14 @@ class Engine:
         """Run the next steps through `comm` (recovery); every rank's cache is suspect, so it starts over."""
         with self.lock:  # a running request fails within its timeout and lets go of the lock
             self.model.comm = comm
+            self.epoch += 1
             self.reset()
 
     def adopt(self, model, embed) -> None:
         """Take over a re-planned group's rank 0 (model and embedding); the old weights are closed."""
         with self.lock:
             old, self.model, self.embed_table = self.model.weights, model, embed
+            self.epoch += 1
             self.reset()
         old.close()
 
@@ -152,5 +155,8 @@ class Engine:
         check_prompt(len(prompt), self.context)
         seq = SequenceState.start(prompt, params, min(max_tokens, self.context - len(prompt)), self.tokenizer,
                                   stop=stop, ignore_eos=ignore_eos)
+        emit = on_text or (lambda s: None)
+        if self.resume is not None:  # a group: a device loss pauses the sequence (tpi.master.resume)
+            return self.resume.run(self, seq, emit, cancel)
         with self.lock:
-            return run_sequence(self, seq, on_text or (lambda s: None), cancel)
+            return run_sequence(self, seq, emit, cancel)

@@ -145,6 +145,30 @@ class DeviceRejoined(GroupEvent):
 
 
 @dataclass(frozen=True)
+class LocalWorkerRestarted(GroupEvent):
+    kind = "restarted"
+    device: str
+    restarts: int
+
+    def __str__(self) -> str:
+        return f"local worker {self.device} died; restarted it (restart {self.restarts}), it rejoins from its cache"
+
+
+@dataclass(frozen=True)
+class RequestResumed(GroupEvent):
+    """A request that a device loss interrupted went on streaming on the re-formed group."""
+
+    kind = "resumed"
+    paused_s: float
+    cause: str
+    replayed_tokens: int  # prompt + tokens already streamed, computed again on the re-formed group
+
+    def __str__(self) -> str:
+        return (f"request resumed after a {self.paused_s:.1f}s pause ({self.cause}); "
+                f"{self.replayed_tokens} tokens re-prefilled")
+
+
+@dataclass(frozen=True)
 class ServingAgain(GroupEvent):
     world: int
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from tpi.devices.group_plan import (Candidate, RealPlan, cost_params, load_trans
 from tpi.devices.profile import DeviceProfile, cached_or_measured, model_bench_shapes
 from tpi.errors import GroupError, TpiError
 from tpi.master.events import DeviceJoined, DeviceLeftOut, LinkMeasured
+from tpi.master.local_workers import LocalWorker
 from tpi.master.options import GroupOptions
 from tpi.quant.ggml_runtime import idle_cores as ggml_idle_cores
 from tpi.scheduler.overhead import runtime_overhead_bytes
@@ -48,12 +48,12 @@ def idle_cores(backend: str, cores: int) -> int:
 
 
 def spawn_local_workers(opts: GroupOptions, port: int, token: str, threads: int,
-                        profile: dict | None = None) -> list[subprocess.Popen]:
+                        profile: dict | None = None) -> list[LocalWorker]:
     """Start opts.local_workers `tpi join` processes on this machine (the token goes in their environment)."""
     procs = []
     env = dict(os.environ, TPI_TOKEN=token)  # never in argv: any local user can read a command line (ps)
     for i in range(opts.local_workers):
-        cmd = [sys.executable, "-m", "tpi", "join", f"127.0.0.1:{port}",
+        cmd = [sys.executable, "-m", "tpi.cli.local_worker", f"127.0.0.1:{port}",
                "--name", f"local-{i + 1}", "--cache-dir", str(opts.cache_dir / f"local-{i + 1}"),
                "--key-dir", str(opts.config_dir / f"local-{i + 1}"), "--threads", str(threads),
                "--backend", opts.worker_backend]
@@ -66,7 +66,7 @@ def spawn_local_workers(opts: GroupOptions, port: int, token: str, threads: int,
             cmd += ["--memory-budget", str(opts.worker_memory_budget)]
         if opts.insecure:
             cmd.append("--insecure")
-        procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env))
+        procs.append(LocalWorker(f"local-{i + 1}", cmd, env))
     return procs
 
 

@@ -31,6 +31,7 @@ class Generation:
     decode_s: float = 0.0
     ttft_s: float = 0.0
     speculation: dict = field(default_factory=dict)  # SpeculationStats.as_dict() when a speculator ran
+    pauses: list[dict] = field(default_factory=list)  # device losses survived: paused_s, cause (tpi.master.resume)
 
     @property
     def decode_tokens(self) -> int:
@@ -48,6 +49,8 @@ class Generation:
             "ttft_s": self.ttft_s,
             "finish_reason": self.finish_reason,
             **self.speculation,
+            "paused_s": sum(p["paused_s"] for p in self.pauses),
+            "pause_cause": "; ".join(p["cause"] for p in self.pauses),
         }
 
 

@@ -97,6 +97,7 @@ class Group:
             "plan": self.plan,
             "reason": self.reason,
             **(self.supervisor.status() if self.supervisor else {}),
+            **(self.engine.resume.status() if self.engine.resume else {}),
         }
 
     # ---- the narrow API recovery uses ----

@@ -15,6 +15,9 @@ def check_wire_dtype(wire_dtype: str | None) -> None:
         raise TpiError(f"--wire-dtype {wire_dtype!r} is not a wire dtype; use one of {', '.join(REDUCE_DTYPES)}")
 
 
+REPLAN_S = 120.0  # what a paused request allows a re-plan, after the rejoin timeout
+
+
 @dataclass(frozen=True)
 class GroupOptions:
     model: str | None = None
@@ -42,6 +45,7 @@ class GroupOptions:
     link_settings: object = None  # tpi.transport.link.LinkSettings
     rejoin_timeout_s: float = 30.0  # how long a lost device has to rejoin before the group re-plans
     replan: bool = True  # re-plan over the remaining devices when a lost one does not rejoin
+    resume_timeout_s: float | None = None  # how long a request waits for the group to re-form; None = resume_bound_s
     announce: bool = False  # announce the group on the LAN (mDNS) so `tpi join --token T` finds it (tpi serve)
     speculate: str = "off"  # auto | off | lookup (tpi.master.speculation); the CLI's default is auto
     draft: str | None = None  # a draft model for speculation (--draft); None = prompt lookup
@@ -53,6 +57,12 @@ class GroupOptions:
     @property
     def speculation(self):
         return SpeculationOptions(self.speculate, self.draft)
+
+    @property
+    def resume_bound_s(self) -> float:
+        """The longest a paused request waits for the group to serve again: the rejoin timeout, then a
+        re-plan (its joins, shards cut again, workers loaded). A degraded group fails it at once."""
+        return self.resume_timeout_s if self.resume_timeout_s is not None else self.rejoin_timeout_s + REPLAN_S
 
     @property
     def world(self) -> int:

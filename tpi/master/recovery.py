@@ -3,8 +3,11 @@
 A `GroupSupervisor` thread owns the master link's join queue once the group has formed. It
 
 * refuses devices that join a full group (with the `--devices` fix),
-* notices a lost device (heartbeat timeout, or it left) and puts the group in `recovering`:
-  requests then fail at once with a 503 naming the device, instead of waiting on it,
+* notices a lost device (its connection closed or its local process ended: at once; silent past the
+  heartbeat timeout; or it left) and puts the group in `recovering`: a running request pauses and
+  resumes on the re-formed group (tpi.master.resume), and ends with a 503 naming the device only if
+  the group cannot re-form,
+* restarts a local worker whose process died (tpi.master.local_workers): it rejoins from its cache,
 * admits the same device (same name) back into its rank when it rejoins: same shard, so a
   worker with its cache transfers nothing, and the master's next request prefills again,
 * after `rejoin_timeout_s` without it, re-forms the group over the remaining devices (they are
@@ -24,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from tpi.errors import GroupError, GroupUnavailableError, TpiError
-from tpi.master.events import Degraded, DeviceLost, DeviceRejoined, GroupEvent, Replanned, Replanning, ServingAgain
+from tpi.master.events import (Degraded, DeviceLost, DeviceRejoined, GroupEvent, LocalWorkerRestarted, Replanned,
+                               Replanning, ServingAgain)
 from tpi.master.options import GroupOptions
 
 log = logging.getLogger(__name__)
@@ -100,6 +104,7 @@ class GroupSupervisor:
                 join = self.link.next_join(timeout=POLL_S)
                 if join is not None:
                     self._on_join(join)
+                self._watch_local_workers()
                 self._notice_lost()
                 self._after_rejoin_timeout()
             except TpiError as e:  # the link is closing, or one recovery step failed: say so, go on
@@ -110,7 +115,7 @@ class GroupSupervisor:
                 log.exception("group supervisor failed a step")
                 time.sleep(POLL_S)
 
-    def _report(self, event: GroupEvent) -> None:
+    def report(self, event: GroupEvent) -> None:
         if event.kind:
             self.events.append(event)
         self.on_event(event)
@@ -128,9 +133,21 @@ class GroupSupervisor:
             self.lost_since[d.rank] = self.clock()
             names = ", ".join(f"{x.name} (rank {x.rank})" for x in self.group.lost_devices())
             then = "then re-planning over the other devices" if self.opts.replan else "re-planning is off"
+            self.report(DeviceLost(d.name, d.rank, d.reason, self.opts.rejoin_timeout_s))
             self._unavailable("recovering", f"the group lost device {names}: {d.reason}; waiting up to "
                                             f"{self.opts.rejoin_timeout_s:.0f}s for it to rejoin, {then}")
-            self._report(DeviceLost(d.name, d.rank, d.reason, self.opts.rejoin_timeout_s))
+
+    def _watch_local_workers(self) -> None:
+        """A local worker whose process ended is lost at once, and started again (it rejoins from its cache)."""
+        for proc in self.group.procs:
+            if not proc.died():
+                continue
+            device = next((d for d in self.group.devices[1:] if d.name == proc.name), None)
+            if device is not None and device.state != "lost":  # lost first, so that its rejoin is taken back
+                self.link.lose(self.group.peer_id(device.rank), f"its process ended (exit code {proc.returncode})")
+            elif proc.restart_due() and not self._stopping.is_set():
+                log.warning("%s", proc.restart())
+                self.report(LocalWorkerRestarted(proc.name, proc.restarts))
 
     def _on_join(self, join) -> None:
         lost = [d for d in self.group.lost_devices() if d.name == join.name]
@@ -158,14 +175,14 @@ class GroupSupervisor:
             log.warning("%s", self.group.note(device.rank, f"rejoined but did not get ready: {e}"))
             return
         self.group.mark_back(device.rank, sent, join.address, f"rejoined after {away:.1f}s")
-        self._report(DeviceRejoined(join.name, device.rank, round(away, 1)))
+        self.report(DeviceRejoined(join.name, device.rank, round(away, 1)))
         self.comm = comm
         self.lost_since.pop(device.rank, None)
         if self.group.lost_devices():
             self._unavailable(self.group.state, self.group.reason)
             return
         self.group.enter("serving", "", comm)
-        self._report(ServingAgain(len(self.group.devices)))
+        self.report(ServingAgain(len(self.group.devices)))
         comm.broadcast_truncate(0, 0)  # a worker still inside the abandoned step leaves it now
 
     def _after_rejoin_timeout(self) -> None:
@@ -183,14 +200,14 @@ class GroupSupervisor:
 
     def _degrade(self, reason: str) -> None:
         self._unavailable("degraded", reason)
-        self._report(Degraded(reason))
+        self.report(Degraded(reason))
 
     def _replan(self, lost_names: str) -> None:
         """Ask the remaining workers to join again and form a smaller group over them."""
         survivors = [d for d in self.group.devices[1:] if d.state != "lost"]
         world = 1 + len(survivors)
         self._unavailable("re-planning", f"re-planning over {world} device(s) after losing {lost_names}")
-        self._report(Replanning(world, lost_names))
+        self.report(Replanning(world, lost_names))
         self.comm.broadcast_stop(f"the group is re-planned over {world} device(s) after losing {lost_names}",
                                  rejoin=True)
         self.link.forget_ranks()
@@ -205,4 +222,4 @@ class GroupSupervisor:
         self.comm = formed.engine.comm
         self.lost_since.clear()
         self.group.enter("serving")
-        self._report(Replanned(world, tuple(d.name for d in formed.devices)))
+        self.report(Replanned(world, tuple(d.name for d in formed.devices)))

@@ -1,7 +1,10 @@
 """Which kernel backend a device runs (ggml, numpy, torch) and the layers object that computes with it."""
 from __future__ import annotations
 
+import importlib.util
+
 from tpi.errors import TpiError
+from tpi.quant.kernels import backend_available
 
 AUTO_BACKENDS = ("ggml", "numpy")  # what --backend auto tries, best first; torch only when asked by name
 BACKEND_EXTRAS = {"ggml": "worker-fast", "torch": "all"}  # the pip extra that brings each optional backend
@@ -10,8 +13,6 @@ TORCH_ARCHS = ("llama", "mistral", "qwen2")  # the families TorchLayers computes
 
 def resolve_backend(requested: str) -> str:
     """'auto' -> the first of AUTO_BACKENDS this device can load; a named backend, checked that it loads."""
-    from tpi.quant.kernels import backend_available
-
     if requested == "auto":
         return next(b for b in AUTO_BACKENDS if backend_available(b))  # numpy is always there
     if backend_available(requested):
@@ -22,8 +23,6 @@ def resolve_backend(requested: str) -> str:
 
 
 def _why_missing(backend: str) -> str:
-    import importlib.util
-
     module = {"ggml": "llama_cpp"}.get(backend, backend)
     if importlib.util.find_spec(module) is not None:
         return f"{backend} did not load from the installed {module} (see the log)"
@@ -38,6 +37,21 @@ def backend_choice_note(requested: str, chosen: str) -> str:
     return f"kernel backend: {chosen} ({'; '.join(['auto', *notes])})"
 
 
+def backend_refusal(backend: str, arch: str) -> str | None:
+    """Why a backend cannot run an architecture's models, or None when it can."""
+    if backend == "torch" and arch not in TORCH_ARCHS:
+        return (f"the torch backend does not run {arch} models (it runs {', '.join(TORCH_ARCHS)}); "
+                "use --backend ggml (the default) or --backend numpy")
+    return None
+
+
+def check_runs(backend: str, arch: str) -> None:
+    """TpiError naming the fix when a (resolved) backend cannot run an architecture."""
+    why = backend_refusal(backend, arch)
+    if why:
+        raise TpiError(why)
+
+
 def make_layers(backend: str, cfg, shard, context: int, threads: int | None, slots: int = 1):
     """The per-block maths for a backend: the one place that picks ggml, torch or numpy.
 
@@ -45,23 +59,21 @@ def make_layers(backend: str, cfg, shard, context: int, threads: int | None, slo
     """
     backend = resolve_backend(backend)
     if backend == "ggml":
-        from tpi.quant.ggml_lib import load_ggml
+        from tpi.quant.ggml_lib import load_ggml  # each backend's layers load only when chosen (torch: ~1 s)
 
         load_ggml()  # GgmlUnavailableError (a TpiError naming the fix) when ggml cannot run here
-        from tpi.model.layers_ggml import GgmlLayers
+        from tpi.model.layers_ggml import GgmlLayers  # (loaded only when chosen)
 
         return GgmlLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads, slots=slots)
+    check_runs(backend, cfg.arch)
     if backend == "torch":
-        if cfg.arch not in TORCH_ARCHS:
-            raise TpiError(f"the torch backend does not run {cfg.arch} models (it runs {', '.join(TORCH_ARCHS)}); "
-                           "use --backend ggml (the default) or --backend numpy")
         try:
-            from tpi.model.layers_torch import TorchLayers
+            from tpi.model.layers_torch import TorchLayers  # (loaded only when chosen)
         except ImportError:
             raise TpiError("torch is not installed; install the full engine with pip install 'tpi[all]'") from None
         return TorchLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads, slots=slots)
     if backend == "numpy":
-        from tpi.model.layers_numpy import NumpyLayers
+        from tpi.model.layers_numpy import NumpyLayers  # (loaded only when chosen)
 
         return NumpyLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads, slots=slots)
     raise TpiError(f"unknown backend '{backend}'; use ggml, torch or numpy")

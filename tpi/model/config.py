@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from tpi.errors import UnsupportedArchitectureError
+from tpi.errors import ProtocolError, UnsupportedArchitectureError
 
 PREFILL_CHUNK = 512  # tokens per forward pass at most; bounds activation memory on every rank
 
@@ -137,8 +137,6 @@ def layer_name(i: int, short: str) -> str:
 
 def config_to_dict(cfg: ModelConfig) -> dict:
     """JSON/msgpack-able form, sent to workers in their assignment."""
-    from dataclasses import asdict
-
     d = asdict(cfg)
     d["rope_freq_factors"] = list(cfg.rope_freq_factors) if cfg.rope_freq_factors else None
     d["swa_layers"] = list(cfg.swa_layers)
@@ -147,10 +145,6 @@ def config_to_dict(cfg: ModelConfig) -> dict:
 
 def config_from_dict(d: dict) -> ModelConfig:
     """Inverse of config_to_dict; validates field names and types (it crosses the wire)."""
-    from dataclasses import fields
-
-    from tpi.errors import ProtocolError
-
     if not isinstance(d, dict):
         raise ProtocolError("model config must be a mapping")
     names = {f.name: f for f in fields(ModelConfig)}

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tpi.errors import TpiError
 from tpi.model.config import ModelConfig
 from tpi.model.blocks import EMBED, UNFUSED_PARTS
+from tpi.model.rope import inverse_frequencies
 from tpi.model.rows import Rows, as_rows
 from tpi.quant.kernel_forms import prepare_unfused
 from tpi.quant.kernels import get_backend
@@ -27,8 +28,6 @@ KV = torch.float32  # KV cache, queries and attention
 
 def rope_table(cfg: ModelConfig, context: int) -> torch.Tensor:
     """Complex rotations [context, head_dim/2] for adjacent-pair RoPE (llama3 scaling folded in)."""
-    from tpi.model.rope import inverse_frequencies
-
     inv = torch.from_numpy(inverse_frequencies(cfg))  # [hd/2] float64
     angles = torch.outer(torch.arange(context, dtype=torch.float64), inv)
     return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)

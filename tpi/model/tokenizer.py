@@ -19,7 +19,7 @@ END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "
 
 def render_chat(template: str, messages: list[dict], bos: str, eos: str, add_generation_prompt: bool = True) -> str:
     """Render a Hugging Face style Jinja chat template in a sandbox."""
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError  # only chat templates need jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str):
@@ -54,6 +54,10 @@ class Tokenizer:
     def token_text(self, token: int) -> str:
         return self.token_bytes(token).decode("utf-8", errors="replace")
 
+    def special_text(self, token: int) -> str:
+        """A token's own text, special ones included ("<s>", "</s>"): what a chat template's bos_token is."""
+        raise NotImplementedError
+
     def decode(self, ids: list[int]) -> str:
         return b"".join(self.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
 
@@ -63,8 +67,9 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         if not self.chat_template:
             raise ModelFormatError("this model has no chat template; use --raw to send the prompt as is")
-        bos = self.token_text(self.bos_id) if self.bos_id is not None else ""
-        eos = self.token_text(self.eos_id) if self.eos_id is not None else ""
+        # token_text is what a reply shows (nothing for control and stop tokens); a template writes the tokens
+        bos = self.special_text(self.bos_id) if self.bos_id is not None else ""
+        eos = self.special_text(self.eos_id) if self.eos_id is not None else ""
         text = render_chat(self.chat_template, messages, bos, eos, add_generation_prompt)
         ids = self.encode(text, add_bos=True, special=True)
         if len(ids) >= 2 and ids[0] == ids[1] == self.bos_id:  # template wrote BOS and so did the tokenizer
@@ -99,7 +104,7 @@ class LlamaCppTokenizer(Tokenizer):
 
     def __init__(self, path: Path, metadata):
         try:
-            import llama_cpp
+            import llama_cpp  # optional: GGUF tokenizers only
         except ImportError:
             raise ModelFormatError("llama-cpp-python is needed to tokenize GGUF models; pip install 'tpi[all]'") from None
         self._llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
@@ -115,6 +120,9 @@ class LlamaCppTokenizer(Tokenizer):
         # add_bos=True means "as the model's metadata says" (llama.cpp's add_special).
         return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
+    def special_text(self, token: int) -> str:
+        return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
     def token_bytes(self, token: int) -> bytes:
         b = self._cache.get(token)
         if b is None:
@@ -126,7 +134,7 @@ class HFTokenizer(Tokenizer):
     """`tokenizers` with the chat template and special tokens from tokenizer_config.json."""
 
     def __init__(self, folder: Path):
-        from tokenizers import Tokenizer as HFTok
+        from tokenizers import Tokenizer as HFTok  # optional: Hugging Face folders only
 
         tj = folder / "tokenizer.json"
         if not tj.is_file():
@@ -151,6 +159,9 @@ class HFTokenizer(Tokenizer):
         if add_bos and self._add_bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
+
+    def special_text(self, token: int) -> str:
+        return self._tok.decode([token], skip_special_tokens=False)
 
     def token_bytes(self, token: int) -> bytes:
         if token in self.stop_ids:

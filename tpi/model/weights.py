@@ -19,33 +19,25 @@ prepare zero-copy. Pinned and streamed blocks are budgeted at the size their ker
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
+import tracemalloc
 from dataclasses import replace
 
 import numpy as np
 
+from tpi.errors import ModelFormatError
 from tpi.model.blocks import EMBED, GLOBALS  # rank 0's embedding is mapped, not copied
-from tpi.model.config import PREFILL_CHUNK
 from tpi.model.transformer import ResidentWeights
+from tpi.quant.formats import Q4G32, Q4G32_PREPACKED, slice_rows
+from tpi.quant.kernel_forms import kernel_block
+from tpi.scheduler.budget import activation_bytes, kv_cache_bytes, plan_budget, resident_block_sizes
+from tpi.scheduler.overhead import runtime_overhead_bytes
+from tpi.scheduler.prefetch import BlockScheduler
+from tpi.scheduler.store import ShardStore, write_store
 
 log = logging.getLogger(__name__)
-
-MiB = 1 << 20
-Q4G32 = "q4g32"  # tpi.quant.formats.Q4G32, named here so this module stays import-light
-
-
-def activation_bytes(cfg, shard, context: int, chunk: int = PREFILL_CHUNK) -> int:
-    """Upper estimate of transient memory for one prefill chunk on this rank."""
-    t = min(chunk, context)
-    qkv = (shard.n_q_heads + 2 * shard.n_kv_heads) * cfg.head_dim
-    per_token = cfg.hidden * 16 + qkv * 8 + len(shard.inter) * 12 + len(shard.vocab) * 4
-    scores = t * context * shard.n_q_heads * 4  # attention probabilities if materialised
-    return t * per_token + scores
-
-
-def kv_cache_bytes(cfg, shard, context: int, itemsize: int = 4) -> int:
-    return 2 * cfg.n_layers * shard.n_kv_heads * context * cfg.head_dim * itemsize
 
 
 def _layers_kv_bytes(layers, cfg, shard, context: int) -> tuple[int, int]:
@@ -54,7 +46,7 @@ def _layers_kv_bytes(layers, cfg, shard, context: int) -> tuple[int, int]:
     for name in ("k_cache", "v_cache"):
         c = getattr(layers, name, None)
         if c is None:
-            return kv_cache_bytes(cfg, shard, context), 0
+            return kv_cache_bytes(cfg, shard.n_kv_heads, context), 0
         caches += list(c) if isinstance(c, (list, tuple)) else [c]  # one array, or one per layer
     total = sum(int(c.nbytes) for c in caches)
     # torch.zeros writes every page now; np.zeros gets lazily zeroed pages, resident once written.
@@ -74,8 +66,6 @@ def kernel_layout(layers, store=None):
         return own
     if not _converts_store(layers, store):
         return None
-    from tpi.quant.kernel_forms import kernel_block
-
     name = getattr(layers.kernels, "capability", None) or layers.kernels.name
     return name, lambda block: kernel_block(layers.kernels, block, keep=(EMBED,))
 
@@ -87,8 +77,6 @@ def prepacks(layers, store=None) -> bool:
 
 def _converts_store(layers, store=None) -> bool:
     """torch on a CPU with a verified int4 layout, or a torch / numpy backend on GGUF types."""
-    from tpi.quant.formats import Q4G32_PREPACKED
-
     if getattr(layers.kernels, "kernel_form", None) is None:
         return False
     if getattr(layers.kernels, "capability", None) in Q4G32_PREPACKED:
@@ -128,10 +116,6 @@ def conversion_bytes(store, layers) -> int:
 
 def _conversion_ratio(layers, qt, rows: int = 256) -> float:
     """Peak bytes allocated by to_runtime per stored byte, on the first rows of `qt` (tracemalloc)."""
-    import tracemalloc
-
-    from tpi.quant.formats import slice_rows
-
     part = slice_rows(qt, 0, min(rows, qt.shape[0]))  # owned copies: the stored bytes are not counted
     tracing = tracemalloc.is_tracing()
     if not tracing:
@@ -147,69 +131,29 @@ def _conversion_ratio(layers, qt, rows: int = 256) -> float:
 
 
 def planned_block_sizes(store, embed_mapped: bool, layers=None) -> list[tuple[str, int]]:
-    """(key, resident bytes) per block; a mapped embedding is not resident. With `layers`, matrices
-    count at the size their kernels hold (`kernels.resident_nbytes`), not as stored."""
-    resident = getattr(getattr(layers, "kernels", None), "resident_nbytes", None)
-    sizes = []
-    for key, nbytes in store.block_sizes():
-        if key == GLOBALS and embed_mapped:
-            nbytes -= _embed_nbytes(store)
-        if resident is not None:
-            block = store.load(key, copy=False)
-            nbytes += sum(resident(t) - t.nbytes for name, t in block.items()
-                          if name != EMBED and not isinstance(t, np.ndarray))
-        sizes.append((key, nbytes))
-    return sizes
-
-
-def _embed_nbytes(store) -> int:
-    if GLOBALS not in store.keys():
-        return 0
-    t = store.load(GLOBALS, copy=False).get(EMBED)
-    return 0 if t is None else sum(a.nbytes for a in t.arrays.values())
+    """(key, resident bytes) per block; with `layers`, matrices count at what their kernels hold."""
+    resident = getattr(getattr(layers, "kernels", None), "resident_nbytes", None)  # numpy / torch convert; ggml not
+    return resident_block_sizes(store, embed_mapped, resident)
 
 
 def plan_memory(store, layers, cfg, shard, context: int, budget: int, *, runtime_overhead: int | None = None,
                 setup_rss: int = 0, prepacked: bool | None = None):
-    """The WindowPlan for this rank under `budget` bytes; BudgetError (nothing loaded) if it cannot fit.
+    """The WindowPlan for this rank under `budget` bytes (tpi.scheduler.budget.plan_budget).
 
     `runtime_overhead` overrides the measurement (tests and the planner's what-ifs). `setup_rss`
-    is what this process held while opening the model (the master's parsed model file, freed
-    before the plan): the budget must cover that moment too. `prepacked`: blocks stream from a
+    is what this process held while opening the model. `prepacked`: blocks stream from a
     kernel-layout copy, so no repack transient (default: whether these layers use one).
     """
-    from tpi.errors import BudgetError
-    from tpi.scheduler.overhead import runtime_overhead_bytes
-    from tpi.scheduler.window import plan_window
-
     kv_total, kv_resident = _layers_kv_bytes(layers, cfg, shard, context)
     if prepacked is None:
         prepacked = prepacks(layers, store)
     converting = 0 if prepacked else conversion_bytes(store, layers)
     if runtime_overhead is None:
         runtime_overhead = max(0, runtime_overhead_bytes() - kv_resident)
-
-    def plan(for_budget: int):
-        return plan_window(
-            planned_block_sizes(store, embed_mapped=True, layers=layers),
-            for_budget,
-            kv_cache_bytes=kv_total,
-            activation_bytes=activation_bytes(cfg, shard, context) + converting,
-            runtime_overhead_bytes=runtime_overhead,
-            always_pinned=[GLOBALS] if GLOBALS in store.keys() else [],
-        )
-
-    if budget < setup_rss:
-        try:
-            plan(setup_rss)
-        except BudgetError:  # serving needs more than setup did: refuse with that (larger) minimum
-            return plan(budget)
-        raise BudgetError(
-            f"memory budget {budget / MiB:.1f} MiB is too small: the minimum feasible budget is "
-            f"{setup_rss / MiB:.1f} MiB ({setup_rss} bytes = what this process held while opening the "
-            f"model); raise --memory-budget to at least {setup_rss / MiB:.1f} MiB"
-        )
-    return plan(budget)
+    return plan_budget(planned_block_sizes(store, embed_mapped=True, layers=layers), budget, kv_cache=kv_total,
+                       activations=activation_bytes(cfg, shard, context) + converting,
+                       runtime_overhead=runtime_overhead, setup_rss=setup_rss,
+                       always_pinned=[GLOBALS] if GLOBALS in store.keys() else [])
 
 
 def _owned_copy(t):
@@ -226,8 +170,6 @@ def _return_freed_blocks_to_the_os(threshold: int = 1 << 20) -> None:
     buffers come from heap arenas that do not shrink: measured here, peak RSS of a streamed 7B-shape
     shard fell from 814 to 677 MiB under an 800 MiB budget. No-op off glibc.
     """
-    import ctypes
-
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; a fixed value also stops the dynamic raise
@@ -322,9 +264,6 @@ def kernel_layout_store(store, layers):
     unverified CPUs) or the copy cannot be written (read-only directory, full disk: logged, and
     streaming repacks).
     """
-    from tpi.errors import ModelFormatError
-    from tpi.scheduler.store import ShardStore, write_store
-
     layout = kernel_layout(layers, store)
     if layout is None:
         return store
@@ -368,8 +307,6 @@ def open_store_weights(store, layers, cfg, shard, context: int, budget: int | No
             blocks[key] = layers.to_runtime(store.load(key, copy=True))
             store.release(key)
         return ResidentWeights(blocks)
-    from tpi.scheduler.prefetch import BlockScheduler
-
     _return_freed_blocks_to_the_os()
     plan = plan_memory(store, layers, cfg, shard, context, budget, runtime_overhead=runtime_overhead,
                        setup_rss=setup_rss)

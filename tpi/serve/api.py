@@ -5,6 +5,7 @@ import asyncio
 import hmac
 import json
 import logging
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -326,8 +327,6 @@ class ResponseShape:
 
 def bind_listener(host: str, port: int):
     """A listening TCP socket for the API; a taken port is a TpiError naming the fix."""
-    import socket
-
     try:
         family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -345,7 +344,7 @@ def serve_api(service: GenerationService, host: str = "127.0.0.1", port: int = 8
 
     on_server(server) receives the uvicorn server, so another thread can stop it (should_exit).
     """
-    import uvicorn
+    import uvicorn  # the server only: tests drive create_app's app in-process
 
     app = create_app(service, api_key=api_key, model_name=model_name)
     sock = bind_listener(host, port)

@@ -79,7 +79,7 @@ class RemoteChat:
     """The conversation runs on an OpenAI-compatible server (`tpi serve` or any other) over HTTP."""
 
     def __init__(self, url: str, api_key: str | None = None, model: str | None = None, timeout_s: float = 600.0):
-        import httpx
+        import httpx  # remote chat only: local chat starts without it
 
         base = url.rstrip("/")
         self.base = base if base.endswith("/v1") else base + "/v1"
@@ -88,7 +88,7 @@ class RemoteChat:
         self.model_name = model or self._first_model()
 
     def _get(self, path: str) -> dict:
-        import httpx
+        import httpx  # remote chat only: local chat starts without it
 
         try:
             r = self.http.get(self.base + path)
@@ -118,7 +118,7 @@ class RemoteChat:
 
     def _stream(self, body: dict, turn: Turn, stop: threading.Event) -> None:
         """Read the SSE stream; leaving early closes the connection, which cancels the server's work."""
-        import httpx
+        import httpx  # remote chat only: local chat starts without it
 
         t0 = time.perf_counter()
         first = None

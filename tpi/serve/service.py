@@ -97,6 +97,9 @@ class ServiceStats:
     failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    pauses: int = 0  # device losses requests were paused across and resumed after (tpi.master.resume)
+    paused_s: float = 0.0
+    last_pause: str = ""  # the last pause's length and cause
     last: dict = field(default_factory=dict)  # Generation.stats() of the last finished request
     recent_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=16))
 
@@ -227,6 +230,10 @@ class GenerationService:
             st.cancelled += gen.finish_reason == "cancelled"
             st.prompt_tokens += gen.prompt_tokens
             st.completion_tokens += len(gen.tokens)
+            st.pauses += len(gen.pauses)
+            st.paused_s += sum(p["paused_s"] for p in gen.pauses)
+            if gen.pauses:
+                st.last_pause = f"{gen.pauses[-1]['paused_s']:.2f}s: {gen.pauses[-1]['cause']}"
             st.last = gen.stats()
             st.recent_s.append(time.monotonic() - started)
         ticket.emit(ServiceEvent("done", generation=gen))
@@ -250,6 +257,9 @@ class GenerationService:
                 "failed": st.failed,
                 "total_prompt_tokens": st.prompt_tokens,
                 "total_completion_tokens": st.completion_tokens,
+                "pauses": st.pauses,
+                "paused_s": st.paused_s,
+                "last_pause": st.last_pause,
                 "last": dict(st.last),
             }
 

@@ -10,6 +10,7 @@ import io
 import json
 import queue
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,9 +110,9 @@ def describe_device(d: dict) -> str:
         parts.append(f"({d['address']})")
     if d.get("state"):
         parts.append(str(d["state"]))
-    share = d.get("share") or {}
-    if "n_q_heads" in share:
-        parts.append(f"{share['n_q_heads']} heads")
+    heads = (d.get("share") or {}).get("q_heads")  # [start, stop), as devices.slicing.shard_to_dict writes it
+    if heads:
+        parts.append(f"{heads[1] - heads[0]} heads")
     return " ".join(parts)
 
 
@@ -128,8 +129,6 @@ def _fmt(v) -> str:
 
 def wait_turn(turn, on_text, cancelled: bool = False, timeout: float | None = None) -> TurnResult | None:
     """Drain a turn's events; returns its result (None if it did not finish within timeout)."""
-    import time
-
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
@@ -195,7 +194,7 @@ def run_plain(session: ChatSession, stdin=None, stdout=None) -> int:
 
 def run_tui(session: ChatSession, console=None) -> int:
     """The interactive chat: markdown streaming, slash commands, status line, Ctrl-C handling."""
-    from rich.console import Console
+    from rich.console import Console  # rich only for the terminal UI, not piped mode
 
     return _tui_loop(session, console or Console())
 
@@ -205,7 +204,7 @@ def streaming_terminal(stream):
     """While an answer streams: no echo (an echoed ^C or keystroke shifts the live region, so the
     answer's first lines show twice) and NOFLSH (Ctrl-C must not discard queued output)."""
     try:
-        import termios
+        import termios  # POSIX terminals only
 
         fd = stream.fileno()
         saved = termios.tcgetattr(fd)
@@ -265,7 +264,7 @@ def _tui_loop(session: ChatSession, console) -> int:
 
 
 def _show_command(console, out: CommandOutput) -> None:
-    from rich.table import Table
+    from rich.table import Table  # (terminal UI only)
 
     if out.message:
         console.print(f"[yellow]{out.message}[/]")
@@ -280,7 +279,7 @@ def _show_command(console, out: CommandOutput) -> None:
 
 def _answer(console, session: ChatSession, line: str) -> tuple[TurnResult | None, bool]:
     """Stream one answer as markdown; returns (result or None on error, whether Ctrl-C stopped it)."""
-    from rich.live import Live
+    from rich.live import Live  # (terminal UI only)
     from rich.markdown import Markdown
 
     text: list[str] = []
