@@ -13,7 +13,7 @@ decoding by GAIN_MARGIN. k = 0 is plain decoding: chosen whenever no k pays, e.g
 text where lookups rarely match, or on one CPU device where an extra row costs nearly a whole
 step. While it speculates nothing, prompt lookup is still consulted (it costs microseconds) and its
 first guess scored against the token that came, so the rate stays measured; every PROBE_EVERY
-plain steps one k = 1 step re-measures the costs.
+plain steps (doubling while it does not pay, up to 256) one k = 1 step re-measures the costs.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from tpi.master.drafters import DraftModel, PromptLookup
 from tpi.master.sampler import SamplingParams, sample, token_rng
 
 MODES = ("auto", "off", "lookup")
-PROBE_EVERY = 16
+PROBE_EVERY = 16  # plain steps between probes, at first
+MAX_PROBE_EVERY = 256
 PRIOR_ACCEPT = (0.5, 4.0)  # (rate, weight in trials) before anything is measured
 DECAY = 0.95  # weight kept per new trial: the rate follows the last ~20 trials
 PRIOR_ROW_COST = 0.25  # extra rows cost this fraction of a one-row forward each until measured
@@ -76,6 +77,7 @@ class KPolicy:
         self._rows: deque[float] = deque(maxlen=COST_SAMPLES)  # extra seconds per row of recent verify steps
         self.draft_s = 0.0
         self.plain_streak = 0
+        self.probe_every = PROBE_EVERY  # doubles after each probe that does not bring speculation back
         self._timed: set[int] = set()  # row counts seen once: the first step of a shape builds its graphs
 
     @property
@@ -99,8 +101,11 @@ class KPolicy:
         if k > 0 and expected_tokens(self.acceptance, k) / (self.t1 + k * (self._row_s + self.draft_s)) \
                 < GAIN_MARGIN / self.t1:
             k = 0  # a predicted gain within the noise of the measurements is no gain
-        if k == 0 and self.plain_streak >= PROBE_EVERY:
+        if k > 0:
+            self.probe_every = PROBE_EVERY
+        elif self.plain_streak >= self.probe_every:
             k = 1  # costs re-measured now and then: one slow step must not keep speculation off for good
+            self.probe_every = min(MAX_PROBE_EVERY, 2 * self.probe_every)
         return _step_size(k)
 
     @property
