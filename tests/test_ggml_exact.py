@@ -59,3 +59,19 @@ def test_rows_per_call_follows_the_kernel_thresholds():
     assert rows_per_call("F16", False) == 1 and rows_per_call("IQ4_NL", False) == 1
     assert rows_per_call("Q6_K", False) == 7 and rows_per_call("Q4_K", True) == 3
     assert rows_per_call("Q4_0", False) is None and rows_per_call("Q4_0", True) is None
+
+
+def test_numpy_ranks_compute_exact_rows_row_by_row(tiny_gguf, tmp_path):
+    """Layers without exact rows (numpy) run an exact step block by block, row by row: a decode step's bits."""
+    group = start_group(GroupOptions(model=str(tiny_gguf("tiny_llama_q4_0")), context=128, backend="numpy",
+                                     config_dir=tmp_path / "config", cache_dir=tmp_path / "cache"))
+    try:
+        engine = group.engine
+        ids = [int(t) for t in np.random.default_rng(2).integers(3, engine.cfg.vocab, 40)]
+        engine.prefill(ids[:30])
+        want = decode_rows(engine, ids[:29], ids[29:29 + 6])
+        engine.truncate(30)
+        got = engine.forward(ids[29:29 + 6], 29, all_positions=True, exact=True)
+        np.testing.assert_array_equal(got, want)
+    finally:
+        group.close()

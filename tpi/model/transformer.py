@@ -125,7 +125,7 @@ class Transformer:
         L, W = self.layers, self.weights
         singles = [Rows.sequence(int(p), 1, slot=int(s)) for p, s in zip(rows.positions, rows.row_slots)]
 
-        def per_row(fn, *args):
+        def per_row(fn, args):
             parts = [np.asarray(L.to_numpy(fn(h[t:t + 1], *args(t))), dtype=np.float32) for t in range(len(singles))]
             return L.hidden_from_numpy(np.concatenate(parts))
 
