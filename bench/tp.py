@@ -2,6 +2,7 @@
 
     python bench/tp.py [--model PATH | --synthetic llama-0.8b] [--backend torch] [--wires f32,bf16,int8]
                        [--tokens 32] [--rounds 1] [--delays-ms 1,5] [--smoke] [--insecure]
+                       [--prompt story] [--llama-cpp]
 
 Each configuration runs in its own process (so peak RSS is per configuration), the group's
 worker in another (`tpi join`, one thread). The delayed links put tests/netproxy.py's
@@ -10,9 +11,11 @@ data). Every group row runs once per wire dtype of the partial sums (--wires). W
 the whole list of configurations runs R times in turn, and each row reports the median over
 rounds of its ms/token and of its ratio to the best single device of the same round.
 
-The star allreduce's floor is 2 hops x one-way latency x 2 allreduces x layers per token; the
-table shows it next to what was measured. --synthetic llama-0.8b is issue 18's 0.8B Llama-shaped
-Q4_0 target (random weights, bench/synthetic.py).
+The allreduce's floor is hops x one-way latency x 2 allreduces x layers per token (1 hop for two
+ranks on the f32 wire, which swap partials; 2 for the star's round trip); the table shows it next
+to what was measured. --synthetic llama-0.8b is issue 18's 0.8B Llama-shaped Q4_0 target (random
+weights, bench/synthetic.py); --llama-cpp adds llama-cpp-python's decode and a tok/s ratio to it
+(bench/tp_paired.py measures that target with every engine alive, in turns).
 
 --speculation: issue 18's speculative-decoding rows instead: one device and the 2-device group
 through the 1 ms proxy, each generating greedily on a prompt-grounded edit (bench/spec_prompts.py:
@@ -36,8 +39,13 @@ from common import median, peak_rss_bytes, print_machine, print_table, ratio, ru
 
 from tpi.transport.keeper import free_port_pair  # noqa: E402
 
-PROMPT = ("Tensor parallelism splits every layer of a language model across several devices, "
-          "so that each one computes a share of the heads and of the MLP. Explain how")
+PROMPTS = {
+    "tp": ("Tensor parallelism splits every layer of a language model across several devices, "
+           "so that each one computes a share of the heads and of the MLP. Explain how"),
+    # issue 18's open-ended task
+    "story": ("Write a short story about a lighthouse keeper who finds a message in a bottle. "
+              "Once upon a time, on a rocky island far from the coast,"),
+}
 
 
 def _zmq_echo(ports) -> None:
@@ -78,11 +86,11 @@ def loopback_rtt_s(rounds: int = 300, size: int = 4096) -> float:
 
 # ---- one configuration (child process) ----------------------------------------------------------
 
-def measure(engine, tokens: int) -> dict:
-    """Prefill PROMPT, then time `tokens` greedy decode steps one by one."""
+def measure(engine, tokens: int, prompt: str) -> dict:
+    """Prefill the prompt, then time `tokens` greedy decode steps one by one."""
     import numpy as np
 
-    ids = engine.tokenizer.encode(PROMPT, add_bos=True, special=True)
+    ids = engine.tokenizer.encode(PROMPTS[prompt], add_bos=True, special=True)
     logits = engine.forward(ids, 0)  # warm-up: first-touch allocations, kernel init
     engine.forward([int(np.argmax(logits[-1]))], len(ids))
     engine.reset()
@@ -133,9 +141,28 @@ def _comm_bytes(stats) -> int:
     return stats.bytes_sent + stats.bytes_received
 
 
+def measure_llama_cpp(model: str, threads: int, tokens: int, prompt: str) -> dict:
+    """llama-cpp-python's own decode of the same prompt (the anchor of issue 18's 0.8B target)."""
+    from single_device import LlamaCppRunner
+    from single_device import measure as measure_runner
+
+    from tpi.formats.gguf import GGUFSource
+
+    source = GGUFSource(Path(model))
+    ids = source.tokenizer().encode(PROMPTS[prompt], add_bos=True, special=True)
+    runner = LlamaCppRunner(model, threads, len(ids) + tokens + 16)
+    runner.step(runner.prefill(ids), len(ids))  # warm-up, as measure() does
+    _, decode_tps, prefill_s = measure_runner(runner, ids, tokens)
+    return {"prompt_tokens": len(ids), "prefill_s": prefill_s, "token_s": 1.0 / decode_tps, "tokens": tokens,
+            "allreduce_s": 0.0, "bytes": 0, "layers": source.config.n_layers,
+            "rss": [peak_rss_bytes()]}
+
+
 def run_config(cfg: dict) -> dict:
     from tpi.master import GroupOptions, start_group
 
+    if cfg["kind"] == "llama.cpp":
+        return measure_llama_cpp(cfg["model"], cfg["threads"], cfg["tokens"], cfg["prompt"])
     tmp = Path(cfg["tmp"])
     common = dict(model=cfg["model"], config_dir=tmp / "config", cache_dir=tmp / "cache", insecure=cfg["insecure"],
                   threads=cfg["threads"], backend=cfg["backend"], worker_backend=cfg["backend"])
@@ -154,7 +181,7 @@ def run_config(cfg: dict) -> dict:
             worker_pid = helpers[-1].pid
         try:
             result = (measure_speculation(group.engine, cfg["tokens"], cfg["rounds"]) if cfg.get("speculation")
-                      else measure(group.engine, cfg["tokens"]))
+                      else measure(group.engine, cfg["tokens"], cfg["prompt"]))
             result["rss"] = [peak_rss_bytes()] + ([peak_rss_bytes(worker_pid)] if worker_pid else [])
         finally:
             group.close()
@@ -221,7 +248,8 @@ def configurations(args, cores: int) -> list[tuple[str, str, int, float, str, fl
     """(label, kind, threads, one-way delay s, wire, Mbit/s or 0) in run order; group rows once per wire."""
     wires = args.wires.split(",")
     delays = [float(d) / 1e3 for d in args.delays_ms.split(",") if d][: 1 if args.smoke else None]
-    configs = [] if args.smoke else [(f"1 device, {cores} threads", "single", cores, 0.0, "-", 0.0)]
+    configs = [(f"llama.cpp, {cores} threads", "llama.cpp", cores, 0.0, "-", 0.0)] if args.llama_cpp else []
+    configs += [] if args.smoke else [(f"1 device, {cores} threads", "single", cores, 0.0, "-", 0.0)]
     configs += [("1 device, 1 thread", "single", 1, 0.0, "-", 0.0)]
     # smoke: the proxied row covers the group path; plain loopback groups are what the tests start
     configs += [] if args.smoke else [(f"N=2 loopback, 1 thread each, {w}", "loopback", 1, 0.0, w, 0.0)
@@ -244,6 +272,9 @@ def main() -> None:
     ap.add_argument("--delays-ms", default="1,5", help="one-way delays of the proxied links")
     ap.add_argument("--mbit", type=float, default=10.0,
                     help="also the first delay capped at this bandwidth each way (0: no such rows)")
+    ap.add_argument("--prompt", choices=sorted(PROMPTS), default="tp", help="the prompt prefilled before decoding")
+    ap.add_argument("--llama-cpp", action="store_true",
+                    help="also llama-cpp-python's decode (all cores, same prompt ids): a tok/s ratio column")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, few tokens: checks the bench runs")
     ap.add_argument("--insecure", action="store_true", help="no CURVE encryption on the group links")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
@@ -280,7 +311,7 @@ def main() -> None:
             for i, (label, kind, threads, delay, wire, mbit) in enumerate(configs):
                 cfg = {"kind": kind, "threads": threads, "delay_s": delay, "model": model, "tokens": tokens,
                        "insecure": args.insecure, "tmp": str(tmp / f"c{i}"), "smoke": args.smoke,
-                       "backend": args.backend, "wire": wire, "mbit": mbit}
+                       "backend": args.backend, "wire": wire, "mbit": mbit, "prompt": args.prompt}
                 print(f"running (round {round_ + 1}/{args.rounds}): {label}", file=sys.stderr, flush=True)
                 out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], stdout=subprocess.PIPE,
                                      text=True, check=True, timeout=1800)
@@ -331,18 +362,23 @@ def speculation_rows(args, model: str | None, tmp: Path, tokens: int) -> None:
 def report(rounds: list[list[dict]], rtt: float, args, model: str | None) -> None:
     # Anchor: the faster single-device run of the same round (2 threads can lose badly to 1 on a busy 2-core machine).
     anchors = [min(r["token_s"] for r in row if r["kind"] == "single") for row in rounds]
+    # issue 18's 0.8B target: tokens/s against llama.cpp's own decode in the same round
+    cpp = [[r["token_s"] for r in row if r["kind"] == "llama.cpp"] for row in rounds]
     rows = []
     for i, r in enumerate(rounds[0]):
         runs = [row[i] for row in rounds]
         token_s = median([x["token_s"] for x in runs])
         vs = median([x["token_s"] / a for x, a in zip(runs, anchors)])
+        vs_cpp = [f"{median([c[0] / x['token_s'] for x, c in zip(runs, cpp)]):.2f}x"] if cpp[0] else []
         layers, n = r["layers"], r["tokens"]
-        one_way = r["delay_s"] + rtt / 2 if r["kind"] != "single" else 0.0
-        ideal = 2 * one_way * 2 * layers  # star: 2 hops per allreduce, 2 allreduces per layer
+        group = r["kind"] not in ("single", "llama.cpp")
+        one_way = r["delay_s"] + rtt / 2 if group else 0.0
+        hops = 1 if r["wire"] == "f32" else 2  # two ranks on f32 swap partials; the star's round trip otherwise
+        ideal = hops * one_way * 2 * layers  # 2 allreduces per layer
         rss = [f"{b / 2**20:.0f}" for b in r["rss"]]
         ar = median([x["allreduce_s"] for x in runs]) / n / layers * 1e3
-        rows.append([r["label"], token_s * 1e3, f"{vs:.2f}x",
-                     ar if r["kind"] != "single" else "-",
+        rows.append([r["label"], token_s * 1e3, f"{vs:.2f}x", *vs_cpp,
+                     ar if group else "-",
                      ideal / layers * 1e3 if ideal else "-", ideal * 1e3 if ideal else "-",
                      r["bytes"] / n / 1024, " / ".join(rss)])
     print_machine()
@@ -351,10 +387,11 @@ def report(rounds: list[list[dict]], rtt: float, args, model: str | None) -> Non
     print_table(
         f"Decode per token, {name}, backend {args.backend}, {rounds[0][0]['prompt_tokens']}-token prompt, "
         f"median of {rounds[0][0]['tokens']} tokens" + (f", median of {len(rounds)} rounds" if len(rounds) > 1 else ""),
-        ["configuration", "ms/token", "vs best 1 device", "allreduce ms/layer", "ideal ms/layer", "ideal ms/token",
+        ["configuration", "ms/token", "vs best 1 device", *(["tok/s vs llama.cpp"] if cpp[0] else []), "allreduce ms/layer", "ideal ms/layer", "ideal ms/token",
          "KiB/token", "peak RSS MiB (rank 0 / 1)"],
         rows,
-        notes=[f"ideal = star allreduce floor: 2 hops x one-way latency x 2 allreduces x {layers} layers; "
+        notes=[f"ideal = allreduce floor: hops x one-way latency x 2 allreduces x {layers} layers, 1 hop with the f32 "
+               "wire (the two ranks swap partials), 2 with bf16/int8 (the star's round trip); "
                f"loopback one-way latency taken as half the measured {rtt * 1e6:.0f} us pyzmq round trip between "
                "two processes.",
                "allreduce time is rank 0's wait inside allreduce (includes waiting for the slower rank's compute).",

@@ -10,7 +10,7 @@ from rich.table import Table
 from tpi.model.config import ModelConfig
 from tpi.devices.group_plan import device_status, plan_summary
 from tpi.devices.costmodel import (WIRE_BYTES, CostParams, LinkProfile, Prediction, WeightProfile, compare_allreduce,
-                                   star_terms, wire_convert_s)
+                                   rank_load, star_terms, wire_convert_s)
 from tpi.devices.planner import GroupPlan, PlanDevice, plan_group
 from tpi.devices.profile import DeviceProfile
 from tpi.devices.shapes import model_shape
@@ -138,9 +138,25 @@ def render_plan(plan: GroupPlan, prediction: Prediction | None = None) -> Table:
         f"communication {pred.comm_per_token_s * 1e3:.1f} ms/token, bound by {pred.bottleneck}",
     ]
     lines.append(plan.granularity)
+    lines += moe_lines(plan, pred)
     lines += [f"left out {name}: {why}" for name, why in plan.excluded]
     table.caption = "\n".join(lines)
     return table
+
+
+def moe_lines(plan: GroupPlan, pred: Prediction) -> list[str]:
+    """A MoE plan's expert figures: stored expert bytes against those a token reads, the placement and why."""
+    cfg = plan.config
+    if not cfg.is_moe:
+        return []
+    loads = [rank_load(cfg, s, pred.params) for s in plan.shards]
+    held = sum(l.expert_bytes for l in loads) * cfg.n_layers
+    read = max(l.active_expert_bytes for l in loads) * cfg.n_layers
+    lines = [f"experts: {cfg.n_experts} per layer, top {cfg.n_experts_used}; {_gb(held)} GB held across the group, "
+             f"{_gb(read)} GB read per token on the busiest rank"]
+    if plan.experts_reason and len(plan.shards) > 1:
+        lines.append(f"experts placed {plan.experts_placement}: {plan.experts_reason}")
+    return lines
 
 
 def render_wires(plan: GroupPlan) -> Table | None:
@@ -205,6 +221,11 @@ def plan_json(plan: GroupPlan, acceptance: float = ASSUMED_ACCEPTANCE) -> dict[s
                            "predicted_tokens_per_s": round(pred.tokens_per_s, 3),
                            "communication_ms_per_token": round(pred.comm_per_token_s * 1e3, 3),
                            "context": pred.params.context, "prompt_tokens": pred.params.prompt_tokens}
+    if plan.config.is_moe:
+        loads = [rank_load(plan.config, s, pred.params) for s in plan.shards]
+        out["experts"] = {"placement": plan.experts_placement, "reason": plan.experts_reason,
+                          "expert_bytes": [l.expert_bytes * plan.config.n_layers for l in loads],
+                          "active_expert_bytes_per_token": [l.active_expert_bytes * plan.config.n_layers for l in loads]}
     out["devices"] = [{"rank": r, "name": d.name, **device_status(plan, r, d.link if r else None),
                        "predicted_disk_ms": round(pred.ranks[r].stream_s * 1e3, 3)}
                       for r, d in enumerate(plan.devices)]
@@ -223,7 +244,7 @@ def plan_json(plan: GroupPlan, acceptance: float = ASSUMED_ACCEPTANCE) -> dict[s
 def plan_command(model: str | ModelConfig, devices_path: Path | str, *, weight_format: str = "int4",
                  context: int = 2048, prompt_tokens: int = 128, allow_streaming: bool = True,
                  wire_dtype: str | None = None, weights: WeightProfile | None = None,
-                 master_full_duplex: bool = False) -> GroupPlan:
+                 experts: str | None = None, master_full_duplex: bool = False) -> GroupPlan:
     """Plan MODEL (a shape name or a ModelConfig) on the devices in a TOML file (`tpi plan` prints it).
 
     weights: the model file's own types (bytes per weight and column blocks); None: weight_format's.
@@ -231,7 +252,8 @@ def plan_command(model: str | ModelConfig, devices_path: Path | str, *, weight_f
     cfg = model_shape(model) if isinstance(model, str) else model
     devices = load_devices_file(devices_path)
     params = CostParams(weight_format=weight_format, context=context, prompt_tokens=prompt_tokens,
-                        kv_position=min(context, 512), weights=weights, master_full_duplex=master_full_duplex)
+                        kv_position=min(context, 512), weights=weights, experts=experts,
+                        master_full_duplex=master_full_duplex)
     return plan_group(cfg, devices, params, allow_streaming=allow_streaming, wire_dtype=wire_dtype)
 
 

@@ -158,7 +158,7 @@ def test_paper_smoke_compares_tpi_with_accelerate_offload(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", [
-    "tp.py", "memory.py", "costmodel.py", "backends.py", "star_floor.py",
+    "tp.py", "tp_paired.py", "memory.py", "costmodel.py", "backends.py", "star_floor.py", "moe.py",
 ])
 def test_other_benchmarks_smoke(script):
     if not (BENCH / script).exists():

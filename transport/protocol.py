@@ -20,7 +20,8 @@ from tpi.transport.wire import INT8_BLOCK, REDUCE_DTYPES, from_bf16, to_bf16  # 
 # 2: the int8 block wire dtype (Partial/Reduced and Assign.wire_dtype)
 # 3: typed controls (Step rows and flags, Truncate, Stop.rejoin, Probe/ProbeEcho, Assign's own fields)
 # 4: Assign.slots (KV slots per rank) and steps over many slots (continuous batching)
-PROTOCOL_VERSION = 4
+# 5: two ranks on the f32 wire swap Partials (the worker sums; no Reduced comes back)
+PROTOCOL_VERSION = 5
 MAX_SLOTS = 1024  # KV slots per rank, and so sequences in one step: far above any --parallel
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_FRAME = 256 << 20
@@ -268,7 +269,7 @@ class Step(Message):
 
 @_msg(8, ("op", "uint"), ("x", "tensor"))
 class Partial(Message):
-    """Worker -> master: my partial sum for allreduce number ``op`` of step ``seq``."""
+    """A rank's partial sum for allreduce ``op`` of step ``seq``: worker -> master (both ways in a swap)."""
 
     op: int
     x: np.ndarray

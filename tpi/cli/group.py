@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tpi.cli.options import (DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Backend, Budget, CacheDir, ConfigDir, Context,
+from tpi.cli.options import (DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Backend, Budget, CacheDir, ConfigDir, Context, Experts,
                              Insecure, LocalWorkers, ModelArg, Threads, WireDtype, Speculate, Draft, parse_size, reports_errors, say)
 from tpi.errors import TpiError
 
@@ -31,6 +31,7 @@ def serve(
     wire_dtype: WireDtype = None,
     speculate: Speculate = "auto",
     draft: Draft = None,
+    experts: Experts = None,
     ratios: Annotated[Optional[str], typer.Option("--ratios", help="split ratios by rank, e.g. 2,1 (default: planned from device profiles)")] = None,
     keep_all: Annotated[bool, typer.Option("--keep-all", help="never leave a joined device out, even if the planner predicts it slows the group")] = False,
     threads: Threads = None,
@@ -69,7 +70,7 @@ def serve(
         raise TpiError(f"--ratios '{ratios}' must be numbers separated by commas, e.g. 2,1") from None
     opts = GroupOptions(model=model, devices=devices, local_workers=local_workers, host=host, port=port,
                         context=context, threads=threads, backend=backend, memory_budget=parse_size(memory_budget),
-                        ratios=parsed, wire_dtype=wire_dtype, insecure=insecure, config_dir=config_dir,
+                        ratios=parsed, wire_dtype=wire_dtype, experts=experts, insecure=insecure, config_dir=config_dir,
                         cache_dir=cache_dir, leave_out=not keep_all,
                         link_settings=link_settings(heartbeat_timeout), rejoin_timeout_s=rejoin_timeout,
                         replan=replan, resume_timeout_s=resume_timeout, announce=announce, always_plan=True,

@@ -134,7 +134,8 @@ def plan_joined(opts: GroupOptions, source, context: int, master_profile: dict, 
                   for j, l in zip(joins, links)]
     cfg = source.config
     params = cost_params(weight_format_of(source), context, master_load_bytes=load_transient_bytes(source, cfg),
-                         weights=weight_profile_of(source))
+                         weights=weight_profile_of(source), experts=opts.experts,
+                         expert_streaming=opts.memory_budget is not None or opts.worker_memory_budget is not None)
     try:
         real = plan_real_group(cfg, DeviceProfile.from_dict(master_profile), opts.memory_budget, candidates, params,
                                wire_dtype=opts.wire_dtype, leave_out=opts.leave_out, ratios=opts.ratios)

@@ -18,6 +18,13 @@ def check_wire_dtype(wire_dtype: str | None) -> None:
 REPLAN_S = 120.0  # what a paused request allows a re-plan, after the rejoin timeout
 
 
+def check_experts(placement: str | None) -> None:
+    """TpiError unless placement is None (the cost model's choice) or an expert placement."""
+    if placement not in (None, "split", "whole"):
+        raise TpiError(f"--experts {placement!r} is not an expert placement; use split (every expert's columns "
+                       "across the ranks) or whole (whole experts per rank)")
+
+
 @dataclass(frozen=True)
 class GroupOptions:
     model: str | None = None
@@ -34,6 +41,7 @@ class GroupOptions:
     worker_memory_budget: int | None = None  # each local worker's budget
     ratios: tuple[float, ...] | None = None  # split ratios by rank; None = the planner's (equal without one)
     wire_dtype: str | None = None  # allreduce wire dtype; None = the planner's choice (f32 without a plan)
+    experts: str | None = None  # MoE expert placement: "split" / "whole"; None = the cost model's choice
     leave_out: bool = False  # let the planner refuse remote devices that would slow the group (tpi serve)
     always_plan: bool = False  # plan (and report a GroupPlanned event) even for a group of one or fixed ratios
     profile: dict | None = None  # test-only: rank 0's device profile instead of measuring it
@@ -52,6 +60,7 @@ class GroupOptions:
 
     def __post_init__(self) -> None:
         check_wire_dtype(self.wire_dtype)
+        check_experts(self.experts)
         self.speculation  # noqa: B018 -- refuses a bad --speculate / --draft before anything loads
 
     @property

@@ -16,7 +16,7 @@ from tpi.devices.slicing import RankShard, plan_cuts, shard_to_dict
 from tpi.errors import GroupError
 from tpi.formats import open_model
 from tpi.master.engine import Engine, resolve_context
-from tpi.master.events import (CuttingShards, GroupEvent, GroupPlanned, GroupReady, SendingShards,
+from tpi.master.events import (CuttingShards, ExpertsPlaced, GroupEvent, GroupPlanned, GroupReady, SendingShards,
                                ShardsReady, ShardsRequantized, WaitingForDevices)
 from tpi.master.gather import (collect_joins, idle_cores, join_command, measured_profiles, plan_joined,
                                spawn_local_workers)
@@ -172,6 +172,11 @@ def _gather(opts: GroupOptions, model: _Model, net: _Network, on_event) -> tuple
     return joins, profiles.master if profiles else {}
 
 
+def _streams(opts: GroupOptions) -> bool:
+    """Whether weights may stream from disk (a memory budget): MoE experts then go whole per rank."""
+    return opts.memory_budget is not None or opts.worker_memory_budget is not None
+
+
 def _planning(opts: GroupOptions, world: int) -> bool:
     return (world > 1 and opts.ratios is None) or opts.always_plan
 
@@ -198,14 +203,19 @@ def _plan(opts: GroupOptions, model: _Model, link, joins: list, master_profile: 
     if _planning(opts, model.world):
         real, links = plan_joined(opts, model.source, model.context, master_profile, link, joins, on_event)
         on_event(GroupPlanned(real.plan))
+        if real.plan.experts_reason and len(real.plan.shards) > 1:
+            on_event(ExpertsPlaced(real.plan.experts_placement, real.plan.experts_reason))
         return _Split([joins[i] for i in real.ranks], [links[i] for i in real.ranks], tuple(real.plan.shards),
                       real.plan.wire_dtype, real.plan)
     world = model.world
     ratios = opts.ratios or tuple([1.0 / world] * world)
     profile = weight_profile_of(model.source)
-    cuts = plan_cuts(model.cfg, ratios, profile.wo_block, profile.down_block)
+    cuts = plan_cuts(model.cfg, ratios, profile.wo_block, profile.down_block, placement=opts.experts,
+                     streaming=_streams(opts))
     if cuts.requantized:
         on_event(ShardsRequantized(tuple(cuts.requantized), len(ratios)))
+    if cuts.experts is not None and world > 1:
+        on_event(ExpertsPlaced(cuts.experts.placement, cuts.experts_reason))
     return _Split(joins, [None] * len(joins), tuple(cuts.shards), opts.wire_dtype or "f32")
 
 

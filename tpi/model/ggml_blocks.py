@@ -19,6 +19,8 @@ from tpi.model.blocks import QK_NORMS
 from tpi.model.config import ModelConfig
 from tpi.errors import ShapeError
 from tpi.model.ggml_exact import mul_mat
+from tpi.model.moe import ROUTER
+from tpi.model.moe_ggml import build_moe, moe_ops
 from tpi.quant.ggml_graph import Context, Tensor
 from tpi.quant.ggml_lib import ROPE_NEOX, ROPE_NORMAL
 from tpi.model.rope import adjacent_pair_index, inverse_frequencies
@@ -89,6 +91,7 @@ class BlockSpec:
     swa_layers: frozenset = frozenset()  # local layers: window mask, their own RoPE base, no scaling
     rope_base_swa: float = 10000.0
     softcap: float = 0.0  # logits = c * tanh(logits / c) when c > 0
+    experts_used: int = 0  # MoE: experts the router picks per token (k); 0 for a dense MLP
 
     @property
     def q_dim(self) -> int:
@@ -110,7 +113,7 @@ class BlockSpec:
                    attention_segments(tuple(q_to_kv)), ROPE_NEOX if family.rope_neox else ROPE_NORMAL,
                    cfg.scale, family.scale_q, family.activation == "gelu_tanh",
                    frozenset(cfg.swa_layers) if cfg.sliding_window else frozenset(), cfg.rope_theta_swa,
-                   cfg.final_softcap)
+                   cfg.final_softcap, cfg.n_experts_used)
 
     def head_rotate_half(self) -> np.ndarray | None:
         """Within one head: rotate-half element j <- adjacent-pair element (the q/k norm weights' order)."""
@@ -134,9 +137,13 @@ class BlockSpec:
         return OPS_PER_ATTENTION + runs * (OPS_PER_SEGMENT * len(self.segments) + 1) + exact_rows * OPS_PER_EXACT_ROW
 
 
-def mlp_ops(exact_rows: int = 0) -> int:
-    """Tensors an MLP, post-norm or logits graph creates (exact_rows: rows of an exact step)."""
-    return OPS_PER_MLP + exact_rows * OPS_PER_EXACT_ROW
+    def mlp_ops(self) -> int:
+        return moe_ops(self.experts_used) if self.experts_used else OPS_PER_MLP
+
+
+def exact_ops(exact_rows: int) -> int:
+    """Tensors an exact step of that many rows adds to an MLP or logits graph (its matmuls in chunks)."""
+    return exact_rows * OPS_PER_EXACT_ROW
 
 
 @dataclass(frozen=True)
@@ -236,7 +243,9 @@ def build_attention(ctx: Context, s: BlockSpec, blk: dict, step: StepTensors, k_
 
 
 def build_mlp(ctx: Context, s: BlockSpec, blk: dict, x: Tensor, exact: bool = False) -> Tensor:
-    """This rank's partial MLP output [hidden, T]: down(act(gate(xn)) * up(xn)), act silu or gelu_tanh."""
+    """This rank's partial MLP output [hidden, T]: down(act(gate(xn)) * up(xn)), act silu or gelu_tanh; or its experts'."""
+    if ROUTER in blk:
+        return build_moe(ctx, blk, x, s.experts_used, s.eps)  # exact rows: not for experts (yet)
     xn = _norm(ctx, x, blk["mlp_norm"], s.eps)
     if "wgu" in blk:
         gate_up = mul_mat(ctx, blk["wgu"], xn, exact)  # rows gate | up -> [2 inter, T]

@@ -22,10 +22,13 @@ import numpy as np
 from tpi.model.blocks import EMBED, GLOBALS, POST_ATTN_NORM, POST_MLP_NORM, QK_NORMS, attn_key, mlp_key
 from tpi.model.config import ModelConfig
 from tpi.errors import ShapeError
-from tpi.model.ggml_blocks import (OPS_PER_MLP, BlockSpec, mlp_ops, build_attention, build_logits, build_mlp, build_post_norm,
+from tpi.model.ggml_blocks import (OPS_PER_MLP, BlockSpec, exact_ops, build_attention, build_logits, build_mlp, build_post_norm,
                                    rope_frequency_factors)
 from tpi.model.ggml_steps import StepInputs, step_shape
 from tpi.model.rows import Rows, as_rows
+from tpi.model.moe import EXPERT_TENSORS, ROUTER, ExpertShare
+from tpi.model.moe_ggml import MoeRunner, check_expert_block
+from tpi.scheduler.experts import ExpertCache
 from tpi.quant.ggml_backend import GgmlBackend, can_repack, gather_rows, weight_type
 from tpi.quant.ggml_graph import Context, Graph, SharedComputeBuffer
 from tpi.quant.ggml_lib import F16
@@ -61,12 +64,15 @@ class GgmlBlock(dict):
         self.ctx = ctx  # owns the vector tensors
         self.graphs: dict[tuple, Graph] = {}
         self.pages: list[tuple[int, int]] = []
+        self.expert_cache = None  # a streamed MoE block: its experts map in through it (tpi.scheduler.experts)
 
     def populate(self) -> None:
         populate(self.pages)
 
     def release(self) -> None:
         drop(self.pages)
+        if self.expert_cache is not None:
+            self.expert_cache.release(self)
 
 
 def _arrays(block: dict):
@@ -99,7 +105,8 @@ class GgmlLayers:
     exact_rows = True  # a step's rows.exact is computed in one pass (tpi.model.ggml_exact)
 
     def __init__(self, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...], context: int, threads: int | None,
-                 repack: bool = True, whole_graph: bool = True, slots: int = 1):
+                 repack: bool = True, whole_graph: bool = True, slots: int = 1,
+                 experts: ExpertShare | None = None):
         self.cfg = cfg
         self.runtime = CpuRuntime(threads)
         self.kernels = GgmlBackend(runtime=self.runtime, repack=repack)
@@ -122,6 +129,19 @@ class GgmlLayers:
         self._rows = self.spec.rotate_half_rows()
         self.whole_graph = whole_graph
         self._whole: dict[int, tuple[dict, Graph]] = {}  # inputs serial -> (blocks, whole-pass graph)
+        self.experts = experts or (ExpertShare.whole_model(cfg.n_experts, cfg.expert_ff) if cfg.is_moe else None)
+        # MoE blocks whose chosen experts may live elsewhere (placement B) run router and experts apart
+        self.moe: MoeRunner | None = None
+        self.expert_cache = None  # tpi.scheduler.experts.ExpertCache when experts stream (runtime_for)
+        if self.experts is not None and not self.experts.all_experts:
+            self.split_experts()
+
+    def split_experts(self, cache=None) -> None:
+        """Run MoE blocks as a router graph, then a graph of the chosen local experts (placement B, or
+        experts streamed through `cache`, which then hears of every use)."""
+        self.moe = MoeRunner(self.experts, self.cfg.hidden, self.cfg.n_experts_used, self.cfg.rms_eps,
+                             self.runtime, self._shared, cache)
+        self.whole_graph = False
 
     # ---- weights -------------------------------------------------------------------------
     @staticmethod
@@ -141,7 +161,9 @@ class GgmlLayers:
         return {name: gather_rows(v, _QK_ROWS[name](self._rows, self.spec)) if name in _QK_ROWS else v
                 for name, v in block.items()}
 
-    def _block(self, block: dict, weight) -> GgmlBlock:
+    def _block(self, block: dict, weight, expert_weight=None) -> GgmlBlock:
+        """A stored block bound as ggml tensors: matrices through `weight`, expert tensors (3-D) through
+        `expert_weight` (default: resident, repacked where ggml repacks them)."""
         vectors = [n for n, v in block.items() if isinstance(v, np.ndarray) and v.ndim == 1]
         out = GgmlBlock(Context(max(1, len(vectors))))
         for name, value in block.items():
@@ -149,9 +171,16 @@ class GgmlLayers:
                 out[name] = value
             elif name in vectors:
                 out[name] = out.ctx.input(np.array(value, dtype=ACT))  # small; copied off the map
+            elif name in EXPERT_TENSORS:
+                out[name] = (expert_weight or self._expert_weight)(value)
             else:
                 out[name] = weight(name, value)
+        if ROUTER in out:
+            check_expert_block(out, self.experts, self.cfg.hidden)
         return out
+
+    def _expert_weight(self, qt):
+        return self.kernels.weight(qt, experts=self.experts.n_local)
 
     # ---- streaming -------------------------------------------------------------------------
     @property
@@ -161,11 +190,11 @@ class GgmlLayers:
         if not (self.kernels.repack and remap_supported() and self.kernels.lib.has_avx2):
             return None
         lib = self.kernels.lib
-        name = f"ggml-{lib.version}-{lib.commit.split('-')[0]}-repack"
+        name = f"ggml-{lib.version}-{lib.commit.split('-')[0]}-repack" + ("-experts-stored" if self.cfg.is_moe else "")
 
-        def prepare(block: dict) -> dict:
-            return {n: v if n == EMBED or isinstance(v, np.ndarray) else repacked_rows(self.kernels, v)
-                    for n, v in self._rotate_half(block).items()}
+        def prepare(block: dict) -> dict:  # expert tensors stay as stored: streamed, they are read in place
+            return {n: v if n == EMBED or n in EXPERT_TENSORS or isinstance(v, np.ndarray)
+                    else repacked_rows(self.kernels, v) for n, v in self._rotate_half(block).items()}
 
         return name, prepare
 
@@ -200,6 +229,14 @@ class GgmlLayers:
             store.populate_array(data)
             return replace(w, pages=page_range(array_address(data), data.nbytes))
 
+        def mapped_experts(qt):
+            """Expert tensors bound where they lie and not mapped in: the expert cache maps in the chosen ones."""
+            w = kernels.weight(qt, repack=False, experts=self.experts.n_local)
+            data = qt.arrays.get("data")
+            if data is None or not _in_map(store, data):
+                return w
+            return replace(w, pages=(array_address(data), data.nbytes))
+
         def streamed(block: dict) -> GgmlBlock:
             """Mapped and built the first time; later uses only map its pages in again (no mapping,
             Python object or graph per token: those cost the compute thread ~3 ms a block). A block
@@ -209,12 +246,20 @@ class GgmlLayers:
             if blk is not None:
                 blk.populate()
                 return blk
-            blk = self._block(block if from_layout else self._rotate_half(block), mapped)
-            weights = [w for w in blk.values() if hasattr(w, "pages")]
-            if all(w.pages for w in weights):  # every weight is file pages: nothing stays resident
-                blk.pages = [w.pages for w in weights]
+            blk = self._block(block if from_layout else self._rotate_half(block), mapped, mapped_experts)
+            weights = {n: w for n, w in blk.items() if hasattr(w, "pages")}
+            if all(w.pages for w in weights.values()):  # every weight is file pages: nothing stays resident
+                blk.pages = [w.pages for n, w in weights.items() if n not in EXPERT_TENSORS]
+                if ROUTER in blk and self.expert_cache is not None:
+                    tensors = [(*blk[n].pages, store.file_offset(block[n].arrays["data"])) for n in EXPERT_TENSORS]
+                    self.expert_cache.add_block(blk, tensors, self.experts.n_local, fd)
+                    blk.expert_cache = self.expert_cache
                 built[key] = blk
             return blk
+
+        if self.cfg.is_moe:  # experts stream one by one: the router runs apart and tells the cache
+            self.expert_cache = ExpertCache()
+            self.split_experts(self.expert_cache)
 
         if not from_layout:
             return self.to_runtime, streamed
@@ -302,7 +347,11 @@ class GgmlLayers:
         """h: (T, hidden) f32 -> this rank's partial MLP output (T, hidden) f32."""
         inputs = self._inputs(h, None)
         step = inputs.step
-        return self._run(blk, "mlp", inputs, mlp_ops(_exact_rows(step)),
+        if self.moe is not None and ROUTER in blk:
+            if step.tokens == 1:
+                return self.moe.decode(blk, step.x, inputs.serial)
+            return self.moe.prefill(blk, step.x)
+        return self._run(blk, "mlp", inputs, self.spec.mlp_ops() + exact_ops(_exact_rows(step)),
                          lambda ctx: build_mlp(ctx, self.spec, blk, step.x, step.exact),
                          (step.tokens, self.cfg.hidden))
 
@@ -353,7 +402,8 @@ class GgmlLayers:
     def _whole_graph(self, blocks: dict, step):
         """(context, logits) of every layer and the logits slice as one graph over step's inputs."""
         exact = _exact_rows(step)
-        ops = self.cfg.n_layers * (self.spec.attention_ops(len(step.runs), exact) + mlp_ops(exact) + 6) + mlp_ops(exact) + 2
+        ops = (self.cfg.n_layers * (self.spec.attention_ops(len(step.runs), exact) + self.spec.mlp_ops() + exact_ops(exact)
+                                    + 6) + OPS_PER_MLP + exact_ops(exact) + 2)
         ctx = Context(ops, graph_size=2 * ops + 16)
         x, last = step.x, self.cfg.n_layers - 1
 
@@ -379,6 +429,6 @@ class GgmlLayers:
         vocab = glob["lm_head"].out_features
         if n_out == 0:
             return np.zeros((0, vocab), ACT)
-        out = self._run(glob, "logits", inputs, mlp_ops(_exact_rows(step)) + 1, lambda ctx: build_logits(
+        out = self._run(glob, "logits", inputs, OPS_PER_MLP + exact_ops(_exact_rows(step)) + 1, lambda ctx: build_logits(
             ctx, self.spec, glob, step.x, step.out, step.exact), (n_out, vocab))
         return out.copy() if inputs.tokens <= KEEP_ROWS else out

@@ -28,10 +28,12 @@ from dataclasses import replace
 import numpy as np
 
 from tpi.errors import ModelFormatError
-from tpi.model.blocks import EMBED, GLOBALS  # rank 0's embedding is mapped, not copied
+from tpi.model.blocks import EMBED, GLOBALS, mlp_key  # rank 0's embedding is mapped, not copied
+from tpi.model.moe import EXPERT_TENSORS
 from tpi.model.transformer import ResidentWeights
 from tpi.quant.formats import Q4G32, Q4G32_PREPACKED, slice_rows
 from tpi.quant.kernel_forms import kernel_block
+from tpi.scheduler.experts import ExpertStreamingStore
 from tpi.scheduler.budget import activation_bytes, kv_cache_bytes, plan_budget, resident_block_sizes
 from tpi.scheduler.overhead import runtime_overhead_bytes
 from tpi.scheduler.prefetch import BlockScheduler
@@ -254,6 +256,16 @@ class StreamedWeights:
             self._owned.close()
 
 
+def hot_experts(plan, store, cfg, shard) -> int:
+    """Experts each streamed MoE block keeps mapped between tokens: as many as the budget's slack holds
+    over every streamed MoE block (the window already counts a whole block per slot)."""
+    moe = [mlp_key(i) for i in range(cfg.n_layers) if mlp_key(i) in plan.streamed]
+    if not moe or not shard.experts:
+        return 0
+    per_expert = max(store.block_nbytes(k) for k in moe) // len(shard.experts)
+    return int(min(len(shard.experts), max(0, plan.breakdown.slack) // (per_expert * len(moe))))
+
+
 def kernel_layout_store(store, layers):
     """The shard in this backend's kernel layout (kernel_layout: ggml's repacked bytes; GGUF types
     converted and q4g32 in this CPU's int4 order for torch / numpy), beside it as
@@ -319,6 +331,10 @@ def open_store_weights(store, layers, cfg, shard, context: int, budget: int | No
     pinned = stream = layers.to_runtime
     if hasattr(layers, "runtime_for"):  # ggml computes on weights where they lie: streamed blocks stay map views
         pinned, stream = layers.runtime_for(packed)
+        cache = getattr(layers, "expert_cache", None)
+        if cache is not None:  # MoE: experts map in one by one, through the cache, not with their block
+            cache.hot = hot_experts(plan, packed, cfg, shard)
+            mapped = ExpertStreamingStore(mapped, EXPERT_TENSORS)
     scheduler = BlockScheduler(mapped, plan, pinned, copy=not hasattr(layers, "runtime_for"),
                                stream_to_runtime=stream)
     return StreamedWeights(scheduler, plan, packed, owned=packed if packed is not store else None)
