@@ -63,6 +63,8 @@ BENCHMARKS = (
     Benchmark("tp_paired_llama08b", "tp_paired.py", ("--realtime", "--blocks", "16", "--block", "8",
                                                      "--variant", "f32:TPI_STAR_ONLY=1"),
               "issue 18's 0.8B target: llama.cpp, one tpi device and N=2 loopback groups decoding in turns"),
+    Benchmark("tp_speculation", "tp.py", ("--speculation", "--backend", "ggml", "--tokens", "160", "--rounds", "3"),
+              "speculative decoding (prompt lookup, --speculate auto vs off): 1 device and N=2 via a 1 ms proxy"),
     Benchmark("memory", "memory.py", (), "peak RSS per device against the budget (torch)"),
     Benchmark("memory_ggml", "memory.py", ("--backend", "ggml", "--repeats", "3"),
               "peak RSS per device against the budget (ggml)"),

@@ -16,6 +16,11 @@ ranks on the f32 wire, which swap partials; 2 for the star's round trip); the ta
 to what was measured. --synthetic llama-0.8b is issue 18's 0.8B Llama-shaped Q4_0 target (random
 weights, bench/synthetic.py); --llama-cpp adds llama-cpp-python's decode and a tok/s ratio to it
 (bench/tp_paired.py measures that target with every engine alive, in turns).
+
+--speculation: issue 18's speculative-decoding rows instead: one device and the 2-device group
+through the 1 ms proxy, each generating greedily on a prompt-grounded edit (bench/spec_prompts.py:
+rewrite a ~300-token code file with one change) and on an open-ended story, with --speculate off
+and auto in turn (same process, same group, interleaved --rounds times); tok/s ratios per pair.
 """
 from __future__ import annotations
 
@@ -107,6 +112,31 @@ def measure(engine, tokens: int, prompt: str) -> dict:
             "bytes": _comm_bytes(comm_stats) - bytes0, "layers": engine.cfg.n_layers}
 
 
+def measure_speculation(engine, tokens: int, rounds: int) -> dict:
+    """Greedy generation on each prompt with speculation off and auto, interleaved: per (prompt, mode)
+    the decode tok/s of every round, tokens per forward, acceptance, and whether the tokens agreed."""
+    from spec_prompts import EDIT_REQUEST, STORY_REQUEST, chat_ids
+
+    from tpi.master.sampler import SamplingParams
+    from tpi.master.speculation import SpeculationOptions, build_speculator
+
+    out = {}
+    for name, request in (("edit", EDIT_REQUEST), ("story", STORY_REQUEST)):
+        ids = chat_ids(engine.tokenizer, request)[:engine.context - tokens - 1]  # clipped only for --smoke's byte model
+        runs: dict[str, list[dict]] = {"off": [], "auto": []}
+        for _ in range(rounds):
+            for mode in ("off", "auto"):
+                engine.speculator = build_speculator(SpeculationOptions(mode), engine)
+                engine.reset()
+                gen = engine.generate(ids, SamplingParams(temperature=0.0), tokens, ignore_eos=True)
+                runs[mode].append({"tok_s": gen.stats()["decode_tok_s"], "tokens": gen.tokens, **gen.speculation})
+        engine.speculator = None
+        out[name] = {"prompt_tokens": len(ids), "same_tokens": all(
+            a["tokens"] == b["tokens"] for a, b in zip(runs["off"], runs["auto"])),
+            **{mode: [{k: v for k, v in r.items() if k != "tokens"} for r in rs] for mode, rs in runs.items()}}
+    return out
+
+
 def _comm_bytes(stats) -> int:
     return stats.bytes_sent + stats.bytes_received
 
@@ -150,7 +180,8 @@ def run_config(cfg: dict) -> dict:
             group = _serve_through_proxy(cfg, common, tmp, helpers)
             worker_pid = helpers[-1].pid
         try:
-            result = measure(group.engine, cfg["tokens"], cfg["prompt"])
+            result = (measure_speculation(group.engine, cfg["tokens"], cfg["rounds"]) if cfg.get("speculation")
+                      else measure(group.engine, cfg["tokens"], cfg["prompt"]))
             result["rss"] = [peak_rss_bytes()] + ([peak_rss_bytes(worker_pid)] if worker_pid else [])
         finally:
             group.close()
@@ -247,6 +278,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny random model, few tokens: checks the bench runs")
     ap.add_argument("--insecure", action="store_true", help="no CURVE encryption on the group links")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--speculation", action="store_true",
+                    help="the speculative-decoding rows (edit and story prompts, --speculate off vs auto)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--proxy", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -267,6 +300,9 @@ def main() -> None:
         else:
             model = args.model or (smoke_model(tmp) if args.smoke else None)
         tokens = 4 if args.smoke else args.tokens
+        if args.speculation:
+            speculation_rows(args, model, tmp, tokens)
+            return
         rtt = loopback_rtt_s()
         configs = configurations(args, cores)
         results: list[list[dict]] = []  # per round, per configuration
@@ -284,6 +320,43 @@ def main() -> None:
                             **json.loads(line[len("RESULT "):])})
             results.append(row)
     report(results, rtt, args, model)
+
+
+def speculation_rows(args, model: str | None, tmp: Path, tokens: int) -> None:
+    """Run and print the speculative-decoding rows (one child process per configuration)."""
+    wire = args.wires.split(",")[0]
+    delay = float(args.delays_ms.split(",")[0]) / 1e3
+    configs = [("1 device, 1 thread", "single", 0.0), (f"N=2 via proxy {delay * 1e3:g} ms one-way, {wire}", "proxy", delay)]
+    rows = []
+    results = []
+    for i, (label, kind, d) in enumerate(configs):
+        cfg = {"kind": kind, "threads": 1, "delay_s": d, "model": model, "tokens": tokens, "insecure": args.insecure,
+               "tmp": str(tmp / f"s{i}"), "smoke": args.smoke, "backend": args.backend, "wire": wire, "mbit": 0,
+               "speculation": True, "rounds": args.rounds}
+        print(f"running: {label}", file=sys.stderr, flush=True)
+        out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], stdout=subprocess.PIPE,
+                             text=True, check=True, timeout=7200)
+        res = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+        results.append({"label": label, **res})
+        for prompt in ("edit", "story"):
+            r = res[prompt]
+            off, auto = r["off"], r["auto"]
+            ratio = median([a["tok_s"] / o["tok_s"] for a, o in zip(auto, off)])
+            rows.append([label, prompt, median([o["tok_s"] for o in off]), median([a["tok_s"] for a in auto]),
+                         f"{ratio:.2f}x", median([a["tokens_per_forward"] for a in auto]),
+                         median([a["spec_acceptance"] for a in auto]), "yes" if r["same_tokens"] else "NO"])
+    print_machine()
+    name = Path(model).name if model else "SmolLM2-135M (embedded)"
+    print_table(f"Speculative decoding, {name}, backend {args.backend}, greedy, {tokens} tokens, "
+                f"median of {args.rounds} interleaved off/auto pairs",
+                ["configuration", "prompt", "off tok/s", "auto tok/s", "auto / off", "tokens/forward",
+                 "acceptance", "same tokens"], rows,
+                notes=["edit: rewrite a ~300-token Python file with one function renamed (bench/spec_prompts.py); "
+                       "story: an open-ended story prompt. auto = prompt lookup, k adapted to the measured acceptance.",
+                       "Ratios pair each auto run with the off run just before it in the same process and group.",
+                       "command: python bench/tp.py " + " ".join(sys.argv[1:])])
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 def report(rounds: list[list[dict]], rtt: float, args, model: str | None) -> None:

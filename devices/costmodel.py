@@ -310,9 +310,10 @@ class Prediction:
         return "network" if self.comm_per_token_s > slowest.compute_s else f"compute ({slowest.name})"
 
 
-def _step_comm_s(cfg: ModelConfig, shards: Sequence[RankShard], links: Sequence[LinkProfile],
-                 tokens: int, params: CostParams) -> tuple[float, float]:
-    """(communication seconds for one step of `tokens` tokens, one allreduce of that step)."""
+def step_comm_s(cfg: ModelConfig, shards: Sequence[RankShard], links: Sequence[LinkProfile],
+                 tokens: int, params: CostParams, logit_rows: int = 1) -> tuple[float, float]:
+    """(communication seconds for one step of `tokens` tokens returning logit_rows rows of logits,
+    one allreduce of that step)."""
     n = len(links)
     if n <= 1:
         return 0.0, 0.0
@@ -325,7 +326,7 @@ def _step_comm_s(cfg: ModelConfig, shards: Sequence[RankShard], links: Sequence[
            + wire_convert_s(values, n, params.wire_dtype))
     if n == 2 and params.wire_dtype == "f32":  # two ranks swap partials: one hop, not a round trip
         one -= links[1].rtt_s / 2               # (tpi.transport.allreduce.exchange)
-    logit_bytes = sum(len(s.vocab) for s in shards[1:]) * params.logit_bytes_per_elem
+    logit_bytes = logit_rows * sum(len(s.vocab) for s in shards[1:]) * params.logit_bytes_per_elem
     gather = max_half_rtt + logit_bytes / master_bw + (n - 1) * params.message_overhead_s
     return broadcast + 2 * cfg.n_layers * one + gather, one
 
@@ -343,8 +344,8 @@ def predict(cfg: ModelConfig, shards: Sequence[RankShard], profiles: Sequence[De
     window_cache, when given, memoises window plans across calls (a planner scores many groups).
     """
     assert len(shards) == len(profiles) == len(links) == len(budgets), "one shard, profile, link, budget per rank"
-    comm_tok, one_ar = _step_comm_s(cfg, shards, links, 1, params)
-    comm_prefill, _ = _step_comm_s(cfg, shards, links, params.prompt_tokens, params)
+    comm_tok, one_ar = step_comm_s(cfg, shards, links, 1, params)
+    comm_prefill, _ = step_comm_s(cfg, shards, links, params.prompt_tokens, params)
     ranks = []
     for shard, prof, budget in zip(shards, profiles, budgets):
         load = rank_load(cfg, shard, params)

@@ -211,6 +211,8 @@ class Ready(Message):
 
 
 ALL_LOGITS = 1  # Step flag: logits of every row, not only of each sequence's last row
+EXACT_ROWS = 2  # Step flag: each row computed as its one-row decode step would, bit for bit (a verify pass)
+STEP_FLAGS = ALL_LOGITS | EXACT_ROWS
 
 
 @_msg(7, ("request_id", "int"), ("flags", "uint"), ("slots", "uints"), ("starts", "uints"), ("counts", "uints"),
@@ -234,8 +236,9 @@ class Step(Message):
 
     @classmethod
     def of_sequence(cls, start: int, n_tokens: int, x: np.ndarray, *, all_logits: bool = False,
-                    slot: int = 0, request_id: int = 0) -> "Step":
-        return cls(request_id, ALL_LOGITS if all_logits else 0, [slot], [start], [n_tokens], x)
+                    exact: bool = False, slot: int = 0, request_id: int = 0) -> "Step":
+        flags = (ALL_LOGITS if all_logits else 0) | (EXACT_ROWS if exact else 0)
+        return cls(request_id, flags, [slot], [start], [n_tokens], x)
 
     @property
     def start_pos(self) -> int:
@@ -249,6 +252,10 @@ class Step(Message):
     def all_logits(self) -> bool:
         return bool(self.flags & ALL_LOGITS)
 
+    @property
+    def exact(self) -> bool:
+        return bool(self.flags & EXACT_ROWS)
+
     def check(self) -> None:
         n = len(self.slots)
         _need(0 < n <= MAX_SLOTS and len(self.starts) == len(self.counts) == n,
@@ -257,7 +264,7 @@ class Step(Message):
         _need(all(c > 0 for c in self.counts), "every sequence in a step needs at least one row")
         _need(self.x.ndim == 2 and self.x.shape[0] == sum(self.counts) > 0,
               f"step hidden states {list(self.x.shape)} do not hold the {sum(self.counts)} rows its header lists")
-        _need(self.flags & ~ALL_LOGITS == 0, f"unknown step flags {self.flags:#x}")
+        _need(self.flags & ~STEP_FLAGS == 0, f"unknown step flags {self.flags:#x}")
 
 
 @_msg(8, ("op", "uint"), ("x", "tensor"))

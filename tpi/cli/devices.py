@@ -40,6 +40,8 @@ def plan(
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="prompt length for the TTFT prediction")] = 128,
     no_streaming: Annotated[bool, typer.Option("--no-streaming", help="refuse plans that stream weights from disk")] = False,
     wire_dtype: WireDtype = None,
+    acceptance: Annotated[float, typer.Option("--acceptance", help="assumed share of drafted tokens the model keeps, for the speculative-decoding rows (measured: tpi run --stats, spec_acceptance)")] = 0.7,
+    wired: Annotated[bool, typer.Option("--wired", help="the master's link is wired full duplex (sends and receives at once); default: Wi-Fi, one direction at a time")] = False,
     experts: Experts = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan and prediction as JSON (for scripts)")] = False,
 ) -> None:
@@ -52,17 +54,19 @@ def plan(
     if weights not in (None, "int4", "bf16"):
         raise TpiError(f"--weights {weights!r} must be int4 or bf16")
     check_wire_dtype(wire_dtype)
+    if not 0.0 <= acceptance < 1.0:
+        raise TpiError(f"--acceptance {acceptance} must be a share in [0, 1), e.g. 0.7")
     check_experts(experts)
     if context < 8 or prompt_tokens < 1 or prompt_tokens > context:
         raise TpiError("--context must be >= 8 and --prompt-tokens between 1 and the context")
     cfg, file_format, profile = load_model_config(model)
     planned = plan_command(cfg, devices, weight_format=weights or file_format or "int4", context=context,
                            prompt_tokens=prompt_tokens, allow_streaming=not no_streaming, wire_dtype=wire_dtype,
-                           weights=None if weights else profile, experts=experts)
+                           weights=None if weights else profile, experts=experts, master_full_duplex=wired)
     if as_json:
-        typer.echo(json.dumps(plan_json(planned), indent=1))
+        typer.echo(json.dumps(plan_json(planned, acceptance), indent=1))
     else:
-        print_tables(*plan_tables(planned))
+        print_tables(*plan_tables(planned, acceptance))
 
 
 def fetch_status(url: str, api_key: str | None, timeout_s: float = 5.0) -> dict:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from tpi.cli.options import (DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Backend, Budget, CacheDir, ConfigDir, Context, Experts,
-                             Insecure, LocalWorkers, ModelArg, Threads, WireDtype, parse_size, reports_errors, say)
+                             Insecure, LocalWorkers, ModelArg, Threads, WireDtype, Speculate, Draft, parse_size, reports_errors, say)
 from tpi.errors import TpiError
 
 token_app = typer.Typer(help="Manage the join token.", no_args_is_help=True)
@@ -31,6 +31,8 @@ def serve(
     parallel: Annotated[Optional[int], typer.Option("--parallel", help="requests answered at once, each with its own KV cache on every device (default on one device: as many as fit in a quarter of free memory, at most 4, 1 on torch; in a group: 1, since batched requests do not resume after a device loss yet)")] = None,
     prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="prompt tokens read per step while other requests decode (smaller: steadier tokens for the others, slower long prompts)")] = 128,
     wire_dtype: WireDtype = None,
+    speculate: Speculate = "auto",
+    draft: Draft = None,
     experts: Experts = None,
     ratios: Annotated[Optional[str], typer.Option("--ratios", help="split ratios by rank, e.g. 2,1 (default: planned from device profiles)")] = None,
     keep_all: Annotated[bool, typer.Option("--keep-all", help="never leave a joined device out, even if the planner predicts it slows the group")] = False,
@@ -79,7 +81,8 @@ def serve(
                         ratios=parsed, wire_dtype=wire_dtype, experts=experts, insecure=insecure, config_dir=config_dir,
                         cache_dir=cache_dir, leave_out=not keep_all,
                         link_settings=link_settings(heartbeat_timeout), rejoin_timeout_s=rejoin_timeout,
-                        replan=replan, resume_timeout_s=resume_timeout, announce=announce, always_plan=True)
+                        replan=replan, resume_timeout_s=resume_timeout, announce=announce, always_plan=True,
+                        speculate=speculate, draft=draft)
     forming = GroupFormation(opts)
     service = GenerationService(None, status=forming.status, queue_size=queue_size, model_name=served_model_id(model),
                                 prefill_budget=prefill_chunk)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from tpi.cli.options import (DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Backend, Budget, CacheDir, ConfigDir, Context, Experts,
-                             Insecure, LocalWorkers, ModelArg, Threads, WireDtype, parse_size, reports_errors, say)
+                             Insecure, LocalWorkers, ModelArg, Threads, WireDtype, Speculate, Draft, parse_size, reports_errors, say)
 from tpi.errors import TpiError
 
 
@@ -34,6 +34,8 @@ def run(
     memory_budget: Budget = None,
     local_workers: LocalWorkers = 0,
     wire_dtype: WireDtype = None,
+    speculate: Speculate = "auto",
+    draft: Draft = None,
     experts: Experts = None,
     config_dir: ConfigDir = DEFAULT_CONFIG_DIR,
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
@@ -50,7 +52,7 @@ def run(
     group = start_group(GroupOptions(
         model=model, local_workers=local_workers, host="127.0.0.1", context=context, threads=threads,
         backend=backend, memory_budget=parse_size(memory_budget), wire_dtype=wire_dtype, experts=experts, insecure=insecure,
-        config_dir=config_dir, cache_dir=cache_dir), on_event=say)
+        config_dir=config_dir, cache_dir=cache_dir, speculate=speculate, draft=draft), on_event=say)
     try:
         engine = group.engine
         tok = engine.tokenizer

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tpi.errors import TpiError
+from tpi.master.speculation import SpeculationOptions
 from tpi.transport.wire import REDUCE_DTYPES
 
 
@@ -54,10 +55,17 @@ class GroupOptions:
     replan: bool = True  # re-plan over the remaining devices when a lost one does not rejoin
     resume_timeout_s: float | None = None  # how long a request waits for the group to re-form; None = resume_bound_s
     announce: bool = False  # announce the group on the LAN (mDNS) so `tpi join --token T` finds it (tpi serve)
+    speculate: str = "off"  # auto | off | lookup (tpi.master.speculation); the CLI's default is auto
+    draft: str | None = None  # a draft model for speculation (--draft); None = prompt lookup
 
     def __post_init__(self) -> None:
         check_wire_dtype(self.wire_dtype)
         check_experts(self.experts)
+        self.speculation  # noqa: B018 -- refuses a bad --speculate / --draft before anything loads
+
+    @property
+    def speculation(self):
+        return SpeculationOptions(self.speculate, self.draft)
 
     @property
     def resume_bound_s(self) -> float:

@@ -26,6 +26,7 @@ from tpi.master.group import Admission, DeviceInfo, Group, Members
 from tpi.master.options import EngineOptions, GroupOptions
 from tpi.master.recovery import GroupSupervisor
 from tpi.master.resume import Resumer, replay_chunk
+from tpi.master.speculation import build_speculator
 from tpi.master.shard import store_key, write_stores
 from tpi.model.backends import backend_choice_note, check_runs, make_layers, resolve_backend
 from tpi.model.blocks import EMBED, GLOBALS
@@ -72,6 +73,8 @@ def start_group(opts: GroupOptions, on_event=log_event, link: MasterLink | None 
         cut = _cut(opts, model, split, layers, on_event)
         members = _admit(net.link, model, split, cut.stores, master_profile, opts.slots)
         engine = _rank0(opts, model, split, layers, cut, net.link, on_event)
+        if not reforming:  # a re-formed group's rank 0 is adopted by the running engine, speculator and all
+            engine.speculator = build_speculator(opts.speculation, engine, model.threads, opts.backend)
         on_event(GroupReady(tuple(d.name for d in members.devices)))
     except BaseException:
         net.release()

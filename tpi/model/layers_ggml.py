@@ -22,7 +22,7 @@ import numpy as np
 from tpi.model.blocks import EMBED, GLOBALS, POST_ATTN_NORM, POST_MLP_NORM, QK_NORMS, attn_key, mlp_key
 from tpi.model.config import ModelConfig
 from tpi.errors import ShapeError
-from tpi.model.ggml_blocks import (OPS_PER_MLP, BlockSpec, build_attention, build_logits, build_mlp, build_post_norm,
+from tpi.model.ggml_blocks import (OPS_PER_MLP, BlockSpec, exact_ops, build_attention, build_logits, build_mlp, build_post_norm,
                                    rope_frequency_factors)
 from tpi.model.ggml_steps import StepInputs, step_shape
 from tpi.model.rows import Rows, as_rows, kv_zeros
@@ -39,7 +39,8 @@ from tpi.quant.ggml_stream import (copied_repacked, drop, mapped_repacked, page_
 
 ACT = np.float32
 KEEP_ROWS = 16  # steps of up to this many rows keep their graphs (decode rows, speculative checks)
-KEPT_SHAPES = 2  # graphs kept per block and kind (and step inputs kept, x2): the current shape and the last
+KEPT_SHAPES = 4  # graphs kept per block and kind (and step inputs kept, x2), least recently used dropped:
+# a decode step and the speculative checks between them (tpi.master.speculation: 2, 3, 5 or 9 rows)
 
 
 # The rows of each q/k-bearing tensor in rotate-half order (BlockSpec.rotate_half_rows is for q|k|v;
@@ -92,10 +93,16 @@ def _in_map(store, a: np.ndarray) -> bool:
     return True
 
 
+def _exact_rows(step) -> int:
+    """Rows whose matmuls an exact step splits into chunks (0 for a plain step): sizes its graphs."""
+    return step.tokens if step.exact else 0
+
+
 class GgmlLayers:
     """Computes one rank's share of attention and MLP blocks, and its logits slice, as ggml graphs."""
 
     name = "ggml"
+    exact_rows = True  # a step's rows.exact is computed in one pass (tpi.model.ggml_exact)
 
     def __init__(self, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...], context: int, threads: int | None,
                  repack: bool = True, whole_graph: bool = True, slots: int = 1,
@@ -310,13 +317,14 @@ class GgmlLayers:
         """Compute a block's graph: kept on the block for a small step, once-used (output copied) otherwise."""
         if inputs.tokens <= KEEP_ROWS:
             key = (kind, inputs.serial)
-            graph = blk.graphs.get(key)
+            graph = blk.graphs.pop(key, None)  # re-inserted below: the dict's order is least recent first
             if graph is None:
                 same = [k for k in blk.graphs if k[0] == kind]
                 for stale in same[:max(0, len(same) - KEPT_SHAPES + 1)]:
                     del blk.graphs[stale]  # an older step shape (n_kv bucket, slots)
                 ctx = Context(ops, graph_size=2 * ops + 16)
-                graph = blk.graphs[key] = Graph(ctx, [build(ctx)], [shape])
+                graph = Graph(ctx, [build(ctx)], [shape])
+            blk.graphs[key] = graph
             self.runtime.compute(graph)
             return graph.outputs[0]
         ctx = Context(ops, graph_size=2 * ops + 16)
@@ -330,7 +338,8 @@ class GgmlLayers:
         output (T, hidden) f32."""
         inputs = self._inputs(h, as_rows(rows, h.shape[0]))
         step = inputs.step
-        return self._run(blk, "attn", inputs, self.spec.attention_ops(len(step.runs)), lambda ctx: build_attention(
+        ops = self.spec.attention_ops(len(step.runs), _exact_rows(step))
+        return self._run(blk, "attn", inputs, ops, lambda ctx: build_attention(
             ctx, self.spec, blk, step, self._k[layer], self._v[layer], self._rope_factors, layer),
             (step.tokens, self.cfg.hidden))
 
@@ -342,7 +351,8 @@ class GgmlLayers:
             if step.tokens == 1:
                 return self.moe.decode(blk, step.x, inputs.serial)
             return self.moe.prefill(blk, step.x)
-        return self._run(blk, "mlp", inputs, self.spec.mlp_ops(), lambda ctx: build_mlp(ctx, self.spec, blk, step.x),
+        return self._run(blk, "mlp", inputs, self.spec.mlp_ops() + exact_ops(_exact_rows(step)),
+                         lambda ctx: build_mlp(ctx, self.spec, blk, step.x, step.exact),
                          (step.tokens, self.cfg.hidden))
 
     def post_norm(self, total: np.ndarray, blk: GgmlBlock, name: str) -> np.ndarray:
@@ -379,19 +389,21 @@ class GgmlLayers:
             graph = Graph(ctx, [out], [(rows_out, vocab)], galloc=self._shared.ptr)
             self.runtime.compute(graph)
             return graph.outputs[0][:n_out].copy()
-        cached = self._whole.get(inputs.serial)
+        cached = self._whole.pop(inputs.serial, None)  # re-inserted below: least recent first
         if cached is None or cached[0] is not blocks:
-            self._whole.pop(inputs.serial, None)
             while len(self._whole) >= KEPT_SHAPES:
                 self._whole.pop(next(iter(self._whole)))  # its compute buffer goes before the next one is made
             ctx, out = self._whole_graph(blocks, step)
-            cached = self._whole[inputs.serial] = (blocks, Graph(ctx, [out], [(rows_out, vocab)]))
+            cached = (blocks, Graph(ctx, [out], [(rows_out, vocab)]))
+        self._whole[inputs.serial] = cached
         self.runtime.compute(cached[1])
         return cached[1].outputs[0][:n_out].copy()
 
     def _whole_graph(self, blocks: dict, step):
         """(context, logits) of every layer and the logits slice as one graph over step's inputs."""
-        ops = self.cfg.n_layers * (self.spec.attention_ops(len(step.runs)) + self.spec.mlp_ops() + 6) + OPS_PER_MLP + 2
+        exact = _exact_rows(step)
+        ops = (self.cfg.n_layers * (self.spec.attention_ops(len(step.runs), exact) + self.spec.mlp_ops() + exact_ops(exact)
+                                    + 6) + OPS_PER_MLP + exact_ops(exact) + 2)
         ctx = Context(ops, graph_size=2 * ops + 16)
         x, last = step.x, self.cfg.n_layers - 1
 
@@ -406,8 +418,8 @@ class GgmlLayers:
                 x, attn = ctx.get_rows(x, step.out), ctx.get_rows(attn, step.out)
             x = ctx.add(x, post(blk, POST_ATTN_NORM, attn))  # the residual, as add_ adds between block graphs
             blk = blocks[mlp_key(i)]
-            x = ctx.add(x, post(blk, POST_MLP_NORM, build_mlp(ctx, self.spec, blk, x)))
-        return ctx, build_logits(ctx, self.spec, blocks[GLOBALS], x, None)
+            x = ctx.add(x, post(blk, POST_MLP_NORM, build_mlp(ctx, self.spec, blk, x, step.exact)))
+        return ctx, build_logits(ctx, self.spec, blocks[GLOBALS], x, None, step.exact)
 
     def logits(self, h: np.ndarray, glob: GgmlBlock, rows: Rows | bool) -> np.ndarray:
         """Final norm and this rank's vocabulary slice of the output rows (rows: the step's Rows, or
@@ -417,6 +429,6 @@ class GgmlLayers:
         vocab = glob["lm_head"].out_features
         if n_out == 0:
             return np.zeros((0, vocab), ACT)
-        out = self._run(glob, "logits", inputs, OPS_PER_MLP + 1, lambda ctx: build_logits(
-            ctx, self.spec, glob, step.x, step.out), (n_out, vocab))
+        out = self._run(glob, "logits", inputs, OPS_PER_MLP + exact_ops(_exact_rows(step)) + 1, lambda ctx: build_logits(
+            ctx, self.spec, glob, step.x, step.out, step.exact), (n_out, vocab))
         return out.copy() if inputs.tokens <= KEEP_ROWS else out

@@ -28,6 +28,7 @@ class Rows:
     starts: tuple[int, ...]
     counts: tuple[int, ...]
     outputs: tuple[int, ...]
+    exact: bool = False  # each row computed as its one-row decode step would, bit for bit (a verify pass)
 
     def __post_init__(self) -> None:
         n = len(self.slots)
@@ -42,16 +43,16 @@ class Rows:
                                  "logits rows; counts must be >= 1 and logits rows 0..count")
 
     @classmethod
-    def sequence(cls, start: int, count: int, all_logits: bool = False, slot: int = 0) -> "Rows":
+    def sequence(cls, start: int, count: int, all_logits: bool = False, slot: int = 0, exact: bool = False) -> "Rows":
         """One sequence's rows: the last one's logits, or every row's."""
-        return cls((int(slot),), (int(start),), (int(count),), (int(count) if all_logits else 1,))
+        return cls((int(slot),), (int(start),), (int(count),), (int(count) if all_logits else 1,), exact)
 
     @classmethod
-    def of_runs(cls, slots, starts, counts, all_logits: bool = False) -> "Rows":
+    def of_runs(cls, slots, starts, counts, all_logits: bool = False, exact: bool = False) -> "Rows":
         """A step's runs (a protocol Step's slots, starts, counts): each run's last row's logits, or every row's."""
         counts = tuple(int(c) for c in counts)
         return cls(tuple(int(s) for s in slots), tuple(int(s) for s in starts), counts,
-                   counts if all_logits else (1,) * len(counts))
+                   counts if all_logits else (1,) * len(counts), exact)
 
     @property
     def tokens(self) -> int:
