@@ -59,6 +59,12 @@ BENCHMARKS = (
     Benchmark("tp_llama08b", "tp.py", ("--insecure", "--synthetic", "llama-0.8b", "--wires", "f32,int8",
                                        "--delays-ms", "", "--tokens", "16", "--rounds", "2"),
               "tensor-parallel decode of a random 0.8B Llama-shaped Q4_0: 1 device vs N=2 on loopback"),
+    # the same target paired: every engine alive, decoding in turns; SCHED_FIFO stands in for an idle machine
+    Benchmark("tp_paired_llama08b", "tp_paired.py", ("--realtime", "--blocks", "16", "--block", "8",
+                                                     "--variant", "f32:TPI_STAR_ONLY=1"),
+              "issue 18's 0.8B target: llama.cpp, one tpi device and N=2 loopback groups decoding in turns"),
+    Benchmark("tp_speculation", "tp.py", ("--speculation", "--backend", "ggml", "--tokens", "160", "--rounds", "3"),
+              "speculative decoding (prompt lookup, --speculate auto vs off): 1 device and N=2 via a 1 ms proxy"),
     Benchmark("memory", "memory.py", (), "peak RSS per device against the budget (torch)"),
     Benchmark("memory_ggml", "memory.py", ("--backend", "ggml", "--repeats", "3"),
               "peak RSS per device against the budget (ggml)"),
@@ -67,6 +73,9 @@ BENCHMARKS = (
     Benchmark("allreduce_curve", "allreduce.py", ("--curve", "--delays-ms", "0", "--worlds", "2", "--no-ring",
                                                   "--no-gloo"), "allreduce latency with CURVE on star and echo"),
     Benchmark("star_floor", "star_floor.py", (), "what bounds the star on one host: libzmq vs plain TCP prototypes"),
+    # issue 19's MoE targets: synthetic Qwen3-MoE 4B (0.63B per token) Q4_K_M, written once by bench/moe_model.py
+    Benchmark("moe", "moe.py", ("--rounds", "3"),
+              "Qwen3-MoE decode vs llama.cpp: one device, a loopback group per expert placement, streamed experts"),
     Benchmark("costmodel", "costmodel.py", ("--insecure",), "cost model predictions vs measured runs"),
     Benchmark("paper", "paper.py", (), "the TPI-LLM paper's table: transformers+accelerate offload vs tpi"),
 )

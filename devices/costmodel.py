@@ -10,7 +10,8 @@ Token latency (decode, one token):
   compute_i = weight flops / measured GFLOP/s + attention over the KV cache / memory bandwidth
               + a fixed per-layer overhead (Python and op dispatch; DESIGN §8 measured ~0.15 ms)
   stream_i  = bytes the window plan streams per token / disk read speed
-Star allreduce of B bytes over N ranks: max worker RTT (two one-way hops) + the master's link
+Star allreduce of B bytes over N ranks: max worker RTT (two one-way hops; one for two ranks on
+the f32 wire, which swap partials) + the master's link
 carrying 2(N-1) messages of B bytes (N-1 each way at once when `master_full_duplex`; the default
 is the half-duplex, shared-medium case of Wi-Fi), or a slower worker's own 2 messages, plus a
 per-message software overhead. B is hidden x the wire dtype's bytes per value (f32 4, bf16 2,
@@ -23,6 +24,7 @@ from typing import Sequence
 
 from tpi.model.blocks import GLOBALS, attn_key, mlp_key
 from tpi.model.config import PREFILL_CHUNK, ModelConfig
+from tpi.devices.experts import active_experts
 from tpi.devices.profile import DeviceProfile
 from tpi.devices.slicing import RankShard
 from tpi.scheduler.budget import activation_bytes, kv_cache_bytes
@@ -91,6 +93,7 @@ class CostParams:
     weight_format: str = "int4"  # "int4" | "bf16"
     wire_dtype: str = "f32"  # "f32" | "bf16"
     context: int = 2048  # KV cache preallocated per sequence, tokens
+    slots: int = 1  # sequences served at once, each with its own KV cache (tpi serve --parallel)
     prompt_tokens: int = 128  # prompt length for TTFT
     kv_position: int = 512  # position at which token latency is predicted
     kv_bytes_per_elem: int = 4  # fp32 KV cache (tpi.model.layers_torch: bf16 attention is 3-6x slower on AVX2)
@@ -102,11 +105,13 @@ class CostParams:
     master_full_duplex: bool = False  # wired switch: master sends and receives at once (Wi-Fi: no)
     master_load_bytes: int = 0  # rank 0's transient while cutting shards (model file pages, unpack buffers)
     weights: WeightProfile | None = None  # the model's own bytes per weight; None: weight_format's, uniform
+    experts: str | None = None  # MoE expert placement "split" / "whole" (--experts); None: the cost model's
+    expert_streaming: bool = False  # MoE experts may stream from disk (a memory budget): placed whole
 
     def __post_init__(self) -> None:
         assert self.weight_format in WEIGHT_BYTES, f"weight_format must be one of {tuple(WEIGHT_BYTES)}"
         assert self.wire_dtype in WIRE_BYTES, f"wire_dtype must be one of {tuple(WIRE_BYTES)}"
-        assert self.context >= 1 and self.prompt_tokens >= 1 and 0 <= self.kv_position <= self.context
+        assert self.context >= 1 and self.slots >= 1 and self.prompt_tokens >= 1 and 0 <= self.kv_position <= self.context
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,15 @@ class RankLoad:
     activation_bytes: int
     n_q_heads: int
     n_kv_heads: int
+    # MoE: of mlp_block_bytes, the experts this rank holds, and the bytes of them one token reads
+    # (its chosen experts here; the busiest rank's expected share for whole experts). 0 when dense.
+    expert_bytes: int = 0
+    active_expert_bytes: int = 0
+
+    @property
+    def mlp_active_bytes(self) -> int:
+        """Bytes of one layer's MLP block a decode token reads on this rank."""
+        return self.mlp_block_bytes - self.expert_bytes + self.active_expert_bytes
 
     def weight_bytes(self, n_layers: int) -> int:
         """All of this rank's weight bytes (every layer plus the lm_head slice)."""
@@ -143,13 +157,22 @@ def rank_load(cfg: ModelConfig, shard: RankShard, params: CostParams) -> RankLoa
     wb = weight_profile(params).for_shard(shard)
     attn_bytes = h * (q_rows * (wb["wq"] + wb["wo"]) + kv_rows * (wb["wk"] + wb["wv"]))
     mlp_bytes = h * inter * (wb["w_gate"] + wb["w_up"] + wb["w_down"])
-    kv = kv_cache_bytes(cfg, shard.n_kv_heads, params.context, params.kv_bytes_per_elem)
+    experts = active = 0
+    if cfg.is_moe:  # the router (F32, whole on every rank) and this rank's experts x columns
+        per_expert = h * len(shard.expert_ff) * (wb["w_gate"] + wb["w_up"] + wb["w_down"])
+        chosen = active_experts(cfg, shard)
+        experts, active = int(per_expert * len(shard.experts)), int(per_expert * chosen)
+        mlp_bytes = 4 * h * cfg.n_experts + experts
+        inter = round(chosen * len(shard.expert_ff))  # columns a token multiplies (activations, flops)
+        mlp_params = 3 * inter * h + h * cfg.n_experts
+    kv = kv_cache_bytes(cfg, shard.n_kv_heads, params.context, params.kv_bytes_per_elem) * params.slots
     # What the rank's own window plan budgets (tpi.scheduler.budget): a prefill pass of the prompt.
     act = activation_bytes(cfg, shard, params.context, chunk=min(params.prompt_tokens, PREFILL_CHUNK))
     return RankLoad(
         rank=shard.rank, attn_block_bytes=int(attn_bytes), mlp_block_bytes=int(mlp_bytes),
         head_bytes=int(head_params * wb["lm_head"]), weight_params=L * (attn_params + mlp_params) + head_params,
         kv_cache_bytes=kv, activation_bytes=act, n_q_heads=shard.n_q_heads, n_kv_heads=shard.n_kv_heads,
+        expert_bytes=experts, active_expert_bytes=active,
     )
 
 
@@ -287,9 +310,10 @@ class Prediction:
         return "network" if self.comm_per_token_s > slowest.compute_s else f"compute ({slowest.name})"
 
 
-def _step_comm_s(cfg: ModelConfig, shards: Sequence[RankShard], links: Sequence[LinkProfile],
-                 tokens: int, params: CostParams) -> tuple[float, float]:
-    """(communication seconds for one step of `tokens` tokens, one allreduce of that step)."""
+def step_comm_s(cfg: ModelConfig, shards: Sequence[RankShard], links: Sequence[LinkProfile],
+                 tokens: int, params: CostParams, logit_rows: int = 1) -> tuple[float, float]:
+    """(communication seconds for one step of `tokens` tokens returning logit_rows rows of logits,
+    one allreduce of that step)."""
     n = len(links)
     if n <= 1:
         return 0.0, 0.0
@@ -300,7 +324,9 @@ def _step_comm_s(cfg: ModelConfig, shards: Sequence[RankShard], links: Sequence[
     broadcast = max_half_rtt + (n - 1) * (4 * values / master_bw + params.message_overhead_s)
     one = (allreduce_star_s(values * WIRE_BYTES[params.wire_dtype], links, params)
            + wire_convert_s(values, n, params.wire_dtype))
-    logit_bytes = sum(len(s.vocab) for s in shards[1:]) * params.logit_bytes_per_elem
+    if n == 2 and params.wire_dtype == "f32":  # two ranks swap partials: one hop, not a round trip
+        one -= links[1].rtt_s / 2               # (tpi.transport.allreduce.exchange)
+    logit_bytes = logit_rows * sum(len(s.vocab) for s in shards[1:]) * params.logit_bytes_per_elem
     gather = max_half_rtt + logit_bytes / master_bw + (n - 1) * params.message_overhead_s
     return broadcast + 2 * cfg.n_layers * one + gather, one
 
@@ -318,8 +344,8 @@ def predict(cfg: ModelConfig, shards: Sequence[RankShard], profiles: Sequence[De
     window_cache, when given, memoises window plans across calls (a planner scores many groups).
     """
     assert len(shards) == len(profiles) == len(links) == len(budgets), "one shard, profile, link, budget per rank"
-    comm_tok, one_ar = _step_comm_s(cfg, shards, links, 1, params)
-    comm_prefill, _ = _step_comm_s(cfg, shards, links, params.prompt_tokens, params)
+    comm_tok, one_ar = step_comm_s(cfg, shards, links, 1, params)
+    comm_prefill, _ = step_comm_s(cfg, shards, links, params.prompt_tokens, params)
     ranks = []
     for shard, prof, budget in zip(shards, profiles, budgets):
         load = rank_load(cfg, shard, params)
@@ -338,11 +364,14 @@ def predict(cfg: ModelConfig, shards: Sequence[RankShard], profiles: Sequence[De
         p = params.prompt_tokens
         attn_flops = 4.0 * cfg.n_layers * shard.n_q_heads * cfg.head_dim * p * p / 2  # causal half
         prefill = (flops * p + attn_flops) / (prof.prefill_gflops * prof.cpu_share * GB) + overhead
-        stream = plan.streamed_bytes_per_token / (prof.disk_mb_s * 1e6)
+        # A streamed MoE block reads its router and the chosen experts' pages, not every expert
+        streamed_mlp = sum(1 for i in range(cfg.n_layers) if mlp_key(i) in plan.streamed) if cfg.is_moe else 0
+        read = plan.streamed_bytes_per_token - streamed_mlp * (load.mlp_block_bytes - load.mlp_active_bytes)
+        stream = read / (prof.disk_mb_s * 1e6)
         b = plan.breakdown
         ranks.append(RankPrediction(
             rank=shard.rank, name=prof.name, compute_s=compute, stream_s=stream, prefill_s=prefill,
-            streamed_bytes=plan.streamed_bytes_per_token, pinned_bytes=b.pinned,
+            streamed_bytes=read, pinned_bytes=b.pinned,
             peak_memory_bytes=b.used + (params.master_load_bytes if shard.rank == 0 else 0),
             budget_bytes=budget, window=plan,
         ))

@@ -56,7 +56,12 @@ def weight_profile_of(source) -> WeightProfile:
     h, q, kv, ff = cfg.hidden, cfg.q_dim, cfg.kv_dim, cfg.intermediate
     shapes = {"wq": (q, h), "wk": (kv, h), "wv": (kv, h), "wo": (h, q), "w_gate": (ff, h), "w_up": (ff, h),
               "w_down": (h, ff), "lm_head": (cfg.vocab, h)}
-    fmts = {m: [fmt_of(layer_name(i, m)) for i in range(cfg.n_layers)] for m in shapes if m != "lm_head"}
+    stored = {}  # a MoE model's MLP matrices are its stacked experts (tpi.model.moe)
+    if cfg.is_moe:
+        e, eff = cfg.n_experts, cfg.expert_ff
+        shapes |= {"w_gate": (e * eff, h), "w_up": (e * eff, h), "w_down": (e * h, eff)}
+        stored = {"w_gate": "w_gate_exps", "w_up": "w_up_exps", "w_down": "w_down_exps"}
+    fmts = {m: [fmt_of(layer_name(i, stored.get(m, m))) for i in range(cfg.n_layers)] for m in shapes if m != "lm_head"}
     fmts["lm_head"] = [fmt_of("embed" if cfg.tied_embeddings else "lm_head")]
     type_bytes: dict[str, float] = {}  # type name -> bytes of the model in it, for the label
     for m, fs in fmts.items():

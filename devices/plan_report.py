@@ -10,10 +10,13 @@ from rich.table import Table
 from tpi.model.config import ModelConfig
 from tpi.devices.group_plan import device_status, plan_summary
 from tpi.devices.costmodel import (WIRE_BYTES, CostParams, LinkProfile, Prediction, WeightProfile, compare_allreduce,
-                                   star_terms, wire_convert_s)
+                                   rank_load, star_terms, wire_convert_s)
 from tpi.devices.planner import GroupPlan, PlanDevice, plan_group
 from tpi.devices.profile import DeviceProfile
 from tpi.devices.shapes import model_shape
+from tpi.devices.speculation_cost import ASSUMED_ACCEPTANCE
+from tpi.devices.speculation_cost import assumptions as speculation_assumptions
+from tpi.devices.speculation_cost import estimate as speculation_estimate
 from tpi.errors import GroupError, ProtocolError
 
 GB = 1e9
@@ -135,9 +138,25 @@ def render_plan(plan: GroupPlan, prediction: Prediction | None = None) -> Table:
         f"communication {pred.comm_per_token_s * 1e3:.1f} ms/token, bound by {pred.bottleneck}",
     ]
     lines.append(plan.granularity)
+    lines += moe_lines(plan, pred)
     lines += [f"left out {name}: {why}" for name, why in plan.excluded]
     table.caption = "\n".join(lines)
     return table
+
+
+def moe_lines(plan: GroupPlan, pred: Prediction) -> list[str]:
+    """A MoE plan's expert figures: stored expert bytes against those a token reads, the placement and why."""
+    cfg = plan.config
+    if not cfg.is_moe:
+        return []
+    loads = [rank_load(cfg, s, pred.params) for s in plan.shards]
+    held = sum(l.expert_bytes for l in loads) * cfg.n_layers
+    read = max(l.active_expert_bytes for l in loads) * cfg.n_layers
+    lines = [f"experts: {cfg.n_experts} per layer, top {cfg.n_experts_used}; {_gb(held)} GB held across the group, "
+             f"{_gb(read)} GB read per token on the busiest rank"]
+    if plan.experts_reason and len(plan.shards) > 1:
+        lines.append(f"experts placed {plan.experts_placement}: {plan.experts_reason}")
+    return lines
 
 
 def render_wires(plan: GroupPlan) -> Table | None:
@@ -178,13 +197,35 @@ def render_allreduce(plan: GroupPlan) -> Table | None:
     return table
 
 
-def plan_json(plan: GroupPlan) -> dict[str, Any]:
+def render_speculation(plan: GroupPlan, acceptance: float = ASSUMED_ACCEPTANCE) -> Table:
+    """Predicted ms/token without and with speculative decoding, at the assumed acceptance and around it."""
+    table = Table(title="speculative decoding (model prediction; k drafts verified as one step of k+1 rows)")
+    for col in ("drafts kept", "best k", "tokens/step", "step ms", "ms/token", ""):
+        table.add_column(col, justify="left" if not col else "right")
+    plain = plan.prediction.token_latency_s
+    for a in sorted({0.0, 0.5, acceptance, 0.9}):
+        e = speculation_estimate(plan, a)
+        mark = "without speculation" if a == 0.0 else f"{plain / e.token_s:.2f}x faster" + (
+            " (assumed)" if a == acceptance else "")
+        table.add_row(f"{a:.0%}", str(e.k), f"{e.tokens_per_step:.2f}", f"{e.step_s * 1e3:.1f}",
+                      f"{e.token_s * 1e3:.1f}", mark)
+    duplex = "wired, full duplex (--wired)" if plan.prediction.params.master_full_duplex else "one direction at a time"
+    table.caption = (f"{plan.wire_dtype} on the wire, the master's link {duplex}; " + speculation_assumptions())
+    return table
+
+
+def plan_json(plan: GroupPlan, acceptance: float = ASSUMED_ACCEPTANCE) -> dict[str, Any]:
     """The plan and its prediction as plain JSON (`tpi plan --json`): the group summary, one entry per rank."""
     pred = plan.prediction
     out: dict[str, Any] = {"model": plan.model, **plan_summary(plan),
                            "predicted_tokens_per_s": round(pred.tokens_per_s, 3),
                            "communication_ms_per_token": round(pred.comm_per_token_s * 1e3, 3),
                            "context": pred.params.context, "prompt_tokens": pred.params.prompt_tokens}
+    if plan.config.is_moe:
+        loads = [rank_load(plan.config, s, pred.params) for s in plan.shards]
+        out["experts"] = {"placement": plan.experts_placement, "reason": plan.experts_reason,
+                          "expert_bytes": [l.expert_bytes * plan.config.n_layers for l in loads],
+                          "active_expert_bytes_per_token": [l.active_expert_bytes * plan.config.n_layers for l in loads]}
     out["devices"] = [{"rank": r, "name": d.name, **device_status(plan, r, d.link if r else None),
                        "predicted_disk_ms": round(pred.ranks[r].stream_s * 1e3, 3)}
                       for r, d in enumerate(plan.devices)]
@@ -192,12 +233,18 @@ def plan_json(plan: GroupPlan) -> dict[str, Any]:
         nbytes = plan.config.hidden * WIRE_BYTES[pred.params.wire_dtype]
         cmp = compare_allreduce(nbytes, [d.link for d in plan.devices], pred.params)
         out["allreduce"] = {"bytes": nbytes, "star_ms": round(cmp.star_s * 1e3, 4), "ring_ms": round(cmp.ring_s * 1e3, 4)}
+    e = speculation_estimate(plan, acceptance)
+    out["speculation"] = {"assumed_acceptance": acceptance, "k": e.k,
+                          "tokens_per_step": round(e.tokens_per_step, 3),
+                          "predicted_ms_per_token": round(e.token_s * 1e3, 3),
+                          "predicted_ms_per_token_without": round(pred.token_latency_s * 1e3, 3)}
     return out
 
 
 def plan_command(model: str | ModelConfig, devices_path: Path | str, *, weight_format: str = "int4",
                  context: int = 2048, prompt_tokens: int = 128, allow_streaming: bool = True,
-                 wire_dtype: str | None = None, weights: WeightProfile | None = None) -> GroupPlan:
+                 wire_dtype: str | None = None, weights: WeightProfile | None = None,
+                 experts: str | None = None, master_full_duplex: bool = False) -> GroupPlan:
     """Plan MODEL (a shape name or a ModelConfig) on the devices in a TOML file (`tpi plan` prints it).
 
     weights: the model file's own types (bytes per weight and column blocks); None: weight_format's.
@@ -205,11 +252,14 @@ def plan_command(model: str | ModelConfig, devices_path: Path | str, *, weight_f
     cfg = model_shape(model) if isinstance(model, str) else model
     devices = load_devices_file(devices_path)
     params = CostParams(weight_format=weight_format, context=context, prompt_tokens=prompt_tokens,
-                        kv_position=min(context, 512), weights=weights)
+                        kv_position=min(context, 512), weights=weights, experts=experts,
+                        master_full_duplex=master_full_duplex)
     return plan_group(cfg, devices, params, allow_streaming=allow_streaming, wire_dtype=wire_dtype)
 
 
-def plan_tables(plan: GroupPlan) -> list[Table]:
+def plan_tables(plan: GroupPlan, acceptance: float = ASSUMED_ACCEPTANCE) -> list[Table]:
     """The tables `tpi plan` and `tpi serve` show for a plan: the ranks, the wire dtypes and the allreduce
     (the last two for a group)."""
-    return [t for t in (render_plan(plan), render_wires(plan), render_allreduce(plan)) if t is not None]
+    return [t for t in (render_plan(plan), render_wires(plan), render_allreduce(plan),
+                                render_speculation(plan, acceptance))
+            if t is not None]

@@ -76,6 +76,8 @@ class GroupPlan:
     requantized: tuple[str, ...] = ()  # column-split matrices re-quantized to Q8_0 at the cut
     wire_options: tuple[tuple[str, Prediction], ...] = ()  # every wire considered, with its prediction
     wire_reason: str = ""  # why wire_dtype, for the plan report
+    experts_placement: str = ""  # MoE: "split" / "whole" (tpi.devices.experts)
+    experts_reason: str = ""  # why that placement, for the plan report
 
     @property
     def granularity(self) -> str:
@@ -103,21 +105,22 @@ def _layer_bytes(cfg: ModelConfig, params: CostParams) -> float:
     """Bytes of all per-layer matrices plus lm_head in the model's types (embedding excluded; tied
     models still multiply by the sliced embedding)."""
     w, h = weight_profile(params), cfg.hidden
+    mlp_cols = cfg.n_experts * cfg.expert_ff if cfg.is_moe else cfg.intermediate  # every expert is held
     layer = h * (cfg.q_dim * (w["wq"] + w["wo"]) + cfg.kv_dim * (w["wk"] + w["wv"])
-                 + cfg.intermediate * (w["w_gate"] + w["w_up"] + w["w_down"]))
+                 + mlp_cols * (w["w_gate"] + w["w_up"] + w["w_down"]) + 4 * cfg.n_experts)  # + F32 router
     return cfg.n_layers * layer + cfg.vocab * h * w["lm_head"]
 
 
 def _kv_bytes(cfg: ModelConfig, ratio: float, params: CostParams) -> float:
     """KV cache for a share of the heads; at least one KV head (GQA heads are replicated)."""
-    full = kv_cache_bytes(cfg, cfg.n_kv_heads, params.context, params.kv_bytes_per_elem)
+    full = kv_cache_bytes(cfg, cfg.n_kv_heads, params.context, params.kv_bytes_per_elem) * params.slots
     return max(ratio * full, full / cfg.n_kv_heads)
 
 
 def device_time_s(cfg: ModelConfig, dev: PlanDevice, ratio: float, params: CostParams) -> float:
     """Continuous per-token time of a device holding `ratio` of the model: max(compute, disk)."""
     weights = ratio * _layer_bytes(cfg, params)
-    flops = 2.0 * ratio * parameter_count(cfg)
+    flops = 2.0 * ratio * parameter_count(cfg, active=True)  # a MoE token multiplies its k experts only
     compute = flops / (matmul_gflops(dev.profile, params.weight_format) * GB)
     fixed = runtime_bytes(dev.profile, params) + _kv_bytes(cfg, ratio, params)
     window = params.window_blocks * weights / (2 * cfg.n_layers)  # ~ blocks resident while streaming
@@ -143,7 +146,7 @@ def _ratio_within(cfg: ModelConfig, dev: PlanDevice, t: float, params: CostParam
     kv_full = _kv_bytes(cfg, 1.0, params)
     kv_min = kv_full / cfg.n_kv_heads
     free = dev.budget - runtime_bytes(dev.profile, params)
-    by_compute = t / (2.0 * parameter_count(cfg) / (matmul_gflops(dev.profile, params.weight_format) * GB))
+    by_compute = t / (2.0 * parameter_count(cfg, active=True) / (matmul_gflops(dev.profile, params.weight_format) * GB))
     if not allow_streaming:  # everything pinned: weights + KV within the budget
         return min(1.0, by_compute, _largest_share(weights, kv_full, kv_min, free))
     window = params.window_blocks / (2 * cfg.n_layers)  # window bytes per weight byte
@@ -197,7 +200,8 @@ def _score(cfg: ModelConfig, devices: Sequence[PlanDevice], ratios: tuple[float,
            wire_dtype: str | None, window_cache: dict | None) -> GroupPlan:
     """Shards, wire dtype and prediction for fixed ratios (every wire is predicted, for the report)."""
     w = weight_profile(params)
-    cuts = plan_cuts(cfg, ratios, w.wo_block, w.down_block)
+    cuts = plan_cuts(cfg, ratios, w.wo_block, w.down_block, placement=params.experts,
+                     streaming=params.expert_streaming)
     shards = cuts.shards
     profiles = [d.profile for d in devices]
     links = [d.link for d in devices]
@@ -213,7 +217,8 @@ def _score(cfg: ModelConfig, devices: Sequence[PlanDevice], ratios: tuple[float,
     return GroupPlan(config=cfg, devices=tuple(devices), ratios=ratios, shards=shards, wire_dtype=wire,
                      weight_format=params.weight_format, prediction=preds[wire], excluded=(),
                      wo_align=cuts.wo_align, down_align=cuts.down_align, requantized=cuts.requantized,
-                     wire_options=tuple(preds.items()), wire_reason=reason)
+                     wire_options=tuple(preds.items()), wire_reason=reason,
+                     experts_placement=cuts.experts.placement if cuts.experts else "", experts_reason=cuts.experts_reason)
 
 
 def _better(a: Prediction, b: Prediction) -> bool:

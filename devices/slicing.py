@@ -35,6 +35,16 @@ class RankShard:
     kv_heads: tuple[int, ...]  # global KV heads this rank needs (replicated across ranks when shared)
     inter: range  # intermediate columns: rows of w_gate/w_up, columns of w_down
     vocab: range  # lm_head rows
+    experts: range = range(0)  # MoE: the experts this rank holds (tpi.model.moe.ExpertShare)
+    expert_ff: range = range(0)  # MoE: the columns of each of them
+
+    def expert_share(self, cfg: ModelConfig):
+        """This rank's experts as a tpi.model.moe.ExpertShare, or None for a dense model."""
+        if not cfg.is_moe:
+            return None
+        from tpi.model.moe import ExpertShare
+
+        return ExpertShare(cfg.n_experts, cfg.expert_ff, self.experts, self.expert_ff)
 
     @property
     def q_rows(self) -> range:
@@ -181,14 +191,27 @@ class ShardCuts:
     shards: tuple[RankShard, ...]
     wo_align: int  # wo column (q_dim) boundaries are multiples of this
     down_align: int  # w_down column (intermediate) boundaries are multiples of this
-    requantized: tuple[str, ...]  # "wo" / "w_down": cut off their block, re-quantized to Q8_0 at the cut
+    requantized: tuple[str, ...]  # "wo" / "w_down" / "w_down_exps": cut off their block, re-quantized to Q8_0
+    experts: object = None  # MoE: the placement's tpi.devices.experts.ExpertCuts
+    experts_reason: str = ""  # why that placement
 
 
 def plan_cuts(cfg: ModelConfig, ratios: Sequence[float], wo_block: int = QUANT_GROUP,
-              down_block: int = QUANT_GROUP) -> ShardCuts:
+              down_block: int = QUANT_GROUP, experts=None, experts_reason: str = "", *,
+              placement: str | None = None, streaming: bool = False) -> ShardCuts:
     """Shards whose wo / w_down boundaries fall on those matrices' blocks along K (32 or 256) where
     the split has room for it; where it has not (fewer whole blocks than devices), that matrix is cut
-    on 32 instead and re-quantized to Q8_0 (a 32-element block type) when the shards are cut."""
+    on 32 instead and re-quantized to Q8_0 (a 32-element block type) when the shards are cut.
+
+    A MoE model's experts go as `experts` (tpi.devices.experts.ExpertCuts) places them, or as
+    `placement` ("split" / "whole", --experts) names; neither: tpi.devices.experts.place_experts picks
+    the placement with the shorter predicted MoE layer for ranks as fast as their ratios (whole
+    experts when they stream from disk).
+    """
+    if cfg.is_moe and experts is None:
+        from tpi.devices.experts import place_experts
+
+        experts, experts_reason = place_experts(cfg, ratios, placement, down_block, streaming)
     requantized = []
 
     def aligned(what: str, block: int, split) -> tuple[int, tuple[range, ...]]:
@@ -203,13 +226,22 @@ def plan_cuts(cfg: ModelConfig, ratios: Sequence[float], wo_block: int = QUANT_G
 
     wo_align, heads = aligned("wo", wo_block, lambda a: split_heads(cfg.n_heads, cfg.head_dim, ratios, a))
     down_align, inter = aligned("w_down", down_block, lambda a: split_aligned(cfg.intermediate, ratios, a))
-    return ShardCuts(plan_shards(cfg, ratios, heads=heads, inter=inter), wo_align, down_align, tuple(requantized))
+    if experts is not None and experts.requantized:
+        requantized.append("w_down_exps")
+    shards = plan_shards(cfg, ratios, heads=heads, inter=inter, experts=experts)
+    return ShardCuts(shards, wo_align, down_align, tuple(requantized), experts, experts_reason)
 
 
 def plan_shards(cfg: ModelConfig, ratios: Sequence[float], align: int = QUANT_GROUP, *,
-                heads: Sequence[range] | None = None, inter: Sequence[range] | None = None) -> tuple[RankShard, ...]:
+                heads: Sequence[range] | None = None, inter: Sequence[range] | None = None,
+                experts=None) -> tuple[RankShard, ...]:
     """Every rank's heads, KV heads, intermediate and vocab slices for the given split ratios
-    (heads and inter: already split, e.g. on 256-element blocks by plan_cuts)."""
+    (heads and inter: already split, e.g. on 256-element blocks by plan_cuts; experts: a MoE
+    placement's ExpertCuts, by default every expert split by the ratios)."""
+    if cfg.is_moe and experts is None:
+        from tpi.devices.experts import SPLIT, split_experts
+
+        experts = split_experts(cfg, ratios, SPLIT)
     if cfg.n_kv_heads < 1 or cfg.n_heads % cfg.n_kv_heads:
         raise ShapeError(f"{cfg.n_heads} query heads are not a multiple of {cfg.n_kv_heads} KV heads")
     heads = heads or split_heads(cfg.n_heads, cfg.head_dim, ratios, align)
@@ -218,7 +250,8 @@ def plan_shards(cfg: ModelConfig, ratios: Sequence[float], align: int = QUANT_GR
     group = cfg.group_size
     shards = tuple(
         RankShard(rank=r, head_dim=cfg.head_dim, group_size=group, q_heads=heads[r],
-                  kv_heads=kv_heads_for(heads[r], group), inter=inter[r], vocab=vocab[r])
+                  kv_heads=kv_heads_for(heads[r], group), inter=inter[r], vocab=vocab[r],
+                  experts=experts.experts[r] if experts else range(0), expert_ff=experts.ff[r] if experts else range(0))
         for r in range(len(ratios))
     )
     check_partition(cfg, shards, align)
@@ -239,6 +272,18 @@ def check_partition(cfg: ModelConfig, shards: Sequence[RankShard], align: int = 
     covers([s.q_heads for s in shards], cfg.n_heads, "query-head")
     covers([s.inter for s in shards], cfg.intermediate, "intermediate")
     covers([s.vocab for s in shards], cfg.vocab, "vocab")
+    if cfg.is_moe:  # every (expert, column) on exactly one rank: a grid of expert ranges x column ranges
+        def overlap(a: range, b: range) -> bool:
+            return a.start < b.stop and b.start < a.stop
+
+        area = sum(len(s.experts) * len(s.expert_ff) for s in shards)
+        inside = all(0 <= s.experts.start < s.experts.stop <= cfg.n_experts
+                     and 0 <= s.expert_ff.start < s.expert_ff.stop <= cfg.expert_ff for s in shards)
+        clash = any(overlap(a.experts, b.experts) and overlap(a.expert_ff, b.expert_ff)
+                    for i, a in enumerate(shards) for b in shards[i + 1:])
+        if area != cfg.n_experts * cfg.expert_ff or not inside or clash:
+            raise ShapeError(f"expert shards {[(s.experts, s.expert_ff) for s in shards]} do not cover "
+                             f"{cfg.n_experts} experts x {cfg.expert_ff} columns exactly once")
     for s in shards:
         if s.q_rows.start % align or s.q_rows.stop % align:
             raise ShapeError(f"rank {s.rank}: wo columns {s.q_rows} are not {align}-aligned")
@@ -256,6 +301,7 @@ def shard_to_dict(s: RankShard) -> dict:
         "rank": s.rank, "head_dim": s.head_dim, "group_size": s.group_size,
         "q_heads": [s.q_heads.start, s.q_heads.stop], "kv_heads": list(s.kv_heads),
         "inter": [s.inter.start, s.inter.stop], "vocab": [s.vocab.start, s.vocab.stop],
+        "experts": [s.experts.start, s.experts.stop], "expert_ff": [s.expert_ff.start, s.expert_ff.stop],
     }
 
 
@@ -266,6 +312,7 @@ def shard_from_dict(d: dict, cfg: ModelConfig) -> RankShard:
             rank=int(d["rank"]), head_dim=int(d["head_dim"]), group_size=int(d["group_size"]),
             q_heads=range(*map(int, d["q_heads"])), kv_heads=tuple(int(k) for k in d["kv_heads"]),
             inter=range(*map(int, d["inter"])), vocab=range(*map(int, d["vocab"])),
+            experts=range(*map(int, d.get("experts", (0, 0)))), expert_ff=range(*map(int, d.get("expert_ff", (0, 0)))),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ProtocolError(f"malformed shard assignment: {e!r}") from None
@@ -274,6 +321,8 @@ def shard_from_dict(d: dict, cfg: ModelConfig) -> RankShard:
         and 0 <= s.q_heads.start and s.q_heads.stop <= cfg.n_heads and len(s.kv_heads) > 0
         and 0 <= s.inter.start < s.inter.stop <= cfg.intermediate
         and 0 <= s.vocab.start < s.vocab.stop <= cfg.vocab
+        and (not cfg.is_moe or (0 <= s.experts.start < s.experts.stop <= cfg.n_experts
+                                and 0 <= s.expert_ff.start < s.expert_ff.stop <= cfg.expert_ff))
     )
     if not ok:
         raise ProtocolError(f"shard assignment {d} does not fit the model; master and worker disagree")

@@ -161,13 +161,19 @@ class GgmlBackend:
             self._runtime = CpuRuntime(self._threads, self.lib)
         return self._runtime
 
-    def weight(self, qt, repack: bool | None = None) -> GgmlWeight:
-        """qt (QTensor or float32 [N, K]) as a ggml tensor: zero copy, converted, or repacked."""
+    def weight(self, qt, repack: bool | None = None, experts: int = 1) -> GgmlWeight:
+        """qt (QTensor or float32 [N, K]) as a ggml tensor: zero copy, converted, or repacked.
+
+        experts > 1: N stacked rows of that many experts, as one 3-D tensor ne [K, N / experts, experts]
+        (what mul_mat_id takes); ggml repacks it per expert where it repacks a matrix of N / experts rows.
+        """
         if isinstance(qt, np.ndarray):
             from tpi.quant.kernels import _as_qtensor  # kernels imports this module: no circle at load
 
             qt = _as_qtensor(qt)
         n, k = qt.shape
+        if experts < 1 or n % experts:
+            raise GgmlShapeError(f"a weight of {n} rows cannot hold {experts} experts of equal size")
         gtype = weight_type(qt.fmt)
         if gtype is None:
             gtype, data = _convert(qt)
@@ -180,19 +186,20 @@ class GgmlBackend:
         if data.ndim != 2 or data.shape[0] != n:
             raise GgmlShapeError(f"a {qt.fmt} weight of shape {list(qt.shape)} has data {list(data.shape)}")
         ctx = Context(1, lib=self.lib)
-        t = ctx.new(gtype, k, n)  # ggml checks K against the block size; new() refuses first
+        rows = n // experts
+        t = ctx.new(gtype, k, rows, experts) if experts > 1 else ctx.new(gtype, k, n)  # new() checks K's blocks
         if data.nbytes != t.nbytes or not data.flags.c_contiguous:
             raise GgmlShapeError(f"a {_name(gtype)} [{n}, {k}] weight needs {t.nbytes} contiguous bytes, "
                                  f"got {data.nbytes}; the shard is corrupt or mislabelled")
-        if (self.repack if repack is None else repack) and can_repack(gtype, n, self.lib):
+        if (self.repack if repack is None else repack) and can_repack(gtype, rows, self.lib):
             buf = self.lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx.ptr, _repack_buffer_type(self.lib))
             if not buf:
                 raise MemoryError(f"ggml could not allocate {t.nbytes} bytes to repack a weight")
             ctx.own_buffer(buf)
             self.lib.ggml_backend_tensor_set(t.ptr, array_address(data), 0, t.nbytes)  # repacks (a copy)
-            return GgmlWeight(qt.fmt, f"ggml-{_name(gtype)}-repacked", k, n, t, ctx)
+            return GgmlWeight(qt.fmt, f"ggml-{_name(gtype)}-repacked", k, rows, t, ctx)
         ctx.bind(t, data)
-        return GgmlWeight(qt.fmt, f"ggml-{_name(gtype)}", k, n, t, ctx)
+        return GgmlWeight(qt.fmt, f"ggml-{_name(gtype)}", k, rows, t, ctx)
 
     @staticmethod
     def resident_nbytes(qt) -> int:

@@ -114,11 +114,11 @@ class Context:
         """Free this ggml buffer together with the context."""
         self._buffers.append(buf)
 
-    def _take(self, *operands: Tensor | None) -> None:
-        """Count one more tensor in this context, and the operands from elsewhere (graph leaves)."""
-        if self.used >= self.capacity:
+    def _take(self, *operands: Tensor | None, tensors: int = 1) -> None:
+        """Count `tensors` more tensors in this context, and the operands from elsewhere (graph leaves)."""
+        if self.used + tensors > self.capacity:
             raise _fail(f"a tensor beyond the context's {self.capacity}")
-        self.used += 1
+        self.used += tensors
         for t in operands:
             if t is not None and t.ptr not in self._own:
                 if t.ptr not in self._external:
@@ -329,6 +329,69 @@ class Context:
         return self._wrap(self.lib.ggml_tanh(self.ptr, x.ptr))
 
 
+    # ---- mixture of experts (llama.cpp's build_moe_ffn) ------------------------------------------
+    def mul_mat_id(self, experts: Tensor, x: Tensor, ids: Tensor) -> Tensor:
+        """y [N, n_ids, T] = experts[ids[i, t]] [K, N] x [K, i or 0, t]: one matmul per chosen expert.
+
+        ggml reads ids unchecked at compute time (a plain assert, off in release builds): ids computed
+        in the graph (argsort_top_k) are in range by construction; ids from numpy must be checked by
+        the caller against experts.ne[2] before every compute.
+        """
+        ok = (experts.type in MATMUL_TYPES and experts.ne[3] == 1 and experts.nb[0] <= experts.nb[1]
+              and x.type == F32 and x.ne[3] == 1 and x.contiguous() and ids.type == I32
+              and ids.ne[2] == ids.ne[3] == 1 and ids.ne[1] == x.ne[2] and experts.ne[0] == x.ne[0]
+              and ids.ne[0] % x.ne[1] == 0 and ids.nb[0] == 4)
+        if not ok:
+            raise _fail(f"mul_mat_id of {experts} by {x} at {ids}")
+        self._take(experts, x, ids)
+        return self._wrap(self.lib.ggml_mul_mat_id(self.ptr, experts.ptr, x.ptr, ids.ptr))
+
+    def soft_max(self, a: Tensor) -> Tensor:
+        """Softmax along ne[0] (no mask, scale 1)."""
+        if a.type != F32 or not a.contiguous():
+            raise _fail(f"soft_max of {a}")
+        self._take(a)
+        return self._wrap(self.lib.ggml_soft_max(self.ptr, a.ptr))
+
+    def argsort_top_k(self, a: Tensor, k: int) -> Tensor:
+        """I32 [k, ...]: indices of the k largest along ne[0], largest first (a view of a full argsort)."""
+        if a.type != F32 or a.nb[0] != 4 or not 1 <= k <= a.ne[0]:
+            raise _fail(f"top {k} of {a}")
+        self._take(a, tensors=2)  # the argsort and the view of its first k
+        return self._wrap(self.lib.ggml_argsort_top_k(self.ptr, a.ptr, k))
+
+    def get_rows(self, a: Tensor, idx: Tensor) -> Tensor:
+        """F32 [a.ne[0], idx.ne[0], idx.ne[1], idx.ne[2]]: rows idx of each matrix of a."""
+        ok = (a.type == F32 and a.nb[0] == 4 and idx.type == I32 and idx.nb[0] == 4 and a.ne[2] == idx.ne[1]
+              and a.ne[3] == idx.ne[2] and idx.ne[3] == 1)
+        if not ok:
+            raise _fail(f"get_rows of {a} at {idx}")
+        self._take(a, idx)
+        return self._wrap(self.lib.ggml_get_rows(self.ptr, a.ptr, idx.ptr))
+
+    def sum_rows(self, a: Tensor) -> Tensor:
+        if a.type != F32 or a.nb[0] != 4:
+            raise _fail(f"sum_rows of {a}")
+        self._take(a)
+        return self._wrap(self.lib.ggml_sum_rows(self.ptr, a.ptr))
+
+    def clamp(self, a: Tensor, lo: float, hi: float) -> Tensor:
+        if a.type != F32 or a.nb[0] != 4 or not lo <= hi:
+            raise _fail(f"clamp of {a} to [{lo}, {hi}]")
+        self._take(a)
+        return self._wrap(self.lib.ggml_clamp(self.ptr, a.ptr, lo, hi))
+
+    def div(self, a: Tensor, b: Tensor) -> Tensor:
+        return self._binary(self.lib.ggml_div, "div", a, b)
+
+    def cont(self, a: Tensor) -> Tensor:
+        """A contiguous copy (F32 or I32)."""
+        if a.type not in (F32, I32):
+            raise _fail(f"a contiguous copy of {a}")
+        self._take(a)
+        return self._wrap(self.lib.ggml_cont(self.ptr, a.ptr))
+
+
 class _ComputeBuffer:
     """A graph's own compute buffer (a gallocr); output views keep it alive past the graph."""
 
@@ -342,8 +405,8 @@ class _ComputeBuffer:
 class _View:
     """numpy's view of ggml memory, holding whatever owns that memory."""
 
-    def __init__(self, addr: int, shape: tuple[int, ...], owner: object):
-        self.__array_interface__ = {"data": (addr, False), "shape": shape, "typestr": "<f4", "version": 3}
+    def __init__(self, addr: int, shape: tuple[int, ...], owner: object, typestr: str = "<f4"):
+        self.__array_interface__ = {"data": (addr, False), "shape": shape, "typestr": typestr, "version": 3}
         self.owner = owner
 
 
@@ -362,7 +425,7 @@ class Graph:
         if ctx.graph_tensors > ctx.graph_size:
             raise _fail(f"a graph of up to {ctx.graph_tensors} tensors in a context sized for {ctx.graph_size}")
         for out, shape in zip(outputs, shapes):
-            if out.type != F32 or not out.contiguous() or math.prod(shape) != math.prod(out.ne):
+            if out.type not in (F32, I32) or not out.contiguous() or math.prod(shape) != math.prod(out.ne):
                 raise _fail(f"an output {out} read as {shape}")
             lib.ggml_set_output(out.ptr)
         self.ctx = ctx
@@ -398,4 +461,4 @@ def _as_numpy(lib, t: Tensor, shape: tuple[int, ...], owner: object) -> np.ndarr
     addr = lib.ggml_get_data(t.ptr)
     if not addr:
         raise _fail(f"reading {t}: it has no data")
-    return np.asarray(_View(addr, shape, owner))
+    return np.asarray(_View(addr, shape, owner, "<i4" if t.type == I32 else "<f4"))

@@ -119,6 +119,14 @@ _SIGNATURES = {
     "ggml_geglu_split": ("base", P, (P, P, P)),
     "ggml_scale": ("base", P, (P, P, _f32)),
     "ggml_tanh": ("base", P, (P, P)),
+    # mixture of experts (llama.cpp's build_moe_ffn)
+    "ggml_mul_mat_id": ("base", P, (P, P, P, P)),
+    "ggml_soft_max": ("base", P, (P, P)),
+    "ggml_argsort_top_k": ("base", P, (P, P, _i32)),
+    "ggml_get_rows": ("base", P, (P, P, P)),
+    "ggml_sum_rows": ("base", P, (P, P)),
+    "ggml_clamp": ("base", P, (P, P, _f32, _f32)),
+    "ggml_div": ("base", P, (P, P, P)),
     # graphs and allocation
     "ggml_new_graph_custom": ("base", P, (P, _sz, _bool)),
     "ggml_build_forward_expand": ("base", None, (P, P)),

@@ -39,7 +39,10 @@ class ModelBlocks:
         return {t.tensor_type.name for t in self.source.reader.tensors if len(t.shape) == 2}
 
 
-def model_blocks(path: Path | str, ratios=(1.0,)) -> ModelBlocks:
+def model_blocks(path: Path | str, ratios=(1.0,), placement: str | None = None) -> ModelBlocks:
+    """The model cut for `ratios`; a MoE model's experts placed `placement` ("split" / "whole"; None:
+    the planner's choice for devices as fast as their ratios)."""
+    from tpi.devices.experts import split_experts
     from tpi.devices.group_plan import weight_profile_of
     from tpi.devices.slicing import plan_cuts
     from tpi.formats import open_model
@@ -47,7 +50,9 @@ def model_blocks(path: Path | str, ratios=(1.0,)) -> ModelBlocks:
 
     source = open_model(str(path))
     profile = weight_profile_of(source)
-    shards = plan_cuts(source.config, tuple(ratios), *((profile.wo_block, profile.down_block) if profile else ())).shards
+    blocks_k = (profile.wo_block, profile.down_block) if profile else ()
+    experts = split_experts(source.config, tuple(ratios), placement, *blocks_k[1:]) if placement else None
+    shards = plan_cuts(source.config, tuple(ratios), *blocks_k, experts=experts).shards
     blocks: list[dict[str, dict]] = [{} for _ in shards]
     for key, per_rank in iter_rank_blocks(source, source.config, shards):
         for mine, block in zip(blocks, per_rank):

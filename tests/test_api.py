@@ -195,3 +195,15 @@ def test_status_route_shows_devices_and_counters(engine):
         assert [d["name"] for d in st["group"]["devices"]] == ["m", "w"] and st["service"]["completed"] == 1
     finally:
         svc.close()
+
+
+def test_health_shows_speculation(client, engine):
+    from tpi.master.drafters import PromptLookup
+    from tpi.master.speculation import KPolicy, SpeculationStats, Speculator
+
+    assert client.get("/health").json()["speculation"] == {"mode": "off"}
+    engine.speculator = Speculator(PromptLookup(), KPolicy(8), "auto")
+    engine.speculator.totals.add(SpeculationStats(forwards=4, verify_forwards=2, drafted=6, accepted=3, tokens=7))
+    spec = client.get("/health").json()["speculation"]
+    assert spec["mode"] == "auto" and spec["drafter"] == "lookup"
+    assert spec["spec_acceptance"] == 0.5 and spec["tokens_per_forward"] == 1.75

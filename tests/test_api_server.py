@@ -41,7 +41,8 @@ def run_reference():
 def server(run_reference, tmp_path_factory):
     log = tmp_path_factory.mktemp("api") / "server.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen(TPI + ["serve", "--api-port", "0", "--queue-size", "1", "--api-key", KEY,
+        # --parallel 1: these tests are about one request at a time and its queue (batching: test_batching.py)
+        proc = subprocess.Popen(TPI + ["serve", "--api-port", "0", "--parallel", "1", "--queue-size", "1", "--api-key", KEY,
                                        "--cache-dir", str(log.parent / "cache"), "--config-dir", str(log.parent / "cfg")],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=tpi_env())
     url, ready, deadline = None, False, time.monotonic() + START_TIMEOUT_S

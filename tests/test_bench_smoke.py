@@ -158,7 +158,7 @@ def test_paper_smoke_compares_tpi_with_accelerate_offload(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", [
-    "tp.py", "memory.py", "costmodel.py", "backends.py", "star_floor.py",
+    "tp.py", "tp_paired.py", "memory.py", "costmodel.py", "backends.py", "star_floor.py", "moe.py",
 ])
 def test_other_benchmarks_smoke(script):
     if not (BENCH / script).exists():
@@ -167,3 +167,11 @@ def test_other_benchmarks_smoke(script):
     # costmodel.py and memory.py report a configuration that failed in its row and carry on
     failed = [row for _, rows in tables for row in rows if any(c.startswith("failed") for c in row)]
     assert failed == [], failed
+
+
+@pytest.mark.slow
+def test_tp_speculation_smoke():
+    """bench/tp.py --speculation: one device and the proxied pair, edit and story, off vs auto."""
+    tables = assert_well_formed(run_bench("tp.py", "--speculation", "--smoke", "--backend", "ggml", timeout=600))
+    (_, rows), = tables
+    assert len(rows) == 4 and all(row[-1] == "yes" for row in rows), rows  # the same tokens with and without

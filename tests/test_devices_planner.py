@@ -90,7 +90,11 @@ def test_wire_dtype_is_bf16_only_when_bytes_matter():
     assert slow.wire_dtype == "bf16" and len(slow.names) == 2
     forced = plan_group(QWEN7, [device("a", 50, link=lan), device("b", 50, link=lan)], wire_dtype="f32")
     assert forced.wire_dtype == "f32"
-    assert forced.prediction.comm_per_token_s > slow.prediction.comm_per_token_s
+    # two ranks on the f32 wire swap partials (one hop): less decode comm than bf16's star round trip
+    assert forced.prediction.comm_per_token_s < slow.prediction.comm_per_token_s
+    trio = [device(n, 50, link=lan) for n in "abc"]
+    star, star_f32 = plan_group(QWEN7, trio, wire_dtype="bf16"), plan_group(QWEN7, trio, wire_dtype="f32")
+    assert star_f32.prediction.comm_per_token_s > star.prediction.comm_per_token_s  # the star: bytes matter
 
 
 def test_int8_wire_is_suggested_only_where_the_link_is_bandwidth_bound_and_chosen_only_when_asked():

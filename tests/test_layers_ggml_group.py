@@ -71,7 +71,8 @@ class Group:
         hub = _Hub(len(self.shards))
         self.ranks = []
         for s, blocks in zip(self.shards, src.blocks):
-            layers = (layers_class or GgmlLayers)(cfg, s.n_q_heads, s.q_to_local_kv, context, 1)
+            moe = {"experts": s.expert_share(cfg)} if cfg.is_moe else {}  # the rank's experts (placement)
+            layers = (layers_class or GgmlLayers)(cfg, s.n_q_heads, s.q_to_local_kv, context, 1, **moe)
             weights = ResidentWeights({k: layers.to_runtime(b) for k, b in blocks.items()})
             self.ranks.append(Transformer(cfg, layers, weights, ThreadComm(hub, s.rank) if len(self.shards) > 1 else None))
         self.pool = ThreadPoolExecutor(len(self.shards))

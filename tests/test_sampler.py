@@ -69,3 +69,8 @@ def test_held_back_text_is_released_when_it_is_not_a_stop():
     assert f.push("ST") == ""
     assert f.push("ART") == "START"
     assert not f.hit and f.flush() == ""
+
+
+def test_the_text_ends_at_the_first_stop_string_in_it_whichever_is_listed_first():
+    f = StopStringFilter(["e", "a"])
+    assert f.push(" alter") == " " and f.hit  # "a" comes first in the text, though "e" is listed first

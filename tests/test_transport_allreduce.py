@@ -223,14 +223,55 @@ def test_worker_follows_the_master_when_it_abandons_a_step(tmp_path):
     assert np.array_equal(out, np.full(4, 3.0, np.float32)) and np.array_equal(box["sum"], out)
 
 
-def test_hot_path_drops_partials_and_sums_of_the_wrong_size_or_frame_count(tmp_path, caplog):
-    """Messages whose header is exactly the awaited one but whose buffer is wrong: logged, dropped."""
+def test_two_ranks_on_f32_swap_partials_so_the_worker_never_waits_for_the_master(tmp_path):
+    """The master posts its partial before it looks for the worker's: the worker's allreduce ends while
+    the master is held before collecting (through the star this would deadlock), with the star's sum."""
+    master = MasterLink("127.0.0.1:0", tmp_path / "m", settings=FAST)
+    worker = WorkerLink(f"127.0.0.1:{master.port}", master.token, tmp_path / "w", settings=FAST)
+    x0, x1 = partial_for(1, 0), partial_for(1, 1)
+    worker_done, box = threading.Event(), {}
+
+    def run_worker():
+        worker.join("w1", {}, [])
+        comm = worker.communicator()
+        comm.recv_step()
+        box["sum"] = comm.allreduce(x1)
+        worker_done.set()
+
+    t = threading.Thread(target=run_worker)
+    t.start()
+    master.admit(master.next_join(timeout=10), Assign(rank=1, world=2, shard_hash="", shard_size=0))
+    comm = master.communicator("f32", ready_timeout_s=10)
+    collect = comm._collect_partials
+
+    def held(*args):
+        assert worker_done.wait(timeout=20), "the worker waited for the master to collect"
+        return collect(*args)
+
+    comm._collect_partials = held
+    comm.broadcast_step(Step.of_sequence(0, 1, np.zeros((1, 4), np.float32), request_id=1))
+    out = comm.allreduce(x0)
+    t.join(timeout=10)
+    worker.close()
+    master.close()
+    assert np.array_equal(out, x0 + x1) and box["sum"].tobytes() == out.tobytes()
+
+
+@pytest.mark.parametrize("wire", ["f32", "bf16"])
+def test_hot_path_drops_partials_and_sums_of_the_wrong_size_or_frame_count(tmp_path, caplog, wire):
+    """Messages whose header is exactly the awaited one but whose buffer is wrong: logged, dropped.
+
+    A worker of two awaits the master's Partial with the f32 wire (the exchange), its Reduced otherwise.
+    """
     from tpi.transport.protocol import Partial, Reduced, encode_header
+    from tpi.transport.wire import to_wire
 
     master = MasterLink("127.0.0.1:0", tmp_path / "m", settings=FAST)
     worker = WorkerLink(f"127.0.0.1:{master.port}", master.token, tmp_path / "w", settings=FAST)
-    x = np.arange(64, dtype=np.float32).reshape(1, 64)
-    good = x.tobytes()
+    x = np.arange(64, dtype=np.float32).reshape(1, 64)  # integers: exact in bf16, and so are their sums
+    good = to_wire(x, wire).tobytes()
+    n = len(good)
+    awaited = Partial if wire == "f32" else Reduced
     bad_bodies = [[good[:-4]], [good + b"\0" * 4], [good, b"extra"], []]  # short, long, extra frame, none
     box: dict = {}
 
@@ -238,18 +279,18 @@ def test_hot_path_drops_partials_and_sums_of_the_wrong_size_or_frame_count(tmp_p
         worker.join("w1", {}, [])
         comm = worker.communicator()
         comm.recv_step()
-        head = encode_header(Partial.TYPE, 1, [1], [["f32", [1, 64]]])
+        head = encode_header(Partial.TYPE, 1, [1], [[wire, [1, 64]]])
         for body in bad_bodies:
             worker.data_socket().send_multipart([head, *body])
         box["sum"] = comm.allreduce(x)
 
     t = threading.Thread(target=run_worker)
     t.start()
-    master.admit(master.next_join(timeout=10), Assign(rank=1, world=2, shard_hash="", shard_size=0))
-    comm = master.communicator("f32", ready_timeout_s=10)
+    master.admit(master.next_join(timeout=10), Assign(rank=1, world=2, shard_hash="", shard_size=0, wire_dtype=wire))
+    comm = master.communicator(wire, ready_timeout_s=10)
     comm.broadcast_step(Step.of_sequence(0, 1, np.zeros((1, 4), np.float32), request_id=1))
     time.sleep(0.3)  # the worker's bad partials are queued before the master looks
-    head = encode_header(Reduced.TYPE, 1, [1], [["f32", [1, 64]]])
+    head = encode_header(awaited.TYPE, 1, [1], [[wire, [1, 64]]])
     rid = comm._ids[0]
     for body in bad_bodies:  # the same for the sums the worker awaits (it is waiting by now)
         master.data.sock.send_multipart([rid, head, *body])
@@ -260,8 +301,8 @@ def test_hot_path_drops_partials_and_sums_of_the_wrong_size_or_frame_count(tmp_p
     assert np.array_equal(out, 2 * x) and np.array_equal(box["sum"], 2 * x)
     dropped = [r.getMessage().removeprefix("dropped malformed data message from ") for r in caplog.records
                if "dropped malformed" in r.getMessage()]
-    whys = ["buffer of 252 bytes where its header needs 256", "buffer of 260 bytes where its header needs 256",
+    whys = [f"buffer of {n - 4} bytes where its header needs {n}", f"buffer of {n + 4} bytes where its header needs {n}",
             "1 buffer frame(s) more than its header lists", "needs 1 buffers, header lists 1, got 0 frames"]
     # Each end logs its own drops in order; the two ends' threads interleave as the scheduler likes.
     assert [d for d in dropped if d.startswith("w1: ")] == [f"w1: Partial {w}" for w in whys]
-    assert [d for d in dropped if not d.startswith("w1: ")] == [f"the master: Reduced {w}" for w in whys]
+    assert [d for d in dropped if not d.startswith("w1: ")] == [f"the master: {awaited.__name__} {w}" for w in whys]

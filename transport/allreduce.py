@@ -6,6 +6,11 @@ blocks); the master adds its own partial and the received ones in fp32, in rank 
 sends the sum back in the wire dtype. With bf16 or int8 the master rounds the sum once and uses
 that rounded value itself, so every rank holds bit-identical state.
 
+Two ranks with the f32 wire swap partials instead (star_frames.exchange): each posts its partial
+the moment it has it and adds the two itself, master's first (x0 + x1, the star's own sum, so the
+same bits on both ranks): the worker waits one hop for its sum instead of two. The messages and
+bytes are the star's; the master's Partial goes where its Reduced went.
+
 Hot path: both ends know the exact header of the message they await (version, type, step,
 op, dtype, shape), so a received header is validated by one byte comparison and its buffer
 is received straight into a preallocated array (`recv_into`), checked for its exact size.
@@ -27,7 +32,8 @@ from tpi.transport.comm import CommStats
 from tpi.transport.protocol import (WIRE_DTYPES, Logits, Message, Partial, Ready, Step, Stop, Truncate, encode,
                                     header_packer)
 from tpi.transport.star_frames import (PARTIAL, POLL_SLICE_MS, RCVMORE, REDUCED, SNDMORE, ZERO_COPY_MIN, check_wire,
-                                       decode_rest, drain, frame_size, frames_nbytes, size_error, zget, zsend)
+                                       decode_rest, drain, exchange, frame_size, frames_nbytes, size_error, zget,
+                                       zsend)
 from tpi.transport.wire import from_wire, to_wire, wire_shape
 
 log = logging.getLogger(__name__)
@@ -222,8 +228,9 @@ class StarMaster:
                 raise GroupError(f"device {self._names[rank]} (rank {rank}) is unreachable: {reason}") from e
             self.stats.bytes_sent += size
 
-    def _send_sum(self, head: bytes, wire: np.ndarray) -> None:
-        sock, copy = self._sock, wire.nbytes < ZERO_COPY_MIN
+    def _send_sum(self, head: bytes, wire: np.ndarray, copy: bool = False) -> None:
+        """head + wire to every worker; copy: always copy wire (the caller reuses its buffer)."""
+        sock, copy = self._sock, copy or wire.nbytes < ZERO_COPY_MIN
         try:
             for rid in self._ids:  # ROUTER_MANDATORY: the id's send raises for a vanished peer
                 zsend(sock, rid, SNDMORE, True, False)
@@ -244,7 +251,11 @@ class StarMaster:
         f32 = wire_dtype == "f32"
         shape = x.shape if f32 else wire_shape(x.shape, wire_dtype)
         descs = [[wire_dtype, list(shape)]]
-        part_head, sum_head = header(PARTIAL, seq, [op], descs), header(REDUCED, seq, [op], descs)
+        part_head = header(PARTIAL, seq, [op], descs)
+        swap = exchange(self.world, wire_dtype)
+        if swap:  # my partial goes out now (copied: x is a graph's output buffer, reused by the next graph)
+            x = np.ascontiguousarray(x, np.float32)
+            self._send_sum(part_head, x, copy=True)
         parts = self._collect_partials(part_head, WIRE_DTYPES[wire_dtype], shape)
         acc = None
         for rank in range(1, self.world):
@@ -259,7 +270,8 @@ class StarMaster:
         if acc is None:
             acc = np.array(x, dtype=np.float32)
         wire = acc if f32 else to_wire(acc, wire_dtype)
-        self._send_sum(sum_head, wire)
+        if not swap:
+            self._send_sum(header(REDUCED, seq, [op], descs), wire)
         out = acc if f32 else from_wire(wire)
         self.stats.allreduce_count += 1
         self.stats.allreduce_seconds += time.perf_counter() - t0

@@ -20,7 +20,8 @@ from tpi.transport.wire import INT8_BLOCK, REDUCE_DTYPES, from_bf16, to_bf16  # 
 # 2: the int8 block wire dtype (Partial/Reduced and Assign.wire_dtype)
 # 3: typed controls (Step rows and flags, Truncate, Stop.rejoin, Probe/ProbeEcho, Assign's own fields)
 # 4: Assign.slots (KV slots per rank) and steps over many slots (continuous batching)
-PROTOCOL_VERSION = 4
+# 5: two ranks on the f32 wire swap Partials (the worker sums; no Reduced comes back)
+PROTOCOL_VERSION = 5
 MAX_SLOTS = 1024  # KV slots per rank, and so sequences in one step: far above any --parallel
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_FRAME = 256 << 20
@@ -210,6 +211,8 @@ class Ready(Message):
 
 
 ALL_LOGITS = 1  # Step flag: logits of every row, not only of each sequence's last row
+EXACT_ROWS = 2  # Step flag: each row computed as its one-row decode step would, bit for bit (a verify pass)
+STEP_FLAGS = ALL_LOGITS | EXACT_ROWS
 
 
 @_msg(7, ("request_id", "int"), ("flags", "uint"), ("slots", "uints"), ("starts", "uints"), ("counts", "uints"),
@@ -233,8 +236,9 @@ class Step(Message):
 
     @classmethod
     def of_sequence(cls, start: int, n_tokens: int, x: np.ndarray, *, all_logits: bool = False,
-                    slot: int = 0, request_id: int = 0) -> "Step":
-        return cls(request_id, ALL_LOGITS if all_logits else 0, [slot], [start], [n_tokens], x)
+                    exact: bool = False, slot: int = 0, request_id: int = 0) -> "Step":
+        flags = (ALL_LOGITS if all_logits else 0) | (EXACT_ROWS if exact else 0)
+        return cls(request_id, flags, [slot], [start], [n_tokens], x)
 
     @property
     def start_pos(self) -> int:
@@ -248,6 +252,10 @@ class Step(Message):
     def all_logits(self) -> bool:
         return bool(self.flags & ALL_LOGITS)
 
+    @property
+    def exact(self) -> bool:
+        return bool(self.flags & EXACT_ROWS)
+
     def check(self) -> None:
         n = len(self.slots)
         _need(0 < n <= MAX_SLOTS and len(self.starts) == len(self.counts) == n,
@@ -256,12 +264,12 @@ class Step(Message):
         _need(all(c > 0 for c in self.counts), "every sequence in a step needs at least one row")
         _need(self.x.ndim == 2 and self.x.shape[0] == sum(self.counts) > 0,
               f"step hidden states {list(self.x.shape)} do not hold the {sum(self.counts)} rows its header lists")
-        _need(self.flags & ~ALL_LOGITS == 0, f"unknown step flags {self.flags:#x}")
+        _need(self.flags & ~STEP_FLAGS == 0, f"unknown step flags {self.flags:#x}")
 
 
 @_msg(8, ("op", "uint"), ("x", "tensor"))
 class Partial(Message):
-    """Worker -> master: my partial sum for allreduce number ``op`` of step ``seq``."""
+    """A rank's partial sum for allreduce ``op`` of step ``seq``: worker -> master (both ways in a swap)."""
 
     op: int
     x: np.ndarray

@@ -1,4 +1,5 @@
-"""Rank > 0's end of the star: steps in, partials out, sums back (allreduce.py explains the star)."""
+"""Rank > 0's end of the star: steps in, partials out, sums back (allreduce.py explains the star and
+the two-rank swap)."""
 from __future__ import annotations
 
 import logging
@@ -10,9 +11,11 @@ import zmq
 
 from tpi.errors import GroupError
 from tpi.transport.comm import CommStats
-from tpi.transport.protocol import Logits, Message, Ready, Reduced, Step, Stop, Truncate, encode, header_packer
+from tpi.transport.protocol import (Logits, Message, Partial, Ready, Reduced, Step, Stop, Truncate, encode,
+                                    header_packer)
 from tpi.transport.star_frames import (PARTIAL, POLL_SLICE_MS, RCVMORE, REDUCED, SNDMORE, ZERO_COPY_MIN, check_wire,
-                                       decode_rest, exact_bf16_or_self, frames_nbytes, size_error, zget, zsend)
+                                       decode_rest, exact_bf16_or_self, exchange, frames_nbytes, size_error, zget,
+                                       zsend)
 from tpi.transport.wire import from_wire, to_wire
 
 log = logging.getLogger(__name__)
@@ -83,13 +86,17 @@ class StarWorker:
         part_head = self._next_part[1] if self._next_part[0] == key else None
         if part_head is None:
             part_head = self._header(PARTIAL, seq, [op], [[wire_dtype, list(payload.shape)]])
+        swap = exchange(self.world, wire_dtype)  # then the master's partial comes back, not the sum
         zsend(sock, part_head, SNDMORE, True, False)
-        zsend(sock, payload, 0, nbytes < ZERO_COPY_MIN, False)
+        # copied when swapping: the master's partial may be here before mine has left, and x is a
+        # graph's output buffer, which the next graph reuses
+        zsend(sock, payload, 0, swap or nbytes < ZERO_COPY_MIN, False)
         # While the partial travels: what the sum will look like, where it lands (f32 sums in the
         # array returned; bf16/int8 ones in a reused buffer, then widened), and the header of the
         # next allreduce's partial if it has the same shape (the usual case: 2 per layer).
         descs = [[wire_dtype, list(payload.shape)]]
-        sum_head = self._header(REDUCED, seq, [op], descs)
+        sum_head = part_head if swap else self._header(REDUCED, seq, [op], descs)
+        kind = Partial if swap else Reduced
         self._next_part = ((seq, op + 1, wire_dtype, payload.shape), self._header(PARTIAL, seq, [op + 1], descs))
         if f32:
             buf = np.empty(nbytes, np.uint8)
@@ -112,19 +119,20 @@ class StarWorker:
             if frame.more and head == sum_head:  # the hot path
                 n = sock.recv_into(buf)
                 stats.bytes_received += len(head) + n
-                if n == nbytes and not zget(sock, RCVMORE):
-                    out = typed if f32 else from_wire(typed)
+                if n == nbytes and not zget(sock, RCVMORE):  # swap: master's + mine, the star's order
+                    out = np.add(typed, payload, out=typed) if swap else typed if f32 else from_wire(typed)
                     break
-                log.warning("dropped malformed data message from the master: Reduced %s",
+                log.warning("dropped malformed data message from the master: %s %s", kind.__name__,
                             size_error(sock, n, nbytes))
                 continue
             stats.bytes_received += len(head)
             msg = self._finish(head, frame.more)
-            if isinstance(msg, Reduced) and msg.op == op and msg.seq == seq:
+            if type(msg) is kind and msg.op == op and msg.seq == seq:
                 if msg.x.dtype != payload.dtype or msg.x.shape != payload.shape:
-                    raise GroupError(f"the master sent a {msg.x.dtype} sum of shape {msg.x.shape} for a "
-                                     f"{payload.dtype} partial of shape {payload.shape}: versions differ?")
-                out = from_wire(msg.x.copy())  # valid, though not encoded as this side would
+                    raise GroupError(f"the master sent a {msg.x.dtype} {kind.__name__} of shape {msg.x.shape} for "
+                                     f"a {payload.dtype} partial of shape {payload.shape}: versions differ?")
+                # valid, though not encoded as this side would
+                out = np.add(msg.x, payload) if swap else from_wire(msg.x.copy())
                 break
             if isinstance(msg, (Step, Truncate, Stop)):
                 # The master gave up on this step (a device was lost) and moved on: keep the

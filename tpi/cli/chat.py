@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tpi.cli.options import Backend, Context, ModelArg, Threads, reports_errors, say
+from tpi.cli.options import Backend, Context, ModelArg, Threads, Speculate, Draft, reports_errors, say
 from tpi.errors import TpiError
 
 LocalWorkersOpt = Annotated[int, typer.Option("--local-workers", help="also start N worker processes on this machine (loopback group)", envvar="TPI_LOCAL_WORKERS")]
@@ -35,14 +35,14 @@ def sigint_ignored_by_children(active: bool, say):
 
 
 def start_master(model, local_workers: int, context, threads, backend: str, config_dir: Path | None = None,
-                 cache_dir: Path | None = None):
+                 cache_dir: Path | None = None, speculate: str = "auto", draft: str | None = None):
     """Rank 0's group on this machine (with local workers, a loopback group)."""
     # imported when the command runs: keeps `tpi --help` fast
     from tpi.master import GroupOptions, start_group
 
     dirs = {k: v for k, v in (("config_dir", config_dir), ("cache_dir", cache_dir)) if v is not None}
     opts = GroupOptions(model=model, local_workers=local_workers, host="127.0.0.1", context=context,
-                        threads=threads, backend=backend, **dirs)
+                        threads=threads, backend=backend, speculate=speculate, draft=draft, **dirs)
     with sigint_ignored_by_children(local_workers > 0, say):
         return start_group(opts, on_event=say)
 
@@ -62,6 +62,8 @@ def chat(
     threads: Threads = None,
     context: Context = None,
     backend: Backend = "auto",
+    speculate: Speculate = "auto",
+    draft: Draft = None,
     config_dir: ConfigDirOpt = None,
     cache_dir: CacheDirOpt = None,
 ) -> None:
@@ -80,7 +82,8 @@ def chat(
         else:
             from tpi.serve.service import GenerationService  # local mode only
 
-            group = start_master(model, local_workers, context, threads, backend, config_dir, cache_dir)
+            group = start_master(model, local_workers, context, threads, backend, config_dir, cache_dir, speculate,
+                                 draft)
             service = GenerationService(group.engine, status=group.status)
             chat_backend = LocalChat(service)
         session = ChatSession(chat_backend, opts, system=system)

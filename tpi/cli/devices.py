@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tpi.cli.options import DEFAULT_CACHE_DIR, Backend, CacheDir, Threads, WireDtype, reports_errors
+from tpi.cli.options import DEFAULT_CACHE_DIR, Backend, CacheDir, Experts, Threads, WireDtype, reports_errors
 from tpi.errors import GroupError, TpiError
 
 devices_app = typer.Typer(help="Devices of a running group, and this device's profile.")
@@ -40,27 +40,33 @@ def plan(
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="prompt length for the TTFT prediction")] = 128,
     no_streaming: Annotated[bool, typer.Option("--no-streaming", help="refuse plans that stream weights from disk")] = False,
     wire_dtype: WireDtype = None,
+    acceptance: Annotated[float, typer.Option("--acceptance", help="assumed share of drafted tokens the model keeps, for the speculative-decoding rows (measured: tpi run --stats, spec_acceptance)")] = 0.7,
+    wired: Annotated[bool, typer.Option("--wired", help="the master's link is wired full duplex (sends and receives at once); default: Wi-Fi, one direction at a time")] = False,
+    experts: Experts = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan and prediction as JSON (for scripts)")] = False,
 ) -> None:
     """Will MODEL run on these devices, and how fast? Prints the plan and predictions; loads no weights."""
     # imported when the command runs: keeps `tpi --help` fast
     from tpi.cli.table_text import print_tables
     from tpi.devices.plan_report import plan_command, plan_json, plan_tables
-    from tpi.master.options import check_wire_dtype
+    from tpi.master.options import check_experts, check_wire_dtype
 
     if weights not in (None, "int4", "bf16"):
         raise TpiError(f"--weights {weights!r} must be int4 or bf16")
     check_wire_dtype(wire_dtype)
+    if not 0.0 <= acceptance < 1.0:
+        raise TpiError(f"--acceptance {acceptance} must be a share in [0, 1), e.g. 0.7")
+    check_experts(experts)
     if context < 8 or prompt_tokens < 1 or prompt_tokens > context:
         raise TpiError("--context must be >= 8 and --prompt-tokens between 1 and the context")
     cfg, file_format, profile = load_model_config(model)
     planned = plan_command(cfg, devices, weight_format=weights or file_format or "int4", context=context,
                            prompt_tokens=prompt_tokens, allow_streaming=not no_streaming, wire_dtype=wire_dtype,
-                           weights=None if weights else profile)
+                           weights=None if weights else profile, experts=experts, master_full_duplex=wired)
     if as_json:
-        typer.echo(json.dumps(plan_json(planned), indent=1))
+        typer.echo(json.dumps(plan_json(planned, acceptance), indent=1))
     else:
-        print_tables(*plan_tables(planned))
+        print_tables(*plan_tables(planned, acceptance))
 
 
 def fetch_status(url: str, api_key: str | None, timeout_s: float = 5.0) -> dict:
@@ -104,10 +110,15 @@ def render_devices(status: dict):
             f"{_num(plan.get('predicted_peak_bytes'), '{:.2f}', GB)} / {_num(plan.get('budget_bytes'), '{:.2f}', GB)}",
             _num(link.get("rtt_ms"), "{:.2f}"), _num(link.get("mbit_s"), "{:.0f}"),
         )
+    lines = []
+    if "slots" in status:  # the service's load: /health of tpi serve
+        lines.append(f"requests: {status.get('running', 0)} running in {status['slots']} slots, "
+                     f"{status.get('queued', 0)} queued")
     if summary:
-        table.caption = (f"predicted {summary.get('predicted_token_ms', '?')} ms/token, bound by "
-                         f"{summary.get('bound_by', '?')}; {summary.get('weight_format', '?')} weights, "
-                         f"{summary.get('wire_dtype', '?')} on the wire")
+        lines.append(f"predicted {summary.get('predicted_token_ms', '?')} ms/token, bound by "
+                     f"{summary.get('bound_by', '?')}; {summary.get('weight_format', '?')} weights, "
+                     f"{summary.get('wire_dtype', '?')} on the wire")
+    table.caption = "\n".join(lines) or None
     return table
 
 

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from tpi.cli.options import (DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Backend, Budget, CacheDir, ConfigDir, Context,
-                             Insecure, LocalWorkers, ModelArg, Threads, WireDtype, parse_size, reports_errors, say)
+from tpi.cli.options import (DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Backend, Budget, CacheDir, ConfigDir, Context, Experts,
+                             Insecure, LocalWorkers, ModelArg, Threads, WireDtype, Speculate, Draft, parse_size, reports_errors, say)
 from tpi.errors import TpiError
 
 token_app = typer.Typer(help="Manage the join token.", no_args_is_help=True)
@@ -28,7 +28,12 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option("--api-key", help="require this Bearer key on the API (not on /health)", envvar="TPI_API_KEY")] = None,
     queue_size: Annotated[int, typer.Option("--queue-size", help="requests that may wait while one runs; more get 429")] = 8,
     prompt_cache: Annotated[bool, typer.Option("--prompt-cache", help="reuse the previous request's cached prefix (faster multi-turn; answers may differ in the last bits)")] = False,
+    parallel: Annotated[Optional[int], typer.Option("--parallel", help="requests answered at once, each with its own KV cache on every device (default on one device: as many as fit in a quarter of free memory, at most 4, 1 on torch; in a group: 1, since batched requests do not resume after a device loss yet)")] = None,
+    prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="prompt tokens read per step while other requests decode (smaller: steadier tokens for the others, slower long prompts)")] = 128,
     wire_dtype: WireDtype = None,
+    speculate: Speculate = "auto",
+    draft: Draft = None,
+    experts: Experts = None,
     ratios: Annotated[Optional[str], typer.Option("--ratios", help="split ratios by rank, e.g. 2,1 (default: planned from device profiles)")] = None,
     keep_all: Annotated[bool, typer.Option("--keep-all", help="never leave a joined device out, even if the planner predicts it slows the group")] = False,
     threads: Threads = None,
@@ -58,21 +63,29 @@ def serve(
     """Be the master: serve the API at once, wait for devices, ship their shards, then answer."""
     # imported when the command runs: keeps `tpi --help` fast
     from tpi.master import GroupOptions
+    from tpi.model.config import PREFILL_CHUNK
     from tpi.serve.api import serve_api
     from tpi.serve.service import GenerationService
+    from tpi.transport.protocol import MAX_SLOTS
 
     try:
         parsed = tuple(float(r) for r in ratios.split(",")) if ratios else None
     except ValueError:
         raise TpiError(f"--ratios '{ratios}' must be numbers separated by commas, e.g. 2,1") from None
+    if parallel is not None and not 1 <= parallel <= MAX_SLOTS:
+        raise TpiError(f"--parallel {parallel} is out of range; use 1..{MAX_SLOTS}")
+    if not 1 <= prefill_chunk <= PREFILL_CHUNK:
+        raise TpiError(f"--prefill-chunk {prefill_chunk} is out of range; use 1..{PREFILL_CHUNK}")
     opts = GroupOptions(model=model, devices=devices, local_workers=local_workers, host=host, port=port,
-                        context=context, threads=threads, backend=backend, memory_budget=parse_size(memory_budget),
-                        ratios=parsed, wire_dtype=wire_dtype, insecure=insecure, config_dir=config_dir,
+                        context=context, slots=parallel or 0, threads=threads, backend=backend, memory_budget=parse_size(memory_budget),
+                        ratios=parsed, wire_dtype=wire_dtype, experts=experts, insecure=insecure, config_dir=config_dir,
                         cache_dir=cache_dir, leave_out=not keep_all,
                         link_settings=link_settings(heartbeat_timeout), rejoin_timeout_s=rejoin_timeout,
-                        replan=replan, resume_timeout_s=resume_timeout, announce=announce, always_plan=True)
+                        replan=replan, resume_timeout_s=resume_timeout, announce=announce, always_plan=True,
+                        speculate=speculate, draft=draft)
     forming = GroupFormation(opts)
-    service = GenerationService(None, status=forming.status, queue_size=queue_size, model_name=served_model_id(model))
+    service = GenerationService(None, status=forming.status, queue_size=queue_size, model_name=served_model_id(model),
+                                prefill_budget=prefill_chunk)
     def ready(engine) -> None:
         engine.reuse_prefix = prompt_cache
         service.attach(engine)

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from tpi.cli.options import (DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Backend, Budget, CacheDir, ConfigDir, Context,
-                             Insecure, LocalWorkers, ModelArg, Threads, WireDtype, parse_size, reports_errors, say)
+from tpi.cli.options import (DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Backend, Budget, CacheDir, ConfigDir, Context, Experts,
+                             Insecure, LocalWorkers, ModelArg, Threads, WireDtype, Speculate, Draft, parse_size, reports_errors, say)
 from tpi.errors import TpiError
 
 
@@ -34,6 +34,9 @@ def run(
     memory_budget: Budget = None,
     local_workers: LocalWorkers = 0,
     wire_dtype: WireDtype = None,
+    speculate: Speculate = "auto",
+    draft: Draft = None,
+    experts: Experts = None,
     config_dir: ConfigDir = DEFAULT_CONFIG_DIR,
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
     insecure: Insecure = False,
@@ -48,8 +51,8 @@ def run(
 
     group = start_group(GroupOptions(
         model=model, local_workers=local_workers, host="127.0.0.1", context=context, threads=threads,
-        backend=backend, memory_budget=parse_size(memory_budget), wire_dtype=wire_dtype, insecure=insecure,
-        config_dir=config_dir, cache_dir=cache_dir), on_event=say)
+        backend=backend, memory_budget=parse_size(memory_budget), wire_dtype=wire_dtype, experts=experts, insecure=insecure,
+        config_dir=config_dir, cache_dir=cache_dir, speculate=speculate, draft=draft), on_event=say)
     try:
         engine = group.engine
         tok = engine.tokenizer
@@ -85,6 +88,11 @@ def engine_stats(engine) -> dict:
     if plan is not None:
         out |= {"pinned_blocks": len(plan.pinned), "streamed_blocks": len(plan.streamed), "window": plan.window}
         out |= engine.model.weights.token_stats()
+    cache = getattr(engine.model.layers, "expert_cache", None)  # MoE experts streamed (tpi.scheduler.experts)
+    if cache is not None:
+        e = cache.stats()
+        out |= {"expert_uses": e.uses, "expert_hits": e.hits, "expert_hit_rate": e.hit_rate,
+                "expert_bytes_read": e.bytes_read, "hot_experts_per_block": cache.hot}
     return out
 
 

@@ -27,6 +27,9 @@ _LAYER_NAMES = {
     "mlp_norm": "ffn_norm.weight",
     "w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
     "post_mlp_norm": "post_ffw_norm.weight",
+    # mixture of experts (tpi.model.moe): the router and the experts stacked along a third dim
+    "router": "ffn_gate_inp.weight",
+    "w_gate_exps": "ffn_gate_exps.weight", "w_up_exps": "ffn_up_exps.weight", "w_down_exps": "ffn_down_exps.weight",
 }
 _GLOBAL_NAMES = {"embed": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"}
 _QKV = "attn_qkv.weight"  # fused rows q | k | v (phi3; llama.cpp accepts it for every arch)
@@ -102,6 +105,12 @@ def read_config(reader: GGUFFile, path: Path) -> ModelConfig:
     scaling = RopeScaling()
     if kind == "linear":
         scaling = RopeScaling(kind="linear", factor=float(reader.value(f"{arch}.rope.scaling.factor", 1.0)))
+    experts = {}
+    if reader.value(f"{arch}.expert_count") is not None:  # qwen3moe: every layer's MLP is experts
+        used = int(need("expert_used_count"))
+        ff = reader.value(f"{arch}.expert_feed_forward_length")  # llama.cpp's fallback: n_ff / n_expert_used
+        experts = dict(n_experts=int(need("expert_count")), n_experts_used=used,
+                       expert_ff=int(ff) if ff is not None else int(need("feed_forward_length")) // used)
     freq_factors = None
     if "rope_freqs.weight" in names:  # llama3-style scaling, precomputed per dimension by the converter
         t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
@@ -130,6 +139,7 @@ def read_config(reader: GGUFFile, path: Path) -> ModelConfig:
         tied_embeddings="output.weight" not in names,
         name=str(reader.value("general.name", path.stem)),
         **extra,
+        **experts,
     ).validate()
 
 
@@ -202,6 +212,8 @@ class GGUFSource:
         if t is None:
             raise ModelFormatError(f"{self.path}: tensor {gname} is missing")
         shape = tuple(int(d) for d in reversed(t.shape))
+        if len(shape) == 3:  # experts [E, N, K]: one matrix of E * N stacked rows (tpi.model.moe)
+            shape = (shape[0] * shape[1], shape[2])
         out, note = import_tensor(t.tensor_type, t.data, shape)
         self.notes[name] = note
         if rows is not None:  # a part of a fused tensor: a view of its rows

@@ -18,7 +18,7 @@ from tpi.master.sampler import SamplingParams
 from tpi.model.config import PREFILL_CHUNK
 from tpi.model.rows import Rows
 from tpi.quant.formats import dequantize, take_rows
-from tpi.transport.protocol import ALL_LOGITS, Step
+from tpi.transport.protocol import ALL_LOGITS, EXACT_ROWS, Step
 
 DEFAULT_CONTEXT = 4096
 
@@ -54,6 +54,7 @@ class Engine:
         # batched prefill, so a repeated request may sample differently. Off by default: the same
         # request gives the same answer. Multi-turn chat turns it on.
         self.reuse_prefix = False
+        self.speculator = None  # tpi.master.speculation.Speculator: k drafts verified per forward
         self.lock = threading.Lock()
         self.epoch = 0  # counts communicator swaps: a step that failed before one may resume after it
         self.resume = None  # tpi.master.resume.Resumer of a group that re-forms after a device loss
@@ -67,13 +68,17 @@ class Engine:
         scale = self.cfg.embed_scale
         return h if scale == 1.0 else h * np.float32(scale)  # gemma3: sqrtf(hidden), in fp32 as llama.cpp
 
-    def forward(self, ids: Sequence[int], start: int, all_positions: bool = False) -> np.ndarray:
-        """Run tokens at positions start.. on every rank; returns (T or 1, vocab) float32 logits."""
+    def forward(self, ids: Sequence[int], start: int, all_positions: bool = False, exact: bool = False) -> np.ndarray:
+        """Run tokens at positions start.. on every rank; returns (T or 1, vocab) float32 logits.
+
+        exact (a verify pass of speculative decoding): each row's logits are, bit for bit, what a
+        one-token forward at its position gives (tpi.model.transformer).
+        """
         if start + len(ids) > self.context:
             raise ContextOverflowError(f"{start + len(ids)} tokens exceed the context of {self.context}")
         h = self.embed(ids)
-        self.comm.broadcast_step(Step.of_sequence(start, len(ids), h, all_logits=all_positions))
-        local = self.model.forward(h, start, all_positions)
+        self.comm.broadcast_step(Step.of_sequence(start, len(ids), h, all_logits=all_positions, exact=exact))
+        local = self.model.forward(h, Rows.sequence(start, len(ids), all_positions, exact=exact))
         self.cached = self.cached[:start] + list(ids)
         return np.concatenate(self.comm.gather(local), axis=-1)
 
@@ -92,9 +97,9 @@ class Engine:
         all_logits = rows.outputs == rows.counts and rows.counts != (1,) * n
         if not all_logits and not set(rows.outputs) <= {0, 1}:
             raise ValueError(f"a step returns each sequence's last row or every row, not {rows.outputs}")
-        sent = rows if all_logits else Rows.of_runs(rows.slots, rows.starts, rows.counts)  # the wire's: 1 each
-        self.comm.broadcast_step(Step(0, ALL_LOGITS if all_logits else 0, list(rows.slots), list(rows.starts),
-                                      list(rows.counts), h))
+        sent = rows if all_logits else Rows.of_runs(rows.slots, rows.starts, rows.counts, exact=rows.exact)  # 1 each
+        flags = (ALL_LOGITS if all_logits else 0) | (EXACT_ROWS if rows.exact else 0)
+        self.comm.broadcast_step(Step(0, flags, list(rows.slots), list(rows.starts), list(rows.counts), h))
         logits = np.concatenate(self.comm.gather(self.model.forward(h, sent)), axis=-1)
         return logits if sent is rows else logits[[i for i, o in enumerate(rows.outputs) if o]]
 

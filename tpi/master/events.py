@@ -88,6 +88,17 @@ class ShardsRequantized(GroupEvent):
 
 
 @dataclass(frozen=True)
+class ExpertsPlaced(GroupEvent):
+    """A MoE model's experts over the group: the placement (tpi.devices.experts) and why."""
+
+    placement: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"experts: {self.reason}"
+
+
+@dataclass(frozen=True)
 class CuttingShards(GroupEvent):
     model: str
     world: int

@@ -8,16 +8,17 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tpi.devices.costmodel import LinkProfile
 from tpi.devices.group_plan import (Candidate, RealPlan, cost_params, load_transient_bytes, plan_real_group,
                                     weight_format_of, weight_profile_of)
 from tpi.devices.profile import DeviceProfile, cached_or_measured, model_bench_shapes
-from tpi.errors import GroupError, TpiError
+from tpi.errors import BudgetError, GroupError, TpiError
 from tpi.master.events import DeviceJoined, DeviceLeftOut, LinkMeasured
 from tpi.master.local_workers import LocalWorker
 from tpi.master.options import GroupOptions
+from tpi.model.rows import slots_refusal
 from tpi.quant.ggml_runtime import idle_cores as ggml_idle_cores
 from tpi.scheduler.overhead import runtime_overhead_bytes
 from tpi.transport.discovery import lan_addresses
@@ -134,14 +135,20 @@ def plan_joined(opts: GroupOptions, source, context: int, master_profile: dict, 
                   for j, l in zip(joins, links)]
     cfg = source.config
     params = cost_params(weight_format_of(source), context, master_load_bytes=load_transient_bytes(source, cfg),
-                         weights=weight_profile_of(source))
-    try:
-        real = plan_real_group(cfg, DeviceProfile.from_dict(master_profile), opts.memory_budget, candidates, params,
+                         weights=weight_profile_of(source), experts=opts.experts, slots=opts.slots,
+                         expert_streaming=opts.memory_budget is not None or opts.worker_memory_budget is not None)
+    def plan(params):
+        return plan_real_group(cfg, DeviceProfile.from_dict(master_profile), opts.memory_budget, candidates, params,
                                wire_dtype=opts.wire_dtype, leave_out=opts.leave_out, ratios=opts.ratios)
+
+    try:
+        real = plan(params)
     except TpiError as e:  # no group fits: tell every waiting device why before giving up
+        if isinstance(e, BudgetError):  # with fewer KV caches (--parallel) it may
+            e = slots_refusal(e, lambda n: plan(replace(params, slots=n)), opts.slots)
         for j in joins:
             link.refuse(j, f"the master cannot plan this group: {e}")
-        raise
+        raise e from None
     for i, reason in real.refused:
         on_event(DeviceLeftOut(joins[i].name, reason))
         link.refuse(joins[i], reason)

@@ -4,7 +4,9 @@ A request's whole progress lives in one `SequenceState`: prompt, tokens sampled 
 the RNG, the text decoder and the stop-string filter. `run_sequence` prefills whatever of the
 sequence's history the ranks do not hold, then decodes until it finishes, so the same call runs a new
 sequence or resumes an interrupted one (issue 16: after the group re-forms, call it again with the same
-state; the history is re-prefilled and sampling continues from the same RNG state).
+state; the history is re-prefilled and sampling continues). Each position's token draws from its own
+generator (`token_rng(seed, position)`), so a resumed or speculative run (tpi.master.speculation, which
+finds several tokens per forward) samples exactly what plain decoding samples.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tpi.master.sampler import SamplingParams, sample
+from tpi.master.sampler import SamplingParams, sample, sequence_seed, token_rng
 
 
 @dataclass
@@ -28,6 +30,7 @@ class Generation:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     ttft_s: float = 0.0
+    speculation: dict = field(default_factory=dict)  # SpeculationStats.as_dict() when a speculator ran
     pauses: list[dict] = field(default_factory=list)  # device losses survived: paused_s, cause (tpi.master.resume)
 
     @property
@@ -45,6 +48,7 @@ class Generation:
             "decode_tok_s": self.decode_tokens / self.decode_s if self.decode_s else 0.0,
             "ttft_s": self.ttft_s,
             "finish_reason": self.finish_reason,
+            **self.speculation,
             "paused_s": sum(p["paused_s"] for p in self.pauses),
             "pause_cause": "; ".join(p["cause"] for p in self.pauses),
         }
@@ -60,11 +64,10 @@ class StopStringFilter:
 
     def push(self, piece: str) -> str:
         self.pending += piece
-        for s in self.stops:
-            i = self.pending.find(s)
-            if i >= 0:
-                out, self.pending, self.hit = self.pending[:i], "", True
-                return out
+        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if found:  # the text ends where the first stop string begins, whichever it is
+            out, self.pending, self.hit = self.pending[:min(found)], "", True
+            return out
         hold = 0
         for s in self.stops:
             for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
@@ -87,7 +90,7 @@ class SequenceState:
     prompt: list[int]
     params: SamplingParams
     max_tokens: int
-    rng: np.random.Generator
+    seed: int  # token_rng(seed, position) samples the token at each position
     stream: object  # tpi.model.tokenizer.TextStream: token bytes -> text, holding back partial UTF-8
     stops: StopStringFilter
     stop_ids: frozenset[int]  # end-of-generation tokens (none when ignore_eos)
@@ -97,7 +100,7 @@ class SequenceState:
     @classmethod
     def start(cls, prompt: Sequence[int], params: SamplingParams, max_tokens: int, tokenizer, *,
               stop: Sequence[str] = (), ignore_eos: bool = False) -> "SequenceState":
-        return cls(list(prompt), params, max_tokens, np.random.default_rng(params.seed), tokenizer.stream(),
+        return cls(list(prompt), params, max_tokens, sequence_seed(params.seed), tokenizer.stream(),
                    StopStringFilter(stop), frozenset() if ignore_eos else frozenset(tokenizer.stop_ids),
                    Generation(prompt_tokens=len(prompt)), finished=max_tokens <= 0)
 
@@ -110,7 +113,8 @@ class SequenceState:
         return self.prompt + self.out.tokens
 
     def sample(self, logits: np.ndarray) -> int:
-        return sample(logits, self.params, self.history(), self.rng)
+        history = self.history()
+        return sample(logits, self.params, history, token_rng(self.seed, len(history)))
 
     def accept(self, token: int, cancelled: bool) -> str:
         """Take a sampled token: returns the text it releases; marks the sequence finished when it is."""
@@ -145,8 +149,11 @@ def run_sequence(engine, seq: SequenceState, emit: Callable[[str], None],
     out.prefill_s += time.perf_counter() - t0
     t1 = time.perf_counter()
     pieces = [out.text] if out.text else []
+    spec = getattr(engine, "speculator", None)
+    stats = spec.new_stats() if spec is not None else None
+    pending = [seq.sample(logits)] if not seq.finished else []
     while not seq.finished:
-        token = seq.sample(logits)
+        token = pending.pop(0)
         if not out.ttft_s:
             out.ttft_s = time.perf_counter() - t0
             t1 = time.perf_counter()
@@ -154,12 +161,22 @@ def run_sequence(engine, seq: SequenceState, emit: Callable[[str], None],
         if piece:
             pieces.append(piece)
             emit(piece)
-        if not seq.finished:
-            logits = engine.forward([token], len(seq.history()) - 1)[-1]
+        if not seq.finished and not pending:
+            pending = _decode_step(engine, seq, spec, stats)
     out.decode_s += time.perf_counter() - t1
+    if stats is not None:
+        out.speculation = stats.as_dict()
     tail = seq.tail()
     if tail:
         pieces.append(tail)
         emit(tail)
     out.text = "".join(pieces)
     return out
+
+
+def _decode_step(engine, seq: SequenceState, spec, stats) -> list[int]:
+    """The next tokens after seq's history (its last token not yet cached): one forward, plain or speculative."""
+    if spec is not None:
+        return spec.step(engine, seq.history(), seq.params, seq.seed, seq.max_tokens - len(seq.tokens), stats)
+    logits = engine.forward([seq.tokens[-1]], len(seq.history()) - 1)[-1]
+    return [seq.sample(logits)]

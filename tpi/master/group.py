@@ -158,3 +158,5 @@ class Group:
             except subprocess.TimeoutExpired:
                 p.kill()
         self.engine.model.weights.close()
+        if self.engine.speculator is not None:
+            self.engine.speculator.close()

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tpi.errors import TpiError
+from tpi.master.speculation import SpeculationOptions
 from tpi.transport.wire import REDUCE_DTYPES
 
 
@@ -17,6 +18,13 @@ def check_wire_dtype(wire_dtype: str | None) -> None:
 REPLAN_S = 120.0  # what a paused request allows a re-plan, after the rejoin timeout
 
 
+def check_experts(placement: str | None) -> None:
+    """TpiError unless placement is None (the cost model's choice) or an expert placement."""
+    if placement not in (None, "split", "whole"):
+        raise TpiError(f"--experts {placement!r} is not an expert placement; use split (every expert's columns "
+                       "across the ranks) or whole (whole experts per rank)")
+
+
 @dataclass(frozen=True)
 class GroupOptions:
     model: str | None = None
@@ -25,7 +33,7 @@ class GroupOptions:
     host: str = "0.0.0.0"
     port: int = 0  # 0 = any free port
     context: int | None = None
-    slots: int = 1  # KV slots of `context` positions on every rank: sequences served at once (--parallel)
+    slots: int = 1  # KV slots of `context` positions on every rank: sequences served at once (--parallel; 0: from memory)
     threads: int | None = None
     backend: str = "auto"  # kernel backend of rank 0: auto (tpi.model.backends.resolve_backend), ggml, numpy or torch
     worker_backend: str = "auto"  # backend of the local workers
@@ -33,6 +41,7 @@ class GroupOptions:
     worker_memory_budget: int | None = None  # each local worker's budget
     ratios: tuple[float, ...] | None = None  # split ratios by rank; None = the planner's (equal without one)
     wire_dtype: str | None = None  # allreduce wire dtype; None = the planner's choice (f32 without a plan)
+    experts: str | None = None  # MoE expert placement: "split" / "whole"; None = the cost model's choice
     leave_out: bool = False  # let the planner refuse remote devices that would slow the group (tpi serve)
     always_plan: bool = False  # plan (and report a GroupPlanned event) even for a group of one or fixed ratios
     profile: dict | None = None  # test-only: rank 0's device profile instead of measuring it
@@ -46,9 +55,17 @@ class GroupOptions:
     replan: bool = True  # re-plan over the remaining devices when a lost one does not rejoin
     resume_timeout_s: float | None = None  # how long a request waits for the group to re-form; None = resume_bound_s
     announce: bool = False  # announce the group on the LAN (mDNS) so `tpi join --token T` finds it (tpi serve)
+    speculate: str = "off"  # auto | off | lookup (tpi.master.speculation); the CLI's default is auto
+    draft: str | None = None  # a draft model for speculation (--draft); None = prompt lookup
 
     def __post_init__(self) -> None:
         check_wire_dtype(self.wire_dtype)
+        check_experts(self.experts)
+        self.speculation  # noqa: B018 -- refuses a bad --speculate / --draft before anything loads
+
+    @property
+    def speculation(self):
+        return SpeculationOptions(self.speculate, self.draft)
 
     @property
     def resume_bound_s(self) -> float:

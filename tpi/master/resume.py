@@ -128,8 +128,9 @@ class Resumer:
 
 def replay_chunk(source) -> int:
     """Rows per replay step for a model (tpi.formats.ModelSource): see the module docstring."""
-    names = [layer_name(i, m) for i in range(source.config.n_layers)
-             for m in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
+    cfg = source.config
+    mlp = ("w_gate_exps", "w_up_exps", "w_down_exps") if cfg.is_moe else ("w_gate", "w_up", "w_down")  # MoE: experts
+    names = [layer_name(i, m) for i in range(cfg.n_layers) for m in ("wq", "wk", "wv", "wo", *mlp)]
     types = {ggml_type_info(f).name for f in map(source.weight_fmt, names) if is_ggml(f)}
     return REPACKED_CHUNK if types & REPACKED_TYPES else REPLAY_CHUNK
 

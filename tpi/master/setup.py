@@ -15,8 +15,10 @@ from tpi.devices.group_plan import device_status, plan_summary, weight_profile_o
 from tpi.devices.slicing import RankShard, plan_cuts, shard_to_dict
 from tpi.errors import GroupError
 from tpi.formats import open_model
+from tpi.devices.profile import memory_bytes
+from tpi.master.batch import default_slots
 from tpi.master.engine import Engine, resolve_context
-from tpi.master.events import (CuttingShards, GroupEvent, GroupPlanned, GroupReady, SendingShards,
+from tpi.master.events import (CuttingShards, ExpertsPlaced, GroupEvent, GroupPlanned, GroupReady, SendingShards,
                                ShardsReady, ShardsRequantized, WaitingForDevices)
 from tpi.master.gather import (collect_joins, idle_cores, join_command, measured_profiles, plan_joined,
                                spawn_local_workers)
@@ -24,6 +26,7 @@ from tpi.master.group import Admission, DeviceInfo, Group, Members
 from tpi.master.options import EngineOptions, GroupOptions
 from tpi.master.recovery import GroupSupervisor
 from tpi.master.resume import Resumer, replay_chunk
+from tpi.master.speculation import build_speculator
 from tpi.master.shard import store_key, write_stores
 from tpi.model.backends import backend_choice_note, check_runs, make_layers, resolve_backend
 from tpi.model.blocks import EMBED, GLOBALS
@@ -54,6 +57,13 @@ def start_group(opts: GroupOptions, on_event=log_event, link: MasterLink | None 
     reforming = link is not None
     opts = _with_backends(opts, report=not reforming)
     model = _open(opts)
+    if opts.slots == 0:  # --parallel's default (a re-formed group keeps its number)
+        # from memory on one device; 1 in a group: batched sequences do not resume after a device loss yet
+        # (tpi.master.resume runs one sequence), and one request's pause beats every request's failure
+        room = opts.memory_budget or memory_bytes()[1]
+        slots = 1 if opts.world > 1 else default_slots(model.cfg, model.context, opts.backend, room)
+        opts = replace(opts, slots=slots)
+        log.info("serving %d sequence(s) at once (--parallel)", opts.slots)
     chunk = replay_chunk(model.source)  # before rank 0 lets go of the source (under a budget)
     net = _Network(link, own=not reforming)
     try:
@@ -63,6 +73,12 @@ def start_group(opts: GroupOptions, on_event=log_event, link: MasterLink | None 
         cut = _cut(opts, model, split, layers, on_event)
         members = _admit(net.link, model, split, cut.stores, master_profile, opts.slots)
         engine = _rank0(opts, model, split, layers, cut, net.link, on_event)
+        if not reforming and opts.slots > 1 and opts.speculation.mode != "off":
+            # the batched loop (tpi.master.batch) fills a step with other sequences' rows instead of drafts
+            log.info("speculation is off: --parallel %d steps carry several sequences' rows instead "
+                     "(use --parallel 1 to speculate)", opts.slots)
+        elif not reforming:  # a re-formed group's rank 0 is adopted by the running engine, speculator and all
+            engine.speculator = build_speculator(opts.speculation, engine, model.threads, opts.backend)
         on_event(GroupReady(tuple(d.name for d in members.devices)))
     except BaseException:
         net.release()
@@ -169,6 +185,11 @@ def _gather(opts: GroupOptions, model: _Model, net: _Network, on_event) -> tuple
     return joins, profiles.master if profiles else {}
 
 
+def _streams(opts: GroupOptions) -> bool:
+    """Whether weights may stream from disk (a memory budget): MoE experts then go whole per rank."""
+    return opts.memory_budget is not None or opts.worker_memory_budget is not None
+
+
 def _planning(opts: GroupOptions, world: int) -> bool:
     return (world > 1 and opts.ratios is None) or opts.always_plan
 
@@ -195,14 +216,19 @@ def _plan(opts: GroupOptions, model: _Model, link, joins: list, master_profile: 
     if _planning(opts, model.world):
         real, links = plan_joined(opts, model.source, model.context, master_profile, link, joins, on_event)
         on_event(GroupPlanned(real.plan))
+        if real.plan.experts_reason and len(real.plan.shards) > 1:
+            on_event(ExpertsPlaced(real.plan.experts_placement, real.plan.experts_reason))
         return _Split([joins[i] for i in real.ranks], [links[i] for i in real.ranks], tuple(real.plan.shards),
                       real.plan.wire_dtype, real.plan)
     world = model.world
     ratios = opts.ratios or tuple([1.0 / world] * world)
     profile = weight_profile_of(model.source)
-    cuts = plan_cuts(model.cfg, ratios, profile.wo_block, profile.down_block)
+    cuts = plan_cuts(model.cfg, ratios, profile.wo_block, profile.down_block, placement=opts.experts,
+                     streaming=_streams(opts))
     if cuts.requantized:
         on_event(ShardsRequantized(tuple(cuts.requantized), len(ratios)))
+    if cuts.experts is not None and world > 1:
+        on_event(ExpertsPlaced(cuts.experts.placement, cuts.experts_reason))
     return _Split(joins, [None] * len(joins), tuple(cuts.shards), opts.wire_dtype or "f32")
 
 

@@ -23,8 +23,9 @@ from tpi.devices.slicing import RankShard, shard_to_dict
 from tpi.errors import GroupError
 from tpi.model.config import ModelConfig, config_to_dict, layer_name
 from tpi.scheduler.store import write_store
-from tpi.quant.formats import QTensor, concat_rows, dequantize, k_block, quantize, slice_cols, slice_rows
+from tpi.quant.formats import QTensor, concat_rows, dequantize, k_block, quantize, slice_cols, slice_rows, take_rows
 from tpi.model.blocks import EMBED, FUSED, GLOBALS, POST_ATTN_NORM, POST_MLP_NORM, QK_NORMS, attn_key, mlp_key
+from tpi.model.moe import DOWN_EXPS, GATE_EXPS, MOE_CANONICAL, ROUTER, UP_EXPS
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,22 @@ def _mlp_block(t: dict, s: RankShard, requantized: set) -> dict:
             "wdown": wdown} | ({POST_MLP_NORM: t[POST_MLP_NORM]} if POST_MLP_NORM in t else {})
 
 
+def _moe_block(t: dict, s: RankShard, cfg: ModelConfig, requantized: set) -> dict:
+    """A rank's MoE MLP: the whole router, and its experts' rows (gate / up: rows f0..f1 of each
+    expert's slab; down: each expert's hidden rows, columns f0..f1), zero-copy where contiguous."""
+    ff, h = cfg.expert_ff, cfg.hidden
+    e0, e1, f0, f1 = s.experts.start, s.experts.stop, s.expert_ff.start, s.expert_ff.stop
+    if (f0, f1) == (0, ff):
+        gate, up = (slice_rows(t[n], e0 * ff, e1 * ff) for n in ("w_gate_exps", "w_up_exps"))
+    else:
+        rows = (np.arange(e0, e1)[:, None] * ff + np.arange(f0, f1)[None, :]).reshape(-1)
+        gate, up = (take_rows(t[n], rows) for n in ("w_gate_exps", "w_up_exps"))
+    down, redone = cut_cols(slice_rows(t["w_down_exps"], e0 * h, e1 * h), s.expert_ff)
+    if redone:
+        requantized.add(("w_down_exps", t["w_down_exps"].fmt))
+    return {"mlp_norm": t["mlp_norm"], ROUTER: t["router"], GATE_EXPS: gate, UP_EXPS: up, DOWN_EXPS: down}
+
+
 def iter_rank_blocks(source, cfg: ModelConfig, shards: Sequence[RankShard]) -> Iterator[tuple[str, list[dict]]]:
     """Yield (key, [block for each rank]) in execution order, loading each source tensor once.
 
@@ -88,6 +105,10 @@ def iter_rank_blocks(source, cfg: ModelConfig, shards: Sequence[RankShard]) -> I
     for i in range(cfg.n_layers):
         t = {n: source.load(layer_name(i, n)) for n in attn_names}
         yield attn_key(i), [_attn_block(t, s, cfg.qkv_bias, requantized) for s in shards]
+        if cfg.is_moe:
+            t = {n: source.load(layer_name(i, n)) for n in ("mlp_norm", *MOE_CANONICAL)}
+            yield mlp_key(i), [_moe_block(t, s, cfg, requantized) for s in shards]
+            continue
         t = {n: source.load(layer_name(i, n)) for n in mlp_names}
         yield mlp_key(i), [_mlp_block(t, s, requantized) for s in shards]
     for name, fmt in sorted(requantized):

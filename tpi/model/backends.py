@@ -64,7 +64,8 @@ def make_layers(backend: str, cfg, shard, context: int, threads: int | None, slo
         load_ggml()  # GgmlUnavailableError (a TpiError naming the fix) when ggml cannot run here
         from tpi.model.layers_ggml import GgmlLayers  # (loaded only when chosen)
 
-        return GgmlLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads, slots=slots)
+        return GgmlLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads, slots=slots,
+                          experts=shard.expert_share(cfg))
     check_runs(backend, cfg.arch)
     if backend == "torch":
         try:
@@ -75,6 +76,7 @@ def make_layers(backend: str, cfg, shard, context: int, threads: int | None, slo
     if backend == "numpy":
         from tpi.model.layers_numpy import NumpyLayers  # (loaded only when chosen)
 
-        return NumpyLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads, slots=slots)
+        return NumpyLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads, slots=slots,
+                           experts=shard.expert_share(cfg))
     raise TpiError(f"unknown backend '{backend}'; use ggml, torch or numpy")
 

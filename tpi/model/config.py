@@ -45,6 +45,7 @@ ARCHITECTURES: dict[str, Family] = {
     "mistral": Family(),
     "qwen2": Family(rope_neox=True),
     "qwen3": Family(rope_neox=True, qk_norm=True),
+    "qwen3moe": Family(rope_neox=True, qk_norm=True),  # Qwen3's attention; every MLP experts (tpi.model.moe)
     "gemma3": Family(rope_neox=True, qk_norm=True, post_norms=True, activation="gelu_tanh", scale_q=True,
                      embed_scale=True, sliding_window=True),
     "phi3": Family(rope_neox=True, scale_q=True, gate_up_fused=True),
@@ -73,6 +74,11 @@ class ModelConfig:
     qkv_bias: bool = False
     tied_embeddings: bool = False
     name: str = "model"
+    # Mixture of experts (qwen3moe): every layer's MLP is n_experts experts of expert_ff columns, of
+    # which a router picks n_experts_used per token (tpi.model.moe). 0 for dense models.
+    n_experts: int = 0
+    n_experts_used: int = 0
+    expert_ff: int = 0
     # Sliding-window attention (gemma3): local layers see the query and the window - 1 positions
     # before it, and rotate on their own base without frequency scaling.
     sliding_window: int = 0  # 0: every layer attends to the whole context
@@ -108,6 +114,10 @@ class ModelConfig:
         return self.n_kv_heads * self.head_dim
 
     @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
     def group_size(self) -> int:
         """Query heads per KV head (GQA)."""
         return self.n_heads // self.n_kv_heads
@@ -119,7 +129,10 @@ class ModelConfig:
             )
         assert self.n_heads % self.n_kv_heads == 0, "query heads must be a multiple of KV heads"
         assert all(0 <= i < self.n_layers for i in self.swa_layers), "local layers must be layers of the model"
+        assert (self.n_experts == 0 and self.n_experts_used == 0) or (
+            0 < self.n_experts_used <= self.n_experts and self.expert_ff > 0), "experts: 0 < used <= count, ff > 0"
         return self
+
 
 # Canonical tensor names, independent of file format. {i} is the layer index.
 # Linear weights are [out, in] (N, K), as in nn.Linear. q_norm / k_norm are [head_dim] (qk_norm
@@ -160,6 +173,9 @@ def config_from_dict(d: dict) -> ModelConfig:
         for k in ("hidden", "intermediate", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab", "context"):
             if not isinstance(kw.get(k), int) or kw[k] <= 0:
                 raise ProtocolError(f"model config field {k} must be a positive integer")
+        for k in ("n_experts", "n_experts_used", "expert_ff"):
+            if not isinstance(kw.get(k, 0), int) or kw.get(k, 0) < 0:
+                raise ProtocolError(f"model config field {k} must be a non-negative integer")
         return ModelConfig(**kw).validate()
     except (TypeError, AssertionError) as e:
         raise ProtocolError(f"invalid model config: {e}") from None

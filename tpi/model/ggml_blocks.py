@@ -18,6 +18,9 @@ import numpy as np
 from tpi.model.blocks import QK_NORMS
 from tpi.model.config import ModelConfig
 from tpi.errors import ShapeError
+from tpi.model.ggml_exact import mul_mat
+from tpi.model.moe import ROUTER
+from tpi.model.moe_ggml import build_moe, moe_ops
 from tpi.quant.ggml_graph import Context, Tensor
 from tpi.quant.ggml_lib import ROPE_NEOX, ROPE_NORMAL
 from tpi.model.rope import adjacent_pair_index, inverse_frequencies
@@ -26,6 +29,7 @@ F32_BYTES, F16_BYTES = 4, 2
 OPS_PER_ATTENTION = 48  # tensors an attention graph creates, before its per-segment extras
 OPS_PER_SEGMENT = 8
 OPS_PER_MLP = 16
+OPS_PER_EXACT_ROW = 32  # per exact row: a chunk's view, mul_mat and concat for each matmul of a block
 
 
 def attention_segments(q_to_kv: tuple[int, ...]) -> tuple[tuple[int, int, int, int], ...]:
@@ -87,6 +91,7 @@ class BlockSpec:
     swa_layers: frozenset = frozenset()  # local layers: window mask, their own RoPE base, no scaling
     rope_base_swa: float = 10000.0
     softcap: float = 0.0  # logits = c * tanh(logits / c) when c > 0
+    experts_used: int = 0  # MoE: experts the router picks per token (k); 0 for a dense MLP
 
     @property
     def q_dim(self) -> int:
@@ -108,7 +113,7 @@ class BlockSpec:
                    attention_segments(tuple(q_to_kv)), ROPE_NEOX if family.rope_neox else ROPE_NORMAL,
                    cfg.scale, family.scale_q, family.activation == "gelu_tanh",
                    frozenset(cfg.swa_layers) if cfg.sliding_window else frozenset(), cfg.rope_theta_swa,
-                   cfg.final_softcap)
+                   cfg.final_softcap, cfg.n_experts_used)
 
     def head_rotate_half(self) -> np.ndarray | None:
         """Within one head: rotate-half element j <- adjacent-pair element (the q/k norm weights' order)."""
@@ -127,8 +132,18 @@ class BlockSpec:
         qk = (heads + per_head[None, :]).reshape(-1)
         return np.concatenate([qk, np.arange(self.q_dim + self.kv_dim, self.q_dim + 2 * self.kv_dim)])
 
-    def attention_ops(self, runs: int = 1) -> int:
-        return OPS_PER_ATTENTION + runs * (OPS_PER_SEGMENT * len(self.segments) + 1)
+    def attention_ops(self, runs: int = 1, exact_rows: int = 0) -> int:
+        """Tensors an attention graph creates (exact_rows: rows of an exact step, matmuls in chunks)."""
+        return OPS_PER_ATTENTION + runs * (OPS_PER_SEGMENT * len(self.segments) + 1) + exact_rows * OPS_PER_EXACT_ROW
+
+
+    def mlp_ops(self) -> int:
+        return moe_ops(self.experts_used) if self.experts_used else OPS_PER_MLP
+
+
+def exact_ops(exact_rows: int) -> int:
+    """Tensors an exact step of that many rows adds to an MLP or logits graph (its matmuls in chunks)."""
+    return exact_rows * OPS_PER_EXACT_ROW
 
 
 @dataclass(frozen=True)
@@ -154,18 +169,19 @@ class StepTensors:
     runs: tuple[AttnRun, ...]
     tokens: int
     out: Tensor | None = None
+    exact: bool = False  # matmuls in row chunks that keep one-row bits (tpi.model.ggml_exact)
 
 
 def _norm(ctx: Context, x: Tensor, w: Tensor, eps: float) -> Tensor:
     return ctx.mul(ctx.rms_norm(x, eps), w)
 
 
-def _qkv(ctx: Context, s: BlockSpec, blk: dict, xn: Tensor, t: int) -> tuple[Tensor, Tensor, Tensor]:
+def _qkv(ctx: Context, s: BlockSpec, blk: dict, xn: Tensor, t: int, exact: bool) -> tuple[Tensor, Tensor, Tensor]:
     """q [hd, n_q, T], k [hd, n_kv, T] (views or reshapes) and v [kv_dim, T], biases added."""
     hd, q_dim, kv_dim = s.head_dim, s.q_dim, s.kv_dim
     bias = blk.get("bqkv")
     if "wqkv" in blk:
-        qkv = ctx.mul_mat(blk["wqkv"].tensor, xn)  # [q_dim + 2 kv_dim, T]
+        qkv = mul_mat(ctx, blk["wqkv"], xn, exact)  # [q_dim + 2 kv_dim, T]
         if bias is not None:
             qkv = ctx.add(qkv, bias)
         row = qkv.nb[1]
@@ -175,7 +191,7 @@ def _qkv(ctx: Context, s: BlockSpec, blk: dict, xn: Tensor, t: int) -> tuple[Ten
         return q, k, v
     parts = []
     for name, offset, width in (("wq", 0, q_dim), ("wk", q_dim, kv_dim), ("wv", q_dim + kv_dim, kv_dim)):
-        y = ctx.mul_mat(blk[name].tensor, xn)
+        y = mul_mat(ctx, blk[name], xn, exact)
         if bias is not None:
             y = ctx.add(y, ctx.view(bias, (width,), (), offset * F32_BYTES))
         parts.append(y)
@@ -192,7 +208,7 @@ def build_attention(ctx: Context, s: BlockSpec, blk: dict, step: StepTensors, k_
     """
     t, hd = step.tokens, s.head_dim
     xn = _norm(ctx, step.x, blk["attn_norm"], s.eps)
-    q, k, v = _qkv(ctx, s, blk, xn, t)
+    q, k, v = _qkv(ctx, s, blk, xn, t, step.exact)
     if QK_NORMS[0] in blk:  # per head: each [hd] row of q and of k, one weight for every head
         q = _norm(ctx, q, blk["q_norm"], s.eps)
         k = _norm(ctx, k, blk["k_norm"], s.eps)
@@ -223,19 +239,21 @@ def build_attention(ctx: Context, s: BlockSpec, blk: dict, step: StepTensors, k_
             o = ctx.flash_attn(ctx.permute(qs, 0, 2, 1, 3), ks, vs, mask, kq_scale)  # [hd, heads, rows]
             o_run = o if o_run is None else ctx.concat(o_run, o, 1)
         out = o_run if out is None else ctx.concat(out, o_run, 2)
-    return ctx.mul_mat(blk["wo"].tensor, ctx.reshape(out, s.q_dim, t))
+    return mul_mat(ctx, blk["wo"], ctx.reshape(out, s.q_dim, t), step.exact)
 
 
-def build_mlp(ctx: Context, s: BlockSpec, blk: dict, x: Tensor) -> Tensor:
-    """This rank's partial MLP output [hidden, T]: down(act(gate(xn)) * up(xn)), act silu or gelu_tanh."""
+def build_mlp(ctx: Context, s: BlockSpec, blk: dict, x: Tensor, exact: bool = False) -> Tensor:
+    """This rank's partial MLP output [hidden, T]: down(act(gate(xn)) * up(xn)), act silu or gelu_tanh; or its experts'."""
+    if ROUTER in blk:
+        return build_moe(ctx, blk, x, s.experts_used, s.eps)  # exact rows: not for experts (yet)
     xn = _norm(ctx, x, blk["mlp_norm"], s.eps)
     if "wgu" in blk:
-        gate_up = ctx.mul_mat(blk["wgu"].tensor, xn)  # rows gate | up -> [2 inter, T]
+        gate_up = mul_mat(ctx, blk["wgu"], xn, exact)  # rows gate | up -> [2 inter, T]
         act = ctx.geglu(gate_up) if s.gelu else ctx.swiglu(gate_up)  # -> [inter, T]
     else:
-        gate, up = ctx.mul_mat(blk["wgate"].tensor, xn), ctx.mul_mat(blk["wup"].tensor, xn)
+        gate, up = mul_mat(ctx, blk["wgate"], xn, exact), mul_mat(ctx, blk["wup"], xn, exact)
         act = ctx.geglu_split(gate, up) if s.gelu else ctx.swiglu_split(gate, up)
-    return ctx.mul_mat(blk["wdown"].tensor, act)
+    return mul_mat(ctx, blk["wdown"], act, exact)
 
 
 def build_post_norm(ctx: Context, s: BlockSpec, blk: dict, name: str, x: Tensor) -> Tensor:
@@ -243,11 +261,12 @@ def build_post_norm(ctx: Context, s: BlockSpec, blk: dict, name: str, x: Tensor)
     return _norm(ctx, x, blk[name], s.eps)
 
 
-def build_logits(ctx: Context, s: BlockSpec, glob: dict, x: Tensor, out_rows: Tensor | None) -> Tensor:
+def build_logits(ctx: Context, s: BlockSpec, glob: dict, x: Tensor, out_rows: Tensor | None,
+                 exact: bool = False) -> Tensor:
     """This rank's vocabulary slice [vocab_local, n] of the final-normed hidden states of rows out_rows (None: all)."""
     if out_rows is not None:
         x = ctx.get_rows(x, out_rows)
-    out = ctx.mul_mat(glob["lm_head"].tensor, _norm(ctx, x, glob["norm"], s.eps))
+    out = mul_mat(ctx, glob["lm_head"], _norm(ctx, x, glob["norm"], s.eps), exact)
     if s.softcap > 0:  # llama.cpp: scale, tanh, scale
         out = ctx.scale(ctx.tanh(ctx.scale(out, 1.0 / s.softcap)), s.softcap)
     return out

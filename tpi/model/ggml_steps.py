@@ -27,10 +27,17 @@ def n_kv_of(end: int, context: int) -> int:
 
 
 def step_shape(rows: Rows, context: int) -> tuple:
-    """(tokens, ((rows, first cache row, n_kv) per run), output rows): what a step's graphs depend on."""
-    runs = tuple((count, slot * context, n_kv_of(end, context))
-                 for slot, count, end in zip(rows.slots, rows.counts, rows.ends))
-    return rows.tokens, runs, rows.n_outputs
+    """(tokens, ((rows, first cache row, n_kv) per run), output rows, exact): what a step's graphs depend on.
+
+    Exact rows (tpi.model.ggml_exact) attend one row per run, over the n_kv of that row's own decode step.
+    """
+    if rows.exact:
+        runs = tuple((1, int(slot) * context, n_kv_of(int(pos) + 1, context))
+                     for slot, pos in zip(rows.row_slots, rows.positions))
+    else:
+        runs = tuple((count, slot * context, n_kv_of(end, context))
+                     for slot, count, end in zip(rows.slots, rows.counts, rows.ends))
+    return rows.tokens, runs, rows.n_outputs, rows.exact
 
 
 class StepInputs:
@@ -44,7 +51,7 @@ class StepInputs:
     """
 
     def __init__(self, shape: tuple, hidden: int, x: np.ndarray | None = None, window: int = 0):
-        tokens, runs, n_out = shape
+        tokens, runs, n_out, exact = shape
         self.shape, self.serial = shape, next(_serials)  # the serial tells graphs of equal shapes apart
         self.x = np.zeros((tokens, hidden), ACT) if x is None else x
         self.pos = np.zeros(tokens, np.int32)
@@ -62,9 +69,10 @@ class StepInputs:
             swa = ctx.input(self.masks_swa[i]) if window else None
             attn_runs.append(AttnRun(row0, count, kv_row0, n_kv, ctx.input(mask), swa))
             row0 += count
+        self._run_rows = [(r.row0, r.rows) for r in attn_runs]  # (first row, rows) of each attention run
         out = ctx.input(self.out) if n_out < tokens else None
         self.step = StepTensors(ctx.input(self.x), ctx.input(self.pos), ctx.input(self.idx), tuple(attn_runs),
-                                tokens, out)
+                                tokens, out, exact)
         self.post_in = ctx.input(self.post)
         self._cols = [np.arange(n_kv, dtype=np.int32) for _, _, n_kv in runs]
 
@@ -83,7 +91,7 @@ class StepInputs:
         self.idx += self.pos
         if rows.n_outputs:
             np.copyto(self.out, rows.output_rows)
-        for i, (first, count, mask, cols) in enumerate(zip(rows.first_rows, rows.counts, self.masks, self._cols)):
+        for i, ((first, count), mask, cols) in enumerate(zip(self._run_rows, self.masks, self._cols)):
             back = self.pos[first:first + count, None] - cols[None, :]  # (rows, n_kv): query - key position
             np.copyto(mask, np.where(back >= 0, np.float16(0), np.float16(-np.inf)))
             if self.window:

@@ -22,10 +22,13 @@ import numpy as np
 from tpi.model.blocks import EMBED, GLOBALS, POST_ATTN_NORM, POST_MLP_NORM, QK_NORMS, attn_key, mlp_key
 from tpi.model.config import ModelConfig
 from tpi.errors import ShapeError
-from tpi.model.ggml_blocks import (OPS_PER_MLP, BlockSpec, build_attention, build_logits, build_mlp, build_post_norm,
+from tpi.model.ggml_blocks import (OPS_PER_MLP, BlockSpec, exact_ops, build_attention, build_logits, build_mlp, build_post_norm,
                                    rope_frequency_factors)
 from tpi.model.ggml_steps import StepInputs, step_shape
-from tpi.model.rows import Rows, as_rows
+from tpi.model.rows import Rows, as_rows, kv_zeros
+from tpi.model.moe import EXPERT_TENSORS, ROUTER, ExpertShare
+from tpi.model.moe_ggml import MoeRunner, check_expert_block
+from tpi.scheduler.experts import ExpertCache
 from tpi.quant.ggml_backend import GgmlBackend, can_repack, gather_rows, weight_type
 from tpi.quant.ggml_graph import Context, Graph, SharedComputeBuffer
 from tpi.quant.ggml_lib import F16
@@ -36,7 +39,8 @@ from tpi.quant.ggml_stream import (copied_repacked, drop, mapped_repacked, page_
 
 ACT = np.float32
 KEEP_ROWS = 16  # steps of up to this many rows keep their graphs (decode rows, speculative checks)
-KEPT_SHAPES = 2  # graphs kept per block and kind (and step inputs kept, x2): the current shape and the last
+KEPT_SHAPES = 4  # graphs kept per block and kind (and step inputs kept, x2), least recently used dropped:
+# a decode step and the speculative checks between them (tpi.master.speculation: 2, 3, 5 or 9 rows)
 
 
 # The rows of each q/k-bearing tensor in rotate-half order (BlockSpec.rotate_half_rows is for q|k|v;
@@ -60,12 +64,15 @@ class GgmlBlock(dict):
         self.ctx = ctx  # owns the vector tensors
         self.graphs: dict[tuple, Graph] = {}
         self.pages: list[tuple[int, int]] = []
+        self.expert_cache = None  # a streamed MoE block: its experts map in through it (tpi.scheduler.experts)
 
     def populate(self) -> None:
         populate(self.pages)
 
     def release(self) -> None:
         drop(self.pages)
+        if self.expert_cache is not None:
+            self.expert_cache.release(self)
 
 
 def _arrays(block: dict):
@@ -86,13 +93,20 @@ def _in_map(store, a: np.ndarray) -> bool:
     return True
 
 
+def _exact_rows(step) -> int:
+    """Rows whose matmuls an exact step splits into chunks (0 for a plain step): sizes its graphs."""
+    return step.tokens if step.exact else 0
+
+
 class GgmlLayers:
     """Computes one rank's share of attention and MLP blocks, and its logits slice, as ggml graphs."""
 
     name = "ggml"
+    exact_rows = True  # a step's rows.exact is computed in one pass (tpi.model.ggml_exact)
 
     def __init__(self, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...], context: int, threads: int | None,
-                 repack: bool = True, whole_graph: bool = True, slots: int = 1):
+                 repack: bool = True, whole_graph: bool = True, slots: int = 1,
+                 experts: ExpertShare | None = None):
         self.cfg = cfg
         self.runtime = CpuRuntime(threads)
         self.kernels = GgmlBackend(runtime=self.runtime, repack=repack)
@@ -101,8 +115,8 @@ class GgmlLayers:
         kv_dim = self.spec.kv_dim
         # (slots * context, kv_dim) per layer, slot s at rows s * context..: llama.cpp's cache once per
         # slot; np.zeros pages are resident once written
-        self.k_cache = [np.zeros((slots * context, kv_dim), np.float16) for _ in range(cfg.n_layers)]
-        self.v_cache = [np.zeros((slots * context, kv_dim), np.float16) for _ in range(cfg.n_layers)]
+        self.k_cache = [kv_zeros((slots * context, kv_dim), np.float16) for _ in range(cfg.n_layers)]
+        self.v_cache = [kv_zeros((slots * context, kv_dim), np.float16) for _ in range(cfg.n_layers)]
         self._const = Context(2 * cfg.n_layers + 1)
         self._k = [self._const.input(a, F16) for a in self.k_cache]
         self._v = [self._const.input(a, F16) for a in self.v_cache]
@@ -115,6 +129,19 @@ class GgmlLayers:
         self._rows = self.spec.rotate_half_rows()
         self.whole_graph = whole_graph
         self._whole: dict[int, tuple[dict, Graph]] = {}  # inputs serial -> (blocks, whole-pass graph)
+        self.experts = experts or (ExpertShare.whole_model(cfg.n_experts, cfg.expert_ff) if cfg.is_moe else None)
+        # MoE blocks whose chosen experts may live elsewhere (placement B) run router and experts apart
+        self.moe: MoeRunner | None = None
+        self.expert_cache = None  # tpi.scheduler.experts.ExpertCache when experts stream (runtime_for)
+        if self.experts is not None and not self.experts.all_experts:
+            self.split_experts()
+
+    def split_experts(self, cache=None) -> None:
+        """Run MoE blocks as a router graph, then a graph of the chosen local experts (placement B, or
+        experts streamed through `cache`, which then hears of every use)."""
+        self.moe = MoeRunner(self.experts, self.cfg.hidden, self.cfg.n_experts_used, self.cfg.rms_eps,
+                             self.runtime, self._shared, cache)
+        self.whole_graph = False
 
     # ---- weights -------------------------------------------------------------------------
     @staticmethod
@@ -134,7 +161,9 @@ class GgmlLayers:
         return {name: gather_rows(v, _QK_ROWS[name](self._rows, self.spec)) if name in _QK_ROWS else v
                 for name, v in block.items()}
 
-    def _block(self, block: dict, weight) -> GgmlBlock:
+    def _block(self, block: dict, weight, expert_weight=None) -> GgmlBlock:
+        """A stored block bound as ggml tensors: matrices through `weight`, expert tensors (3-D) through
+        `expert_weight` (default: resident, repacked where ggml repacks them)."""
         vectors = [n for n, v in block.items() if isinstance(v, np.ndarray) and v.ndim == 1]
         out = GgmlBlock(Context(max(1, len(vectors))))
         for name, value in block.items():
@@ -142,9 +171,16 @@ class GgmlLayers:
                 out[name] = value
             elif name in vectors:
                 out[name] = out.ctx.input(np.array(value, dtype=ACT))  # small; copied off the map
+            elif name in EXPERT_TENSORS:
+                out[name] = (expert_weight or self._expert_weight)(value)
             else:
                 out[name] = weight(name, value)
+        if ROUTER in out:
+            check_expert_block(out, self.experts, self.cfg.hidden)
         return out
+
+    def _expert_weight(self, qt):
+        return self.kernels.weight(qt, experts=self.experts.n_local)
 
     # ---- streaming -------------------------------------------------------------------------
     @property
@@ -154,11 +190,11 @@ class GgmlLayers:
         if not (self.kernels.repack and remap_supported() and self.kernels.lib.has_avx2):
             return None
         lib = self.kernels.lib
-        name = f"ggml-{lib.version}-{lib.commit.split('-')[0]}-repack"
+        name = f"ggml-{lib.version}-{lib.commit.split('-')[0]}-repack" + ("-experts-stored" if self.cfg.is_moe else "")
 
-        def prepare(block: dict) -> dict:
-            return {n: v if n == EMBED or isinstance(v, np.ndarray) else repacked_rows(self.kernels, v)
-                    for n, v in self._rotate_half(block).items()}
+        def prepare(block: dict) -> dict:  # expert tensors stay as stored: streamed, they are read in place
+            return {n: v if n == EMBED or n in EXPERT_TENSORS or isinstance(v, np.ndarray)
+                    else repacked_rows(self.kernels, v) for n, v in self._rotate_half(block).items()}
 
         return name, prepare
 
@@ -193,6 +229,14 @@ class GgmlLayers:
             store.populate_array(data)
             return replace(w, pages=page_range(array_address(data), data.nbytes))
 
+        def mapped_experts(qt):
+            """Expert tensors bound where they lie and not mapped in: the expert cache maps in the chosen ones."""
+            w = kernels.weight(qt, repack=False, experts=self.experts.n_local)
+            data = qt.arrays.get("data")
+            if data is None or not _in_map(store, data):
+                return w
+            return replace(w, pages=(array_address(data), data.nbytes))
+
         def streamed(block: dict) -> GgmlBlock:
             """Mapped and built the first time; later uses only map its pages in again (no mapping,
             Python object or graph per token: those cost the compute thread ~3 ms a block). A block
@@ -202,12 +246,20 @@ class GgmlLayers:
             if blk is not None:
                 blk.populate()
                 return blk
-            blk = self._block(block if from_layout else self._rotate_half(block), mapped)
-            weights = [w for w in blk.values() if hasattr(w, "pages")]
-            if all(w.pages for w in weights):  # every weight is file pages: nothing stays resident
-                blk.pages = [w.pages for w in weights]
+            blk = self._block(block if from_layout else self._rotate_half(block), mapped, mapped_experts)
+            weights = {n: w for n, w in blk.items() if hasattr(w, "pages")}
+            if all(w.pages for w in weights.values()):  # every weight is file pages: nothing stays resident
+                blk.pages = [w.pages for n, w in weights.items() if n not in EXPERT_TENSORS]
+                if ROUTER in blk and self.expert_cache is not None:
+                    tensors = [(*blk[n].pages, store.file_offset(block[n].arrays["data"])) for n in EXPERT_TENSORS]
+                    self.expert_cache.add_block(blk, tensors, self.experts.n_local, fd)
+                    blk.expert_cache = self.expert_cache
                 built[key] = blk
             return blk
+
+        if self.cfg.is_moe:  # experts stream one by one: the router runs apart and tells the cache
+            self.expert_cache = ExpertCache()
+            self.split_experts(self.expert_cache)
 
         if not from_layout:
             return self.to_runtime, streamed
@@ -265,13 +317,14 @@ class GgmlLayers:
         """Compute a block's graph: kept on the block for a small step, once-used (output copied) otherwise."""
         if inputs.tokens <= KEEP_ROWS:
             key = (kind, inputs.serial)
-            graph = blk.graphs.get(key)
+            graph = blk.graphs.pop(key, None)  # re-inserted below: the dict's order is least recent first
             if graph is None:
                 same = [k for k in blk.graphs if k[0] == kind]
                 for stale in same[:max(0, len(same) - KEPT_SHAPES + 1)]:
                     del blk.graphs[stale]  # an older step shape (n_kv bucket, slots)
                 ctx = Context(ops, graph_size=2 * ops + 16)
-                graph = blk.graphs[key] = Graph(ctx, [build(ctx)], [shape])
+                graph = Graph(ctx, [build(ctx)], [shape])
+            blk.graphs[key] = graph
             self.runtime.compute(graph)
             return graph.outputs[0]
         ctx = Context(ops, graph_size=2 * ops + 16)
@@ -285,7 +338,8 @@ class GgmlLayers:
         output (T, hidden) f32."""
         inputs = self._inputs(h, as_rows(rows, h.shape[0]))
         step = inputs.step
-        return self._run(blk, "attn", inputs, self.spec.attention_ops(len(step.runs)), lambda ctx: build_attention(
+        ops = self.spec.attention_ops(len(step.runs), _exact_rows(step))
+        return self._run(blk, "attn", inputs, ops, lambda ctx: build_attention(
             ctx, self.spec, blk, step, self._k[layer], self._v[layer], self._rope_factors, layer),
             (step.tokens, self.cfg.hidden))
 
@@ -293,14 +347,19 @@ class GgmlLayers:
         """h: (T, hidden) f32 -> this rank's partial MLP output (T, hidden) f32."""
         inputs = self._inputs(h, None)
         step = inputs.step
-        return self._run(blk, "mlp", inputs, OPS_PER_MLP, lambda ctx: build_mlp(ctx, self.spec, blk, step.x),
+        if self.moe is not None and ROUTER in blk:
+            if step.tokens == 1:
+                return self.moe.decode(blk, step.x, inputs.serial)
+            return self.moe.prefill(blk, step.x)
+        return self._run(blk, "mlp", inputs, self.spec.mlp_ops() + exact_ops(_exact_rows(step)),
+                         lambda ctx: build_mlp(ctx, self.spec, blk, step.x, step.exact),
                          (step.tokens, self.cfg.hidden))
 
     def post_norm(self, total: np.ndarray, blk: GgmlBlock, name: str) -> np.ndarray:
         """A block's output summed over the ranks, (T, hidden) f32, through the block's post-norm."""
-        inputs = self._inputs(total, None) if self._pass is None else self._pass[1]
-        if inputs.tokens != total.shape[0]:
-            inputs = self._inputs(total, None)
+        inputs = self._pass[1] if self._pass is not None else None  # the step whose block this is
+        if inputs is None or inputs.tokens != total.shape[0]:
+            raise ShapeError(f"a post-norm of {total.shape[0]} rows outside a step of as many rows")
         np.copyto(inputs.post, total)
         return self._run(blk, name, inputs, OPS_PER_MLP, lambda ctx: build_post_norm(
             ctx, self.spec, blk, name, inputs.post_in), (inputs.tokens, self.cfg.hidden))
@@ -330,19 +389,21 @@ class GgmlLayers:
             graph = Graph(ctx, [out], [(rows_out, vocab)], galloc=self._shared.ptr)
             self.runtime.compute(graph)
             return graph.outputs[0][:n_out].copy()
-        cached = self._whole.get(inputs.serial)
+        cached = self._whole.pop(inputs.serial, None)  # re-inserted below: least recent first
         if cached is None or cached[0] is not blocks:
-            self._whole.pop(inputs.serial, None)
             while len(self._whole) >= KEPT_SHAPES:
                 self._whole.pop(next(iter(self._whole)))  # its compute buffer goes before the next one is made
             ctx, out = self._whole_graph(blocks, step)
-            cached = self._whole[inputs.serial] = (blocks, Graph(ctx, [out], [(rows_out, vocab)]))
+            cached = (blocks, Graph(ctx, [out], [(rows_out, vocab)]))
+        self._whole[inputs.serial] = cached
         self.runtime.compute(cached[1])
         return cached[1].outputs[0][:n_out].copy()
 
     def _whole_graph(self, blocks: dict, step):
         """(context, logits) of every layer and the logits slice as one graph over step's inputs."""
-        ops = self.cfg.n_layers * (self.spec.attention_ops(len(step.runs)) + OPS_PER_MLP + 6) + OPS_PER_MLP + 2
+        exact = _exact_rows(step)
+        ops = (self.cfg.n_layers * (self.spec.attention_ops(len(step.runs), exact) + self.spec.mlp_ops() + exact_ops(exact)
+                                    + 6) + OPS_PER_MLP + exact_ops(exact) + 2)
         ctx = Context(ops, graph_size=2 * ops + 16)
         x, last = step.x, self.cfg.n_layers - 1
 
@@ -357,8 +418,8 @@ class GgmlLayers:
                 x, attn = ctx.get_rows(x, step.out), ctx.get_rows(attn, step.out)
             x = ctx.add(x, post(blk, POST_ATTN_NORM, attn))  # the residual, as add_ adds between block graphs
             blk = blocks[mlp_key(i)]
-            x = ctx.add(x, post(blk, POST_MLP_NORM, build_mlp(ctx, self.spec, blk, x)))
-        return ctx, build_logits(ctx, self.spec, blocks[GLOBALS], x, None)
+            x = ctx.add(x, post(blk, POST_MLP_NORM, build_mlp(ctx, self.spec, blk, x, step.exact)))
+        return ctx, build_logits(ctx, self.spec, blocks[GLOBALS], x, None, step.exact)
 
     def logits(self, h: np.ndarray, glob: GgmlBlock, rows: Rows | bool) -> np.ndarray:
         """Final norm and this rank's vocabulary slice of the output rows (rows: the step's Rows, or
@@ -368,6 +429,6 @@ class GgmlLayers:
         vocab = glob["lm_head"].out_features
         if n_out == 0:
             return np.zeros((0, vocab), ACT)
-        out = self._run(glob, "logits", inputs, OPS_PER_MLP + 1, lambda ctx: build_logits(
-            ctx, self.spec, glob, step.x, step.out), (n_out, vocab))
+        out = self._run(glob, "logits", inputs, OPS_PER_MLP + exact_ops(_exact_rows(step)) + 1, lambda ctx: build_logits(
+            ctx, self.spec, glob, step.x, step.out, step.exact), (n_out, vocab))
         return out.copy() if inputs.tokens <= KEEP_ROWS else out

@@ -12,7 +12,9 @@ import numpy as np
 
 from tpi.model.config import ModelConfig
 from tpi.model.blocks import EMBED, UNFUSED_PARTS
-from tpi.model.rows import Rows, as_rows
+from tpi.model.moe import ROUTER, ExpertShare
+from tpi.model.moe_numpy import moe_mlp, prepare_moe
+from tpi.model.rows import Rows, as_rows, kv_zeros
 from tpi.quant.kernel_forms import prepare_unfused
 from tpi.quant.kernels import get_backend
 from tpi.model.rope import inverse_frequencies
@@ -51,9 +53,10 @@ class NumpyLayers:
     name = "numpy"
 
     def __init__(self, cfg: ModelConfig, n_q: int, q_to_kv: tuple[int, ...], context: int, threads: int | None,
-                 slots: int = 1):
+                 slots: int = 1, experts: ExpertShare | None = None):
         limit_blas_threads(threads)
         self.cfg = cfg
+        self.experts = experts or (ExpertShare.whole_model(cfg.n_experts, cfg.expert_ff) if cfg.is_moe else None)
         self.kernels = get_backend("numpy")
         self.nq, self.nkv, self.hd = n_q, max(q_to_kv) + 1, cfg.head_dim
         self.q_dim, self.kv_dim = self.nq * self.hd, self.nkv * self.hd
@@ -68,8 +71,8 @@ class NumpyLayers:
         self.rope = {False: rope_cos_sin(cfg, context)}  # local layer? -> (cos, sin)
         if cfg.sliding_window and cfg.swa_layers:
             self.rope[True] = rope_cos_sin(cfg, context, local=True)
-        self.k_cache = np.zeros((slots, cfg.n_layers, self.nkv, context, self.hd), dtype=ACT)  # (slots, L, kv, S, hd)
-        self.v_cache = np.zeros_like(self.k_cache)  # zeros: pages are only touched once written
+        self.k_cache = kv_zeros((slots, cfg.n_layers, self.nkv, context, self.hd), ACT)  # (slots, L, kv, S, hd)
+        self.v_cache = kv_zeros(self.k_cache.shape, ACT)  # pages are only touched once written
         self.eps = cfg.rms_eps
         self.scale = ACT(cfg.scale)
 
@@ -81,6 +84,8 @@ class NumpyLayers:
 
     def to_runtime(self, block: dict) -> dict:
         """Numpy block (QTensors + float32 vectors) -> prepared numpy kernels and float32 vectors."""
+        if ROUTER in block:
+            return prepare_moe(self.kernels, block, self.experts, self.cfg.hidden)
         out = prepare_unfused(self.kernels, block)  # q|k|v or gate|up whose formats differ
         for name, value in block.items():
             if name in UNFUSED_PARTS:
@@ -179,6 +184,8 @@ class NumpyLayers:
 
     def mlp(self, h: np.ndarray, blk: dict) -> np.ndarray:
         """h: (T, hidden) f32 -> this rank's partial MLP output (T, hidden) f32."""
+        if ROUTER in blk:
+            return moe_mlp(self._norm(h, blk["mlp_norm"]), blk, self.experts, self.cfg.n_experts_used)
         gu = blk["wgu"](self._norm(h, blk["mlp_norm"]))  # (T, 2 * inter_local): gate | up
         inter = gu.shape[1] // 2
         gate, up = gu[:, :inter], gu[:, inter:]

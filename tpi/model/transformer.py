@@ -70,13 +70,21 @@ class Transformer:
 
         rows: the step's Rows (tpi.model.rows), or the start position of one sequence in KV slot 0
         whose last row (every row with all_positions) returns logits.
+
+        Exact rows (rows.exact, a verify pass of speculative decoding): every row computed exactly
+        as a one-row step at its position computes it. Kernels pick their algorithm by row count, so
+        a batched row can round differently; layers that compute exact rows in one pass say so
+        (`exact_rows`, ggml: tpi.model.ggml_exact), the others run each block row by row. Either way
+        the step makes a plain step's allreduces, so ranks of different backends stay in step.
         """
         rows = as_rows(rows, np.shape(h_np)[0], all_positions)
         self.kv.admit(rows)  # ShapeError before this rank computes a step it cannot
         t0 = time.perf_counter()
         L = self.layers
+        by_row = rows.exact and rows.tokens > 1 and not getattr(L, "exact_rows", False)
         with L.forward_context():
-            logits, ar = self._layers(L.hidden_from_numpy(h_np, rows), rows)
+            h = L.hidden_from_numpy(h_np, rows)
+            logits, ar = self._rows_one_by_one(h, rows) if by_row else self._layers(h, rows)
         self.kv.advance(rows)
         st = self.stats
         st.allreduce_s += ar
@@ -110,6 +118,31 @@ class Transformer:
         logits = L.logits(h, W.get(GLOBALS), rows)
         W.release(GLOBALS)
         return logits, ar
+
+    def _rows_one_by_one(self, h, rows: Rows):
+        """Exact rows on layers without them: each block runs once per row (its one-row path), in order
+        (a row attends over the rows before it), and the rows' partial sums meet in one allreduce."""
+        L, W = self.layers, self.weights
+        singles = [Rows.sequence(int(p), 1, slot=int(s)) for p, s in zip(rows.positions, rows.row_slots)]
+
+        def per_row(fn, args):
+            parts = [np.asarray(L.to_numpy(fn(h[t:t + 1], *args(t))), dtype=np.float32) for t in range(len(singles))]
+            return L.hidden_from_numpy(np.concatenate(parts))
+
+        ar = 0.0
+        for i, (ka, km) in enumerate(self._keys):
+            blk = W.get(ka)
+            part = per_row(L.attention, lambda t: (blk, i, singles[t]))
+            W.release(ka)
+            ar += self._sum_into(h, part, blk, POST_ATTN_NORM)
+            blk = W.get(km)
+            part = per_row(L.mlp, lambda t: (blk,))
+            W.release(km)
+            ar += self._sum_into(h, part, blk, POST_MLP_NORM)
+        glob = W.get(GLOBALS)
+        logits = [np.asarray(L.logits(h[t:t + 1], glob, singles[t])) for t in rows.output_rows]
+        W.release(GLOBALS)
+        return np.concatenate(logits), ar
 
     def _sum_into(self, h, part, blk, post_norm: str) -> float:
         """Add the group's sum of every rank's `part` to the residual h; returns allreduce seconds.

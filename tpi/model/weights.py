@@ -27,11 +27,14 @@ from dataclasses import replace
 
 import numpy as np
 
-from tpi.errors import ModelFormatError
-from tpi.model.blocks import EMBED, GLOBALS  # rank 0's embedding is mapped, not copied
+from tpi.errors import BudgetError, ModelFormatError
+from tpi.model.blocks import EMBED, GLOBALS, mlp_key  # rank 0's embedding is mapped, not copied
+from tpi.model.moe import EXPERT_TENSORS
+from tpi.model.rows import slots_refusal
 from tpi.model.transformer import ResidentWeights
 from tpi.quant.formats import Q4G32, Q4G32_PREPACKED, slice_rows
 from tpi.quant.kernel_forms import kernel_block
+from tpi.scheduler.experts import ExpertStreamingStore
 from tpi.scheduler.budget import activation_bytes, kv_cache_bytes, plan_budget, resident_block_sizes
 from tpi.scheduler.overhead import runtime_overhead_bytes
 from tpi.scheduler.prefetch import BlockScheduler
@@ -150,10 +153,18 @@ def plan_memory(store, layers, cfg, shard, context: int, budget: int, *, runtime
     converting = 0 if prepacked else conversion_bytes(store, layers)
     if runtime_overhead is None:
         runtime_overhead = max(0, runtime_overhead_bytes() - kv_resident)
-    return plan_budget(planned_block_sizes(store, embed_mapped=True, layers=layers), budget, kv_cache=kv_total,
-                       activations=activation_bytes(cfg, shard, context) + converting,
-                       runtime_overhead=runtime_overhead, setup_rss=setup_rss,
-                       always_pinned=[GLOBALS] if GLOBALS in store.keys() else [])
+    slots = getattr(layers, "slots", 1)  # kv_total holds every slot's cache (tpi serve --parallel)
+
+    def plan(kv: int):
+        return plan_budget(planned_block_sizes(store, embed_mapped=True, layers=layers), budget, kv_cache=kv,
+                           activations=activation_bytes(cfg, shard, context) + converting,
+                           runtime_overhead=runtime_overhead, setup_rss=setup_rss,
+                           always_pinned=[GLOBALS] if GLOBALS in store.keys() else [])
+
+    try:
+        return plan(kv_total)
+    except BudgetError as e:  # with fewer KV caches (--parallel) it may fit: say how many
+        raise slots_refusal(e, lambda n: plan(kv_total * n // slots), slots) from None
 
 
 def _owned_copy(t):
@@ -254,6 +265,16 @@ class StreamedWeights:
             self._owned.close()
 
 
+def hot_experts(plan, store, cfg, shard) -> int:
+    """Experts each streamed MoE block keeps mapped between tokens: as many as the budget's slack holds
+    over every streamed MoE block (the window already counts a whole block per slot)."""
+    moe = [mlp_key(i) for i in range(cfg.n_layers) if mlp_key(i) in plan.streamed]
+    if not moe or not shard.experts:
+        return 0
+    per_expert = max(store.block_nbytes(k) for k in moe) // len(shard.experts)
+    return int(min(len(shard.experts), max(0, plan.breakdown.slack) // (per_expert * len(moe))))
+
+
 def kernel_layout_store(store, layers):
     """The shard in this backend's kernel layout (kernel_layout: ggml's repacked bytes; GGUF types
     converted and q4g32 in this CPU's int4 order for torch / numpy), beside it as
@@ -319,6 +340,10 @@ def open_store_weights(store, layers, cfg, shard, context: int, budget: int | No
     pinned = stream = layers.to_runtime
     if hasattr(layers, "runtime_for"):  # ggml computes on weights where they lie: streamed blocks stay map views
         pinned, stream = layers.runtime_for(packed)
+        cache = getattr(layers, "expert_cache", None)
+        if cache is not None:  # MoE: experts map in one by one, through the cache, not with their block
+            cache.hot = hot_experts(plan, packed, cfg, shard)
+            mapped = ExpertStreamingStore(mapped, EXPERT_TENSORS)
     scheduler = BlockScheduler(mapped, plan, pinned, copy=not hasattr(layers, "runtime_for"),
                                stream_to_runtime=stream)
     return StreamedWeights(scheduler, plan, packed, owned=packed if packed is not store else None)

@@ -146,8 +146,10 @@ def create_app(service: GenerationService, *, api_key: str | None = None, model_
         snap = service.snapshot()
         group = service.status()
         ok = service.engine is not None and group.get("state") in ("serving", "ready")
+        spec = getattr(service.engine, "speculator", None)
         return {"status": "ok" if ok else group.get("state", "starting"), "model": model_id,
-                "busy": snap["busy"], "queued": snap["queued"], "group": group}
+                "busy": snap["busy"], "slots": snap["slots"], "running": snap["running"], "queued": snap["queued"],
+                "group": group, "speculation": spec.status() if spec is not None else {"mode": "off"}}
 
     @app.get("/v1/models", dependencies=auth)
     async def models():

@@ -1,8 +1,10 @@
-"""The master's generation service: one sequence at a time, a bounded FIFO queue, cancellation, stats.
+"""The master's generation service: running sequences, a bounded FIFO queue, cancellation, stats.
 
-The group runs one sequence at a time, so every front end (HTTP API, chat TUI) submits a
-`GenerationRequest` here and receives its text through a `Ticket`. A single worker thread owns
-`Engine.generate`; callers never block the engine and a cancelled ticket frees it at the next token.
+Every front end (HTTP API, chat TUI) submits a `GenerationRequest` here and receives its text through
+a `Ticket`. A single worker thread owns the engine: with one KV slot it runs `Engine.generate` for
+one request at a time; with several (`tpi serve --parallel N`) it runs up to N requests together
+through a `tpi.master.batch.Batch`, each step carrying every running sequence. Callers never block
+the engine, and a cancelled ticket frees its slot at the next step.
 """
 from __future__ import annotations
 
@@ -16,13 +18,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from tpi.errors import NotReadyError, QueueFullError, RequestError, TpiError
+from tpi.master.batch import DEFAULT_PREFILL_BUDGET, Batch, Running
 from tpi.master.engine import check_prompt
-from tpi.master.generate import Generation
+from tpi.master.generate import Generation, SequenceState
 from tpi.master.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
 
-DEFAULT_QUEUE_SIZE = 8  # waiting requests (the running one is not counted)
+DEFAULT_QUEUE_SIZE = 8  # waiting requests (the running ones are not counted)
 
 
 @dataclass(frozen=True)
@@ -105,13 +108,16 @@ class ServiceStats:
 
 
 class GenerationService:
-    """Serialises requests onto one engine through a bounded FIFO queue."""
+    """Runs requests on one engine (several at once when it has several KV slots) behind a bounded FIFO queue."""
 
     def __init__(self, engine, status: Callable[[], dict] | None = None, queue_size: int = DEFAULT_QUEUE_SIZE,
-                 model_name: str | None = None):
+                 model_name: str | None = None, prefill_budget: int = DEFAULT_PREFILL_BUDGET):
         """engine may be None while the group forms (`tpi serve`); attach() it when ready."""
         if queue_size < 0:
             raise RequestError(f"queue size {queue_size} is negative; use 0 or more")
+        self.prefill_budget = prefill_budget
+        self.batch: Batch | None = None  # engines with several KV slots
+        self._active = 0  # requests holding a slot
         self.status_fn = status or (lambda: {"devices": [{"rank": 0, "name": "local"}], "state": "ready"})
         self.queue_size = queue_size
         self.engine = None
@@ -133,7 +139,13 @@ class GenerationService:
         self.context = engine.context
         self.model_name = self.model_name or engine.cfg.name
         self.tokenizer = engine.tokenizer
+        if getattr(engine, "slots", 1) > 1:  # an engine without slots runs one sequence
+            self.batch = Batch(engine, self.prefill_budget)
         self.engine = engine
+
+    @property
+    def slots(self) -> int:
+        return self.batch.engine.slots if self.batch is not None else 1
 
     def require_engine(self) -> None:
         if self.engine is None:
@@ -160,8 +172,8 @@ class GenerationService:
         with self._cond:
             if self._closed:
                 raise RequestError("the generation service is shut down; restart tpi")
-            # one running plus queue_size waiting; a request not yet picked up counts as the running one
-            if len(self._waiting) + (self._running is not None) > self.queue_size:
+            # every slot running plus queue_size waiting; requests not yet picked up count as running first
+            if len(self._waiting) + self._active >= self.slots + self.queue_size:
                 self._stats.rejected += 1
                 raise QueueFullError(
                     f"the request queue is full ({self.queue_size} waiting); retry later", self._retry_after()
@@ -174,7 +186,7 @@ class GenerationService:
     def _retry_after(self) -> int:
         recent = self._stats.recent_s
         mean = sum(recent) / len(recent) if recent else 2.0
-        return int(min(60, max(1, math.ceil(mean * (len(self._waiting) + 1)))))
+        return int(min(60, max(1, math.ceil(mean * (len(self._waiting) + 1) / self.slots))))
 
     def _cancelled(self, ticket: Ticket) -> None:
         with self._cond:
@@ -193,17 +205,56 @@ class GenerationService:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._closed:
+                while not self._waiting and not self._active and not self._closed:
                     self._cond.wait()
                 if self._closed:
-                    return
-                ticket = self._running = self._waiting.popleft()
+                    break
+                if self.batch is None:
+                    ticket = self._running = self._waiting.popleft()
+                    self._active = 1
+                else:
+                    while self._waiting and self.batch.free:
+                        self._admit(self._waiting.popleft())
+            if self.batch is None:
+                try:
+                    self._run(ticket)
+                finally:
+                    with self._cond:
+                        self._running, self._active = None, 0
+                        self._cond.notify_all()
+            else:
+                self._step()
+        if self.batch is not None:
+            self.batch.fail_all(RequestError("the generation service shut down while this request ran"))
+
+    def _admit(self, ticket: Ticket) -> None:
+        """Give a waiting request a KV slot (the caller holds _cond)."""
+        req = ticket.request
+        seq = SequenceState.start(req.prompt_ids, req.params, min(req.max_tokens, self.context - len(req.prompt_ids)),
+                                  self.tokenizer, stop=req.stop, ignore_eos=req.ignore_eos)
+        started = time.monotonic()
+
+        def done(gen: Generation | None, error: TpiError | None) -> None:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+            self._finished(ticket, gen, error, started)
+
+        run = Running(seq, lambda piece: ticket.emit(ServiceEvent("text", text=piece)), done,
+                      ticket.cancel_event.is_set)
+        self.batch.admit(run)
+        self._active += 1
+
+    def _step(self) -> None:
+        """One batched step; a failed step has already failed its sequences."""
+        with self.engine.lock:
             try:
-                self._run(ticket)
-            finally:
-                with self._cond:
-                    self._running = None
-                    self._cond.notify_all()
+                self.batch.step()
+            except TpiError as e:
+                log.warning("a batched step failed: %s", e)
+            except Exception as e:  # a bug fails the running requests, not the service thread
+                log.exception("a batched step failed")
+                self.batch.fail_all(TpiError(f"internal error during generation: {e!r}; see the log"))
 
     def _run(self, ticket: Ticket) -> None:
         req = ticket.request
@@ -214,15 +265,20 @@ class GenerationService:
                 on_text=lambda piece: ticket.emit(ServiceEvent("text", text=piece)), cancel=ticket.cancel_event,
             )
         except TpiError as e:
-            with self._cond:
-                self._stats.failed += 1
-            ticket.emit(ServiceEvent("error", error=e))
+            self._finished(ticket, None, e, started)
             return
         except Exception as e:  # a bug must fail this request, not the service thread
             log.exception("generation failed")
+            self._finished(ticket, None, TpiError(f"internal error during generation: {e!r}; see the log"), started)
+            return
+        self._finished(ticket, gen, None, started)
+
+    def _finished(self, ticket: Ticket, gen: Generation | None, error: TpiError | None, started: float) -> None:
+        """Count a request's end and tell its ticket."""
+        if error is not None:
             with self._cond:
                 self._stats.failed += 1
-            ticket.emit(ServiceEvent("error", error=TpiError(f"internal error during generation: {e!r}; see the log")))
+            ticket.emit(ServiceEvent("error", error=error))
             return
         with self._cond:
             st = self._stats
@@ -247,7 +303,9 @@ class GenerationService:
             return {
                 "model": self.model_name,
                 "context": self.context,
-                "busy": self._running is not None,
+                "busy": self._active > 0,
+                "slots": self.slots,
+                "running": self._active,
                 "queued": len(self._waiting),
                 "queue_size": self.queue_size,
                 "submitted": st.submitted,
@@ -261,6 +319,8 @@ class GenerationService:
                 "paused_s": st.paused_s,
                 "last_pause": st.last_pause,
                 "last": dict(st.last),
+                **({"batch": {"steps": self.batch.steps, "rows": self.batch.rows,
+                              "step_seconds": round(self.batch.step_s, 6)}} if self.batch is not None else {}),
             }
 
     def status(self) -> dict:

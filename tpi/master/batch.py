@@ -1,0 +1,203 @@
+"""Continuous batching (issue 17): many sequences in one step, each in its own KV slot on every rank.
+
+A `Batch` drives rank 0's Engine one step at a time. Each step carries the decode row of every
+running sequence plus prompt chunks of the sequences still reading their prompt, at most
+`prefill_budget` prompt tokens per step (SARATHI's chunked prefill: a long prompt delays the others'
+next token by one budget's worth of compute, not by the whole prompt). Sequences join and leave
+between steps. Each sequence is the SequenceState a lone request runs (tpi.master.generate), so
+sampling, stop strings and streaming are the same; only the steps are shared.
+
+Numbers: a sequence's logits are its lone run's where the matmul kernels round a batched row as a
+lone one (tests/test_rows.py states the rule per weight type); elsewhere they differ in the last bits.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tpi.errors import TpiError
+from tpi.master.generate import Generation, SequenceState
+from tpi.model.config import PREFILL_CHUNK
+from tpi.model.rows import Rows
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFILL_BUDGET = 128  # prompt tokens per step while others decode (SARATHI's chunk)
+MAX_DEFAULT_SLOTS = 4  # --parallel's default at most: a home group's concurrent users
+KV_SHARE = 4  # the default gives the KV caches at most 1/KV_SHARE of the memory there is
+
+
+def default_slots(cfg, context: int, backend: str, room_bytes: int) -> int:
+    """--parallel's default: as many whole-model KV caches (F16 on ggml, f32 elsewhere) as fit in
+    1/KV_SHARE of room_bytes (free memory, or --memory-budget), 1..MAX_DEFAULT_SLOTS; 1 on torch."""
+    if backend == "torch":
+        return 1
+    per_slot = 2 * cfg.n_layers * cfg.kv_dim * context * (2 if backend == "ggml" else 4)
+    return max(1, min(MAX_DEFAULT_SLOTS, room_bytes // KV_SHARE // per_slot))
+
+
+@dataclass
+class Running:
+    """One admitted sequence and where its results go."""
+
+    seq: SequenceState
+    on_text: Callable[[str], None]
+    on_done: Callable[[Generation | None, TpiError | None], None]  # exactly once: (generation, None) or (None, error)
+    cancelled: Callable[[], bool]
+    admitted: float = field(default_factory=time.perf_counter)
+    first_token: float = 0.0
+    pieces: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Slot:
+    """A KV slot: the tokens every rank holds in it, and the sequence running there (None: free)."""
+
+    index: int
+    cached: list[int] = field(default_factory=list)
+    run: Running | None = None
+
+
+class Batch:
+    """Runs admitted sequences together on an Engine with `engine.slots` KV slots; one thread calls it."""
+
+    def __init__(self, engine, prefill_budget: int = DEFAULT_PREFILL_BUDGET):
+        if not 1 <= prefill_budget <= PREFILL_CHUNK:
+            raise TpiError(f"prefill budget {prefill_budget} must be 1..{PREFILL_CHUNK} tokens per step")
+        self.engine = engine
+        self.prefill_budget = prefill_budget
+        self.slots = [Slot(i) for i in range(engine.slots)]
+        self.steps = self.rows = 0  # steps run, rows they carried
+        self.step_s = 0.0  # seconds in engine.step
+
+    @property
+    def running(self) -> int:
+        return sum(s.run is not None for s in self.slots)
+
+    @property
+    def free(self) -> int:
+        return len(self.slots) - self.running
+
+    def admit(self, run: Running) -> int:
+        """Put a sequence in a free slot (the one whose cache shares the longest prefix with it); returns the slot."""
+        history = run.seq.history()
+        kv = self.engine.model.kv
+        best, best_common = None, -1
+        for s in self.slots:
+            if s.run is not None:
+                continue
+            s.cached = s.cached[:kv.lengths[s.index]]  # a re-formed group holds nothing
+            # engine.reuse_prefix (--prompt-cache): a slot's cached prefix serves the next request that starts with it
+            common = _common_prefix(s.cached, history) if self.engine.reuse_prefix else 0
+            if common > best_common:
+                best, best_common = s, common
+        if best is None:
+            raise TpiError("no free KV slot; admit a sequence only when Batch.free > 0")
+        best.cached = best.cached[:min(best_common, len(history) - 1)]  # at least one row must run for logits
+        best.run = run
+        run.seq.out.prefill_tokens += len(history) - len(best.cached)
+        return best.index
+
+    def step(self) -> None:
+        """One step over every running sequence: decode rows, then prompt chunks within the budget."""
+        for s in self.slots:
+            if s.run is not None and s.run.cancelled():
+                self._finish(s, "cancelled")
+        plan: list[tuple[Slot, int]] = []  # (slot, rows) in step order
+        budget = self.prefill_budget
+        busy = [s for s in self.slots if s.run is not None]
+        for s in busy:
+            if len(s.run.seq.history()) - len(s.cached) == 1:
+                plan.append((s, 1))
+        for s in sorted(busy, key=lambda s: s.run.admitted):  # prompts in arrival order
+            left = len(s.run.seq.history()) - len(s.cached)
+            if left > 1 and budget > 0:
+                n = min(left, budget)
+                plan.append((s, n))
+                budget -= n
+        if not plan:
+            return
+        chunks = [s.run.seq.history()[len(s.cached):len(s.cached) + n] for s, n in plan]
+        ids = [t for c in chunks for t in c]
+        outputs = tuple(int(len(s.cached) + n == len(s.run.seq.history())) for s, n in plan)
+        rows = Rows(tuple(s.index for s, _ in plan), tuple(len(s.cached) for s, _ in plan),
+                    tuple(n for _, n in plan), outputs)
+        t0 = time.perf_counter()
+        try:
+            logits = self.engine.step(ids, rows)
+        except TpiError as e:  # the group failed this step: what every slot holds is suspect, every sequence fails
+            for s in self.slots:
+                s.cached = []
+                self._fail(s, e)
+            raise
+        self.steps += 1
+        self.rows += len(ids)
+        self.step_s += time.perf_counter() - t0
+        at = 0
+        for (s, _), chunk, out in zip(plan, chunks, outputs):
+            s.cached += chunk
+            if out:
+                self._advance(s, logits[at])
+                at += 1
+
+    def _advance(self, s: Slot, logits: np.ndarray) -> None:
+        """Sample a sequence's next token from its logits; its errors end only it."""
+        run = s.run
+        try:
+            token = run.seq.sample(logits)
+            now = time.perf_counter()
+            if not run.first_token:
+                run.first_token = now
+                run.seq.out.ttft_s = now - run.admitted
+                run.seq.out.prefill_s += now - run.admitted
+            piece = run.seq.accept(token, cancelled=run.cancelled())
+            if piece:
+                run.pieces.append(piece)
+                run.on_text(piece)
+        except Exception as e:  # a receiver or sampling bug fails this sequence, not the batch
+            log.exception("sequence in slot %d failed", s.index)
+            self._fail(s, e if isinstance(e, TpiError) else TpiError(f"internal error during generation: {e!r}"))
+            return
+        if run.seq.finished:
+            self._finish(s, None)
+
+    def _finish(self, s: Slot, reason: str | None) -> None:
+        run, s.run = s.run, None
+        out = run.seq.out
+        if reason:
+            out.finish_reason = reason
+        if run.first_token:
+            out.decode_s += time.perf_counter() - run.first_token
+        try:
+            tail = run.seq.tail() if reason is None else ""
+            if tail:
+                run.pieces.append(tail)
+                run.on_text(tail)
+        except Exception:
+            log.exception("streaming the tail of slot %d failed", s.index)
+        out.text = "".join(run.pieces)
+        run.on_done(out, None)
+
+    def _fail(self, s: Slot, error: TpiError) -> None:
+        run, s.run = s.run, None
+        if run is not None:
+            run.on_done(None, error)
+
+    def fail_all(self, error: TpiError) -> None:
+        """End every running sequence with error (the service shuts down)."""
+        for s in self.slots:
+            if s.run is not None:
+                self._fail(s, error)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
