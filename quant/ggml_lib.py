@@ -20,14 +20,14 @@ import logging
 import sys
 from pathlib import Path
 
-from tpi.errors import TpiError
+from tpi.errors import TpiError, pip_install
 
 log = logging.getLogger(__name__)
 
 # [lowest, first unsupported): the ggml minor series these bindings were written and tested against.
 # 0.25 changed GGML_PREC_F32 to 10 (flash attention aborts on any other value), so older ggml is refused.
 SUPPORTED_VERSIONS = ((0, 25, 0), (0, 26, 0))
-INSTALL_FIX = "pip install 'tpi[worker-fast]' (llama-cpp-python 0.3.36 ships ggml 0.25.3)"
+INSTALL_FIX = f"{pip_install('worker-fast')} (llama-cpp-python 0.3.36 ships ggml 0.25.3)"
 
 P = C.c_void_p
 _i64, _i32, _f32, _sz, _bool = C.c_int64, C.c_int, C.c_float, C.c_size_t, C.c_bool

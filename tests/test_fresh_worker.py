@@ -76,7 +76,8 @@ def test_the_worker_install_has_no_torch_and_names_the_extra_for_what_it_lacks(f
         proc = in_venv(where, command, timeout=120)
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
         assert proc.returncode != 0 and len(errors) == 1, (command, proc.stderr[-2000:])
-        assert f"pip install 'tpi[{extra}]'" in errors[0] and "Traceback" not in proc.stderr, (command, errors)
+        # an installed copy (not a checkout) names the README's ./tpi, never PyPI's unrelated 'tpi'
+        assert f"pip install './tpi[{extra}]'" in errors[0] and "Traceback" not in proc.stderr, (command, errors)
 
 
 def test_the_readmes_exact_join_from_a_fresh_torch_free_venv_joins_and_the_group_answers(fresh_worker_venv, smollm2,

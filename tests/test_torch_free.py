@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import tpi
+from tpi.errors import pip_install
+
 TESTS_DIR = Path(__file__).parent
 TORCH_BLOCKER = '''
 import os, sys
@@ -148,7 +151,13 @@ def test_torch_backend_without_torch_names_the_extra_to_install(blocker_dir, tin
     )
     r = run_without_torch(blocker_dir, code)
     assert r.returncode == 0, r.stderr
-    assert "pip install 'tpi[" in r.stdout
+    assert pip_install("all") in r.stdout and "'tpi[" not in r.stdout
+
+
+def test_install_hints_name_this_checkout_never_the_pypi_name():
+    """PyPI's 'tpi' is another project: `pip install 'tpi[all]'` would install it, so hints name this tree."""
+    root = Path(tpi.__file__).resolve().parents[1]
+    assert pip_install("worker-fast") == f"pip install '{root}[worker-fast]'"
 
 
 NEAR_TIE = 0.05  # logits; numpy (f32) and torch (bf16 activations) differ by up to ~0.02 on these models

@@ -1,4 +1,15 @@
 """One exception family for tpi; the CLI turns it into a one-line message and an exit code."""
+from pathlib import Path
+
+
+def pip_install(extra: str) -> str:
+    """The pip command that adds an extra to this tpi. Never `pip install 'tpi[...]'`: the PyPI
+    project named tpi is another package, so the command names this checkout (or the README's ./tpi)."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file():  # a source checkout (an editable install): its own path
+        return f"pip install '{root}[{extra}]'"
+    return f"pip install './tpi[{extra}]' (from the folder holding your tpi checkout; PyPI's 'tpi' is another project)"
+
 
 
 class TpiError(Exception):

@@ -12,6 +12,7 @@ import typer
 
 from tpi.cli import chat, devices, group, run
 from tpi.cli.options import MODULE_EXTRAS
+from tpi.errors import pip_install
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tensor-parallel LLM inference across home devices.")
 
@@ -47,7 +48,7 @@ def entry(prog_name: str | None = None) -> None:
         if top not in MODULE_EXTRAS:
             raise
         typer.echo(f"error: this command needs the '{top}' package, which is not installed here; "
-                   f"install it with: pip install 'tpi[{MODULE_EXTRAS[top]}]'", err=True)
+                   f"install it with: {pip_install(MODULE_EXTRAS[top])}", err=True)
         raise SystemExit(1) from None
 
 

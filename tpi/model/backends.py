@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from tpi.errors import TpiError
+from tpi.errors import TpiError, pip_install
 from tpi.quant.kernels import backend_available
 
 AUTO_BACKENDS = ("ggml", "numpy")  # what --backend auto tries, best first; torch only when asked by name
@@ -26,7 +26,7 @@ def _why_missing(backend: str) -> str:
     module = {"ggml": "llama_cpp"}.get(backend, backend)
     if importlib.util.find_spec(module) is not None:
         return f"{backend} did not load from the installed {module} (see the log)"
-    return f"{backend} is not installed; pip install 'tpi[{BACKEND_EXTRAS[backend]}]' adds it"
+    return f"{backend} is not installed; {pip_install(BACKEND_EXTRAS[backend])} adds it"
 
 
 def backend_choice_note(requested: str, chosen: str) -> str:
@@ -71,7 +71,7 @@ def make_layers(backend: str, cfg, shard, context: int, threads: int | None, slo
         try:
             from tpi.model.layers_torch import TorchLayers  # (loaded only when chosen)
         except ImportError:
-            raise TpiError("torch is not installed; install the full engine with pip install 'tpi[all]'") from None
+            raise TpiError(f"torch is not installed; install the full engine with {pip_install('all')}") from None
         return TorchLayers(cfg, shard.n_q_heads, shard.q_to_local_kv, context, threads, slots=slots)
     if backend == "numpy":
         from tpi.model.layers_numpy import NumpyLayers  # (loaded only when chosen)

@@ -10,7 +10,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from tpi.errors import ModelFormatError
+from tpi.errors import ModelFormatError, pip_install
 
 # Marker texts that end a turn in common chat templates; a marker that the vocabulary has as a
 # single token stops generation, as llama.cpp's end-of-generation set does.
@@ -106,7 +106,7 @@ class LlamaCppTokenizer(Tokenizer):
         try:
             import llama_cpp  # optional: GGUF tokenizers only
         except ImportError:
-            raise ModelFormatError("llama-cpp-python is needed to tokenize GGUF models; pip install 'tpi[all]'") from None
+            raise ModelFormatError(f"llama-cpp-python is needed to tokenize GGUF models; {pip_install('all')}") from None
         self._llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
         self.vocab_size = self._llm.n_vocab()
         self.bos_id = _opt_id(metadata("tokenizer.ggml.bos_token_id"))
