@@ -197,8 +197,9 @@ def render_wires(plan: GroupPlan) -> Table | None:
         return None
     links = [d.link for d in plan.devices]
     table = Table(title="wire dtype of the partial sums (model prediction; decode allreduce of one token)")
+    spec = plan.speculation if plan.speculation and plan.speculation.on else None
     for col in ("wire", "bytes", "network ms", "conversions ms", "allreduce ms", "comm ms/token", "token ms",
-                "TTFT s", ""):
+                *(["with speculation ms"] if spec else []), "TTFT s", ""):
         table.add_column(col, justify="left" if col in ("wire", "") else "right")
     for wire, pred in plan.wire_options:
         nbytes = plan.config.hidden * WIRE_BYTES[wire]
@@ -206,9 +207,10 @@ def render_wires(plan: GroupPlan) -> Table | None:
         conv = wire_convert_s(plan.config.hidden, len(links), wire)
         mark = "chosen" if wire == plan.wire_dtype else (
             f"{pred.token_latency_s / plan.prediction.token_latency_s:.2f}x the chosen token time")
+        fast = [f"{replace(plan, wire_dtype=wire, prediction=pred).decode_s * 1e3:.1f}"] if spec else []
         table.add_row(wire, f"{nbytes:.0f}", f"{net * 1e3:.2f}", f"{conv * 1e3:.2f}", f"{pred.allreduce_s * 1e3:.2f}",
-                      f"{pred.comm_per_token_s * 1e3:.1f}", f"{pred.token_latency_s * 1e3:.1f}", f"{pred.ttft_s:.2f}",
-                      mark)
+                      f"{pred.comm_per_token_s * 1e3:.1f}", f"{pred.token_latency_s * 1e3:.1f}", *fast,
+                      f"{pred.ttft_s:.2f}", mark)
     table.caption = plan.wire_reason
     return table
 

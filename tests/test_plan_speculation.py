@@ -71,6 +71,9 @@ def test_plan_prints_plain_and_speculative_figures_and_its_assumptions(laptops, 
     assert f"open-ended tasks {plain_ms:.1f} ms/token plain" in out
     assert "70% of drafts kept, assumed, not measured" in out
     assert "auto turns itself off" in out and "wired, full duplex" in out
+    # the wire table: every wire with and without speculation
+    int8 = next(line for line in result.output.splitlines() if line.startswith("int8 "))
+    assert "with speculation ms" in result.output and f"{plain_ms:.1f}" in int8 and f"{spec_ms:.1f}" in int8
     # the speculation table's open-ended row is the plain figure
     row = next(line for line in result.output.splitlines() if line.startswith("open-ended"))
     cells = row.split()
