@@ -16,9 +16,9 @@ import pytest
 from ggml_source import model_blocks
 from test_layers_ggml_group import Group
 from test_speculation import ScriptedDrafter
+from test_speculation_group import run
 from tpi.master import GroupOptions, start_group
 from tpi.master.sampler import SamplingParams
-from tpi.master.speculation import SpeculationOptions, build_speculator
 from tpi.model.rows import Rows
 from tpi.quant.ggml_lib import ggml_available
 
@@ -26,7 +26,6 @@ pytestmark = [pytest.mark.skipif(not ggml_available()[0], reason="ggml not loada
               pytest.mark.filterwarnings("ignore::ResourceWarning")]
 ROWS = 9  # a verify pass of 8 drafts: an expert 8 rows name reaches the tiled kernel
 HISTORY = 30
-TOKENS = 24
 PLACED = [((1.0,), None), ((0.5, 0.5), "split"), ((0.5, 0.5), "whole")]
 
 
@@ -59,17 +58,6 @@ def test_a_moe_verify_pass_gives_its_decode_steps_logits(name, ftype, ratios, pl
         group.pool.shutdown()
 
 
-def generate(engine, prompt: list[int], params: SamplingParams, mode: str = "off", drafter=None):
-    engine.speculator = build_speculator(SpeculationOptions(mode=mode), engine)
-    if drafter is not None:
-        engine.speculator.drafter = drafter
-    try:
-        engine.reset()
-        return engine.generate(prompt, params, TOKENS, ignore_eos=True)
-    finally:
-        engine.speculator = None
-
-
 def assert_speculation_keeps_the_tokens(engine) -> None:
     """An engine's exact pass (Step EXACT_ROWS on every rank) gives its decode steps' logits; greedy and
     seeded sampling: prompt lookup, and a drafter of the plain run's own tokens with every third one
@@ -83,9 +71,9 @@ def assert_speculation_keeps_the_tokens(engine) -> None:
     np.testing.assert_array_equal(engine.forward(feed, HISTORY - 1, all_positions=True, exact=True), want)
     prompt = [int(t) for t in np.random.default_rng(1).integers(3, engine.cfg.vocab, 40)]
     for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, seed=5)):
-        plain = generate(engine, prompt, params)
-        assert generate(engine, prompt, params, "lookup").tokens == plain.tokens, params
-        spec = generate(engine, prompt, params, "lookup", ScriptedDrafter(prompt, plain.tokens))
+        plain = run(engine, prompt, params)
+        assert run(engine, prompt, params, mode="lookup").tokens == plain.tokens, params
+        spec = run(engine, prompt, params, ScriptedDrafter(prompt, plain.tokens), mode="lookup")
         assert spec.tokens == plain.tokens, params
         stats = spec.speculation
         assert 0 < stats["spec_accepted"] < stats["spec_drafted"] and stats["tokens_per_forward"] > 1.5, stats
