@@ -21,7 +21,8 @@ from tpi.transport.wire import INT8_BLOCK, REDUCE_DTYPES, from_bf16, to_bf16  # 
 # 3: typed controls (Step rows and flags, Truncate, Stop.rejoin, Probe/ProbeEcho, Assign's own fields)
 # 4: Assign.slots (KV slots per rank) and steps over many slots (continuous batching)
 # 5: two ranks on the f32 wire swap Partials (the worker sums; no Reduced comes back)
-PROTOCOL_VERSION = 5
+# 6: Assign.star_only (the master decides whether two ranks swap or use the star; TPI_STAR_ONLY)
+PROTOCOL_VERSION = 6
 MAX_SLOTS = 1024  # KV slots per rank, and so sequences in one step: far above any --parallel
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_FRAME = 256 << 20
@@ -139,7 +140,7 @@ class Hello(Message):
 @_msg(2, ("rank", "uint"), ("world", "uint"), ("shard_hash", "str"), ("shard_size", "uint"),
       ("wire_dtype", "str"), ("config", "dict"), ("shard", "dict"), ("context", "uint"),
       ("peer_id", "str"), ("data_port", "uint"), ("heartbeat_s", "float"), ("timeout_s", "float"),
-      ("slots", "uint"))
+      ("slots", "uint"), ("star_only", "bool"))
 class Assign(Message):
     """Master -> worker: admitted; your rank, world, shard and data channel (link fills the last four).
 
@@ -160,6 +161,7 @@ class Assign(Message):
     heartbeat_s: float = 1.0
     timeout_s: float = 10.0
     slots: int = 1  # KV slots of `context` positions each: sequences the group runs at once
+    star_only: bool = False  # two ranks use the star too, no partial swap (the master's TPI_STAR_ONLY)
 
     def check(self) -> None:
         _need(0 < self.slots <= MAX_SLOTS, f"KV slots must be 1..{MAX_SLOTS}, got {self.slots}")
