@@ -213,7 +213,8 @@ def test_when_no_group_can_be_formed_every_batched_request_fails_with_the_reason
             with pytest.raises(GroupUnavailableError) as failed:
                 s.wait(HANG_S)
             errors.append(str(failed.value))
-        print(f"\nno group can be formed: {errors[0]}")
+        print(f"\nno group can be formed: all 3 failed {time.monotonic() - running[0].killed_at[0]:.2f}s after the "
+              f"kill: {errors[0]}")
         assert len(set(errors)) == 1 and "the group cannot re-form (device(s) w1 did not rejoin" in errors[0]
         assert service.snapshot()["failed"] == 3 and group.state == "degraded"
         api = TestClient(create_app(service))
