@@ -1,0 +1,77 @@
+"""A resumed answer is bit-identical past position 512 and on every weight type (issue 16's promise).
+
+In process, 2 threads (so ggml's split flash attention of a one-row step over 512+ cache rows is live):
+greedy-decode a sequence past position 600 through a Resumer; then run it again with a device loss
+injected (the group's communicator swapped from another thread, then the step fails with GroupError, as
+tests/test_batching_resume.py does) at a decode step past position 512. Every decode step after the
+loss must give the undisturbed run's logits bit for bit. Q4_0 is repacked (any row count keeps one-row
+bits); F16 takes tinyBLAS from 2 rows, so a replay in plain multi-row steps differs (checked, so the
+test can fail).
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from tpi.errors import GroupError
+from tpi.formats import open_model
+from tpi.master import EngineOptions, build_local_engine
+from tpi.master.generate import SequenceState
+from tpi.master.group import Group, Members
+from tpi.master.resume import Resumer, replay_chunk
+from tpi.master.sampler import SamplingParams
+
+PROMPT = [1 + (7 * i) % 300 for i in range(20)]
+NEW_TOKENS = 620  # the last decode step attends over 640 cache rows: split across threads, 3rd bucket
+LOSS_AT = (530, 595)  # decode steps (token counts) at which a device is lost
+
+
+def decode_steps(engine, lose_at=()) -> tuple[dict[int, np.ndarray], object]:
+    """A greedy sequence of NEW_TOKENS through a Resumer, the decode steps numbered in lose_at failing.
+    Returns the logits of every one-row forward by position (the last kept: after a loss, the resumed
+    run's) and the Generation."""
+    group = Group(engine, Members([], {}))  # a group of one: its state serves the Resumer
+    resumer = Resumer(group, lambda event: None, replay_chunk(open_model(engine.path)))
+    forward, seen, decodes = engine.forward, {}, [0]
+    lose_at = list(lose_at)
+
+    def forward_or_lose_a_device(ids, start, all_positions=False, exact=False):
+        if len(ids) == 1 and start >= len(PROMPT):
+            decodes[0] += 1
+            if lose_at and decodes[0] == lose_at[0]:
+                lose_at.pop(0)  # the supervisor swaps the re-formed group's communicator in (emptying the caches)
+                threading.Thread(target=group.enter, args=("serving", "", engine.comm), daemon=True).start()
+                raise GroupError(f"device w1 was lost at decode step {decodes[0]} (injected)")
+        logits = forward(ids, start, all_positions, exact)
+        if len(ids) == 1:
+            seen[start] = logits.copy()
+        return logits
+
+    engine.forward = forward_or_lose_a_device
+    try:
+        seq = SequenceState.start(PROMPT, SamplingParams(temperature=0.0), NEW_TOKENS, engine.tokenizer,
+                                  ignore_eos=True)
+        engine.reset()
+        out = resumer.run(engine, seq, lambda piece: None)
+    finally:
+        del engine.forward
+    return seen, out
+
+
+@pytest.mark.parametrize("variant", ["tiny_llama_q4_0", "tiny_llama_f16"])
+def test_resumed_decode_steps_past_512_keep_their_bits(variant, tiny_gguf):
+    path = tiny_gguf(variant, context=1024)
+    engine = build_local_engine(EngineOptions(str(path), context=1024, threads=2, backend="ggml"))
+    engine.path = str(path)
+    try:
+        undisturbed, plain = decode_steps(engine)
+        resumed, out = decode_steps(engine, LOSS_AT)
+        assert len(out.pauses) == len(LOSS_AT)
+        assert out.tokens == plain.tokens
+        first = len(PROMPT) + LOSS_AT[0] - 1  # the first decode step after the first loss
+        for pos in range(first, len(PROMPT) + NEW_TOKENS - 1):
+            np.testing.assert_array_equal(resumed[pos], undisturbed[pos], err_msg=f"decode step at position {pos}")
+    finally:
+        engine.model.weights.close()
