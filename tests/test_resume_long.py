@@ -5,8 +5,10 @@ greedy-decode a sequence past position 600 through a Resumer; then run it again 
 injected (the group's communicator swapped from another thread, then the step fails with GroupError, as
 tests/test_batching_resume.py does) at a decode step past position 512. Every decode step after the
 loss must give the undisturbed run's logits bit for bit. Q4_0 is repacked (any row count keeps one-row
-bits); F16 takes tinyBLAS from 2 rows, so a replay in plain multi-row steps differs (checked, so the
-test can fail).
+bits); F16 takes tinyBLAS from 2 rows. On both, the replay rule before exact steps (decoded rows in plain
+steps of 63 or 3 rows) is checked to differ, so the test can fail. A paused Batch (two slots, Q4_0) is
+held to the same, its slots near positions 480 and 590 when the device is lost (a one-row step
+splits its attention from position 256 on: n_kv 512).
 """
 from __future__ import annotations
 
@@ -14,14 +16,19 @@ import threading
 
 import numpy as np
 import pytest
+from test_batching_resume import sampled_logits
 
 from tpi.errors import GroupError
 from tpi.formats import open_model
 from tpi.master import EngineOptions, build_local_engine
+from tpi.master import resume as resume_module
+from tpi.master.batch import Batch, Running
 from tpi.master.generate import SequenceState
 from tpi.master.group import Group, Members
 from tpi.master.resume import Resumer, replay_chunk
 from tpi.master.sampler import SamplingParams
+
+pytestmark = pytest.mark.slow  # 2 threads spinning, 600+ decode steps per run: ~5-25 s a test on a busy machine
 
 PROMPT = [1 + (7 * i) % 300 for i in range(20)]
 NEW_TOKENS = 620  # the last decode step attends over 640 cache rows: split across threads, 3rd bucket
@@ -60,18 +67,62 @@ def decode_steps(engine, lose_at=()) -> tuple[dict[int, np.ndarray], object]:
     return seen, out
 
 
+def plain_steps(runs, _chunk, chunk=63):
+    """The replay rule before exact steps: the prompt as read, the decoded rows in plain steps of 63 rows."""
+    prompt = [(s, n, False) for s, n in runs if n > 1]
+    rest = [s for s, n in runs if n == 1]
+    return prompt + [(s, min(chunk, rest[-1] + 1 - s), False) for s in rest[::chunk]] if rest else prompt
+
+
 @pytest.mark.parametrize("variant", ["tiny_llama_q4_0", "tiny_llama_f16"])
-def test_resumed_decode_steps_past_512_keep_their_bits(variant, tiny_gguf):
+def test_resumed_decode_steps_past_512_keep_their_bits(variant, tiny_gguf, monkeypatch):
     path = tiny_gguf(variant, context=1024)
     engine = build_local_engine(EngineOptions(str(path), context=1024, threads=2, backend="ggml"))
     engine.path = str(path)
     try:
         undisturbed, plain = decode_steps(engine)
         resumed, out = decode_steps(engine, LOSS_AT)
-        assert len(out.pauses) == len(LOSS_AT)
-        assert out.tokens == plain.tokens
+        assert len(out.pauses) == len(LOSS_AT) and out.tokens == plain.tokens
         first = len(PROMPT) + LOSS_AT[0] - 1  # the first decode step after the first loss
         for pos in range(first, len(PROMPT) + NEW_TOKENS - 1):
             np.testing.assert_array_equal(resumed[pos], undisturbed[pos], err_msg=f"decode step at position {pos}")
+        monkeypatch.setattr(resume_module, "replay_steps", plain_steps)  # the rule before: not the same bits
+        seq = SequenceState.start(PROMPT, SamplingParams(temperature=0.0), NEW_TOKENS, engine.tokenizer)
+        seq.out.tokens.extend(plain.tokens[:LOSS_AT[0]])
+        resume_module.replay(engine, seq, 63)
+        assert not np.array_equal(engine.forward([seq.tokens[-1]], first)[-1:], undisturbed[first])
+    finally:
+        engine.model.weights.close()
+
+
+def batch_steps(engine, group, fail_at=()) -> list[np.ndarray]:
+    """Two greedy sequences (prompts of 150 and 40 tokens, read in chunks of at most 128 rows beside the
+    other's rows) decoding 470 tokens each in one Batch; the logits of every step that sampled."""
+    engine.reset()
+    batch, ends = Batch(engine, prefill_budget=128), {}
+    for i, n in enumerate((150, 40)):
+        seq = SequenceState.start((PROMPT * 8)[:n], SamplingParams(temperature=0.0), 470, engine.tokenizer,
+                                  ignore_eos=True)
+        batch.admit(Running(seq, lambda piece: None, lambda gen, err, i=i: ends.__setitem__(i, err), lambda: False))
+    with sampled_logits(engine, group, fail_at) as seen:
+        while batch.running:
+            batch.step()
+            if batch.pause is not None:
+                batch.resume()
+    assert ends == {0: None, 1: None}
+    return seen
+
+
+def test_a_paused_batch_past_512_replays_to_the_undisturbed_bits(tiny_gguf):
+    path = tiny_gguf("tiny_llama_q4_0", context=1024)  # Q4_0: batched rows keep lone rows' bits
+    engine = build_local_engine(EngineOptions(str(path), context=1024, threads=2, backend="ggml", slots=2))
+    group = Group(engine, Members([], {}))
+    engine.resume = Resumer(group, lambda event: None, replay_chunk(open_model(str(path))))
+    try:
+        want = batch_steps(engine, group)
+        got = batch_steps(engine, group, (440,))  # slot 0 at position ~587, slot 1 at ~477
+        assert len(got) == len(want)
+        for k, (a, b) in enumerate(zip(got, want)):
+            np.testing.assert_array_equal(a, b, err_msg=f"sampling step {k}")
     finally:
         engine.model.weights.close()

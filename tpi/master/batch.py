@@ -226,7 +226,8 @@ class Batch:
 
     def _replay(self, held: dict, chunk: int) -> None:
         """Compute each running slot's held tokens again on every rank, in the steps replay_steps gives for
-        the steps it ran, the slots side by side (each row's attention is its own slot's)."""
+        the steps it ran, the slots side by side (each row's attention is its own slot's); at each round
+        the slots whose step is exact run in one exact step, the others in one plain step."""
         self.engine.reset()
         for s in self.slots:
             s.cached, s.runs = [], []
@@ -236,14 +237,20 @@ class Batch:
                 tokens, runs = held[s.index]
                 plans.append((s, tokens, replay_steps(_runs_below(runs, len(tokens)), chunk)))
         for i in range(max((len(steps) for _, _, steps in plans), default=0)):
-            now = [(s, tokens, steps[i]) for s, tokens, steps in plans if i < len(steps)]
-            ids = [t for _, tokens, (start, n) in now for t in tokens[start:start + n]]
-            rows = Rows(tuple(s.index for s, _, _ in now), tuple(start for _, _, (start, _) in now),
-                        tuple(n for _, _, (_, n) in now), (0,) * len(now))
-            self.engine.step(ids, rows)
-            self._ran(rows)
-            for s, tokens, (start, n) in now:
-                s.cached += tokens[start:start + n]
+            for exact in (False, True):
+                now = [(s, tokens, steps[i]) for s, tokens, steps in plans if i < len(steps) and steps[i][2] is exact]
+                if now:
+                    self._replay_step(now, exact)
+
+    def _replay_step(self, now: list, exact: bool) -> None:
+        """One replay step: (slot, tokens, (start, rows, exact)) side by side."""
+        ids = [t for _, tokens, (start, n, _) in now for t in tokens[start:start + n]]
+        rows = Rows(tuple(s.index for s, _, _ in now), tuple(start for _, _, (start, _, _) in now),
+                    tuple(n for _, _, (_, n, _) in now), (0,) * len(now), exact)
+        self.engine.step(ids, rows)
+        self._ran(rows)
+        for s, tokens, (start, n, _) in now:
+            s.cached += tokens[start:start + n]
 
     def _advance(self, s: Slot, logits: np.ndarray) -> None:
         """Sample a sequence's next token from its logits; its errors end only it."""

@@ -6,15 +6,20 @@ group to serve again (the device rejoined from its cache, or a re-plan without i
 sequence's history again and goes on sampling from the same `SequenceState`: same RNG, same text
 decoder and stop filter, so the client sees a pause and then the rest of the stream.
 
-Bit-identical replay: ggml computes each row of a small step exactly as a one-token decode step does,
-but not of a large one: flash attention over 64 or more query rows takes a tiled path (GGML_FA_TILE_Q),
-and a matmul on weights ggml repacked (CPU_REPACK: Q4_0, Q4_K, IQ4_NL) over 4 or more rows takes gemm
-instead of gemv (ggml-cpu/repack.cpp); both round differently. So the replay runs the prompt as the
-first prefill did, the streamed tokens in steps of `replay_chunk` rows (63, or 3 with repacked weight
-types), and the last one alone: every rank's cache and the next logits are the undisturbed run's, bit
-for bit (tests/test_resume_replay.py), and a greedy answer is identical. `replay_steps` states that
-rule over the steps a sequence ran, so a batched sequence (tpi.master.batch, whose prompt chunks fall
-where the other sequences left room) replays by the same rule as a lone one.
+Bit-identical replay: ggml chooses kernels by a step's row count (tpi.model.ggml_exact states the
+rules): flash attention over 64 or more query rows is tiled, and over ONE query row and 512+ cache rows
+it splits the cache across threads, with chunk bounds set by the step's own 256-row bucket; a matmul
+takes tinyBLAS (float types), the tiled kernel (K-quants, 8+ rows) or a repacked gemm (Q4_K, 4+ rows)
+where one row takes vec_dot. So `replay_steps` computes the positions that one-row steps (decode rows,
+or an exact verify pass's rows) produced again in exact steps (Rows.exact: every row as its one-row
+step, attention over its own n_kv), and the prompt as it was read: a step of more than `replay_chunk`
+rows as it ran, smaller ones joined into steps of up to `replay_chunk` rows (the rows one matmul may
+carry and keep one-row bits, per weight type; 63 below the attention tile). Then the last token runs
+alone: every rank's cache and the next logits are the undisturbed run's, bit for bit, at any position
+and on every weight type (tests/test_resume_replay.py, tests/test_resume_long.py), and a greedy answer
+is identical. `replay_steps` states that rule over the steps a sequence ran, so a batched sequence
+(tpi.master.batch, whose prompt chunks fall where the other sequences left room) replays by the same
+rule as a lone one.
 
 The request fails (GroupUnavailableError, a 503) only when the group degrades (no group can be formed),
 or does not serve again within GroupOptions.resume_bound_s.
@@ -31,13 +36,14 @@ from tpi.errors import GroupError, GroupUnavailableError
 from tpi.master.events import RequestResumed
 from tpi.master.generate import Generation, SequenceState, run_sequence
 from tpi.model.config import PREFILL_CHUNK, layer_name
+from tpi.model.ggml_exact import rows_per_call
 from tpi.quant.formats import ggml_type_info, is_ggml
 
 log = logging.getLogger(__name__)
 
-REPLAY_CHUNK = 63  # rows per replay step: below ggml's 64-row flash-attention tile (see the docstring)
-REPACKED_CHUNK = 3  # ... and below the 4 rows from which ggml multiplies repacked weights by gemm
-REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})  # tpi.quant.ggml_backend.REPACK_TYPES, by name
+REPLAY_CHUNK = 63  # rows per joined prompt step at most: below ggml's 64-row flash-attention tile
+EXACT_CHUNK = 64  # rows per exact replay step (any count keeps one-row bits; more rows, fewer steps)
+REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})  # the types ggml repacks for AVX2 (CPU_REPACK), by name
 POLL_S = 0.05
 LOSS = (GroupError, GroupUnavailableError)  # what a step raises when the group lost a device
 
@@ -140,36 +146,48 @@ class Resumer:
 
 
 def replay_chunk(source) -> int:
-    """Rows per replay step for a model (tpi.formats.ModelSource): see the module docstring."""
+    """Rows per joined prompt step for a model (tpi.formats.ModelSource): at most the rows one matmul on
+    each of its weight types carries with one-row bits (ggml_exact.rows_per_call), and REPLAY_CHUNK."""
     cfg = source.config
-    mlp = ("w_gate_exps", "w_up_exps", "w_down_exps") if cfg.is_moe else ("w_gate", "w_up", "w_down")  # MoE: experts
+    mlp = ("router", "w_gate_exps", "w_up_exps", "w_down_exps") if cfg.is_moe else ("w_gate", "w_up", "w_down")
     names = [layer_name(i, m) for i in range(cfg.n_layers) for m in ("wq", "wk", "wv", "wo", *mlp)]
-    types = {ggml_type_info(f).name for f in map(source.weight_fmt, names) if is_ggml(f)}
-    return REPACKED_CHUNK if types & REPACKED_TYPES else REPLAY_CHUNK
+    chunk = REPLAY_CHUNK
+    for fmt in set(map(source.weight_fmt, names)):  # MoE: the F32 router, and experts as plain matmuls (safe)
+        name = ggml_type_info(fmt).name if is_ggml(fmt) else fmt.upper()  # f32, bf16: ggml's F32, BF16
+        rows = rows_per_call(name, name in REPACKED_TYPES)
+        chunk = min(chunk, rows or REPLAY_CHUNK)
+    return chunk
 
 
-def replay_steps(runs: list[tuple[int, int]], chunk: int = REPLAY_CHUNK) -> list[tuple[int, int]]:
-    """The steps (start, rows) that compute again what a sequence's steps `runs` (start, rows; in order,
-    from position 0) computed, bit for bit: a step of more than `chunk` rows as it ran (ggml's kernels
-    for its row count), the small ones (decode rows, short prompt chunks) joined into steps of up to
-    `chunk` rows, whose every row ggml computes as in a one-row step; see the module docstring."""
-    steps: list[tuple[int, int]] = []
-    small = None  # [start, rows] of the small steps being joined
+def replay_steps(runs: list[tuple[int, int]], chunk: int = REPLAY_CHUNK,
+                 exact_chunk: int = EXACT_CHUNK) -> list[tuple[int, int, bool]]:
+    """The steps (start, rows, exact) that compute again what a sequence's steps `runs` (start, rows; in
+    order, from position 0) computed, bit for bit: the rows of one-row steps (decode rows, exact verify
+    rows) in exact steps of up to `exact_chunk` rows; a step of more than `chunk` rows as it ran; the
+    other small ones (short prompt chunks) joined into plain steps of up to `chunk` rows, whose every
+    row ggml computes as in their own step. See the module docstring."""
+    steps: list[tuple[int, int, bool]] = []
+    joined = None  # [start, rows, exact] of the steps being joined
     for start, rows in runs:
-        if rows > chunk:
-            if small:
-                steps += _split(*small, chunk)
-            steps.append((start, rows))
-            small = None
-        elif small is None:
-            small = [start, rows]
+        if rows > chunk and rows > 1:
+            kind = None  # runs as it ran
         else:
-            small[1] += rows
-    return steps + (_split(*small, chunk) if small else [])
+            kind = rows == 1
+        if joined is not None and joined[2] is kind:
+            joined[1] += rows
+            continue
+        if joined is not None:
+            steps += _split(*joined, exact_chunk if joined[2] else chunk)
+        joined = None
+        if kind is None:
+            steps.append((start, rows, False))
+        else:
+            joined = [start, rows, kind]
+    return steps + (_split(*joined, exact_chunk if joined[2] else chunk) if joined else [])
 
 
-def _split(start: int, rows: int, chunk: int) -> list[tuple[int, int]]:
-    return [(s, min(chunk, start + rows - s)) for s in range(start, start + rows, chunk)]
+def _split(start: int, rows: int, exact: bool, chunk: int) -> list[tuple[int, int, bool]]:
+    return [(s, min(chunk, start + rows - s), exact) for s in range(start, start + rows, chunk)]
 
 
 def replay(engine, seq: SequenceState, chunk: int = REPLAY_CHUNK) -> int:
@@ -184,8 +202,8 @@ def replay(engine, seq: SequenceState, chunk: int = REPLAY_CHUNK) -> int:
     prompt = len(seq.prompt)
     ran = [(i, min(PREFILL_CHUNK, prompt - i)) for i in range(0, prompt, PREFILL_CHUNK)]  # engine.prefill's steps
     ran += [(p, 1) for p in range(prompt, len(history) - 1)]  # then one decode step per token
-    for start, rows in replay_steps(ran, chunk):
-        engine.forward(history[start : start + rows], start)
+    for start, rows, exact in replay_steps(ran, chunk):
+        engine.forward(history[start : start + rows], start, exact=exact)
     return len(history) - 1
 
 
