@@ -15,6 +15,7 @@ from common import machine_info, median
 from tpi.formats import default_model_path, open_model
 from tpi.master import EngineOptions, build_local_engine
 from tpi.master.generate import SequenceState
+from tpi.master import resume
 from tpi.master.resume import REPACKED_TYPES, replay, replay_chunk
 from tpi.master.sampler import SamplingParams
 from tpi.model.config import PREFILL_CHUNK, layer_name
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=20)
     ap.add_argument("--history", type=int, default=600, help="tokens streamed before the loss")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--exact-chunk", type=int, default=resume.EXACT_CHUNK, help="rows per exact replay step")
     args = ap.parse_args()
     model = args.model or str(default_model_path())
     source = open_model(model)
@@ -54,6 +56,8 @@ def main() -> None:
     seq = SequenceState.start(prompt, SamplingParams(temperature=0.0), 1000, engine.tokenizer)
     seq.out.tokens.extend(tokens)
     chunk, old = replay_chunk(source), plain_chunk(source)
+    steps = resume.replay_steps  # replay() calls it with the default exact_chunk: pass --exact-chunk through
+    resume.replay_steps = lambda runs, c: steps(runs, c, args.exact_chunk)
     before, after = [], []
     for _ in range(args.reps):
         t0 = time.perf_counter()
@@ -64,8 +68,8 @@ def main() -> None:
         after.append(time.perf_counter() - t0)
     engine.model.weights.close()
     print(json.dumps({"model": model, "threads": args.threads, "history": args.prompt + args.history,
-                      "plain_chunk": old, "replay_chunk": chunk, "before_s": round(median(before), 3),
-                      "after_s": round(median(after), 3), "ratio_after_before": round(median(after) / median(before), 2),
+                      "plain_chunk": old, "replay_chunk": chunk, "exact_chunk": args.exact_chunk,
+                      "before_s": round(median(before), 3), "after_s": round(median(after), 3), "ratio_after_before": round(median(after) / median(before), 2),
                       "machine": machine_info()}))
 
 
