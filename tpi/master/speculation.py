@@ -89,17 +89,21 @@ class KPolicy:
         self.hits = self.hits * keep + hits
         self.trials = self.trials * keep + trials
 
-    def choose(self, available: int) -> int:
-        """k for the next forward when up to `available` drafts can be had."""
+    def choose(self, available: int, t1: float | None = None, row_s: float | None = None) -> int:
+        """k for the next forward when up to `available` drafts can be had. t1, row_s: a batched step's
+        costs (tpi.master.batch_spec: the step's share per slot, the extra seconds per row) instead of
+        this policy's own measurements."""
         if available <= 0:
             return 0
         if not self.adaptive:
             return _step_size(min(self.max_k, available))
-        if self.t1 is None:
+        if t1 is None:
+            t1, row_s = self.t1, self.row_s
+        if t1 is None:
             return 0  # measure a plain forward first
-        k = best_k(self.acceptance, self.t1, self._row_s, self.draft_s, min(self.max_k, available))
-        if k > 0 and expected_tokens(self.acceptance, k) / (self.t1 + k * (self._row_s + self.draft_s)) \
-                < GAIN_MARGIN / self.t1:
+        row_s = PRIOR_ROW_COST * t1 if row_s is None else row_s
+        k = best_k(self.acceptance, t1, row_s, self.draft_s, min(self.max_k, available))
+        if k > 0 and expected_tokens(self.acceptance, k) / (t1 + k * (row_s + self.draft_s)) < GAIN_MARGIN / t1:
             k = 0  # a predicted gain within the noise of the measurements is no gain
         if k > 0:
             self.probe_every = PROBE_EVERY
@@ -117,19 +121,16 @@ class KPolicy:
     def row_s(self) -> float | None:
         return float(np.median(self._rows)) if self._rows else None
 
-    @property
-    def _row_s(self) -> float:
-        return self.row_s if self.row_s is not None else PRIOR_ROW_COST * self.t1
-
     def _first_of_shape(self, rows: int) -> bool:
         """Whether a step of this many rows is the first one timed (it built its graphs: not a cost sample)."""
         first = rows not in self._timed
         self._timed.add(rows)
         return first
 
-    def record_plain(self, seconds: float) -> None:
+    def record_plain(self, seconds: float | None) -> None:
+        """A plain step (None: untimed, a batched step's cost is measured by the batch)."""
         self.plain_streak += 1
-        if not self._first_of_shape(1):
+        if seconds is not None and not self._first_of_shape(1):
             self._plain.append(seconds)
 
     def record_verify(self, k: int, accepted: int, seconds: float, draft_seconds: float) -> None:
