@@ -121,7 +121,6 @@ def test_batched_serving_builds_a_speculator(tiny_model, tmp_path, caplog):
         group.close()
 
 
-@pytest.mark.slow
 def test_a_two_device_group_speculating_in_batches_answers_as_each_alone_plain(tiny_model, reference, tmp_path):
     from tpi.master.setup import start_group
 
@@ -134,9 +133,11 @@ def test_a_two_device_group_speculating_in_batches_answers_as_each_alone_plain(t
         prompts = encoded(engine)
         want = [lone(reference, p, greedy, n).tokens for p, n in zip(prompts, MAX_TOKENS)]
         steps0 = engine.model.comm.stats.steps
-        got, _ = run_batch(engine, prompts, greedy, MAX_TOKENS)
+        got, batch = run_batch(engine, prompts, greedy, MAX_TOKENS)
         assert [g.tokens for g in got] == want
-        assert sum(g.speculation["spec_accepted"] for g in got) > 0
-        assert engine.model.comm.stats.steps - steps0 < max(MAX_TOKENS)  # accepted drafts saved steps
+        spec = [g.speculation for g in got]
+        assert sum(s["spec_accepted"] for s in spec) > 0  # the worker verified drafts, some were kept
+        assert sum(s["spec_forwards"] for s in spec) < sum(s["tokens_per_forward"] * s["spec_forwards"] for s in spec)
+        assert engine.model.comm.stats.steps - steps0 == batch.steps  # one group step per batched step
     finally:
         group.close()
