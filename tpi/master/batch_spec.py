@@ -123,6 +123,7 @@ class BatchSpeculation:
                                accepted=verdict.accepted, tokens=len(verdict.tokens))
         if drafts:
             s.policy.record_verify(len(drafts), verdict.accepted, 0.0, s.draft_s)
+            self.speculator.policy.record_acceptance(len(drafts), verdict.accepted)  # /health's estimate
         else:
             s.policy.record_plain(None)
         s.stats.add(now)
@@ -134,10 +135,10 @@ class BatchSpeculation:
         """A decode-only step of n slots and `extra` drafted rows took `seconds`."""
         self.costs.record(n, extra, seconds)
 
-    @staticmethod
-    def _score_shadow(s: SlotSpeculation, history: Sequence[int]) -> None:
+    def _score_shadow(self, s: SlotSpeculation, history: Sequence[int]) -> None:
         if s.shadow is not None:
             pos, guess = s.shadow
             if pos < len(history):
                 s.policy.record_shadow(history[pos] == guess)
+                self.speculator.policy.record_shadow(history[pos] == guess)
             s.shadow = None

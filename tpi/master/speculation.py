@@ -2,7 +2,9 @@
 
 A group pays its round trips per forward, whatever the rows it carries, so a forward that checks k
 drafted tokens and always yields at least one token of the target's own turns accepted drafts into
-tokens for free. `Speculator.step` is one decode forward: plain (k = 0) or a verify pass.
+tokens for free. `Speculator.step` is one decode forward: plain (k = 0) or a verify pass. With several
+sequences at once (`tpi serve --parallel N`) tpi.master.batch_spec drafts and verifies per slot
+inside the batched steps, with a KPolicy per slot and this Speculator's counts.
 
 k adapts (`--speculate auto`): `KPolicy` keeps the measured acceptance rate a (exponentially
 weighted) and the measured cost of a step, t(r) = t1 + (r - 1) dt for r rows (medians of the last
@@ -135,11 +137,15 @@ class KPolicy:
 
     def record_verify(self, k: int, accepted: int, seconds: float, draft_seconds: float) -> None:
         """A verify pass of k drafts kept `accepted` of them (a rejection ends the trials)."""
-        self._trial(accepted, accepted + (accepted < k))
+        self.record_acceptance(k, accepted)
         self.plain_streak = 0
         self.draft_s = 0.8 * self.draft_s + 0.2 * draft_seconds / k
         if self.t1 is not None and not self._first_of_shape(k + 1):
             self._rows.append(max(0.0, seconds - self.t1) / k)
+
+    def record_acceptance(self, k: int, accepted: int) -> None:
+        """The acceptance trials of a verify pass alone (a batch's overall rate, tpi.master.batch_spec)."""
+        self._trial(accepted, accepted + (accepted < k))
 
     def record_shadow(self, hit: bool) -> None:
         """A draft that was not verified, scored against the token that came instead."""
