@@ -5,7 +5,9 @@ running sequence plus prompt chunks of the sequences still reading their prompt,
 `prefill_budget` prompt tokens per step (SARATHI's chunked prefill: a long prompt delays the others'
 next token by one budget's worth of compute, not by the whole prompt). Sequences join and leave
 between steps. Each sequence is the SequenceState a lone request runs (tpi.master.generate), so
-sampling, stop strings and streaming are the same; only the steps are shared.
+sampling, stop strings and streaming are the same; only the steps are shared. With a speculator
+(`--speculate`), a decoding sequence's run carries its drafted tokens too, verified in the same step
+(tpi.master.batch_spec).
 
 Numbers: a sequence's logits are its lone run's where the matmul kernels round a batched row as a
 lone one (tests/test_rows.py states the rule per weight type); elsewhere they differ in the last bits.
