@@ -157,7 +157,11 @@ def bench_setup(label: str, args: list[str], modes: list[str], concurrencies: li
 
 def step_profile(model: str | None, threads: int, context: int, counts: list[int], reps: int) -> list:
     """In process, one device: ms of a decode step of k sequences (one row each, k KV slots) against a
-    k-token prompt chunk of one sequence (the same matmul rows, one attention run), and against one row."""
+    k-token prompt chunk of one sequence (the same matmul rows, one attention run), and against one row;
+    then llama.cpp's own k-sequence step on the same model and threads (bench/llama_rows.py), the
+    ceiling: no engine on these kernels serves k sequences more than k / its cost ratio times faster."""
+    from llama_rows import default_model, step_costs  # the bench's llama.cpp anchor
+
     from tpi.master import EngineOptions, build_local_engine
     from tpi.model.rows import Rows
 
@@ -180,9 +184,15 @@ def step_profile(model: str | None, threads: int, context: int, counts: list[int
                                ("chunk", Rows.of_runs([0], [at], [k]))):
                 timed([5] * k, rows)  # a new shape builds its graph: not timed
                 times[kind, k] += [timed([5] * k, rows) for _ in range(3)]
-    one = median(times["rows", counts[0]])
-    return [[k, f"{1e3 * median(times['rows', k]):.1f}", f"{median(times['rows', k]) / one:.2f}x",
-             f"{1e3 * median(times['chunk', k]):.1f}", f"{k * one / median(times['rows', k]):.2f}x"] for k in counts]
+    ref = step_costs(model or default_model(), threads, counts, reps, kinds=("seqs",))
+    one, ref_one = median(times["rows", counts[0]]), ref["seqs", counts[0]]
+    out = []
+    for k in counts:
+        ours, theirs = median(times["rows", k]), ref["seqs", k]
+        out.append([k, f"{1e3 * ours:.1f}", f"{ours / one:.2f}x", f"{1e3 * median(times['chunk', k]):.1f}",
+                    f"{k * one / ours:.2f}x", f"{1e3 * theirs:.1f}", f"{theirs / ref_one:.2f}x",
+                    f"{k * ref_one / theirs:.2f}x", f"{theirs / ours:.2f}x"])
+    return out
 
 
 def main() -> None:
@@ -223,10 +233,13 @@ def main() -> None:
     if a.step_profile:
         print_table(f"one device's step by rows ({a.threads} thread(s), in process)",
                     ["rows", "k sequences, 1 row each: ms", "vs 1 row", "one sequence, k-token chunk: ms",
-                     "throughput gain possible"],
+                     "throughput gain possible", "llama.cpp k sequences: ms", "llama.cpp vs 1 row",
+                     "llama.cpp gain (ceiling)", "tpi speed vs llama.cpp"],
                     step_profile(a.model, a.threads, a.context, [1, 2, 4, 8], a.rounds + 1),
                     ["a step of k rows costs about what a k-token chunk of one sequence costs: the matmuls,"
-                     " not the batching, set the one-device ratio"])
+                     " not the batching, set the one-device ratio",
+                     "llama.cpp: its own llama_decode of a k-sequence batch (bench/llama_rows.py), same model,"
+                     " threads and run; its gain k * t(1) / t(k) is what these kernels allow one device"])
 
 
 if __name__ == "__main__":

@@ -355,8 +355,33 @@ def speculation_rows(args, model: str | None, tmp: Path, tokens: int) -> None:
                        "story: an open-ended story prompt. auto = prompt lookup, k adapted to the measured acceptance.",
                        "Ratios pair each auto run with the off run just before it in the same process and group.",
                        "command: python bench/tp.py " + " ".join(sys.argv[1:])])
+    edit = next(r for r in results if r["label"].startswith("1 device"))["edit"]["auto"]
+    speculation_ceiling(model, median([a["spec_acceptance"] for a in edit]), args.rounds)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def speculation_ceiling(model: str | None, accept: float, rounds: int) -> None:
+    """What one device's kernels allow a verify pass: llama.cpp's own (k+1)-token step against its
+    one-token step (1 thread, as the 1-device row), and the gain of k drafts at full and at the measured
+    acceptance: E(k) / c(k+1), E(k) = 1 + a + ... + a^k tokens a forward."""
+    from llama_rows import default_model, step_costs  # the bench's llama.cpp anchor
+
+    from tpi.devices.speculation_cost import expected_tokens
+
+    drafts = [1, 2, 4, 8]
+    cost = step_costs(model or default_model(), 1, [1] + [k + 1 for k in drafts], rounds + 1, kinds=("chunk",))
+    rows = []
+    for k in drafts:
+        c = cost["chunk", k + 1] / cost["chunk", 1]
+        rows.append([k, f"{1e3 * cost['chunk', k + 1]:.1f}", f"{c:.2f}x", f"{(k + 1) / c:.2f}x",
+                     f"{expected_tokens(accept, k) / c:.2f}x"])
+    print_table(f"One device's ceiling: llama.cpp's own (k+1)-token step, 1 thread (one token: "
+                f"{1e3 * cost['chunk', 1]:.1f} ms)",
+                ["drafts k", "llama.cpp k+1 tokens: ms", "vs 1 token", "gain at full acceptance",
+                 f"gain at the measured {accept:.2f}"], rows,
+                notes=["a verify pass of k drafts yields at most k + 1 tokens for the cost of a (k+1)-token step;"
+                       " no engine on these kernels speculates faster than the full-acceptance column on one device"])
 
 
 def report(rounds: list[list[dict]], rtt: float, args, model: str | None) -> None:

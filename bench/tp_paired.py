@@ -125,7 +125,7 @@ class Child:
 
     def __init__(self, label: str, cfg: dict):
         self.label, self.cfg = label, cfg
-        env = dict(os.environ, **cfg.get("env", {}))  # a variant's settings reach its worker process too
+        env = dict(os.environ, **cfg.get("env", {}))  # a variant's settings reach its master, which tells its workers (Assign)
         self.proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(cfg)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
         self.times: list[list[float]] = []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,9 +15,8 @@ from tpi.devices.costmodel import (WIRE_BYTES, CostParams, LinkProfile, Predicti
 from tpi.devices.planner import GroupPlan, PlanDevice, plan_group
 from tpi.devices.profile import DeviceProfile
 from tpi.devices.shapes import model_shape
-from tpi.devices.speculation_cost import ASSUMED_ACCEPTANCE
+from tpi.devices.speculation_cost import SpeculationPlan
 from tpi.devices.speculation_cost import assumptions as speculation_assumptions
-from tpi.devices.speculation_cost import estimate as speculation_estimate
 from tpi.errors import GroupError, ProtocolError
 
 GB = 1e9
@@ -137,11 +137,43 @@ def render_plan(plan: GroupPlan, prediction: Prediction | None = None) -> Table:
         f"TTFT {pred.ttft_s:.2f} s for {pred.params.prompt_tokens} prompt tokens, "
         f"communication {pred.comm_per_token_s * 1e3:.1f} ms/token, bound by {pred.bottleneck}",
     ]
+    lines += decode_lines(plan) if prediction is None else []
     lines.append(plan.granularity)
     lines += moe_lines(plan, pred)
     lines += [f"left out {name}: {why}" for name, why in plan.excluded]
     table.caption = "\n".join(lines)
     return table
+
+
+def link_words(plan: GroupPlan) -> str:
+    """The links the prediction assumes, in plain words: the master's duplex above all."""
+    params, links = plan.prediction.params, [d.link for d in plan.devices]
+    if len(links) < 2:
+        return "one device: no links"
+    master = links[0]
+    duplex = ("wired, full duplex: it sends and receives at once (--wired)" if params.master_full_duplex else
+              "Wi-Fi-like, one direction at a time: a star allreduce's 2(N-1) messages share it "
+              "(the default; --wired for a full-duplex switch port)")
+    rtts = sorted({round(l.rtt_s * 1e3, 3) for l in links[1:]})
+    rtt = f"{rtts[0]:g}" if len(rtts) == 1 else f"{rtts[0]:g}-{rtts[-1]:g}"
+    return (f"assumed links: the master's {master.bandwidth_bytes_s * 8 / 1e6:.0f} Mbit uplink is {duplex}; "
+            f"workers' round trip {rtt} ms; {params.message_overhead_s * 1e6:.0f} µs of software per message")
+
+
+def decode_lines(plan: GroupPlan) -> list[str]:
+    """The headline: decode ms/token plain and with speculation, what the group is chosen for, the assumptions."""
+    lines = [link_words(plan)]
+    spec = plan.speculation
+    if spec is None:
+        return lines
+    plain = plan.prediction.token_latency_s * 1e3
+    if not spec.on:
+        return [f"decode {plain:.1f} ms/token plain, the figure the group is chosen for; {spec.words()}"] + lines
+    e = spec.estimate(plan)
+    fast = (f"{e.token_s * 1e3:.1f} ms/token with speculation (k = {e.k}, {e.tokens_per_step:.2f} tokens per step)"
+            if e.k else f"{plain:.1f} ms/token with speculation too (no k gains enough: auto stays plain)")
+    return [f"decode: prompt-grounded tasks {fast}, the figure the group is chosen for; open-ended tasks "
+            f"{plain:.1f} ms/token plain", f"{spec.words()}"] + lines
 
 
 def moe_lines(plan: GroupPlan, pred: Prediction) -> list[str]:
@@ -165,8 +197,9 @@ def render_wires(plan: GroupPlan) -> Table | None:
         return None
     links = [d.link for d in plan.devices]
     table = Table(title="wire dtype of the partial sums (model prediction; decode allreduce of one token)")
+    spec = plan.speculation if plan.speculation and plan.speculation.on else None
     for col in ("wire", "bytes", "network ms", "conversions ms", "allreduce ms", "comm ms/token", "token ms",
-                "TTFT s", ""):
+                *(["with speculation ms"] if spec else []), "TTFT s", ""):
         table.add_column(col, justify="left" if col in ("wire", "") else "right")
     for wire, pred in plan.wire_options:
         nbytes = plan.config.hidden * WIRE_BYTES[wire]
@@ -174,9 +207,10 @@ def render_wires(plan: GroupPlan) -> Table | None:
         conv = wire_convert_s(plan.config.hidden, len(links), wire)
         mark = "chosen" if wire == plan.wire_dtype else (
             f"{pred.token_latency_s / plan.prediction.token_latency_s:.2f}x the chosen token time")
+        fast = [f"{replace(plan, wire_dtype=wire, prediction=pred).decode_s * 1e3:.1f}"] if spec else []
         table.add_row(wire, f"{nbytes:.0f}", f"{net * 1e3:.2f}", f"{conv * 1e3:.2f}", f"{pred.allreduce_s * 1e3:.2f}",
-                      f"{pred.comm_per_token_s * 1e3:.1f}", f"{pred.token_latency_s * 1e3:.1f}", f"{pred.ttft_s:.2f}",
-                      mark)
+                      f"{pred.comm_per_token_s * 1e3:.1f}", f"{pred.token_latency_s * 1e3:.1f}", *fast,
+                      f"{pred.ttft_s:.2f}", mark)
     table.caption = plan.wire_reason
     return table
 
@@ -197,24 +231,35 @@ def render_allreduce(plan: GroupPlan) -> Table | None:
     return table
 
 
-def render_speculation(plan: GroupPlan, acceptance: float = ASSUMED_ACCEPTANCE) -> Table:
-    """Predicted ms/token without and with speculative decoding, at the assumed acceptance and around it."""
+def _shown(plan: GroupPlan, acceptance: float | None) -> SpeculationPlan:
+    """The speculation the tables show: the plan's own (auto's when it planned for plain decoding),
+    at `acceptance` when one is given."""
+    spec = plan.speculation if plan.speculation and plan.speculation.on else SpeculationPlan()
+    return spec if acceptance is None else replace(spec, acceptance=acceptance, given=True)
+
+
+def render_speculation(plan: GroupPlan, acceptance: float | None = None) -> Table:
+    """Predicted ms/token without and with speculative decoding: open-ended tasks (auto stays plain),
+    prompt-grounded ones at the assumed acceptance and around it."""
+    spec = _shown(plan, acceptance)
     table = Table(title="speculative decoding (model prediction; k drafts verified as one step of k+1 rows)")
-    for col in ("drafts kept", "best k", "tokens/step", "step ms", "ms/token", ""):
-        table.add_column(col, justify="left" if not col else "right")
-    plain = plan.prediction.token_latency_s
-    for a in sorted({0.0, 0.5, acceptance, 0.9}):
-        e = speculation_estimate(plan, a)
-        mark = "without speculation" if a == 0.0 else f"{plain / e.token_s:.2f}x faster" + (
-            " (assumed)" if a == acceptance else "")
-        table.add_row(f"{a:.0%}", str(e.k), f"{e.tokens_per_step:.2f}", f"{e.step_s * 1e3:.1f}",
+    for col in ("task", "drafts kept", "best k", "tokens/step", "step ms", "ms/token", ""):
+        table.add_column(col, justify="left" if col in ("", "task") else "right")
+    plain = spec.estimate(plan, 0.0)
+    table.add_row("open-ended (stories, chat)", "few", "0", "1.00", f"{plain.step_s * 1e3:.1f}",
+                  f"{plain.token_s * 1e3:.1f}", "without speculation: auto turns itself off")
+    for a in sorted({0.5, spec.acceptance, 0.9}):
+        e = spec.estimate(plan, a)
+        mark = f"{plain.token_s / e.token_s:.2f}x faster" + (
+            (" (given)" if spec.given else " (assumed)") if a == spec.acceptance else "")
+        table.add_row("prompt-grounded", f"{a:.0%}", str(e.k), f"{e.tokens_per_step:.2f}", f"{e.step_s * 1e3:.1f}",
                       f"{e.token_s * 1e3:.1f}", mark)
     duplex = "wired, full duplex (--wired)" if plan.prediction.params.master_full_duplex else "one direction at a time"
     table.caption = (f"{plan.wire_dtype} on the wire, the master's link {duplex}; " + speculation_assumptions())
     return table
 
 
-def plan_json(plan: GroupPlan, acceptance: float = ASSUMED_ACCEPTANCE) -> dict[str, Any]:
+def plan_json(plan: GroupPlan, acceptance: float | None = None) -> dict[str, Any]:
     """The plan and its prediction as plain JSON (`tpi plan --json`): the group summary, one entry per rank."""
     pred = plan.prediction
     out: dict[str, Any] = {"model": plan.model, **plan_summary(plan),
@@ -233,31 +278,43 @@ def plan_json(plan: GroupPlan, acceptance: float = ASSUMED_ACCEPTANCE) -> dict[s
         nbytes = plan.config.hidden * WIRE_BYTES[pred.params.wire_dtype]
         cmp = compare_allreduce(nbytes, [d.link for d in plan.devices], pred.params)
         out["allreduce"] = {"bytes": nbytes, "star_ms": round(cmp.star_s * 1e3, 4), "ring_ms": round(cmp.ring_s * 1e3, 4)}
-    e = speculation_estimate(plan, acceptance)
-    out["speculation"] = {"assumed_acceptance": acceptance, "k": e.k,
+    spec = _shown(plan, acceptance)
+    e = spec.estimate(plan)
+    plain_ms = round(pred.token_latency_s * 1e3, 3)
+    out["speculation"] = {"assumed_acceptance": spec.acceptance, "k": e.k,
                           "tokens_per_step": round(e.tokens_per_step, 3),
                           "predicted_ms_per_token": round(e.token_s * 1e3, 3),
-                          "predicted_ms_per_token_without": round(pred.token_latency_s * 1e3, 3)}
+                          "predicted_ms_per_token_without": plain_ms,
+                          "mode": spec.mode,
+                          "acceptance_source": "given" if spec.given else "assumed",
+                          "open_ended_ms_per_token": plain_ms, "assumptions": spec.words()}
+    out["objective"] = "speculative" if plan.speculation and plan.speculation.on else "plain"
+    out["predicted_decode_ms_per_token"] = round(plan.decode_s * 1e3, 3)
+    out["master_link"] = "wired full duplex" if pred.params.master_full_duplex else "one direction at a time"
+    out["link_assumptions"] = link_words(plan)
     return out
 
 
 def plan_command(model: str | ModelConfig, devices_path: Path | str, *, weight_format: str = "int4",
                  context: int = 2048, prompt_tokens: int = 128, allow_streaming: bool = True,
                  wire_dtype: str | None = None, weights: WeightProfile | None = None,
-                 experts: str | None = None, master_full_duplex: bool = False) -> GroupPlan:
+                 experts: str | None = None, master_full_duplex: bool = False,
+                 speculation: SpeculationPlan | None = None) -> GroupPlan:
     """Plan MODEL (a shape name or a ModelConfig) on the devices in a TOML file (`tpi plan` prints it).
 
     weights: the model file's own types (bytes per weight and column blocks); None: weight_format's.
+    speculation: what to choose the group for (None: plain decoding; `tpi plan` passes auto's).
     """
     cfg = model_shape(model) if isinstance(model, str) else model
     devices = load_devices_file(devices_path)
     params = CostParams(weight_format=weight_format, context=context, prompt_tokens=prompt_tokens,
                         kv_position=min(context, 512), weights=weights, experts=experts,
                         master_full_duplex=master_full_duplex)
-    return plan_group(cfg, devices, params, allow_streaming=allow_streaming, wire_dtype=wire_dtype)
+    return plan_group(cfg, devices, params, allow_streaming=allow_streaming, wire_dtype=wire_dtype,
+                      speculation=speculation)
 
 
-def plan_tables(plan: GroupPlan, acceptance: float = ASSUMED_ACCEPTANCE) -> list[Table]:
+def plan_tables(plan: GroupPlan, acceptance: float | None = None) -> list[Table]:
     """The tables `tpi plan` and `tpi serve` show for a plan: the ranks, the wire dtypes and the allreduce
     (the last two for a group)."""
     return [t for t in (render_plan(plan), render_wires(plan), render_allreduce(plan),

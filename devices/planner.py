@@ -6,13 +6,16 @@ Pure functions. The planner balances a continuous model of each device's per-tok
 Rules:
 - ratios: the split that equalises max(compute, disk streaming) over devices; a device
   streams only when giving its excess to others would be slower than reading it from disk.
-- wire dtype: bf16 when it predicts at least 3% lower token latency or TTFT than f32 (the
-  link's bytes matter), else f32, which sums exactly what the ranks computed. int8 (blocks of
-  32 int8 codes, a quarter of f32's bytes) is opt-in (AUTO_INT8): where an f32 allreduce is
-  bandwidth-bound (its bytes cost more than its round trip and software) and int8 predicts
-  >= 3% lower latency still, the plan says so and how to opt in. The plan keeps every wire's
-  prediction and says why it chose one.
-- leave-out: workers are dropped greedily while dropping one predicts >= 1% lower latency
+- objective: decode time per token (what a user waits for per word), plain or, when the plan
+  assumes speculative decoding (`SpeculationPlan`), the speculative step's time per token kept.
+  TTFT only breaks a tie: it never buys a slower decode.
+- wire dtype: bf16 when it predicts at least 3% lower decode time than f32 (the link's bytes
+  matter), or no higher decode time and >= 3% lower TTFT; else f32, which sums exactly what the
+  ranks computed. int8 (blocks of 32 int8 codes, a quarter of f32's bytes) is opt-in
+  (AUTO_INT8): where an f32 allreduce is bandwidth-bound (its bytes cost more than its round
+  trip and software) and int8 predicts >= 3% less still, the plan says so, why it is opt-in and
+  how to opt in. The plan keeps every wire's prediction and says why it chose one.
+- leave-out: workers are dropped greedily while dropping one predicts >= 1% lower decode time
   (the master always stays: it holds the model file and the embedding; so do `keep` devices).
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ from tpi.devices.costmodel import (
 from tpi.devices.profile import DeviceProfile
 from tpi.devices.shapes import parameter_count
 from tpi.devices.slicing import RankShard, head_unit, plan_cuts
+from tpi.devices.speculation_cost import SpeculationPlan
 from tpi.errors import BudgetError, ShapeError
 
 WIRE_WIN = 0.97  # a narrower wire only if it predicts >= 3% lower latency (or TTFT) than the current choice
@@ -38,6 +42,8 @@ QK = 32  # the int8 wire quantizes blocks of 32 values along hidden
 # but not on ggml's (0.9985-0.9994, tokens part after 4-22 of 32: ggml's 8-bit activations
 # amplify any change to the residual; bf16 parts after 5 there too). tests/test_wire_int8_group.py.
 AUTO_INT8 = False
+INT8_OPT_IN = ("int8 stays opt-in: its sums are lossy, and on the ggml backend greedy tokens part from the "
+               "f32 wire's after 4-22 tokens on some prompts (docs/benchmarks.md, 'The int8 wire')")
 LEAVE_OUT_WIN = 0.99  # drop a device only if the group without it predicts >= 1% lower latency
 
 
@@ -78,6 +84,12 @@ class GroupPlan:
     wire_reason: str = ""  # why wire_dtype, for the plan report
     experts_placement: str = ""  # MoE: "split" / "whole" (tpi.devices.experts)
     experts_reason: str = ""  # why that placement, for the plan report
+    speculation: SpeculationPlan | None = None  # what the group was chosen for; None: plain decoding
+
+    @property
+    def decode_s(self) -> float:
+        """The planner's objective: predicted seconds per decoded token (speculative when assumed)."""
+        return self.speculation.decode_s(self) if self.speculation else self.prediction.token_latency_s
 
     @property
     def granularity(self) -> str:
@@ -197,7 +209,8 @@ def _pinned_share(cfg: ModelConfig, dev: PlanDevice, params: CostParams) -> floa
 
 
 def _score(cfg: ModelConfig, devices: Sequence[PlanDevice], ratios: tuple[float, ...], params: CostParams,
-           wire_dtype: str | None, window_cache: dict | None) -> GroupPlan:
+           wire_dtype: str | None, window_cache: dict | None,
+           speculation: SpeculationPlan | None = None) -> GroupPlan:
     """Shards, wire dtype and prediction for fixed ratios (every wire is predicted, for the report)."""
     w = weight_profile(params)
     cuts = plan_cuts(cfg, ratios, w.wo_block, w.down_block, placement=params.experts,
@@ -212,40 +225,68 @@ def _score(cfg: ModelConfig, devices: Sequence[PlanDevice], ratios: tuple[float,
                          f"{cfg.name} has {cfg.hidden}: use f32 or bf16")
     preds = {w: predict(cfg, shards, profiles, links, budgets, replace(params, wire_dtype=w), window_cache)
              for w in wires}
-    wire, reason = choose_wire(cfg, links, params, preds) if wire_dtype is None else (
-        wire_dtype, f"{wire_dtype} on the wire, fixed by the options")
-    return GroupPlan(config=cfg, devices=tuple(devices), ratios=ratios, shards=shards, wire_dtype=wire,
-                     weight_format=params.weight_format, prediction=preds[wire], excluded=(),
+    first = next(iter(preds))
+    base = GroupPlan(config=cfg, devices=tuple(devices), ratios=ratios, shards=shards, wire_dtype=first,
+                     weight_format=params.weight_format, prediction=preds[first], excluded=(),
                      wo_align=cuts.wo_align, down_align=cuts.down_align, requantized=cuts.requantized,
-                     wire_options=tuple(preds.items()), wire_reason=reason,
-                     experts_placement=cuts.experts.placement if cuts.experts else "", experts_reason=cuts.experts_reason)
+                     wire_options=tuple(preds.items()),
+                     experts_placement=cuts.experts.placement if cuts.experts else "", experts_reason=cuts.experts_reason,
+                     speculation=speculation)
+    decode = {w: replace(base, wire_dtype=w, prediction=p).decode_s for w, p in preds.items()}
+    if wire_dtype is None:
+        wire, reason = choose_wire(cfg, links, params, preds, decode_s=decode)
+    else:
+        wire, reason = wire_dtype, fixed_wire_reason(cfg, links, params, wire_dtype, decode)
+    if speculation and speculation.on and len(preds) > 1:
+        reason += f"; ms/token here are with speculation at {speculation.acceptance:.0%} of drafts kept"
+    return replace(base, wire_dtype=wire, prediction=preds[wire], wire_reason=reason)
 
 
-def _better(a: Prediction, b: Prediction) -> bool:
-    return a.token_latency_s < WIRE_WIN * b.token_latency_s or a.ttft_s < WIRE_WIN * b.ttft_s
+def fixed_wire_reason(cfg: ModelConfig, links: Sequence[LinkProfile], params: CostParams, wire: str,
+                      decode: dict[str, float]) -> str:
+    """Why the wire the options fixed, and what the planner's own choice would predict."""
+    text = f"{wire} on the wire, fixed by the options"
+    if len(decode) < 2:
+        return text
+    terms = star_terms(cfg.hidden * WIRE_BYTES["f32"], links, params)
+    bound = "bandwidth-bound" if terms.bandwidth_bound else "not bandwidth-bound"
+    others = ", ".join(f"{w} {s * 1e3:.1f}" for w, s in decode.items() if w != wire)
+    return (f"{text} (the master's link is {bound}: an f32 allreduce spends {terms.bytes_s * 1e3:.2f} ms on "
+            f"bytes against {(terms.latency_s + terms.overhead_s) * 1e3:.2f} ms of round trip and software; "
+            f"{wire} predicts {decode[wire] * 1e3:.1f} ms/token, {others})")
 
 
 def choose_wire(cfg: ModelConfig, links: Sequence[LinkProfile], params: CostParams,
-                preds: dict[str, Prediction], auto_int8: bool = AUTO_INT8) -> tuple[str, str]:
-    """(wire dtype, why) from every wire's prediction; see the module doc for the rules."""
+                preds: dict[str, Prediction], auto_int8: bool = AUTO_INT8,
+                decode_s: dict[str, float] | None = None) -> tuple[str, str]:
+    """(wire dtype, why) from every wire's prediction; see the module doc for the rules.
+    decode_s: each wire's decode time per token, the objective (default: the plain token latency)."""
     if len(preds) == 1:
         return "f32", "f32 on the wire (one device: no allreduce)"
-    ms = {w: p.token_latency_s * 1e3 for w, p in preds.items()}
-    wire = "bf16" if _better(preds["bf16"], preds["f32"]) else "f32"
+    decode = decode_s or {w: p.token_latency_s for w, p in preds.items()}
+    ms = {w: s * 1e3 for w, s in decode.items()}
+
+    def better(a: str, b: str) -> bool:  # decode first; TTFT only where decode is no worse
+        return decode[a] < WIRE_WIN * decode[b] or (decode[a] <= decode[b]
+                                                    and preds[a].ttft_s < WIRE_WIN * preds[b].ttft_s)
+
+    wire = "bf16" if better("bf16", "f32") else "f32"
     terms = star_terms(cfg.hidden * WIRE_BYTES["f32"], links, params)
     where = (f"an f32 allreduce spends {terms.bytes_s * 1e3:.2f} ms on bytes against "
              f"{(terms.latency_s + terms.overhead_s) * 1e3:.2f} ms of round trip and software")
-    if "int8" in preds and terms.bandwidth_bound and _better(preds["int8"], preds[wire]):
+    if "int8" in preds and terms.bandwidth_bound and better("int8", wire):
         if auto_int8:
             return "int8", (f"int8 on the wire: the link is bandwidth-bound ({where}); predicts "
                             f"{ms['int8']:.1f} ms/token against {ms[wire]:.1f} with {wire}")
         suggest = (f"; the link is bandwidth-bound ({where}): int8 would predict {ms['int8']:.1f} ms/token, "
-                   "opt in with --wire-dtype int8 (lossy sums: docs/protocol.md)")
+                   f"opt in with --wire-dtype int8 ({INT8_OPT_IN})")
     else:
         suggest = ""
     if wire == "bf16":
+        ttft = "" if decode["bf16"] < WIRE_WIN * decode["f32"] else (
+            f" and a TTFT of {preds['bf16'].ttft_s:.2f} s against {preds['f32'].ttft_s:.2f}")
         return "bf16", (f"bf16 on the wire: predicts {ms['bf16']:.1f} ms/token against {ms['f32']:.1f} with f32"
-                        + suggest)
+                        + ttft + suggest)
     why = "not bandwidth-bound: " + where if not terms.bandwidth_bound else "a narrower wire saves < 3%"
     return "f32", f"f32 on the wire (exact sums; {why})" + suggest
 
@@ -268,10 +309,11 @@ def _shift_away(ratios: Sequence[float], donors: Sequence[int], step: float) -> 
 
 
 def _evaluate(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostParams, allow_streaming: bool,
-              wire_dtype: str | None, window_cache: dict | None = None) -> GroupPlan:
+              wire_dtype: str | None, window_cache: dict | None = None,
+              speculation: SpeculationPlan | None = None) -> GroupPlan:
     """Ratios, shards, wire dtype and prediction for exactly these devices; BudgetError if infeasible."""
     ratios = balance_ratios(cfg, devices, params, allow_streaming)
-    plan = _score(cfg, devices, ratios, params, wire_dtype, window_cache)
+    plan = _score(cfg, devices, ratios, params, wire_dtype, window_cache, speculation)
     # Rounding to whole heads and 32-column blocks can push a device past its budget, so that
     # it streams where the continuous split said it would not: move one head's share away.
     by_design = [r > _pinned_share(cfg, d, params) for d, r in zip(devices, ratios)]
@@ -281,8 +323,8 @@ def _evaluate(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostParam
         shifted = _shift_away(plan.ratios, over, step) if over else None
         if shifted is None:
             break
-        candidate = _score(cfg, devices, shifted, params, wire_dtype, window_cache)
-        if allow_streaming and candidate.prediction.token_latency_s >= plan.prediction.token_latency_s:
+        candidate = _score(cfg, devices, shifted, params, wire_dtype, window_cache, speculation)
+        if allow_streaming and candidate.decode_s >= plan.decode_s:
             break
         plan = candidate
     streaming = [r.name for r in plan.prediction.ranks if r.streamed_bytes]
@@ -296,17 +338,20 @@ def _evaluate(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostParam
 
 
 def plan_with_ratios(cfg: ModelConfig, devices: Sequence[PlanDevice], ratios: Sequence[float],
-                     params: CostParams = CostParams(), wire_dtype: str | None = None) -> GroupPlan:
+                     params: CostParams = CostParams(), wire_dtype: str | None = None,
+                     speculation: SpeculationPlan | None = None) -> GroupPlan:
     """The prediction for a split the user fixed (`--ratios`): no balancing, nobody left out."""
     if len(ratios) != len(devices):
         raise ShapeError(f"{len(ratios)} split ratios for {len(devices)} devices; give one per device")
     total = sum(ratios)
-    return _score(cfg, devices, tuple(r / total for r in ratios), params, wire_dtype, None)
+    return _score(cfg, devices, tuple(r / total for r in ratios), params, wire_dtype, None, speculation)
 
 
 def plan_group(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostParams = CostParams(),
-               allow_streaming: bool = True, wire_dtype: str | None = None) -> GroupPlan:
-    """Choose the group (devices[0] is the master), its ratios, windows and wire dtype."""
+               allow_streaming: bool = True, wire_dtype: str | None = None,
+               speculation: SpeculationPlan | None = None) -> GroupPlan:
+    """Choose the group (devices[0] is the master), its ratios, windows and wire dtype, for the
+    decode time per token plain (speculation None or off) or speculative as `speculation` assumes."""
     if not devices:
         raise BudgetError("no devices to plan for; the master itself must be one of them")
     excluded: list[tuple[str, str]] = []
@@ -322,7 +367,7 @@ def plan_group(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostPara
 
     def attempt(group: Sequence[PlanDevice]) -> GroupPlan | BudgetError:
         try:
-            return _evaluate(cfg, group, params, allow_streaming, wire_dtype, window_cache)
+            return _evaluate(cfg, group, params, allow_streaming, wire_dtype, window_cache, speculation)
         except (BudgetError, ShapeError) as exc:
             return exc if isinstance(exc, BudgetError) else BudgetError(str(exc))
 
@@ -332,12 +377,13 @@ def plan_group(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostPara
         feasible = [(d, p) for d, p in trials if isinstance(p, GroupPlan)]
         if not feasible:
             break
-        drop, plan = min(feasible, key=lambda dp: dp[1].prediction.token_latency_s)
+        drop, plan = min(feasible, key=lambda dp: dp[1].decode_s)
         if isinstance(best, GroupPlan):
-            if plan.prediction.token_latency_s >= LEAVE_OUT_WIN * best.prediction.token_latency_s:
+            if plan.decode_s >= LEAVE_OUT_WIN * best.decode_s:
                 break
-            reason = (f"leaving it out predicts {plan.prediction.token_latency_s * 1e3:.1f} ms/token instead of "
-                      f"{best.prediction.token_latency_s * 1e3:.1f} ms/token")
+            how = " with speculation" if speculation and speculation.on else ""
+            reason = (f"leaving it out predicts {plan.decode_s * 1e3:.1f} ms/token{how} instead of "
+                      f"{best.decode_s * 1e3:.1f} ms/token")
         else:
             reason = f"the group is infeasible with it ({best})"
         excluded.append((drop.name, reason))

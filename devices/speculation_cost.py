@@ -4,8 +4,10 @@ A step of r rows costs its ranks' compute, a little more per extra row (the weig
 `row_cost` is the extra compute of a row as a fraction of a one-row step), the group's communication
 for r rows (allreduce bytes and logits grow with r, round trips and per-message costs do not) and
 the disk reads of streamed blocks once. With each draft kept with probability a (independently), a
-step of k drafts yields E(k) = 1 + a + ... + a^k tokens; the best k minimises step(k + 1) / E(k),
-and k = 0 is plain decoding (what `--speculate auto` falls back to where drafts do not pay).
+step of k drafts yields E(k) = 1 + a + ... + a^k tokens. `--speculate auto` steps at k in 0, 1, 2,
+4, 8 and only where the best k predicts GAIN_MARGIN times plain decoding's tokens/s (k = 0, plain
+decoding, elsewhere: open-ended text, where prompt lookup rarely matches, always ends there);
+`--speculate lookup` always drafts MAX_DRAFT. `SpeculationPlan` is what a plan assumes.
 """
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ from tpi.devices.costmodel import step_comm_s
 ASSUMED_ACCEPTANCE = 0.7  # per draft: prompt lookup on prompt-grounded work (edits, code, summaries)
 ROW_COST = 0.15  # extra compute per verified row, fraction of a one-row step (int4 decode is memory-bound)
 MAX_DRAFT = 8  # drafted tokens per step at most (tpi.master.speculation; --speculate lookup drafts this many)
+AUTO_STEPS = (0, 1, 2, 4, 8)  # the k auto steps at, so step shapes' graphs stay built (tpi.master.speculation)
+GAIN_MARGIN = 1.1  # auto speculates only for >= 1.1x plain tokens/s (tpi.master.speculation.GAIN_MARGIN)
+PLAN_MODES = ("auto", "lookup", "off")  # tpi plan --speculate
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
@@ -45,14 +50,62 @@ def step_s(plan, rows: int, row_cost: float = ROW_COST) -> float:
     return max(max(r.compute_s * (1.0 + row_cost * (rows - 1)) + comm, r.stream_s) for r in pred.ranks)
 
 
-def estimate(plan, acceptance: float, row_cost: float = ROW_COST, max_draft: int = MAX_DRAFT) -> SpeculationEstimate:
-    """The best k for this plan at this acceptance, and its predicted step and per-token times."""
+def estimate(plan, acceptance: float, row_cost: float = ROW_COST, ks: tuple[int, ...] = AUTO_STEPS,
+             margin: float = GAIN_MARGIN) -> SpeculationEstimate:
+    """The k among `ks` `--speculate auto` would step at for this plan and acceptance, with its
+    predicted step and per-token times (k = 0 unless some k gains `margin`; ks without 0: fixed k)."""
+    plain = SpeculationEstimate(acceptance, 0, 1.0, step_s(plan, 1, row_cost))
     best = None
-    for k in range(max_draft + 1):
-        e = SpeculationEstimate(acceptance, k, expected_tokens(acceptance, k), step_s(plan, k + 1, row_cost))
+    for k in ks:
+        e = plain if k == 0 else SpeculationEstimate(acceptance, k, expected_tokens(acceptance, k),
+                                                     step_s(plan, k + 1, row_cost))
         if best is None or e.token_s < best.token_s:
             best = e
+    if 0 in ks and best.token_s * margin > plain.token_s:
+        return plain  # a gain within the policy's margin: auto does not speculate
     return best
+
+
+@dataclass(frozen=True)
+class SpeculationPlan:
+    """What a plan assumes about speculative decoding: the mode (tpi run/serve --speculate) and the
+    share of drafts kept on prompt-grounded work, assumed or given (measured: `tpi run --stats`)."""
+
+    mode: str = "auto"  # auto | lookup | off
+    acceptance: float = ASSUMED_ACCEPTANCE
+    given: bool = False  # the acceptance came from the user (--acceptance), not the default assumption
+
+    def __post_init__(self) -> None:
+        assert self.mode in PLAN_MODES and 0.0 <= self.acceptance < 1.0
+
+    @property
+    def on(self) -> bool:
+        return self.mode != "off"
+
+    def estimate(self, plan, acceptance: float | None = None) -> SpeculationEstimate:
+        """The step this mode would take on prompt-grounded work (plain decoding when off)."""
+        a = self.acceptance if acceptance is None else acceptance
+        if not self.on:
+            return SpeculationEstimate(a, 0, 1.0, step_s(plan, 1))
+        return estimate(plan, a, ks=(MAX_DRAFT,) if self.mode == "lookup" else AUTO_STEPS)
+
+    def decode_s(self, plan) -> float:
+        """The planner's objective: predicted seconds per decoded token under this assumption."""
+        return self.estimate(plan).token_s if self.on else plan.prediction.token_latency_s
+
+    def words(self) -> str:
+        """The assumption in plain words, for the plan's reader."""
+        if not self.on:
+            return "planned for plain decoding (--speculate off): one token per step"
+        source = ("as given (--acceptance)" if self.given
+                  else "assumed, not measured (pass --acceptance with a rate from `tpi run --stats`)")
+        k = (f"k = {MAX_DRAFT} drafts per step (--speculate lookup)" if self.mode == "lookup"
+             else f"k in {', '.join(map(str, AUTO_STEPS[1:]))} where it gains >= {GAIN_MARGIN - 1:.0%} "
+                  "(--speculate auto)")
+        return (f"planned for speculative decoding by prompt lookup, {k}; on prompt-grounded tasks (edits, "
+                f"code, summaries, questions about a given text) {self.acceptance:.0%} of drafts kept, {source}; "
+                "on open-ended tasks (stories, chat) lookup rarely matches and auto turns itself off: "
+                "the plain figure")
 
 
 def assumptions(row_cost: float = ROW_COST) -> str:

@@ -173,5 +173,9 @@ def test_other_benchmarks_smoke(script):
 def test_tp_speculation_smoke():
     """bench/tp.py --speculation: one device and the proxied pair, edit and story, off vs auto."""
     tables = assert_well_formed(run_bench("tp.py", "--speculation", "--smoke", "--backend", "ggml", timeout=600))
-    (_, rows), = tables
+    (_, rows), (ceiling_header, ceiling) = tables
     assert len(rows) == 4 and all(row[-1] == "yes" for row in rows), rows  # the same tokens with and without
+    # llama.cpp's own (k+1)-token steps bound one device's gain: k = 1, 2, 4, 8 drafts
+    assert [row[0] for row in ceiling] == ["1", "2", "4", "8"], ceiling
+    full = ceiling_header.index("gain at full acceptance")
+    assert all(float(row[full].rstrip("x")) > 0 for row in ceiling), ceiling

@@ -86,15 +86,37 @@ def test_wire_dtype_is_bf16_only_when_bytes_matter():
     fast = plan_group(QWEN7, [device("a", 50), device("b", 50)])
     assert fast.wire_dtype == "f32" and len(fast.names) == 2
     lan = LinkProfile.from_ms_mbit(1, 1000)
-    slow = plan_group(QWEN7, [device("a", 50, link=lan), device("b", 50, link=lan)])
-    assert slow.wire_dtype == "bf16" and len(slow.names) == 2
-    forced = plan_group(QWEN7, [device("a", 50, link=lan), device("b", 50, link=lan)], wire_dtype="f32")
-    assert forced.wire_dtype == "f32"
-    # two ranks on the f32 wire swap partials (one hop): less decode comm than bf16's star round trip
-    assert forced.prediction.comm_per_token_s < slow.prediction.comm_per_token_s
+    pair = plan_group(QWEN7, [device("a", 50, link=lan), device("b", 50, link=lan)])
+    preds = dict(pair.wire_options)
+    # two ranks on the f32 wire swap partials (one hop): faster decode than bf16's star round trip,
+    # although bf16 predicts the shorter TTFT; decode time is the objective, TTFT never buys a slower one
+    assert preds["f32"].token_latency_s < preds["bf16"].token_latency_s and preds["bf16"].ttft_s < preds["f32"].ttft_s
+    assert pair.wire_dtype == "f32" and len(pair.names) == 2
+    assert pair.prediction.comm_per_token_s < preds["bf16"].comm_per_token_s
     trio = [device(n, 50, link=lan) for n in "abc"]
-    star, star_f32 = plan_group(QWEN7, trio, wire_dtype="bf16"), plan_group(QWEN7, trio, wire_dtype="f32")
-    assert star_f32.prediction.comm_per_token_s > star.prediction.comm_per_token_s  # the star: bytes matter
+    star = plan_group(QWEN7, trio)
+    by_wire = dict(star.wire_options)
+    assert star.wire_dtype == "bf16"  # the star: bytes matter
+    assert by_wire["f32"].comm_per_token_s > by_wire["bf16"].comm_per_token_s
+    assert by_wire["bf16"].token_latency_s < 0.97 * by_wire["f32"].token_latency_s
+    assert f"predicts {by_wire['bf16'].token_latency_s * 1e3:.1f} ms/token" in star.wire_reason
+    forced = plan_group(QWEN7, trio, wire_dtype="f32")
+    assert forced.wire_dtype == "f32" and "fixed by the options" in forced.wire_reason
+    assert f"bf16 {by_wire['bf16'].token_latency_s * 1e3:.1f}" in forced.wire_reason
+
+
+def test_ttft_breaks_a_decode_tie_only():
+    """choose_wire: bf16 for its TTFT only where its decode is no slower than f32's."""
+    lan = LinkProfile.from_ms_mbit(1, 1000)
+    trio = plan_group(QWEN7, [device(n, 50, link=lan) for n in "abc"])
+    links, params = [d.link for d in trio.devices], trio.prediction.params
+    preds = {w: p for w, p in trio.wire_options if w != "int8"}
+    tie = {"f32": 0.2, "bf16": 0.2}
+    assert preds["bf16"].ttft_s < 0.97 * preds["f32"].ttft_s
+    wire, why = choose_wire(QWEN7, links, params, preds, decode_s=tie)
+    assert wire == "bf16" and "TTFT" in why
+    slower = {"f32": 0.2, "bf16": 0.2001}
+    assert choose_wire(QWEN7, links, params, preds, decode_s=slower)[0] == "f32"
 
 
 def test_int8_wire_is_suggested_only_where_the_link_is_bandwidth_bound_and_chosen_only_when_asked():
@@ -116,16 +138,16 @@ def test_int8_wire_is_suggested_only_where_the_link_is_bandwidth_bound_and_chose
     lan = [device(f"l{i}", 100, mem_gb=8, link=LinkProfile.from_ms_mbit(1, 100_000)) for i in range(8)]
     fast = plan_group(LLAMA70, lan, CostParams(weight_format="int4"))
     assert fast.wire_dtype == "f32" and "not bandwidth-bound" in fast.wire_reason and "int8" not in fast.wire_reason
-    # 1 ms at 1 Gbit for a 7B: bf16 saves >= 3%, but the bytes do not dominate, so no int8
+    # 1 ms at 1 Gbit for a 7B on three ranks: bf16 saves >= 3%, but the bytes do not dominate, so no int8
     one_gbit = LinkProfile.from_ms_mbit(1, 1000)
-    mid = plan_group(QWEN7, [device("a", 50, link=one_gbit), device("b", 50, link=one_gbit)])
-    assert mid.wire_dtype == "bf16" and "int8" in dict(mid.wire_options)
+    mid = plan_group(QWEN7, [device(n, 50, link=one_gbit) for n in "abc"])
+    assert mid.wire_dtype == "bf16" and "int8" in dict(mid.wire_options) and "int8 would" not in mid.wire_reason
 
 
 def test_int8_wire_needs_whole_blocks_of_the_hidden_size():
     odd = replace(QWEN7, hidden=3580, name="odd")  # not a multiple of 32
     slow = LinkProfile.from_ms_mbit(1, 1000)
-    plan = plan_group(odd, [device("a", 50, link=slow), device("b", 50, link=slow)])
+    plan = plan_group(odd, [device(n, 50, link=slow) for n in "abc"])  # three: the star, where bytes matter
     assert "int8" not in dict(plan.wire_options) and plan.wire_dtype == "bf16"
     with pytest.raises(BudgetError, match="multiple of 32"):
         plan_group(odd, [device("a", 50, link=slow), device("b", 50, link=slow)], wire_dtype="int8")

@@ -41,9 +41,9 @@ def test_plan_json_reports_both(plans):
 
 def test_llama2_70b_on_eight_laptops_with_speculation(tmp_path):
     """Issue 18's planning case: eight 8 GB laptops at 1 ms and 300 Mbit (docs/scaling.md's laptops.toml),
-    int8 on the wire, a wired master. The planner picks its group for plain decoding (7 laptops here);
-    speculation then predicts less per token at 0.7 of the drafts kept (601 ms against 721), and at
-    most 600 ms at 0.9."""
+    int8 on the wire, a wired master, the group chosen for plain decoding (7 laptops here; the group
+    chosen for speculation: tests/test_plan_speculation.py): speculation predicts less per token at
+    0.7 of the drafts kept (601 ms against 721), and at most 600 ms at 0.9."""
     path = tmp_path / "laptops.toml"
     path.write_text(EXAMPLE_DEVICES_TOML.replace("int4_gflops = 100", "int4_gflops = 140\nprefill_gflops = 100")
                     .replace("bf16_gflops = 40", "bf16_gflops = 12"))

@@ -16,6 +16,7 @@ from tpi.transport.keeper import LinkSettings
 from tpi.transport.link import MasterLink
 from tpi.transport.protocol import Assign, Step, Stop
 from tpi.transport.ring import RingAllreduce
+from tpi.transport.star_frames import exchange, star_only_from_env
 from tpi.transport.worker_link import WorkerLink
 
 STALL = 1000  # a step whose request id is STALL + rank hangs that rank (a stuck device)
@@ -306,3 +307,49 @@ def test_hot_path_drops_partials_and_sums_of_the_wrong_size_or_frame_count(tmp_p
     # Each end logs its own drops in order; the two ends' threads interleave as the scheduler likes.
     assert [d for d in dropped if d.startswith("w1: ")] == [f"w1: Partial {w}" for w in whys]
     assert [d for d in dropped if not d.startswith("w1: ")] == [f"the master: {awaited.__name__} {w}" for w in whys]
+
+
+def star_only_worker(port: int, token: str, key_dir: str, results) -> None:
+    """A worker process whose environment says the opposite of the master: it reports which path it took."""
+    link = WorkerLink(f"127.0.0.1:{port}", token, Path(key_dir), settings=FAST)
+    link.join("w1", {}, [])
+    comm = link.communicator()
+    sums = []
+    for step in (1, 2):
+        comm.recv_step()
+        sums.append(comm.allreduce(partial_for(step, 1)).tobytes())
+    results.put((comm.star_only, sums))
+    link.close()
+
+
+@pytest.mark.parametrize("master_star_only", [True, False])
+def test_two_ranks_take_the_allreduce_path_the_master_assigns_whatever_the_worker_environment(
+        tmp_path, monkeypatch, master_star_only):
+    """TPI_STAR_ONLY is the master's to decide (tpi.master.setup puts it in Assign): a worker process
+    started with the opposite setting follows the master, so the two never wait for each other's
+    message (a disagreement stalls until the step timeout)."""
+    monkeypatch.setenv("TPI_STAR_ONLY", "0" if master_star_only else "1")  # the worker's environment
+    master = MasterLink("127.0.0.1:0", tmp_path / "m", settings=FAST)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=star_only_worker, args=(master.port, master.token, str(tmp_path / "w"), results),
+                       daemon=True)
+    proc.start()
+    monkeypatch.setenv("TPI_STAR_ONLY", "1" if master_star_only else "0")  # the master's
+    assert star_only_from_env() is master_star_only
+    try:
+        join = master.next_join(timeout=30)
+        master.admit(join, Assign(rank=1, world=2, shard_hash="", shard_size=0, star_only=star_only_from_env()))
+        comm = master.communicator("f32", ready_timeout_s=30)
+        assert comm.star_only is master_star_only and exchange(2, "f32", comm.star_only) is not master_star_only
+        mine = []
+        for step in (1, 2):
+            comm.broadcast_step(Step.of_sequence(step, 1, np.zeros((1, 4), np.float32), request_id=step))
+            out = comm.allreduce(partial_for(step, 0))  # a disagreement raises GroupError at the step timeout
+            assert np.array_equal(out, partial_for(step, 0) + partial_for(step, 1))
+            mine.append(out.tobytes())
+        worker_star_only, sums = results.get(timeout=30)
+    finally:
+        proc.join(timeout=10)
+        master.close()
+    assert worker_star_only is master_star_only and sums == mine

@@ -45,7 +45,8 @@ class StarMaster:
     rank = 0
 
     def __init__(self, sock: zmq.Socket, peer_ids: list[str], names: list[str], wire_dtype: str,
-                 lost: Callable[[], dict[str, str]], step_timeout_s: float, max_frame: int, first_seq: int = 0):
+                 lost: Callable[[], dict[str, str]], step_timeout_s: float, max_frame: int, first_seq: int = 0,
+                 star_only: bool = False):
         """first_seq: the step number of the communicator this one replaces (a regrouped group), so
         a worker's late message from an abandoned step can never match a new step."""
         check_wire(wire_dtype)
@@ -56,6 +57,7 @@ class StarMaster:
         self._names = ["master", *names]
         self.world = len(peer_ids) + 1
         self.wire_dtype = wire_dtype
+        self.star_only = star_only  # sent to every worker in its Assign
         self._lost = lost
         self._step_timeout_s = step_timeout_s
         self._max_frame = max_frame
@@ -252,7 +254,7 @@ class StarMaster:
         shape = x.shape if f32 else wire_shape(x.shape, wire_dtype)
         descs = [[wire_dtype, list(shape)]]
         part_head = header(PARTIAL, seq, [op], descs)
-        swap = exchange(self.world, wire_dtype)
+        swap = exchange(self.world, wire_dtype, self.star_only)
         if swap:  # my partial goes out now (copied: x is a graph's output buffer, reused by the next graph)
             x = np.ascontiguousarray(x, np.float32)
             self._send_sum(part_head, x, copy=True)

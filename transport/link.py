@@ -116,7 +116,7 @@ class MasterLink(Keeper):
             self._send(join.peer, sent)
             log.info("admitted %s (%s) as rank %d", peer.name, peer.address, sent.rank)
 
-        self.data.assign(sent.rank, sent.peer_id, join.name, sent.world)
+        self.data.assign(sent.rank, sent.peer_id, join.name, sent.world, sent.star_only)
         self.call(run)
         return sent
 

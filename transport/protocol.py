@@ -21,9 +21,10 @@ from tpi.transport.wire import INT8_BLOCK, REDUCE_DTYPES, from_bf16, to_bf16  # 
 # 3: typed controls (Step rows and flags, Truncate, Stop.rejoin, Probe/ProbeEcho, Assign's own fields)
 # 4: Assign.slots (KV slots per rank) and steps over many slots (continuous batching)
 # 5: two ranks on the f32 wire swap Partials (the worker sums; no Reduced comes back)
-# 6: Step.outputs (logits rows per sequence) replaces the step-wide ALL_LOGITS flag: one step carries
+# 6: Assign.star_only (the master decides whether two ranks swap or use the star; TPI_STAR_ONLY)
+# 7: Step.outputs (logits rows per sequence) replaces the step-wide ALL_LOGITS flag: one step carries
 #    verify runs (every row), prompt chunks (none or the last) and decode rows (one) together
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 MAX_SLOTS = 1024  # KV slots per rank, and so sequences in one step: far above any --parallel
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_FRAME = 256 << 20
@@ -141,7 +142,7 @@ class Hello(Message):
 @_msg(2, ("rank", "uint"), ("world", "uint"), ("shard_hash", "str"), ("shard_size", "uint"),
       ("wire_dtype", "str"), ("config", "dict"), ("shard", "dict"), ("context", "uint"),
       ("peer_id", "str"), ("data_port", "uint"), ("heartbeat_s", "float"), ("timeout_s", "float"),
-      ("slots", "uint"))
+      ("slots", "uint"), ("star_only", "bool"))
 class Assign(Message):
     """Master -> worker: admitted; your rank, world, shard and data channel (link fills the last four).
 
@@ -162,6 +163,7 @@ class Assign(Message):
     heartbeat_s: float = 1.0
     timeout_s: float = 10.0
     slots: int = 1  # KV slots of `context` positions each: sequences the group runs at once
+    star_only: bool = False  # two ranks use the star too, no partial swap (the master's TPI_STAR_ONLY)
 
     def check(self) -> None:
         _need(0 < self.slots <= MAX_SLOTS, f"KV slots must be 1..{MAX_SLOTS}, got {self.slots}")
@@ -212,7 +214,7 @@ class Ready(Message):
     """Worker -> master on the data channel: connected and loaded, ready for steps."""
 
 
-EXACT_ROWS = 2  # (bit 1 was v5's ALL_LOGITS) Step flag: verify runs computed as their one-row decode steps would, bit for bit (tpi.model.rows)
+EXACT_ROWS = 2  # (bit 1 was ALL_LOGITS before v7) Step flag: verify runs computed as their one-row decode steps would, bit for bit (tpi.model.rows)
 STEP_FLAGS = EXACT_ROWS
 
 

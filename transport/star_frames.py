@@ -19,15 +19,18 @@ zget = zmq.backend.cython._zmq.Socket.get
 RCVMORE, SNDMORE = zmq.RCVMORE, zmq.SNDMORE
 PARTIAL, REDUCED = Partial.TYPE, Reduced.TYPE
 ZERO_COPY_MIN = 1 << 16  # pyzmq copies smaller frames anyway; a zero-copy Frame costs more there
-# TPI_STAR_ONLY=1 keeps two ranks on the star too: bench/tp_paired.py's A/B row (every rank
-# must agree; a local group's workers inherit the master's environment)
-STAR_ONLY = os.environ.get("TPI_STAR_ONLY") == "1"
 
 
-def exchange(world: int, wire_dtype: str) -> bool:
-    """Whether an allreduce swaps partials (two ranks, f32 wire) rather than going through the star:
-    each rank posts its partial at once and adds master's + worker's itself (allreduce.py)."""
-    return world == 2 and wire_dtype == "f32" and not STAR_ONLY
+def star_only_from_env() -> bool:
+    """TPI_STAR_ONLY=1 in the master's environment keeps two ranks on the star too (bench/tp_paired.py's
+    A/B row). Only the master reads it: every rank must agree, so workers follow Assign.star_only."""
+    return os.environ.get("TPI_STAR_ONLY") == "1"
+
+
+def exchange(world: int, wire_dtype: str, star_only: bool = False) -> bool:
+    """Whether an allreduce swaps partials (two ranks, f32 wire, star_only unset) rather than going
+    through the star: each rank posts its partial at once and adds master's + worker's itself (allreduce.py)."""
+    return world == 2 and wire_dtype == "f32" and not star_only
 
 
 def frames_nbytes(frames: list) -> int:

@@ -25,11 +25,13 @@ class StarWorker:
     """Rank > 0: owns its data DEALER; receives steps, sends partials, receives sums."""
 
     def __init__(self, sock: zmq.Socket, rank: int, world: int, wire_dtype: str,
-                 master_lost: Callable[[], str | None], step_timeout_s: float, max_frame: int):
+                 master_lost: Callable[[], str | None], step_timeout_s: float, max_frame: int,
+                 star_only: bool = False):
         check_wire(wire_dtype)
         self._sock = sock
         sock.rcvtimeo = POLL_SLICE_MS
         self.rank, self.world, self.wire_dtype = rank, world, wire_dtype
+        self.star_only = star_only  # as the master's Assign says: both ends must agree on the swap
         self._master_lost = master_lost
         self._step_timeout_s = step_timeout_s
         self._max_frame = max_frame
@@ -86,7 +88,7 @@ class StarWorker:
         part_head = self._next_part[1] if self._next_part[0] == key else None
         if part_head is None:
             part_head = self._header(PARTIAL, seq, [op], [[wire_dtype, list(payload.shape)]])
-        swap = exchange(self.world, wire_dtype)  # then the master's partial comes back, not the sum
+        swap = exchange(self.world, wire_dtype, self.star_only)  # then the master's partial comes back, not the sum
         zsend(sock, part_head, SNDMORE, True, False)
         # copied when swapping: the master's partial may be here before mine has left, and x is a
         # graph's output buffer, which the next graph reuses

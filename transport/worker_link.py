@@ -147,7 +147,7 @@ class WorkerLink(Keeper):
         if a is None:
             raise GroupError("join the group before opening the data channel")
         comm = StarWorker(self.data_socket(), a.rank, a.world, a.wire_dtype, self.master_lost,
-                          self.settings.step_timeout_s, self.settings.max_frame)
+                          self.settings.step_timeout_s, self.settings.max_frame, star_only=a.star_only)
         comm.announce_ready()
         return comm
 

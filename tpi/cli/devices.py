@@ -40,7 +40,8 @@ def plan(
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="prompt length for the TTFT prediction")] = 128,
     no_streaming: Annotated[bool, typer.Option("--no-streaming", help="refuse plans that stream weights from disk")] = False,
     wire_dtype: WireDtype = None,
-    acceptance: Annotated[float, typer.Option("--acceptance", help="assumed share of drafted tokens the model keeps, for the speculative-decoding rows (measured: tpi run --stats, spec_acceptance)")] = 0.7,
+    speculate: Annotated[str, typer.Option("--speculate", help="plan for speculative decoding as run/serve do it: auto (default; the group is chosen for its speculative ms/token on prompt-grounded tasks), lookup (8 drafts a step), off (plain decoding)")] = "auto",
+    acceptance: Annotated[Optional[float], typer.Option("--acceptance", help="share of drafted tokens the model keeps on prompt-grounded tasks (default: 0.7 assumed; measured: tpi run --stats, spec_acceptance)")] = None,
     wired: Annotated[bool, typer.Option("--wired", help="the master's link is wired full duplex (sends and receives at once); default: Wi-Fi, one direction at a time")] = False,
     experts: Experts = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan and prediction as JSON (for scripts)")] = False,
@@ -49,24 +50,30 @@ def plan(
     # imported when the command runs: keeps `tpi --help` fast
     from tpi.cli.table_text import print_tables
     from tpi.devices.plan_report import plan_command, plan_json, plan_tables
+    from tpi.devices.speculation_cost import ASSUMED_ACCEPTANCE, PLAN_MODES, SpeculationPlan
     from tpi.master.options import check_experts, check_wire_dtype
 
     if weights not in (None, "int4", "bf16"):
         raise TpiError(f"--weights {weights!r} must be int4 or bf16")
     check_wire_dtype(wire_dtype)
-    if not 0.0 <= acceptance < 1.0:
+    if acceptance is not None and not 0.0 <= acceptance < 1.0:
         raise TpiError(f"--acceptance {acceptance} must be a share in [0, 1), e.g. 0.7")
+    if speculate not in PLAN_MODES:
+        raise TpiError(f"--speculate {speculate!r} is not a mode; use one of {', '.join(PLAN_MODES)}")
+    speculation = SpeculationPlan(speculate, ASSUMED_ACCEPTANCE if acceptance is None else acceptance,
+                                  given=acceptance is not None)
     check_experts(experts)
     if context < 8 or prompt_tokens < 1 or prompt_tokens > context:
         raise TpiError("--context must be >= 8 and --prompt-tokens between 1 and the context")
     cfg, file_format, profile = load_model_config(model)
     planned = plan_command(cfg, devices, weight_format=weights or file_format or "int4", context=context,
                            prompt_tokens=prompt_tokens, allow_streaming=not no_streaming, wire_dtype=wire_dtype,
-                           weights=None if weights else profile, experts=experts, master_full_duplex=wired)
+                           weights=None if weights else profile, experts=experts, master_full_duplex=wired,
+                           speculation=speculation)
     if as_json:
-        typer.echo(json.dumps(plan_json(planned, acceptance), indent=1))
+        typer.echo(json.dumps(plan_json(planned), indent=1))
     else:
-        print_tables(*plan_tables(planned, acceptance))
+        print_tables(*plan_tables(planned))
 
 
 def fetch_status(url: str, api_key: str | None, timeout_s: float = 5.0) -> dict:

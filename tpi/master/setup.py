@@ -39,6 +39,7 @@ from tpi.transport.discovery import Announcer
 from tpi.transport.keeper import LinkSettings
 from tpi.transport.link import MasterLink
 from tpi.transport.protocol import Assign
+from tpi.transport.star_frames import star_only_from_env
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ def _admit(link, model: _Model, split: _Split, stores: dict, master_profile: dic
         store = stores[rank]
         assign = Assign(rank, split.world, store.content_hash, store.nbytes, split.wire_dtype,
                         config=config_to_dict(model.cfg), shard=shard_to_dict(split.shards[rank]),
-                        context=model.context, slots=slots)
+                        context=model.context, slots=slots, star_only=star_only_from_env())
         admissions[rank] = Admission(link.admit(j, assign, store.path), store.path)
         devices.append(DeviceInfo(rank, j.name, j.address, shard_to_dict(split.shards[rank]), dict(j.profile)))
     if split.plan is None:

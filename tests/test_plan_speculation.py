@@ -1,0 +1,112 @@
+"""`tpi plan` chooses the group for speculative decoding, prints both figures and its assumptions (issue 18)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tpi.cli import app
+from tpi.devices.plan_report import EXAMPLE_DEVICES_TOML, plan_command, plan_json
+from tpi.devices.speculation_cost import GAIN_MARGIN, SpeculationPlan, estimate
+from tpi.master import speculation as master_speculation
+
+RUNNER = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def laptops(tmp_path_factory):
+    """docs/scaling.md's laptops.toml: eight 8 GB laptops at 1 ms and 300 Mbit."""
+    path = tmp_path_factory.mktemp("laptops") / "laptops.toml"
+    path.write_text(EXAMPLE_DEVICES_TOML.replace("int4_gflops = 100", "int4_gflops = 140\nprefill_gflops = 100")
+                    .replace("bf16_gflops = 40", "bf16_gflops = 12"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def wired_int8(laptops):
+    """The plain-decoding plan and the speculation-aware one, int8 on the wire, a wired master."""
+    plain = plan_command("llama-2-70b", laptops, wire_dtype="int8", master_full_duplex=True,
+                         speculation=SpeculationPlan("off"))
+    spec = plan_command("llama-2-70b", laptops, wire_dtype="int8", master_full_duplex=True,
+                        speculation=SpeculationPlan())
+    return plain, spec
+
+
+def test_the_group_is_chosen_for_its_speculative_time_where_that_differs(wired_int8):
+    plain, spec = wired_int8
+    auto = SpeculationPlan()
+    # plain decoding keeps a laptop that speculation is better off without: the choices differ
+    assert len(spec.devices) < len(plain.devices)
+    assert plain.decode_s == plain.prediction.token_latency_s
+    assert spec.prediction.token_latency_s > plain.prediction.token_latency_s  # worse plainly ...
+    assert spec.decode_s < auto.decode_s(plain)  # ... better with speculation, the objective
+    assert spec.decode_s == pytest.approx(estimate(spec, auto.acceptance).token_s)
+    assert spec.decode_s <= 0.6  # issue 18's target, in this stated configuration (wired, int8, 70% kept)
+    assert any("with speculation" in why for _, why in spec.excluded)
+
+
+def test_auto_stays_plain_where_no_k_gains_its_margin(laptops):
+    """Over Wi-Fi with the planner's own wire, verifying rows costs about what it saves: auto's
+    10% margin keeps it plain, and the plan says so rather than promising a speculative gain."""
+    plan = plan_command("llama-2-70b", laptops, speculation=SpeculationPlan())
+    e = SpeculationPlan().estimate(plan)
+    assert e.k == 0 and plan.decode_s == plan.prediction.token_latency_s
+    best = estimate(plan, 0.7, margin=1.0)
+    assert best.k > 0 and best.token_s * GAIN_MARGIN > plan.prediction.token_latency_s
+
+
+def test_gain_margin_and_step_sizes_are_the_policys():
+    assert GAIN_MARGIN == master_speculation.GAIN_MARGIN
+    assert {master_speculation._step_size(k) for k in range(1, 9)} == {1, 2, 4, 8}
+
+
+def test_plan_prints_plain_and_speculative_figures_and_its_assumptions(laptops, wired_int8):
+    _, spec = wired_int8
+    result = RUNNER.invoke(app, ["plan", "llama-2-70b", "--devices", str(laptops), "--wire-dtype", "int8", "--wired"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    plain_ms, spec_ms = spec.prediction.token_latency_s * 1e3, spec.decode_s * 1e3
+    assert f"prompt-grounded tasks {spec_ms:.1f} ms/token with speculation" in out
+    assert f"open-ended tasks {plain_ms:.1f} ms/token plain" in out
+    assert "70% of drafts kept, assumed, not measured" in out
+    assert "auto turns itself off" in out and "wired, full duplex" in out
+    # the wire table: every wire with and without speculation
+    int8 = next(line for line in result.output.splitlines() if line.startswith("int8 "))
+    assert "with speculation ms" in result.output and f"{plain_ms:.1f}" in int8 and f"{spec_ms:.1f}" in int8
+    # the speculation table's open-ended row is the plain figure
+    row = next(line for line in result.output.splitlines() if line.startswith("open-ended"))
+    cells = row.split()
+    assert cells[cells.index("without") - 1] == f"{plain_ms:.1f}"
+
+
+def test_default_plan_says_wifi_and_why_int8_is_opt_in(laptops):
+    result = RUNNER.invoke(app, ["plan", "llama-2-70b", "--devices", str(laptops), "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["master_link"] == "one direction at a time" and "Wi-Fi-like" in plan["link_assumptions"]
+    assert plan["wire_dtype"] == "bf16" and "int8 stays opt-in" in plan["wire_reason"]
+    assert "greedy tokens part" in plan["wire_reason"]
+    spec = plan["speculation"]
+    assert spec["acceptance_source"] == "assumed" and spec["mode"] == "auto" and plan["objective"] == "speculative"
+    assert spec["open_ended_ms_per_token"] == plan["predicted_token_ms"]  # kept fields still there
+    assert spec["predicted_ms_per_token_without"] == plan["predicted_token_ms"]
+
+
+def test_speculate_off_plans_plain_and_a_given_acceptance_is_named(laptops):
+    off = json.loads(RUNNER.invoke(app, ["plan", "llama-2-70b", "--devices", str(laptops), "--json",
+                                         "--wire-dtype", "int8", "--wired", "--speculate", "off"]).output)
+    assert off["objective"] == "plain" and off["predicted_decode_ms_per_token"] == off["predicted_token_ms"]
+    assert len(off["devices"]) == 7
+    given = RUNNER.invoke(app, ["plan", "llama-2-70b", "--devices", str(laptops), "--wire-dtype", "int8", "--wired",
+                                "--acceptance", "0.9"])
+    assert "90% of drafts kept, as given (--acceptance)" in " ".join(given.output.split())
+    bad = RUNNER.invoke(app, ["plan", "llama-2-70b", "--devices", str(laptops), "--speculate", "always"])
+    assert bad.exit_code == 1 and "error:" in bad.output and "use one of auto, lookup, off" in bad.output
+
+
+def test_plan_json_at_a_given_acceptance(wired_int8):
+    _, spec = wired_int8
+    out = plan_json(spec, 0.9)["speculation"]
+    assert out["assumed_acceptance"] == 0.9 and out["acceptance_source"] == "given"
+    assert out["predicted_ms_per_token"] < plan_json(spec)["speculation"]["predicted_ms_per_token"]
