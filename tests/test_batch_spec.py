@@ -143,11 +143,11 @@ def test_a_two_device_group_speculating_in_batches_answers_as_each_alone_plain(t
 def test_auto_drafts_where_an_extra_row_is_cheap_against_a_slots_share_of_the_step():
     """KPolicy's rule with the batch's measured costs: a plain step of 4 slots takes 100 ms. On one CPU
     device a drafted row costs a row's share of it (25 ms): no k pays, plain decoding. In a group, where
-    round trips make the step, it costs 1 ms: the slot that keeps its drafts speculates, the one whose
+    round trips make the step, it costs 1 ms: the slots that keep their drafts speculate, the one whose
     drafts miss does not."""
     history = [1, 2, 3, 4, 5, 6, 7, 8, 9] * 3 + [1, 2]  # lookup drafts 3 4 5 ...
     decoding = [(i, history, 100) for i in range(4)]
-    for row_s, want in ((0.025, [0, 0, 0, 0]), (0.001, [8, 0, 8, 8])):
+    def measured(row_s: float) -> BatchSpeculation:
         spec = BatchSpeculation(Speculator(PromptLookup(), KPolicy(8), "auto"))
         for seconds in (0.5, 0.1, 0.1):  # the first step of a shape builds its graphs: no sample
             spec.record_step(4, 0, seconds)
@@ -156,4 +156,11 @@ def test_auto_drafts_where_an_extra_row_is_cheap_against_a_slots_share_of_the_st
         for i in range(4):
             for _ in range(40):
                 spec.slot(i).policy.record_shadow(i != 1)  # slot 1's guesses miss
-        assert [len(spec.plan(decoding, CONTEXT)[i]) for i in range(4)] == want
+        return spec
+
+    assert [len(measured(0.001).plan(decoding, CONTEXT)[i]) for i in range(4)] == [8, 0, 8, 8]
+    cpu = measured(0.025)
+    plans = [cpu.plan(decoding, CONTEXT) for _ in range(16)]
+    assert all(len(d) == 0 for p in plans[:15] for d in p.values())
+    # while no slot drafts, the batch (not each slot) probes with one draft now and then: the 16th step
+    assert sorted(map(len, plans[15].values())) == [0, 0, 0, 1]

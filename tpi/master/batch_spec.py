@@ -11,7 +11,9 @@ pay when the tokens they add per extra second beat the step's own rate: E_i(k) /
 n / t, t the measured seconds of a plain decode step of n slots and c the measured extra seconds per
 drafted row (steps that also read a prompt are no sample). That is KPolicy's rule with t1 = t/n. On
 one CPU device an extra row costs about a row's share of a step, so auto mostly stays at k = 0; in a
-group a step's round trips dominate, rows are nearly free, and it drafts.
+group a step's round trips dominate, rows are nearly free, and it drafts. While no slot drafts, the
+batch (not each slot) probes with one draft every 16 steps, doubling up to 256, to re-measure c:
+each probe is an exact step of a new shape, so per-slot probes would cost n times as much.
 
 Exactness: a step carrying drafts is exact (Rows.exact): its verify runs and decode rows are computed
 as one-row decode steps, bit for bit (tpi.model.ggml_exact), so a verified row is the row plain
@@ -30,7 +32,8 @@ from tpi.errors import TpiError
 from tpi.master.acceptance import verify
 from tpi.master.drafters import PromptLookup
 from tpi.master.sampler import token_rng
-from tpi.master.speculation import COST_SAMPLES, PRIOR_ROW_COST, KPolicy, SpeculationStats, Speculator
+from tpi.master.speculation import (COST_SAMPLES, MAX_PROBE_EVERY, PRIOR_ROW_COST, PROBE_EVERY, KPolicy,
+                                    SpeculationStats, Speculator)
 
 
 @dataclass
@@ -81,11 +84,12 @@ class BatchSpeculation:
         self.speculator = speculator
         self.costs = StepCosts()
         self.slots: dict[int, SlotSpeculation] = {}
+        self.streak, self.probe_every = 0, PROBE_EVERY  # plain steps since a slot drafted; steps between probes
 
     def slot(self, index: int) -> SlotSpeculation:
         if index not in self.slots:
             p = self.speculator.policy
-            self.slots[index] = SlotSpeculation(PromptLookup(), KPolicy(p.max_k, p.adaptive))
+            self.slots[index] = SlotSpeculation(PromptLookup(), KPolicy(p.max_k, p.adaptive, probes=False))
         return self.slots[index]
 
     def leave(self, index: int) -> dict:
@@ -101,18 +105,33 @@ class BatchSpeculation:
         row_s = self.costs.row_s
         if row_s is None and share is not None:
             row_s = PRIOR_ROW_COST * share
-        out = {}
+        chosen, proposed = {}, {}
         for index, history, budget in decoding:
             s = self.slot(index)
             self._score_shadow(s, history)
             room = min(budget - 1, context - len(history), s.policy.max_k)
-            draft = s.lookup.propose(history, room)
-            k = s.policy.choose(len(draft.tokens), share, row_s)
+            proposed[index] = draft = s.lookup.propose(history, room)
+            chosen[index] = s.policy.choose(len(draft.tokens), share, row_s)
+        self._probe(chosen, proposed, share)
+        for index, history, _ in decoding:
+            s, draft, k = self.slots[index], proposed[index], chosen[index]
             s.drafts, s.draft_s = list(draft.tokens[:k]), draft.seconds
             if not k and draft.tokens:
                 s.shadow = (len(history), draft.tokens[0])
-            out[index] = s.drafts
-        return out
+        return {index: self.slots[index].drafts for index, _, _ in decoding}
+
+    def _probe(self, chosen: dict[int, int], proposed: dict, share: float | None) -> None:
+        """One k = 1 step for the whole batch now and then while no slot speculates (KPolicy's probes, but
+        once per batch, not per slot: the costs are the batch's; each probe is an exact step of a new shape)."""
+        if not self.speculator.policy.adaptive or any(chosen.values()):
+            self.streak, self.probe_every = 0, PROBE_EVERY
+            return
+        self.streak += 1
+        ready = [i for i in chosen if proposed[i].tokens]
+        if share is None or not ready or self.streak < self.probe_every:
+            return
+        chosen[max(ready, key=lambda i: self.slots[i].policy.acceptance)] = 1
+        self.streak, self.probe_every = 0, min(MAX_PROBE_EVERY, 2 * self.probe_every)
 
     def decided(self, index: int, rows: np.ndarray, history: Sequence[int], params, seed: int) -> list[int]:
         """The tokens after slot's history from its run's logits rows (1 + its drafts), counted."""

@@ -72,8 +72,9 @@ def _step_size(k: int) -> int:
 class KPolicy:
     """Measured acceptance and forward costs -> the next k (fixed at max_k when not adaptive)."""
 
-    def __init__(self, max_k: int, adaptive: bool = True):
+    def __init__(self, max_k: int, adaptive: bool = True, probes: bool = True):
         self.max_k, self.adaptive = max_k, adaptive
+        self.probes = probes  # off: the caller probes (a batch probes once for all its slots)
         self.hits, self.trials = PRIOR_ACCEPT[0] * PRIOR_ACCEPT[1], PRIOR_ACCEPT[1]
         self._plain: deque[float] = deque(maxlen=COST_SAMPLES)  # seconds of recent plain steps
         self._rows: deque[float] = deque(maxlen=COST_SAMPLES)  # extra seconds per row of recent verify steps
@@ -109,7 +110,7 @@ class KPolicy:
             k = 0  # a predicted gain within the noise of the measurements is no gain
         if k > 0:
             self.probe_every = PROBE_EVERY
-        elif self.plain_streak >= self.probe_every:
+        elif self.probes and self.plain_streak >= self.probe_every:
             k = 1  # costs re-measured now and then: one slow step must not keep speculation off for good
             self.probe_every = min(MAX_PROBE_EVERY, 2 * self.probe_every)
         return _step_size(k)
