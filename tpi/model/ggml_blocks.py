@@ -245,7 +245,7 @@ def build_attention(ctx: Context, s: BlockSpec, blk: dict, step: StepTensors, k_
 def build_mlp(ctx: Context, s: BlockSpec, blk: dict, x: Tensor, exact: bool = False) -> Tensor:
     """This rank's partial MLP output [hidden, T]: down(act(gate(xn)) * up(xn)), act silu or gelu_tanh; or its experts'."""
     if ROUTER in blk:
-        return build_moe(ctx, blk, x, s.experts_used, s.eps)  # exact rows: not for experts (yet)
+        return build_moe(ctx, blk, x, s.experts_used, s.eps, exact)
     xn = _norm(ctx, x, blk["mlp_norm"], s.eps)
     if "wgu" in blk:
         gate_up = mul_mat(ctx, blk["wgu"], xn, exact)  # rows gate | up -> [2 inter, T]

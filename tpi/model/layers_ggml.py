@@ -350,7 +350,7 @@ class GgmlLayers:
         if self.moe is not None and ROUTER in blk:
             if step.tokens == 1:
                 return self.moe.decode(blk, step.x, inputs.serial)
-            return self.moe.prefill(blk, step.x)
+            return self.moe.prefill(blk, step.x, step.exact)
         return self._run(blk, "mlp", inputs, self.spec.mlp_ops() + exact_ops(_exact_rows(step)),
                          lambda ctx: build_mlp(ctx, self.spec, blk, step.x, step.exact),
                          (step.tokens, self.cfg.hidden))

@@ -10,17 +10,25 @@ Two ways to run a block:
   here (placement B) and tells the expert cache (streaming) before an expert graph runs only them.
   Decode graphs are kept per block and step-input shape: the router graph, and one expert graph per
   local count m (1..k).
+
+Exact rows (a verify pass of speculative decoding, tpi.model.ggml_exact): the router's F32 mul_mat runs
+one row a call (tinyBLAS otherwise sums another way from 2 rows on) and the experts' mul_mat_id in calls
+of at most 7 tokens (the tiled K-quant kernel takes an expert that 8 tokens name); the rest (soft_max,
+top k, weights, SwiGLU, the slots' sum) is per row anyway. A split runner's verify pass pads each token's
+slots with weight-0 experts, which add +0 to its sum: the same bits as its decode step's.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from tpi.errors import ShapeError
+from tpi.model.ggml_exact import mul_mat, mul_mat_id
 from tpi.model.moe import DOWN_EXPS, GATE_EXPS, ROUTER, UP_EXPS, WEIGHT_SUM_FLOOR, ExpertShare
 from tpi.quant.ggml_graph import Context, Graph, Tensor
 
 OPS_PER_ROUTER = 16  # norm 2, router 11 (argsort counts 2), slack
 OPS_PER_EXPERTS = 12  # reshape, 3 mul_mat_id, swiglu, mul, cont, slack; plus 2 per slot
+OPS_PER_EXACT_ROW = 16  # per row of an exact pass: router chunk 3, expert chunks 3 x 4, slack
 KEPT = 2  # step-input shapes whose decode graphs a block keeps (tpi.model.layers_ggml.KEPT_SHAPES)
 
 
@@ -33,10 +41,10 @@ def _norm(ctx: Context, x: Tensor, w: Tensor, eps: float) -> Tensor:
     return ctx.mul(ctx.rms_norm(x, eps), w)
 
 
-def build_router(ctx: Context, blk: dict, xn: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def build_router(ctx: Context, blk: dict, xn: Tensor, k: int, exact: bool = False) -> tuple[Tensor, Tensor]:
     """(chosen I32 [k, T] largest first (a view), weights F32 [1, k, T] renormalised) of xn [hidden, T]."""
     t = xn.ne[1]
-    logits = ctx.mul_mat(blk[ROUTER].tensor, xn)  # [E, T], F32 weights: no activation rounding
+    logits = mul_mat(ctx, blk[ROUTER], xn, exact)  # [E, T], F32 weights: no activation rounding
     probs = ctx.soft_max(logits)
     chosen = ctx.argsort_top_k(probs, k)
     weights = ctx.get_rows(ctx.reshape(probs, 1, probs.ne[0], t), chosen)  # [1, k, T]
@@ -45,7 +53,7 @@ def build_router(ctx: Context, blk: dict, xn: Tensor, k: int) -> tuple[Tensor, T
     return chosen, ctx.reshape(ctx.div(weights, total), 1, k, t)
 
 
-def build_experts(ctx: Context, blk: dict, xn: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
+def build_experts(ctx: Context, blk: dict, xn: Tensor, chosen: Tensor, weights: Tensor, exact: bool = False) -> Tensor:
     """sum over slots i of weights[i] * down(silu(gate xn) * up xn) for expert chosen[i]: [hidden, T].
 
     chosen holds local expert indices, checked by whoever filled it; slots add up in slot order.
@@ -53,9 +61,9 @@ def build_experts(ctx: Context, blk: dict, xn: Tensor, chosen: Tensor, weights: 
     hidden, t = xn.ne[0], xn.ne[1]
     slots = chosen.ne[0]
     cur = ctx.reshape(xn, hidden, 1, t)
-    up = ctx.mul_mat_id(blk[UP_EXPS].tensor, cur, chosen)  # [ff, slots, T]
-    gate = ctx.mul_mat_id(blk[GATE_EXPS].tensor, cur, chosen)
-    experts = ctx.mul_mat_id(blk[DOWN_EXPS].tensor, ctx.swiglu_split(gate, up), chosen)  # [hidden, slots, T]
+    up = mul_mat_id(ctx, blk[UP_EXPS], cur, chosen, exact)  # [ff, slots, T]
+    gate = mul_mat_id(ctx, blk[GATE_EXPS], cur, chosen, exact)
+    experts = mul_mat_id(ctx, blk[DOWN_EXPS], ctx.swiglu_split(gate, up), chosen, exact)  # [hidden, slots, T]
     experts = ctx.mul(experts, weights)
     row = experts.nb[2]
     out = ctx.view(experts, (hidden, t), (row,), 0)
@@ -64,11 +72,12 @@ def build_experts(ctx: Context, blk: dict, xn: Tensor, chosen: Tensor, weights: 
     return ctx.cont(out) if slots == 1 else out
 
 
-def build_moe(ctx: Context, blk: dict, x: Tensor, k: int, eps: float) -> Tensor:
-    """The fused MoE MLP of residual x [hidden, T]: this rank's partial output [hidden, T]."""
+def build_moe(ctx: Context, blk: dict, x: Tensor, k: int, eps: float, exact: bool = False) -> Tensor:
+    """The fused MoE MLP of residual x [hidden, T]: this rank's partial output [hidden, T] (exact: rows
+    with their decode steps' bits)."""
     xn = _norm(ctx, x, blk["mlp_norm"], eps)
-    chosen, weights = build_router(ctx, blk, xn, k)
-    return build_experts(ctx, blk, xn, chosen, weights)
+    chosen, weights = build_router(ctx, blk, xn, k, exact)
+    return build_experts(ctx, blk, xn, chosen, weights, exact)
 
 
 def check_expert_block(blk: dict, share: ExpertShare, hidden: int) -> None:
@@ -161,11 +170,14 @@ class MoeRunner:
         return graph.outputs[0]
 
     # ---- a batch of tokens: graphs built per call ----------------------------------------------
-    def prefill(self, blk, x: Tensor) -> np.ndarray:
-        """The block's partial output (T, hidden) for x [hidden, T] (a copy)."""
+    def prefill(self, blk, x: Tensor, exact: bool = False) -> np.ndarray:
+        """The block's partial output (T, hidden) for x [hidden, T] (a copy; exact: each row its decode
+        step's bits)."""
         t = x.ne[1]
-        ctx = Context(OPS_PER_ROUTER + 2, graph_size=2 * OPS_PER_ROUTER + 16)
-        chosen, weights = build_router(ctx, blk, _norm(ctx, x, blk["mlp_norm"], self.eps), self.k)
+        extra = OPS_PER_EXACT_ROW * t if exact else 0
+        ops = OPS_PER_ROUTER + 2 + extra
+        ctx = Context(ops, graph_size=2 * ops + 16)
+        chosen, weights = build_router(ctx, blk, _norm(ctx, x, blk["mlp_norm"], self.eps), self.k, exact)
         graph = Graph(ctx, [ctx.cont(chosen), ctx.reshape(weights, self.k, t)], [(t, self.k), (t, self.k)],
                       galloc=self.shared.ptr)
         self.runtime.compute(graph)
@@ -178,10 +190,10 @@ class MoeRunner:
         if m == 0:
             return np.zeros((t, self.hidden), np.float32)
         ids, w = padded_slots(per_token, weights, m, used, self.share.n_local)
-        ops = OPS_PER_EXPERTS + 2 * m + 4
+        ops = OPS_PER_EXPERTS + 2 * m + 4 + extra
         ctx = Context(ops, graph_size=2 * ops + 16)
         xn = _norm(ctx, x, blk["mlp_norm"], self.eps)
-        out = build_experts(ctx, blk, xn, ctx.input(ids), ctx.input(w))
+        out = build_experts(ctx, blk, xn, ctx.input(ids), ctx.input(w), exact)
         graph = Graph(ctx, [out], [(t, self.hidden)], galloc=self.shared.ptr)
         self.runtime.compute(graph)
         result = graph.outputs[0].copy()
