@@ -6,8 +6,6 @@ distribution itself (a chi-square test over many seeds on a tiny model's logits)
 """
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 
@@ -196,15 +194,3 @@ def test_draft_model_of_the_same_weights_is_always_right(smol_engine, smollm2, t
     assert spec.speculation["spec_acceptance"] == 1.0 and spec.speculation["tokens_per_forward"] > 3
     with pytest.raises(TpiError, match="vocabulary of 384 tokens"):
         DraftModel.open(str(tiny_gguf("tiny_llama_q4_0")), smol_engine.tokenizer, 64, None)
-
-
-def test_batched_serving_turns_speculation_off_and_says_so(smollm2, tmp_path, caplog):
-    """--parallel > 1 fills steps with other sequences' rows: no speculator is built, /health says off."""
-    with caplog.at_level(logging.INFO, logger="tpi.master.setup"):
-        group = start_group(GroupOptions(model=str(smollm2), context=256, slots=2, speculate="lookup",
-                                         config_dir=tmp_path / "c", cache_dir=tmp_path / "k"))
-    try:
-        assert group.engine.speculator is None
-        assert "speculation is off: --parallel 2" in caplog.text
-    finally:
-        group.close()
