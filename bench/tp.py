@@ -356,7 +356,7 @@ def speculation_rows(args, model: str | None, tmp: Path, tokens: int) -> None:
                        "Ratios pair each auto run with the off run just before it in the same process and group.",
                        "command: python bench/tp.py " + " ".join(sys.argv[1:])])
     edit = next(r for r in results if r["label"].startswith("1 device"))["edit"]["auto"]
-    speculation_ceiling(model, median([a["spec_acceptance"] for a in edit]), args.rounds)
+    speculation_ceiling(model, median([a["spec_acceptance_per_draft"] for a in edit]), args.rounds)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -198,12 +198,18 @@ def test_status_route_shows_devices_and_counters(engine):
 
 
 def test_health_shows_speculation(client, engine):
+    from tpi.cli.devices import render_devices
     from tpi.master.drafters import PromptLookup
     from tpi.master.speculation import KPolicy, SpeculationStats, Speculator
 
     assert client.get("/health").json()["speculation"] == {"mode": "off"}
     engine.speculator = Speculator(PromptLookup(), KPolicy(8), "auto")
-    engine.speculator.totals.add(SpeculationStats(forwards=4, verify_forwards=2, drafted=6, accepted=3, tokens=7))
-    spec = client.get("/health").json()["speculation"]
+    engine.speculator.totals.add(SpeculationStats(forwards=4, verify_forwards=2, drafted=6, accepted=3,
+                                                  rejections=1, tokens=7))
+    health = client.get("/health").json()
+    spec = health["speculation"]
     assert spec["mode"] == "auto" and spec["drafter"] == "lookup"
     assert spec["spec_acceptance"] == 0.5 and spec["tokens_per_forward"] == 1.75
+    assert spec["spec_acceptance_per_draft"] == 0.75  # 3 kept, 1 rejected: the rate `tpi plan --acceptance` takes
+    caption = render_devices(health).caption  # what `tpi devices` prints under its table
+    assert "speculation: auto (lookup), 75% of drafts kept" in caption and "1.75 tokens per forward" in caption
