@@ -72,6 +72,24 @@ def test_stats_and_devices_show_numbers_and_the_group(engine):
         svc.close()
     assert "completion_tokens: 2" in out and "completed: 1" in out
     assert "2 device(s)" in out and "master ready 6 heads" in out and "phone ready 3 heads" in out
+    assert "speculation" not in out  # none ran
+
+
+def test_stats_show_speculation_when_it_runs(engine):
+    """`tpi chat --speculate lookup`: /stats shows what /health shows (README: --stats and /health)."""
+    from tpi.master.drafters import PromptLookup
+    from tpi.master.speculation import KPolicy, SpeculationStats, Speculator
+
+    engine.speculator = Speculator(PromptLookup(), KPolicy(8, adaptive=False), "lookup")
+    engine.speculator.totals.add(SpeculationStats(forwards=4, verify_forwards=2, drafted=6, accepted=3,
+                                                  rejections=1, tokens=7))
+    svc = GenerationService(engine)
+    try:
+        out = plain(ChatSession(LocalChat(svc), ChatOptions(max_tokens=2)), "/stats\n")
+    finally:
+        svc.close()
+    assert "speculation: lookup (lookup)" in out and "spec_acceptance_per_draft: 0.75" in out
+    assert "tokens_per_forward: 1.75" in out
 
 
 def test_save_writes_the_conversation_as_json_or_markdown(session, tmp_path):

@@ -72,7 +72,12 @@ class LocalChat:
         return list(self.service.status().get("devices", []))
 
     def stats(self) -> dict:
-        return self.service.snapshot()
+        spec = getattr(self.service.engine, "speculator", None)
+        if spec is None:
+            return self.service.snapshot()
+        st = spec.status()  # the figures /health and `tpi run --stats` show
+        return {**self.service.snapshot(), "speculation": f"{st['mode']} ({st['drafter']})",
+                **{k: st[k] for k in ("spec_acceptance_per_draft", "tokens_per_forward") if k in st}}
 
 
 class RemoteChat:
