@@ -138,6 +138,12 @@ def test_bad_chat_requests_get_openai_errors_and_the_server_keeps_serving(client
     assert client.post("/v1/chat/completions", json=chat_body(max_tokens=1)).status_code == 200
 
 
+def test_n_above_one_is_refused_saying_what_to_do(client):
+    err = assert_openai_error(client.post("/v1/chat/completions", json=chat_body(n=3)), 422, "invalid_type")
+    assert "n is 3 but tpi answers one choice per request; send n separate requests" in err["message"]
+    assert err["param"] == "n"
+
+
 def test_malformed_json_is_a_400(client):
     resp = client.post("/v1/chat/completions", content=b'{"model": "fake-model", "messages": [',
                        headers={"Content-Type": "application/json"})

@@ -14,7 +14,7 @@ from typing import Literal, Optional, Union
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from tpi.errors import ContextOverflowError, NotReadyError, QueueFullError, RequestError, TpiError
@@ -61,12 +61,20 @@ class SamplingFields(BaseModel):
     seed: Optional[int] = None
     stream: bool = False
     stream_options: Optional[dict] = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = 1
     # llama.cpp server extensions
     top_k: Optional[int] = Field(None, ge=0)
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
     repeat_penalty: Optional[float] = Field(None, gt=0.0)
     ignore_eos: bool = False
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:  # say what to do instead: pydantic's own "should be less than or equal to 1" does not
+            raise ValueError(f"n is {n} but tpi answers one choice per request; send n separate requests "
+                             "(with different seeds) and leave n at 1")
+        return n
 
 
 class ChatCompletionBody(SamplingFields):
