@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from tpi.cli import app
-from tpi.devices.plan_report import EXAMPLE_DEVICES_TOML, plan_command, plan_json
+from tpi.devices.plan_report import EXAMPLE_DEVICES_TOML, load_devices_file, plan_command, plan_json
 from tpi.devices.planner import WIRE_BYTES
 from tpi.devices.speculation_cost import GAIN_MARGIN, SpeculationPlan, estimate
 from tpi.master import speculation as master_speculation
@@ -17,10 +18,15 @@ RUNNER = CliRunner()
 
 @pytest.fixture(scope="module")
 def laptops(tmp_path_factory):
-    """docs/scaling.md's laptops.toml: eight 8 GB laptops at 1 ms and 300 Mbit."""
-    path = tmp_path_factory.mktemp("laptops") / "laptops.toml"
-    path.write_text(EXAMPLE_DEVICES_TOML.replace("int4_gflops = 100", "int4_gflops = 140\nprefill_gflops = 100")
-                    .replace("bf16_gflops = 40", "bf16_gflops = 12"))
+    """examples/laptops.toml, which docs/scaling.md and docs/benchmarks.md plan: eight 8 GB laptops at 1 ms
+    and 300 Mbit, EXAMPLE_DEVICES_TOML with the docs' faster int4 and prefill and slower bf16."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "laptops.toml"
+    example_file = tmp_path_factory.mktemp("laptops") / "example.toml"
+    example_file.write_text(EXAMPLE_DEVICES_TOML)
+    shipped, example = load_devices_file(path), load_devices_file(example_file)
+    assert [d.profile.name for d in shipped] == [d.profile.name for d in example]
+    assert {d.profile.int4_gflops for d in shipped} == {140.0} and {d.profile.bf16_gflops for d in shipped} == {12.0}
+    assert [d.link for d in shipped] == [d.link for d in example]
     return path
 
 
