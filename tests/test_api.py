@@ -144,6 +144,16 @@ def test_n_above_one_is_refused_saying_what_to_do(client):
     assert err["param"] == "n"
 
 
+def test_an_unknown_route_or_method_names_the_routes_there_are(client):
+    err = assert_openai_error(client.post("/v1/chat/complete", json=chat_body()), 404, "http_404")
+    assert "POST /v1/chat/complete; tpi serves POST /v1/chat/completions, POST /v1/completions" in err["message"]
+    resp = client.get("/v1/chat/completions")
+    err = assert_openai_error(resp, 405, "http_405")
+    assert "GET /v1/chat/completions; tpi serves POST /v1/chat/completions" in err["message"]
+    assert resp.headers["allow"] == "POST"  # starlette's header kept
+    assert client.post("/v1/chat/completions", json=chat_body(max_tokens=1)).status_code == 200
+
+
 def test_malformed_json_is_a_400(client):
     resp = client.post("/v1/chat/completions", content=b'{"model": "fake-model", "messages": [',
                        headers={"Content-Type": "application/json"})

@@ -29,6 +29,7 @@ from tpi.serve.service import (
 
 log = logging.getLogger(__name__)
 
+ROUTES = "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health"
 QUEUE_POLL_S = 0.5  # how often a waiting non-streaming request checks that its client is still there
 
 
@@ -137,7 +138,11 @@ def create_app(service: GenerationService, *, api_key: str | None = None, model_
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, e: HTTPException):
-        return JSONResponse(ApiError(e.status_code, str(e.detail), code=f"http_{e.status_code}").body(), e.status_code)
+        message = str(e.detail)
+        if e.status_code in (404, 405):  # starlette says only "Not Found": name the routes there are
+            message = f"{message}: {request.method} {request.url.path}; tpi serves {ROUTES}"
+        return JSONResponse(ApiError(e.status_code, message, code=f"http_{e.status_code}").body(), e.status_code,
+                            headers=getattr(e, "headers", None))
 
     def authorize(request: Request) -> None:
         if api_key is None:
