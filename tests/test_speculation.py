@@ -68,6 +68,13 @@ def test_options_refuse_bad_input():
         SpeculationOptions(mode="auto", draft="missing.gguf")
 
 
+def test_a_draft_that_is_no_model_is_refused_naming_the_flag(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model")
+    with pytest.raises(TpiError, match=r"^--draft .*notes.txt cannot be the draft model: .*not a readable GGUF"):
+        DraftModel.open(str(notes), None, 64, 1)
+
+
 class _Vocab:
     def __init__(self, words):
         self.words, self.vocab_size = words, len(words)

@@ -113,7 +113,10 @@ class DraftModel:
         from tpi.master.setup import build_local_engine
 
         check_draft_path(path)
-        engine = build_local_engine(EngineOptions(path, context, threads, backend))
+        try:
+            engine = build_local_engine(EngineOptions(path, context, threads, backend))
+        except TpiError as e:  # "README.md: not a readable GGUF file" alone does not say which flag named it
+            raise TpiError(f"--draft {path} cannot be the draft model: {e}") from None
         try:
             check_same_vocabulary(target_tokenizer, engine.tokenizer, path)
         except TpiError:
