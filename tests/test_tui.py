@@ -92,6 +92,27 @@ def test_stats_show_speculation_when_it_runs(engine):
     assert "tokens_per_forward: 1.75" in out
 
 
+def test_remote_stats_show_the_servers_speculation(engine):
+    """`tpi chat --url`: /stats reads the server's /v1/tpi/status, which carries /health's speculation."""
+    from test_batching import ApiServer  # a real uvicorn on a loopback port
+
+    from tpi.master.drafters import PromptLookup
+    from tpi.master.speculation import KPolicy, SpeculationStats, Speculator
+    from tpi.serve.chat_backends import RemoteChat
+
+    engine.speculator = Speculator(PromptLookup(), KPolicy(8), "auto")
+    engine.speculator.totals.add(SpeculationStats(forwards=5, verify_forwards=1, drafted=4, accepted=4, tokens=9))
+    svc = GenerationService(engine)
+    api = ApiServer(svc)
+    try:
+        stats = RemoteChat(api.url).stats()
+    finally:
+        api.close()
+        svc.close()
+    assert stats["speculation"] == "auto (lookup)" and stats["tokens_per_forward"] == 1.8
+    assert stats["spec_acceptance_per_draft"] == 1.0 and "slots" in stats
+
+
 def test_save_writes_the_conversation_as_json_or_markdown(session, tmp_path):
     plain(session, f"hi\n/save {tmp_path / 'chat.json'}\n/save {tmp_path / 'chat.md'}\n")
     saved = json.loads((tmp_path / "chat.json").read_text())

@@ -159,10 +159,13 @@ def create_app(service: GenerationService, *, api_key: str | None = None, model_
         snap = service.snapshot()
         group = service.status()
         ok = service.engine is not None and group.get("state") in ("serving", "ready")
-        spec = getattr(service.engine, "speculator", None)
         return {"status": "ok" if ok else group.get("state", "starting"), "model": model_id,
                 "busy": snap["busy"], "slots": snap["slots"], "running": snap["running"], "queued": snap["queued"],
-                "group": group, "speculation": spec.status() if spec is not None else {"mode": "off"}}
+                "group": group, "speculation": speculation()}
+
+    def speculation() -> dict:
+        spec = getattr(service.engine, "speculator", None)
+        return spec.status() if spec is not None else {"mode": "off"}
 
     @app.get("/v1/models", dependencies=auth)
     async def models():
@@ -175,7 +178,8 @@ def create_app(service: GenerationService, *, api_key: str | None = None, model_
     @app.get("/v1/tpi/status", dependencies=auth)
     async def tpi_status():
         """Not OpenAI: the group's devices and the service counters (for `tpi chat --url` /devices, /stats)."""
-        return {"model": model_id, "group": service.status(), "service": service.snapshot()}
+        return {"model": model_id, "group": service.status(),
+                "service": {**service.snapshot(), "speculation": speculation()}}
 
     def model_card() -> dict:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "tpi",
