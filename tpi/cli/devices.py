@@ -121,7 +121,8 @@ def render_devices(status: dict):
     if "slots" in status:  # the service's load: /health of tpi serve
         slots = status["slots"]
         lines.append(f"requests: {status.get('running', 0)} running in {slots} slot{'s' if slots != 1 else ''}, "
-                     f"{status.get('queued', 0)} queued")
+                     f"{status.get('queued', 0)} queued" + (f" of at most {status['queue_size']} (--queue-size)"
+                                                            if "queue_size" in status else ""))
     spec = status.get("speculation") or {}
     if spec.get("mode", "off") != "off":  # the figures /health and `tpi run --stats` name
         lines.append(f"speculation: {spec['mode']} ({spec.get('drafter', '?')}), "

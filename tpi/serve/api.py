@@ -161,7 +161,7 @@ def create_app(service: GenerationService, *, api_key: str | None = None, model_
         ok = service.engine is not None and group.get("state") in ("serving", "ready")
         return {"status": "ok" if ok else group.get("state", "starting"), "model": model_id,
                 "busy": snap["busy"], "slots": snap["slots"], "running": snap["running"], "queued": snap["queued"],
-                "group": group, "speculation": speculation()}
+                "queue_size": snap["queue_size"], "group": group, "speculation": speculation()}
 
     def speculation() -> dict:
         spec = getattr(service.engine, "speculator", None)
