@@ -144,6 +144,18 @@ def test_n_above_one_is_refused_saying_what_to_do(client):
     assert err["param"] == "n"
 
 
+def test_features_tpi_lacks_are_refused_not_silently_ignored(client):
+    for extra, name in [({"logprobs": True}, "logprobs"), ({"top_logprobs": 3}, "top_logprobs"),
+                        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                        ({"response_format": {"type": "json_object"}}, "response_format")]:
+        err = assert_openai_error(client.post("/v1/chat/completions", json=chat_body(max_tokens=1, **extra)), 422)
+        assert f"tpi does not support {name}: it answers plain text only" in err["message"], err
+    # what SDKs send by default, and other unknown fields, still pass
+    ok = chat_body(max_tokens=1, logprobs=False, tools=[], response_format={"type": "text"}, user="u", frequency_penalty=0)
+    assert client.post("/v1/chat/completions", json=ok).status_code == 200
+    assert_openai_error(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "logprobs": 2}), 422)
+
+
 def test_an_unknown_route_or_method_names_the_routes_there_are(client):
     err = assert_openai_error(client.post("/v1/chat/complete", json=chat_body()), 404, "http_404")
     assert "POST /v1/chat/complete; tpi serves POST /v1/chat/completions, POST /v1/completions" in err["message"]

@@ -14,7 +14,7 @@ from typing import Literal, Optional, Union
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
 from tpi.errors import ContextOverflowError, NotReadyError, QueueFullError, RequestError, TpiError
@@ -76,6 +76,18 @@ class SamplingFields(BaseModel):
             raise ValueError(f"n is {n} but tpi answers one choice per request; send n separate requests "
                              "(with different seeds) and leave n at 1")
         return n
+
+    @model_validator(mode="after")
+    def _no_silent_features(self):
+        """Unknown fields are ignored, except those whose answer would silently lack what they ask for."""
+        extra = self.model_extra or {}
+        fmt = extra.get("response_format")
+        asked = [name for name in ("logprobs", "top_logprobs", "tools", "functions") if extra.get(name)]
+        asked += ["response_format"] if isinstance(fmt, dict) and fmt.get("type", "text") != "text" else []
+        if asked:
+            raise ValueError(f"tpi does not support {', '.join(asked)}: it answers plain text only; drop "
+                             f"{'it' if len(asked) == 1 else 'them'} (and ask for JSON in the prompt if you need it)")
+        return self
 
 
 class ChatCompletionBody(SamplingFields):
