@@ -140,7 +140,7 @@ def test_bad_chat_requests_get_openai_errors_and_the_server_keeps_serving(client
 
 def test_n_above_one_is_refused_saying_what_to_do(client):
     err = assert_openai_error(client.post("/v1/chat/completions", json=chat_body(n=3)), 422, "invalid_type")
-    assert "n is 3 but tpi answers one choice per request; send n separate requests" in err["message"]
+    assert "n: n is 3 but tpi answers one choice per request; send n separate requests" in err["message"]
     assert err["param"] == "n"
 
 

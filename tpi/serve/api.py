@@ -145,7 +145,8 @@ def create_app(service: GenerationService, *, api_key: str | None = None, model_
             return JSONResponse(ApiError(400, "the request body is not valid JSON; send a JSON object").body(), 400)
         first = errs[0] if errs else {}
         loc = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        msg = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ())[1:]) or 'body'}: {err.get('msg')}" for err in errs[:5])
+        msg = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ())[1:]) or 'body'}: "
+                        f"{str(err.get('msg')).removeprefix('Value error, ')}" for err in errs[:5])  # our validators' own words
         return JSONResponse(ApiError(422, f"invalid request: {msg}", param=loc, code="invalid_type").body(), 422)
 
     @app.exception_handler(HTTPException)
