@@ -15,9 +15,12 @@ from tpi.devices.shapes import model_shape
 from tpi.devices.slicing import plan_cuts
 from tpi.errors import BudgetError
 from tpi.master.batch import default_slots
+from tpi.master.options import GroupOptions
+from tpi.master.setup import group_default_slots
 from tpi.model.backends import make_layers
 from tpi.model.rows import slots_refusal
 from tpi.model.weights import plan_memory
+from tpi.transport.keeper import JoinRequest
 
 QWEN7 = model_shape("qwen2.5-7b")
 
@@ -68,3 +71,14 @@ def test_the_default_parallel_comes_from_memory(smollm2_source):
     assert default_slots(cfg, 2048, "ggml", 1 << 40) == 4  # at most 4
     assert default_slots(cfg, 2048, "ggml", 1000) == 1
     assert default_slots(cfg, 2048, "torch", 1 << 40) == 1
+
+
+def test_a_groups_default_parallel_comes_from_its_smallest_room(smollm2_source):
+    cfg = smollm2_source.config
+    per_slot = 2 * cfg.n_layers * cfg.kv_dim * 2048 * 2
+    opts = GroupOptions(backend="ggml", context=2048)
+    joins = [JoinRequest(b"w1", "w1", {"free_memory_bytes": 4 * per_slot * 2}, (), "10.0.0.2", b""),
+             JoinRequest(b"w2", "w2", {}, (), "10.0.0.3", b"")]  # no free memory reported: not counted
+    assert group_default_slots(opts, cfg, 2048, joins, {"free_memory_bytes": 1 << 40}) == 2  # w1 has least room
+    budget = replace(opts, memory_budget=4 * per_slot * 3)  # rank 0's --memory-budget is its room
+    assert group_default_slots(budget, cfg, 2048, joins[1:], {"free_memory_bytes": 1 << 40}) == 3

@@ -9,10 +9,17 @@ sampling, stop strings and streaming are the same; only the steps are shared.
 
 Numbers: a sequence's logits are its lone run's where the matmul kernels round a batched row as a
 lone one (tests/test_rows.py states the rule per weight type); elsewhere they differ in the last bits.
+
+A lost device costs a pause here too (issue 16, tpi.master.resume): when a step fails because the
+group lost a device, every running sequence pauses (`pause`), `resume` waits for the re-formed group
+with the engine's Resumer, computes each slot's tokens again by the lone replay's rule over the steps
+that slot ran (`Slot.runs`: its prompt chunks fell where the other sequences left room, so not where
+a lone prefill puts them) and the batch goes on with the same SequenceStates.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +28,7 @@ import numpy as np
 
 from tpi.errors import TpiError
 from tpi.master.generate import Generation, SequenceState
+from tpi.master.resume import LOSS, replay_steps
 from tpi.model.config import PREFILL_CHUNK
 from tpi.model.rows import Rows
 
@@ -60,6 +68,17 @@ class Slot:
     index: int
     cached: list[int] = field(default_factory=list)
     run: Running | None = None
+    runs: list[tuple[int, int]] = field(default_factory=list)  # (start, rows) of the steps that computed `cached`
+
+
+@dataclass
+class Pause:
+    """Running sequences waiting for the group to re-form: what each slot held, from when, and why."""
+
+    since: float  # time.monotonic() of the failed step
+    epoch: int  # engine.epoch the failed step ran in
+    failure: TpiError
+    held: dict[int, tuple[list[int], list[tuple[int, int]]]]  # slot -> (cached, runs) to compute again
 
 
 class Batch:
@@ -73,6 +92,8 @@ class Batch:
         self.slots = [Slot(i) for i in range(engine.slots)]
         self.steps = self.rows = 0  # steps run, rows they carried
         self.step_s = 0.0  # seconds in engine.step
+        self.pause: Pause | None = None  # a device loss interrupted the running sequences: resume() them
+        self.closing = threading.Event()  # the owner shuts down: a pause ends at once
 
     @property
     def running(self) -> int:
@@ -127,13 +148,9 @@ class Batch:
         rows = Rows(tuple(s.index for s, _ in plan), tuple(len(s.cached) for s, _ in plan),
                     tuple(n for _, n in plan), outputs)
         t0 = time.perf_counter()
-        try:
-            logits = self.engine.step(ids, rows)
-        except TpiError as e:  # the group failed this step: what every slot holds is suspect, every sequence fails
-            for s in self.slots:
-                s.cached = []
-                self._fail(s, e)
-            raise
+        logits = self._run_step(ids, rows)
+        if logits is None:  # paused: the group lost a device, resume() goes on
+            return
         self.steps += 1
         self.rows += len(ids)
         self.step_s += time.perf_counter() - t0
@@ -143,6 +160,90 @@ class Batch:
             if out:
                 self._advance(s, logits[at])
                 at += 1
+
+    def _run_step(self, ids: list[int], rows: Rows) -> np.ndarray | None:
+        """engine.step, noting each slot's step; None when a lost device paused the running sequences."""
+        epoch = self.engine.epoch
+        try:
+            logits = self.engine.step(ids, rows)
+        except TpiError as e:  # the group failed this step: what every slot holds is suspect
+            held = {s.index: (s.cached, s.runs) for s in self.slots if s.run is not None}
+            for s in self.slots:
+                s.cached, s.runs = [], []
+            if isinstance(e, LOSS) and self.engine.resume is not None:  # a group that re-forms: pause
+                self.pause = Pause(time.monotonic(), epoch, e, held)
+                log.warning("%d running sequence(s) paused: %s", len(held), e)
+                return None
+            for s in self.slots:
+                self._fail(s, e)
+            raise
+        self._ran(rows)
+        return logits
+
+    def _ran(self, rows: Rows) -> None:
+        """Note the step each slot ran (a replay repeats it: tpi.master.resume.replay_steps)."""
+        for slot, start, count in zip(rows.slots, rows.starts, rows.counts):
+            s = self.slots[slot]
+            ran = [(start + i, 1) for i in range(count)] if rows.exact else [(start, count)]  # exact: one-row bits
+            s.runs = _runs_below(s.runs, start) + ran
+
+    def resume(self) -> None:
+        """Ride out a pause (the caller does not hold engine.lock): wait for the re-formed group with the
+        engine's Resumer, compute every running slot's tokens again and go on; the sequences fail only where
+        a lone one would (the group degrades, or does not serve again within --resume-timeout)."""
+        resumer, pause = self.engine.resume, self.pause
+        everyone_gone = _AllCancelled(self)
+        while self.pause is not None:
+            try:
+                cause = resumer.wait(self.engine, pause.epoch, pause.failure, everyone_gone)
+            except TpiError as e:
+                self.fail_all(e)
+                return
+            if self.closing.is_set():  # the owner fails what runs (fail_all)
+                return
+            with self.engine.lock:
+                for s in self.slots:
+                    if s.run is not None and s.run.cancelled():
+                        self._finish(s, "cancelled")
+                if not self.running:
+                    self.pause = None
+                    return
+                pause.epoch, t0 = self.engine.epoch, time.monotonic()
+                try:
+                    self._replay(pause.held, resumer.chunk)
+                except LOSS as e:  # lost again during the replay: the pause goes on
+                    pause.failure = e
+                    continue
+                except TpiError as e:
+                    self.fail_all(e)
+                    return
+                self.pause = None
+                for s in self.slots:
+                    if s.run is not None:
+                        paused = resumer.resumed(s.run.seq.out, pause.since, cause, len(pause.held[s.index][0]), t0)
+                        if s.run.first_token:  # its decode time leaves the pause out, as a lone one's does
+                            s.run.first_token += paused
+
+    def _replay(self, held: dict, chunk: int) -> None:
+        """Compute each running slot's held tokens again on every rank, in the steps replay_steps gives for
+        the steps it ran, the slots side by side (each row's attention is its own slot's)."""
+        self.engine.reset()
+        for s in self.slots:
+            s.cached, s.runs = [], []
+        plans = []  # (slot, tokens, steps)
+        for s in self.slots:
+            if s.run is not None:
+                tokens, runs = held[s.index]
+                plans.append((s, tokens, replay_steps(_runs_below(runs, len(tokens)), chunk)))
+        for i in range(max((len(steps) for _, _, steps in plans), default=0)):
+            now = [(s, tokens, steps[i]) for s, tokens, steps in plans if i < len(steps)]
+            ids = [t for _, tokens, (start, n) in now for t in tokens[start:start + n]]
+            rows = Rows(tuple(s.index for s, _, _ in now), tuple(start for _, _, (start, _) in now),
+                        tuple(n for _, _, (_, n) in now), (0,) * len(now))
+            self.engine.step(ids, rows)
+            self._ran(rows)
+            for s, tokens, (start, n) in now:
+                s.cached += tokens[start:start + n]
 
     def _advance(self, s: Slot, logits: np.ndarray) -> None:
         """Sample a sequence's next token from its logits; its errors end only it."""
@@ -188,10 +289,27 @@ class Batch:
             run.on_done(None, error)
 
     def fail_all(self, error: TpiError) -> None:
-        """End every running sequence with error (the service shuts down)."""
+        """End every running sequence with error (the service shuts down, a pause ends without a group)."""
+        self.pause = None
         for s in self.slots:
             if s.run is not None:
                 self._fail(s, error)
+
+
+class _AllCancelled:
+    """Ends a paused batch's wait early (Resumer.wait's cancel): nobody is left to resume."""
+
+    def __init__(self, batch: Batch):
+        self.batch = batch
+
+    def is_set(self) -> bool:
+        runs = [s.run for s in self.batch.slots if s.run is not None]
+        return self.batch.closing.is_set() or all(r.cancelled() for r in runs)
+
+
+def _runs_below(runs: list[tuple[int, int]], end: int) -> list[tuple[int, int]]:
+    """The steps (start, rows) cut to the positions below end."""
+    return [(start, min(n, end - start)) for start, n in runs if start < end]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -12,7 +12,9 @@ and a matmul on weights ggml repacked (CPU_REPACK: Q4_0, Q4_K, IQ4_NL) over 4 or
 instead of gemv (ggml-cpu/repack.cpp); both round differently. So the replay runs the prompt as the
 first prefill did, the streamed tokens in steps of `replay_chunk` rows (63, or 3 with repacked weight
 types), and the last one alone: every rank's cache and the next logits are the undisturbed run's, bit
-for bit (tests/test_resume_replay.py), and a greedy answer is identical.
+for bit (tests/test_resume_replay.py), and a greedy answer is identical. `replay_steps` states that
+rule over the steps a sequence ran, so a batched sequence (tpi.master.batch, whose prompt chunks fall
+where the other sequences left room) replays by the same rule as a lone one.
 
 The request fails (GroupUnavailableError, a 503) only when the group degrades (no group can be formed),
 or does not serve again within GroupOptions.resume_bound_s.
@@ -28,7 +30,7 @@ from collections.abc import Callable
 from tpi.errors import GroupError, GroupUnavailableError
 from tpi.master.events import RequestResumed
 from tpi.master.generate import Generation, SequenceState, run_sequence
-from tpi.model.config import layer_name
+from tpi.model.config import PREFILL_CHUNK, layer_name
 from tpi.quant.formats import ggml_type_info, is_ggml
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ REPLAY_CHUNK = 63  # rows per replay step: below ggml's 64-row flash-attention t
 REPACKED_CHUNK = 3  # ... and below the 4 rows from which ggml multiplies repacked weights by gemm
 REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})  # tpi.quant.ggml_backend.REPACK_TYPES, by name
 POLL_S = 0.05
+LOSS = (GroupError, GroupUnavailableError)  # what a step raises when the group lost a device
 
 
 class Resumer:
@@ -71,10 +74,10 @@ class Resumer:
                         out = run_sequence(engine, seq, keep, cancel)
                     out.text = "".join(kept)
                     return out
-                except (GroupError, GroupUnavailableError) as e:
+                except LOSS as e:
                     failure = e
                     pause.setdefault("since", time.monotonic())  # a loss during the replay extends the pause
-            pause["cause"] = self._wait(engine, epoch, failure, cancel)
+            pause["cause"] = self.wait(engine, epoch, failure, cancel)
             if cancel is not None and cancel.is_set():  # cancelled during the pause: end it here
                 seq.out.finish_reason, seq.out.text = "cancelled", "".join(kept)
                 return seq.out
@@ -83,16 +86,26 @@ class Resumer:
         """Compute the history again on the re-formed group (see the module docstring), then go on."""
         t0 = time.monotonic()
         replayed = replay(engine, seq, self.chunk)
-        paused, cause = time.monotonic() - pause.pop("since"), pause.pop("cause")
-        seq.out.pauses.append({"paused_s": round(paused, 3), "cause": cause, "replayed_tokens": replayed,
-                               "replay_s": round(time.monotonic() - t0, 3)})
-        self.report(RequestResumed(round(paused, 2), cause, replayed))
-        log.info("request resumed after %.2fs (%s); %d tokens re-prefilled", paused, cause, replayed)
+        self.resumed(seq.out, pause.pop("since"), pause.pop("cause"), replayed, t0)
         with _reusing_cache(engine):  # the last token runs alone, as the undisturbed decode step did
             return run_sequence(engine, seq, emit, cancel)
 
-    def _wait(self, engine, epoch: int, failure: Exception, cancel: threading.Event | None) -> str:
+    def resumed(self, out: Generation, since: float, cause: str, replayed: int, replay_t0: float) -> float:
+        """Record a pause that ended (monotonic since, replay_t0) in out.pauses and the group's events;
+        returns its length."""
+        now = time.monotonic()
+        paused = now - since
+        out.pauses.append({"paused_s": round(paused, 3), "cause": cause, "replayed_tokens": replayed,
+                           "replay_s": round(now - replay_t0, 3)})
+        self.report(RequestResumed(round(paused, 2), cause, replayed))
+        log.info("request resumed after %.2fs (%s); %d tokens re-prefilled", paused, cause, replayed)
+        return paused
+
+    def wait(self, engine, epoch: int, failure: Exception, cancel) -> str:
         """Block until the group serves on a new communicator; returns the pause's cause.
+
+        epoch: engine.epoch when the failed step began. cancel (anything with is_set(), or None) ends
+        the wait early.
 
         Raises the failure itself when the group saw no loss (a device that is slow, not gone), and
         GroupUnavailableError when the group degrades or does not re-form within the bound.
@@ -135,6 +148,30 @@ def replay_chunk(source) -> int:
     return REPACKED_CHUNK if types & REPACKED_TYPES else REPLAY_CHUNK
 
 
+def replay_steps(runs: list[tuple[int, int]], chunk: int = REPLAY_CHUNK) -> list[tuple[int, int]]:
+    """The steps (start, rows) that compute again what a sequence's steps `runs` (start, rows; in order,
+    from position 0) computed, bit for bit: a step of more than `chunk` rows as it ran (ggml's kernels
+    for its row count), the small ones (decode rows, short prompt chunks) joined into steps of up to
+    `chunk` rows, whose every row ggml computes as in a one-row step; see the module docstring."""
+    steps: list[tuple[int, int]] = []
+    small = None  # [start, rows] of the small steps being joined
+    for start, rows in runs:
+        if rows > chunk:
+            if small:
+                steps += _split(*small, chunk)
+            steps.append((start, rows))
+            small = None
+        elif small is None:
+            small = [start, rows]
+        else:
+            small[1] += rows
+    return steps + (_split(*small, chunk) if small else [])
+
+
+def _split(start: int, rows: int, chunk: int) -> list[tuple[int, int]]:
+    return [(s, min(chunk, start + rows - s)) for s in range(start, start + rows, chunk)]
+
+
 def replay(engine, seq: SequenceState, chunk: int = REPLAY_CHUNK) -> int:
     """Put seq's history but its last token into every rank's cache, as the undisturbed run computed it.
 
@@ -143,10 +180,12 @@ def replay(engine, seq: SequenceState, chunk: int = REPLAY_CHUNK) -> int:
     if not seq.tokens:
         return 0
     engine.reset()
-    engine.prefill(seq.prompt)  # chunked from 0, as the first prefill ran
     history = seq.history()
-    for start in range(len(seq.prompt), len(history) - 1, chunk):
-        engine.forward(history[start : min(start + chunk, len(history) - 1)], start)
+    prompt = len(seq.prompt)
+    ran = [(i, min(PREFILL_CHUNK, prompt - i)) for i in range(0, prompt, PREFILL_CHUNK)]  # engine.prefill's steps
+    ran += [(p, 1) for p in range(prompt, len(history) - 1)]  # then one decode step per token
+    for start, rows in replay_steps(ran, chunk):
+        engine.forward(history[start : start + rows], start)
     return len(history) - 1
 
 

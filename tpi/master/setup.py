@@ -58,17 +58,13 @@ def start_group(opts: GroupOptions, on_event=log_event, link: MasterLink | None 
     reforming = link is not None
     opts = _with_backends(opts, report=not reforming)
     model = _open(opts)
-    if opts.slots == 0:  # --parallel's default (a re-formed group keeps its number)
-        # from memory on one device; 1 in a group: batched sequences do not resume after a device loss yet
-        # (tpi.master.resume runs one sequence), and one request's pause beats every request's failure
-        room = opts.memory_budget or memory_bytes()[1]
-        slots = 1 if opts.world > 1 else default_slots(model.cfg, model.context, opts.backend, room)
-        opts = replace(opts, slots=slots)
-        log.info("serving %d sequence(s) at once (--parallel)", opts.slots)
     chunk = replay_chunk(model.source)  # before rank 0 lets go of the source (under a budget)
     net = _Network(link, own=not reforming)
     try:
         joins, master_profile = _gather(opts, model, net, on_event)
+        if opts.slots == 0:  # --parallel's default (a re-formed group keeps its number)
+            opts = replace(opts, slots=group_default_slots(opts, model.cfg, model.context, joins, master_profile))
+            log.info("serving %d sequence(s) at once (--parallel)", opts.slots)
         split = _plan(opts, model, net.link, joins, master_profile, on_event)
         layers = make_layers(opts.backend, model.cfg, split.shards[0], model.context, model.threads, opts.slots)
         cut = _cut(opts, model, split, layers, on_event)
@@ -193,6 +189,16 @@ def _streams(opts: GroupOptions) -> bool:
 
 def _planning(opts: GroupOptions, world: int) -> bool:
     return (world > 1 and opts.ratios is None) or opts.always_plan
+
+
+def group_default_slots(opts: GroupOptions, cfg, context: int, joins: list, master_profile: dict) -> int:
+    """--parallel's default from the smallest room among the ranks: rank 0's (--memory-budget, else the
+    free memory its profile or this machine reports) and each joined device's profile. Each slot is
+    counted as the whole model's KV cache, which is more than any rank holds of it, and at least what
+    the ranks sharing one machine (local workers) hold together, so the smallest room is a safe bound."""
+    rooms = [opts.memory_budget or master_profile.get("free_memory_bytes") or memory_bytes()[1]]
+    rooms += [j.profile["free_memory_bytes"] for j in joins if (j.profile or {}).get("free_memory_bytes")]
+    return default_slots(cfg, context, opts.backend, min(rooms))
 
 
 # ---- step 3: plan the split ----

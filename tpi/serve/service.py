@@ -246,7 +246,8 @@ class GenerationService:
         self._active += 1
 
     def _step(self) -> None:
-        """One batched step; a failed step has already failed its sequences."""
+        """One batched step; a failed step has already failed its sequences, or paused them (a group that
+        lost a device: they wait here, outside the engine's lock, and resume on the re-formed group)."""
         with self.engine.lock:
             try:
                 self.batch.step()
@@ -255,6 +256,12 @@ class GenerationService:
             except Exception as e:  # a bug fails the running requests, not the service thread
                 log.exception("a batched step failed")
                 self.batch.fail_all(TpiError(f"internal error during generation: {e!r}; see the log"))
+        if self.batch.pause is not None:
+            try:
+                self.batch.resume()
+            except Exception as e:  # a bug fails the paused requests, not the service thread
+                log.exception("resuming the paused requests failed")
+                self.batch.fail_all(TpiError(f"internal error while resuming: {e!r}; see the log"))
 
     def _run(self, ticket: Ticket) -> None:
         req = ticket.request
@@ -339,6 +346,8 @@ class GenerationService:
             t.emit(ServiceEvent("error", error=RequestError("the generation service shut down before this request ran")))
         if running is not None:
             running.cancel_event.set()
+        if self.batch is not None:  # a pause waiting for the group ends
+            self.batch.closing.set()
         self._thread.join(timeout)
 
 
