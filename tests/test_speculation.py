@@ -61,6 +61,16 @@ def test_options_refuse_bad_input():
         SpeculationOptions(mode="always")
     with pytest.raises(TpiError, match="--draft"):
         SpeculationOptions(mode="lookup", draft="x.gguf")
+    # checked here, before anything loads: with --parallel > 1 the speculator (which opens it) is never built
+    with pytest.raises(TpiError, match="--draft missing.gguf: no such file"):
+        SpeculationOptions(mode="auto", draft="missing.gguf")
+
+
+def test_a_draft_that_is_no_model_is_refused_naming_the_flag(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model")
+    with pytest.raises(TpiError, match=r"^--draft .*notes.txt cannot be the draft model: .*not a readable GGUF"):
+        DraftModel.open(str(notes), None, 64, 1)
 
 
 class _Vocab:
@@ -132,6 +142,18 @@ def test_speculation_gives_plain_decoding_tokens(params, smol_engine):
     assert scripted.tokens == plain.tokens
     stats = scripted.stats()
     assert 0 < stats["spec_accepted"] < stats["spec_drafted"] and stats["tokens_per_forward"] > 1.0, stats
+
+
+def test_per_draft_acceptance_is_the_rate_the_planner_takes(smol_engine):
+    """ScriptedDrafter gets every third position wrong: once in step, each verify pass keeps 2 drafts and
+    rejects the third, so a draft is kept 2/3 of the time when those before it were (the planner's
+    acceptance, E(k) = 1 + a + ... + a^k), while the share of the 8 drafted tokens kept is 2/8."""
+    params = SamplingParams(temperature=0.0)
+    plain = generate(smol_engine, "off", params, n=40)
+    prompt = smol_engine.tokenizer.encode(REPEATING, add_bos=True, special=True)
+    stats = generate(smol_engine, "lookup", params, n=40, drafter=ScriptedDrafter(prompt, plain.tokens)).stats()
+    assert abs(stats["spec_acceptance_per_draft"] - 2 / 3) < 0.08, stats
+    assert stats["spec_acceptance"] < 0.4, stats
 
 
 def test_lookup_on_repeating_text_yields_several_tokens_per_forward(smol_engine):

@@ -26,7 +26,7 @@ def serve(
     api_host: Annotated[str, typer.Option("--api-host", help="address of the OpenAI-compatible API")] = "127.0.0.1",
     api_port: Annotated[int, typer.Option("--api-port", help="port of the API (0 = any free port, printed)")] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", help="require this Bearer key on the API (not on /health)", envvar="TPI_API_KEY")] = None,
-    queue_size: Annotated[int, typer.Option("--queue-size", help="requests that may wait while one runs; more get 429")] = 8,
+    queue_size: Annotated[int, typer.Option("--queue-size", help="requests that may wait while every --parallel slot is busy; more get 429 with Retry-After")] = 8,
     prompt_cache: Annotated[bool, typer.Option("--prompt-cache", help="reuse the previous request's cached prefix (faster multi-turn; answers may differ in the last bits)")] = False,
     parallel: Annotated[Optional[int], typer.Option("--parallel", help="requests answered at once, each with its own KV cache on every device (default on one device: as many as fit in a quarter of free memory, at most 4, 1 on torch; in a group: 1, since batched requests do not resume after a device loss yet; with --draft: 1, a draft model runs one sequence)")] = None,
     prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="prompt tokens read per step while other requests decode (smaller: steadier tokens for the others, slower long prompts)")] = 128,

@@ -29,7 +29,7 @@ import numpy as np
 from tpi.devices.speculation_cost import MAX_DRAFT, expected_tokens  # the planner's model of the same steps
 from tpi.errors import TpiError
 from tpi.master.acceptance import verify
-from tpi.master.drafters import DraftModel, PromptLookup
+from tpi.master.drafters import DraftModel, PromptLookup, check_draft_path
 from tpi.master.sampler import SamplingParams, sample, token_rng
 
 MODES = ("auto", "off", "lookup")
@@ -54,6 +54,8 @@ class SpeculationOptions:
         if self.draft is not None and self.mode != "auto":
             raise TpiError(f"--draft needs --speculate auto (it is {self.mode}): a draft model's k adapts "
                            "to its acceptance; drop --draft for prompt lookup")
+        if self.draft is not None:
+            check_draft_path(self.draft)
         if not 1 <= self.max_draft <= 64:
             raise TpiError(f"{self.max_draft} drafted tokens per step is out of range: use 1 to 64")
 
@@ -161,6 +163,7 @@ class SpeculationStats:
     verify_forwards: int = 0
     drafted: int = 0  # drafts verified
     accepted: int = 0
+    rejections: int = 0  # verify forwards that rejected a draft (the drafts after it were not judged)
     tokens: int = 0  # tokens the decode forwards yielded
 
     def add(self, other: "SpeculationStats") -> None:
@@ -171,6 +174,10 @@ class SpeculationStats:
         return {"spec_forwards": self.forwards, "spec_verify_forwards": self.verify_forwards,
                 "spec_drafted": self.drafted, "spec_accepted": self.accepted,
                 "spec_acceptance": self.accepted / self.drafted if self.drafted else 0.0,
+                # the chance a draft is kept once those before it were: the rate `tpi plan --acceptance` takes
+                # (spec_acceptance counts the drafts after a rejection as lost, so it reads lower)
+                "spec_acceptance_per_draft": (self.accepted / (self.accepted + self.rejections)
+                                              if self.accepted + self.rejections else 0.0),
                 "tokens_per_forward": self.tokens / self.forwards if self.forwards else 0.0}
 
 
@@ -236,6 +243,7 @@ class Speculator:
                 engine.truncate(n + verdict.accepted)
             self.policy.record_verify(k, verdict.accepted, seconds, draft.seconds)
             stats_now.drafted, stats_now.accepted = k, verdict.accepted
+            stats_now.rejections = int(verdict.accepted < k)
             tokens = list(verdict.tokens)
         stats_now.tokens = len(tokens)
         stats.add(stats_now)

@@ -164,9 +164,10 @@ def slots_refusal(error: Exception, plan: Callable[[int], object], slots: int) -
         except type(error):
             continue
         else:
-            return type(error)(f"{error}; {slots} KV caches (--parallel {slots}) do not fit: the most that "
-                               f"fit are {n}, use --parallel {n}")
-    return type(error)(f"{error}; not even one KV cache fits (--parallel 1)")
+            # the fix first: the memory figures after it are for the N asked for, and suggest other fixes
+            return type(error)(f"{slots} KV caches (--parallel {slots}) do not fit: the most that fit are {n}, "
+                               f"use --parallel {n} (with {slots}: {error})")
+    return type(error)(f"not even one KV cache fits (--parallel 1): {error}")
 
 
 MADV_NOHUGEPAGE = 15  # linux/mman.h
