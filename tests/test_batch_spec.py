@@ -73,6 +73,11 @@ def test_four_greedy_requests_with_lookup_drafts_each_get_their_lone_plain_answe
     drafted = sum(g.speculation["spec_drafted"] for g in got)
     accepted = sum(g.speculation["spec_accepted"] for g in got)
     assert 0 < accepted < drafted, [g.speculation for g in got]  # drafts verified, some kept, some rolled back
+    # the planner's --acceptance: kept / (kept + verify passes that rejected one); a rollback counts
+    for g in got:
+        st = g.speculation
+        assert st["spec_acceptance"] <= st["spec_acceptance_per_draft"] <= 1.0, st
+    assert any(g.speculation["spec_acceptance_per_draft"] < 1.0 for g in got), [g.speculation for g in got]
     assert batch.rows > batch.steps  # steps carried several rows
     status = spec_engine.speculator.status()  # what /health shows
     assert status["spec_drafted"] >= drafted and status["tokens_per_forward"] > 1

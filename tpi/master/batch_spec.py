@@ -139,7 +139,8 @@ class BatchSpeculation:
         n, drafts = len(history), s.drafts
         verdict = verify(rows, drafts, params, history, lambda j: token_rng(seed, n + j))
         now = SpeculationStats(forwards=1, verify_forwards=int(bool(drafts)), drafted=len(drafts),
-                               accepted=verdict.accepted, tokens=len(verdict.tokens))
+                               accepted=verdict.accepted, tokens=len(verdict.tokens),
+                               rejections=int(verdict.accepted < len(drafts)))
         if drafts:
             s.policy.record_verify(len(drafts), verdict.accepted, 0.0, s.draft_s)
             self.speculator.policy.record_acceptance(len(drafts), verdict.accepted)  # /health's estimate
