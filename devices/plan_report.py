@@ -172,6 +172,9 @@ def decode_lines(plan: GroupPlan) -> list[str]:
     e = spec.estimate(plan)
     fast = (f"{e.token_s * 1e3:.1f} ms/token with speculation (k = {e.k}, {e.tokens_per_step:.2f} tokens per step)"
             if e.k else f"{plain:.1f} ms/token with speculation too (no k gains enough: auto stays plain)")
+    if plan.plain_guard:  # speculation assumed, but the group is the plain choice's (planner.PLAIN_SLACK)
+        return [f"decode: prompt-grounded tasks {fast}; open-ended tasks {plain:.1f} ms/token plain, the figure the "
+                f"group is chosen for: {plan.plain_guard}", f"{spec.words()}"] + lines
     return [f"decode: prompt-grounded tasks {fast}, the figure the group is chosen for; open-ended tasks "
             f"{plain:.1f} ms/token plain", f"{spec.words()}"] + lines
 
@@ -291,7 +294,9 @@ def plan_json(plan: GroupPlan, acceptance: float | None = None) -> dict[str, Any
                           "mode": spec.mode,
                           "acceptance_source": "given" if spec.given else "assumed",
                           "open_ended_ms_per_token": plain_ms, "assumptions": spec.words()}
-    out["objective"] = "speculative" if plan.speculation and plan.speculation.on else "plain"
+    out["objective"] = "speculative" if plan.speculation and plan.speculation.on and not plan.plain_guard else "plain"
+    if plan.plain_guard:
+        out["objective_reason"] = plan.plain_guard
     out["predicted_decode_ms_per_token"] = round(plan.decode_s * 1e3, 3)
     out["master_link"] = "wired full duplex" if pred.params.master_full_duplex else "one direction at a time"
     out["link_assumptions"] = link_words(plan)

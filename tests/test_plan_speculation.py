@@ -53,6 +53,23 @@ def test_the_group_is_chosen_for_its_speculative_time_where_that_differs(wired_i
     assert any("with speculation" in why for _, why in spec.excluded)
 
 
+def test_a_group_that_only_speculation_favours_is_not_kept_when_it_slows_open_ended_text(tmp_path):
+    """examples/devices.toml at 90 % of drafts kept: the group best for speculation alone is 4 devices,
+    which would decode chat and stories about 3x slower than the plain choice; the plan keeps the plain
+    choice's group (PLAIN_SLACK), says why, and still reports its speculative figure."""
+    devices = Path(__file__).resolve().parents[1] / "examples" / "devices.toml"
+    plain = plan_command("llama-2-70b", devices, speculation=SpeculationPlan("off"))
+    spec = plan_command("llama-2-70b", devices, speculation=SpeculationPlan(acceptance=0.9))
+    assert spec.names == plain.names
+    assert spec.prediction.token_latency_s == pytest.approx(plain.prediction.token_latency_s)
+    assert spec.decode_s < 0.7 * plain.decode_s  # it still speculates on prompt-grounded tasks
+    assert "4 devices" in spec.plain_guard and "open-ended" in spec.plain_guard
+    out = plan_json(spec)
+    assert out["objective"] == "plain" and out["objective_reason"] == spec.plain_guard
+    text = RUNNER.invoke(app, ["plan", "llama-2-70b", "--devices", str(devices), "--acceptance", "0.9"]).output
+    assert "the figure the group is chosen for: the group best for speculation alone" in text
+
+
 def test_auto_stays_plain_where_no_k_gains_its_margin(laptops):
     """Over Wi-Fi with the planner's own wire, verifying rows costs about what it saves: auto's
     10% margin keeps it plain, and the plan says so rather than promising a speculative gain."""
