@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -85,7 +86,7 @@ def run_one(bench: Benchmark, smoke: bool, python: str) -> str:
     """The doc section of one benchmark: heading, command, date, duration, then its stdout (or why not)."""
     script = HERE / bench.script
     args = ("--smoke",) if smoke else bench.args
-    command = f"python bench/{bench.script} {' '.join(args)}".rstrip()
+    command = shlex.join(["python", f"bench/{bench.script}", *args])  # quoted: an empty value stays copyable
     head = [f"## {bench.name}", "", f"{bench.about}.", "", f"Command: `{command}`  "]
     if not script.exists():
         return "\n".join(head + ["", f"**Not run: bench/{bench.script} is missing.**"])

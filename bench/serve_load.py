@@ -10,6 +10,10 @@ server's own counters (GET /v1/tpi/status): rows per step and milliseconds per s
 
     python bench/serve_load.py [--model PATH] [--tokens 128] [--concurrency 1,2,4,8] [--rounds 3]
     python bench/serve_load.py --setups one,group --threads 2 --group-threads 1
+    python bench/serve_load.py --setups group --speculate off,lookup --prompt edit --concurrency 1,4
+
+--speculate runs one server per mode, all up at once, rounds interleaved across modes; "vs off" is
+each row's aggregate tokens/s against the first mode's at the same concurrency, in the same run.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_info, median, print_table  # noqa: E402
+from spec_prompts import EDIT_REQUEST, STORY_REQUEST  # noqa: E402
 
 QUESTIONS = ["Tell me a long story about a lighthouse keeper.", "Explain how bread rises, step by step.",
              "Describe the water cycle in detail.", "Write a letter to a friend about a trip to the mountains.",
@@ -86,7 +91,7 @@ def one_request(client, question: str, tokens: int) -> dict:
     return {"t0": t0, "stamps": stamps, "end": time.perf_counter(), "tokens": usage or len(stamps)}
 
 
-def run_round(server: Server, concurrency: int, tokens: int) -> dict:
+def run_round(server: Server, concurrency: int, tokens: int, questions: list[str]) -> dict:
     """concurrency requests at once; aggregate tokens/s over the wall time, and their latencies."""
     import openai
 
@@ -94,7 +99,7 @@ def run_round(server: Server, concurrency: int, tokens: int) -> dict:
     before = server.batch_counters()
     results: list[dict] = [{}] * concurrency
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(
-        i, one_request(client, QUESTIONS[i % len(QUESTIONS)], tokens))) for i in range(concurrency)]
+        i, one_request(client, questions[i % len(questions)], tokens))) for i in range(concurrency)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -116,28 +121,37 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def bench_setup(label: str, args: list[str], concurrencies: list[int], rounds: int, tokens: int, tmp: Path) -> list:
-    server = Server(args, tmp, label)
+def bench_setup(label: str, args: list[str], modes: list[str], concurrencies: list[int], rounds: int, tokens: int,
+                questions: list[str], tmp: Path) -> list:
+    """One server per --speculate mode, all up at once; rounds interleave concurrencies and modes."""
+    servers = {}
     try:
-        run_round(server, 1, 8)  # warm-up: graphs built, caches touched
-        per = {c: [] for c in concurrencies}
+        for mode in modes:
+            servers[mode] = Server(args + ["--speculate", mode], tmp, f"{label}-{mode}".replace(" ", "_"))
+            run_round(servers[mode], 1, 8, questions)  # warm-up: graphs built, caches touched
+        per = {(m, c): [] for m in modes for c in concurrencies}
         for _ in range(rounds):
             for c in concurrencies:
-                per[c].append(run_round(server, c, tokens))
+                for m in modes:
+                    per[m, c].append(run_round(servers[m], c, tokens, questions))
     finally:
-        server.close()
-    anchor = median([r["tok_s"] for r in per[concurrencies[0]]])
+        for server in servers.values():
+            server.close()
     rows = []
-    for c in concurrencies:
-        rs = per[c]
-        tok_s = median([r["tok_s"] for r in rs])
-        ttft = [x for r in rs for x in r["ttft"]]
-        itl = [x for r in rs for x in r["itl"]]
-        rows.append([label, c, f"{tok_s:.1f}", f"{tok_s / anchor:.2f}x",
-                     f"{1e3 * percentile(ttft, 50):.0f}", f"{1e3 * percentile(ttft, 95):.0f}",
-                     f"{1e3 * percentile(itl, 50):.1f}", f"{1e3 * percentile(itl, 95):.1f}",
-                     f"{median([r['rows_per_step'] for r in rs]):.2f}", f"{median([r['ms_per_step'] for r in rs]):.1f}"])
-    print(f"  {label}: {server.command}", file=sys.stderr)
+    for m in modes:
+        anchor = median([r["tok_s"] for r in per[m, concurrencies[0]]])
+        for c in concurrencies:
+            rs = per[m, c]
+            tok_s = median([r["tok_s"] for r in rs])
+            base = median([r["tok_s"] for r in per[modes[0], c]])
+            ttft = [x for r in rs for x in r["ttft"]]
+            itl = [x for r in rs for x in r["itl"]]
+            rows.append([label, m, c, f"{tok_s:.1f}", f"{tok_s / anchor:.2f}x", f"{tok_s / base:.2f}x",
+                         f"{1e3 * percentile(ttft, 50):.0f}", f"{1e3 * percentile(ttft, 95):.0f}",
+                         f"{1e3 * percentile(itl, 50):.1f}", f"{1e3 * percentile(itl, 95):.1f}",
+                         f"{median([r['rows_per_step'] for r in rs]):.2f}",
+                         f"{median([r['ms_per_step'] for r in rs]):.1f}"])
+        print(f"  {label} ({m}): {servers[m].command}", file=sys.stderr)
     return rows
 
 
@@ -191,10 +205,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads of the one-device server")
     ap.add_argument("--group-threads", type=int, default=1, help="threads of each process of the 2-device group")
     ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--speculate", default="off",
+                    help="comma-separated --speculate modes, one server each (the first is the 'vs' anchor)")
+    ap.add_argument("--prompt", choices=("chat", "edit", "story"), default="chat",
+                    help="chat: mixed questions; edit, story: bench/spec_prompts.py's prompt-grounded edit, open story")
     ap.add_argument("--step-profile", action="store_true",
                     help="also time one device's step by rows in process (what bounds the one-device ratio)")
     a = ap.parse_args()
     concurrencies = [int(c) for c in a.concurrency.split(",")]
+    modes = a.speculate.split(",")
+    questions = {"chat": QUESTIONS, "edit": [EDIT_REQUEST], "story": [STORY_REQUEST]}[a.prompt]
     parallel = str(max(concurrencies))
     common = ([a.model] if a.model else []) + ["--parallel", parallel, "--context", str(a.context), "--backend", "ggml"]
     setups = {"one": ("one device", common + ["--threads", str(a.threads)]),
@@ -204,10 +224,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tpi-serve-load-") as tmp:
         for key in a.setups.split(","):
             label, args = setups[key]
-            rows += bench_setup(label, args, concurrencies, a.rounds, a.tokens, Path(tmp))
-    print_table("tpi serve --parallel: aggregate throughput and latency", ["setup", "concurrency", "aggregate tok/s", "vs 1", "TTFT p50 ms", "TTFT p95 ms",
-                 "ITL p50 ms", "ITL p95 ms", "rows/step", "ms/step"], rows,
-                [f"{a.tokens}-token greedy chat requests, medians of {a.rounds} interleaved rounds",
+            rows += bench_setup(label, args, modes, concurrencies, a.rounds, a.tokens, questions, Path(tmp))
+    print_table("tpi serve --parallel: aggregate throughput and latency",
+                ["setup", "--speculate", "concurrency", "aggregate tok/s", "vs 1", f"vs {modes[0]}", "TTFT p50 ms",
+                 "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms", "rows/step", "ms/step"], rows,
+                [f"{a.tokens}-token greedy {a.prompt} requests, medians of {a.rounds} interleaved rounds",
                  f"machine: {machine_info()}", "command: python bench/serve_load.py " + " ".join(sys.argv[1:])])
     if a.step_profile:
         print_table(f"one device's step by rows ({a.threads} thread(s), in process)",

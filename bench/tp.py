@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -354,9 +355,9 @@ def speculation_rows(args, model: str | None, tmp: Path, tokens: int) -> None:
                 notes=["edit: rewrite a ~300-token Python file with one function renamed (bench/spec_prompts.py); "
                        "story: an open-ended story prompt. auto = prompt lookup, k adapted to the measured acceptance.",
                        "Ratios pair each auto run with the off run just before it in the same process and group.",
-                       "command: python bench/tp.py " + " ".join(sys.argv[1:])])
+                       "command: python bench/tp.py " + shlex.join(sys.argv[1:])])
     edit = next(r for r in results if r["label"].startswith("1 device"))["edit"]["auto"]
-    speculation_ceiling(model, median([a["spec_acceptance"] for a in edit]), args.rounds)
+    speculation_ceiling(model, median([a["spec_acceptance_per_draft"] for a in edit]), args.rounds)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
@@ -425,7 +426,7 @@ def report(rounds: list[list[dict]], rtt: float, args, model: str | None) -> Non
                "proxied connection at that rate (its ideal column counts latency only, not bytes).",
                f"{'CURVE off (--insecure)' if args.insecure else 'CURVE on'}. Shared, noisy machine: "
                "other jobs were running; compare ratios (each to the best single device of its own round).",
-               "command: python bench/tp.py " + " ".join(sys.argv[1:])])
+               "command: python bench/tp.py " + shlex.join(sys.argv[1:])])
     if args.json:
         args.json.write_text(json.dumps(rounds, indent=2))
 

@@ -172,6 +172,9 @@ def decode_lines(plan: GroupPlan) -> list[str]:
     e = spec.estimate(plan)
     fast = (f"{e.token_s * 1e3:.1f} ms/token with speculation (k = {e.k}, {e.tokens_per_step:.2f} tokens per step)"
             if e.k else f"{plain:.1f} ms/token with speculation too (no k gains enough: auto stays plain)")
+    if plan.plain_guard:  # speculation assumed, but the group is the plain choice's (planner.PLAIN_SLACK)
+        return [f"decode: prompt-grounded tasks {fast}; open-ended tasks {plain:.1f} ms/token plain, the figure the "
+                f"group is chosen for: {plan.plain_guard}", f"{spec.words()}"] + lines
     return [f"decode: prompt-grounded tasks {fast}, the figure the group is chosen for; open-ended tasks "
             f"{plain:.1f} ms/token plain", f"{spec.words()}"] + lines
 
@@ -205,9 +208,12 @@ def render_wires(plan: GroupPlan) -> Table | None:
         nbytes = plan.config.hidden * WIRE_BYTES[wire]
         net = star_terms(nbytes, links, pred.params).total_s
         conv = wire_convert_s(plan.config.hidden, len(links), wire)
+        decode_s = replace(plan, wire_dtype=wire, prediction=pred).decode_s
+        # against the figure the wire was chosen by: with speculation when it is on (else the columns disagree)
+        ratio = decode_s / plan.decode_s if spec else pred.token_latency_s / plan.prediction.token_latency_s
         mark = "chosen" if wire == plan.wire_dtype else (
-            f"{pred.token_latency_s / plan.prediction.token_latency_s:.2f}x the chosen token time")
-        fast = [f"{replace(plan, wire_dtype=wire, prediction=pred).decode_s * 1e3:.1f}"] if spec else []
+            f"{ratio:.2f}x the chosen {'ms/token with speculation' if spec else 'token time'}")
+        fast = [f"{decode_s * 1e3:.1f}"] if spec else []
         table.add_row(wire, f"{nbytes:.0f}", f"{net * 1e3:.2f}", f"{conv * 1e3:.2f}", f"{pred.allreduce_s * 1e3:.2f}",
                       f"{pred.comm_per_token_s * 1e3:.1f}", f"{pred.token_latency_s * 1e3:.1f}", *fast,
                       f"{pred.ttft_s:.2f}", mark)
@@ -288,7 +294,9 @@ def plan_json(plan: GroupPlan, acceptance: float | None = None) -> dict[str, Any
                           "mode": spec.mode,
                           "acceptance_source": "given" if spec.given else "assumed",
                           "open_ended_ms_per_token": plain_ms, "assumptions": spec.words()}
-    out["objective"] = "speculative" if plan.speculation and plan.speculation.on else "plain"
+    out["objective"] = "speculative" if plan.speculation and plan.speculation.on and not plan.plain_guard else "plain"
+    if plan.plain_guard:
+        out["objective_reason"] = plan.plain_guard
     out["predicted_decode_ms_per_token"] = round(plan.decode_s * 1e3, 3)
     out["master_link"] = "wired full duplex" if pred.params.master_full_duplex else "one direction at a time"
     out["link_assumptions"] = link_words(plan)

@@ -45,6 +45,7 @@ AUTO_INT8 = False
 INT8_OPT_IN = ("int8 stays opt-in: its sums are lossy, and on the ggml backend greedy tokens part from the "
                "f32 wire's after 4-22 tokens on some prompts (docs/benchmarks.md, 'The int8 wire')")
 LEAVE_OUT_WIN = 0.99  # drop a device only if the group without it predicts >= 1% lower latency
+PLAIN_SLACK = 1.10  # a group chosen for speculation may decode plainly at most 10% slower than the plain choice
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class GroupPlan:
     experts_placement: str = ""  # MoE: "split" / "whole" (tpi.devices.experts)
     experts_reason: str = ""  # why that placement, for the plan report
     speculation: SpeculationPlan | None = None  # what the group was chosen for; None: plain decoding
+    plain_guard: str = ""  # why the plain choice's group was kept though speculation was assumed (PLAIN_SLACK)
 
     @property
     def decode_s(self) -> float:
@@ -351,7 +353,26 @@ def plan_group(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostPara
                allow_streaming: bool = True, wire_dtype: str | None = None,
                speculation: SpeculationPlan | None = None) -> GroupPlan:
     """Choose the group (devices[0] is the master), its ratios, windows and wire dtype, for the
-    decode time per token plain (speculation None or off) or speculative as `speculation` assumes."""
+    decode time per token plain (speculation None or off) or speculative as `speculation` assumes.
+
+    A group chosen for speculation serves open-ended text (where auto turns itself off) too, so it
+    is kept only while its plain figure stays within PLAIN_SLACK of the group chosen for plain
+    decoding; otherwise the plain choice's group is used, scored with speculation."""
+    if speculation is None or not speculation.on:
+        return _choose(cfg, devices, params, allow_streaming, wire_dtype, None)
+    plain = _choose(cfg, devices, params, allow_streaming, wire_dtype, None)
+    spec = _choose(cfg, devices, params, allow_streaming, wire_dtype, speculation)
+    if spec.prediction.token_latency_s <= PLAIN_SLACK * plain.prediction.token_latency_s:
+        return spec
+    kept = _evaluate(cfg, list(plain.devices), params, allow_streaming, wire_dtype, {}, speculation)
+    why = (f"the group best for speculation alone ({len(spec.devices)} devices) would decode open-ended text at "
+           f"{spec.prediction.token_latency_s * 1e3:.1f} ms/token, more than {PLAIN_SLACK:.2f}x this one's")
+    return replace(kept, excluded=plain.excluded, plain_guard=why)
+
+
+def _choose(cfg: ModelConfig, devices: Sequence[PlanDevice], params: CostParams, allow_streaming: bool,
+            wire_dtype: str | None, speculation: SpeculationPlan | None) -> GroupPlan:
+    """Leave devices out one at a time while that lowers the objective (GroupPlan.decode_s)."""
     if not devices:
         raise BudgetError("no devices to plan for; the master itself must be one of them")
     excluded: list[tuple[str, str]] = []

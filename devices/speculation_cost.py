@@ -98,7 +98,7 @@ class SpeculationPlan:
         if not self.on:
             return "planned for plain decoding (--speculate off): one token per step"
         source = ("as given (--acceptance)" if self.given
-                  else "assumed, not measured (pass --acceptance with a rate from `tpi run --stats`)")
+                  else "assumed, not measured (pass --acceptance with spec_acceptance_per_draft from `tpi run --stats`)")
         k = (f"k = {MAX_DRAFT} drafts per step (--speculate lookup)" if self.mode == "lookup"
              else f"k in {', '.join(map(str, AUTO_STEPS[1:]))} where it gains >= {GAIN_MARGIN - 1:.0%} "
                   "(--speculate auto)")
@@ -112,4 +112,4 @@ def assumptions(row_cost: float = ROW_COST) -> str:
     """What the speculation rows assume, for the plan's reader."""
     return (f"assumed: each draft kept independently with the given probability; an extra verified row costs "
             f"{row_cost:.0%} of a one-row step's compute; all k+1 rows' logits are gathered; drafting "
-            "(prompt lookup) costs nothing; measured acceptance: `tpi run --stats` (spec_acceptance)")
+            "(prompt lookup) costs nothing; measured acceptance: `tpi run --stats` (spec_acceptance_per_draft)")

@@ -138,6 +138,34 @@ def test_bad_chat_requests_get_openai_errors_and_the_server_keeps_serving(client
     assert client.post("/v1/chat/completions", json=chat_body(max_tokens=1)).status_code == 200
 
 
+def test_n_above_one_is_refused_saying_what_to_do(client):
+    err = assert_openai_error(client.post("/v1/chat/completions", json=chat_body(n=3)), 422, "invalid_type")
+    assert "n: n is 3 but tpi answers one choice per request; send n separate requests" in err["message"]
+    assert err["param"] == "n"
+
+
+def test_features_tpi_lacks_are_refused_not_silently_ignored(client):
+    for extra, name in [({"logprobs": True}, "logprobs"), ({"top_logprobs": 3}, "top_logprobs"),
+                        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                        ({"response_format": {"type": "json_object"}}, "response_format")]:
+        err = assert_openai_error(client.post("/v1/chat/completions", json=chat_body(max_tokens=1, **extra)), 422)
+        assert f"tpi does not support {name}: it answers plain text only" in err["message"], err
+    # what SDKs send by default, and other unknown fields, still pass
+    ok = chat_body(max_tokens=1, logprobs=False, tools=[], response_format={"type": "text"}, user="u", frequency_penalty=0)
+    assert client.post("/v1/chat/completions", json=ok).status_code == 200
+    assert_openai_error(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "logprobs": 2}), 422)
+
+
+def test_an_unknown_route_or_method_names_the_routes_there_are(client):
+    err = assert_openai_error(client.post("/v1/chat/complete", json=chat_body()), 404, "http_404")
+    assert "POST /v1/chat/complete; tpi serves POST /v1/chat/completions, POST /v1/completions" in err["message"]
+    resp = client.get("/v1/chat/completions")
+    err = assert_openai_error(resp, 405, "http_405")
+    assert "GET /v1/chat/completions; tpi serves POST /v1/chat/completions" in err["message"]
+    assert resp.headers["allow"] == "POST"  # starlette's header kept
+    assert client.post("/v1/chat/completions", json=chat_body(max_tokens=1)).status_code == 200
+
+
 def test_malformed_json_is_a_400(client):
     resp = client.post("/v1/chat/completions", content=b'{"model": "fake-model", "messages": [',
                        headers={"Content-Type": "application/json"})
@@ -198,12 +226,18 @@ def test_status_route_shows_devices_and_counters(engine):
 
 
 def test_health_shows_speculation(client, engine):
+    from tpi.cli.devices import render_devices
     from tpi.master.drafters import PromptLookup
     from tpi.master.speculation import KPolicy, SpeculationStats, Speculator
 
     assert client.get("/health").json()["speculation"] == {"mode": "off"}
     engine.speculator = Speculator(PromptLookup(), KPolicy(8), "auto")
-    engine.speculator.totals.add(SpeculationStats(forwards=4, verify_forwards=2, drafted=6, accepted=3, tokens=7))
-    spec = client.get("/health").json()["speculation"]
+    engine.speculator.totals.add(SpeculationStats(forwards=4, verify_forwards=2, drafted=6, accepted=3,
+                                                  rejections=1, tokens=7))
+    health = client.get("/health").json()
+    spec = health["speculation"]
     assert spec["mode"] == "auto" and spec["drafter"] == "lookup"
     assert spec["spec_acceptance"] == 0.5 and spec["tokens_per_forward"] == 1.75
+    assert spec["spec_acceptance_per_draft"] == 0.75  # 3 kept, 1 rejected: the rate `tpi plan --acceptance` takes
+    caption = render_devices(health).caption  # what `tpi devices` prints under its table
+    assert "speculation: auto (lookup), 75% of drafts kept" in caption and "1.75 tokens per forward" in caption

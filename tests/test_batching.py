@@ -141,7 +141,7 @@ def test_requests_past_the_slots_queue_and_past_the_queue_get_429(served, refere
         health = api.client._client.get(api.url + "/health").json()
         assert health["running"] + health["queued"] == 6 and health["slots"] == 4
         caption = render_devices(health).caption  # what `tpi devices` prints under its table
-        assert f"{health['running']} running in 4 slots, {health['queued']} queued" in caption
+        assert f"{health['running']} running in 4 slots, {health['queued']} queued of at most 2" in caption
         with pytest.raises(openai.RateLimitError) as e:
             api.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
         assert int(e.value.response.headers["Retry-After"]) >= 1

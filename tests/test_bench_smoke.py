@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -98,8 +99,11 @@ def test_run_all_replaces_only_its_sections_and_keeps_hand_written_text():
 def test_run_all_reports_missing_and_failing_benchmarks_instead_of_aborting(tmp_path):
     from run_all import Benchmark, run_one
 
-    missing = run_one(Benchmark("ghost", str(tmp_path / "ghost.py"), about="absent"), False, sys.executable)
+    missing = run_one(Benchmark("ghost", str(tmp_path / "ghost.py"), ("--delays-ms", "", "--tokens", "16"),
+                                about="absent"), False, sys.executable)
     assert "**Not run:" in missing and "ghost.py is missing" in missing
+    command = re.search(r"Command: `(.*)`", missing).group(1)  # a reader copies it: an empty value stays quoted
+    assert shlex.split(command)[2:] == ["--delays-ms", "", "--tokens", "16"]
     broken = tmp_path / "broken.py"
     broken.write_text("import sys\nprint('partial output')\nsys.exit('it broke here')\n")
     failed = run_one(Benchmark("broken", str(broken), about="fails"), False, sys.executable)

@@ -50,7 +50,7 @@ VALID = [
     p.Partial(4, np.ones((1, 128), np.float32), seq=9),
     p.Reduced(4, np.ones((1, 128), np.float32), seq=9),
     p.Logits(5, np.arange(10, dtype=np.uint16), seq=9),
-    p.Step(7, 0, [0], [12], [1], np.ones((1, 128), np.float32), seq=9),
+    p.Step(7, 0, [0], [12], [1], [1], np.ones((1, 128), np.float32), seq=9),
     p.Heartbeat(),
     p.Stop("bye"),
 ]

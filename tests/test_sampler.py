@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tpi.master.generate import StopStringFilter
-from tpi.master.sampler import SamplingParams, apply_repeat_penalty, sample
+from tpi.master.sampler import SamplingParams, apply_repeat_penalty, sample, sequence_seed
 
 LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -1.0, 3.0], dtype=np.float32)
 
@@ -74,3 +74,9 @@ def test_held_back_text_is_released_when_it_is_not_a_stop():
 def test_the_text_ends_at_the_first_stop_string_in_it_whichever_is_listed_first():
     f = StopStringFilter(["e", "a"])
     assert f.push(" alter") == " " and f.hit  # "a" comes first in the text, though "e" is listed first
+
+
+def test_seed_minus_one_is_random_as_in_llama_cpp_and_other_seeds_repeat():
+    """llama.cpp's server and CLI read seed -1 as "random"; it was a fixed seed (2**64 - 1) here."""
+    assert len({sequence_seed(-1) for _ in range(3)}) == 3 and len({sequence_seed(None) for _ in range(3)}) == 3
+    assert sequence_seed(7) == sequence_seed(7) and sequence_seed(-2) == sequence_seed(-2) == 2**64 - 2

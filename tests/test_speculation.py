@@ -6,8 +6,6 @@ distribution itself (a chi-square test over many seeds on a tiny model's logits)
 """
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 
@@ -63,6 +61,16 @@ def test_options_refuse_bad_input():
         SpeculationOptions(mode="always")
     with pytest.raises(TpiError, match="--draft"):
         SpeculationOptions(mode="lookup", draft="x.gguf")
+    # checked here, before anything loads: with --parallel > 1 the speculator (which opens it) is never built
+    with pytest.raises(TpiError, match="--draft missing.gguf: no such file"):
+        SpeculationOptions(mode="auto", draft="missing.gguf")
+
+
+def test_a_draft_that_is_no_model_is_refused_naming_the_flag(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model")
+    with pytest.raises(TpiError, match=r"^--draft .*notes.txt cannot be the draft model: .*not a readable GGUF"):
+        DraftModel.open(str(notes), None, 64, 1)
 
 
 class _Vocab:
@@ -136,6 +144,18 @@ def test_speculation_gives_plain_decoding_tokens(params, smol_engine):
     assert 0 < stats["spec_accepted"] < stats["spec_drafted"] and stats["tokens_per_forward"] > 1.0, stats
 
 
+def test_per_draft_acceptance_is_the_rate_the_planner_takes(smol_engine):
+    """ScriptedDrafter gets every third position wrong: once in step, each verify pass keeps 2 drafts and
+    rejects the third, so a draft is kept 2/3 of the time when those before it were (the planner's
+    acceptance, E(k) = 1 + a + ... + a^k), while the share of the 8 drafted tokens kept is 2/8."""
+    params = SamplingParams(temperature=0.0)
+    plain = generate(smol_engine, "off", params, n=40)
+    prompt = smol_engine.tokenizer.encode(REPEATING, add_bos=True, special=True)
+    stats = generate(smol_engine, "lookup", params, n=40, drafter=ScriptedDrafter(prompt, plain.tokens)).stats()
+    assert abs(stats["spec_acceptance_per_draft"] - 2 / 3) < 0.08, stats
+    assert stats["spec_acceptance"] < 0.4, stats
+
+
 def test_lookup_on_repeating_text_yields_several_tokens_per_forward(smol_engine):
     stats = generate(smol_engine, "lookup", SamplingParams(temperature=0.0)).stats()
     # the model continues the pattern for 6 tokens (" three ... eight."), then leaves it: all 6 come
@@ -196,15 +216,3 @@ def test_draft_model_of_the_same_weights_is_always_right(smol_engine, smollm2, t
     assert spec.speculation["spec_acceptance"] == 1.0 and spec.speculation["tokens_per_forward"] > 3
     with pytest.raises(TpiError, match="vocabulary of 384 tokens"):
         DraftModel.open(str(tiny_gguf("tiny_llama_q4_0")), smol_engine.tokenizer, 64, None)
-
-
-def test_batched_serving_turns_speculation_off_and_says_so(smollm2, tmp_path, caplog):
-    """--parallel > 1 fills steps with other sequences' rows: no speculator is built, /health says off."""
-    with caplog.at_level(logging.INFO, logger="tpi.master.setup"):
-        group = start_group(GroupOptions(model=str(smollm2), context=256, slots=2, speculate="lookup",
-                                         config_dir=tmp_path / "c", cache_dir=tmp_path / "k"))
-    try:
-        assert group.engine.speculator is None
-        assert "speculation is off: --parallel 2" in caplog.text
-    finally:
-        group.close()

@@ -24,7 +24,7 @@ SAMPLES = [
     p.ShardChunk("f" * 64, 8, 5, 1234, np.frombuffer(b"hello", np.uint8)),
     p.ShardChunk("f" * 64, 8, 5, 1234, np.empty(0, np.uint8)),
     p.Ready(),
-    p.Step(7, p.ALL_LOGITS, [0], [12], [3], np.arange(12, dtype=np.float32).reshape(3, 4), seq=9),
+    p.Step(7, p.EXACT_ROWS, [0], [12], [3], [3], np.arange(12, dtype=np.float32).reshape(3, 4), seq=9),
     p.Partial(4, np.ones((1, 8), np.float32), seq=9),
     p.Partial(4, np.ones((1, 8), np.uint16), seq=9),
     p.Reduced(4, np.full((2, 3), 7.5, np.float32), seq=9),
@@ -220,12 +220,17 @@ def test_a_step_names_its_rows_and_flags_and_may_carry_several_slots():
                                                                       all_logits=True, request_id=7))])
     assert (step.request_id, step.start_pos, step.n_tokens, step.all_logits, step.slots) == (7, 12, 3, True, [0])
     x = np.zeros((3, 4), np.float32)
-    many = p.decode([bytes(f) for f in p.encode(p.Step(0, 0, [2, 0], [40, 0], [1, 2], x))])
-    assert (many.slots, many.starts, many.counts, many.all_logits) == ([2, 0], [40, 0], [1, 2], False)
-    for bad, why in ((p.Step(0, 0, [1, 1], [0, 0], [1, 2], x), "slot twice"),
-                     (p.Step(0, 0, [0, 1], [0, 0], [3, 0], x), "at least one row"),
-                     (p.Step(0, 0, [0], [0], [2], x), "rows its header lists"),
-                     (p.Step(0, 4, [0], [0], [3], x), "unknown step flags")):
+    # one step: slot 2's decode row (its logits), slot 0's verify run of 2 rows (both rows' logits)
+    many = p.decode([bytes(f) for f in p.encode(p.Step(0, p.EXACT_ROWS, [2, 0], [40, 0], [1, 2], [1, 2], x))])
+    assert (many.slots, many.starts, many.counts, many.outputs, many.exact) == ([2, 0], [40, 0], [1, 2], [1, 2], True)
+    chunk = p.decode([bytes(f) for f in p.encode(p.Step(0, 0, [1, 3], [5, 9], [2, 1], [0, 1], x))])
+    assert (chunk.outputs, chunk.all_logits) == ([0, 1], False)  # an earlier prompt chunk returns nothing
+    for bad, why in ((p.Step(0, 0, [1, 1], [0, 0], [1, 2], [1, 1], x), "slot twice"),
+                     (p.Step(0, 0, [0, 1], [0, 0], [3, 0], [1, 0], x), "at least one row"),
+                     (p.Step(0, 0, [0], [0], [2], [1], x), "rows its header lists"),
+                     (p.Step(0, 0, [0, 1], [0, 0], [1, 2], [1], x), "output count each"),
+                     (p.Step(0, 0, [0, 1], [0, 0], [1, 2], [2, 1], x), "at most its rows"),
+                     (p.Step(0, 1, [0], [0], [3], [1], x), "unknown step flags")):
         with pytest.raises(ProtocolError, match=why):
             p.decode([bytes(f) for f in p.encode(bad)])
 

@@ -72,6 +72,45 @@ def test_stats_and_devices_show_numbers_and_the_group(engine):
         svc.close()
     assert "completion_tokens: 2" in out and "completed: 1" in out
     assert "2 device(s)" in out and "master ready 6 heads" in out and "phone ready 3 heads" in out
+    assert "speculation" not in out  # none ran
+
+
+def test_stats_show_speculation_when_it_runs(engine):
+    """`tpi chat --speculate lookup`: /stats shows what /health shows (README: --stats and /health)."""
+    from tpi.master.drafters import PromptLookup
+    from tpi.master.speculation import KPolicy, SpeculationStats, Speculator
+
+    engine.speculator = Speculator(PromptLookup(), KPolicy(8, adaptive=False), "lookup")
+    engine.speculator.totals.add(SpeculationStats(forwards=4, verify_forwards=2, drafted=6, accepted=3,
+                                                  rejections=1, tokens=7))
+    svc = GenerationService(engine)
+    try:
+        out = plain(ChatSession(LocalChat(svc), ChatOptions(max_tokens=2)), "/stats\n")
+    finally:
+        svc.close()
+    assert "speculation: lookup (lookup)" in out and "spec_acceptance_per_draft: 0.75" in out
+    assert "tokens_per_forward: 1.75" in out
+
+
+def test_remote_stats_show_the_servers_speculation(engine):
+    """`tpi chat --url`: /stats reads the server's /v1/tpi/status, which carries /health's speculation."""
+    from test_batching import ApiServer  # a real uvicorn on a loopback port
+
+    from tpi.master.drafters import PromptLookup
+    from tpi.master.speculation import KPolicy, SpeculationStats, Speculator
+    from tpi.serve.chat_backends import RemoteChat
+
+    engine.speculator = Speculator(PromptLookup(), KPolicy(8), "auto")
+    engine.speculator.totals.add(SpeculationStats(forwards=5, verify_forwards=1, drafted=4, accepted=4, tokens=9))
+    svc = GenerationService(engine)
+    api = ApiServer(svc)
+    try:
+        stats = RemoteChat(api.url).stats()
+    finally:
+        api.close()
+        svc.close()
+    assert stats["speculation"] == "auto (lookup)" and stats["tokens_per_forward"] == 1.8
+    assert stats["spec_acceptance_per_draft"] == 1.0 and "slots" in stats
 
 
 def test_save_writes_the_conversation_as_json_or_markdown(session, tmp_path):

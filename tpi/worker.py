@@ -220,7 +220,8 @@ def _serve_steps(model, comm, master_lost=lambda: None) -> tuple[int, Stop]:
             continue
         assert isinstance(msg, Step)
         try:
-            logits = model.forward(msg.x, Rows.of_runs(msg.slots, msg.starts, msg.counts, msg.all_logits, msg.exact))
+            logits = model.forward(msg.x, Rows(tuple(msg.slots), tuple(msg.starts), tuple(msg.counts), tuple(msg.outputs),
+                                                  msg.exact))
             comm.gather(logits)
         except GroupError as e:
             if master_lost():

@@ -22,7 +22,9 @@ from tpi.transport.wire import INT8_BLOCK, REDUCE_DTYPES, from_bf16, to_bf16  # 
 # 4: Assign.slots (KV slots per rank) and steps over many slots (continuous batching)
 # 5: two ranks on the f32 wire swap Partials (the worker sums; no Reduced comes back)
 # 6: Assign.star_only (the master decides whether two ranks swap or use the star; TPI_STAR_ONLY)
-PROTOCOL_VERSION = 6
+# 7: Step.outputs (logits rows per sequence) replaces the step-wide ALL_LOGITS flag: one step carries
+#    verify runs (every row), prompt chunks (none or the last) and decode rows (one) together
+PROTOCOL_VERSION = 7
 MAX_SLOTS = 1024  # KV slots per rank, and so sequences in one step: far above any --parallel
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_FRAME = 256 << 20
@@ -212,20 +214,20 @@ class Ready(Message):
     """Worker -> master on the data channel: connected and loaded, ready for steps."""
 
 
-ALL_LOGITS = 1  # Step flag: logits of every row, not only of each sequence's last row
-EXACT_ROWS = 2  # Step flag: each row computed as its one-row decode step would, bit for bit (a verify pass)
-STEP_FLAGS = ALL_LOGITS | EXACT_ROWS
+EXACT_ROWS = 2  # (bit 1 was ALL_LOGITS before v7) Step flag: verify runs computed as their one-row decode steps would, bit for bit (tpi.model.rows)
+STEP_FLAGS = EXACT_ROWS
 
 
 @_msg(7, ("request_id", "int"), ("flags", "uint"), ("slots", "uints"), ("starts", "uints"), ("counts", "uints"),
-      ("x", "tensor"))
+      ("outputs", "uints"), ("x", "tensor"))
 class Step(Message):
     """Master -> workers: run one forward step on these hidden states.
 
     The rows of x (T, hidden) belong to sequences in order: sequence i has counts[i] rows at
-    positions starts[i].., cached in KV slot slots[i] (tpi.model.rows.Rows on the model's side). Each
-    sequence's last row returns logits, or with ALL_LOGITS every row (issue 18's speculative check: one
-    sequence with k+1 rows). Continuous batching (issue 17) puts several sequences in one step.
+    positions starts[i].., cached in KV slot slots[i], and its last outputs[i] rows return logits
+    (tpi.model.rows.Rows on the model's side): 1 for a decode row or a prompt's last chunk, 0 for an
+    earlier chunk, counts[i] for a speculative check of k+1 rows (issue 18). Continuous batching
+    (issue 17) puts several sequences, of any of these kinds, in one step.
     """
 
     request_id: int
@@ -233,14 +235,15 @@ class Step(Message):
     slots: list
     starts: list
     counts: list
+    outputs: list
     x: np.ndarray
     seq: int = 0
 
     @classmethod
     def of_sequence(cls, start: int, n_tokens: int, x: np.ndarray, *, all_logits: bool = False,
                     exact: bool = False, slot: int = 0, request_id: int = 0) -> "Step":
-        flags = (ALL_LOGITS if all_logits else 0) | (EXACT_ROWS if exact else 0)
-        return cls(request_id, flags, [slot], [start], [n_tokens], x)
+        return cls(request_id, EXACT_ROWS if exact else 0, [slot], [start], [n_tokens],
+                   [n_tokens if all_logits else 1], x)
 
     @property
     def start_pos(self) -> int:
@@ -252,7 +255,8 @@ class Step(Message):
 
     @property
     def all_logits(self) -> bool:
-        return bool(self.flags & ALL_LOGITS)
+        """Whether every row returns logits."""
+        return self.outputs == self.counts
 
     @property
     def exact(self) -> bool:
@@ -260,10 +264,11 @@ class Step(Message):
 
     def check(self) -> None:
         n = len(self.slots)
-        _need(0 < n <= MAX_SLOTS and len(self.starts) == len(self.counts) == n,
-              f"a step needs 1..{MAX_SLOTS} sequences with one slot, start and count each")
+        _need(0 < n <= MAX_SLOTS and len(self.starts) == len(self.counts) == len(self.outputs) == n,
+              f"a step needs 1..{MAX_SLOTS} sequences with one slot, start, count and output count each")
         _need(len(set(self.slots)) == n, f"a step lists a KV slot twice: {self.slots}")
         _need(all(c > 0 for c in self.counts), "every sequence in a step needs at least one row")
+        _need(all(o <= c for o, c in zip(self.outputs, self.counts)), "a sequence returns logits of at most its rows")
         _need(self.x.ndim == 2 and self.x.shape[0] == sum(self.counts) > 0,
               f"step hidden states {list(self.x.shape)} do not hold the {sum(self.counts)} rows its header lists")
         _need(self.flags & ~STEP_FLAGS == 0, f"unknown step flags {self.flags:#x}")

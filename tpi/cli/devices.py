@@ -41,7 +41,7 @@ def plan(
     no_streaming: Annotated[bool, typer.Option("--no-streaming", help="refuse plans that stream weights from disk")] = False,
     wire_dtype: WireDtype = None,
     speculate: Annotated[str, typer.Option("--speculate", help="plan for speculative decoding as run/serve do it: auto (default; the group is chosen for its speculative ms/token on prompt-grounded tasks), lookup (8 drafts a step), off (plain decoding)")] = "auto",
-    acceptance: Annotated[Optional[float], typer.Option("--acceptance", help="share of drafted tokens the model keeps on prompt-grounded tasks (default: 0.7 assumed; measured: tpi run --stats, spec_acceptance)")] = None,
+    acceptance: Annotated[Optional[float], typer.Option("--acceptance", help="share of drafted tokens the model keeps on prompt-grounded tasks (default: 0.7 assumed; measured: tpi run --stats, spec_acceptance_per_draft)")] = None,
     wired: Annotated[bool, typer.Option("--wired", help="the master's link is wired full duplex (sends and receives at once); default: Wi-Fi, one direction at a time")] = False,
     experts: Experts = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan and prediction as JSON (for scripts)")] = False,
@@ -119,8 +119,16 @@ def render_devices(status: dict):
         )
     lines = []
     if "slots" in status:  # the service's load: /health of tpi serve
-        lines.append(f"requests: {status.get('running', 0)} running in {status['slots']} slots, "
-                     f"{status.get('queued', 0)} queued")
+        slots = status["slots"]
+        lines.append(f"requests: {status.get('running', 0)} running in {slots} slot{'s' if slots != 1 else ''}, "
+                     f"{status.get('queued', 0)} queued" + (f" of at most {status['queue_size']} (--queue-size)"
+                                                            if "queue_size" in status else ""))
+    spec = status.get("speculation") or {}
+    if spec.get("mode", "off") != "off":  # the figures /health and `tpi run --stats` name
+        lines.append(f"speculation: {spec['mode']} ({spec.get('drafter', '?')}), "
+                     f"{_num(spec.get('spec_acceptance_per_draft'), '{:.0%}')} of drafts kept "
+                     f"(spec_acceptance_per_draft), {_num(spec.get('tokens_per_forward'), '{:.2f}')} tokens per forward "
+                     f"over {spec.get('spec_forwards', 0)} forwards")
     if summary:
         lines.append(f"predicted {summary.get('predicted_token_ms', '?')} ms/token, bound by "
                      f"{summary.get('bound_by', '?')}; {summary.get('weight_format', '?')} weights, "

@@ -5,7 +5,9 @@ running sequence plus prompt chunks of the sequences still reading their prompt,
 `prefill_budget` prompt tokens per step (SARATHI's chunked prefill: a long prompt delays the others'
 next token by one budget's worth of compute, not by the whole prompt). Sequences join and leave
 between steps. Each sequence is the SequenceState a lone request runs (tpi.master.generate), so
-sampling, stop strings and streaming are the same; only the steps are shared.
+sampling, stop strings and streaming are the same; only the steps are shared. With a speculator
+(`--speculate`), a decoding sequence's run carries its drafted tokens too, verified in the same step
+(tpi.master.batch_spec).
 
 Numbers: a sequence's logits are its lone run's where the matmul kernels round a batched row as a
 lone one (tests/test_rows.py states the rule per weight type); elsewhere they differ in the last bits.
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tpi.errors import TpiError
+from tpi.master.batch_spec import BatchSpeculation
 from tpi.master.generate import Generation, SequenceState
 from tpi.master.resume import LOSS, replay_steps
 from tpi.model.config import PREFILL_CHUNK
@@ -92,6 +95,7 @@ class Batch:
         self.slots = [Slot(i) for i in range(engine.slots)]
         self.steps = self.rows = 0  # steps run, rows they carried
         self.step_s = 0.0  # seconds in engine.step
+        self._spec: BatchSpeculation | None = None
         self.pause: Pause | None = None  # a device loss interrupted the running sequences: resume() them
         self.closing = threading.Event()  # the owner shuts down: a pause ends at once
 
@@ -124,42 +128,60 @@ class Batch:
         return best.index
 
     def step(self) -> None:
-        """One step over every running sequence: decode rows, then prompt chunks within the budget."""
+        """One step over every running sequence: decode rows (each with its drafts when speculating),
+        then prompt chunks within the budget."""
         for s in self.slots:
             if s.run is not None and s.run.cancelled():
                 self._finish(s, "cancelled")
-        plan: list[tuple[Slot, int]] = []  # (slot, rows) in step order
-        budget = self.prefill_budget
         busy = [s for s in self.slots if s.run is not None]
-        for s in busy:
-            if len(s.run.seq.history()) - len(s.cached) == 1:
-                plan.append((s, 1))
+        decoding = [s for s in busy if len(s.run.seq.history()) - len(s.cached) == 1]
+        spec = self._speculation()
+        drafts = spec.plan([(s.index, s.run.seq.history(), s.run.seq.max_tokens - len(s.run.seq.tokens))
+                            for s in decoding], self.engine.context) if spec is not None and decoding else {}
+        plan: list[tuple[Slot, list[int], int]] = []  # (slot, tokens it runs, logits rows) in step order
+        for s in decoding:
+            d = drafts.get(s.index, [])
+            plan.append((s, s.run.seq.history()[-1:] + d, 1 + len(d)))  # a verify run: every row's logits
+        budget = self.prefill_budget
         for s in sorted(busy, key=lambda s: s.run.admitted):  # prompts in arrival order
-            left = len(s.run.seq.history()) - len(s.cached)
+            history = s.run.seq.history()
+            left = len(history) - len(s.cached)
             if left > 1 and budget > 0:
                 n = min(left, budget)
-                plan.append((s, n))
+                plan.append((s, history[len(s.cached):len(s.cached) + n], int(n == left)))
                 budget -= n
         if not plan:
             return
-        chunks = [s.run.seq.history()[len(s.cached):len(s.cached) + n] for s, n in plan]
-        ids = [t for c in chunks for t in c]
-        outputs = tuple(int(len(s.cached) + n == len(s.run.seq.history())) for s, n in plan)
-        rows = Rows(tuple(s.index for s, _ in plan), tuple(len(s.cached) for s, _ in plan),
-                    tuple(n for _, n in plan), outputs)
+        extra = sum(len(d) for d in drafts.values())
+        ids = [t for _, chunk, _ in plan for t in chunk]
+        rows = Rows(tuple(s.index for s, _, _ in plan), tuple(len(s.cached) for s, _, _ in plan),
+                    tuple(len(c) for _, c, _ in plan), tuple(o for _, _, o in plan), exact=extra > 0)
         t0 = time.perf_counter()
         logits = self._run_step(ids, rows)
         if logits is None:  # paused: the group lost a device, resume() goes on
             return
+        seconds = time.perf_counter() - t0
         self.steps += 1
         self.rows += len(ids)
-        self.step_s += time.perf_counter() - t0
+        self.step_s += seconds
+        if spec is not None and len(plan) == len(decoding):  # decode rows only: a cost sample
+            spec.record_step(len(decoding), extra, seconds)
         at = 0
-        for (s, _), chunk, out in zip(plan, chunks, outputs):
+        for s, chunk, out in plan:
+            history = s.run.seq.history()
             s.cached += chunk
-            if out:
-                self._advance(s, logits[at])
-                at += 1
+            if out:  # a decode run (its drafts verified when speculating), or a prompt's last chunk
+                self._advance(s, logits[at:at + out], history, spec if s.index in drafts else None)
+                at += out
+
+    def _speculation(self):
+        """The batch's BatchSpeculation while the engine has a speculator (None: plain decoding)."""
+        spec = getattr(self.engine, "speculator", None)
+        if spec is None:
+            self._spec = None
+        elif self._spec is None or self._spec.speculator is not spec:
+            self._spec = BatchSpeculation(spec)
+        return self._spec
 
     def _run_step(self, ids: list[int], rows: Rows) -> np.ndarray | None:
         """engine.step, noting each slot's step; None when a lost device paused the running sequences."""
@@ -182,9 +204,9 @@ class Batch:
 
     def _ran(self, rows: Rows) -> None:
         """Note the step each slot ran (a replay repeats it: tpi.master.resume.replay_steps)."""
-        for slot, start, count in zip(rows.slots, rows.starts, rows.counts):
+        for slot, start, count, exact in zip(rows.slots, rows.starts, rows.counts, rows.exact_runs):
             s = self.slots[slot]
-            ran = [(start + i, 1) for i in range(count)] if rows.exact else [(start, count)]  # exact: one-row bits
+            ran = [(start + i, 1) for i in range(count)] if exact else [(start, count)]  # an exact run: one-row bits
             s.runs = _runs_below(s.runs, start) + ran
 
     def resume(self) -> None:
@@ -252,20 +274,31 @@ class Batch:
         for s, tokens, (start, n, _) in now:
             s.cached += tokens[start:start + n]
 
-    def _advance(self, s: Slot, logits: np.ndarray) -> None:
-        """Sample a sequence's next token from its logits; its errors end only it."""
+    def _advance(self, s: Slot, logits: np.ndarray, history: list[int], spec) -> None:
+        """A sequence's next tokens from its rows' logits (sampled, or its drafts verified and the rejected
+        ones rolled back), accepted until one ends it; its errors end only it."""
         run = s.run
         try:
-            token = run.seq.sample(logits)
+            if spec is None:
+                tokens = [run.seq.sample(logits[-1])]
+            else:
+                tokens = spec.decided(s.index, logits, history, run.seq.params, run.seq.seed)
+                keep = len(history) + len(tokens) - 1  # history and the kept drafts; the bonus token is not cached
+                if keep < len(s.cached):  # rejected drafts' keys/values: dropped on every rank, this slot only
+                    s.cached = s.cached[:keep]
+                    self.engine.truncate(keep, s.index)
             now = time.perf_counter()
             if not run.first_token:
                 run.first_token = now
                 run.seq.out.ttft_s = now - run.admitted
                 run.seq.out.prefill_s += now - run.admitted
-            piece = run.seq.accept(token, cancelled=run.cancelled())
-            if piece:
-                run.pieces.append(piece)
-                run.on_text(piece)
+            for token in tokens:
+                piece = run.seq.accept(token, cancelled=run.cancelled())
+                if piece:
+                    run.pieces.append(piece)
+                    run.on_text(piece)
+                if run.seq.finished:  # a stop string, a stop id or max_tokens inside the accepted drafts
+                    break
         except Exception as e:  # a receiver or sampling bug fails this sequence, not the batch
             log.exception("sequence in slot %d failed", s.index)
             self._fail(s, e if isinstance(e, TpiError) else TpiError(f"internal error during generation: {e!r}"))
@@ -276,6 +309,8 @@ class Batch:
     def _finish(self, s: Slot, reason: str | None) -> None:
         run, s.run = s.run, None
         out = run.seq.out
+        if self._spec is not None:
+            out.speculation = self._spec.leave(s.index)
         if reason:
             out.finish_reason = reason
         if run.first_token:
@@ -292,6 +327,8 @@ class Batch:
 
     def _fail(self, s: Slot, error: TpiError) -> None:
         run, s.run = s.run, None
+        if self._spec is not None:
+            self._spec.leave(s.index)
         if run is not None:
             run.on_done(None, error)
 

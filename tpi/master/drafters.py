@@ -23,6 +23,13 @@ from tpi.master.sampler import SamplingParams, distribution
 from tpi.model.config import PREFILL_CHUNK
 
 
+def check_draft_path(path: str) -> None:
+    """Refuse a --draft that names no file, before anything loads (whatever --parallel turns off)."""
+    if not Path(path).exists():
+        raise TpiError(f"--draft {path}: no such file; give a small GGUF model with the served model's "
+                       "vocabulary, or drop --draft to use prompt lookup")
+
+
 @dataclass(frozen=True)
 class Draft:
     """Proposed tokens, with the draft model's distributions when it sampled them (else None)."""
@@ -105,10 +112,11 @@ class DraftModel:
         from tpi.master.options import EngineOptions
         from tpi.master.setup import build_local_engine
 
-        if not Path(path).exists():
-            raise TpiError(f"--draft {path}: no such file; give a small GGUF model with the served model's "
-                           "vocabulary, or drop --draft to use prompt lookup")
-        engine = build_local_engine(EngineOptions(path, context, threads, backend))
+        check_draft_path(path)
+        try:
+            engine = build_local_engine(EngineOptions(path, context, threads, backend))
+        except TpiError as e:  # "README.md: not a readable GGUF file" alone does not say which flag named it
+            raise TpiError(f"--draft {path} cannot be the draft model: {e}") from None
         try:
             check_same_vocabulary(target_tokenizer, engine.tokenizer, path)
         except TpiError:

@@ -8,6 +8,7 @@ rolled back with `truncate`) extend what one step carries, not this shape.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -18,7 +19,7 @@ from tpi.master.sampler import SamplingParams
 from tpi.model.config import PREFILL_CHUNK
 from tpi.model.rows import Rows
 from tpi.quant.formats import dequantize, take_rows
-from tpi.transport.protocol import ALL_LOGITS, EXACT_ROWS, Step
+from tpi.transport.protocol import EXACT_ROWS, Step
 
 DEFAULT_CONTEXT = 4096
 
@@ -83,8 +84,8 @@ class Engine:
         return np.concatenate(self.comm.gather(local), axis=-1)
 
     def step(self, ids: Sequence[int], rows: Rows) -> np.ndarray:
-        """Run one step of many sequences' rows (tokens ids, in rows' order) on every rank: (outputs, vocab)
-        float32 logits, each sequence's last row's (every row's when rows ask for all of them).
+        """Run one step of many sequences' rows (tokens ids, in rows' order) on every rank: (n_outputs, vocab)
+        float32 logits of each run's last rows.outputs rows, in order (every rank computes only those).
 
         Slot 0's `cached` is the one-sequence path's; a batching caller keeps its own per slot.
         """
@@ -93,15 +94,13 @@ class Engine:
                 raise ContextOverflowError(f"{start + count} tokens of slot {slot} exceed the context of {self.context}")
         self.model.kv.admit(rows)  # ShapeError here, before any worker sees the step
         h = self.embed(ids)
-        n = len(rows.counts)
-        all_logits = rows.outputs == rows.counts and rows.counts != (1,) * n
-        if not all_logits and not set(rows.outputs) <= {0, 1}:
-            raise ValueError(f"a step returns each sequence's last row or every row, not {rows.outputs}")
-        sent = rows if all_logits else Rows.of_runs(rows.slots, rows.starts, rows.counts, exact=rows.exact)  # 1 each
-        flags = (ALL_LOGITS if all_logits else 0) | (EXACT_ROWS if rows.exact else 0)
-        self.comm.broadcast_step(Step(0, flags, list(rows.slots), list(rows.starts), list(rows.counts), h))
+        sent = rows
+        if not rows.n_outputs:  # earlier prompt chunks only: one row's logits anyway (no empty gather)
+            sent = replace(rows, outputs=rows.outputs[:-1] + (1,))
+        self.comm.broadcast_step(Step(0, EXACT_ROWS if rows.exact else 0, list(rows.slots), list(rows.starts),
+                                      list(rows.counts), list(sent.outputs), h))
         logits = np.concatenate(self.comm.gather(self.model.forward(h, sent)), axis=-1)
-        return logits if sent is rows else logits[[i for i, o in enumerate(rows.outputs) if o]]
+        return logits if sent is rows else logits[:0]
 
     @property
     def slots(self) -> int:

@@ -62,6 +62,11 @@ class GroupOptions:
         check_wire_dtype(self.wire_dtype)
         check_experts(self.experts)
         self.speculation  # noqa: B018 -- refuses a bad --speculate / --draft before anything loads
+        if self.draft is not None and self.slots > 1:
+            # a draft model keeps one sequence's KV cache on the master; prompt lookup drafts per slot
+            raise TpiError(f"--draft runs one sequence's draft model, but --parallel {self.slots} serves "
+                           f"{self.slots} at once; drop --draft (prompt lookup drafts for every sequence) "
+                           "or use --parallel 1")
 
     @property
     def speculation(self):

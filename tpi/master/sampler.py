@@ -21,9 +21,14 @@ class SamplingParams:
         return self.temperature <= 0.0
 
 
+RANDOM_SEED = -1  # llama.cpp's server and CLI read seed -1 as "pick one at random"
+
+
 def sequence_seed(seed: int | None) -> int:
-    """The base seed of one request: the user's (same seed, same answer), else fresh entropy."""
-    return int(np.random.SeedSequence().entropy) if seed is None else int(seed) % (1 << 64)
+    """The base seed of one request: the user's (same seed, same answer), else (None, or -1 as
+    llama.cpp means it) fresh entropy."""
+    fresh = seed is None or seed == RANDOM_SEED
+    return int(np.random.SeedSequence().entropy) if fresh else int(seed) % (1 << 64)
 
 
 def token_rng(base: int, position: int, stream: int = 0) -> np.random.Generator:

@@ -58,6 +58,8 @@ def start_group(opts: GroupOptions, on_event=log_event, link: MasterLink | None 
     reforming = link is not None
     opts = _with_backends(opts, report=not reforming)
     model = _open(opts)
+    if opts.slots == 0 and opts.draft is not None:  # a draft model runs one sequence (GroupOptions refuses more)
+        opts = replace(opts, slots=1)
     chunk = replay_chunk(model.source)  # before rank 0 lets go of the source (under a budget)
     net = _Network(link, own=not reforming)
     try:
@@ -70,11 +72,8 @@ def start_group(opts: GroupOptions, on_event=log_event, link: MasterLink | None 
         cut = _cut(opts, model, split, layers, on_event)
         members = _admit(net.link, model, split, cut.stores, master_profile, opts.slots)
         engine = _rank0(opts, model, split, layers, cut, net.link, on_event)
-        if not reforming and opts.slots > 1 and opts.speculation.mode != "off":
-            # the batched loop (tpi.master.batch) fills a step with other sequences' rows instead of drafts
-            log.info("speculation is off: --parallel %d steps carry several sequences' rows instead "
-                     "(use --parallel 1 to speculate)", opts.slots)
-        elif not reforming:  # a re-formed group's rank 0 is adopted by the running engine, speculator and all
+        if not reforming:  # a re-formed group's rank 0 is adopted by the running engine, speculator and all
+            # with --parallel > 1 the batched loop (tpi.master.batch_spec) drafts per slot with it
             engine.speculator = build_speculator(opts.speculation, engine, model.threads, opts.backend)
         on_event(GroupReady(tuple(d.name for d in members.devices)))
     except BaseException:

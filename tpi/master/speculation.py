@@ -2,7 +2,9 @@
 
 A group pays its round trips per forward, whatever the rows it carries, so a forward that checks k
 drafted tokens and always yields at least one token of the target's own turns accepted drafts into
-tokens for free. `Speculator.step` is one decode forward: plain (k = 0) or a verify pass.
+tokens for free. `Speculator.step` is one decode forward: plain (k = 0) or a verify pass. With several
+sequences at once (`tpi serve --parallel N`) tpi.master.batch_spec drafts and verifies per slot
+inside the batched steps, with a KPolicy per slot and this Speculator's counts.
 
 k adapts (`--speculate auto`): `KPolicy` keeps the measured acceptance rate a (exponentially
 weighted) and the measured cost of a step, t(r) = t1 + (r - 1) dt for r rows (medians of the last
@@ -27,7 +29,7 @@ import numpy as np
 from tpi.devices.speculation_cost import MAX_DRAFT, expected_tokens  # the planner's model of the same steps
 from tpi.errors import TpiError
 from tpi.master.acceptance import verify
-from tpi.master.drafters import DraftModel, PromptLookup
+from tpi.master.drafters import DraftModel, PromptLookup, check_draft_path
 from tpi.master.sampler import SamplingParams, sample, token_rng
 
 MODES = ("auto", "off", "lookup")
@@ -52,6 +54,8 @@ class SpeculationOptions:
         if self.draft is not None and self.mode != "auto":
             raise TpiError(f"--draft needs --speculate auto (it is {self.mode}): a draft model's k adapts "
                            "to its acceptance; drop --draft for prompt lookup")
+        if self.draft is not None:
+            check_draft_path(self.draft)
         if not 1 <= self.max_draft <= 64:
             raise TpiError(f"{self.max_draft} drafted tokens per step is out of range: use 1 to 64")
 
@@ -70,8 +74,9 @@ def _step_size(k: int) -> int:
 class KPolicy:
     """Measured acceptance and forward costs -> the next k (fixed at max_k when not adaptive)."""
 
-    def __init__(self, max_k: int, adaptive: bool = True):
+    def __init__(self, max_k: int, adaptive: bool = True, probes: bool = True):
         self.max_k, self.adaptive = max_k, adaptive
+        self.probes = probes  # off: the caller probes (a batch probes once for all its slots)
         self.hits, self.trials = PRIOR_ACCEPT[0] * PRIOR_ACCEPT[1], PRIOR_ACCEPT[1]
         self._plain: deque[float] = deque(maxlen=COST_SAMPLES)  # seconds of recent plain steps
         self._rows: deque[float] = deque(maxlen=COST_SAMPLES)  # extra seconds per row of recent verify steps
@@ -89,21 +94,25 @@ class KPolicy:
         self.hits = self.hits * keep + hits
         self.trials = self.trials * keep + trials
 
-    def choose(self, available: int) -> int:
-        """k for the next forward when up to `available` drafts can be had."""
+    def choose(self, available: int, t1: float | None = None, row_s: float | None = None) -> int:
+        """k for the next forward when up to `available` drafts can be had. t1, row_s: a batched step's
+        costs (tpi.master.batch_spec: the step's share per slot, the extra seconds per row) instead of
+        this policy's own measurements."""
         if available <= 0:
             return 0
         if not self.adaptive:
             return _step_size(min(self.max_k, available))
-        if self.t1 is None:
+        if t1 is None:
+            t1, row_s = self.t1, self.row_s
+        if t1 is None:
             return 0  # measure a plain forward first
-        k = best_k(self.acceptance, self.t1, self._row_s, self.draft_s, min(self.max_k, available))
-        if k > 0 and expected_tokens(self.acceptance, k) / (self.t1 + k * (self._row_s + self.draft_s)) \
-                < GAIN_MARGIN / self.t1:
+        row_s = PRIOR_ROW_COST * t1 if row_s is None else row_s
+        k = best_k(self.acceptance, t1, row_s, self.draft_s, min(self.max_k, available))
+        if k > 0 and expected_tokens(self.acceptance, k) / (t1 + k * (row_s + self.draft_s)) < GAIN_MARGIN / t1:
             k = 0  # a predicted gain within the noise of the measurements is no gain
         if k > 0:
             self.probe_every = PROBE_EVERY
-        elif self.plain_streak >= self.probe_every:
+        elif self.probes and self.plain_streak >= self.probe_every:
             k = 1  # costs re-measured now and then: one slow step must not keep speculation off for good
             self.probe_every = min(MAX_PROBE_EVERY, 2 * self.probe_every)
         return _step_size(k)
@@ -117,28 +126,29 @@ class KPolicy:
     def row_s(self) -> float | None:
         return float(np.median(self._rows)) if self._rows else None
 
-    @property
-    def _row_s(self) -> float:
-        return self.row_s if self.row_s is not None else PRIOR_ROW_COST * self.t1
-
     def _first_of_shape(self, rows: int) -> bool:
         """Whether a step of this many rows is the first one timed (it built its graphs: not a cost sample)."""
         first = rows not in self._timed
         self._timed.add(rows)
         return first
 
-    def record_plain(self, seconds: float) -> None:
+    def record_plain(self, seconds: float | None) -> None:
+        """A plain step (None: untimed, a batched step's cost is measured by the batch)."""
         self.plain_streak += 1
-        if not self._first_of_shape(1):
+        if seconds is not None and not self._first_of_shape(1):
             self._plain.append(seconds)
 
     def record_verify(self, k: int, accepted: int, seconds: float, draft_seconds: float) -> None:
         """A verify pass of k drafts kept `accepted` of them (a rejection ends the trials)."""
-        self._trial(accepted, accepted + (accepted < k))
+        self.record_acceptance(k, accepted)
         self.plain_streak = 0
         self.draft_s = 0.8 * self.draft_s + 0.2 * draft_seconds / k
         if self.t1 is not None and not self._first_of_shape(k + 1):
             self._rows.append(max(0.0, seconds - self.t1) / k)
+
+    def record_acceptance(self, k: int, accepted: int) -> None:
+        """The acceptance trials of a verify pass alone (a batch's overall rate, tpi.master.batch_spec)."""
+        self._trial(accepted, accepted + (accepted < k))
 
     def record_shadow(self, hit: bool) -> None:
         """A draft that was not verified, scored against the token that came instead."""
@@ -153,6 +163,7 @@ class SpeculationStats:
     verify_forwards: int = 0
     drafted: int = 0  # drafts verified
     accepted: int = 0
+    rejections: int = 0  # verify forwards that rejected a draft (the drafts after it were not judged)
     tokens: int = 0  # tokens the decode forwards yielded
 
     def add(self, other: "SpeculationStats") -> None:
@@ -163,6 +174,10 @@ class SpeculationStats:
         return {"spec_forwards": self.forwards, "spec_verify_forwards": self.verify_forwards,
                 "spec_drafted": self.drafted, "spec_accepted": self.accepted,
                 "spec_acceptance": self.accepted / self.drafted if self.drafted else 0.0,
+                # the chance a draft is kept once those before it were: the rate `tpi plan --acceptance` takes
+                # (spec_acceptance counts the drafts after a rejection as lost, so it reads lower)
+                "spec_acceptance_per_draft": (self.accepted / (self.accepted + self.rejections)
+                                              if self.accepted + self.rejections else 0.0),
                 "tokens_per_forward": self.tokens / self.forwards if self.forwards else 0.0}
 
 
@@ -228,6 +243,7 @@ class Speculator:
                 engine.truncate(n + verdict.accepted)
             self.policy.record_verify(k, verdict.accepted, seconds, draft.seconds)
             stats_now.drafted, stats_now.accepted = k, verdict.accepted
+            stats_now.rejections = int(verdict.accepted < k)
             tokens = list(verdict.tokens)
         stats_now.tokens = len(tokens)
         stats.add(stats_now)

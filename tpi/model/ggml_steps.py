@@ -29,14 +29,16 @@ def n_kv_of(end: int, context: int) -> int:
 def step_shape(rows: Rows, context: int) -> tuple:
     """(tokens, ((rows, first cache row, n_kv) per run), output rows, exact): what a step's graphs depend on.
 
-    Exact rows (tpi.model.ggml_exact) attend one row per run, over the n_kv of that row's own decode step.
+    An exact step's verify runs (Rows.exact_runs, tpi.model.ggml_exact) attend one row per run, over the
+    n_kv of that row's own decode step; its prompt chunks attend as in a plain step.
     """
-    if rows.exact:
-        runs = tuple((1, int(slot) * context, n_kv_of(int(pos) + 1, context))
-                     for slot, pos in zip(rows.row_slots, rows.positions))
-    else:
-        runs = tuple((count, slot * context, n_kv_of(end, context))
-                     for slot, count, end in zip(rows.slots, rows.counts, rows.ends))
+    runs = []
+    for slot, start, count, end, exact in zip(rows.slots, rows.starts, rows.counts, rows.ends, rows.exact_runs):
+        if exact:
+            runs += [(1, slot * context, n_kv_of(pos + 1, context)) for pos in range(start, end)]
+        else:
+            runs.append((count, slot * context, n_kv_of(end, context)))
+    runs = tuple(runs)
     return rows.tokens, runs, rows.n_outputs, rows.exact
 
 

@@ -28,7 +28,7 @@ class Rows:
     starts: tuple[int, ...]
     counts: tuple[int, ...]
     outputs: tuple[int, ...]
-    exact: bool = False  # each row computed as its one-row decode step would, bit for bit (a verify pass)
+    exact: bool = False  # verify runs computed as their one-row decode steps would, bit for bit (exact_runs)
 
     def __post_init__(self) -> None:
         n = len(self.slots)
@@ -53,6 +53,13 @@ class Rows:
         counts = tuple(int(c) for c in counts)
         return cls(tuple(int(s) for s in slots), tuple(int(s) for s in starts), counts,
                    counts if all_logits else (1,) * len(counts), exact)
+
+    @cached_property
+    def exact_runs(self) -> tuple[bool, ...]:
+        """Per run, whether an exact step computes its rows as one-row decode steps: the runs whose every
+        row returns logits (a verify run of k+1 rows, a decode row). A prompt chunk stays a batched
+        prefill, as its lone run computes it, and keeps the step from splitting its attention per row."""
+        return tuple(self.exact and o == c for o, c in zip(self.outputs, self.counts))
 
     @property
     def tokens(self) -> int:
@@ -157,9 +164,10 @@ def slots_refusal(error: Exception, plan: Callable[[int], object], slots: int) -
         except type(error):
             continue
         else:
-            return type(error)(f"{error}; {slots} KV caches (--parallel {slots}) do not fit: the most that "
-                               f"fit are {n}, use --parallel {n}")
-    return type(error)(f"{error}; not even one KV cache fits (--parallel 1)")
+            # the fix first: the memory figures after it are for the N asked for, and suggest other fixes
+            return type(error)(f"{slots} KV caches (--parallel {slots}) do not fit: the most that fit are {n}, "
+                               f"use --parallel {n} (with {slots}: {error})")
+    return type(error)(f"not even one KV cache fits (--parallel 1): {error}")
 
 
 MADV_NOHUGEPAGE = 15  # linux/mman.h

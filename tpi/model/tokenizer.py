@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import logging
 from datetime import datetime
 from pathlib import Path
 
@@ -99,6 +100,18 @@ class TextStream:
         return self.decoder.decode(b"", final=True)
 
 
+def fix_llama_log_levels(llama_cpp) -> None:
+    """Read llama.cpp's log levels as ggml.h numbers them (NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4).
+
+    llama-cpp-python 0.3.36's table predates DEBUG = 1 and reads WARN as an error, so with verbose=False
+    every vocab-only load printed "n_ctx_seq (512) > n_ctx_train (0) -- possible training context
+    overflow" (vocab-only files have no n_ctx_train) while real errors were read as debug.
+    """
+    table = getattr(getattr(llama_cpp, "_logger", None), "GGML_LOG_LEVEL_TO_LOGGING_LEVEL", None)
+    if isinstance(table, dict) and table.get(1) == logging.INFO:  # the stale table (a fixed one is left alone)
+        table.update({1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR})
+
+
 class LlamaCppTokenizer(Tokenizer):
     """llama.cpp's tokenizer for a GGUF file (loads only the vocabulary)."""
 
@@ -107,6 +120,7 @@ class LlamaCppTokenizer(Tokenizer):
             import llama_cpp  # optional: GGUF tokenizers only
         except ImportError:
             raise ModelFormatError(f"llama-cpp-python is needed to tokenize GGUF models; {pip_install('all')}") from None
+        fix_llama_log_levels(llama_cpp)
         self._llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
         self.vocab_size = self._llm.n_vocab()
         self.bos_id = _opt_id(metadata("tokenizer.ggml.bos_token_id"))

@@ -14,7 +14,7 @@ from typing import Literal, Optional, Union
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
 from tpi.errors import ContextOverflowError, NotReadyError, QueueFullError, RequestError, TpiError
@@ -29,6 +29,7 @@ from tpi.serve.service import (
 
 log = logging.getLogger(__name__)
 
+ROUTES = "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health"
 QUEUE_POLL_S = 0.5  # how often a waiting non-streaming request checks that its client is still there
 
 
@@ -61,12 +62,32 @@ class SamplingFields(BaseModel):
     seed: Optional[int] = None
     stream: bool = False
     stream_options: Optional[dict] = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = 1
     # llama.cpp server extensions
     top_k: Optional[int] = Field(None, ge=0)
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
     repeat_penalty: Optional[float] = Field(None, gt=0.0)
     ignore_eos: bool = False
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:  # say what to do instead: pydantic's own "should be less than or equal to 1" does not
+            raise ValueError(f"n is {n} but tpi answers one choice per request; send n separate requests "
+                             "(with different seeds) and leave n at 1")
+        return n
+
+    @model_validator(mode="after")
+    def _no_silent_features(self):
+        """Unknown fields are ignored, except those whose answer would silently lack what they ask for."""
+        extra = self.model_extra or {}
+        fmt = extra.get("response_format")
+        asked = [name for name in ("logprobs", "top_logprobs", "tools", "functions") if extra.get(name)]
+        asked += ["response_format"] if isinstance(fmt, dict) and fmt.get("type", "text") != "text" else []
+        if asked:
+            raise ValueError(f"tpi does not support {', '.join(asked)}: it answers plain text only; drop "
+                             f"{'it' if len(asked) == 1 else 'them'} (and ask for JSON in the prompt if you need it)")
+        return self
 
 
 class ChatCompletionBody(SamplingFields):
@@ -124,12 +145,17 @@ def create_app(service: GenerationService, *, api_key: str | None = None, model_
             return JSONResponse(ApiError(400, "the request body is not valid JSON; send a JSON object").body(), 400)
         first = errs[0] if errs else {}
         loc = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        msg = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ())[1:]) or 'body'}: {err.get('msg')}" for err in errs[:5])
+        msg = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ())[1:]) or 'body'}: "
+                        f"{str(err.get('msg')).removeprefix('Value error, ')}" for err in errs[:5])  # our validators' own words
         return JSONResponse(ApiError(422, f"invalid request: {msg}", param=loc, code="invalid_type").body(), 422)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, e: HTTPException):
-        return JSONResponse(ApiError(e.status_code, str(e.detail), code=f"http_{e.status_code}").body(), e.status_code)
+        message = str(e.detail)
+        if e.status_code in (404, 405):  # starlette says only "Not Found": name the routes there are
+            message = f"{message}: {request.method} {request.url.path}; tpi serves {ROUTES}"
+        return JSONResponse(ApiError(e.status_code, message, code=f"http_{e.status_code}").body(), e.status_code,
+                            headers=getattr(e, "headers", None))
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -146,10 +172,13 @@ def create_app(service: GenerationService, *, api_key: str | None = None, model_
         snap = service.snapshot()
         group = service.status()
         ok = service.engine is not None and group.get("state") in ("serving", "ready")
-        spec = getattr(service.engine, "speculator", None)
         return {"status": "ok" if ok else group.get("state", "starting"), "model": model_id,
                 "busy": snap["busy"], "slots": snap["slots"], "running": snap["running"], "queued": snap["queued"],
-                "group": group, "speculation": spec.status() if spec is not None else {"mode": "off"}}
+                "queue_size": snap["queue_size"], "group": group, "speculation": speculation()}
+
+    def speculation() -> dict:
+        spec = getattr(service.engine, "speculator", None)
+        return spec.status() if spec is not None else {"mode": "off"}
 
     @app.get("/v1/models", dependencies=auth)
     async def models():
@@ -162,7 +191,8 @@ def create_app(service: GenerationService, *, api_key: str | None = None, model_
     @app.get("/v1/tpi/status", dependencies=auth)
     async def tpi_status():
         """Not OpenAI: the group's devices and the service counters (for `tpi chat --url` /devices, /stats)."""
-        return {"model": model_id, "group": service.status(), "service": service.snapshot()}
+        return {"model": model_id, "group": service.status(),
+                "service": {**service.snapshot(), "speculation": speculation()}}
 
     def model_card() -> dict:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "tpi",

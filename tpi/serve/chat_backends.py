@@ -72,7 +72,8 @@ class LocalChat:
         return list(self.service.status().get("devices", []))
 
     def stats(self) -> dict:
-        return self.service.snapshot()
+        spec = getattr(self.service.engine, "speculator", None)
+        return with_speculation(self.service.snapshot(), spec.status() if spec is not None else None)
 
 
 class RemoteChat:
@@ -168,9 +169,18 @@ class RemoteChat:
 
     def stats(self) -> dict:
         try:
-            return self._get("/tpi/status").get("service", {})
+            service = self._get("/tpi/status").get("service", {})
         except TpiError:
             return {}
+        return with_speculation({k: v for k, v in service.items() if k != "speculation"}, service.get("speculation"))
+
+
+def with_speculation(stats: dict, spec: dict | None) -> dict:
+    """/stats rows: the service's counters, then speculation's figures (as /health and `tpi run --stats`)."""
+    if not spec or spec.get("mode", "off") == "off":
+        return stats
+    return {**stats, "speculation": f"{spec['mode']} ({spec.get('drafter', '?')})",
+            **{k: spec[k] for k in ("spec_acceptance_per_draft", "tokens_per_forward") if k in spec}}
 
 
 def _error_message(text: str) -> str:
