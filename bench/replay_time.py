@@ -69,7 +69,8 @@ def main() -> None:
     engine.model.weights.close()
     print(json.dumps({"model": model, "threads": args.threads, "history": args.prompt + args.history,
                       "plain_chunk": old, "replay_chunk": chunk, "exact_chunk": args.exact_chunk,
-                      "before_s": round(median(before), 3), "after_s": round(median(after), 3), "ratio_after_before": round(median(after) / median(before), 2),
+                      "before_s": round(median(before), 3), "after_s": round(median(after), 3),
+                      "ratio_after_before": round(median(after) / median(before), 2),
                       "machine": machine_info()}))
 
 

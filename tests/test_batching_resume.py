@@ -54,8 +54,9 @@ def engine(smollm2):
 
 @contextlib.contextmanager
 def sampled_logits(engine, group=None, fail_at=()):
-    """Yields the logits of every step engine.step runs that returns some (replay steps and early prompt
-    chunks return none); the calls numbered in fail_at fail as a lost device's would."""
+    """Yields the logits of every step engine.step runs that samples (early prompt chunks and plain replay
+    steps return none; exact replay steps are left out); the calls numbered in fail_at fail as a lost
+    device's would."""
     step, seen, calls = engine.step, [], [0]
 
     def step_or_lose_a_device(ids, rows):
@@ -65,7 +66,7 @@ def sampled_logits(engine, group=None, fail_at=()):
             threading.Thread(target=group.enter, args=("serving", "", engine.comm), daemon=True).start()
             raise GroupError(f"device w1 (rank 1) was lost at step call {calls[0]} (injected)")
         logits = step(ids, rows)
-        if len(logits):
+        if len(logits) and not rows.exact:  # no speculation here: an exact step is a replay's, which samples nothing
             seen.append(logits.copy())
         return logits
 

@@ -6,9 +6,9 @@ injected (the group's communicator swapped from another thread, then the step fa
 tests/test_batching_resume.py does) at a decode step past position 512. Every decode step after the
 loss must give the undisturbed run's logits bit for bit. Q4_0 is repacked (any row count keeps one-row
 bits); F16 takes tinyBLAS from 2 rows; Q4_K_M mixes repacked Q4_K (gemm from 4 rows) and Q6_K (tiled
-from 8). On each, decoded rows replayed in plain 63-row steps are checked to differ, so the test can fail. A paused Batch (two slots, Q4_0) is
-held to the same, its slots near positions 480 and 590 when the device is lost (a one-row step
-splits its attention from position 256 on: n_kv 512).
+from 8). On each, decoded rows replayed in plain 63-row steps are checked to differ, so the test can
+fail. A paused Batch (two slots, Q4_0) is held to the same, its slots near positions 480 and 590 when
+the device is lost (a one-row step splits its attention from position 256 on: n_kv 512).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from tpi.master.group import Group, Members
 from tpi.master.resume import Resumer, replay_chunk
 from tpi.master.sampler import SamplingParams
 
-pytestmark = pytest.mark.slow  # 2 ggml threads: ~1 s a test on an idle machine, 13-25 s when other work keeps them spinning
+pytestmark = pytest.mark.slow  # 2 ggml threads: ~1 s a test on an idle machine, 13-25 s on a busy one
 
 PROMPT = [1 + (7 * i) % 300 for i in range(20)]
 NEW_TOKENS = 620  # the last decode step attends over 640 cache rows: split across threads, 3rd bucket

@@ -267,8 +267,9 @@ class Batch:
     def _replay_step(self, now: list, exact: bool) -> None:
         """One replay step: (slot, tokens, (start, rows, exact)) side by side."""
         ids = [t for _, tokens, (start, n, _) in now for t in tokens[start:start + n]]
-        rows = Rows(tuple(s.index for s, _, _ in now), tuple(start for _, _, (start, _, _) in now),
-                    tuple(n for _, _, (_, n, _) in now), (0,) * len(now), exact)
+        counts = tuple(n for _, _, (_, n, _) in now)  # exact runs return every row's logits (Rows.exact_runs)
+        rows = Rows(tuple(s.index for s, _, _ in now), tuple(start for _, _, (start, _, _) in now), counts,
+                    counts if exact else (0,) * len(now), exact)
         self.engine.step(ids, rows)
         self._ran(rows)
         for s, tokens, (start, n, _) in now:

@@ -203,7 +203,8 @@ def replay(engine, seq: SequenceState, chunk: int = REPLAY_CHUNK) -> int:
     ran = [(i, min(PREFILL_CHUNK, prompt - i)) for i in range(0, prompt, PREFILL_CHUNK)]  # engine.prefill's steps
     ran += [(p, 1) for p in range(prompt, len(history) - 1)]  # then one decode step per token
     for start, rows, exact in replay_steps(ran, chunk):
-        engine.forward(history[start : start + rows], start, exact=exact)
+        # an exact run is one whose every row returns logits (Rows.exact_runs)
+        engine.forward(history[start : start + rows], start, all_positions=exact, exact=exact)
     return len(history) - 1
 
 
