@@ -125,7 +125,8 @@ def test_a_paused_batch_replays_every_slot_to_the_undisturbed_bits(engine, undis
 def test_replaying_each_slot_in_one_plain_step_would_not_give_the_same_bits(engine, undisturbed, monkeypatch):
     engine, group, _ = engine
     want, _ = undisturbed
-    monkeypatch.setattr(batch_module, "replay_steps", lambda runs, chunk: [(0, sum(n for _, n in runs), False)] if runs else [])
+    monkeypatch.setattr(batch_module, "replay_steps",
+                        lambda runs, chunk: [(0, sum(n for _, n in runs), False)] if runs else [])  # (start, rows, exact)
     got, _ = run_batch(engine, group, (12,))
     assert len(got) == len(want) and any(not np.array_equal(a, b) for a, b in zip(got, want))
 
