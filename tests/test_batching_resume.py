@@ -8,6 +8,10 @@ bit: the replay repeats each slot's steps by the lone replay's rule (tpi.master.
 SmolLM2 is Q4_1 + Q8_0, whose batched rows ggml rounds as lone ones (tests/test_rows.py), so the
 replay's steps, which carry the slots side by side, may differ in composition from the undisturbed
 ones. Replaying each slot's history in one plain step is checked to differ, so the test can fail.
+
+With lookup speculation (issue 18) the same batch is lost in a step carrying a verify run, then right after a
+rollback or in the rollback's own broadcast: each answer and every logits row it computed at a sampled position
+must be the plain undisturbed batch's.
 """
 from __future__ import annotations
 
