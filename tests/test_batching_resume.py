@@ -8,6 +8,10 @@ bit: the replay repeats each slot's steps by the lone replay's rule (tpi.master.
 SmolLM2 is Q4_1 + Q8_0, whose batched rows ggml rounds as lone ones (tests/test_rows.py), so the
 replay's steps, which carry the slots side by side, may differ in composition from the undisturbed
 ones. Replaying each slot's history in one plain step is checked to differ, so the test can fail.
+
+With lookup speculation (issue 18) the same batch is lost in a step carrying a verify run, then right after a
+rollback or in the rollback's own broadcast: each answer and every logits row it computed at a sampled position
+must be the plain undisturbed batch's.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from tpi.master.generate import SequenceState
 from tpi.master.group import Group, Members
 from tpi.master.resume import Resumer, replay_chunk
 from tpi.master.sampler import SamplingParams
+from tpi.master.speculation import SpeculationOptions, build_speculator
 from tpi.serve.api import create_app
 from tpi.serve.service import GenerationService
 from tpi.transport.keeper import LinkSettings
@@ -227,3 +232,93 @@ def test_when_no_group_can_be_formed_every_batched_request_fails_with_the_reason
         service.close()
         group.close()
         worker.kill9()
+
+
+# ---- speculation and a lost device together (issues 16 + 17 + 18) ----
+
+def run_speculating(engine, group, lose=lambda what, after, counts: False) -> tuple[list, dict, dict]:
+    """run_batch's three sequences (with lookup drafts when engine.speculator is set); lose(what, after_rollback,
+    counts) says when a step call (what: "verify" for one carrying a verify run, else False) or a rollback (what:
+    "rollback") fails as a lost device's would. Returns the Generations, the counts (losses,
+    rollbacks) and every logits row a step returned, keyed by (slot, the tokens up to its position)."""
+    step, truncate = engine.step, engine.truncate
+    counts = {"losses": 0, "rollbacks": 0, "after_rollback": False}
+    held: dict[int, list[int]] = {}  # slot -> the tokens its runs put in it (a later run's start cuts it)
+    rows_seen: dict[tuple, list[np.ndarray]] = {}
+
+    def step_or_lose_a_device(ids, rows):
+        # a run returning several rows' logits: a verify run (a replay's exact steps too, but lose() asks
+        # for a verify step only before the first loss, when nothing has replayed)
+        verify = rows.exact and any(o > 1 for o in rows.outputs) and "verify"
+        after, counts["after_rollback"] = counts["after_rollback"], False
+        if lose(verify, after, counts):
+            counts["losses"] += 1
+            threading.Thread(target=group.enter, args=("serving", "", engine.comm), daemon=True).start()
+            raise GroupError(f"device w1 (rank 1) was lost (injected loss {counts['losses']})")
+        logits = step(ids, rows)
+        at = row = 0
+        for slot, start, n, out in zip(rows.slots, rows.starts, rows.counts, rows.outputs):
+            held[slot] = held.get(slot, [])[:start] + list(ids[at:at + n])
+            for pos in range(start + n - out, start + n) if len(logits) else ():
+                rows_seen.setdefault((slot, tuple(held[slot][:pos + 1])), []).append(logits[row].copy())
+                row += 1
+            at += n
+        return logits
+
+    def rolled_back(keep, slot=0):
+        if keep:  # a rollback keeps the history; engine.reset (a replay, a new run) empties slots
+            counts["rollbacks"] += 1
+            counts["after_rollback"] = True
+            if lose("rollback", False, counts):  # its broadcast to the workers fails
+                counts["losses"] += 1
+                threading.Thread(target=group.enter, args=("serving", "", engine.comm), daemon=True).start()
+                raise GroupError(f"device w1 (rank 1) was lost (injected loss {counts['losses']})")
+        truncate(keep, slot)
+
+    engine.step, engine.truncate = step_or_lose_a_device, rolled_back
+    try:
+        _, gens = run_batch(engine, group)
+    finally:
+        for name in ("step", "truncate"):  # sampled_logits (in run_batch) already dropped its step over ours
+            engine.__dict__.pop(name, None)
+    return gens, counts, rows_seen
+
+
+LOSSES = {  # when the two losses strike (counts["losses"]: the losses so far)
+    "in-a-verify-step-then-right-after-a-rollback": lambda what, after, c: (c["losses"] == 0 and what == "verify")
+    or (c["losses"] == 1 and after and what != "rollback"),
+    "in-a-verify-step-then-in-a-rollback": lambda what, after, c: (c["losses"] == 0 and what == "verify")
+    or (c["losses"] == 1 and what == "rollback")}
+
+
+@pytest.mark.parametrize("losses", list(LOSSES))
+def test_a_speculating_batch_lost_in_a_verify_step_and_at_a_rollback_answers_as_undisturbed_plain(
+        engine, undisturbed, losses):
+    """Reference: the undisturbed batch with speculation off (greedy). A step carrying drafts is exact (its verify
+    and decode runs one-row decode steps' bits), plain decode rows equal lone ones on SmolLM2's weights, so every
+    logits row the speculating, twice-paused batch computed at a position the plain one sampled is that row."""
+    engine, group, _ = engine
+    _, want = undisturbed
+    plain_gens, _, plain_rows = run_speculating(engine, group)
+    assert [g.tokens for g in plain_gens] == [w.tokens for w in want]
+    engine.speculator = build_speculator(SpeculationOptions("lookup"), engine)
+    try:
+        # loss 1: the first step carrying a verify run; loss 2, once resumed: the first step after a rollback,
+        # or the rollback itself (its broadcast fails)
+        gens, counts, rows = run_speculating(engine, group, LOSSES[losses])
+    finally:
+        engine.speculator = None
+    assert counts["losses"] == 2, counts
+    assert [g.tokens for g in gens] == [w.tokens for w in want]
+    assert [g.text for g in gens] == [w.text for w in want]
+    assert plain_rows.keys() <= rows.keys()  # every position plain decoding sampled, the speculating batch computed
+    for key, (a,) in plain_rows.items():
+        for b in rows[key]:  # a replay's exact steps compute some rows again: the same bits
+            np.testing.assert_array_equal(b, a, err_msg=f"slot {key[0]}, position {len(key[1]) - 1}")
+    spec = [g.speculation for g in gens]
+    drafted, accepted = sum(s["spec_drafted"] for s in spec), sum(s["spec_accepted"] for s in spec)
+    assert 0 < accepted < drafted and counts["rollbacks"] >= 1, (spec, counts)  # verified, some kept, some rolled back
+    # loss 1 paused all three; loss 2 those still running, each with its own pause
+    assert all(g.pauses for g in gens) and sum(len(g.pauses) for g in gens) >= 4, [g.pauses for g in gens]
+    assert {p["cause"] for g in gens for p in g.pauses} <= {f"device w1 (rank 1) was lost (injected loss {i})"
+                                                           for i in (1, 2)}

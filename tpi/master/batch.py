@@ -166,13 +166,21 @@ class Batch:
         self.step_s += seconds
         if spec is not None and len(plan) == len(decoding):  # decode rows only: a cost sample
             spec.record_step(len(decoding), extra, seconds)
-        at = 0
+        at, rollbacks = 0, []
         for s, chunk, out in plan:
             history = s.run.seq.history()
             s.cached += chunk
             if out:  # a decode run (its drafts verified when speculating), or a prompt's last chunk
-                self._advance(s, logits[at:at + out], history, spec if s.index in drafts else None)
+                self._advance(s, logits[at:at + out], history, spec if s.index in drafts else None, rollbacks)
                 at += out
+        epoch = self.engine.epoch
+        for index, keep in rollbacks:  # rejected drafts' keys/values: dropped on every rank, that slot only
+            try:
+                self.engine.truncate(keep, index)
+            except TpiError as e:  # the broadcast failed as a step can: a lost device pauses every slot
+                if not self._failed(e, epoch):
+                    raise
+                return
 
     def _speculation(self):
         """The batch's BatchSpeculation while the engine has a speculator (None: plain decoding)."""
@@ -188,19 +196,26 @@ class Batch:
         epoch = self.engine.epoch
         try:
             logits = self.engine.step(ids, rows)
-        except TpiError as e:  # the group failed this step: what every slot holds is suspect
-            held = {s.index: (s.cached, s.runs) for s in self.slots if s.run is not None}
-            for s in self.slots:
-                s.cached, s.runs = [], []
-            if isinstance(e, LOSS) and self.engine.resume is not None:  # a group that re-forms: pause
-                self.pause = Pause(time.monotonic(), epoch, e, held)
-                log.warning("%d running sequence(s) paused: %s", len(held), e)
-                return None
-            for s in self.slots:
-                self._fail(s, e)
-            raise
+        except TpiError as e:
+            if not self._failed(e, epoch):
+                raise
+            return None
         self._ran(rows)
         return logits
+
+    def _failed(self, e: TpiError, epoch: int) -> bool:
+        """The group failed a step or a rollback begun in epoch: what every slot holds is suspect. True: a
+        lost device paused the running sequences; False: they failed with e (the caller raises it)."""
+        held = {s.index: (s.cached, s.runs) for s in self.slots if s.run is not None}
+        for s in self.slots:
+            s.cached, s.runs = [], []
+        if isinstance(e, LOSS) and self.engine.resume is not None:  # a group that re-forms: pause
+            self.pause = Pause(time.monotonic(), epoch, e, held)
+            log.warning("%d running sequence(s) paused: %s", len(held), e)
+            return True
+        for s in self.slots:
+            self._fail(s, e)
+        return False
 
     def _ran(self, rows: Rows) -> None:
         """Note the step each slot ran (a replay repeats it: tpi.master.resume.replay_steps)."""
@@ -275,9 +290,11 @@ class Batch:
         for s, tokens, (start, n, _) in now:
             s.cached += tokens[start:start + n]
 
-    def _advance(self, s: Slot, logits: np.ndarray, history: list[int], spec) -> None:
+    def _advance(self, s: Slot, logits: np.ndarray, history: list[int], spec, rollbacks: list) -> None:
         """A sequence's next tokens from its rows' logits (sampled, or its drafts verified and the rejected
-        ones rolled back), accepted until one ends it; its errors end only it."""
+        ones cut from s.cached, their (slot, keep) added to rollbacks for the caller to drop on every rank:
+        a lost device there pauses the batch, not just this sequence), accepted until one ends it; its errors
+        end only it."""
         run = s.run
         try:
             if spec is None:
@@ -285,9 +302,9 @@ class Batch:
             else:
                 tokens = spec.decided(s.index, logits, history, run.seq.params, run.seq.seed)
                 keep = len(history) + len(tokens) - 1  # history and the kept drafts; the bonus token is not cached
-                if keep < len(s.cached):  # rejected drafts' keys/values: dropped on every rank, this slot only
+                if keep < len(s.cached):
                     s.cached = s.cached[:keep]
-                    self.engine.truncate(keep, s.index)
+                    rollbacks.append((s.index, keep))
             now = time.perf_counter()
             if not run.first_token:
                 run.first_token = now
