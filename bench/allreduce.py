@@ -90,6 +90,7 @@ def star_master(world: int, cases: list, curve: bool, key_dir: str, ports, out) 
     from tpi.transport.keeper import LinkSettings
     from tpi.transport.link import MasterLink
     from tpi.transport.protocol import Assign, Step
+    from tpi.transport.star_frames import star_only_from_env
 
     link = MasterLink("127.0.0.1:0", Path(key_dir), insecure=not curve, settings=LinkSettings(join_timeout_s=60))
     ports.put((link.port, link.data_port, link.token))
@@ -98,7 +99,9 @@ def star_master(world: int, cases: list, curve: bool, key_dir: str, ports, out) 
         join = link.next_join(timeout=_TIMEOUT_S)
         joins[join.name] = join
     for rank in range(1, world):
-        link.admit(joins[f"w{rank}"], Assign(rank=rank, world=world, shard_hash="", shard_size=0))
+        # two ranks on f32 swap partials (one hop) unless TPI_STAR_ONLY=1 keeps them on the star, as tpi serve
+        link.admit(joins[f"w{rank}"], Assign(rank=rank, world=world, shard_hash="", shard_size=0,
+                                             star_only=star_only_from_env()))
     comm = link.communicator("f32", ready_timeout_s=_TIMEOUT_S)
     for i, case in enumerate(cases):
         comm.wire_dtype = case[1]  # both sides switch at the same case boundary
