@@ -134,21 +134,21 @@ class Batch:
             if s.run is not None and s.run.cancelled():
                 self._finish(s, "cancelled")
         busy = [s for s in self.slots if s.run is not None]
-        decoding = [s for s in busy if len(s.run.seq.history()) - len(s.cached) == 1]
+        history = {s.index: s.run.seq.history() for s in busy}  # a slot's history changes only in _advance
+        decoding = [s for s in busy if len(history[s.index]) - len(s.cached) == 1]
         spec = self._speculation()
-        drafts = spec.plan([(s.index, s.run.seq.history(), s.run.seq.max_tokens - len(s.run.seq.tokens))
+        drafts = spec.plan([(s.index, history[s.index], s.run.seq.max_tokens - len(s.run.seq.tokens))
                             for s in decoding], self.engine.context) if spec is not None and decoding else {}
         plan: list[tuple[Slot, list[int], int]] = []  # (slot, tokens it runs, logits rows) in step order
         for s in decoding:
             d = drafts.get(s.index, [])
-            plan.append((s, s.run.seq.history()[-1:] + d, 1 + len(d)))  # a verify run: every row's logits
+            plan.append((s, history[s.index][-1:] + d, 1 + len(d)))  # a verify run: every row's logits
         budget = self.prefill_budget
         for s in sorted(busy, key=lambda s: s.run.admitted):  # prompts in arrival order
-            history = s.run.seq.history()
-            left = len(history) - len(s.cached)
+            left = len(history[s.index]) - len(s.cached)
             if left > 1 and budget > 0:
                 n = min(left, budget)
-                plan.append((s, history[len(s.cached):len(s.cached) + n], int(n == left)))
+                plan.append((s, history[s.index][len(s.cached):len(s.cached) + n], int(n == left)))
                 budget -= n
         if not plan:
             return
@@ -168,10 +168,10 @@ class Batch:
             spec.record_step(len(decoding), extra, seconds)
         at, rollbacks = 0, []
         for s, chunk, out in plan:
-            history = s.run.seq.history()
             s.cached += chunk
             if out:  # a decode run (its drafts verified when speculating), or a prompt's last chunk
-                self._advance(s, logits[at:at + out], history, spec if s.index in drafts else None, rollbacks)
+                self._advance(s, logits[at:at + out], history[s.index], spec if s.index in drafts else None,
+                              rollbacks)
                 at += out
         epoch = self.engine.epoch
         for index, keep in rollbacks:  # rejected drafts' keys/values: dropped on every rank, that slot only

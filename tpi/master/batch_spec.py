@@ -22,7 +22,6 @@ run's prefill on Q4_0-class weights and are near-ties elsewhere, as in plain bat
 """
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,8 +31,8 @@ from tpi.errors import TpiError
 from tpi.master.acceptance import verify
 from tpi.master.drafters import PromptLookup
 from tpi.master.sampler import token_rng
-from tpi.master.speculation import (COST_SAMPLES, MAX_PROBE_EVERY, PRIOR_ROW_COST, PROBE_EVERY, KPolicy,
-                                    SpeculationStats, Speculator)
+from tpi.master.speculation import (MAX_PROBE_EVERY, PRIOR_ROW_COST, PROBE_EVERY, KPolicy, SpeculationStats,
+                                    Speculator, StepCosts)
 
 
 @dataclass
@@ -46,33 +45,6 @@ class SlotSpeculation:
     shadow: tuple[int, int] | None = None  # (position, guessed token) of a lookup guess not verified
     drafts: list[int] = field(default_factory=list)  # this step's drafts
     draft_s: float = 0.0
-
-
-class StepCosts:
-    """Seconds of decode-only steps: plain ones per number of slots, and the extra seconds per drafted row."""
-
-    def __init__(self):
-        self._plain: dict[int, deque[float]] = {}
-        self._rows: deque[float] = deque(maxlen=COST_SAMPLES)
-        self._timed: set[tuple[int, int]] = set()  # (slots, extra rows) seen once: the first built graphs
-
-    def plain(self, n: int) -> float | None:
-        """Median seconds of a plain decode step of n slots (None: not measured)."""
-        d = self._plain.get(n)
-        return float(np.median(d)) if d else None
-
-    @property
-    def row_s(self) -> float | None:
-        return float(np.median(self._rows)) if self._rows else None
-
-    def record(self, n: int, extra: int, seconds: float) -> None:
-        if (n, extra) not in self._timed:
-            self._timed.add((n, extra))
-            return
-        if not extra:
-            self._plain.setdefault(n, deque(maxlen=COST_SAMPLES)).append(seconds)
-        elif (t := self.plain(n)) is not None:
-            self._rows.append(max(0.0, seconds - t) / extra)
 
 
 class BatchSpeculation:

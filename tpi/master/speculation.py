@@ -71,6 +71,36 @@ def _step_size(k: int) -> int:
     return 1 << (k.bit_length() - 1) if k > 0 else 0
 
 
+class StepCosts:
+    """Seconds of decode steps: plain ones per number of sequences n, and the extra seconds per drafted
+    row of verify steps (medians of the recent ones: a slow outlier moves no median). The first step of
+    each shape (n, extra rows) built its graphs and is no sample."""
+
+    def __init__(self):
+        self._plain: dict[int, deque[float]] = {}
+        self._rows: deque[float] = deque(maxlen=COST_SAMPLES)
+        self._timed: set[tuple[int, int]] = set()
+
+    def plain(self, n: int = 1) -> float | None:
+        """Median seconds of a plain decode step of n sequences (None: not measured)."""
+        d = self._plain.get(n)
+        return float(np.median(d)) if d else None
+
+    @property
+    def row_s(self) -> float | None:
+        return float(np.median(self._rows)) if self._rows else None
+
+    def record(self, n: int, extra: int, seconds: float) -> None:
+        """A decode step of n sequences carrying `extra` drafted rows in all (0: a plain step)."""
+        if (n, extra) not in self._timed:
+            self._timed.add((n, extra))
+            return
+        if not extra:
+            self._plain.setdefault(n, deque(maxlen=COST_SAMPLES)).append(seconds)
+        elif (t := self.plain(n)) is not None:
+            self._rows.append(max(0.0, seconds - t) / extra)
+
+
 class KPolicy:
     """Measured acceptance and forward costs -> the next k (fixed at max_k when not adaptive)."""
 
@@ -78,12 +108,10 @@ class KPolicy:
         self.max_k, self.adaptive = max_k, adaptive
         self.probes = probes  # off: the caller probes (a batch probes once for all its slots)
         self.hits, self.trials = PRIOR_ACCEPT[0] * PRIOR_ACCEPT[1], PRIOR_ACCEPT[1]
-        self._plain: deque[float] = deque(maxlen=COST_SAMPLES)  # seconds of recent plain steps
-        self._rows: deque[float] = deque(maxlen=COST_SAMPLES)  # extra seconds per row of recent verify steps
+        self.costs = StepCosts()  # this policy's own one-sequence steps (a batch measures its own)
         self.draft_s = 0.0
         self.plain_streak = 0
         self.probe_every = PROBE_EVERY  # doubles after each probe that does not bring speculation back
-        self._timed: set[int] = set()  # row counts seen once: the first step of a shape builds its graphs
 
     @property
     def acceptance(self) -> float:
@@ -119,32 +147,26 @@ class KPolicy:
 
     @property
     def t1(self) -> float | None:
-        """Seconds of a plain step: the median of the recent ones (a slow outlier moves no median)."""
-        return float(np.median(self._plain)) if self._plain else None
+        """Seconds of a plain step: the median of the recent ones."""
+        return self.costs.plain()
 
     @property
     def row_s(self) -> float | None:
-        return float(np.median(self._rows)) if self._rows else None
-
-    def _first_of_shape(self, rows: int) -> bool:
-        """Whether a step of this many rows is the first one timed (it built its graphs: not a cost sample)."""
-        first = rows not in self._timed
-        self._timed.add(rows)
-        return first
+        return self.costs.row_s
 
     def record_plain(self, seconds: float | None) -> None:
         """A plain step (None: untimed, a batched step's cost is measured by the batch)."""
         self.plain_streak += 1
-        if seconds is not None and not self._first_of_shape(1):
-            self._plain.append(seconds)
+        if seconds is not None:
+            self.costs.record(1, 0, seconds)
 
     def record_verify(self, k: int, accepted: int, seconds: float, draft_seconds: float) -> None:
         """A verify pass of k drafts kept `accepted` of them (a rejection ends the trials)."""
         self.record_acceptance(k, accepted)
         self.plain_streak = 0
         self.draft_s = 0.8 * self.draft_s + 0.2 * draft_seconds / k
-        if self.t1 is not None and not self._first_of_shape(k + 1):
-            self._rows.append(max(0.0, seconds - self.t1) / k)
+        if self.t1 is not None:  # an unmeasured plain step leaves the shape untimed, to be sampled later
+            self.costs.record(1, k, seconds)
 
     def record_acceptance(self, k: int, accepted: int) -> None:
         """The acceptance trials of a verify pass alone (a batch's overall rate, tpi.master.batch_spec)."""
